@@ -1,0 +1,26 @@
+package agent
+
+import (
+	"context"
+
+	"github.com/meshd/meshd/pkg/registry"
+)
+
+// Component is one part of the node that follows the registry: the
+// overlay, HAProxy, the credentials. The reconcile loop hands every
+// component each new snapshot; a component computes its desired state from
+// it (purely) and makes the system match (idempotently).
+type Component interface {
+	// Name is a short stable identifier ("overlay", "haproxy", "creds"),
+	// used in logs, metrics and the node's status.
+	Name() string
+	// Apply makes the system match the state computed from snap. It must be
+	// safe to call again with the same snapshot, and must do nothing when
+	// nothing changed. An error makes the loop retry with backoff; a
+	// problem that retrying cannot fix (an invalid key) is reported through
+	// Status instead.
+	Apply(ctx context.Context, snap *registry.Snapshot) error
+	// Status returns a JSON-encodable summary of what is applied, published
+	// in the node's status for meshctl.
+	Status() any
+}

@@ -1,0 +1,355 @@
+// Package config is meshd's configuration file: what a NixOS module (or an
+// operator) writes, as JSON. Flags override a few fields; everything has a
+// sane default so that a minimal file is a node name and etcd endpoints.
+package config
+
+import (
+	"bytes"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net/netip"
+	"os"
+	"time"
+
+	"github.com/meshd/meshd/pkg/registry"
+)
+
+// Duration is a time.Duration that reads and writes as a Go duration
+// string ("10s") in JSON.
+type Duration time.Duration
+
+// MarshalJSON implements json.Marshaler.
+func (d Duration) MarshalJSON() ([]byte, error) { return json.Marshal(time.Duration(d).String()) }
+
+// UnmarshalJSON implements json.Unmarshaler.
+func (d *Duration) UnmarshalJSON(b []byte) error {
+	var s string
+	if err := json.Unmarshal(b, &s); err != nil {
+		return fmt.Errorf("duration: want a string like \"10s\": %w", err)
+	}
+	v, err := time.ParseDuration(s)
+	if err != nil {
+		return err
+	}
+	*d = Duration(v)
+	return nil
+}
+
+// D returns the value as a time.Duration.
+func (d Duration) D() time.Duration { return time.Duration(d) }
+
+// Config is meshd's whole configuration.
+type Config struct {
+	// NodeName is this node's name in the registry (default: hostname).
+	NodeName string `json:"nodeName"`
+	// PublicIPv4 is written as the node entry's "ipv4" (nix-infra's field).
+	PublicIPv4 string `json:"publicIPv4,omitempty"`
+	// Consume lists the groups whose apps this node's HAProxy listens for.
+	Consume []registry.Group `json:"consume,omitempty"`
+	// StateDir keeps the WireGuard key, the age identity and the overlay
+	// cache across restarts.
+	StateDir string `json:"stateDir"`
+	// LeaseTTL is the presence lease: a node that stops renewing it
+	// vanishes from every other node's view after this long.
+	LeaseTTL Duration `json:"leaseTTL"`
+	// Coalesce is how long the reconcile loop waits for a burst of etcd
+	// events to settle before recomputing.
+	Coalesce Duration `json:"coalesce"`
+	// MetricsAddr serves /metrics and /healthz ("" disables).
+	MetricsAddr string `json:"metricsAddr"`
+
+	Etcd      Etcd       `json:"etcd"`
+	Instances []Instance `json:"instances,omitempty"`
+	Overlay   Overlay    `json:"overlay"`
+	HAProxy   HAProxy    `json:"haproxy"`
+	Secrets   Secrets    `json:"secrets"`
+}
+
+// Etcd says how to reach the cluster's etcd.
+type Etcd struct {
+	Endpoints   []string `json:"endpoints"`
+	CAFile      string   `json:"caFile,omitempty"`
+	CertFile    string   `json:"certFile,omitempty"`
+	KeyFile     string   `json:"keyFile,omitempty"`
+	DialTimeout Duration `json:"dialTimeout"`
+}
+
+// Instance is an app instance this node serves. meshd advertises it, on
+// its lease, while its check passes.
+type Instance struct {
+	App       string         `json:"app"`
+	Group     registry.Group `json:"group"`
+	Port      int            `json:"port"`
+	Protocol  string         `json:"protocol,omitempty"`
+	EnvPrefix string         `json:"envPrefix,omitempty"`
+	// Check decides whether the instance is advertised.
+	Check Check `json:"check"`
+}
+
+// Check is an instance's local health check. With neither field set the
+// check is a TCP connect to 127.0.0.1:<port>.
+type Check struct {
+	// TCP is an address to connect to instead of 127.0.0.1:<port>.
+	TCP string `json:"tcp,omitempty"`
+	// Unit is a systemd unit that must be active.
+	Unit string `json:"unit,omitempty"`
+	// Disable advertises the instance unconditionally.
+	Disable  bool     `json:"disable,omitempty"`
+	Interval Duration `json:"interval,omitempty"`
+	Timeout  Duration `json:"timeout,omitempty"`
+}
+
+// Overlay configures the WireGuard mesh.
+type Overlay struct {
+	Enable bool `json:"enable"`
+	// Network is the cluster prefix; node subnets are carved from
+	// [SubnetMin, SubnetMax] with SubnetLen bits. Defaults match
+	// nix-infra's flannel network so overlay addresses survive migration.
+	Network   netip.Prefix `json:"network"`
+	SubnetMin netip.Addr   `json:"subnetMin"`
+	SubnetMax netip.Addr   `json:"subnetMax"`
+	SubnetLen int          `json:"subnetLen"`
+	// RouteNetwork routes the whole Network through the interface instead
+	// of one route per peer subnet. Off by default: 10.0.0.0/8 swallows a
+	// Hetzner private network.
+	RouteNetwork bool   `json:"routeNetwork,omitempty"`
+	Interface    string `json:"interface"`
+	ListenPort   int    `json:"listenPort"`
+	// Endpoint is the host:port peers dial; default PublicIPv4:ListenPort.
+	Endpoint string `json:"endpoint,omitempty"`
+	// MTU of the interface; 0 means uplink MTU - 80.
+	MTU       int      `json:"mtu,omitempty"`
+	Keepalive Duration `json:"keepalive"`
+	// Mode is "auto" (kernel if available, else userspace), "kernel" or
+	// "userspace".
+	Mode string `json:"mode"`
+	// RouteTable holds meshd's routes, away from the main table that
+	// systemd-networkd manages.
+	RouteTable int `json:"routeTable"`
+}
+
+// HAProxy configures the service mesh proxy.
+type HAProxy struct {
+	Enable bool `json:"enable"`
+	// ConfigPath is the file meshd renders. Not /etc/haproxy.cfg: the OS
+	// configuration owns that and replaces it on every rebuild.
+	ConfigPath   string `json:"configPath"`
+	MasterSocket string `json:"masterSocket"`
+	StatsSocket  string `json:"statsSocket"`
+	Binary       string `json:"binary"`
+	// Supervise makes meshd start and own the haproxy master process;
+	// otherwise (systemd runs haproxy) meshd only talks to its master socket.
+	Supervise bool `json:"supervise"`
+	// ReservedPorts are loopback ports this node's own services use; an app
+	// publishing one of them is reported and skipped.
+	ReservedPorts []int `json:"reservedPorts,omitempty"`
+	// ServerSlots is how many server slots each backend pre-allocates so
+	// that instance changes need no reload.
+	ServerSlots int `json:"serverSlots"`
+}
+
+// Secrets configures delivery of sealed secrets as systemd credentials.
+type Secrets struct {
+	Enable bool `json:"enable"`
+	// CredstoreDir receives the encrypted credentials.
+	CredstoreDir string `json:"credstoreDir"`
+	// WithKey is systemd-creds' --with-key: host, tpm2, host+tpm2, auto.
+	WithKey string `json:"withKey"`
+	// Units says, per secret name, which units use it and what to do when it
+	// changes.
+	Units map[string]SecretUse `json:"units,omitempty"`
+}
+
+// SecretUse lists the units that use one secret.
+type SecretUse struct {
+	Units []string `json:"units"`
+	// Action is "restart" (default), "reload" or "none".
+	Action string `json:"action,omitempty"`
+}
+
+// Default returns the configuration with every default filled in.
+func Default() Config {
+	host, _ := os.Hostname()
+	return Config{
+		NodeName:    host,
+		StateDir:    "/var/lib/meshd",
+		LeaseTTL:    Duration(10 * time.Second),
+		Coalesce:    Duration(5 * time.Millisecond),
+		MetricsAddr: "127.0.0.1:9464",
+		Etcd: Etcd{
+			Endpoints:   []string{"http://127.0.0.1:2379"},
+			DialTimeout: Duration(5 * time.Second),
+		},
+		Overlay: Overlay{
+			Enable:     true,
+			Network:    netip.MustParsePrefix("10.0.0.0/8"),
+			SubnetMin:  netip.MustParseAddr("10.10.0.0"),
+			SubnetMax:  netip.MustParseAddr("10.99.0.0"),
+			SubnetLen:  24,
+			Interface:  "meshd-wg",
+			ListenPort: 51820,
+			Keepalive:  Duration(25 * time.Second),
+			Mode:       "auto",
+			RouteTable: 51820,
+		},
+		HAProxy: HAProxy{
+			Enable:       true,
+			ConfigPath:   "/run/meshd/haproxy.cfg",
+			MasterSocket: "/run/meshd/haproxy-master.sock",
+			StatsSocket:  "/run/meshd/haproxy-stats.sock",
+			Binary:       "haproxy",
+			Supervise:    true,
+			ServerSlots:  8,
+		},
+		Secrets: Secrets{
+			Enable:       true,
+			CredstoreDir: "/etc/credstore.encrypted",
+			WithKey:      "host",
+		},
+	}
+}
+
+// Load reads a config file over the defaults. Unknown fields are an error:
+// a typo must not silently fall back to a default.
+func Load(path string) (Config, error) {
+	c := Default()
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return Config{}, fmt.Errorf("read config: %w", err)
+	}
+	dec := json.NewDecoder(bytes.NewReader(b))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(&c); err != nil {
+		return Config{}, fmt.Errorf("config %s: %w", path, err)
+	}
+	return c, nil
+}
+
+// Validate checks the configuration and returns every problem found.
+func (c *Config) Validate() error {
+	var errs []error
+	bad := func(format string, a ...any) { errs = append(errs, fmt.Errorf(format, a...)) }
+	if err := registry.ValidName(c.NodeName); err != nil {
+		bad("nodeName: %w", err)
+	}
+	if c.PublicIPv4 != "" {
+		if a, err := netip.ParseAddr(c.PublicIPv4); err != nil || !a.Is4() {
+			bad("publicIPv4 %q: not an IPv4 address", c.PublicIPv4)
+		}
+	}
+	for _, g := range c.Consume {
+		if _, err := registry.ParseGroup(string(g)); err != nil {
+			bad("consume: %w", err)
+		}
+	}
+	if c.StateDir == "" {
+		bad("stateDir: empty")
+	}
+	if c.LeaseTTL.D() < 2*time.Second || c.LeaseTTL.D() > time.Hour {
+		bad("leaseTTL %v: want between 2s and 1h", c.LeaseTTL.D())
+	}
+	if c.Coalesce.D() < 0 || c.Coalesce.D() > 10*time.Second {
+		bad("coalesce %v: want between 0 and 10s", c.Coalesce.D())
+	}
+	if len(c.Etcd.Endpoints) == 0 {
+		bad("etcd.endpoints: empty")
+	}
+	if (c.Etcd.CertFile == "") != (c.Etcd.KeyFile == "") {
+		bad("etcd: certFile and keyFile go together")
+	}
+	seen := map[string]bool{}
+	for i, in := range c.Instances {
+		if err := registry.ValidName(in.App); err != nil {
+			bad("instances[%d].app: %w", i, err)
+		}
+		if _, err := registry.ParseGroup(string(in.Group)); err != nil {
+			bad("instances[%d].group: %w", i, err)
+		}
+		if in.Port < 1 || in.Port > 65535 {
+			bad("instances[%d].port %d: out of range", i, in.Port)
+		}
+		id := string(in.Group) + "/" + in.App
+		if seen[id] {
+			bad("instances[%d]: %s declared twice", i, id)
+		}
+		seen[id] = true
+		if in.Check.TCP != "" {
+			if _, err := netip.ParseAddrPort(in.Check.TCP); err != nil {
+				bad("instances[%d].check.tcp: %w", i, err)
+			}
+		}
+	}
+	if o := c.Overlay; o.Enable {
+		if !o.Network.IsValid() || !o.Network.Addr().Is4() {
+			bad("overlay.network: want an IPv4 prefix")
+		}
+		if o.SubnetLen < o.Network.Bits() || o.SubnetLen > 30 {
+			bad("overlay.subnetLen %d: want between the network's %d bits and 30", o.SubnetLen, o.Network.Bits())
+		}
+		if !o.Network.Contains(o.SubnetMin) || !o.Network.Contains(o.SubnetMax) || o.SubnetMax.Less(o.SubnetMin) {
+			bad("overlay.subnetMin/subnetMax: want an ordered range inside %v", o.Network)
+		}
+		if len(o.Interface) == 0 || len(o.Interface) > 15 {
+			bad("overlay.interface %q: want 1 to 15 characters", o.Interface)
+		} else if err := registry.ValidName(o.Interface); err != nil {
+			bad("overlay.interface: %w", err)
+		}
+		if o.ListenPort < 1 || o.ListenPort > 65535 {
+			bad("overlay.listenPort %d: out of range", o.ListenPort)
+		}
+		if o.Endpoint != "" {
+			if _, err := netip.ParseAddrPort(o.Endpoint); err != nil {
+				bad("overlay.endpoint: %w", err)
+			}
+		}
+		if o.MTU != 0 && (o.MTU < 1280 || o.MTU > 9000) {
+			bad("overlay.mtu %d: want 0 (auto) or 1280-9000", o.MTU)
+		}
+		switch o.Mode {
+		case "auto", "kernel", "userspace":
+		default:
+			bad("overlay.mode %q: want auto, kernel or userspace", o.Mode)
+		}
+		if o.RouteTable < 1 || o.RouteTable > 1<<31-1 || o.RouteTable == 253 || o.RouteTable == 254 || o.RouteTable == 255 {
+			bad("overlay.routeTable %d: want a table id other than default/main/local", o.RouteTable)
+		}
+	}
+	if h := c.HAProxy; h.Enable {
+		if h.ConfigPath == "" || h.ConfigPath == "/etc/haproxy.cfg" {
+			bad("haproxy.configPath %q: want a path the OS configuration does not manage", h.ConfigPath)
+		}
+		if h.MasterSocket == "" {
+			bad("haproxy.masterSocket: empty")
+		}
+		if h.ServerSlots < 0 || h.ServerSlots > 1000 {
+			bad("haproxy.serverSlots %d: want 0-1000", h.ServerSlots)
+		}
+		for _, p := range h.ReservedPorts {
+			if p < 1 || p > 65535 {
+				bad("haproxy.reservedPorts: %d out of range", p)
+			}
+		}
+	}
+	if s := c.Secrets; s.Enable {
+		if s.CredstoreDir == "" {
+			bad("secrets.credstoreDir: empty")
+		}
+		switch s.WithKey {
+		case "host", "tpm2", "host+tpm2", "auto", "tpm2-absent":
+		default:
+			bad("secrets.withKey %q: want host, tpm2, host+tpm2, auto or tpm2-absent", s.WithKey)
+		}
+		for name, use := range s.Units {
+			if err := registry.ValidName(name); err != nil {
+				bad("secrets.units: %w", err)
+			}
+			switch use.Action {
+			case "", "restart", "reload", "none":
+			default:
+				bad("secrets.units[%s].action %q: want restart, reload or none", name, use.Action)
+			}
+		}
+	}
+	return errors.Join(errs...)
+}

@@ -1,0 +1,80 @@
+// Package etcdclient builds the one etcd client a meshd or meshctl process
+// uses, from endpoints and optional TLS files.
+package etcdclient
+
+import (
+	"crypto/tls"
+	"crypto/x509"
+	"fmt"
+	"os"
+	"time"
+
+	clientv3 "go.etcd.io/etcd/client/v3"
+	"go.uber.org/zap"
+)
+
+// Options says how to reach etcd.
+type Options struct {
+	Endpoints   []string
+	CAFile      string
+	CertFile    string
+	KeyFile     string
+	DialTimeout time.Duration
+}
+
+// TLS builds the client TLS configuration, or nil when no file is set.
+func (o Options) TLS() (*tls.Config, error) {
+	if o.CAFile == "" && o.CertFile == "" && o.KeyFile == "" {
+		return nil, nil
+	}
+	cfg := &tls.Config{MinVersion: tls.VersionTLS12}
+	if o.CAFile != "" {
+		pem, err := os.ReadFile(o.CAFile)
+		if err != nil {
+			return nil, fmt.Errorf("etcd ca file: %w", err)
+		}
+		pool := x509.NewCertPool()
+		if !pool.AppendCertsFromPEM(pem) {
+			return nil, fmt.Errorf("etcd ca file %s: no PEM certificate in it", o.CAFile)
+		}
+		cfg.RootCAs = pool
+	}
+	if o.CertFile != "" || o.KeyFile != "" {
+		if o.CertFile == "" || o.KeyFile == "" {
+			return nil, fmt.Errorf("etcd client certificate: cert and key files go together")
+		}
+		cert, err := tls.LoadX509KeyPair(o.CertFile, o.KeyFile)
+		if err != nil {
+			return nil, fmt.Errorf("etcd client certificate: %w", err)
+		}
+		cfg.Certificates = []tls.Certificate{cert}
+	}
+	return cfg, nil
+}
+
+// New returns a client. It does not wait for etcd to answer: meshd must
+// start (and bring its overlay up from cache) while etcd is unreachable.
+func New(o Options) (*clientv3.Client, error) {
+	tlsCfg, err := o.TLS()
+	if err != nil {
+		return nil, err
+	}
+	if len(o.Endpoints) == 0 {
+		return nil, fmt.Errorf("etcd: no endpoints")
+	}
+	if o.DialTimeout == 0 {
+		o.DialTimeout = 5 * time.Second
+	}
+	cli, err := clientv3.New(clientv3.Config{
+		Endpoints:            o.Endpoints,
+		TLS:                  tlsCfg,
+		DialTimeout:          o.DialTimeout,
+		DialKeepAliveTime:    5 * time.Second,
+		DialKeepAliveTimeout: 3 * time.Second,
+		Logger:               zap.NewNop(),
+	})
+	if err != nil {
+		return nil, fmt.Errorf("etcd client: %w", err)
+	}
+	return cli, nil
+}

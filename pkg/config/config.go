@@ -10,6 +10,7 @@ import (
 	"fmt"
 	"net/netip"
 	"os"
+	"strings"
 	"time"
 
 	"github.com/meshd/meshd/pkg/registry"
@@ -223,7 +224,18 @@ func Load(path string) (Config, error) {
 	if err := dec.Decode(&c); err != nil {
 		return Config{}, fmt.Errorf("config %s: %w", path, err)
 	}
+	c.expandCredentials(os.Getenv("CREDENTIALS_DIRECTORY"))
 	return c, nil
+}
+
+// expandCredentials replaces ${CREDENTIALS_DIRECTORY} in the etcd TLS file
+// paths: under systemd those files arrive through LoadCredential= (never
+// through the world-readable Nix store) and their directory is known only
+// at run time.
+func (c *Config) expandCredentials(dir string) {
+	for _, p := range []*string{&c.Etcd.CAFile, &c.Etcd.CertFile, &c.Etcd.KeyFile} {
+		*p = strings.ReplaceAll(*p, "${CREDENTIALS_DIRECTORY}", dir)
+	}
 }
 
 // Validate checks the configuration and returns every problem found.

@@ -131,10 +131,20 @@ type Store struct {
 	mu       sync.Mutex
 	entries  map[string]entry
 	revision int64
+	listed   map[string]bool
 }
 
 // NewStore returns an empty store.
-func NewStore() *Store { return &Store{entries: map[string]entry{}} }
+func NewStore() *Store { return &Store{entries: map[string]entry{}, listed: map[string]bool{}} }
+
+// Listed reports whether prefix has been listed at least once. A snapshot
+// taken before that lacks the prefix's keys and must not be applied: an
+// empty view would tear down a working node.
+func (s *Store) Listed(prefix string) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.listed[prefix]
+}
 
 // KV is a key-value pair as read from etcd.
 type KV struct {
@@ -183,6 +193,7 @@ func (s *Store) Replace(prefix string, kvs []KV, rev int64) {
 		s.putLocked(kv)
 	}
 	s.revision = max(s.revision, rev)
+	s.listed[prefix] = true
 }
 
 // Revision returns the newest revision the store has seen.

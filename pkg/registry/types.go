@@ -33,9 +33,13 @@ type Node struct {
 
 // NodeMeshd is what meshd adds to a node entry.
 type NodeMeshd struct {
-	// PublicKey is the node's WireGuard public key; it doubles as the
-	// node's identity when a restarted meshd takes its own entry back.
-	PublicKey string `json:"publicKey"`
+	// ID is the node's stable identity (random, kept in meshd's state
+	// directory). A restarted meshd takes back an entry carrying its own
+	// ID; an entry with another ID and a live lease belongs to another
+	// node and is never stolen.
+	ID string `json:"id"`
+	// PublicKey is the node's WireGuard public key (empty without overlay).
+	PublicKey string `json:"publicKey,omitempty"`
 	// OverlayIP is the node's address on the overlay.
 	OverlayIP string `json:"overlayIp,omitempty"`
 	// Version is the meshd version running there.
@@ -158,6 +162,9 @@ func DecodeNode(name string, b []byte) (Node, error) {
 		}
 	}
 	if n.Meshd != nil {
+		if err := validID(n.Meshd.ID); err != nil {
+			return Node{}, fmt.Errorf("%w: meshd.id: %v", ErrBadValue, err)
+		}
 		if n.Meshd.PublicKey != "" {
 			if err := validKey(n.Meshd.PublicKey); err != nil {
 				return Node{}, fmt.Errorf("%w: meshd.publicKey: %v", ErrBadValue, err)
@@ -300,6 +307,19 @@ func validEnvName(s string) error {
 		c := s[i]
 		if !(c >= 'A' && c <= 'Z' || c >= 'a' && c <= 'z' || c == '_' || (i > 0 && c >= '0' && c <= '9')) {
 			return fmt.Errorf("%q is not an environment variable name", s)
+		}
+	}
+	return nil
+}
+
+// validID checks a node ID: 32 lowercase hex digits.
+func validID(s string) error {
+	if len(s) != 32 {
+		return fmt.Errorf("want 32 hex digits")
+	}
+	for i := 0; i < len(s); i++ {
+		if c := s[i]; !(c >= '0' && c <= '9' || c >= 'a' && c <= 'f') {
+			return fmt.Errorf("want 32 hex digits")
 		}
 	}
 	return nil

@@ -1,0 +1,191 @@
+// Package agent is meshd's core: it keeps a registry snapshot current,
+// holds the node's lease (node entry, instances, status), and runs the
+// reconcile loop that hands each new snapshot to the components.
+package agent
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net/netip"
+	"sync"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	clientv3 "go.etcd.io/etcd/client/v3"
+	"golang.org/x/sync/errgroup"
+
+	"github.com/meshd/meshd/pkg/registry"
+)
+
+// Options configures an Agent.
+type Options struct {
+	// Client is the process's one etcd client.
+	Client *clientv3.Client
+	// Node is this node's name; ID its stable identity (NodeID).
+	Node string
+	ID   string
+	// PublicIPv4 is the node entry's "ipv4"; Consume its "services".
+	PublicIPv4 string
+	Consume    []registry.Group
+	// LeaseTTL is the presence lease's TTL.
+	LeaseTTL time.Duration
+	// Coalesce is how long a burst of events may settle before a recompute.
+	Coalesce time.Duration
+	// StateDir keeps the lease ID so that a restarted meshd resumes its
+	// lease instead of churning its keys.
+	StateDir string
+	// Version is reported in the node entry and status.
+	Version string
+
+	// Member, if set, makes the agent claim an overlay subnet and publish
+	// the durable member record (WireGuard key, endpoint, age recipient)
+	// before it registers. Nil runs without overlay.
+	Member *MemberOptions
+	// AdvertiseIP is the address instances are published with when there is
+	// no overlay (with an overlay, the node's overlay IP is used).
+	AdvertiseIP netip.Addr
+
+	// Instances are the app instances this node serves.
+	Instances []Instance
+	// Components follow the snapshot, in order.
+	Components []Component
+	// Secrets makes the agent also watch this node's secrets prefix.
+	Secrets bool
+
+	Log        *slog.Logger
+	Registerer prometheus.Registerer
+	// Ready is called once the first reconcile pass has finished (or the
+	// agent has given up waiting for etcd at start), for sd_notify.
+	Ready func()
+	// Heartbeat is called on every loop iteration and periodically while
+	// idle, for the systemd watchdog.
+	Heartbeat func()
+}
+
+// MemberOptions is what goes into the node's durable member record.
+type MemberOptions struct {
+	PublicKey string
+	Endpoint  string
+	Recipient string
+	Pool      registry.Pool
+}
+
+// Instance is one app instance this node serves, with its check.
+type Instance struct {
+	Group registry.Group
+	App   string
+	Port  int
+	// Check reports whether the instance is healthy; nil means always.
+	Check    func(ctx context.Context) error
+	Interval time.Duration
+}
+
+// ErrNodeOwned is returned when another live meshd holds this node's name.
+var ErrNodeOwned = errors.New("node name is registered by another live meshd")
+
+// Agent runs one node.
+type Agent struct {
+	o       Options
+	log     *slog.Logger
+	store   *registry.Store
+	metrics *metrics
+	notify  chan struct{}
+
+	mu        sync.Mutex
+	lease     clientv3.LeaseID // current lease, 0 while unregistered
+	member    *registry.Member
+	status    registry.Status
+	published []byte // last status value written
+	healthy   map[int]bool
+	instChg   chan struct{}
+	statusChg chan struct{}
+}
+
+// New checks options and builds an agent.
+func New(o Options) (*Agent, error) {
+	if o.Client == nil {
+		return nil, errors.New("agent: no etcd client")
+	}
+	if err := registry.ValidName(o.Node); err != nil {
+		return nil, fmt.Errorf("agent: node name: %w", err)
+	}
+	if o.LeaseTTL < time.Second {
+		return nil, fmt.Errorf("agent: lease TTL %v too short", o.LeaseTTL)
+	}
+	if o.Log == nil {
+		o.Log = slog.New(slog.DiscardHandler)
+	}
+	if o.Registerer == nil {
+		o.Registerer = prometheus.NewRegistry()
+	}
+	m, err := newMetrics(o.Registerer)
+	if err != nil {
+		return nil, err
+	}
+	return &Agent{
+		o:         o,
+		log:       o.Log.With("component", "agent", "node", o.Node),
+		store:     registry.NewStore(),
+		metrics:   m,
+		notify:    make(chan struct{}, 1),
+		healthy:   map[int]bool{},
+		instChg:   make(chan struct{}, 1),
+		statusChg: make(chan struct{}, 1),
+	}, nil
+}
+
+// Snapshot returns the agent's current view (for tests and debugging).
+func (a *Agent) Snapshot() *registry.Snapshot { return a.store.Snapshot() }
+
+// Status returns the node's current status.
+func (a *Agent) Status() registry.Status {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	return a.status
+}
+
+// Run runs the agent until ctx ends or the node name turns out to belong to
+// another node. On return after ctx ends it has revoked its lease, so peers
+// learn at once that the node left.
+func (a *Agent) Run(ctx context.Context) error {
+	g, gctx := errgroup.WithContext(ctx)
+	watch := func(prefix string) {
+		w := &registry.Watcher{
+			Client: a.o.Client, Prefix: prefix, Store: a.store, Notify: a.kick, Log: a.log,
+			Relisted: func() { a.metrics.relists.Inc() },
+		}
+		g.Go(func() error { w.Run(gctx); return nil })
+	}
+	watch(registry.ClusterPrefix)
+	if a.o.Secrets {
+		watch(registry.SecretsNodePrefix(a.o.Node))
+	}
+	g.Go(func() error { return a.session(gctx) })
+	g.Go(func() error { a.loop(gctx); return nil })
+	for i := range a.o.Instances {
+		g.Go(func() error { a.checkLoop(gctx, i); return nil })
+	}
+	err := g.Wait()
+	a.revoke()
+	if errors.Is(err, ErrNodeOwned) {
+		return err
+	}
+	return nil
+}
+
+// kick wakes the reconcile loop.
+func (a *Agent) kick() {
+	select {
+	case a.notify <- struct{}{}:
+	default:
+	}
+}
+
+func signal(ch chan struct{}) {
+	select {
+	case ch <- struct{}{}:
+	default:
+	}
+}

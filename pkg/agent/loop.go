@@ -1,0 +1,188 @@
+package agent
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"time"
+
+	"github.com/meshd/meshd/pkg/registry"
+)
+
+// compState is the loop's memory of one component.
+type compState struct {
+	failures int
+	next     time.Time // no retry before this
+	lastErr  error
+}
+
+// readyGrace is how long the agent waits for a first reconcile before it
+// tells systemd it is ready anyway (etcd may be unreachable at boot, and
+// the overlay already came up from its cache).
+const readyGrace = 15 * time.Second
+
+// loop is the reconcile loop: wait for a change, let the burst settle,
+// recompute every component from the whole snapshot, record the result.
+func (a *Agent) loop(ctx context.Context) {
+	states := make([]compState, len(a.o.Components))
+	var (
+		applied      int64
+		ready        bool
+		lastProblems = map[string]string{}
+	)
+	markReady := func() {
+		if !ready {
+			ready = true
+			if a.o.Ready != nil {
+				a.o.Ready()
+			}
+		}
+	}
+	heartbeat := time.NewTicker(time.Second)
+	defer heartbeat.Stop()
+	readyTimer := time.NewTimer(readyGrace)
+	defer readyTimer.Stop()
+	retry := time.NewTimer(time.Hour)
+	retry.Stop()
+	defer retry.Stop()
+	prefixes := []string{registry.ClusterPrefix}
+	if a.o.Secrets {
+		prefixes = append(prefixes, registry.SecretsNodePrefix(a.o.Node))
+	}
+	for {
+		if a.o.Heartbeat != nil {
+			a.o.Heartbeat()
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-heartbeat.C:
+			continue
+		case <-readyTimer.C:
+			markReady()
+			continue
+		case <-a.notify:
+		case <-retry.C:
+		}
+		if d := a.o.Coalesce; d > 0 {
+			t := time.NewTimer(d)
+			select {
+			case <-ctx.Done():
+				t.Stop()
+				return
+			case <-t.C:
+			}
+		}
+		select { // the settle window absorbed these
+		case <-a.notify:
+		default:
+		}
+		listed := true
+		for _, p := range prefixes {
+			listed = listed && a.store.Listed(p)
+		}
+		if !listed {
+			continue // an empty view would tear the node down
+		}
+		snap := a.store.Snapshot()
+		a.reportProblems(snap, lastProblems)
+		start := time.Now()
+		allOK := true
+		var nextRetry time.Time
+		for i, c := range a.o.Components {
+			st := &states[i]
+			if start.Before(st.next) {
+				allOK = false
+				nextRetry = earliest(nextRetry, st.next)
+				continue
+			}
+			if err := c.Apply(ctx, snap); err != nil {
+				if ctx.Err() != nil {
+					return
+				}
+				st.failures++
+				st.lastErr = err
+				st.next = time.Now().Add(min(30*time.Second, 100*time.Millisecond<<min(st.failures-1, 9)))
+				nextRetry = earliest(nextRetry, st.next)
+				allOK = false
+				a.metrics.reconciles.WithLabelValues(c.Name(), "error").Inc()
+				a.log.Warn("apply failed, will retry", "part", c.Name(), "rev", snap.Revision, "attempt", st.failures, "err", err)
+				continue
+			}
+			if st.failures > 0 {
+				a.log.Info("apply recovered", "part", c.Name(), "rev", snap.Revision)
+			}
+			st.failures, st.lastErr, st.next = 0, nil, time.Time{}
+			a.metrics.reconciles.WithLabelValues(c.Name(), "ok").Inc()
+		}
+		a.metrics.duration.Observe(time.Since(start).Seconds())
+		if allOK {
+			applied = snap.Revision
+			a.metrics.applied.Set(float64(applied))
+		}
+		a.metrics.seen.Set(float64(snap.Revision))
+		if !nextRetry.IsZero() {
+			retry.Reset(time.Until(nextRetry))
+		}
+		a.setStatus(a.buildStatus(snap, applied, states))
+		if allOK {
+			markReady()
+		}
+	}
+}
+
+func earliest(a, b time.Time) time.Time {
+	if a.IsZero() || b.Before(a) {
+		return b
+	}
+	return a
+}
+
+func (a *Agent) buildStatus(snap *registry.Snapshot, applied int64, states []compState) registry.Status {
+	st := registry.Status{
+		Revision:   applied,
+		Seen:       snap.Revision,
+		Components: map[string]json.RawMessage{},
+		Problems:   len(snap.Problems),
+	}
+	for i, c := range a.o.Components {
+		if b, err := json.Marshal(c.Status()); err == nil {
+			st.Components[c.Name()] = b
+		}
+		if err := states[i].lastErr; err != nil {
+			if st.Errors == nil {
+				st.Errors = map[string]string{}
+			}
+			st.Errors[c.Name()] = err.Error()
+		}
+	}
+	return st
+}
+
+func (a *Agent) setStatus(st registry.Status) {
+	a.mu.Lock()
+	a.status = st
+	a.mu.Unlock()
+	signal(a.statusChg)
+}
+
+// reportProblems logs each invalid key once, when it appears.
+func (a *Agent) reportProblems(snap *registry.Snapshot, last map[string]string) {
+	now := make(map[string]string, len(snap.Problems))
+	for _, p := range snap.Problems {
+		now[p.Key] = p.Err
+		if last[p.Key] != p.Err {
+			a.log.Warn("skipping invalid registry key", "key", fmt.Sprintf("%q", p.Key), "err", p.Err)
+		}
+	}
+	for k := range last {
+		if _, ok := now[k]; !ok {
+			a.log.Info("registry key no longer invalid", "key", fmt.Sprintf("%q", k))
+		}
+	}
+	clear(last)
+	for k, v := range now {
+		last[k] = v
+	}
+	a.metrics.problems.Set(float64(len(snap.Problems)))
+}

@@ -1,0 +1,42 @@
+package agent
+
+import "github.com/prometheus/client_golang/prometheus"
+
+type metrics struct {
+	reconciles   *prometheus.CounterVec
+	duration     prometheus.Histogram
+	applied      prometheus.Gauge
+	seen         prometheus.Gauge
+	leaseLost    prometheus.Counter
+	registered   prometheus.Gauge
+	relists      prometheus.Counter
+	advertised   prometheus.Gauge
+	problems     prometheus.Gauge
+	statusWrites prometheus.Counter
+}
+
+func newMetrics(r prometheus.Registerer) (*metrics, error) {
+	m := &metrics{
+		reconciles: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "meshd_component_applies_total", Help: "Component apply calls, by component and result.",
+		}, []string{"component", "result"}),
+		duration: prometheus.NewHistogram(prometheus.HistogramOpts{
+			Name: "meshd_reconcile_seconds", Help: "Time of one reconcile pass over every component.",
+			Buckets: prometheus.ExponentialBuckets(0.0005, 2, 16),
+		}),
+		applied:      prometheus.NewGauge(prometheus.GaugeOpts{Name: "meshd_applied_revision", Help: "Newest etcd revision every component applied."}),
+		seen:         prometheus.NewGauge(prometheus.GaugeOpts{Name: "meshd_seen_revision", Help: "Newest etcd revision received."}),
+		leaseLost:    prometheus.NewCounter(prometheus.CounterOpts{Name: "meshd_lease_lost_total", Help: "Times the presence lease was lost and re-acquired."}),
+		registered:   prometheus.NewGauge(prometheus.GaugeOpts{Name: "meshd_registered", Help: "1 while the node entry is registered on a live lease."}),
+		relists:      prometheus.NewCounter(prometheus.CounterOpts{Name: "meshd_registry_relists_total", Help: "Full re-lists of a watched prefix (start and compaction)."}),
+		advertised:   prometheus.NewGauge(prometheus.GaugeOpts{Name: "meshd_instances_advertised", Help: "Instances currently advertised (check passing)."}),
+		problems:     prometheus.NewGauge(prometheus.GaugeOpts{Name: "meshd_registry_problems", Help: "Registry keys skipped as invalid."}),
+		statusWrites: prometheus.NewCounter(prometheus.CounterOpts{Name: "meshd_status_writes_total", Help: "Status writes to etcd."}),
+	}
+	for _, c := range []prometheus.Collector{m.reconciles, m.duration, m.applied, m.seen, m.leaseLost, m.registered, m.relists, m.advertised, m.problems, m.statusWrites} {
+		if err := r.Register(c); err != nil {
+			return nil, err
+		}
+	}
+	return m, nil
+}

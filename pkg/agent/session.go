@@ -1,0 +1,321 @@
+package agent
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"math/rand/v2"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"time"
+
+	clientv3 "go.etcd.io/etcd/client/v3"
+
+	"github.com/meshd/meshd/pkg/atomicfile"
+	"github.com/meshd/meshd/pkg/registry"
+)
+
+// session holds the node's presence: it claims the member record, acquires
+// a lease (resuming the previous process's lease when it is still alive, so
+// a restart changes nothing that others see), registers the node entry,
+// keeps the advertised instances and the status on that lease, and starts
+// over when the lease is lost.
+func (a *Agent) session(ctx context.Context) error {
+	failures := 0
+	backoff := func() {
+		failures++
+		d := min(5*time.Second, 100*time.Millisecond<<min(failures, 6))
+		d = d/2 + rand.N(d/2+1)
+		t := time.NewTimer(d)
+		defer t.Stop()
+		select {
+		case <-ctx.Done():
+		case <-t.C:
+		}
+	}
+	for ctx.Err() == nil {
+		lease, err := a.establish(ctx)
+		if errors.Is(err, ErrNodeOwned) {
+			a.log.Error("refusing to take over the node entry", "err", err)
+			return err
+		}
+		if err != nil {
+			if ctx.Err() == nil {
+				a.log.Warn("registration failed, retrying", "err", err)
+				backoff()
+			}
+			continue
+		}
+		failures = 0
+		a.log.Info("registered", "lease", fmt.Sprintf("%x", int64(lease)))
+		a.metrics.registered.Set(1)
+		a.hold(ctx, lease)
+		a.metrics.registered.Set(0)
+		a.setLease(0)
+		if ctx.Err() == nil {
+			a.metrics.leaseLost.Inc()
+			a.log.Warn("lease lost, re-registering")
+		}
+	}
+	return nil
+}
+
+// establish claims the member record, acquires the lease and registers the
+// node entry.
+func (a *Agent) establish(ctx context.Context) (clientv3.LeaseID, error) {
+	rctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	if mo := a.o.Member; mo != nil {
+		m, err := registry.ClaimMember(rctx, a.o.Client, registry.Member{
+			Name: a.o.Node, PublicKey: mo.PublicKey, Endpoint: mo.Endpoint, Recipient: mo.Recipient,
+		}, mo.Pool, a.o.PublicIPv4)
+		if err != nil {
+			return 0, err
+		}
+		a.mu.Lock()
+		a.member = &m
+		a.mu.Unlock()
+	}
+	lease, err := a.acquireLease(rctx)
+	if err != nil {
+		return 0, err
+	}
+	if err := a.register(rctx, lease); err != nil {
+		return 0, err
+	}
+	a.setLease(lease)
+	return lease, nil
+}
+
+func (a *Agent) leaseFile() string { return filepath.Join(a.o.StateDir, "lease") }
+
+// acquireLease resumes the lease a previous meshd process left alive, or
+// grants a new one.
+func (a *Agent) acquireLease(ctx context.Context) (clientv3.LeaseID, error) {
+	if a.o.StateDir != "" {
+		if b, err := os.ReadFile(a.leaseFile()); err == nil {
+			if id, err := strconv.ParseInt(strings.TrimSpace(string(b)), 16, 64); err == nil && id != 0 {
+				ttl, err := a.o.Client.TimeToLive(ctx, clientv3.LeaseID(id))
+				if err == nil && ttl.TTL > 0 {
+					return clientv3.LeaseID(id), nil
+				}
+			}
+		}
+	}
+	g, err := a.o.Client.Grant(ctx, int64((a.o.LeaseTTL+time.Second-1)/time.Second))
+	if err != nil {
+		return 0, fmt.Errorf("grant lease: %w", err)
+	}
+	if a.o.StateDir != "" {
+		// Not secret; losing it only costs a re-registration.
+		if err := atomicfile.WriteFile(a.leaseFile(), []byte(strconv.FormatInt(int64(g.ID), 16)+"\n"), 0o600); err != nil {
+			a.log.Warn("cannot record lease in state directory", "err", err)
+		}
+	}
+	return g.ID, nil
+}
+
+// nodeValue is this node's entry: nix-infra's fields plus a "meshd" object
+// that older readers ignore.
+func (a *Agent) nodeValue() []byte {
+	n := registry.Node{
+		Name: a.o.Node, IPv4: a.o.PublicIPv4, Services: a.o.Consume,
+		Meshd: &registry.NodeMeshd{ID: a.o.ID, Version: a.o.Version},
+	}
+	if n.Services == nil {
+		n.Services = []registry.Group{}
+	}
+	a.mu.Lock()
+	if a.member != nil {
+		n.Meshd.PublicKey = a.member.PublicKey
+		n.Meshd.OverlayIP = a.member.OverlayIP.String()
+	}
+	a.mu.Unlock()
+	b, _ := json.Marshal(n)
+	return b
+}
+
+// register writes the node entry on lease. It takes back an entry that
+// carries this node's ID (a previous process of ours) or that has no lease
+// (written by nix-infra), and refuses one held by another live meshd.
+func (a *Agent) register(ctx context.Context, lease clientv3.LeaseID) error {
+	key := registry.NodeKey(a.o.Node)
+	val := string(a.nodeValue())
+	for range 16 {
+		resp, err := a.o.Client.Get(ctx, key)
+		if err != nil {
+			return fmt.Errorf("read node entry: %w", err)
+		}
+		cmp := clientv3.Compare(clientv3.CreateRevision(key), "=", 0)
+		if len(resp.Kvs) == 1 {
+			kv := resp.Kvs[0]
+			cmp = clientv3.Compare(clientv3.ModRevision(key), "=", kv.ModRevision)
+			n, err := registry.DecodeNode(a.o.Node, kv.Value)
+			if err == nil && n.Meshd != nil && n.Meshd.ID != a.o.ID && kv.Lease != 0 && clientv3.LeaseID(kv.Lease) != lease {
+				ttl, err := a.o.Client.TimeToLive(ctx, clientv3.LeaseID(kv.Lease))
+				if err != nil {
+					return fmt.Errorf("check owner of node entry: %w", err)
+				}
+				if ttl.TTL > 0 {
+					return fmt.Errorf("%w: %s is held by meshd id %s on lease %x (expires in %ds); stop that node or give this one another name",
+						ErrNodeOwned, key, n.Meshd.ID, kv.Lease, ttl.TTL)
+				}
+			}
+		}
+		tr, err := a.o.Client.Txn(ctx).If(cmp).Then(clientv3.OpPut(key, val, clientv3.WithLease(lease))).Commit()
+		if err != nil {
+			return fmt.Errorf("write node entry: %w", err)
+		}
+		if tr.Succeeded {
+			return nil
+		}
+	}
+	return fmt.Errorf("write node entry: too much contention on %s", key)
+}
+
+// hold keeps the lease alive and the leased keys current until the lease is
+// lost or ctx ends.
+func (a *Agent) hold(ctx context.Context, lease clientv3.LeaseID) {
+	kctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	ka, err := a.o.Client.KeepAlive(kctx, lease)
+	if err != nil {
+		a.log.Warn("keepalive", "err", err)
+		return
+	}
+	written := map[string]string{}
+	a.syncInstances(ctx, lease, written)
+	a.publishStatus(ctx, lease, true)
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case resp, ok := <-ka:
+			if !ok || resp == nil {
+				return
+			}
+		case <-a.instChg:
+			a.syncInstances(ctx, lease, written)
+		case <-a.statusChg:
+			a.publishStatus(ctx, lease, false)
+		}
+	}
+}
+
+// advertiseIP is the address this node's instances are published with.
+func (a *Agent) advertiseIP() netip.Addr {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if a.member != nil {
+		return a.member.OverlayIP
+	}
+	return a.o.AdvertiseIP
+}
+
+// syncInstances writes the healthy instances and deletes the others, on
+// the lease. written is what this lease already carries.
+func (a *Agent) syncInstances(ctx context.Context, lease clientv3.LeaseID, written map[string]string) {
+	ip := a.advertiseIP()
+	want := map[string]string{}
+	a.mu.Lock()
+	for i, in := range a.o.Instances {
+		if a.healthy[i] && ip.IsValid() {
+			b, _ := json.Marshal(registry.Instance{IPv4: ip.String(), Node: a.o.Node, Port: in.Port})
+			want[registry.InstanceKey(in.Group, in.App, a.o.Node)] = string(b)
+		}
+	}
+	a.mu.Unlock()
+	a.metrics.advertised.Set(float64(len(want)))
+	wctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	defer cancel()
+	for k, v := range want {
+		if written[k] == v {
+			continue
+		}
+		if _, err := a.o.Client.Put(wctx, k, v, clientv3.WithLease(lease)); err != nil {
+			a.log.Warn("advertise instance", "key", k, "err", err)
+			signal(a.instChg) // retried on the next change or status tick
+			continue
+		}
+		written[k] = v
+		a.log.Info("instance advertised", "key", k)
+	}
+	for k := range written {
+		if _, ok := want[k]; ok {
+			continue
+		}
+		// Delete only what is still ours.
+		_, err := a.o.Client.Txn(wctx).If(clientv3.Compare(clientv3.LeaseValue(k), "=", lease)).
+			Then(clientv3.OpDelete(k)).Commit()
+		if err != nil {
+			a.log.Warn("withdraw instance", "key", k, "err", err)
+			continue
+		}
+		delete(written, k)
+		a.log.Info("instance withdrawn", "key", k)
+	}
+}
+
+// publishStatus writes the node's status on the lease when it changed.
+func (a *Agent) publishStatus(ctx context.Context, lease clientv3.LeaseID, force bool) {
+	a.mu.Lock()
+	st := a.status
+	a.mu.Unlock()
+	st.Node = a.o.Node
+	st.Version = a.o.Version
+	st.UpdatedAt = time.Time{}
+	b, err := json.Marshal(st)
+	if err != nil {
+		a.log.Error("encode status", "err", err)
+		return
+	}
+	a.mu.Lock()
+	same := string(b) == string(a.published)
+	a.mu.Unlock()
+	if same && !force {
+		return
+	}
+	st.UpdatedAt = time.Now().UTC()
+	full, _ := json.Marshal(st)
+	wctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	defer cancel()
+	if _, err := a.o.Client.Put(wctx, registry.StatusKey(a.o.Node), string(full), clientv3.WithLease(lease)); err != nil {
+		a.log.Warn("publish status", "err", err)
+		return
+	}
+	a.metrics.statusWrites.Inc()
+	a.mu.Lock()
+	a.published = b
+	a.mu.Unlock()
+}
+
+func (a *Agent) setLease(l clientv3.LeaseID) {
+	a.mu.Lock()
+	a.lease = l
+	a.mu.Unlock()
+}
+
+// revoke gives the lease back so that every peer sees at once that this
+// node left (graceful stop).
+func (a *Agent) revoke() {
+	a.mu.Lock()
+	lease := a.lease
+	a.mu.Unlock()
+	if lease == 0 {
+		return
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+	defer cancel()
+	if _, err := a.o.Client.Revoke(ctx, lease); err != nil {
+		a.log.Warn("revoke lease on stop", "err", err)
+		return
+	}
+	if a.o.StateDir != "" {
+		os.Remove(a.leaseFile())
+	}
+	a.log.Info("lease revoked")
+}

@@ -1,0 +1,168 @@
+// Package daemon wires meshd's parts together from a Config: the etcd
+// client, the components, the agent, metrics and systemd notification.
+// meshd's main only parses flags and calls Run.
+package daemon
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"strings"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+
+	"github.com/meshd/meshd/pkg/agent"
+	"github.com/meshd/meshd/pkg/atomicfile"
+	"github.com/meshd/meshd/pkg/config"
+	"github.com/meshd/meshd/pkg/etcdclient"
+	"github.com/meshd/meshd/pkg/registry"
+)
+
+// Run runs meshd with cfg until ctx ends. It returns an error only for
+// problems that restarting cannot fix by waiting (bad state directory,
+// name owned by another node); an unreachable etcd is waited out.
+func Run(ctx context.Context, cfg config.Config, log *slog.Logger, version string) error {
+	if err := cfg.Validate(); err != nil {
+		return fmt.Errorf("invalid config: %w", err)
+	}
+	if err := os.MkdirAll(cfg.StateDir, 0o700); err != nil {
+		return fmt.Errorf("state directory: %w", err)
+	}
+	id, err := LoadOrCreateNodeID(cfg.StateDir)
+	if err != nil {
+		return err
+	}
+	cli, err := etcdclient.New(etcdclient.Options{
+		Endpoints: cfg.Etcd.Endpoints, CAFile: cfg.Etcd.CAFile, CertFile: cfg.Etcd.CertFile,
+		KeyFile: cfg.Etcd.KeyFile, DialTimeout: cfg.Etcd.DialTimeout.D(),
+	})
+	if err != nil {
+		return err
+	}
+	defer cli.Close()
+
+	reg := prometheus.NewRegistry()
+	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+
+	parts, err := buildParts(ctx, cfg, log, reg)
+	if err != nil {
+		return err
+	}
+	defer parts.close()
+
+	notify := newNotifier(log)
+	instances, err := buildInstances(cfg)
+	if err != nil {
+		return err
+	}
+	a, err := agent.New(agent.Options{
+		Client: cli, Node: cfg.NodeName, ID: id, PublicIPv4: cfg.PublicIPv4, Consume: cfg.Consume,
+		LeaseTTL: cfg.LeaseTTL.D(), Coalesce: cfg.Coalesce.D(), StateDir: cfg.StateDir, Version: version,
+		Member: parts.member, AdvertiseIP: advertiseIP(cfg),
+		Instances: instances, Components: parts.components, Secrets: cfg.Secrets.Enable,
+		Log: log, Registerer: reg, Ready: notify.ready, Heartbeat: notify.heartbeat,
+	})
+	if err != nil {
+		return err
+	}
+	if cfg.MetricsAddr != "" {
+		srv, err := serveHTTP(cfg.MetricsAddr, reg, a)
+		if err != nil {
+			return err
+		}
+		defer srv.Close()
+	}
+	log.Info("meshd starting", "node", cfg.NodeName, "version", version, "etcd", strings.Join(cfg.Etcd.Endpoints, ","))
+	err = a.Run(ctx)
+	notify.stopping()
+	return err
+}
+
+func advertiseIP(cfg config.Config) netip.Addr {
+	a, _ := netip.ParseAddr(cfg.PublicIPv4)
+	return a
+}
+
+func buildInstances(cfg config.Config) ([]agent.Instance, error) {
+	var out []agent.Instance
+	var units agent.UnitStater
+	for _, in := range cfg.Instances {
+		ai := agent.Instance{Group: in.Group, App: in.App, Port: in.Port, Interval: in.Check.Interval.D()}
+		switch {
+		case in.Check.Disable:
+		case in.Check.Unit != "":
+			if units == nil {
+				units = newDBusUnits()
+			}
+			ai.Check = agent.UnitCheck(units, in.Check.Unit)
+		case in.Check.TCP != "":
+			ai.Check = agent.TCPCheck(in.Check.TCP)
+		default:
+			ai.Check = agent.TCPCheck(net.JoinHostPort("127.0.0.1", fmt.Sprint(in.Port)))
+		}
+		out = append(out, ai)
+	}
+	return out, nil
+}
+
+// LoadOrCreateNodeID returns the node's stable identity, creating it on
+// first start. It tells a restarted meshd's own node entry from another
+// node's that happens to use the same name.
+func LoadOrCreateNodeID(stateDir string) (string, error) {
+	path := filepath.Join(stateDir, "node-id")
+	b, err := os.ReadFile(path)
+	if err == nil {
+		id := strings.TrimSpace(string(b))
+		if len(id) == 32 {
+			if _, err := hex.DecodeString(id); err == nil {
+				return id, nil
+			}
+		}
+		return "", fmt.Errorf("node id file %s is corrupt; remove it to let meshd create a new identity", path)
+	}
+	if !errors.Is(err, os.ErrNotExist) {
+		return "", fmt.Errorf("node id: %w", err)
+	}
+	var raw [16]byte
+	if _, err := rand.Read(raw[:]); err != nil {
+		return "", err
+	}
+	id := hex.EncodeToString(raw[:])
+	if err := atomicfile.WriteFile(path, []byte(id+"\n"), 0o600); err != nil {
+		return "", fmt.Errorf("node id: %w", err)
+	}
+	return id, nil
+}
+
+// serveHTTP serves /metrics and /healthz on a local address.
+func serveHTTP(addr string, reg *prometheus.Registry, a *agent.Agent) (*http.Server, error) {
+	ln, err := net.Listen("tcp", addr)
+	if err != nil {
+		return nil, fmt.Errorf("metrics listener: %w", err)
+	}
+	mux := http.NewServeMux()
+	mux.Handle("/metrics", promHandler(reg))
+	mux.HandleFunc("/healthz", func(w http.ResponseWriter, r *http.Request) {
+		st := a.Status()
+		w.Header().Set("Content-Type", "application/json")
+		if len(st.Errors) > 0 || st.Revision == 0 {
+			w.WriteHeader(http.StatusServiceUnavailable)
+		}
+		writeJSON(w, st)
+	})
+	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}
+	go srv.Serve(ln)
+	return srv, nil
+}
+
+var _ = registry.Status{}

@@ -1,0 +1,187 @@
+package registry
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net/netip"
+
+	clientv3 "go.etcd.io/etcd/client/v3"
+)
+
+// Pool is the range node subnets are carved from: every Bits-long prefix
+// whose first address lies in [Min, Max]. The default (10.10.0.0 to
+// 10.99.0.0, /24) is flannel's, so nix-infra overlay addresses survive a
+// migration.
+type Pool struct {
+	Min, Max netip.Addr
+	Bits     int
+}
+
+// DefaultPool is nix-infra's flannel range.
+var DefaultPool = Pool{Min: netip.MustParseAddr("10.10.0.0"), Max: netip.MustParseAddr("10.99.0.0"), Bits: 24}
+
+// ErrPoolExhausted is returned when no subnet is free.
+var ErrPoolExhausted = errors.New("no free subnet in the pool")
+
+// Contains reports whether p is one of the pool's subnets.
+func (pool Pool) Contains(p netip.Prefix) bool {
+	return p.IsValid() && p.Bits() == pool.Bits && p == p.Masked() &&
+		!p.Addr().Less(pool.Min) && !pool.Max.Less(p.Addr())
+}
+
+// PickSubnet chooses a subnet for a node, purely: prefer if it is in the
+// pool and not used, otherwise the lowest free one.
+func PickSubnet(pool Pool, used map[netip.Prefix]bool, prefer netip.Prefix) (netip.Prefix, error) {
+	if pool.Contains(prefer) && !used[prefer] {
+		return prefer, nil
+	}
+	if !pool.Min.Is4() || pool.Bits < 1 || pool.Bits > 32 {
+		return netip.Prefix{}, fmt.Errorf("invalid pool %v-%v/%d", pool.Min, pool.Max, pool.Bits)
+	}
+	step := uint32(1) << (32 - pool.Bits)
+	start, _ := netip.AddrFrom4(pool.Min.As4()).Prefix(pool.Bits)
+	for a := u32(start.Addr()); ; a += step {
+		p := netip.PrefixFrom(addrOf(a), pool.Bits)
+		if pool.Max.Less(p.Addr()) {
+			break
+		}
+		if pool.Contains(p) && !used[p] {
+			return p, nil
+		}
+		if a > ^uint32(0)-step {
+			break
+		}
+	}
+	return netip.Prefix{}, ErrPoolExhausted
+}
+
+func u32(a netip.Addr) uint32 {
+	b := a.As4()
+	return uint32(b[0])<<24 | uint32(b[1])<<16 | uint32(b[2])<<8 | uint32(b[3])
+}
+
+func addrOf(v uint32) netip.Addr {
+	return netip.AddrFrom4([4]byte{byte(v >> 24), byte(v >> 16), byte(v >> 8), byte(v)})
+}
+
+// flannelLease is the part of flannel's subnet lease meshd reads.
+type flannelLease struct {
+	PublicIP string `json:"PublicIP"`
+}
+
+// ClaimMember makes sure the node has a subnet and an up-to-date member
+// record, and returns it. A node keeps the subnet it has (across restarts
+// and etcd outages: the claim has no lease); a new node adopts the subnet
+// of its flannel lease (matched by public IPv4) when one exists, otherwise
+// takes the lowest free subnet. The claim is a create-only transaction, so
+// two nodes asking at once never get the same subnet: the loser re-reads
+// and picks again.
+//
+// want carries Name, PublicKey, Endpoint and Recipient; Subnet and
+// OverlayIP are filled in.
+func ClaimMember(ctx context.Context, cli *clientv3.Client, want Member, pool Pool, publicIPv4 string) (Member, error) {
+	if err := ValidName(want.Name); err != nil {
+		return Member{}, err
+	}
+	for attempt := 0; attempt < 64; attempt++ {
+		m, done, err := claimOnce(ctx, cli, want, pool, publicIPv4)
+		if err != nil || done {
+			return m, err
+		}
+	}
+	return Member{}, fmt.Errorf("claim subnet for %s: too much contention", want.Name)
+}
+
+func claimOnce(ctx context.Context, cli *clientv3.Client, want Member, pool Pool, publicIPv4 string) (Member, bool, error) {
+	resp, err := cli.Txn(ctx).Then(
+		clientv3.OpGet(MemberKey(want.Name)),
+		clientv3.OpGet(SubnetsPrefix, clientv3.WithPrefix()),
+		clientv3.OpGet(FlannelSubnetPrefix, clientv3.WithPrefix()),
+	).Commit()
+	if err != nil {
+		return Member{}, false, fmt.Errorf("claim subnet: %w", err)
+	}
+	memberKVs := resp.Responses[0].GetResponseRange().Kvs
+	claims := map[netip.Prefix]string{}
+	used := map[netip.Prefix]bool{}
+	for _, kv := range resp.Responses[1].GetResponseRange().Kvs {
+		pk, err := ParseKey(string(kv.Key))
+		if err != nil || pk.Kind != KindSubnet {
+			continue
+		}
+		used[pk.Subnet] = true // even an undecodable claim blocks its subnet
+		if c, err := DecodeSubnetClaim(kv.Value); err == nil {
+			claims[pk.Subnet] = c.Node
+		}
+	}
+	var prefer netip.Prefix
+	for _, kv := range resp.Responses[2].GetResponseRange().Kvs {
+		p, err := ParsePrefixName(string(kv.Key[len(FlannelSubnetPrefix):]))
+		if err != nil {
+			continue
+		}
+		var fl flannelLease
+		if json.Unmarshal(kv.Value, &fl) == nil && publicIPv4 != "" && fl.PublicIP == publicIPv4 && claims[p] == "" {
+			prefer = p
+			continue
+		}
+		used[p] = true // a flannel node still running there
+	}
+
+	memberCmp := clientv3.Compare(clientv3.CreateRevision(MemberKey(want.Name)), "=", 0)
+	if len(memberKVs) == 1 {
+		memberCmp = clientv3.Compare(clientv3.ModRevision(MemberKey(want.Name)), "=", memberKVs[0].ModRevision)
+		if old, err := DecodeMember(want.Name, memberKVs[0].Value); err == nil && claims[old.Subnet] == want.Name {
+			// Keep the subnet we have; refresh key, endpoint, recipient.
+			want.Subnet, want.OverlayIP = old.Subnet, old.OverlayIP
+			if old == want {
+				return old, true, nil
+			}
+			ok, err := putMember(ctx, cli, want, memberCmp)
+			return want, ok, err
+		}
+	}
+	// Allocate. A claim already ours (member record lost) is reused.
+	for p, owner := range claims {
+		if owner == want.Name && pool.Contains(p) {
+			prefer = p
+			delete(used, p)
+		}
+	}
+	p, err := PickSubnet(pool, used, prefer)
+	if err != nil {
+		return Member{}, false, fmt.Errorf("claim subnet for %s: %w", want.Name, err)
+	}
+	want.Subnet, want.OverlayIP = p, p.Addr()
+	claimVal, _ := json.Marshal(SubnetClaim{Node: want.Name})
+	memberVal, err := json.Marshal(want)
+	if err != nil {
+		return Member{}, false, err
+	}
+	claimCmp := clientv3.Compare(clientv3.CreateRevision(SubnetKey(p)), "=", 0)
+	if claims[p] == want.Name {
+		claimCmp = clientv3.Compare(clientv3.Value(SubnetKey(p)), "=", string(claimVal))
+	}
+	tr, err := cli.Txn(ctx).If(memberCmp, claimCmp).Then(
+		clientv3.OpPut(SubnetKey(p), string(claimVal)),
+		clientv3.OpPut(MemberKey(want.Name), string(memberVal)),
+	).Commit()
+	if err != nil {
+		return Member{}, false, fmt.Errorf("claim subnet %v for %s: %w", p, want.Name, err)
+	}
+	return want, tr.Succeeded, nil
+}
+
+func putMember(ctx context.Context, cli *clientv3.Client, m Member, cmp clientv3.Cmp) (bool, error) {
+	b, err := json.Marshal(m)
+	if err != nil {
+		return false, err
+	}
+	tr, err := cli.Txn(ctx).If(cmp).Then(clientv3.OpPut(MemberKey(m.Name), string(b))).Commit()
+	if err != nil {
+		return false, fmt.Errorf("update member %s: %w", m.Name, err)
+	}
+	return tr.Succeeded, nil
+}

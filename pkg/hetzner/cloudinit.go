@@ -1,0 +1,136 @@
+package hetzner
+
+import (
+	"bytes"
+	"fmt"
+	"net/url"
+	"regexp"
+	"strings"
+	"text/template"
+
+	"github.com/meshd/meshd/pkg/registry"
+)
+
+// MaxUserData is the API's limit on user data.
+const MaxUserData = 32 << 10
+
+// Defaults of the NixOS conversion.
+const (
+	DefaultNixChannel = "nixos-25.11"
+	DefaultInfectURL  = "https://raw.githubusercontent.com/elitak/nixos-infect/master/nixos-infect"
+)
+
+// CloudInit is what the generated cloud-config needs to know.
+type CloudInit struct {
+	Cluster       string
+	Name          string
+	Role          string
+	WireGuardPort int
+	// NixChannel is the NixOS channel nixos-infect installs.
+	NixChannel string
+	// InfectURL is where the nixos-infect script is fetched from; pin it
+	// to a commit you have reviewed.
+	InfectURL string
+}
+
+// RoleGroups maps a role to the nix-infra groups a node of that role
+// consumes (its HAProxy gets a listener for every app of them).
+func RoleGroups(role string) []registry.Group {
+	switch role {
+	case "ingress":
+		return []registry.Group{registry.GroupFrontends}
+	case "worker":
+		return []registry.Group{registry.GroupBackends, registry.GroupServices}
+	case "service":
+		return []registry.Group{registry.GroupServices}
+	}
+	return nil // control nodes run etcd only
+}
+
+var channelRE = regexp.MustCompile(`^nixos-(unstable|[0-9]{2}\.[0-9]{2})(-small)?$`)
+
+// Validate checks the fields that reach the rendered shell and Nix text.
+func (ci CloudInit) Validate() error {
+	if err := ValidateCluster(ci.Cluster); err != nil {
+		return err
+	}
+	if err := ValidateServerName(ci.Name); err != nil {
+		return err
+	}
+	if err := ValidateRole(ci.Role); err != nil {
+		return err
+	}
+	if ci.WireGuardPort < 1 || ci.WireGuardPort > 65535 {
+		return fmt.Errorf("%w: wireguard port %d", ErrInvalid, ci.WireGuardPort)
+	}
+	if !channelRE.MatchString(ci.NixChannel) {
+		return fmt.Errorf("%w: nix channel %q: want nixos-YY.MM or nixos-unstable", ErrInvalid, ci.NixChannel)
+	}
+	u, err := url.Parse(ci.InfectURL)
+	if err != nil || u.Scheme != "https" || u.Host == "" || strings.ContainsAny(ci.InfectURL, " '\"\\`$;|&<>\n") {
+		return fmt.Errorf("%w: nixos-infect URL %q: want a plain https URL", ErrInvalid, ci.InfectURL)
+	}
+	return nil
+}
+
+// Render returns the cloud-config user data. It is a pure function of ci.
+func (ci CloudInit) Render() (string, error) {
+	if err := ci.Validate(); err != nil {
+		return "", err
+	}
+	groups := make([]string, 0, 2)
+	for _, g := range RoleGroups(ci.Role) {
+		groups = append(groups, fmt.Sprintf("%q", string(g)))
+	}
+	var b bytes.Buffer
+	err := cloudInitTmpl.Execute(&b, struct {
+		CloudInit
+		Groups string
+	}{ci, strings.Join(groups, " ")})
+	if err != nil {
+		return "", err
+	}
+	if b.Len() > MaxUserData {
+		return "", fmt.Errorf("%w: user data is %d bytes, the API takes at most %d", ErrInvalid, b.Len(), MaxUserData)
+	}
+	return b.String(), nil
+}
+
+// Every value interpolated below has been validated to a small alphabet
+// (names, ports, channel, URL), so none needs quoting beyond what is here.
+var cloudInitTmpl = template.Must(template.New("cloud-init").Parse(`#cloud-config
+# Rendered by meshctl provision: node {{.Name}} ({{.Role}}) of meshd cluster {{.Cluster}}.
+# It converts this Debian/Ubuntu image to NixOS with nixos-infect, whose
+# generated configuration.nix imports /etc/nixos/meshd-host.nix below.
+# The meshd module itself is imported once /etc/nixos/meshd/module.nix
+# exists: the operator copies it there with the node's etcd certificates
+# and rebuilds (docs/provisioning.md).
+write_files:
+  - path: /etc/nixos/meshd-host.nix
+    permissions: "0644"
+    content: |
+      { lib, ... }:
+      {
+        imports =
+          if builtins.pathExists /etc/nixos/meshd/module.nix
+          then [ /etc/nixos/meshd/module.nix ]
+          else [ ];
+        networking.hostName = lib.mkDefault "{{.Name}}";
+        # The cloud firewall allows the same; this is the host's own.
+        networking.firewall.allowedTCPPorts = [ 22 ];
+        networking.firewall.allowedUDPPorts = [ {{.WireGuardPort}} ];
+        boot.kernelModules = [ "wireguard" ];
+        services.openssh.enable = true;
+        services.openssh.settings.PasswordAuthentication = lib.mkDefault false;
+        environment.etc."meshd/provisioned.json".text = builtins.toJSON {
+          cluster = "{{.Cluster}}";
+          node = "{{.Name}}";
+          role = "{{.Role}}";
+          groups = [ {{.Groups}} ];
+          wireguardPort = {{.WireGuardPort}};
+        };
+      }
+runcmd:
+  - mkdir -p /etc/nixos/meshd
+  - curl -fsSL --retry 5 '{{.InfectURL}}' | PROVIDER=hetznercloud NIX_CHANNEL={{.NixChannel}} NIXOS_IMPORT=./meshd-host.nix bash 2>&1 | tee /var/log/nixos-infect.log
+`))

@@ -1,0 +1,268 @@
+package haproxycfg
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"os/exec"
+	"strings"
+	"sync"
+	"time"
+)
+
+// ErrRejected is returned (wrapped) when `haproxy -c` rejects a rendered
+// configuration. The file is kept at RejectedPath and HAProxy keeps
+// running the previous one.
+var ErrRejected = errors.New("haproxy rejected the rendered configuration")
+
+// Counters is what the Applier has done since it was created.
+type Counters struct {
+	Reloads            int64 `json:"reloads"`
+	ReloadFailures     int64 `json:"reloadFailures"`
+	RuntimeUpdates     int64 `json:"runtimeUpdates"`
+	ValidationFailures int64 `json:"validationFailures"`
+}
+
+// Hooks lets the component count events into its metrics.
+type Hooks struct {
+	Reload            func(ok bool)
+	RuntimeUpdate     func(slots int)
+	ValidationFailure func()
+}
+
+// Applier owns the rendered file at ConfigPath and makes the running
+// HAProxy match a Desired: nothing when the hash is unchanged, the runtime
+// API when only slot occupants change, validate-then-reload otherwise.
+type Applier struct {
+	ConfigPath string
+	Binary     string
+	Master     Master
+	Runtime    Runtime
+	// Supervisor starts the master when none runs; nil when a service
+	// manager (systemd) runs HAProxy.
+	Supervisor *Supervisor
+	Log        *slog.Logger
+	Hooks      Hooks
+
+	setMu sync.Mutex // serializes Set
+	// Fields below are written under setMu and mu, read under mu.
+	mu           sync.Mutex
+	appliedHash  string // Hash of the Desired HAProxy runs
+	structure    string // StructureHash of the config HAProxy runs
+	lastGood     []byte // the file content HAProxy runs
+	rejectedHash string
+	rejectedErr  error
+	lastErr      error
+	counters     Counters
+}
+
+// RejectedPath is where a configuration haproxy -c refused is kept.
+func (a *Applier) RejectedPath() string { return a.ConfigPath + ".rejected" }
+
+// Set makes HAProxy run d. It is safe to call again with the same value.
+func (a *Applier) Set(ctx context.Context, d Desired) error {
+	a.setMu.Lock()
+	defer a.setMu.Unlock()
+	err := a.set(ctx, d)
+	a.mu.Lock()
+	a.lastErr = err
+	a.mu.Unlock()
+	return err
+}
+
+func (a *Applier) set(ctx context.Context, d Desired) error {
+	h := Hash(d)
+	a.mu.Lock()
+	applied, rejected, rejectedErr := a.appliedHash, a.rejectedHash, a.rejectedErr
+	a.mu.Unlock()
+	if h == applied {
+		return nil
+	}
+	if h == rejected {
+		return rejectedErr // validating the same bytes again cannot help
+	}
+
+	_, procErr := a.Master.Procs(ctx)
+	running := procErr == nil
+	if !running && a.Supervisor == nil {
+		return fmt.Errorf("haproxy master not reachable (is the haproxy unit running?): %w", procErr)
+	}
+	if running && a.structure == "" {
+		a.adoptFile() // meshd restarted: HAProxy runs what the file says
+	}
+
+	placed := d
+	var live Live
+	var liveErr error = errors.New("haproxy not running")
+	if running {
+		live, liveErr = a.Runtime.Live(ctx)
+		if liveErr == nil {
+			placed = Place(d, live)
+		}
+	}
+	if running && liveErr == nil && StructureHash(d) == a.structure {
+		if changes, ok := Diff(placed, live); ok {
+			err := a.applyRuntime(ctx, placed, changes)
+			if err == nil {
+				a.mu.Lock()
+				a.appliedHash = h
+				a.mu.Unlock()
+				return nil
+			}
+			a.Log.Warn("runtime update failed; reloading instead", "err", err)
+		}
+	}
+	return a.reload(ctx, d, placed, h, running)
+}
+
+// applyRuntime changes slots through the runtime API, then rewrites the
+// file so that the next reload starts from the same servers.
+func (a *Applier) applyRuntime(ctx context.Context, placed Desired, changes []SlotChange) error {
+	if len(changes) > 0 {
+		if err := a.Runtime.Apply(ctx, changes); err != nil {
+			return err
+		}
+		a.Log.Info("applied instance changes at runtime", "slots", len(changes))
+	}
+	content := Render(placed)
+	if !bytes.Equal(content, a.lastGood) {
+		if err := writeAtomic(a.ConfigPath, content, 0o644); err != nil {
+			return fmt.Errorf("rewrite config: %w", err)
+		}
+		a.lastGood = content
+	}
+	a.mu.Lock()
+	if len(changes) > 0 {
+		a.counters.RuntimeUpdates++
+	}
+	a.mu.Unlock()
+	if len(changes) > 0 && a.Hooks.RuntimeUpdate != nil {
+		a.Hooks.RuntimeUpdate(len(changes))
+	}
+	return nil
+}
+
+// reload validates the new file, puts it in place and reloads (or starts)
+// the master. On any failure the file HAProxy runs is put back.
+func (a *Applier) reload(ctx context.Context, d, placed Desired, h string, running bool) error {
+	content := Render(placed)
+	tmp, err := writeTemp(a.ConfigPath, content, 0o644)
+	if err != nil {
+		return err
+	}
+	if err := a.validate(ctx, tmp); err != nil {
+		if rerr := renameSync(tmp, a.RejectedPath()); rerr != nil {
+			a.Log.Error("keep rejected config", "err", rerr)
+		}
+		err = fmt.Errorf("%w (kept at %s): %v", ErrRejected, a.RejectedPath(), err)
+		a.mu.Lock()
+		a.rejectedHash, a.rejectedErr = h, err
+		a.counters.ValidationFailures++
+		a.mu.Unlock()
+		if a.Hooks.ValidationFailure != nil {
+			a.Hooks.ValidationFailure()
+		}
+		a.Log.Error("rendered config rejected; haproxy keeps the running one", "hash", h[:12], "path", a.RejectedPath(), "err", err)
+		return err
+	}
+	if err := renameSync(tmp, a.ConfigPath); err != nil {
+		return err
+	}
+	if !running {
+		// Start the master on the new file; if one appeared meanwhile
+		// (adopted), it still runs an older file and needs the reload.
+		var started bool
+		if started, err = a.Supervisor.Ensure(ctx); err == nil && !started {
+			running = true
+		}
+	}
+	if running {
+		_, err = a.Master.Reload(ctx)
+	}
+	a.mu.Lock()
+	if err == nil {
+		a.counters.Reloads++
+	} else {
+		a.counters.ReloadFailures++
+	}
+	a.mu.Unlock()
+	if a.Hooks.Reload != nil {
+		a.Hooks.Reload(err == nil)
+	}
+	if err != nil {
+		if a.lastGood != nil {
+			if rerr := writeAtomic(a.ConfigPath, a.lastGood, 0o644); rerr != nil {
+				a.Log.Error("restore previous config", "err", rerr)
+			}
+		}
+		return fmt.Errorf("reload: %w", err)
+	}
+	a.Log.Info("reloaded haproxy", "hash", h[:12], "listeners", len(d.Listeners))
+	a.mu.Lock()
+	a.appliedHash, a.structure, a.lastGood = h, StructureHash(d), content
+	a.mu.Unlock()
+	return nil
+}
+
+// validate runs `haproxy -c -f path`. Exit status 2 ("no error but will
+// not start: no listener") is accepted: an empty mesh still runs its
+// stats socket in master-worker mode.
+func (a *Applier) validate(ctx context.Context, path string) error {
+	ctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	defer cancel()
+	out, err := exec.CommandContext(ctx, a.Binary, "-c", "-f", path).CombinedOutput()
+	var ee *exec.ExitError
+	if errors.As(err, &ee) && ee.ExitCode() == 2 && bytes.Contains(out, []byte("has no error")) {
+		return nil
+	}
+	if err != nil {
+		msg := strings.TrimSpace(string(out))
+		if len(msg) > 2000 {
+			msg = msg[:2000] + "…"
+		}
+		return fmt.Errorf("%s -c: %w: %s", a.Binary, err, msg)
+	}
+	return nil
+}
+
+// adoptFile takes the structure of the file on disk as what HAProxy runs.
+func (a *Applier) adoptFile() {
+	b, err := os.ReadFile(a.ConfigPath)
+	if err != nil {
+		return
+	}
+	sc := bufio.NewScanner(bytes.NewReader(b))
+	for i := 0; i < 3 && sc.Scan(); i++ {
+		if s, ok := strings.CutPrefix(sc.Text(), "# structure "); ok {
+			a.mu.Lock()
+			a.structure, a.lastGood = strings.TrimSpace(s), b
+			a.mu.Unlock()
+			return
+		}
+	}
+}
+
+// Counters returns what the applier has done so far.
+func (a *Applier) Counters() Counters {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	return a.counters
+}
+
+// LastError returns the error of the last Set, nil if it succeeded.
+func (a *Applier) LastError() error {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	return a.lastErr
+}
+
+// Rejected returns the hash and error of the last rejected configuration.
+func (a *Applier) Rejected() (hash string, err error) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	return a.rejectedHash, a.rejectedErr
+}

@@ -1,0 +1,258 @@
+package haproxycfg
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/meshd/meshd/pkg/registry"
+)
+
+// Options configures the HAProxy component (meshd's config "haproxy"
+// section plus the node's name and consumed groups).
+type Options struct {
+	// Self is this node's name.
+	Self string
+	// Consume lists the groups whose apps get a listener here.
+	Consume []registry.Group
+	// ConfigPath is the file meshd renders and HAProxy loads. Never
+	// /etc/haproxy.cfg: the OS configuration replaces that one.
+	ConfigPath string
+	// MasterSocket is HAProxy's master CLI socket (-S).
+	MasterSocket string
+	// StatsSocket is the runtime API socket rendered into the config.
+	StatsSocket string
+	// Binary is the haproxy executable (a name looked up in PATH, or a path).
+	Binary string
+	// Supervise makes meshd start and restart the HAProxy master itself;
+	// otherwise a service manager runs it and meshd only reloads it.
+	Supervise bool
+	// ReservedPorts are loopback ports no app may publish.
+	ReservedPorts []int
+	// ServerSlots is the per-backend slot granularity (default 8).
+	ServerSlots int
+	// PidFile is the supervised master's pid file (default: ConfigPath
+	// with ".pid" instead of ".cfg").
+	PidFile string
+	// HardStopAfter bounds an old worker's drain (default 30s).
+	HardStopAfter time.Duration
+	// MaxReloads is mworker-max-reloads (default 3).
+	MaxReloads int
+	// GlobalExtra are extra lines for the global section.
+	GlobalExtra []string
+	// SuperviseEvery is how often a supervisor checks an adopted master
+	// (default 1s; a master this process started is noticed at once).
+	SuperviseEvery time.Duration
+}
+
+// Component renders HAProxy's configuration from registry snapshots and
+// applies it. It implements the agent's Component interface.
+type Component struct {
+	opts    Options
+	params  Params
+	log     *slog.Logger
+	applier *Applier
+	sup     *Supervisor
+	cancel  context.CancelFunc
+	done    chan struct{}
+
+	mu   sync.Mutex
+	last Desired
+}
+
+// Status is the component's published status (meshctl status).
+type Status struct {
+	ConfigPath string      `json:"configPath"`
+	Listeners  int         `json:"listeners"`
+	Backends   int         `json:"backends"`
+	Servers    int         `json:"servers"`
+	Apps       []AppStatus `json:"apps,omitempty"`
+	Counters
+	Problems       []Problem `json:"problems,omitempty"`
+	LastError      string    `json:"lastError,omitempty"`
+	RejectedConfig string    `json:"rejectedConfig,omitempty"`
+	RejectedHash   string    `json:"rejectedHash,omitempty"`
+	AppliedHash    string    `json:"appliedHash,omitempty"`
+	Supervised     bool      `json:"supervised"`
+	MasterPID      int       `json:"masterPid,omitempty"`
+}
+
+// AppStatus is one rendered listener.
+type AppStatus struct {
+	App     string `json:"app"`
+	Port    int    `json:"port"`
+	Servers int    `json:"servers"`
+}
+
+// New checks opts and builds the component. In supervise mode it starts a
+// goroutine that restarts the HAProxy master if it dies (Close stops the
+// goroutine, not HAProxy).
+func New(opts Options, log *slog.Logger, reg prometheus.Registerer) (*Component, error) {
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	log = log.With("component", "haproxy")
+	if err := registry.ValidName(opts.Self); err != nil {
+		return nil, fmt.Errorf("haproxy: self: %w", err)
+	}
+	if !filepath.IsAbs(opts.ConfigPath) || filepath.Clean(opts.ConfigPath) == "/etc/haproxy.cfg" {
+		return nil, fmt.Errorf("haproxy: configPath %q: want an absolute path the OS configuration does not manage", opts.ConfigPath)
+	}
+	for name, s := range map[string]string{"masterSocket": opts.MasterSocket, "statsSocket": opts.StatsSocket} {
+		if !safeSocket(s) {
+			return nil, fmt.Errorf("haproxy: %s %q: want a path of [A-Za-z0-9/._-] (or ipv4@host:port), at most 107 bytes", name, s)
+		}
+	}
+	if opts.ServerSlots < 0 || opts.ServerSlots > MaxServerSlots {
+		return nil, fmt.Errorf("haproxy: serverSlots %d: want 0-%d", opts.ServerSlots, MaxServerSlots)
+	}
+	for _, l := range opts.GlobalExtra {
+		if !safeLine(l) {
+			return nil, fmt.Errorf("haproxy: globalExtra %q: want one line of printable ASCII", l)
+		}
+	}
+	if opts.Binary == "" {
+		opts.Binary = "haproxy"
+	}
+	bin, err := exec.LookPath(opts.Binary)
+	if err != nil {
+		return nil, fmt.Errorf("haproxy: binary: %w", err)
+	}
+	opts.Binary = bin
+	if opts.PidFile == "" {
+		opts.PidFile = strings.TrimSuffix(opts.ConfigPath, ".cfg") + ".pid"
+	}
+	if opts.SuperviseEvery <= 0 {
+		opts.SuperviseEvery = time.Second
+	}
+	if err := os.MkdirAll(filepath.Dir(opts.ConfigPath), 0o755); err != nil {
+		return nil, fmt.Errorf("haproxy: %w", err)
+	}
+	m, err := newMetrics(reg)
+	if err != nil {
+		return nil, err
+	}
+	c := &Component{
+		opts: opts,
+		log:  log,
+		params: Params{
+			Self: opts.Self, Consume: opts.Consume, ReservedPorts: opts.ReservedPorts,
+			ServerSlots: opts.ServerSlots, StatsSocket: opts.StatsSocket, MasterSocket: opts.MasterSocket,
+			HardStopAfter: opts.HardStopAfter, MaxReloads: opts.MaxReloads, GlobalExtra: opts.GlobalExtra,
+		},
+		done: make(chan struct{}),
+	}
+	c.applier = &Applier{
+		ConfigPath: opts.ConfigPath,
+		Binary:     opts.Binary,
+		Master:     Master{Socket: opts.MasterSocket},
+		Runtime:    Runtime{Socket: opts.StatsSocket},
+		Log:        log,
+		Hooks:      m.hooks(),
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	c.cancel = cancel
+	if opts.Supervise {
+		c.sup = &Supervisor{
+			Binary: opts.Binary, ConfigPath: opts.ConfigPath, MasterSocket: opts.MasterSocket,
+			PidFile: opts.PidFile, LogFile: strings.TrimSuffix(opts.ConfigPath, ".cfg") + ".log",
+			Log: log, OnStart: m.masterStarts.Inc,
+		}
+		c.applier.Supervisor = c.sup
+		go func() {
+			defer close(c.done)
+			c.sup.Run(ctx, opts.SuperviseEvery)
+		}()
+	} else {
+		close(c.done)
+	}
+	return c, nil
+}
+
+// Name implements agent.Component.
+func (c *Component) Name() string { return "haproxy" }
+
+// Params returns the rendering parameters derived from the options, so
+// that meshctl can render what this node would run.
+func (c *Component) Params() Params { return c.params }
+
+// Apply computes the desired configuration from snap and applies it.
+func (c *Component) Apply(ctx context.Context, snap *registry.Snapshot) error {
+	d := Compute(snap, c.params)
+	c.mu.Lock()
+	c.last = d
+	c.mu.Unlock()
+	if err := c.applier.Set(ctx, d); err != nil {
+		return fmt.Errorf("haproxy: %w", err)
+	}
+	return nil
+}
+
+// Status implements agent.Component.
+func (c *Component) Status() any {
+	c.mu.Lock()
+	d := c.last
+	c.mu.Unlock()
+	st := Status{
+		ConfigPath: c.opts.ConfigPath,
+		Listeners:  len(d.Listeners),
+		Backends:   len(d.Listeners),
+		Servers:    d.Servers(),
+		Counters:   c.applier.Counters(),
+		Problems:   d.Problems,
+		Supervised: c.sup != nil,
+	}
+	for _, l := range d.Listeners {
+		n := 0
+		for _, s := range l.Slots {
+			if !s.Empty() {
+				n++
+			}
+		}
+		st.Apps = append(st.Apps, AppStatus{App: l.App.String(), Port: l.Port, Servers: n})
+	}
+	if err := c.applier.LastError(); err != nil {
+		st.LastError = err.Error()
+	}
+	if h, err := c.applier.Rejected(); err != nil {
+		st.RejectedHash, st.RejectedConfig = h, c.applier.RejectedPath()
+	}
+	c.applier.mu.Lock()
+	st.AppliedHash = c.applier.appliedHash
+	c.applier.mu.Unlock()
+	if c.sup != nil {
+		st.MasterPID = c.sup.PID()
+	}
+	return st
+}
+
+// Close stops the supervisor goroutine. HAProxy keeps running: a meshd
+// restart must not interrupt the mesh; the next meshd adopts the master.
+func (c *Component) Close() error {
+	c.cancel()
+	<-c.done
+	return nil
+}
+
+// StopHAProxy terminates a supervised master (tests, explicit shutdown).
+func (c *Component) StopHAProxy(timeout time.Duration) error {
+	if c.sup == nil {
+		return errors.New("haproxy: not supervised")
+	}
+	return c.sup.Stop(timeout)
+}
+
+// Supervisor returns the supervisor (nil unless Supervise).
+func (c *Component) Supervisor() *Supervisor { return c.sup }
+
+// Applier returns the applier, for callers that compute Desired themselves.
+func (c *Component) Applier() *Applier { return c.applier }

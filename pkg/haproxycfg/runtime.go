@@ -1,0 +1,138 @@
+package haproxycfg
+
+import (
+	"bufio"
+	"context"
+	"fmt"
+	"net/netip"
+	"strconv"
+	"strings"
+)
+
+// Admin state bits of `show servers state` (HAProxy's SRV_ADMF_*): forced,
+// inherited and DNS-resolution maintenance. A slot in any of them is free.
+const adminMaintMask = 0x01 | 0x02 | 0x20
+
+// Runtime talks to the current worker's runtime API (the stats socket).
+type Runtime struct {
+	// Socket is the stats socket path (or "ipv4@host:port").
+	Socket string
+}
+
+// Live reads every meshd backend's slot occupancy.
+func (r Runtime) Live(ctx context.Context) (Live, error) {
+	out, err := socketCmd(ctx, r.Socket, "show servers state")
+	if err != nil {
+		return nil, fmt.Errorf("runtime: %w", err)
+	}
+	return parseServersState(out)
+}
+
+// parseServersState parses `show servers state` (format version 1), whose
+// second line names the columns.
+func parseServersState(s string) (Live, error) {
+	live := Live{}
+	var cols map[string]int
+	sc := bufio.NewScanner(strings.NewReader(s))
+	sc.Buffer(make([]byte, 64<<10), 4<<20)
+	for sc.Scan() {
+		line := strings.TrimSpace(sc.Text())
+		if line == "" || line == "1" {
+			continue
+		}
+		if strings.HasPrefix(line, "#") {
+			cols = map[string]int{}
+			for i, c := range strings.Fields(strings.TrimPrefix(line, "#")) {
+				cols[c] = i
+			}
+			continue
+		}
+		if cols == nil {
+			return nil, fmt.Errorf("servers state: no header before %q", line)
+		}
+		f := strings.Fields(line)
+		get := func(name string) (string, error) {
+			i, ok := cols[name]
+			if !ok || i >= len(f) {
+				return "", fmt.Errorf("servers state: no %s in %q", name, line)
+			}
+			return f[i], nil
+		}
+		be, err := get("be_name")
+		if err != nil {
+			return nil, err
+		}
+		if !strings.HasPrefix(be, "be_") {
+			continue
+		}
+		name, err := get("srv_name")
+		if err != nil {
+			return nil, err
+		}
+		idx, err := strconv.Atoi(strings.TrimPrefix(name, "s"))
+		if !strings.HasPrefix(name, "s") || err != nil || idx < 1 || idx > MaxServerSlots {
+			continue // not a slot of ours
+		}
+		addrS, err1 := get("srv_addr")
+		portS, err2 := get("srv_port")
+		admS, err3 := get("srv_admin_state")
+		if err1 != nil || err2 != nil || err3 != nil {
+			return nil, fmt.Errorf("servers state: short line %q", line)
+		}
+		adm, err := strconv.Atoi(admS)
+		if err != nil {
+			return nil, fmt.Errorf("servers state: admin state %q", admS)
+		}
+		slots := live[be]
+		for len(slots) < idx {
+			slots = append(slots, netip.AddrPort{})
+		}
+		if adm&adminMaintMask == 0 {
+			a, errA := netip.ParseAddr(addrS)
+			p, errP := strconv.ParseUint(portS, 10, 16)
+			if errA == nil && errP == nil {
+				slots[idx-1] = netip.AddrPortFrom(a, uint16(p))
+			}
+		}
+		live[be] = slots
+	}
+	return live, sc.Err()
+}
+
+// Apply makes the listed slot changes, one command per connection so that
+// each answer can be checked.
+func (r Runtime) Apply(ctx context.Context, changes []SlotChange) error {
+	for _, c := range changes {
+		id := c.Backend + "/" + c.Slot
+		if c.To.Empty() {
+			if err := r.expectEmpty(ctx, "set server "+id+" state maint"); err != nil {
+				return err
+			}
+			continue
+		}
+		cmd := fmt.Sprintf("set server %s addr %s port %d", id, c.To.Addr.Addr(), c.To.Addr.Port())
+		out, err := socketCmd(ctx, r.Socket, cmd)
+		if err != nil {
+			return fmt.Errorf("runtime: %w", err)
+		}
+		if !strings.Contains(out, "changed") && !strings.Contains(out, "no need to change") {
+			return fmt.Errorf("runtime: %s: %s", cmd, strings.TrimSpace(out))
+		}
+		if err := r.expectEmpty(ctx, "set server "+id+" state ready"); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// expectEmpty runs a command that answers nothing on success.
+func (r Runtime) expectEmpty(ctx context.Context, cmd string) error {
+	out, err := socketCmd(ctx, r.Socket, cmd)
+	if err != nil {
+		return fmt.Errorf("runtime: %w", err)
+	}
+	if s := strings.TrimSpace(out); s != "" {
+		return fmt.Errorf("runtime: %s: %s", cmd, s)
+	}
+	return nil
+}

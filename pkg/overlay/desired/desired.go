@@ -1,0 +1,306 @@
+// Package desired computes what a node's WireGuard overlay should look
+// like from a registry snapshot: interface addresses, MTU, listen port,
+// peers and routes. It is pure (no I/O, no clock, no logging) and imports
+// neither netlink nor wgctrl, so meshctl can show what a node would
+// configure with exactly the code the daemon runs.
+package desired
+
+import (
+	"cmp"
+	"encoding/base64"
+	"errors"
+	"fmt"
+	"net/netip"
+	"slices"
+	"time"
+
+	"github.com/meshd/meshd/pkg/registry"
+)
+
+// Defaults shared by the daemon and meshctl.
+const (
+	// DefaultListenPort is WireGuard's (and flannel's) UDP port.
+	DefaultListenPort = 51820
+	// DefaultRouteTable holds meshd's routes, away from the main table.
+	DefaultRouteTable = 51820
+	// DefaultKeepalive is the persistent keepalive sent to every peer.
+	DefaultKeepalive = 25 * time.Second
+	// MTUOverhead is what WireGuard over IPv4/IPv6 UDP costs: the
+	// interface MTU is the uplink MTU minus this.
+	MTUOverhead = 80
+	// FallbackMTU is used when no uplink can be found (1500 - 80).
+	FallbackMTU = 1420
+)
+
+// ErrNoSelf is returned by Compute when the snapshot holds no member
+// record for this node yet: there is nothing to configure until the node
+// has claimed its subnet.
+var ErrNoSelf = errors.New("no member record for this node")
+
+// Params are the node-local settings Compute combines with the snapshot.
+type Params struct {
+	// ListenPort is the UDP port of the interface (0: DefaultListenPort).
+	ListenPort int
+	// MTU of the interface. 0 leaves it to the applier, which uses the
+	// uplink MTU minus MTUOverhead.
+	MTU int
+	// Keepalive is the persistent keepalive of every peer (0: none).
+	Keepalive time.Duration
+	// RouteTable is the routing table the routes go into
+	// (0: DefaultRouteTable).
+	RouteTable int
+	// RouteNetwork routes the whole Network through the interface instead
+	// of one route per peer subnet.
+	RouteNetwork bool
+	// Network is the cluster prefix. Every peer subnet must lie inside it:
+	// a member claiming anything else (0.0.0.0/0, a Hetzner private
+	// network) is skipped, so a bad record cannot hijack traffic.
+	Network netip.Prefix
+}
+
+// State is the complete desired (or live) configuration of the overlay
+// interface. Slices are sorted, so two States compare with cmp.Diff and
+// serialise deterministically.
+type State struct {
+	// Addresses are the interface's addresses: this node's overlay IP as a
+	// /32 (nix-infra's subnet .0), so overlayIp placeholders stay true.
+	Addresses []netip.Prefix `json:"addresses"`
+	// MTU of the interface (0: uplink MTU - MTUOverhead).
+	MTU int `json:"mtu"`
+	// ListenPort is the interface's UDP port.
+	ListenPort int `json:"listenPort"`
+	// Peers, sorted by public key.
+	Peers []Peer `json:"peers"`
+	// Routes go through the interface in RouteTable, with the overlay IP
+	// as preferred source. Sorted.
+	Routes []netip.Prefix `json:"routes"`
+	// RouteTable is the table holding Routes.
+	RouteTable int `json:"routeTable"`
+	// Network is the cluster prefix the policy rule sends to RouteTable.
+	Network netip.Prefix `json:"network"`
+	// Problems lists members that were skipped, sorted by member name.
+	// Not part of the applied state.
+	Problems []Problem `json:"problems,omitempty"`
+}
+
+// Peer is one WireGuard peer.
+type Peer struct {
+	// Name is the member's node name (informational: WireGuard knows
+	// peers only by key).
+	Name string `json:"name"`
+	// PublicKey is the peer's base64 public key.
+	PublicKey string `json:"publicKey"`
+	// Endpoint is where to send handshakes; zero when the member published
+	// none (the peer can still reach us).
+	Endpoint netip.AddrPort `json:"endpoint"`
+	// AllowedIPs is the peer's subnet.
+	AllowedIPs []netip.Prefix `json:"allowedIPs"`
+	// Keepalive is the persistent keepalive interval (0: off).
+	Keepalive time.Duration `json:"keepalive"`
+}
+
+// Problem is a member that Compute skipped, and why.
+type Problem struct {
+	Member string `json:"member"`
+	Err    string `json:"error"`
+}
+
+// SelfAddress returns the first interface address (the overlay IP), or
+// the zero Addr.
+func (s State) SelfAddress() netip.Addr {
+	if len(s.Addresses) == 0 {
+		return netip.Addr{}
+	}
+	return s.Addresses[0].Addr()
+}
+
+// Compute returns the desired overlay of node self in snap. Peers come
+// from the durable member records, not from the leased node entries: a
+// node that only lost its presence lease keeps its peer (the data plane
+// does not flap with the control plane); a removed member loses it.
+//
+// Members with an invalid or duplicate key, or a subnet outside
+// p.Network or overlapping another member's, are skipped and listed in
+// State.Problems; they never prevent the rest from being configured.
+// The error is ErrNoSelf when self has no (valid) member record, or a
+// description of unusable Params.
+func Compute(snap *registry.Snapshot, self string, p Params) (State, error) {
+	if !p.Network.IsValid() || p.Network != p.Network.Masked() {
+		return State{}, fmt.Errorf("overlay network %v: want a masked prefix", p.Network)
+	}
+	if p.MTU != 0 && (p.MTU < 1280 || p.MTU > 65535) {
+		return State{}, fmt.Errorf("mtu %d: want 1280..65535 or 0", p.MTU)
+	}
+	if p.ListenPort < 0 || p.ListenPort > 65535 {
+		return State{}, fmt.Errorf("listen port %d out of range", p.ListenPort)
+	}
+	if p.Keepalive < 0 || p.Keepalive > 65535*time.Second {
+		return State{}, fmt.Errorf("keepalive %v out of range", p.Keepalive)
+	}
+	if p.RouteTable < 0 {
+		return State{}, fmt.Errorf("route table %d out of range", p.RouteTable)
+	}
+	me, ok := snap.Members[self]
+	if !ok {
+		return State{}, fmt.Errorf("%w: %q", ErrNoSelf, self)
+	}
+	if _, err := checkMember(me, p.Network); err != nil {
+		return State{}, fmt.Errorf("%w: %q: %v", ErrNoSelf, self, err)
+	}
+	st := State{
+		Addresses:  []netip.Prefix{netip.PrefixFrom(me.OverlayIP, me.OverlayIP.BitLen())},
+		MTU:        p.MTU,
+		ListenPort: cmp.Or(p.ListenPort, DefaultListenPort),
+		RouteTable: cmp.Or(p.RouteTable, DefaultRouteTable),
+		Network:    p.Network,
+	}
+
+	// Members sorted by name make the choice of what to skip, and the
+	// order of Problems, independent of map iteration. Sorting works on
+	// indexes: moving whole records around costs more than the rest of
+	// the computation at 1000 nodes.
+	names := make([]string, 0, len(snap.Members))
+	for n := range snap.Members {
+		names = append(names, n)
+	}
+	slices.Sort(names)
+	members := make([]registry.Member, 0, len(names))
+	endpoints := make([]netip.AddrPort, 0, len(names))
+	for _, n := range names {
+		if n == self {
+			continue
+		}
+		m := snap.Members[n]
+		ep, err := checkMember(m, p.Network)
+		if err != nil {
+			st.Problems = append(st.Problems, Problem{m.Name, err.Error()})
+			continue
+		}
+		if m.PublicKey == me.PublicKey {
+			st.Problems = append(st.Problems, Problem{m.Name, "public key is this node's own"})
+			continue
+		}
+		if m.Subnet.Overlaps(me.Subnet) {
+			st.Problems = append(st.Problems, Problem{m.Name, fmt.Sprintf("subnet %v overlaps this node's %v", m.Subnet, me.Subnet)})
+			continue
+		}
+		members = append(members, m)
+		endpoints = append(endpoints, ep)
+	}
+	// Overlaps between two other members: skip both, since nothing says
+	// which one is right. Sorted by prefix, overlapping subnets are
+	// adjacent runs, found in one forward scan.
+	idx := make([]int, len(members))
+	for i := range idx {
+		idx[i] = i
+	}
+	slices.SortFunc(idx, func(a, b int) int { return comparePrefix(members[a].Subnet, members[b].Subnet) })
+	bad := make([]bool, len(members))
+	for i := 0; i < len(idx); i++ {
+		for j := i + 1; j < len(idx) && members[idx[i]].Subnet.Overlaps(members[idx[j]].Subnet); j++ {
+			bad[idx[i]], bad[idx[j]] = true, true
+		}
+	}
+	// Duplicate keys: WireGuard knows a peer only by its key, so two
+	// members sharing one cannot both be peers; skip all of them. Sorted
+	// by key, duplicates are adjacent.
+	slices.SortFunc(idx, func(a, b int) int { return cmp.Compare(members[a].PublicKey, members[b].PublicKey) })
+	dup := make([]bool, len(members))
+	for k := 1; k < len(idx); k++ {
+		if members[idx[k]].PublicKey == members[idx[k-1]].PublicKey {
+			dup[idx[k]], dup[idx[k-1]] = true, true
+		}
+	}
+	st.Peers = make([]Peer, 0, len(members))
+	allowed := make([]netip.Prefix, len(members)) // one backing array for every peer's AllowedIPs
+	for _, i := range idx {
+		m := members[i]
+		switch {
+		case dup[i]:
+			st.Problems = append(st.Problems, Problem{m.Name, fmt.Sprintf("public key shared by members %v", sharing(snap, names, m.PublicKey))})
+			continue
+		case bad[i]:
+			st.Problems = append(st.Problems, Problem{m.Name, fmt.Sprintf("subnet %v overlaps another member's", m.Subnet)})
+			continue
+		}
+		allowed[i] = m.Subnet
+		st.Peers = append(st.Peers, Peer{
+			Name:       m.Name,
+			PublicKey:  m.PublicKey,
+			Endpoint:   endpoints[i],
+			AllowedIPs: allowed[i : i+1 : i+1],
+			Keepalive:  p.Keepalive,
+		})
+		if !p.RouteNetwork {
+			st.Routes = append(st.Routes, m.Subnet)
+		}
+	}
+	if len(st.Peers) == 0 {
+		st.Peers = nil
+	}
+	if p.RouteNetwork {
+		st.Routes = []netip.Prefix{p.Network}
+	}
+	slices.SortFunc(st.Routes, comparePrefix)
+	slices.SortFunc(st.Problems, func(a, b Problem) int { return cmp.Compare(a.Member, b.Member) })
+	return st, nil
+}
+
+// checkMember validates what Compute relies on. The registry's decoder
+// checks most of it already; a Snapshot built by other means (a test, a
+// cache) gets the same guarantees.
+// It returns the parsed endpoint (zero when the member has none).
+func checkMember(m registry.Member, network netip.Prefix) (netip.AddrPort, error) {
+	if err := ValidKey(m.PublicKey); err != nil {
+		return netip.AddrPort{}, fmt.Errorf("public key: %w", err)
+	}
+	if !m.Subnet.IsValid() || !m.Subnet.Addr().Is4() || m.Subnet != m.Subnet.Masked() {
+		return netip.AddrPort{}, fmt.Errorf("subnet %v: want a masked IPv4 prefix", m.Subnet)
+	}
+	if m.Subnet.Bits() < network.Bits() || !network.Contains(m.Subnet.Addr()) {
+		return netip.AddrPort{}, fmt.Errorf("subnet %v is outside the overlay network %v", m.Subnet, network)
+	}
+	if !m.OverlayIP.IsValid() || !m.Subnet.Contains(m.OverlayIP) {
+		return netip.AddrPort{}, fmt.Errorf("overlay IP %v is not in subnet %v", m.OverlayIP, m.Subnet)
+	}
+	if m.Endpoint == "" {
+		return netip.AddrPort{}, nil
+	}
+	ap, err := netip.ParseAddrPort(m.Endpoint)
+	if err != nil {
+		return netip.AddrPort{}, fmt.Errorf("endpoint: %w", err)
+	}
+	if ap.Port() == 0 || ap.Addr().IsUnspecified() {
+		return netip.AddrPort{}, fmt.Errorf("endpoint %v: want a host and a port", ap)
+	}
+	return ap, nil
+}
+
+// sharing lists the members (sorted) whose public key is key.
+func sharing(snap *registry.Snapshot, sortedNames []string, key string) []string {
+	var out []string
+	for _, n := range sortedNames {
+		if snap.Members[n].PublicKey == key {
+			out = append(out, n)
+		}
+	}
+	return out
+}
+
+// ValidKey checks a base64 Curve25519 key: 32 bytes, standard encoding.
+func ValidKey(s string) error {
+	if len(s) != base64.StdEncoding.EncodedLen(32) {
+		return fmt.Errorf("%d characters, want 44", len(s))
+	}
+	var buf [33]byte
+	n, err := base64.StdEncoding.Decode(buf[:], []byte(s))
+	if err != nil || n != 32 {
+		return fmt.Errorf("not base64 of 32 bytes")
+	}
+	return nil
+}
+
+// comparePrefix orders prefixes by address, then length.
+func comparePrefix(a, b netip.Prefix) int {
+	return cmp.Or(a.Addr().Compare(b.Addr()), cmp.Compare(a.Bits(), b.Bits()))
+}

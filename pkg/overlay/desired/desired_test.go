@@ -1,0 +1,271 @@
+package desired
+
+import (
+	"encoding/base64"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"net/netip"
+	"testing"
+	"time"
+
+	"github.com/google/go-cmp/cmp"
+
+	"github.com/meshd/meshd/pkg/registry"
+)
+
+// key returns a deterministic, valid-looking public key for test member i.
+func key(i int) string {
+	var b [32]byte
+	binary.BigEndian.PutUint32(b[:], uint32(i)+1)
+	b[31] = 0x42
+	return base64.StdEncoding.EncodeToString(b[:])
+}
+
+// member returns node n<i> with subnet 10.10.<i>.0/24 (nix-infra layout).
+func member(i int) registry.Member {
+	subnet := netip.PrefixFrom(netip.AddrFrom4([4]byte{10, byte(10 + i/256), byte(i % 256), 0}), 24)
+	return registry.Member{
+		Name:      fmt.Sprintf("n%d", i),
+		PublicKey: key(i),
+		Endpoint:  fmt.Sprintf("192.0.2.%d:51820", i%250+1),
+		Subnet:    subnet,
+		OverlayIP: subnet.Addr(),
+	}
+}
+
+func snapOf(ms ...registry.Member) *registry.Snapshot {
+	s := &registry.Snapshot{Members: map[string]registry.Member{}, Nodes: map[string]registry.Node{}}
+	for _, m := range ms {
+		s.Members[m.Name] = m
+	}
+	return s
+}
+
+func peerOf(m registry.Member, keepalive time.Duration) Peer {
+	return Peer{
+		Name:       m.Name,
+		PublicKey:  m.PublicKey,
+		Endpoint:   netip.MustParseAddrPort(m.Endpoint),
+		AllowedIPs: []netip.Prefix{m.Subnet},
+		Keepalive:  keepalive,
+	}
+}
+
+var defaultParams = Params{Keepalive: 25 * time.Second, Network: netip.MustParsePrefix("10.0.0.0/8")}
+
+func TestCompute(t *testing.T) {
+	m0, m1, m2 := member(0), member(1), member(2)
+	noEndpoint := member(3)
+	noEndpoint.Endpoint = ""
+	badKey := member(4)
+	badKey.PublicKey = "AAAA"
+	dupA, dupB := member(5), member(6)
+	dupB.PublicKey = dupA.PublicKey
+	selfKey := member(7)
+	selfKey.PublicKey = m0.PublicKey
+	overlapSelf := member(8)
+	overlapSelf.Subnet = netip.MustParsePrefix("10.10.0.0/16")
+	overlapSelf.OverlayIP = netip.MustParseAddr("10.10.0.1")
+	outside := member(9)
+	outside.Subnet = netip.MustParsePrefix("0.0.0.0/0")
+	outside.OverlayIP = netip.MustParseAddr("0.0.0.1")
+	ovA, ovB := member(20), member(21)
+	ovB.Subnet, ovB.OverlayIP = ovA.Subnet, ovA.Subnet.Addr().Next()
+
+	sorted := func(ps ...Peer) []Peer { // by public key, as Compute sorts
+		out := append([]Peer(nil), ps...)
+		for i := range out {
+			for j := i + 1; j < len(out); j++ {
+				if out[j].PublicKey < out[i].PublicKey {
+					out[i], out[j] = out[j], out[i]
+				}
+			}
+		}
+		return out
+	}
+	base := func() State {
+		return State{
+			Addresses:  []netip.Prefix{netip.MustParsePrefix("10.10.0.0/32")},
+			ListenPort: DefaultListenPort,
+			RouteTable: DefaultRouteTable,
+			Network:    defaultParams.Network,
+		}
+	}
+	tests := []struct {
+		name    string
+		snap    *registry.Snapshot
+		params  Params
+		want    func() State
+		wantErr error
+	}{
+		{
+			name: "three nodes", snap: snapOf(m0, m1, m2), params: defaultParams,
+			want: func() State {
+				s := base()
+				s.Peers = sorted(peerOf(m1, 25*time.Second), peerOf(m2, 25*time.Second))
+				s.Routes = []netip.Prefix{m1.Subnet, m2.Subnet}
+				return s
+			},
+		},
+		{
+			name: "alone", snap: snapOf(m0), params: defaultParams,
+			want: base,
+		},
+		{
+			name: "lease lost keeps peer", params: defaultParams,
+			// m1 has a member record but no node entry (its lease expired).
+			snap: func() *registry.Snapshot {
+				s := snapOf(m0, m1)
+				s.Nodes["n0"] = registry.Node{Name: "n0"}
+				return s
+			}(),
+			want: func() State {
+				s := base()
+				s.Peers = []Peer{peerOf(m1, 25*time.Second)}
+				s.Routes = []netip.Prefix{m1.Subnet}
+				return s
+			},
+		},
+		{
+			name: "node entry without member is no peer", params: defaultParams,
+			snap: func() *registry.Snapshot {
+				s := snapOf(m0)
+				s.Nodes["n1"] = registry.Node{Name: "n1", Meshd: &registry.NodeMeshd{PublicKey: m1.PublicKey}}
+				return s
+			}(),
+			want: base,
+		},
+		{
+			name: "no endpoint", snap: snapOf(m0, noEndpoint), params: defaultParams,
+			want: func() State {
+				s := base()
+				p := Peer{Name: noEndpoint.Name, PublicKey: noEndpoint.PublicKey, AllowedIPs: []netip.Prefix{noEndpoint.Subnet}, Keepalive: 25 * time.Second}
+				s.Peers = []Peer{p}
+				s.Routes = []netip.Prefix{noEndpoint.Subnet}
+				return s
+			},
+		},
+		{
+			name: "route network and explicit settings", snap: snapOf(m0, m1),
+			params: Params{RouteNetwork: true, Network: netip.MustParsePrefix("10.0.0.0/8"), MTU: 1380, ListenPort: 4000, RouteTable: 100},
+			want: func() State {
+				s := base()
+				s.MTU, s.ListenPort, s.RouteTable = 1380, 4000, 100
+				s.Peers = []Peer{peerOf(m1, 0)}
+				s.Routes = []netip.Prefix{netip.MustParsePrefix("10.0.0.0/8")}
+				return s
+			},
+		},
+		{
+			name: "bad members skipped and reported", params: defaultParams,
+			snap: snapOf(m0, m1, badKey, dupA, dupB, selfKey, overlapSelf, outside, ovA, ovB),
+			want: func() State {
+				s := base()
+				s.Peers = []Peer{peerOf(m1, 25*time.Second)}
+				s.Routes = []netip.Prefix{m1.Subnet}
+				s.Problems = []Problem{
+					{"n20", "subnet 10.10.20.0/24 overlaps another member's"},
+					{"n21", "subnet 10.10.20.0/24 overlaps another member's"},
+					{"n4", "public key: 4 characters, want 44"},
+					{"n5", "public key shared by members [n5 n6]"},
+					{"n6", "public key shared by members [n5 n6]"},
+					{"n7", "public key is this node's own"},
+					{"n8", "subnet 10.10.0.0/16 overlaps this node's 10.10.0.0/24"},
+					{"n9", "subnet 0.0.0.0/0 is outside the overlay network 10.0.0.0/8"},
+				}
+				return s
+			},
+		},
+		{name: "no self", snap: snapOf(m1), params: defaultParams, wantErr: ErrNoSelf},
+		{name: "no network", snap: snapOf(m0), params: Params{}, wantErr: errAny},
+		{name: "bad mtu", snap: snapOf(m0), params: Params{Network: defaultParams.Network, MTU: 100}, wantErr: errAny},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			got, err := Compute(tt.snap, "n0", tt.params)
+			if tt.wantErr != nil {
+				if err == nil || (tt.wantErr != errAny && !errors.Is(err, tt.wantErr)) {
+					t.Fatalf("Compute error = %v, want %v", err, tt.wantErr)
+				}
+				return
+			}
+			if err != nil {
+				t.Fatalf("Compute: %v", err)
+			}
+			if diff := cmp.Diff(tt.want(), got, cmp.Comparer(func(a, b netip.Prefix) bool { return a == b }),
+				cmp.Comparer(func(a, b netip.AddrPort) bool { return a == b })); diff != "" {
+				t.Errorf("Compute mismatch (-want +got):\n%s", diff)
+			}
+		})
+	}
+}
+
+var errAny = errors.New("any error")
+
+// TestComputeDeterministic checks that map iteration order never leaks
+// into the result.
+func TestComputeDeterministic(t *testing.T) {
+	var ms []registry.Member
+	for i := 0; i < 50; i++ {
+		ms = append(ms, member(i))
+	}
+	first, err := Compute(snapOf(ms...), "n0", defaultParams)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i := 0; i < 20; i++ {
+		got, _ := Compute(snapOf(ms...), "n0", defaultParams)
+		if diff := cmp.Diff(first, got, cmpOpts...); diff != "" {
+			t.Fatalf("run %d differs:\n%s", i, diff)
+		}
+	}
+}
+
+var cmpOpts = []cmp.Option{
+	cmp.Comparer(func(a, b netip.Prefix) bool { return a == b }),
+	cmp.Comparer(func(a, b netip.AddrPort) bool { return a == b }),
+}
+
+func BenchmarkCompute(b *testing.B) {
+	for _, n := range []int{10, 100, 1000} {
+		var ms []registry.Member
+		for i := 0; i < n; i++ {
+			ms = append(ms, member(i))
+		}
+		snap := snapOf(ms...)
+		b.Run(fmt.Sprintf("nodes=%d", n), func(b *testing.B) {
+			b.ReportAllocs()
+			for b.Loop() {
+				if _, err := Compute(snap, "n0", defaultParams); err != nil {
+					b.Fatal(err)
+				}
+			}
+		})
+	}
+}
+
+// BenchmarkComputeAndDiff is one reconcile pass after one peer changed:
+// recompute the whole state and diff it against the previous one.
+func BenchmarkComputeAndDiff(b *testing.B) {
+	for _, n := range []int{10, 100, 1000} {
+		var ms []registry.Member
+		for i := 0; i < n; i++ {
+			ms = append(ms, member(i))
+		}
+		snap := snapOf(ms...)
+		live, _ := Compute(snap, "n0", defaultParams)
+		changed := member(n / 2)
+		changed.Endpoint = "198.51.100.1:51820"
+		snap.Members[changed.Name] = changed
+		b.Run(fmt.Sprintf("nodes=%d", n), func(b *testing.B) {
+			b.ReportAllocs()
+			for b.Loop() {
+				want, _ := Compute(snap, "n0", defaultParams)
+				if p := Diff(live, want); len(p.Peers) != 1 {
+					b.Fatalf("plan %v", p)
+				}
+			}
+		})
+	}
+}

@@ -1,0 +1,60 @@
+package overlay
+
+import (
+	"errors"
+	"fmt"
+	"io/fs"
+	"os"
+	"path/filepath"
+	"strings"
+
+	"golang.zx2c4.com/wireguard/wgctrl/wgtypes"
+)
+
+// KeyFile is the name of the WireGuard private key in the state directory.
+const KeyFile = "wireguard.key"
+
+// ErrBadKeyFile is returned (wrapped) when the key file exists but does
+// not hold a key. meshd then refuses to start rather than generate a new
+// key: a silent new key would change the node's identity and churn every
+// peer, which is the flanneld behaviour meshd exists to fix.
+var ErrBadKeyFile = errors.New("corrupt WireGuard key file")
+
+// LoadOrCreateKey returns the node's WireGuard private key, kept at
+// <stateDir>/wireguard.key in wg(8)'s format (base64, one line). The key
+// is generated on first use, written atomically with mode 0600 in a 0700
+// directory, and never changes afterwards. The key is never logged and
+// never leaves the node: only its public half is published.
+func LoadOrCreateKey(stateDir string) (wgtypes.Key, error) {
+	if err := ensureStateDir(stateDir); err != nil {
+		return wgtypes.Key{}, err
+	}
+	path := filepath.Join(stateDir, KeyFile)
+	b, err := os.ReadFile(path)
+	switch {
+	case err == nil:
+		fi, err := os.Stat(path)
+		if err == nil && fi.Mode().Perm()&0o077 != 0 {
+			if err := os.Chmod(path, 0o600); err != nil {
+				return wgtypes.Key{}, fmt.Errorf("key file %s: tighten mode: %w", path, err)
+			}
+		}
+		// Do not wrap the parse error: it could quote the file's content.
+		k, perr := wgtypes.ParseKey(strings.TrimSpace(string(b)))
+		if perr != nil {
+			return wgtypes.Key{}, fmt.Errorf("%w: %s: not a base64 32-byte key (%d bytes); restore it from backup, or delete it to give the node a new identity", ErrBadKeyFile, path, len(b))
+		}
+		return k, nil
+	case errors.Is(err, fs.ErrNotExist):
+	default:
+		return wgtypes.Key{}, fmt.Errorf("key file: %w", err)
+	}
+	k, err := wgtypes.GeneratePrivateKey()
+	if err != nil {
+		return wgtypes.Key{}, fmt.Errorf("generate key: %w", err)
+	}
+	if err := writeFileAtomic(path, []byte(k.String()+"\n"), 0o600); err != nil {
+		return wgtypes.Key{}, err
+	}
+	return k, nil
+}

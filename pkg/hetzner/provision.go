@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"strconv"
+	"strings"
 	"sync"
 
 	"github.com/hetznercloud/hcloud-go/v2/hcloud"
@@ -188,10 +189,13 @@ func (p *Provisioner) Provision(ctx context.Context, o ProvisionOptions) ([]Serv
 	}
 	sh, err := p.ensureShared(ctx, &o, len(todo))
 	if err != nil {
+		var names []string
 		for _, i := range todo {
+			names = append(names, o.Names[i])
 			results[i] = ServerResult{Name: o.Names[i], Role: o.Role, Outcome: OutcomeFailed, Error: "not created: " + err.Error()}
+			p.progress().Server(o.Names[i], "not created")
 		}
-		return results, fmt.Errorf("no server created: %w", err)
+		return results, fmt.Errorf("server %s not created: %w", strings.Join(names, ", "), err)
 	}
 
 	errs := make([]error, len(o.Names))

@@ -373,6 +373,7 @@ func (c *Component) notifyUnitsLocked(ctx context.Context) error {
 		}
 		result := "ok"
 		if err != nil {
+			err = fmt.Errorf("%s %s: %w", a.Action, a.Unit, err)
 			result = "error"
 			c.log.Error("cannot "+a.Action+" unit", "unit", a.Unit, "secrets", a.Secrets, "err", err)
 			for _, s := range a.Secrets {

@@ -10,7 +10,9 @@ import (
 )
 
 func TestPlanDelivery(t *testing.T) {
-	s := func(v int64, ct string) registry.SealedSecret { return registry.SealedSecret{Version: v, Ciphertext: ct} }
+	s := func(v int64, ct string) registry.SealedSecret {
+		return registry.SealedSecret{Version: v, Ciphertext: ct}
+	}
 	d := func(v int64, ct string) delivered { return delivered{Version: v, Sum: sealedSum(s(v, ct))} }
 	tests := []struct {
 		name    string

@@ -30,14 +30,14 @@ type DBusManager struct {
 
 // RestartUnit implements UnitManager with systemd's TryRestartUnit.
 func (m *DBusManager) RestartUnit(ctx context.Context, unit string) error {
-	return m.run(ctx, "restart", unit, func(c *dbus.Conn, ch chan<- string) (int, error) {
+	return m.run(ctx, func(c *dbus.Conn, ch chan<- string) (int, error) {
 		return c.TryRestartUnitContext(ctx, unit, "replace", ch)
 	})
 }
 
 // ReloadUnit implements UnitManager with systemd's ReloadOrTryRestartUnit.
 func (m *DBusManager) ReloadUnit(ctx context.Context, unit string) error {
-	return m.run(ctx, "reload", unit, func(c *dbus.Conn, ch chan<- string) (int, error) {
+	return m.run(ctx, func(c *dbus.Conn, ch chan<- string) (int, error) {
 		return c.ReloadOrTryRestartUnitContext(ctx, unit, "replace", ch)
 	})
 }
@@ -66,23 +66,25 @@ func (m *DBusManager) connect(ctx context.Context) (*dbus.Conn, error) {
 	return c, nil
 }
 
-func (m *DBusManager) run(ctx context.Context, verb, unit string, start func(*dbus.Conn, chan<- string) (int, error)) error {
+// run starts a job and waits for its result. Errors do not repeat the
+// verb and unit: the component adds them.
+func (m *DBusManager) run(ctx context.Context, start func(*dbus.Conn, chan<- string) (int, error)) error {
 	c, err := m.connect(ctx)
 	if err != nil {
-		return fmt.Errorf("%s %s: %w", verb, unit, err)
+		return err
 	}
 	ch := make(chan string, 1)
 	if _, err := start(c, ch); err != nil {
-		return fmt.Errorf("%s %s: %w", verb, unit, err)
+		return err
 	}
 	select {
 	case res := <-ch:
 		if res != "done" {
-			return fmt.Errorf("%s %s: job %s", verb, unit, res)
+			return fmt.Errorf("job %s", res)
 		}
 		return nil
 	case <-ctx.Done():
-		return fmt.Errorf("%s %s: %w", verb, unit, ctx.Err())
+		return ctx.Err()
 	}
 }
 

@@ -2,16 +2,163 @@ package main
 
 import (
 	"context"
-	"errors"
+	"fmt"
+	"strings"
+
+	"github.com/meshd/meshd/pkg/registry"
 )
 
-// TODO(foundation): replace this stub.
 func cmdNode(ctx context.Context, e *env, args []string) error {
-	return errors.New("not implemented yet")
+	if len(args) == 0 {
+		return usagef("usage: meshctl node list|remove")
+	}
+	switch args[0] {
+	case "list", "ls":
+		return nodeList(ctx, e, args[1:])
+	case "remove", "rm":
+		return nodeRemove(ctx, e, args[1:])
+	}
+	return usagef("unknown node command %q (want list or remove)", args[0])
 }
-func cmdApp(ctx context.Context, e *env, args []string) error {
-	return errors.New("not implemented yet")
+
+// nodeRow is one node as `node list` shows it.
+type nodeRow struct {
+	Name      string           `json:"name"`
+	IPv4      string           `json:"ipv4"`
+	Services  []registry.Group `json:"services"`
+	Live      bool             `json:"live"`
+	Meshd     bool             `json:"meshd"`
+	Subnet    string           `json:"subnet,omitempty"`
+	OverlayIP string           `json:"overlayIp,omitempty"`
+	PublicKey string           `json:"publicKey,omitempty"`
+	Endpoint  string           `json:"endpoint,omitempty"`
 }
-func cmdStatus(ctx context.Context, e *env, args []string) error {
-	return errors.New("not implemented yet")
+
+func nodeRows(snap *registry.Snapshot) []nodeRow {
+	names := map[string]bool{}
+	for n := range snap.Nodes {
+		names[n] = true
+	}
+	for n := range snap.Members {
+		names[n] = true
+	}
+	var rows []nodeRow
+	for _, n := range sortedKeys(names) {
+		r := nodeRow{Name: n}
+		if nd, ok := snap.Nodes[n]; ok {
+			r.IPv4, r.Services, r.Live, r.Meshd = nd.IPv4, nd.Services, true, nd.Meshd != nil
+		}
+		if m, ok := snap.Members[n]; ok {
+			r.Subnet, r.OverlayIP, r.PublicKey, r.Endpoint = m.Subnet.String(), m.OverlayIP.String(), m.PublicKey, m.Endpoint
+			r.Meshd = true
+		}
+		rows = append(rows, r)
+	}
+	return rows
+}
+
+func nodeList(ctx context.Context, e *env, args []string) error {
+	fs := flags(e, "node list")
+	out := outputFlag(fs)
+	if err := parse(fs, args); err != nil {
+		return err
+	}
+	if err := checkOutput(*out); err != nil {
+		return err
+	}
+	cli, err := e.etcd()
+	if err != nil {
+		return err
+	}
+	rctx, cancel := e.reqCtx(ctx)
+	defer cancel()
+	snap, err := registry.ReadSnapshot(rctx, cli)
+	if err != nil {
+		return err
+	}
+	rows := nodeRows(snap)
+	if *out == "json" {
+		return printJSON(e.Stdout, rows)
+	}
+	t := newTable(e.Stdout)
+	fmt.Fprintln(t, "NAME\tLIVE\tIPV4\tSERVICES\tSUBNET\tOVERLAY IP\tENDPOINT")
+	for _, r := range rows {
+		svc := make([]string, len(r.Services))
+		for i, s := range r.Services {
+			svc[i] = string(s)
+		}
+		fmt.Fprintf(t, "%s\t%s\t%s\t%s\t%s\t%s\t%s\n", r.Name, yesNo(r.Live), dash(r.IPv4), dash(strings.Join(svc, ",")),
+			dash(r.Subnet), dash(r.OverlayIP), dash(r.Endpoint))
+	}
+	return t.Flush()
+}
+
+func nodeRemove(ctx context.Context, e *env, args []string) error {
+	fs := flags(e, "node remove")
+	force := fs.Bool("force", false, "remove a node whose meshd is still running (it will register again unless stopped)")
+	wf := addWaitFlags(fs)
+	if err := parse(fs, args); err != nil {
+		return err
+	}
+	if fs.NArg() != 1 {
+		return usagef("usage: meshctl node remove NAME [--force] [--wait]")
+	}
+	name := fs.Arg(0)
+	if err := registry.ValidName(name); err != nil {
+		return usagef("node name: %w", err)
+	}
+	cli, err := e.etcd()
+	if err != nil {
+		return err
+	}
+	rctx, cancel := e.reqCtx(ctx)
+	defer cancel()
+	snap, err := registry.ReadSnapshot(rctx, cli)
+	if err != nil {
+		return err
+	}
+	n, live := snap.Nodes[name]
+	_, member := snap.Members[name]
+	if !live && !member {
+		return fmt.Errorf("no node %q in the registry", name)
+	}
+	if live && n.Lease != 0 && !*force {
+		return fmt.Errorf("node %q is live (its meshd holds a lease): stop meshd there first, or pass --force", name)
+	}
+	deleted, err := registry.RemoveNode(rctx, cli, name)
+	if err != nil {
+		return err
+	}
+	resp, err := cli.Get(rctx, registry.NodeKey(name))
+	if err != nil {
+		return err
+	}
+	fmt.Fprintf(e.Stdout, "removed node %s (%d keys)\n", name, deleted)
+	others := registry.LiveMeshdNodes(snap)
+	others = removeString(others, name)
+	return wf.waitFor(ctx, e, cli, resp.Header.Revision, others)
+}
+
+func yesNo(b bool) string {
+	if b {
+		return "yes"
+	}
+	return "no"
+}
+
+func dash(s string) string {
+	if s == "" {
+		return "-"
+	}
+	return s
+}
+
+func removeString(list []string, s string) []string {
+	out := list[:0:0]
+	for _, x := range list {
+		if x != s {
+			out = append(out, x)
+		}
+	}
+	return out
 }

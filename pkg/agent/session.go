@@ -54,12 +54,13 @@ func (a *Agent) session(ctx context.Context) error {
 		a.log.Info("registered", "lease", fmt.Sprintf("%x", int64(lease)))
 		a.metrics.registered.Set(1)
 		a.hold(ctx, lease)
+		if ctx.Err() != nil {
+			return nil // Run revokes the lease on the way out
+		}
 		a.metrics.registered.Set(0)
 		a.setLease(0)
-		if ctx.Err() == nil {
-			a.metrics.leaseLost.Inc()
-			a.log.Warn("lease lost, re-registering")
-		}
+		a.metrics.leaseLost.Inc()
+		a.log.Warn("lease lost, re-registering")
 	}
 	return nil
 }

@@ -97,6 +97,9 @@ func (s *Server) start() error {
 	return nil
 }
 
+// Addr is the client address (host:port).
+func (s *Server) Addr() string { return s.clients[0].Host }
+
 // Endpoint is the client URL.
 func (s *Server) Endpoint() string { return s.clients[0].String() }
 

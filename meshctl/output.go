@@ -1,0 +1,76 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"text/tabwriter"
+	"time"
+
+	"github.com/spf13/pflag"
+	clientv3 "go.etcd.io/etcd/client/v3"
+
+	"github.com/meshd/meshd/pkg/registry"
+)
+
+// outputFlag adds -o/--output to a command that prints data.
+func outputFlag(fs *pflag.FlagSet) *string {
+	return fs.StringP("output", "o", "table", "output format: table or json")
+}
+
+func checkOutput(o string) error {
+	if o != "table" && o != "json" {
+		return usagef("--output %q: want table or json", o)
+	}
+	return nil
+}
+
+func printJSON(w io.Writer, v any) error {
+	enc := json.NewEncoder(w)
+	enc.SetIndent("", "  ")
+	return enc.Encode(v)
+}
+
+func newTable(w io.Writer) *tabwriter.Writer {
+	return tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
+}
+
+// waitFlags adds --wait and --timeout to a registration command.
+type waitFlags struct {
+	wait    bool
+	timeout time.Duration
+}
+
+func addWaitFlags(fs *pflag.FlagSet) *waitFlags {
+	w := &waitFlags{}
+	fs.BoolVar(&w.wait, "wait", false, "return only when every live node has applied the change")
+	fs.DurationVar(&w.timeout, "timeout", 60*time.Second, "how long --wait waits before failing (exit 3) naming the nodes that lag")
+	return w
+}
+
+// waitFor waits, if asked, until nodes (nil: every live meshd node) have
+// applied rev.
+func (w *waitFlags) waitFor(ctx context.Context, e *env, cli *clientv3.Client, rev int64, nodes []string) error {
+	if !w.wait {
+		return nil
+	}
+	wctx, cancel := context.WithTimeout(ctx, w.timeout)
+	defer cancel()
+	start := time.Now()
+	err := registry.WaitApplied(wctx, cli, rev, nodes)
+	if errors.Is(err, registry.ErrLagging) {
+		return fmt.Errorf("%w after %v: %w", errTimeout, w.timeout, err)
+	}
+	if err != nil {
+		return err
+	}
+	fmt.Fprintf(e.Stderr, "applied by every node in %v (revision %d)\n", time.Since(start).Round(time.Millisecond), rev)
+	return nil
+}
+
+// reqCtx bounds one etcd request.
+func (e *env) reqCtx(ctx context.Context) (context.Context, context.CancelFunc) {
+	return context.WithTimeout(ctx, e.Timeout)
+}

@@ -1,0 +1,264 @@
+package agent_test
+
+import (
+	"context"
+	"errors"
+	"log/slog"
+	"os"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	clientv3 "go.etcd.io/etcd/client/v3"
+
+	"github.com/meshd/meshd/pkg/agent"
+	"github.com/meshd/meshd/pkg/etcdtest"
+	"github.com/meshd/meshd/pkg/registry"
+)
+
+// recorder is a Component that records the revisions it was given and
+// fails while fail returns true.
+type recorder struct {
+	mu   sync.Mutex
+	revs []int64
+	fail func(*registry.Snapshot) bool
+}
+
+func (r *recorder) Name() string { return "recorder" }
+func (r *recorder) Apply(_ context.Context, s *registry.Snapshot) error {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.revs = append(r.revs, s.Revision)
+	if r.fail != nil && r.fail(s) {
+		return errors.New("injected failure")
+	}
+	return nil
+}
+func (r *recorder) Status() any { return map[string]int{"applies": len(r.revs)} }
+
+type node struct {
+	a      *agent.Agent
+	cli    *clientv3.Client
+	cancel context.CancelFunc
+	done   chan error
+}
+
+// kill stops the node without cleanup: its client goes first, so it
+// cannot revoke its lease (as with SIGKILL or power loss).
+func (n *node) kill() {
+	n.cli.Close()
+	n.cancel()
+	<-n.done
+}
+
+// stop is a graceful stop.
+func (n *node) stop() error {
+	n.cancel()
+	err := <-n.done
+	n.cli.Close()
+	return err
+}
+
+const id1, id2 = "0123456789abcdef0123456789abcdef", "fedcba9876543210fedcba9876543210"
+
+func startNode(t *testing.T, srv *etcdtest.Server, name, id, stateDir string, mod func(*agent.Options)) *node {
+	t.Helper()
+	cli, err := srv.Client()
+	if err != nil {
+		t.Fatal(err)
+	}
+	o := agent.Options{
+		Client: cli, Node: name, ID: id, LeaseTTL: 2 * time.Second, Coalesce: 2 * time.Millisecond,
+		StateDir: stateDir, Consume: []registry.Group{"backends"}, Version: "test",
+		Log: slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn})).With("test-node", name),
+	}
+	if mod != nil {
+		mod(&o)
+	}
+	a, err := agent.New(o)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	n := &node{a: a, cli: cli, cancel: cancel, done: make(chan error, 1)}
+	go func() { n.done <- a.Run(ctx) }()
+	t.Cleanup(func() {
+		cancel()
+		select {
+		case <-n.done:
+		default:
+		}
+		cli.Close()
+	})
+	return n
+}
+
+func eventually(t *testing.T, d time.Duration, what string, cond func() bool) time.Duration {
+	t.Helper()
+	start := time.Now()
+	for !cond() {
+		if time.Since(start) > d {
+			t.Fatalf("not within %v: %s", d, what)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	return time.Since(start)
+}
+
+func withInstance(o *agent.Options) {
+	o.AdvertiseIP = mustAddr("10.10.1.0")
+	o.Instances = []agent.Instance{{Group: "backends", App: "web", Port: 8080, Interval: 100 * time.Millisecond}}
+}
+
+func TestDeadNodeVanishesAndReturns(t *testing.T) {
+	srv := etcdtest.New(t)
+	dirA := t.TempDir()
+	a := startNode(t, srv, "node-a", id1, dirA, withInstance)
+	b := startNode(t, srv, "node-b", id2, t.TempDir(), nil)
+	webOnA := func() bool {
+		s := b.a.Snapshot()
+		app := s.Apps[registry.AppID{Group: "backends", Name: "web"}]
+		_, node := s.Nodes["node-a"]
+		return node && app != nil && app.Instances["node-a"].Port == 8080
+	}
+	eventually(t, 10*time.Second, "b sees a's entry and instance", webOnA)
+
+	a.kill()
+	took := eventually(t, 2*time.Second+2*time.Second+time.Second, "a's entry and instance vanish from b's view", func() bool {
+		s := b.a.Snapshot()
+		_, node := s.Nodes["node-a"]
+		app := s.Apps[registry.AppID{Group: "backends", Name: "web"}]
+		return !node && (app == nil || len(app.Instances) == 0)
+	})
+	if took > 4*time.Second { // TTL + 2 s
+		t.Errorf("vanished after %v, want within TTL + 2s", took)
+	}
+	startNode(t, srv, "node-a", id1, dirA, withInstance)
+	eventually(t, 10*time.Second, "a reappears", webOnA)
+}
+
+func TestRestartResumesLease(t *testing.T) {
+	srv := etcdtest.New(t)
+	cli := etcdtest.NewClient(t, srv)
+	dir := t.TempDir()
+	a := startNode(t, srv, "node-a", id1, dir, withInstance)
+	var lease int64
+	eventually(t, 10*time.Second, "registered", func() bool {
+		r, err := cli.Get(context.Background(), registry.NodeKey("node-a"))
+		if err == nil && len(r.Kvs) == 1 {
+			lease = r.Kvs[0].Lease
+		}
+		return lease != 0
+	})
+	resp, _ := cli.Get(context.Background(), registry.InstanceKey("backends", "web", "node-a"))
+	w := cli.Watch(context.Background(), "/cluster/", clientv3.WithPrefix(), clientv3.WithRev(resp.Header.Revision+1))
+	a.kill() // like SIGKILL: the lease stays alive for its TTL
+	startNode(t, srv, "node-a", id1, dir, withInstance)
+	time.Sleep(time.Second)
+	r, _ := cli.Get(context.Background(), registry.NodeKey("node-a"))
+	if len(r.Kvs) != 1 || r.Kvs[0].Lease != lease {
+		t.Fatalf("after restart the entry is on lease %v, want the resumed %x", r.Kvs, lease)
+	}
+	select {
+	case ev := <-w:
+		for _, e := range ev.Events {
+			if e.Type == clientv3.EventTypeDelete {
+				t.Errorf("restart deleted %s: peers would have seen the node leave", e.Kv.Key)
+			}
+		}
+	default:
+	}
+}
+
+func TestNameOwnedByLiveNodeIsNotStolen(t *testing.T) {
+	srv := etcdtest.New(t)
+	startNode(t, srv, "node-a", id1, t.TempDir(), nil)
+	cli := etcdtest.NewClient(t, srv)
+	eventually(t, 10*time.Second, "registered", func() bool {
+		r, _ := cli.Get(context.Background(), registry.NodeKey("node-a"))
+		return len(r.Kvs) == 1
+	})
+	impostor := startNode(t, srv, "node-a", id2, t.TempDir(), nil)
+	select {
+	case err := <-impostor.done:
+		if !errors.Is(err, agent.ErrNodeOwned) || !strings.Contains(err.Error(), id1) {
+			t.Fatalf("impostor returned %v, want ErrNodeOwned naming the owner", err)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("impostor kept running")
+	}
+	r, _ := cli.Get(context.Background(), registry.NodeKey("node-a"))
+	n, err := registry.DecodeNode("node-a", r.Kvs[0].Value)
+	if err != nil || n.Meshd.ID != id1 {
+		t.Fatalf("entry now %s, %v", r.Kvs[0].Value, err)
+	}
+}
+
+func TestLegacyEntryIsAdopted(t *testing.T) {
+	srv := etcdtest.New(t)
+	cli := etcdtest.NewClient(t, srv)
+	cli.Put(context.Background(), registry.NodeKey("worker001"), `{"name":"worker001","ipv4":"65.108.1.2","services":["backends","services"]}`)
+	startNode(t, srv, "worker001", id1, t.TempDir(), func(o *agent.Options) {
+		o.PublicIPv4 = "65.108.1.2"
+		o.Consume = []registry.Group{"backends", "services"}
+	})
+	eventually(t, 10*time.Second, "legacy entry taken over on a lease", func() bool {
+		r, _ := cli.Get(context.Background(), registry.NodeKey("worker001"))
+		if len(r.Kvs) != 1 || r.Kvs[0].Lease == 0 {
+			return false
+		}
+		n, err := registry.DecodeNode("worker001", r.Kvs[0].Value)
+		return err == nil && n.IPv4 == "65.108.1.2" && len(n.Services) == 2 && n.Meshd != nil
+	})
+}
+
+func TestGracefulStopRevokes(t *testing.T) {
+	srv := etcdtest.New(t)
+	cli := etcdtest.NewClient(t, srv)
+	a := startNode(t, srv, "node-a", id1, t.TempDir(), withInstance)
+	eventually(t, 10*time.Second, "instance advertised", func() bool {
+		r, _ := cli.Get(context.Background(), registry.InstanceKey("backends", "web", "node-a"))
+		return len(r.Kvs) == 1
+	})
+	if err := a.stop(); err != nil {
+		t.Fatal(err)
+	}
+	r, _ := cli.Get(context.Background(), "/", clientv3.WithPrefix(), clientv3.WithKeysOnly())
+	for _, kv := range r.Kvs {
+		if strings.Contains(string(kv.Key), "node-a") {
+			t.Errorf("%s still there right after a graceful stop", kv.Key)
+		}
+	}
+}
+
+func TestFailingCheckWithdrawsInstance(t *testing.T) {
+	srv := etcdtest.New(t)
+	cli := etcdtest.NewClient(t, srv)
+	var mu sync.Mutex
+	healthy := true
+	startNode(t, srv, "node-a", id1, t.TempDir(), func(o *agent.Options) {
+		withInstance(o)
+		o.Instances[0].Check = func(context.Context) error {
+			mu.Lock()
+			defer mu.Unlock()
+			if !healthy {
+				return errors.New("connection refused")
+			}
+			return nil
+		}
+	})
+	present := func() bool {
+		r, _ := cli.Get(context.Background(), registry.InstanceKey("backends", "web", "node-a"))
+		return len(r.Kvs) == 1
+	}
+	eventually(t, 10*time.Second, "advertised while healthy", present)
+	mu.Lock()
+	healthy = false
+	mu.Unlock()
+	eventually(t, 2*time.Second, "withdrawn within a couple of seconds", func() bool { return !present() })
+	mu.Lock()
+	healthy = true
+	mu.Unlock()
+	eventually(t, 2*time.Second, "advertised again", present)
+}

@@ -102,6 +102,11 @@ func (s *syncBuffer) String() string {
 	return s.b.String()
 }
 
+// newTestLogger logs JSON at debug level into w.
+func newTestLogger(w *syncBuffer) *slog.Logger {
+	return slog.New(slog.NewJSONHandler(w, &slog.HandlerOptions{Level: slog.LevelDebug}))
+}
+
 // testNode is one node's delivery component with its own directories.
 type testNode struct {
 	name      string
@@ -130,7 +135,7 @@ func newTestNode(t *testing.T, name string, units map[string]config.SecretUse) *
 	n.comp, err = New(Options{
 		Self: name, StateDir: n.stateDir, CredstoreDir: n.credstore, Units: units,
 		Creds: SystemdCreds{WithKey: "host", Env: n.env}, Manager: n.mgr,
-	}, slog.New(slog.NewJSONHandler(n.logs, &slog.HandlerOptions{Level: slog.LevelDebug})), n.reg)
+	}, newTestLogger(n.logs), n.reg)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -1,0 +1,102 @@
+# Evaluates one NixOS configuration (e.g. nix/examples/worker.nix, which
+# imports ../../nixos-module.nix) against the stub lib and the NixOS option
+# stubs, the way a system build would: unknown options and failed
+# assertions abort the evaluation with NixOS' messages. Returns, as JSON,
+# what the Go checks in nix/nixtest look at.
+#
+#   nix-instantiate --store dummy:// --eval --strict --json nix/harness.nix \
+#     --arg configuration ./nix/examples/worker.nix
+{ configuration }:
+let
+  lib = import ./stub/lib.nix;
+  pkgs = import ./stub/pkgs.nix { inherit lib; };
+  inherit (builtins) attrNames concatStringsSep filter isAttrs isList length mapAttrs toJSON;
+
+  eval = lib.evalModules {
+    modules = [ ./stub/nixos.nix configuration ];
+    specialArgs = { inherit pkgs; };
+  };
+  config = eval.config;
+
+  failed = map (a: a.message) (filter (a: !a.assertion) config.assertions);
+  checked =
+    if eval.unmatched != [ ] then throw "The option `${lib.showOption (builtins.head eval.unmatched)}' does not exist."
+    else if failed != [ ] then throw "\nFailed assertions:\n${concatStringsSep "\n" (map (m: "- ${m}") failed)}"
+    else true;
+
+  # NixOS' attrsToSection: one Key=value line per value, lists repeated.
+  toOption = x: if x == true then "true" else if x == false then "false" else toString x;
+  section = as: concatStringsSep "" (lib.concatMap
+    (n: map (v: "${n}=${toOption v}\n") (lib.toList as.${n}))
+    (attrNames as));
+  unitSection = u:
+    let
+      deps = lib.filterAttrs (_: v: v != [ ]) {
+        After = u.after; Before = u.before; Wants = u.wants; Requires = u.requires;
+        BindsTo = u.bindsTo; PartOf = u.partOf; Conflicts = u.conflicts;
+      };
+    in
+    "[Unit]\n"
+    + lib.optionalString (u.description != "") "Description=${u.description}\n"
+    + section (builtins.mapAttrs (_: concatStringsSep " ") deps)
+    + lib.optionalString ((u.startLimitIntervalSec or null) != null) "StartLimitIntervalSec=${toString u.startLimitIntervalSec}\n"
+    + section u.unitConfig;
+  renderService = s:
+    let
+      path = concatStringsSep ":" (lib.concatMap (p: [ "${p}/bin" "${p}/sbin" ]) s.path);
+      env = lib.filterAttrs (_: v: v != null) (s.environment // lib.optionalAttrs (s.path != [ ]) { PATH = path; });
+    in
+    unitSection s
+    + "\n[Service]\n"
+    + concatStringsSep "" (map (n: "Environment=\"${n}=${toString env.${n}}\"\n") (attrNames env))
+    + section s.serviceConfig;
+
+  # Every option under services.meshd, submodule options included.
+  optionDocs = node:
+    if lib.isOption node then
+      [{
+        name = lib.showOption node.loc;
+        description = node.description or null;
+        example =
+          if !(node ? example) then null
+          else if (node.example._type or null) == "literalExpression" then node.example.text
+          else toJSON node.example;
+        default =
+          if node ? defaultText then (if isAttrs node.defaultText then node.defaultText.text else node.defaultText)
+          else if node ? default then toJSON node.default
+          else null;
+        type = node.type.description;
+      }] ++ optionDocs (node.type.getSubOptions node.loc)
+    else if isAttrs node then lib.concatMap (n: optionDocs node.${n}) (attrNames node)
+    else [ ];
+
+  dropNulls = v:
+    if isAttrs v then mapAttrs (_: dropNulls) (lib.filterAttrs (_: x: x != null) v)
+    else if isList v then map dropNulls v
+    else v;
+  meshd = config.services.meshd;
+  settingsJSON = toJSON (dropNulls meshd.settings);
+in
+assert checked;
+{
+  services = mapAttrs
+    (_: s: {
+      inherit (s) wantedBy wants after before requires bindsTo partOf reloadIfChanged restartIfChanged;
+      serviceConfig = s.serviceConfig;
+      unitText = renderService s;
+    })
+    config.systemd.services;
+  targets = mapAttrs (_: t: { inherit (t) wantedBy wants after before; unitText = unitSection t; }) config.systemd.targets;
+  firewall = { inherit (config.networking.firewall) enable allowedUDPPorts allowedTCPPorts; };
+  kernelModules = config.boot.kernelModules;
+  tmpfiles = config.systemd.tmpfiles.rules;
+  inherit (config) warnings;
+  checks = map (d: { inherit (d) name; text = d.text or ""; }) config.system.checks;
+  meshd = if !meshd.enable then null else {
+    inherit settingsJSON;
+    # Where pkgs.formats.json puts exactly this text: the unit must name it.
+    configFile = (pkgs.formats.json { }).generate "meshd.json" (dropNulls meshd.settings);
+    package = "${meshd.package}";
+  };
+  options = optionDocs eval.options.services.meshd;
+}

@@ -1,0 +1,619 @@
+# NixOS module for meshd: one daemon per node that joins the cluster's etcd
+# registry, programs the WireGuard overlay, renders the service-mesh HAProxy
+# and delivers secrets as systemd credentials. See docs/nixos.md.
+#
+# Written against nixpkgs' module system only (lib.mkOption, lib.types,
+# lib.mkIf, ...); nix/stub/ holds the offline stand-in the checks use.
+{ config, lib, pkgs, ... }:
+
+let
+  inherit (lib) mkOption mkEnableOption mkPackageOption mkIf mkMerge types literalExpression;
+
+  cfg = config.services.meshd;
+  settingsFormat = pkgs.formats.json { };
+
+  # meshd's registry.ValidName: the only alphabet allowed into etcd keys,
+  # config files and credential file names.
+  nameRegex = "[A-Za-z0-9][A-Za-z0-9._-]{0,62}";
+  nameType = types.strMatching nameRegex;
+  groupType = types.enum [ "frontends" "backends" "services" ];
+  durationType = types.strMatching "([0-9]+(\\.[0-9]+)?(ns|us|ms|s|m|h))+";
+  unitType = types.strMatching "[A-Za-z0-9:_.@\\\\-]+\\.(service|socket|target|timer|path|mount)";
+  interfaceType = types.strMatching "[A-Za-z0-9][A-Za-z0-9._-]{0,14}";
+
+  storeDir = builtins.storeDir;
+  inStore = p: p == storeDir || lib.hasPrefix "${storeDir}/" p;
+
+  # The etcd TLS files, by credential id. systemd copies each into the
+  # service's credentials directory; meshd's config names them there.
+  etcdCreds = lib.filterAttrs (_: p: p != null) {
+    "etcd-ca.pem" = cfg.etcd.caFile;
+    "etcd-cert.pem" = cfg.etcd.certFile;
+    "etcd-key.pem" = cfg.etcd.keyFile;
+  };
+  credPath = id: "\${CREDENTIALS_DIRECTORY}/${id}";
+
+  # The file meshd reads: settings with every null dropped (null means
+  # "leave meshd's default").
+  dropNulls = v:
+    if builtins.isAttrs v then builtins.mapAttrs (_: dropNulls) (lib.filterAttrs (_: x: x != null) v)
+    else if builtins.isList v then map dropNulls v
+    else v;
+  configFile = settingsFormat.generate "meshd.json" (dropNulls cfg.settings);
+
+  overlay = cfg.settings.overlay;
+  haproxy = cfg.settings.haproxy;
+  secrets = cfg.settings.secrets;
+  userspaceWireGuard = overlay.enable && overlay.mode != "kernel";
+  tpm = secrets.enable && secrets.withKey != "host" && secrets.withKey != "tpm2-absent";
+  haproxyUnit = haproxy.enable && !haproxy.supervise;
+  # What HAProxy runs until meshd renders the real file: no listeners,
+  # which master-worker mode accepts. /run is empty after a boot; after a
+  # restart of the unit meshd's last file is kept.
+  haproxyBootstrap = pkgs.writeShellScript "meshd-haproxy-bootstrap" ''
+    [ -e ${haproxy.configPath} ] || ${pkgs.coreutils}/bin/install -m 0644 ${pkgs.writeText "meshd-haproxy-bootstrap.cfg" ''
+      # Bootstrap config of meshd-haproxy.service: meshd replaces it.
+      global
+          master-worker
+
+      defaults
+          mode tcp
+          timeout connect 5s
+          timeout client 50s
+          timeout server 50s
+    ''} ${haproxy.configPath}
+  '';
+  caps = [ "CAP_NET_ADMIN" ] ++ lib.optional (haproxy.enable && haproxy.supervise) "CAP_NET_BIND_SERVICE";
+
+  checkOptions = {
+    options = {
+      tcp = mkOption {
+        type = types.nullOr types.str;
+        default = null;
+        example = "127.0.0.1:27017";
+        description = "Address (`ip:port`) to connect to instead of `127.0.0.1:<port>`.";
+      };
+      unit = mkOption {
+        type = types.nullOr unitType;
+        default = null;
+        example = "podman-mongodb.service";
+        description = "A systemd unit that must be active for the instance to be advertised.";
+      };
+      disable = mkOption {
+        type = types.bool;
+        default = false;
+        example = true;
+        description = "Advertise the instance unconditionally, without a check.";
+      };
+      interval = mkOption {
+        type = types.nullOr durationType;
+        default = null;
+        example = "2s";
+        description = "How often the check runs (Go duration; null: meshd's default).";
+      };
+      timeout = mkOption {
+        type = types.nullOr durationType;
+        default = null;
+        example = "1s";
+        description = "How long one check may take (Go duration; null: meshd's default).";
+      };
+    };
+  };
+
+  # Fields shared by settings.instances entries and services.meshd.instances.
+  instanceFields = {
+    group = mkOption {
+      type = groupType;
+      example = "services";
+      description = "The nix-infra group the app belongs to; nodes consuming this group get a listener for it.";
+    };
+    port = mkOption {
+      type = types.port;
+      example = 27017;
+      description = "The port the app listens on, on this node, and publishes to the mesh.";
+    };
+    protocol = mkOption {
+      type = types.nullOr types.str;
+      default = null;
+      example = "http";
+      description = "The app's protocol, published as `PROTOCOL` in its metadata (null: meshd's default).";
+    };
+    envPrefix = mkOption {
+      type = types.nullOr types.str;
+      default = null;
+      example = "APP_MONGODB_POD";
+      description = "Prefix of the environment variables consumers get for this app (nix-infra's `env_prefix`).";
+    };
+  };
+
+  instanceSettingsModule = {
+    options = instanceFields // {
+      app = mkOption {
+        type = nameType;
+        example = "mongodb";
+        description = "The app's name in the registry.";
+      };
+      check = mkOption {
+        type = types.submodule checkOptions;
+        default = { };
+        example = { unit = "podman-mongodb.service"; interval = "2s"; };
+        description = "The local health check that decides whether this instance is advertised. With neither `tcp` nor `unit` set it is a TCP connect to `127.0.0.1:<port>`.";
+      };
+    };
+  };
+
+  instanceHelperModule = { name, ... }: {
+    options = instanceFields // {
+      app = mkOption {
+        type = nameType;
+        default = name;
+        defaultText = literalExpression "<name>";
+        example = "mongodb";
+        description = "The app's name in the registry (default: the attribute name).";
+      };
+      unit = mkOption {
+        type = types.nullOr unitType;
+        default = null;
+        example = "podman-mongodb.service";
+        description = "The systemd unit serving the app: the instance is advertised only while it is active (and its port answers).";
+      };
+      check = mkOption {
+        type = types.submodule checkOptions;
+        default = { };
+        example = { interval = "2s"; timeout = "1s"; };
+        description = "Further settings of the instance's health check (`unit` is set from the option above).";
+      };
+    };
+  };
+
+  secretModule = {
+    options = {
+      units = mkOption {
+        type = types.listOf unitType;
+        default = [ ];
+        example = [ "podman-app.service" ];
+        description = "The units that load this credential (with `LoadCredentialEncrypted=` or `ImportCredential=`).";
+      };
+      action = mkOption {
+        type = types.enum [ "restart" "reload" "none" ];
+        default = "restart";
+        example = "reload";
+        description = "What meshd does to those units when the secret changes.";
+      };
+    };
+  };
+
+  section = { description, example, options }: mkOption {
+    type = types.submodule { freeformType = settingsFormat.type; inherit options; };
+    default = { };
+    inherit description example;
+  };
+in
+{
+  options.services.meshd = {
+    enable = mkEnableOption "meshd, the cluster mesh daemon (WireGuard overlay, HAProxy service mesh, secrets as systemd credentials)";
+
+    package = mkPackageOption pkgs "meshd" {
+      example = "inputs.meshd.packages.\${pkgs.system}.default";
+    };
+
+    nodeName = mkOption {
+      type = nameType;
+      default = config.networking.hostName;
+      defaultText = literalExpression "config.networking.hostName";
+      example = "worker001";
+      description = "This node's name in the registry (letters, digits, `-`, `_`, `.`; at most 63 bytes).";
+    };
+
+    openFirewall = mkOption {
+      type = types.bool;
+      default = false;
+      example = true;
+      description = "Open the WireGuard UDP port (`settings.overlay.listenPort`) in the firewall. Without it peers cannot reach this node over the overlay.";
+    };
+
+    checkConfig = mkOption {
+      type = types.bool;
+      default = true;
+      example = false;
+      description = "Validate the generated config file with `meshd --check-config` when the system is built.";
+    };
+
+    extraArgs = mkOption {
+      type = types.listOf types.str;
+      default = [ ];
+      example = [ "--log-level" "debug" ];
+      description = "Extra command-line arguments for meshd.";
+    };
+
+    etcd = {
+      caFile = mkOption {
+        type = types.nullOr types.str;
+        default = null;
+        example = "/var/lib/secrets/etcd/ca.pem";
+        description = "CA certificate of the etcd cluster. A path outside the Nix store (a string, never copied into the store), handed to meshd with `LoadCredential=`.";
+      };
+      certFile = mkOption {
+        type = types.nullOr types.str;
+        default = null;
+        example = "/var/lib/secrets/etcd/client.pem";
+        description = "Client certificate for etcd. A path outside the Nix store, handed to meshd with `LoadCredential=`.";
+      };
+      keyFile = mkOption {
+        type = types.nullOr types.str;
+        default = null;
+        example = "/var/lib/secrets/etcd/client-key.pem";
+        description = "Client private key for etcd. A path outside the Nix store (the store is world-readable), handed to meshd with `LoadCredential=`.";
+      };
+    };
+
+    instances = mkOption {
+      type = types.attrsOf (types.submodule instanceHelperModule);
+      default = { };
+      example = literalExpression ''
+        {
+          mongodb = { group = "services"; port = 27017; protocol = "tcp"; unit = "podman-mongodb.service"; };
+        }
+      '';
+      description = "Apps this node serves, for app modules to declare (\"this unit serves app X in group G on port P\"). meshd advertises each on its lease while the check passes; this replaces nix-infra's ExecStartPre/postStart etcdctl calls. Appended to `settings.instances`.";
+    };
+
+    secrets = mkOption {
+      type = types.attrsOf (types.submodule secretModule);
+      default = { };
+      example = literalExpression ''{ db-password = { units = [ "podman-app.service" ]; action = "restart"; }; }'';
+      description = "Secrets meshd delivers as credentials in `/etc/credstore.encrypted/<name>`, with the units that use them and what to do to those units when a secret changes (meshd's `secrets.units`).";
+    };
+
+    haproxy.package = mkPackageOption pkgs "haproxy" {
+      example = "pkgs.haproxy.override { useLua = false; }";
+    };
+
+    settings = mkOption {
+      default = { };
+      example = literalExpression ''
+        {
+          etcd.endpoints = [ "https://10.0.0.2:2379" ];
+          consume = [ "backends" "services" ];
+          publicIPv4 = "203.0.113.10";
+        }
+      '';
+      description = "meshd's configuration, rendered to its JSON config file (see pkg/config). Typed options below cover what the module depends on; any other field of meshd's config may be set too (meshd rejects unknown fields).";
+      type = types.submodule {
+        freeformType = settingsFormat.type;
+        options = {
+          consume = mkOption {
+            type = types.listOf groupType;
+            default = [ ];
+            example = [ "backends" "services" ];
+            description = "The groups whose apps this node's HAProxy listens for (ingress: frontends; worker: backends, services; service node: services).";
+          };
+          leaseTTL = mkOption {
+            type = durationType;
+            default = "10s";
+            example = "15s";
+            description = "The presence lease: a node that stops renewing it vanishes from every other node's view after this long.";
+          };
+          stateDir = mkOption {
+            type = types.str;
+            default = "/var/lib/meshd";
+            example = "/var/lib/meshd";
+            description = "Where meshd keeps its WireGuard key, age identity and overlay cache across reboots.";
+          };
+          instances = mkOption {
+            type = types.listOf (types.submodule instanceSettingsModule);
+            default = [ ];
+            example = [{ app = "mongodb"; group = "services"; port = 27017; }];
+            description = "App instances this node serves (prefer `services.meshd.instances`).";
+          };
+          etcd = section {
+            description = "How meshd reaches etcd. The TLS files come from `services.meshd.etcd`.";
+            example = { endpoints = [ "https://10.0.0.2:2379" ]; dialTimeout = "5s"; };
+            options.endpoints = mkOption {
+              type = types.listOf types.nonEmptyStr;
+              example = [ "https://10.0.0.2:2379" "https://10.0.0.3:2379" ];
+              description = "The etcd client URLs.";
+            };
+          };
+          overlay = section {
+            description = "The WireGuard overlay.";
+            example = { mode = "userspace"; mtu = 1420; };
+            options = {
+              enable = mkOption {
+                type = types.bool;
+                default = true;
+                example = false;
+                description = "Whether meshd programs the WireGuard overlay.";
+              };
+              network = mkOption {
+                type = types.str;
+                default = "10.0.0.0/8";
+                example = "10.0.0.0/8";
+                description = "The cluster prefix node subnets are carved from (flannel's `Network`).";
+              };
+              interface = mkOption {
+                type = interfaceType;
+                default = "meshd-wg";
+                example = "flannel-wg";
+                description = "The WireGuard interface (at most 15 characters).";
+              };
+              listenPort = mkOption {
+                type = types.port;
+                default = 51820;
+                example = 51821;
+                description = "The WireGuard UDP port (opened by `openFirewall`).";
+              };
+              mode = mkOption {
+                type = types.enum [ "auto" "kernel" "userspace" ];
+                default = "auto";
+                example = "userspace";
+                description = "`kernel` WireGuard, `userspace` wireguard-go on /dev/net/tun, or `auto` (kernel when available). Anything but `kernel` lets the service open /dev/net/tun.";
+              };
+            };
+          };
+          haproxy = section {
+            description = "The service-mesh HAProxy. By default the module runs it as the `meshd-haproxy` unit.";
+            example = { reservedPorts = [ 9100 ]; serverSlots = 16; };
+            options = {
+              enable = mkOption {
+                type = types.bool;
+                default = true;
+                example = false;
+                description = "Whether meshd renders and applies the HAProxy config.";
+              };
+              supervise = mkOption {
+                type = types.bool;
+                default = false;
+                example = true;
+                description = "Let meshd start the HAProxy master itself instead of the module's `meshd-haproxy` unit.";
+              };
+              configPath = mkOption {
+                type = types.str;
+                default = "/run/meshd/haproxy.cfg";
+                example = "/run/meshd/haproxy.cfg";
+                description = "The file meshd renders and HAProxy runs; in /run/meshd, owned by meshd, never under /etc.";
+              };
+              masterSocket = mkOption {
+                type = types.str;
+                default = "/run/meshd/haproxy-master.sock";
+                example = "/run/meshd/haproxy-master.sock";
+                description = "HAProxy's master CLI socket, through which meshd reloads it.";
+              };
+              binary = mkOption {
+                type = types.str;
+                default = "${cfg.haproxy.package}/bin/haproxy";
+                defaultText = literalExpression ''"''${config.services.meshd.haproxy.package}/bin/haproxy"'';
+                example = "/run/current-system/sw/bin/haproxy";
+                description = "The haproxy executable meshd uses to validate configs (and to run it when supervising).";
+              };
+            };
+          };
+          secrets = section {
+            description = "Delivery of sealed secrets as systemd credentials.";
+            example = { withKey = "host"; };
+            options = {
+              enable = mkOption {
+                type = types.bool;
+                default = true;
+                example = false;
+                description = "Whether meshd delivers secrets as encrypted credentials.";
+              };
+              credstoreDir = mkOption {
+                type = types.str;
+                default = "/etc/credstore.encrypted";
+                example = "/etc/credstore.encrypted";
+                description = "Where the encrypted credentials are written (systemd's search path for `LoadCredentialEncrypted=`).";
+              };
+              withKey = mkOption {
+                type = types.enum [ "host" "tpm2" "host+tpm2" "auto" "tpm2-absent" ];
+                default = "host";
+                example = "host+tpm2";
+                description = "`systemd-creds encrypt --with-key=`.";
+              };
+            };
+          };
+        };
+      };
+    };
+  };
+
+  config = mkIf cfg.enable (mkMerge [
+    {
+      services.meshd.settings = {
+        nodeName = cfg.nodeName;
+        instances = lib.mapAttrsToList
+          (_: i: {
+            inherit (i) app group port protocol envPrefix;
+            check = i.check // lib.optionalAttrs (i.unit != null) { inherit (i) unit; };
+          })
+          cfg.instances;
+        etcd = {
+          caFile = mkIf (cfg.etcd.caFile != null) (credPath "etcd-ca.pem");
+          certFile = mkIf (cfg.etcd.certFile != null) (credPath "etcd-cert.pem");
+          keyFile = mkIf (cfg.etcd.keyFile != null) (credPath "etcd-key.pem");
+        };
+        secrets.units = mkIf (cfg.secrets != { })
+          (builtins.mapAttrs (_: s: { inherit (s) units action; }) cfg.secrets);
+      };
+
+      assertions =
+        lib.mapAttrsToList
+          (id: p: {
+            assertion = !(inStore p);
+            message = "services.meshd.etcd: ${id} = \"${p}\" is in the Nix store, which every local user can read. Give the path of a file outside the store as a string (e.g. \"/var/lib/secrets/etcd/client-key.pem\"), not a Nix path.";
+          })
+          etcdCreds
+        ++ lib.mapAttrsToList
+          (id: p: {
+            assertion = lib.hasPrefix "/" p;
+            message = "services.meshd.etcd: ${id} = \"${p}\" must be an absolute path.";
+          })
+          etcdCreds
+        ++ map
+          (f: {
+            assertion = !(builtins.isString (cfg.settings.etcd.${f} or null) && inStore cfg.settings.etcd.${f});
+            message = "services.meshd.settings.etcd.${f} points into the Nix store; set services.meshd.etcd.${f} to a path outside it instead.";
+          }) [ "caFile" "certFile" "keyFile" ]
+        ++ [
+          {
+            assertion = (cfg.etcd.certFile == null) == (cfg.etcd.keyFile == null);
+            message = "services.meshd.etcd: certFile and keyFile go together.";
+          }
+          {
+            assertion = lib.all (n: builtins.match nameRegex n != null) (builtins.attrNames cfg.secrets);
+            message = "services.meshd.secrets: names must match ${nameRegex}.";
+          }
+          {
+            assertion =
+              let ids = map (i: "${i.group}/${i.app}") cfg.settings.instances;
+              in builtins.length ids == builtins.length (lib.unique ids);
+            message = "services.meshd: an app is declared twice in the same group (services.meshd.instances / settings.instances).";
+          }
+        ];
+
+      warnings = lib.optional (overlay.enable && !cfg.openFirewall && config.networking.firewall.enable)
+        "services.meshd: the firewall is on but services.meshd.openFirewall is false: WireGuard UDP port ${toString overlay.listenPort} is closed and peers cannot reach this node.";
+
+      system.checks = lib.optional cfg.checkConfig (pkgs.runCommand "meshd-check-config" { } ''
+        ${cfg.package}/bin/meshd --check-config --config ${configFile}
+        touch $out
+      '');
+
+      systemd.services.meshd = {
+        description = "meshd cluster mesh daemon";
+        wantedBy = [ "multi-user.target" ];
+        wants = [ "network-online.target" ] ++ lib.optional haproxyUnit "meshd-haproxy.service";
+        after = [ "network-online.target" "nss-lookup.target" ] ++ lib.optional haproxyUnit "meshd-haproxy.service";
+        before = [ "meshd-online.target" ];
+        path = [ config.systemd.package ]; # systemd-creds
+        startLimitIntervalSec = 0;
+        serviceConfig = {
+          Type = "notify";
+          NotifyAccess = "main";
+          ExecStartPre = lib.optional secrets.enable "+${config.systemd.package}/bin/systemd-creds setup";
+          ExecStart = "${cfg.package}/bin/meshd --config ${configFile}"
+            + lib.optionalString (cfg.extraArgs != [ ]) " ${lib.escapeShellArgs cfg.extraArgs}";
+          Restart = "always";
+          RestartSec = "2s";
+          WatchdogSec = "30s";
+          StateDirectory = "meshd";
+          StateDirectoryMode = "0700";
+          # Shared with meshd-haproxy and kept across restarts: the HAProxy
+          # config and master socket live here.
+          RuntimeDirectory = "meshd";
+          RuntimeDirectoryMode = "0750";
+          RuntimeDirectoryPreserve = "yes";
+          LoadCredential = lib.mapAttrsToList (id: p: "${id}:${p}") etcdCreds;
+          UMask = "0077";
+
+          CapabilityBoundingSet = caps;
+          AmbientCapabilities = caps;
+          NoNewPrivileges = true;
+          ProtectSystem = "strict";
+          ReadWritePaths = lib.optional secrets.enable secrets.credstoreDir
+            ++ lib.optional userspaceWireGuard "/run/wireguard"
+            ++ lib.optional (cfg.settings.stateDir != "/var/lib/meshd") cfg.settings.stateDir;
+          ProtectHome = true;
+          PrivateTmp = true;
+          PrivateDevices = !(userspaceWireGuard || tpm);
+          DevicePolicy = "closed";
+          DeviceAllow = lib.optional userspaceWireGuard "/dev/net/tun rw" ++ lib.optional tpm "/dev/tpmrm0 rw";
+          ProtectKernelTunables = true;
+          ProtectKernelModules = true;
+          ProtectKernelLogs = true;
+          ProtectControlGroups = true;
+          ProtectClock = true;
+          ProtectHostname = true;
+          RestrictAddressFamilies = [ "AF_UNIX" "AF_INET" "AF_INET6" "AF_NETLINK" ];
+          RestrictNamespaces = true;
+          RestrictRealtime = true;
+          RestrictSUIDSGID = true;
+          LockPersonality = true;
+          MemoryDenyWriteExecute = true;
+          RemoveIPC = true;
+          SystemCallArchitectures = "native";
+          SystemCallFilter = [ "@system-service" ];
+          SystemCallErrorNumber = "EPERM";
+        };
+      };
+
+      # Units that need the mesh (HAProxy listeners, overlay routes,
+      # credentials) order themselves after this target.
+      systemd.targets.meshd-online = {
+        description = "meshd has joined the mesh";
+        wantedBy = [ "multi-user.target" ];
+        wants = [ "meshd.service" ] ++ lib.optional haproxyUnit "meshd-haproxy.service";
+        after = [ "meshd.service" ] ++ lib.optional haproxyUnit "meshd-haproxy.service";
+      };
+
+      systemd.tmpfiles.rules = lib.optional secrets.enable "d ${secrets.credstoreDir} 0700 root root - -"
+        ++ lib.optional userspaceWireGuard "d /run/wireguard 0700 root root - -";
+    }
+
+    (mkIf (overlay.enable && cfg.openFirewall) {
+      networking.firewall.allowedUDPPorts = [ overlay.listenPort ];
+    })
+
+    (mkIf (overlay.enable && overlay.mode != "userspace") {
+      boot.kernelModules = [ "wireguard" ];
+    })
+
+    (mkIf haproxyUnit {
+      # HAProxy in master-worker mode on the file meshd renders. It starts
+      # before meshd (on a minimal bootstrap file the first time after boot)
+      # so that meshd always finds the master socket; meshd then reloads it
+      # through that socket. A nixos-rebuild never touches the file (it is
+      # in /run/meshd, not /etc) and at most reloads this unit.
+      systemd.services.meshd-haproxy = {
+        description = "HAProxy for the meshd service mesh";
+        wantedBy = [ "multi-user.target" ];
+        before = [ "meshd.service" ];
+        reloadIfChanged = true;
+        startLimitIntervalSec = 0;
+        serviceConfig = {
+          Type = "notify";
+          ExecStartPre = [
+            "${haproxyBootstrap}"
+            "${cfg.haproxy.package}/bin/haproxy -c -q -f ${haproxy.configPath}"
+          ];
+          ExecStart = "${cfg.haproxy.package}/bin/haproxy -Ws -S ${haproxy.masterSocket} -f ${haproxy.configPath}";
+          ExecReload = [
+            "${cfg.haproxy.package}/bin/haproxy -c -q -f ${haproxy.configPath}"
+            "${pkgs.coreutils}/bin/kill -USR2 $MAINPID"
+          ];
+          KillMode = "mixed";
+          SuccessExitStatus = "143";
+          Restart = "always";
+          RestartSec = "2s";
+          RuntimeDirectory = "meshd";
+          RuntimeDirectoryMode = "0750";
+          RuntimeDirectoryPreserve = "yes";
+          LimitNOFILE = 1048576;
+          UMask = "0077";
+
+          CapabilityBoundingSet = [ "CAP_NET_BIND_SERVICE" ];
+          AmbientCapabilities = [ "CAP_NET_BIND_SERVICE" ];
+          NoNewPrivileges = true;
+          ProtectSystem = "strict";
+          ProtectHome = true;
+          PrivateTmp = true;
+          PrivateDevices = true;
+          ProtectKernelTunables = true;
+          ProtectKernelModules = true;
+          ProtectKernelLogs = true;
+          ProtectControlGroups = true;
+          ProtectClock = true;
+          ProtectHostname = true;
+          RestrictAddressFamilies = [ "AF_UNIX" "AF_INET" "AF_INET6" ];
+          RestrictNamespaces = true;
+          RestrictRealtime = true;
+          RestrictSUIDSGID = true;
+          LockPersonality = true;
+          SystemCallArchitectures = "native";
+          SystemCallFilter = [ "@system-service" ];
+          SystemCallErrorNumber = "EPERM";
+        };
+      };
+    })
+  ]);
+}

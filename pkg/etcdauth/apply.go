@@ -54,7 +54,7 @@ type applier struct {
 	log  *slog.Logger
 	res  *Result
 	user map[string][]string // existing users and their roles
-	role map[string]bool    // existing roles
+	role map[string]bool     // existing roles
 }
 
 // do records a change and makes it unless this is a dry run.

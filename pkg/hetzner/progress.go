@@ -19,10 +19,10 @@ type Progress interface {
 	Note(msg string)
 }
 
-// NewProgress returns a terminal display when w is a terminal and plain
-// lines otherwise.
-func NewProgress(w io.Writer) Progress {
-	if IsTerminal(w) {
+// NewProgress returns a display redrawn in place for a terminal and plain
+// lines otherwise (pipes, logs, CI).
+func NewProgress(w io.Writer, terminal bool) Progress {
+	if terminal {
 		return &TerminalProgress{w: w}
 	}
 	return &PlainProgress{w: w}

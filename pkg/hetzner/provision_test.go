@@ -29,8 +29,7 @@ func TestProvisionCreatesAndRerunCreatesNothing(t *testing.T) {
 		Code: "unavailable", Message: "try again"})
 	var sl sleeps
 	var progress bytes.Buffer
-	p := &hetzner.Provisioner{Client: newClient(t, f, &sl), Progress: &hetzner.PlainProgress{}}
-	p.Progress = hetzner.NewProgress(&progress)
+	p := &hetzner.Provisioner{Client: newClient(t, f, &sl), Progress: hetzner.NewProgress(&progress, false)}
 	opts := baseOptions(t, "node1", "node2", "node3")
 
 	res, err := p.Provision(context.Background(), opts)

@@ -1,0 +1,193 @@
+package sandbox
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"os/exec"
+	"runtime"
+	"slices"
+	"strings"
+	"syscall"
+
+	"golang.org/x/sys/unix"
+)
+
+// netnsDir is where `ip netns add` pins named namespaces.
+const netnsDir = "/run/netns"
+
+// inNetns runs fn on an OS thread switched into the named network
+// namespace. Sockets fn creates belong to that namespace for their whole
+// life, whichever thread later uses them: that is how the sandbox puts its
+// in-process etcd, its demo servers and its probes inside namespaces
+// without a helper process. fn runs on its own goroutine; if the thread
+// cannot be switched back it is discarded rather than returned to the
+// scheduler in the wrong namespace.
+func inNetns(name string, fn func() error) error {
+	target, err := os.Open(netnsDir + "/" + name)
+	if err != nil {
+		return fmt.Errorf("open netns %s: %w", name, err)
+	}
+	defer target.Close()
+	done := make(chan error, 1)
+	go func() {
+		runtime.LockOSThread()
+		orig, err := os.Open(fmt.Sprintf("/proc/self/task/%d/ns/net", syscall.Gettid()))
+		if err != nil {
+			runtime.UnlockOSThread()
+			done <- fmt.Errorf("open own netns: %w", err)
+			return
+		}
+		defer orig.Close()
+		if err := setns(target.Fd()); err != nil {
+			runtime.UnlockOSThread()
+			done <- fmt.Errorf("enter netns %s: %w", name, err)
+			return
+		}
+		ferr := fn()
+		if err := setns(orig.Fd()); err != nil {
+			// Leave the thread locked: it dies with this goroutine.
+			done <- errors.Join(ferr, fmt.Errorf("leave netns %s: %w", name, err))
+			return
+		}
+		runtime.UnlockOSThread()
+		done <- ferr
+	}()
+	return <-done
+}
+
+func setns(fd uintptr) error {
+	return unix.Setns(int(fd), unix.CLONE_NEWNET)
+}
+
+// dialIn opens a connection from inside the named namespace.
+func dialIn(ctx context.Context, ns, network, addr string) (net.Conn, error) {
+	var c net.Conn
+	err := inNetns(ns, func() error {
+		var d net.Dialer
+		var err error
+		c, err = d.DialContext(ctx, network, addr)
+		return err
+	})
+	return c, err
+}
+
+// listenIn opens a TCP listener inside the named namespace.
+func listenIn(ns, addr string) (net.Listener, error) {
+	var l net.Listener
+	err := inNetns(ns, func() error {
+		var err error
+		l, err = net.Listen("tcp", addr)
+		return err
+	})
+	return l, err
+}
+
+// ip runs one iproute2 command and returns its error with its output.
+func ip(ctx context.Context, args ...string) error {
+	out, err := exec.CommandContext(ctx, "ip", args...).CombinedOutput()
+	if err != nil {
+		return fmt.Errorf("ip %s: %w: %s", strings.Join(args, " "), err, bytes.TrimSpace(out))
+	}
+	return nil
+}
+
+// listNetns returns the named network namespaces.
+func listNetns() ([]string, error) {
+	ents, err := os.ReadDir(netnsDir)
+	if errors.Is(err, os.ErrNotExist) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, err
+	}
+	var out []string
+	for _, e := range ents {
+		out = append(out, e.Name())
+	}
+	slices.Sort(out)
+	return out, nil
+}
+
+// namespacesOf returns the existing namespaces that belong to the sandbox
+// named tag: <tag>-hub and <tag>-n<N>.
+func namespacesOf(tag string) ([]string, error) {
+	all, err := listNetns()
+	if err != nil {
+		return nil, err
+	}
+	var out []string
+	for _, n := range all {
+		rest, ok := strings.CutPrefix(n, tag+"-")
+		if !ok {
+			continue
+		}
+		if rest == "hub" || (len(rest) > 1 && rest[0] == 'n' && allDigits(rest[1:])) {
+			out = append(out, n)
+		}
+	}
+	return out, nil
+}
+
+func allDigits(s string) bool {
+	for i := 0; i < len(s); i++ {
+		if s[i] < '0' || s[i] > '9' {
+			return false
+		}
+	}
+	return s != ""
+}
+
+// nsPids returns the processes running in a named namespace.
+func nsPids(ctx context.Context, ns string) []int {
+	out, err := exec.CommandContext(ctx, "ip", "netns", "pids", ns).Output()
+	if err != nil {
+		return nil
+	}
+	var pids []int
+	for _, f := range strings.Fields(string(out)) {
+		var p int
+		if _, err := fmt.Sscanf(f, "%d", &p); err == nil && p > 1 && p != os.Getpid() {
+			pids = append(pids, p)
+		}
+	}
+	return pids
+}
+
+// killNetns kills every process in a namespace and deletes it (and with
+// it every link inside).
+func killNetns(ctx context.Context, ns string) error {
+	for _, p := range nsPids(ctx, ns) {
+		_ = syscall.Kill(p, syscall.SIGKILL)
+	}
+	return ip(ctx, "netns", "del", ns)
+}
+
+// CleanCommand is the shell command that removes what a sandbox named tag
+// left behind, for error messages.
+func CleanCommand(tag string) string {
+	return fmt.Sprintf("meshctl sandbox --clean --name %s   (or: for ns in $(ip netns list | grep -o '^%s-[a-z0-9]*'); do ip netns pids $ns | xargs -r kill -9; ip netns del $ns; done)", tag, tag)
+}
+
+// Clean removes every namespace (and so every link and process) of a
+// sandbox named tag that an earlier run left behind. It returns the names
+// it removed.
+func Clean(ctx context.Context, tag string) ([]string, error) {
+	if err := validTag(tag); err != nil {
+		return nil, err
+	}
+	nss, err := namespacesOf(tag)
+	if err != nil {
+		return nil, err
+	}
+	var errs []error
+	for _, ns := range nss {
+		if err := killNetns(ctx, ns); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	return nss, errors.Join(errs...)
+}

@@ -1,0 +1,186 @@
+package sandbox
+
+import (
+	"bufio"
+	"context"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"net/netip"
+	"os"
+	"strconv"
+	"strings"
+	"sync/atomic"
+	"time"
+)
+
+// ServeDemo serves the demo app inside the node's namespace on
+// 0.0.0.0:port: an HTTP server answering "demo from <node>". The listener
+// lives in the namespace; the server runs in this process until teardown.
+func (n *Node) ServeDemo(port int) error {
+	l, err := listenIn(n.NS, net.JoinHostPort("0.0.0.0", strconv.Itoa(port)))
+	if err != nil {
+		return fmt.Errorf("demo server on %s: %w", n.Name, err)
+	}
+	srv := &http.Server{
+		Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			fmt.Fprintf(w, "demo from %s\n", n.Name)
+		}),
+		ReadHeaderTimeout: 5 * time.Second,
+	}
+	go func() { _ = srv.Serve(l) }()
+	n.addCloser(func() { srv.Close() })
+	return nil
+}
+
+// DemoBody is what the demo server on node answers.
+func DemoBody(node string) string { return "demo from " + node + "\n" }
+
+// HTTPGet fetches url from inside the node's namespace (so 127.0.0.1 is the
+// node's loopback, where its HAProxy listens) and returns the body and the
+// request's latency.
+func (n *Node) HTTPGet(ctx context.Context, url string) (string, time.Duration, error) {
+	tr := &http.Transport{
+		DialContext: func(ctx context.Context, network, addr string) (net.Conn, error) {
+			return dialIn(ctx, n.NS, network, addr)
+		},
+		DisableKeepAlives: true,
+	}
+	defer tr.CloseIdleConnections()
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, url, nil)
+	if err != nil {
+		return "", 0, err
+	}
+	start := time.Now()
+	resp, err := (&http.Client{Transport: tr}).Do(req)
+	if err != nil {
+		return "", 0, err
+	}
+	defer resp.Body.Close()
+	b, err := io.ReadAll(io.LimitReader(resp.Body, 4096))
+	lat := time.Since(start)
+	if err != nil {
+		return "", lat, err
+	}
+	if resp.StatusCode != http.StatusOK {
+		return string(b), lat, fmt.Errorf("GET %s: %s", url, resp.Status)
+	}
+	return string(b), lat, nil
+}
+
+var pingSeq atomic.Uint32
+
+// Ping sends one ICMP echo from inside the node's namespace and waits for
+// the reply until ctx ends (or 1 s).
+func (n *Node) Ping(ctx context.Context, dst netip.Addr) (time.Duration, error) {
+	var conn net.PacketConn
+	if err := inNetns(n.NS, func() error {
+		var err error
+		conn, err = net.ListenPacket("ip4:icmp", "0.0.0.0")
+		return err
+	}); err != nil {
+		return 0, fmt.Errorf("icmp socket in %s: %w", n.NS, err)
+	}
+	defer conn.Close()
+	id := uint16(os.Getpid())
+	seq := uint16(pingSeq.Add(1))
+	msg := make([]byte, 16)
+	msg[0] = 8 // echo request
+	binary.BigEndian.PutUint16(msg[4:], id)
+	binary.BigEndian.PutUint16(msg[6:], seq)
+	copy(msg[8:], "meshdsbx")
+	binary.BigEndian.PutUint16(msg[2:], icmpChecksum(msg))
+	deadline := time.Now().Add(time.Second)
+	if d, ok := ctx.Deadline(); ok && d.Before(deadline) {
+		deadline = d
+	}
+	_ = conn.SetDeadline(deadline)
+	start := time.Now()
+	if _, err := conn.WriteTo(msg, &net.IPAddr{IP: dst.AsSlice()}); err != nil {
+		return 0, fmt.Errorf("ping %s from %s: %w", dst, n.Name, err)
+	}
+	buf := make([]byte, 1500)
+	for {
+		m, from, err := conn.ReadFrom(buf)
+		if err != nil {
+			return 0, fmt.Errorf("ping %s from %s: %w", dst, n.Name, err)
+		}
+		if m < 8 || buf[0] != 0 || binary.BigEndian.Uint16(buf[4:]) != id || binary.BigEndian.Uint16(buf[6:]) != seq {
+			continue
+		}
+		if a, ok := from.(*net.IPAddr); ok && a.IP.Equal(dst.AsSlice()) {
+			return time.Since(start), nil
+		}
+	}
+}
+
+func icmpChecksum(b []byte) uint16 {
+	var s uint32
+	for i := 0; i+1 < len(b); i += 2 {
+		s += uint32(b[i])<<8 | uint32(b[i+1])
+	}
+	if len(b)%2 == 1 {
+		s += uint32(b[len(b)-1]) << 8
+	}
+	for s>>16 != 0 {
+		s = s&0xffff + s>>16
+	}
+	return ^uint16(s)
+}
+
+// WGPeer is one WireGuard peer as `wg show dump` reports it.
+type WGPeer struct {
+	PublicKey  string
+	Endpoint   string
+	AllowedIPs string
+	// Handshake is the time of the latest handshake (zero: none yet).
+	Handshake time.Time
+}
+
+// WGPeers reads the node's WireGuard peers with `wg show <iface> dump`
+// in meshd's namespaces.
+func (n *Node) WGPeers(ctx context.Context) ([]WGPeer, error) {
+	out, err := n.Exec(ctx, "wg", "show", n.Config.Overlay.Interface, "dump")
+	if err != nil {
+		return nil, err
+	}
+	return parseWGDump(string(out))
+}
+
+// parseWGDump parses `wg show IFACE dump`: one interface line, then one
+// line per peer (public-key preshared-key endpoint allowed-ips
+// latest-handshake rx tx keepalive).
+func parseWGDump(s string) ([]WGPeer, error) {
+	sc := bufio.NewScanner(strings.NewReader(s))
+	var peers []WGPeer
+	first := true
+	for sc.Scan() {
+		line := sc.Text()
+		if line == "" {
+			continue
+		}
+		f := strings.Split(line, "\t")
+		if first {
+			first = false
+			if len(f) != 4 {
+				return nil, fmt.Errorf("wg dump: interface line has %d fields", len(f))
+			}
+			continue
+		}
+		if len(f) != 8 {
+			return nil, fmt.Errorf("wg dump: peer line has %d fields", len(f))
+		}
+		p := WGPeer{PublicKey: f[0], Endpoint: f[2], AllowedIPs: f[3]}
+		if sec, err := strconv.ParseInt(f[4], 10, 64); err == nil && sec > 0 {
+			p.Handshake = time.Unix(sec, 0)
+		}
+		peers = append(peers, p)
+	}
+	if first {
+		return nil, errors.New("wg dump: empty")
+	}
+	return peers, nil
+}

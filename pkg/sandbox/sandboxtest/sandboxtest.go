@@ -1,0 +1,46 @@
+// Package sandboxtest holds test helpers for tests that run a sandbox:
+// building the module's meshd binary and skipping where a sandbox cannot
+// run.
+package sandboxtest
+
+import (
+	"os"
+	"os/exec"
+	"path/filepath"
+	"runtime"
+	"testing"
+)
+
+// BuildMeshd builds this module's meshd into the test's temporary
+// directory and returns its path (the Go build cache makes repeats cheap).
+func BuildMeshd(t testing.TB) string {
+	t.Helper()
+	_, file, _, _ := runtime.Caller(0)
+	root := filepath.Join(filepath.Dir(file), "..", "..", "..")
+	out := filepath.Join(t.TempDir(), "meshd")
+	cmd := exec.Command("go", "build", "-o", out, "./meshd")
+	cmd.Dir = root
+	if b, err := cmd.CombinedOutput(); err != nil {
+		t.Fatalf("build meshd: %v\n%s", err, b)
+	}
+	return out
+}
+
+// Need skips the test unless the machine can run a sandbox (root,
+// /dev/net/tun, haproxy, iproute2, nsenter, wg), and returns a freshly
+// built meshd.
+func Need(t testing.TB) string {
+	t.Helper()
+	if os.Geteuid() != 0 {
+		t.Skip("sandbox tests need root (network namespaces); CI runs them as root")
+	}
+	if _, err := os.Stat("/dev/net/tun"); err != nil {
+		t.Skip("sandbox tests need /dev/net/tun (userspace WireGuard)")
+	}
+	for _, b := range []string{"haproxy", "ip", "nsenter", "wg"} {
+		if _, err := exec.LookPath(b); err != nil {
+			t.Skipf("sandbox tests need %s: apt-get install --no-install-recommends haproxy iproute2 util-linux wireguard-tools", b)
+		}
+	}
+	return BuildMeshd(t)
+}

@@ -1,0 +1,61 @@
+package sandbox
+
+import (
+	"testing"
+	"time"
+
+	"github.com/google/go-cmp/cmp"
+)
+
+func TestParseWGDump(t *testing.T) {
+	dump := "cHJpdmF0ZQ==\tUFVCMQ==\t51820\toff\n" +
+		"UFVCMg==\t(none)\t172.31.213.12:51820\t10.10.1.0/24\t1700000000\t92\t180\t25\n" +
+		"UFVCMw==\t(none)\t(none)\t10.10.2.0/24\t0\t0\t0\toff\n"
+	got, err := parseWGDump(dump)
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := []WGPeer{
+		{PublicKey: "UFVCMg==", Endpoint: "172.31.213.12:51820", AllowedIPs: "10.10.1.0/24", Handshake: time.Unix(1700000000, 0)},
+		{PublicKey: "UFVCMw==", Endpoint: "(none)", AllowedIPs: "10.10.2.0/24"},
+	}
+	if diff := cmp.Diff(want, got); diff != "" {
+		t.Errorf("peers (-want +got):\n%s", diff)
+	}
+	for _, bad := range []string{"", "a\tb\n", "k\tp\t1\toff\nonly\tthree\tfields\n"} {
+		if _, err := parseWGDump(bad); err == nil {
+			t.Errorf("parseWGDump(%q): want an error", bad)
+		}
+	}
+}
+
+func TestValidTag(t *testing.T) {
+	for tag, ok := range map[string]bool{
+		"mdsb": true, "a": true, "mdt12345c": true, "abcdefghij": true,
+		"": false, "abcdefghijk": false, "Mdsb": false, "1md": false, "md-sb": false, "md sb": false,
+	} {
+		if err := validTag(tag); (err == nil) != ok {
+			t.Errorf("validTag(%q) = %v, want ok=%v", tag, err, ok)
+		}
+	}
+}
+
+func TestStepString(t *testing.T) {
+	s := Step{What: "n2 joined", Convergence: Convergence{Revision: 7, PerNode: map[string]time.Duration{
+		"n10": 3 * time.Millisecond, "n2": 1500 * time.Microsecond, "n1": 800 * time.Microsecond,
+	}}}
+	want := "n2 joined (revision 7): every node applied it in 3.0ms [n1 800µs, n2 1.5ms, n10 3.0ms]"
+	if got := s.String(); got != want {
+		t.Errorf("got  %q\nwant %q", got, want)
+	}
+}
+
+func TestICMPChecksum(t *testing.T) {
+	// An echo request with its checksum filled in sums to zero.
+	msg := []byte{8, 0, 0, 0, 0x12, 0x34, 0, 1, 'h', 'i', '!'}
+	c := icmpChecksum(msg)
+	msg[2], msg[3] = byte(c>>8), byte(c)
+	if got := icmpChecksum(msg); got != 0 {
+		t.Errorf("checksum over a checksummed message = %#x, want 0", got)
+	}
+}

@@ -1,0 +1,351 @@
+package overlay
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/netip"
+	"slices"
+	"sync"
+	"time"
+
+	"github.com/vishvananda/netlink"
+	"golang.zx2c4.com/wireguard/wgctrl"
+	"golang.zx2c4.com/wireguard/wgctrl/wgtypes"
+
+	"github.com/meshd/meshd/pkg/overlay/desired"
+)
+
+// Device modes.
+const (
+	// ModeAuto uses the kernel's WireGuard where the module exists and the
+	// embedded userspace implementation otherwise.
+	ModeAuto = "auto"
+	// ModeKernel requires the kernel module.
+	ModeKernel = "kernel"
+	// ModeUserspace always runs wireguard-go inside meshd.
+	ModeUserspace = "userspace"
+)
+
+// ApplierOptions configure an Applier.
+type ApplierOptions struct {
+	// Interface is the WireGuard interface's name.
+	Interface string
+	// Mode is ModeAuto, ModeKernel or ModeUserspace ("" is ModeAuto).
+	Mode string
+	// PrivateKey is the interface's key.
+	PrivateKey wgtypes.Key
+	// RulePriority is the priority of the policy rule that sends the
+	// overlay network to the route table (0: DefaultRulePriority).
+	RulePriority int
+}
+
+// Applier makes one WireGuard interface, its addresses and its routes
+// match a desired.State, touching only what differs. It holds one
+// long-lived wgctrl client and one netlink handle. Its methods are safe
+// for concurrent use; Set calls are serialised.
+type Applier struct {
+	opts ApplierOptions
+	log  *slog.Logger
+	wg   *wgctrl.Client
+	nl   *netlink.Handle
+
+	mu   sync.Mutex
+	user *userspaceDevice // the device this process hosts, if any
+	mode string           // what is in use: ModeKernel or ModeUserspace
+}
+
+// NewApplier opens the wgctrl client and netlink handle. It does not touch
+// any interface until Set.
+func NewApplier(opts ApplierOptions, log *slog.Logger) (*Applier, error) {
+	if opts.Interface == "" || len(opts.Interface) > 15 {
+		return nil, fmt.Errorf("interface name %q: want 1..15 characters", opts.Interface)
+	}
+	for _, c := range opts.Interface {
+		if !(c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9' || c == '-' || c == '_' || c == '.') {
+			return nil, fmt.Errorf("interface name %q: character %q not allowed", opts.Interface, c)
+		}
+	}
+	switch opts.Mode {
+	case "":
+		opts.Mode = ModeAuto
+	case ModeAuto, ModeKernel, ModeUserspace:
+	default:
+		return nil, fmt.Errorf("overlay mode %q: want auto, kernel or userspace", opts.Mode)
+	}
+	if opts.RulePriority == 0 {
+		opts.RulePriority = DefaultRulePriority
+	}
+	wg, err := wgctrl.New()
+	if err != nil {
+		return nil, fmt.Errorf("wgctrl: %w", err)
+	}
+	nl, err := netlink.NewHandle()
+	if err != nil {
+		wg.Close()
+		return nil, fmt.Errorf("netlink: %w", err)
+	}
+	return &Applier{opts: opts, log: log, wg: wg, nl: nl}, nil
+}
+
+// Interface returns the interface's name.
+func (a *Applier) Interface() string { return a.opts.Interface }
+
+// Mode returns the device kind in use (ModeKernel or ModeUserspace), or
+// "" before the first Set.
+func (a *Applier) Mode() string {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	return a.mode
+}
+
+// Set makes the interface match want. It creates the interface when
+// missing, then applies only the difference between the live device and
+// want: per-peer deltas (never ReplacePeers, so an unchanged peer keeps
+// its session), addresses and routes added before stale ones are deleted.
+// Failures are collected with errors.Join; whatever succeeded stays
+// applied and the next Set retries the rest. Calling Set again with the
+// same state changes nothing.
+func (a *Applier) Set(ctx context.Context, want desired.State) error {
+	_, err := a.set(ctx, want)
+	return err
+}
+
+// set is Set, also returning the plan that was applied.
+func (a *Applier) set(ctx context.Context, want desired.State) (desired.Plan, error) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if err := ctx.Err(); err != nil {
+		return desired.Plan{}, err
+	}
+	if want.MTU == 0 {
+		want.MTU = a.uplinkMTU() - desired.MTUOverhead
+	}
+	link, err := a.ensureDeviceLocked(want.MTU)
+	if err != nil {
+		return desired.Plan{}, err
+	}
+	dev, err := a.wg.Device(a.opts.Interface)
+	if err != nil {
+		return desired.Plan{}, fmt.Errorf("read device %s: %w", a.opts.Interface, err)
+	}
+	live, err := a.liveLocked(link, dev, want.RouteTable)
+	if err != nil {
+		return desired.Plan{}, err
+	}
+	plan := desired.Diff(live, want)
+	var errs []error
+	if err := a.configureLocked(dev, plan); err != nil {
+		errs = append(errs, err)
+	}
+	if plan.MTU != 0 {
+		if err := a.nl.LinkSetMTU(link, plan.MTU); err != nil {
+			errs = append(errs, fmt.Errorf("set mtu %d: %w", plan.MTU, err))
+		}
+	}
+	if link.Attrs().Flags&net.FlagUp == 0 {
+		if err := a.nl.LinkSetUp(link); err != nil {
+			errs = append(errs, fmt.Errorf("set %s up: %w", a.opts.Interface, err))
+		}
+	}
+	// Addresses before routes: a route's preferred source must exist.
+	errs = append(errs, a.applyAddrsLocked(link, plan)...)
+	errs = append(errs, a.applyRoutesLocked(link, want, plan)...)
+	if err := a.ensureRuleLocked(want); err != nil {
+		errs = append(errs, err)
+	}
+	if !plan.Empty() {
+		a.log.Debug("overlay applied", "changes", len(plan.Peers), "plan", plan.String())
+	}
+	return plan, errors.Join(errs...)
+}
+
+// configureLocked sends the peer deltas, the listen port and (if the
+// device does not have it yet) the private key in one ConfigureDevice
+// call. ReplacePeers stays false: peers not named are untouched.
+func (a *Applier) configureLocked(dev *wgtypes.Device, plan desired.Plan) error {
+	var cfg wgtypes.Config
+	if dev.PrivateKey != a.opts.PrivateKey {
+		k := a.opts.PrivateKey
+		cfg.PrivateKey = &k
+	}
+	if plan.ListenPort != 0 {
+		port := plan.ListenPort
+		cfg.ListenPort = &port
+	}
+	for _, c := range plan.Peers {
+		pc, err := peerConfig(c)
+		if err != nil {
+			return err
+		}
+		cfg.Peers = append(cfg.Peers, pc)
+	}
+	if cfg.PrivateKey == nil && cfg.ListenPort == nil && len(cfg.Peers) == 0 {
+		return nil
+	}
+	if err := a.wg.ConfigureDevice(a.opts.Interface, cfg); err != nil {
+		return fmt.Errorf("configure %s (%d peer changes): %w", a.opts.Interface, len(cfg.Peers), err)
+	}
+	return nil
+}
+
+// peerConfig turns one delta into wgctrl's form.
+func peerConfig(c desired.PeerChange) (wgtypes.PeerConfig, error) {
+	k, err := wgtypes.ParseKey(c.Peer.PublicKey)
+	if err != nil {
+		return wgtypes.PeerConfig{}, fmt.Errorf("peer %s: public key: %w", c.Peer.Name, err)
+	}
+	pc := wgtypes.PeerConfig{PublicKey: k}
+	switch c.Op {
+	case desired.OpRemove:
+		pc.Remove = true
+		return pc, nil
+	case desired.OpUpdate:
+		pc.UpdateOnly = true
+	}
+	if (c.Op == desired.OpAdd || c.Endpoint) && c.Peer.Endpoint.IsValid() {
+		pc.Endpoint = net.UDPAddrFromAddrPort(c.Peer.Endpoint)
+	}
+	if c.Op == desired.OpAdd || c.AllowedIPs {
+		pc.ReplaceAllowedIPs = true
+		for _, p := range c.Peer.AllowedIPs {
+			pc.AllowedIPs = append(pc.AllowedIPs, prefixToIPNet(p))
+		}
+	}
+	if c.Op == desired.OpAdd || c.Keepalive {
+		ka := c.Peer.Keepalive
+		pc.PersistentKeepaliveInterval = &ka
+	}
+	return pc, nil
+}
+
+// Live reads the interface's current state in desired.State's terms,
+// for status and debugging. table selects the routes read.
+func (a *Applier) Live(table int) (desired.State, error) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	link, err := a.nl.LinkByName(a.opts.Interface)
+	if err != nil {
+		return desired.State{}, fmt.Errorf("link %s: %w", a.opts.Interface, err)
+	}
+	dev, err := a.wg.Device(a.opts.Interface)
+	if err != nil {
+		return desired.State{}, fmt.Errorf("read device %s: %w", a.opts.Interface, err)
+	}
+	return a.liveLocked(link, dev, table)
+}
+
+// Device returns the live WireGuard device (peers with handshake times).
+func (a *Applier) Device() (*wgtypes.Device, error) {
+	return a.wg.Device(a.opts.Interface)
+}
+
+func (a *Applier) liveLocked(link netlink.Link, dev *wgtypes.Device, table int) (desired.State, error) {
+	st := desired.State{
+		MTU:        link.Attrs().MTU,
+		ListenPort: dev.ListenPort,
+		RouteTable: table,
+	}
+	for _, p := range dev.Peers {
+		lp := desired.Peer{
+			PublicKey: p.PublicKey.String(),
+			Keepalive: p.PersistentKeepaliveInterval,
+		}
+		if p.Endpoint != nil {
+			ap := p.Endpoint.AddrPort()
+			lp.Endpoint = netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port())
+		}
+		for _, n := range p.AllowedIPs {
+			if pf, ok := ipNetToPrefix(n); ok {
+				lp.AllowedIPs = append(lp.AllowedIPs, pf)
+			}
+		}
+		st.Peers = append(st.Peers, lp)
+	}
+	var err error
+	if st.Addresses, err = a.liveAddrsLocked(link); err != nil {
+		return desired.State{}, err
+	}
+	if st.Routes, err = a.liveRoutesLocked(link, table); err != nil {
+		return desired.State{}, err
+	}
+	return st, nil
+}
+
+// Close releases the wgctrl client and netlink handle. It leaves the
+// interface, its peers and routes in place: meshd stopping (or
+// restarting) must not take the data plane down. A userspace device
+// hosted by this process keeps running until the process exits.
+func (a *Applier) Close() error {
+	return errors.Join(a.wg.Close(), closeHandle(a.nl))
+}
+
+// Destroy removes the interface, its routes and the policy rule: the
+// node leaves the overlay. Used by tests and by an explicit teardown,
+// never on a plain stop.
+func (a *Applier) Destroy() error {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	var errs []error
+	errs = append(errs, a.deleteRulesLocked(nil)...)
+	if a.user != nil {
+		a.user.Close()
+		a.user = nil
+	}
+	if link, err := a.nl.LinkByName(a.opts.Interface); err == nil {
+		if err := a.nl.LinkDel(link); err != nil {
+			errs = append(errs, fmt.Errorf("delete %s: %w", a.opts.Interface, err))
+		}
+	}
+	a.mode = ""
+	return errors.Join(errs...)
+}
+
+func closeHandle(h *netlink.Handle) error {
+	h.Close()
+	return nil
+}
+
+// waitGone polls until the named link has disappeared (a closed TUN is
+// removed asynchronously), for at most d.
+func (a *Applier) waitGone(name string, d time.Duration) {
+	deadline := time.Now().Add(d)
+	for time.Now().Before(deadline) {
+		if _, err := a.nl.LinkByName(name); err != nil {
+			return
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+func prefixToIPNet(p netip.Prefix) net.IPNet {
+	return net.IPNet{IP: p.Addr().AsSlice(), Mask: net.CIDRMask(p.Bits(), p.Addr().BitLen())}
+}
+
+func ipNetToPrefix(n net.IPNet) (netip.Prefix, bool) {
+	addr, ok := netip.AddrFromSlice(n.IP)
+	if !ok {
+		return netip.Prefix{}, false
+	}
+	ones, bits := n.Mask.Size()
+	if addr.Is4In6() {
+		addr = addr.Unmap()
+		if bits == 128 {
+			ones -= 96
+		}
+	}
+	return netip.PrefixFrom(addr, ones).Masked(), true
+}
+
+// sortedPrefixes sorts and returns ps.
+func sortedPrefixes(ps []netip.Prefix) []netip.Prefix {
+	slices.SortFunc(ps, func(a, b netip.Prefix) int {
+		if c := a.Addr().Compare(b.Addr()); c != 0 {
+			return c
+		}
+		return a.Bits() - b.Bits()
+	})
+	return ps
+}

@@ -1,0 +1,107 @@
+package overlay
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io/fs"
+	"os"
+	"path/filepath"
+
+	"github.com/meshd/meshd/pkg/overlay/desired"
+)
+
+// CacheFile is the name of the last applied overlay state in the state
+// directory.
+const CacheFile = "overlay.json"
+
+// cacheVersion is bumped when the file's meaning changes; a file of
+// another version is ignored (the node then waits for etcd).
+const cacheVersion = 1
+
+// ErrNoCache is returned by loadCache when no cache exists yet.
+var ErrNoCache = errors.New("no overlay cache")
+
+// cacheFile is what overlay.json holds. It has no secret in it: peers'
+// public keys and endpoints, addresses, routes.
+type cacheFile struct {
+	Version   int           `json:"version"`
+	Interface string        `json:"interface"`
+	Revision  int64         `json:"revision"`
+	State     desired.State `json:"state"`
+}
+
+func cachePath(stateDir string) string { return filepath.Join(stateDir, CacheFile) }
+
+// saveCache writes the applied state atomically (0600: it is not secret,
+// but it maps the cluster, and nothing else needs to read it).
+func saveCache(stateDir string, c cacheFile) error {
+	c.Version = cacheVersion
+	c.State.Problems = nil
+	b, err := json.MarshalIndent(c, "", "  ")
+	if err != nil {
+		return fmt.Errorf("encode overlay cache: %w", err)
+	}
+	return writeFileAtomic(cachePath(stateDir), append(b, '\n'), 0o600)
+}
+
+// loadCache reads the cache. A missing file is ErrNoCache; a file that
+// does not decode or validate is an error naming the file.
+func loadCache(stateDir string) (cacheFile, error) {
+	path := cachePath(stateDir)
+	b, err := os.ReadFile(path)
+	if errors.Is(err, fs.ErrNotExist) {
+		return cacheFile{}, ErrNoCache
+	}
+	if err != nil {
+		return cacheFile{}, fmt.Errorf("overlay cache: %w", err)
+	}
+	var c cacheFile
+	if err := json.Unmarshal(b, &c); err != nil {
+		return cacheFile{}, fmt.Errorf("overlay cache %s: %w", path, err)
+	}
+	if c.Version != cacheVersion {
+		return cacheFile{}, fmt.Errorf("overlay cache %s: version %d, want %d", path, c.Version, cacheVersion)
+	}
+	if err := validState(c.State); err != nil {
+		return cacheFile{}, fmt.Errorf("overlay cache %s: %w", path, err)
+	}
+	return c, nil
+}
+
+// validState checks a state read from disk before it reaches the kernel.
+func validState(s desired.State) error {
+	if len(s.Addresses) == 0 {
+		return errors.New("no interface address")
+	}
+	for _, a := range s.Addresses {
+		if !a.IsValid() {
+			return errors.New("invalid address")
+		}
+	}
+	if s.ListenPort < 1 || s.ListenPort > 65535 {
+		return fmt.Errorf("listen port %d", s.ListenPort)
+	}
+	if s.MTU != 0 && (s.MTU < 1280 || s.MTU > 65535) {
+		return fmt.Errorf("mtu %d", s.MTU)
+	}
+	if s.RouteTable < 1 || !s.Network.IsValid() {
+		return errors.New("route table or network missing")
+	}
+	for _, r := range s.Routes {
+		if !r.IsValid() || !s.Network.Contains(r.Addr()) || r.Bits() < s.Network.Bits() {
+			return fmt.Errorf("route %v outside network %v", r, s.Network)
+		}
+	}
+	for _, p := range s.Peers {
+		if err := desired.ValidKey(p.PublicKey); err != nil {
+			return fmt.Errorf("peer %s: %w", p.Name, err)
+		}
+		for _, a := range p.AllowedIPs {
+			if !a.IsValid() || !s.Network.Contains(a.Addr()) || a.Bits() < s.Network.Bits() {
+				return fmt.Errorf("peer %s: allowed IP %v outside network %v", p.Name, a, s.Network)
+			}
+		}
+	}
+	return nil
+}

@@ -1,0 +1,238 @@
+package overlay
+
+// The real-WireGuard tests run each node as a child process: this test
+// binary re-executed with `ip netns exec <ns>`, so every thread, socket
+// and TUN of the node lives in its namespace, exactly as meshd does. The
+// child mounts a private tmpfs on /run/wireguard (ip netns exec gives it
+// its own mount namespace) so the nodes' UAPI sockets do not collide.
+// The parent drives it with one JSON command per line on stdin.
+
+import (
+	"bufio"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"os"
+	"os/exec"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"golang.org/x/net/icmp"
+	"golang.org/x/net/ipv4"
+	"golang.org/x/sys/unix"
+
+	"github.com/meshd/meshd/pkg/overlay/desired"
+	"github.com/meshd/meshd/pkg/registry"
+)
+
+const helperEnv = "MESHD_OVERLAY_TEST_HELPER"
+
+func TestMain(m *testing.M) {
+	if os.Getenv(helperEnv) == "1" {
+		os.Exit(runHelper(os.Stdin, os.Stdout))
+	}
+	os.Exit(m.Run())
+}
+
+// helperCmd is one command to a node process.
+type helperCmd struct {
+	Op       string            `json:"op"`
+	Options  *Options          `json:"options,omitempty"`
+	Members  []registry.Member `json:"members,omitempty"`
+	Revision int64             `json:"revision,omitempty"`
+	Addr     string            `json:"addr,omitempty"`
+}
+
+// helperReply is the answer to one command.
+type helperReply struct {
+	Err       string  `json:"err,omitempty"`
+	PublicKey string  `json:"publicKey,omitempty"`
+	Status    *Status `json:"status,omitempty"`
+	Plan      string  `json:"plan,omitempty"`
+}
+
+func runHelper(in io.Reader, out io.Writer) int {
+	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelDebug}))
+	if err := unix.Mount("none", "/run/wireguard", "tmpfs", 0, "mode=0755"); err != nil {
+		fmt.Fprintf(os.Stderr, "helper: mount private /run/wireguard: %v\n", err)
+		return 2
+	}
+	var c *Component
+	var opts Options
+	enc := json.NewEncoder(out)
+	sc := bufio.NewScanner(in)
+	sc.Buffer(make([]byte, 1<<20), 1<<20)
+	ctx := context.Background()
+	for sc.Scan() {
+		var cmd helperCmd
+		var rep helperReply
+		err := json.Unmarshal(sc.Bytes(), &cmd)
+		if err == nil {
+			err = func() error {
+				if c == nil && cmd.Op != "new" && cmd.Op != "ping" && cmd.Op != "exit" {
+					return errors.New("no component: send new first")
+				}
+				switch cmd.Op {
+				case "new":
+					opts = *cmd.Options
+					nc, err := New(opts, log.With("node", opts.Self), nil)
+					if err != nil {
+						return err
+					}
+					c = nc
+					rep.PublicKey = c.PublicKey()
+				case "boot":
+					return c.Boot(ctx)
+				case "apply":
+					return c.Apply(ctx, snapshotOf(cmd.Members, cmd.Revision))
+				case "plan": // what Apply would still change: "" once converged
+					want, err := desired.Compute(snapshotOf(cmd.Members, cmd.Revision), opts.Self, opts.params())
+					if err != nil {
+						return err
+					}
+					live, err := c.applier.Live(want.RouteTable)
+					if err != nil {
+						return err
+					}
+					if want.MTU == 0 {
+						want.MTU = live.MTU // resolved by the applier from the uplink
+					}
+					rep.Plan = desired.Diff(live, want).String()
+				case "status":
+					st := c.StatusNow(time.Now())
+					rep.Status = &st
+				case "close":
+					err := c.Close()
+					c = nil
+					return err
+				case "destroy":
+					err := c.Destroy()
+					return errors.Join(err, c.Close())
+				case "ping":
+					return ping(cmd.Addr, 2*time.Second)
+				case "exit":
+					return nil
+				default:
+					return fmt.Errorf("unknown op %q", cmd.Op)
+				}
+				return nil
+			}()
+		}
+		if err != nil {
+			rep.Err = err.Error()
+		}
+		enc.Encode(rep)
+		if cmd.Op == "exit" {
+			return 0
+		}
+	}
+	return 0
+}
+
+func snapshotOf(ms []registry.Member, rev int64) *registry.Snapshot {
+	s := &registry.Snapshot{Revision: rev, Members: map[string]registry.Member{}}
+	for _, m := range ms {
+		s.Members[m.Name] = m
+	}
+	return s
+}
+
+// ping sends ICMP echo requests to addr until one is answered or timeout.
+// The test machine has no ping binary; this is the same packet.
+func ping(addr string, timeout time.Duration) error {
+	dst, err := net.ResolveIPAddr("ip4", addr)
+	if err != nil {
+		return err
+	}
+	c, err := icmp.ListenPacket("ip4:icmp", "0.0.0.0")
+	if err != nil {
+		return fmt.Errorf("icmp socket: %w", err)
+	}
+	defer c.Close()
+	id := os.Getpid() & 0xffff
+	deadline := time.Now().Add(timeout)
+	buf := make([]byte, 1500)
+	for seq := 1; time.Now().Before(deadline); seq++ {
+		msg := icmp.Message{Type: ipv4.ICMPTypeEcho, Body: &icmp.Echo{ID: id, Seq: seq, Data: []byte("meshd")}}
+		b, _ := msg.Marshal(nil)
+		if _, err := c.WriteTo(b, dst); err != nil {
+			time.Sleep(50 * time.Millisecond) // no route yet
+			continue
+		}
+		c.SetReadDeadline(time.Now().Add(200 * time.Millisecond))
+		for {
+			n, from, err := c.ReadFrom(buf)
+			if err != nil {
+				break // timed out: send the next echo
+			}
+			rm, err := icmp.ParseMessage(1, buf[:n])
+			if err != nil || rm.Type != ipv4.ICMPTypeEchoReply || from.String() != dst.String() {
+				continue
+			}
+			if e, ok := rm.Body.(*icmp.Echo); ok && e.ID == id {
+				return nil
+			}
+		}
+	}
+	return fmt.Errorf("no echo reply from %s within %v", addr, timeout)
+}
+
+// node is the parent's handle on one helper process.
+type node struct {
+	name string
+	ns   string
+	cmd  *exec.Cmd
+	in   io.WriteCloser
+	out  *bufio.Scanner
+	log  *syncBuffer
+}
+
+// syncBuffer collects a helper's stderr for failure messages.
+type syncBuffer struct {
+	mu sync.Mutex
+	b  strings.Builder
+}
+
+func (s *syncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *syncBuffer) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
+}
+
+func (n *node) do(t testing.TB, cmd helperCmd) helperReply {
+	t.Helper()
+	b, _ := json.Marshal(cmd)
+	if _, err := n.in.Write(append(b, '\n')); err != nil {
+		t.Fatalf("%s: send %s: %v\nnode log:\n%s", n.name, cmd.Op, err, n.log)
+	}
+	if !n.out.Scan() {
+		t.Fatalf("%s: no reply to %s (helper died?)\nnode log:\n%s", n.name, cmd.Op, n.log)
+	}
+	var rep helperReply
+	if err := json.Unmarshal(n.out.Bytes(), &rep); err != nil {
+		t.Fatalf("%s: bad reply %q: %v", n.name, n.out.Text(), err)
+	}
+	return rep
+}
+
+// must runs cmd and fails the test on an error reply.
+func (n *node) must(t testing.TB, cmd helperCmd) helperReply {
+	t.Helper()
+	rep := n.do(t, cmd)
+	if rep.Err != "" {
+		t.Fatalf("%s: %s: %s\nnode log:\n%s", n.name, cmd.Op, rep.Err, n.log)
+	}
+	return rep
+}

@@ -1,0 +1,165 @@
+package overlay
+
+import (
+	"os/exec"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/meshd/meshd/pkg/registry"
+)
+
+// TestMesh runs real WireGuard (kernel if present, else wireguard-go on
+// TUN) in three network namespaces and walks the overlay through the
+// life of a cluster: two nodes, a third joins, a route is deleted by
+// hand, meshd restarts, a member is removed, a node boots from its cache.
+func TestMesh(t *testing.T) {
+	l := newLab(t)
+	dir := t.TempDir()
+	n := []*node{l.addNode(0), l.addNode(1), l.addNode(2)}
+	keys := make([]string, 3)
+	members := make([]registry.Member, 3)
+	for i, nd := range n {
+		keys[i] = nd.must(t, helperCmd{Op: "new", Options: l.options(i, dir)}).PublicKey
+		members[i] = memberOf(i, keys[i])
+	}
+	apply := func(nd *node, rev int64, ms ...registry.Member) {
+		t.Helper()
+		nd.must(t, helperCmd{Op: "apply", Members: ms, Revision: rev})
+		if plan := nd.must(t, helperCmd{Op: "plan", Members: ms, Revision: rev}).Plan; plan != "" {
+			t.Fatalf("%s not converged after apply, still to do:\n%s", nd.name, plan)
+		}
+	}
+	ping := func(from *node, to int) {
+		t.Helper()
+		if rep := from.do(t, helperCmd{Op: "ping", Addr: overlayIP(to)}); rep.Err != "" {
+			t.Fatalf("%s cannot reach n%d over the overlay: %s\n%s log:\n%s", from.name, to, rep.Err, from.name, from.log)
+		}
+	}
+
+	// Before its member record exists a node configures nothing.
+	n[0].must(t, helperCmd{Op: "apply", Members: members[1:2], Revision: 1})
+	if st := n[0].must(t, helperCmd{Op: "status"}).Status; !st.Waiting || st.Mode != "" {
+		t.Fatalf("without a member record: status %+v, want waiting and no device", st)
+	}
+
+	// Two nodes.
+	apply(n[0], 2, members[0], members[1])
+	apply(n[1], 2, members[0], members[1])
+	ping(n[0], 1)
+	ping(n[1], 0)
+	link := l.ip("-n", n[0].ns, "link", "show", l.iface)
+	if !strings.Contains(link, "mtu 1380") {
+		t.Errorf("interface MTU: want uplink 1460 - 80 = 1380, got %s", link)
+	}
+	if addr := l.ip("-n", n[0].ns, "addr", "show", l.iface); !strings.Contains(addr, "10.10.0.0/32") {
+		t.Errorf("interface address: want 10.10.0.0/32, got %s", addr)
+	}
+	if rules := l.ip("-n", n[0].ns, "rule", "show"); !strings.Contains(rules, "to 10.0.0.0/8 lookup 51820") {
+		t.Errorf("policy rule missing:\n%s", rules)
+	}
+	h01 := handshake(t, n[0], keys[1])
+	h10 := handshake(t, n[1], keys[0])
+	if h01.IsZero() || h10.IsZero() {
+		t.Fatalf("no handshake after ping: %v %v", h01, h10)
+	}
+
+	t.Run("third node joins without re-handshake", func(t *testing.T) {
+		for _, nd := range n {
+			apply(nd, 3, members...)
+		}
+		ping(n[0], 2)
+		ping(n[1], 2)
+		ping(n[2], 0)
+		ping(n[2], 1)
+		if got := handshake(t, n[0], keys[1]); !got.Equal(h01) {
+			t.Errorf("n0's session with n1 re-handshook when n2 joined: %v -> %v", h01, got)
+		}
+		if got := handshake(t, n[1], keys[0]); !got.Equal(h10) {
+			t.Errorf("n1's session with n0 re-handshook when n2 joined: %v -> %v", h10, got)
+		}
+	})
+
+	t.Run("route deleted by hand comes back within a second", func(t *testing.T) {
+		l.ip("-n", n[0].ns, "route", "del", "10.10.1.0/24", "table", "51820")
+		start := time.Now()
+		for {
+			out, _ := exec.Command("ip", "-n", n[0].ns, "route", "show", "table", "51820", "10.10.1.0/24").Output()
+			if strings.Contains(string(out), "10.10.1.0/24") {
+				t.Logf("route back after %v: %s", time.Since(start), strings.TrimSpace(string(out)))
+				break
+			}
+			if time.Since(start) > time.Second {
+				t.Fatalf("route 10.10.1.0/24 not restored within 1s")
+			}
+			time.Sleep(10 * time.Millisecond)
+		}
+		ping(n[0], 1)
+	})
+
+	t.Run("restart keeps key and peers", func(t *testing.T) {
+		before := handshake(t, n[0], keys[1])
+		n[0].must(t, helperCmd{Op: "close"})
+		// Closed: the interface and peers are still there.
+		ping(n[1], 0)
+		key := n[0].must(t, helperCmd{Op: "new", Options: l.options(0, dir)}).PublicKey
+		if key != keys[0] {
+			t.Fatalf("public key changed across restart: %s -> %s", keys[0], key)
+		}
+		n[0].must(t, helperCmd{Op: "boot"})
+		apply(n[0], 3, members...)
+		if got := handshake(t, n[0], keys[1]); !got.Equal(before) {
+			t.Errorf("restart re-handshook (peer removed and re-added?): %v -> %v", before, got)
+		}
+		ping(n[0], 1)
+	})
+
+	t.Run("removed member loses its peer", func(t *testing.T) {
+		apply(n[0], 4, members[0], members[1])
+		apply(n[1], 4, members[0], members[1])
+		if hasPeer(t, n[0], keys[2]) || hasPeer(t, n[1], keys[2]) {
+			t.Fatal("peer of removed member n2 still configured")
+		}
+		if out, _ := exec.Command("ip", "-n", n[0].ns, "route", "show", "table", "51820").Output(); strings.Contains(string(out), "10.10.2.0") {
+			t.Errorf("route to removed member's subnet remains: %s", out)
+		}
+		if rep := n[0].do(t, helperCmd{Op: "ping", Addr: overlayIP(2)}); rep.Err == "" {
+			t.Error("removed node still reachable over the overlay")
+		}
+		ping(n[0], 1)
+	})
+
+	t.Run("boot from cache without the registry", func(t *testing.T) {
+		n[1].must(t, helperCmd{Op: "destroy"})
+		if _, err := exec.Command("ip", "-n", n[1].ns, "link", "show", l.iface).Output(); err == nil {
+			t.Fatal("interface still present after destroy")
+		}
+		n[1].must(t, helperCmd{Op: "new", Options: l.options(1, dir)})
+		n[1].must(t, helperCmd{Op: "boot"})
+		ping(n[1], 0)
+		if st := n[1].must(t, helperCmd{Op: "status"}).Status; st.PeerCount != 1 || st.Revision != 4 {
+			t.Errorf("after boot: %d peers at revision %d, want 1 at 4", st.PeerCount, st.Revision)
+		}
+	})
+}
+
+// TestKernelModeWithoutModule checks that mode "kernel" fails clearly,
+// rather than falling back, where the kernel has no WireGuard.
+func TestKernelModeWithoutModule(t *testing.T) {
+	requireLab(t)
+	if out, err := exec.Command("ip", "link", "add", "mdtprobe0", "type", "wireguard").CombinedOutput(); err == nil {
+		exec.Command("ip", "link", "del", "mdtprobe0").Run()
+		t.Skip("kernel has WireGuard")
+	} else {
+		t.Logf("no kernel WireGuard: %s", strings.TrimSpace(string(out)))
+	}
+	l := newLab(t)
+	nd := l.addNode(0)
+	opts := l.options(0, t.TempDir())
+	opts.Mode = ModeKernel
+	key := nd.must(t, helperCmd{Op: "new", Options: opts}).PublicKey
+	rep := nd.do(t, helperCmd{Op: "apply", Members: []registry.Member{memberOf(0, key)}})
+	if !strings.Contains(rep.Err, "kernel WireGuard") {
+		t.Fatalf("apply in kernel mode: err %q, want a kernel WireGuard error", rep.Err)
+	}
+}

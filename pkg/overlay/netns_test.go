@@ -1,0 +1,173 @@
+package overlay
+
+import (
+	"bufio"
+	"fmt"
+	"net/netip"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/meshd/meshd/pkg/registry"
+)
+
+// lab is a set of network namespaces joined by a bridge in a hub
+// namespace: the underlay. Node i has 192.0.2.<i+1>/24 on eth0 (MTU 1460)
+// and a default route, so the applier finds an uplink. Everything is
+// created inside namespaces named <tag>-*, and deleted at cleanup.
+type lab struct {
+	t     *testing.T
+	tag   string
+	iface string
+	nodes []*node
+}
+
+func requireLab(t *testing.T) {
+	t.Helper()
+	if os.Geteuid() != 0 {
+		t.Skip("needs root (network namespaces, TUN, WireGuard); runs in CI")
+	}
+	if _, err := exec.LookPath("ip"); err != nil {
+		t.Skip("needs the ip command (iproute2)")
+	}
+	if _, err := os.Stat("/dev/net/tun"); err != nil {
+		t.Skip("needs /dev/net/tun")
+	}
+}
+
+func newLab(t *testing.T) *lab {
+	requireLab(t)
+	pid := os.Getpid()
+	l := &lab{t: t, tag: fmt.Sprintf("mdtov%d", pid), iface: fmt.Sprintf("mdtwg%d", pid%1000000)}
+	// ip netns exec needs the mount point on the host; the helpers mount a
+	// private tmpfs over it in their own mount namespaces.
+	if err := os.MkdirAll("/run/wireguard", 0o755); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		for _, n := range l.nodes {
+			n.in.Close()
+			done := make(chan struct{})
+			go func() { n.cmd.Wait(); close(done) }()
+			select {
+			case <-done:
+			case <-time.After(3 * time.Second):
+				n.cmd.Process.Kill()
+				<-done
+			}
+			if t.Failed() {
+				t.Logf("log of %s:\n%s", n.name, n.log)
+			}
+		}
+		for _, n := range l.nodes {
+			exec.Command("ip", "netns", "del", n.ns).Run()
+		}
+		exec.Command("ip", "netns", "del", l.tag+"-hub").Run()
+	})
+	l.ip("netns", "add", l.tag+"-hub")
+	l.ip("-n", l.tag+"-hub", "link", "add", "br0", "type", "bridge")
+	l.ip("-n", l.tag+"-hub", "link", "set", "br0", "up")
+	return l
+}
+
+// ip runs an ip(8) command and fails the test if it fails.
+func (l *lab) ip(args ...string) string {
+	l.t.Helper()
+	out, err := exec.Command("ip", args...).CombinedOutput()
+	if err != nil {
+		l.t.Fatalf("ip %s: %v: %s", strings.Join(args, " "), err, out)
+	}
+	return string(out)
+}
+
+// addNode creates namespace, veth and a helper process for node i.
+func (l *lab) addNode(i int) *node {
+	t := l.t
+	t.Helper()
+	ns := fmt.Sprintf("%s-n%d", l.tag, i)
+	hub := l.tag + "-hub"
+	l.ip("netns", "add", ns)
+	n := &node{name: fmt.Sprintf("n%d", i), ns: ns, log: &syncBuffer{}}
+	l.nodes = append(l.nodes, n)
+	v := fmt.Sprintf("v%d", i)
+	l.ip("-n", hub, "link", "add", v, "type", "veth", "peer", "name", "eth0", "netns", ns)
+	l.ip("-n", hub, "link", "set", v, "master", "br0", "up")
+	l.ip("-n", ns, "link", "set", "lo", "up")
+	l.ip("-n", ns, "link", "set", "eth0", "mtu", "1460", "up")
+	l.ip("-n", ns, "addr", "add", fmt.Sprintf("192.0.2.%d/24", i+1), "dev", "eth0")
+	l.ip("-n", ns, "route", "add", "default", "via", "192.0.2.254")
+
+	exe, err := os.Executable()
+	if err != nil {
+		t.Fatal(err)
+	}
+	n.cmd = exec.Command("ip", "netns", "exec", ns, exe, "-test.run=^$")
+	n.cmd.Env = append(os.Environ(), helperEnv+"=1")
+	n.cmd.Stderr = n.log
+	if n.in, err = n.cmd.StdinPipe(); err != nil {
+		t.Fatal(err)
+	}
+	stdout, err := n.cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	n.out = bufio.NewScanner(stdout)
+	n.out.Buffer(make([]byte, 1<<20), 1<<20)
+	if err := n.cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	return n
+}
+
+// options returns node i's component options with state under dir.
+func (l *lab) options(i int, dir string) *Options {
+	return &Options{
+		Self:      fmt.Sprintf("n%d", i),
+		StateDir:  filepath.Join(dir, fmt.Sprintf("n%d", i)),
+		Interface: l.iface,
+		Keepalive: 25 * time.Second,
+		Mode:      ModeAuto,
+		Network:   netip.MustParsePrefix("10.0.0.0/8"),
+	}
+}
+
+// memberOf is node i's member record as ClaimMember would write it.
+func memberOf(i int, publicKey string) registry.Member {
+	subnet := netip.PrefixFrom(netip.AddrFrom4([4]byte{10, 10, byte(i), 0}), 24)
+	return registry.Member{
+		Name:      fmt.Sprintf("n%d", i),
+		PublicKey: publicKey,
+		Endpoint:  fmt.Sprintf("192.0.2.%d:51820", i+1),
+		Subnet:    subnet,
+		OverlayIP: subnet.Addr(),
+	}
+}
+
+func overlayIP(i int) string { return fmt.Sprintf("10.10.%d.0", i) }
+
+// handshake returns the time of node n's last handshake with the peer
+// whose public key is key (zero: none; fails if there is no such peer).
+func handshake(t *testing.T, n *node, key string) time.Time {
+	t.Helper()
+	st := n.must(t, helperCmd{Op: "status"}).Status
+	for _, p := range st.Peers {
+		if p.PublicKey == key {
+			return p.LastHandshake
+		}
+	}
+	t.Fatalf("%s has no peer %s; peers: %+v", n.name, key, st.Peers)
+	return time.Time{}
+}
+
+func hasPeer(t *testing.T, n *node, key string) bool {
+	t.Helper()
+	for _, p := range n.must(t, helperCmd{Op: "status"}).Status.Peers {
+		if p.PublicKey == key {
+			return true
+		}
+	}
+	return false
+}

@@ -1,0 +1,156 @@
+package overlay
+
+import (
+	"context"
+	"time"
+
+	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
+)
+
+const (
+	// repairDelay coalesces a burst of netlink events (a link going away
+	// deletes many routes) into one repair pass.
+	repairDelay = 20 * time.Millisecond
+	// resyncInterval bounds how long a change netlink does not announce
+	// (a deleted policy rule) can go unnoticed.
+	resyncInterval = 30 * time.Second
+	// resubscribeDelay is the pause before subscribing again after a
+	// netlink subscription failed (socket overrun, closed).
+	resubscribeDelay = time.Second
+)
+
+// watch keeps the applied state in place: it subscribes to route,
+// address and link events and, when something meshd owns is deleted
+// (systemd-networkd flushing foreign routes, an operator's `ip route
+// del`, the interface vanishing), re-applies the newest desired state.
+// Routes are back within repairDelay plus one Set. It also re-applies
+// every resyncInterval. It runs until ctx ends.
+func (c *Component) watch(ctx context.Context) {
+	defer close(c.done)
+	for ctx.Err() == nil {
+		c.watchOnce(ctx)
+		select {
+		case <-ctx.Done():
+		case <-time.After(resubscribeDelay):
+		}
+	}
+}
+
+// watchOnce runs one set of subscriptions until ctx ends or one of them
+// fails.
+func (c *Component) watchOnce(ctx context.Context) {
+	done := make(chan struct{})
+	defer close(done)
+	failed := make(chan error, 3)
+	onErr := func(err error) {
+		select {
+		case failed <- err:
+		default:
+		}
+	}
+	routes := make(chan netlink.RouteUpdate, 256)
+	addrs := make(chan netlink.AddrUpdate, 64)
+	links := make(chan netlink.LinkUpdate, 64)
+	if err := netlink.RouteSubscribeWithOptions(routes, done, netlink.RouteSubscribeOptions{ErrorCallback: onErr}); err != nil {
+		c.log.Warn("route subscription failed", "err", err)
+		return
+	}
+	if err := netlink.AddrSubscribeWithOptions(addrs, done, netlink.AddrSubscribeOptions{ErrorCallback: onErr}); err != nil {
+		c.log.Warn("address subscription failed", "err", err)
+		return
+	}
+	if err := netlink.LinkSubscribeWithOptions(links, done, netlink.LinkSubscribeOptions{ErrorCallback: onErr}); err != nil {
+		c.log.Warn("link subscription failed", "err", err)
+		return
+	}
+	// Something may have changed while we were not subscribed.
+	c.repair(ctx, "resubscribed")
+
+	timer := time.NewTimer(time.Hour)
+	timer.Stop()
+	pending := false
+	schedule := func() {
+		if !pending {
+			pending = true
+			timer.Reset(repairDelay)
+		}
+	}
+	tick := time.NewTicker(resyncInterval)
+	defer tick.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case err := <-failed:
+			c.log.Warn("netlink subscription failed, resubscribing", "err", err)
+			return
+		case u, ok := <-routes:
+			if !ok {
+				return
+			}
+			if u.Type == unix.RTM_DELROUTE && c.ownsRoute(u.Route) {
+				schedule()
+			}
+		case u, ok := <-addrs:
+			if !ok {
+				return
+			}
+			if !u.NewAddr && c.ownsLinkIndex(u.LinkIndex) {
+				schedule()
+			}
+		case u, ok := <-links:
+			if !ok {
+				return
+			}
+			if u.Attrs() != nil && u.Attrs().Name == c.opts.Interface &&
+				(u.Header.Type == unix.RTM_DELLINK || u.Attrs().Flags&unix.IFF_UP == 0) {
+				schedule()
+			}
+		case <-timer.C:
+			pending = false
+			c.repair(ctx, "netlink event")
+		case <-tick.C:
+			c.repair(ctx, "periodic resync")
+		}
+	}
+}
+
+// ownsRoute reports whether r is (was) one of meshd's routes.
+func (c *Component) ownsRoute(r netlink.Route) bool {
+	if r.Protocol == RouteProtocol {
+		return true
+	}
+	return c.ownsLinkIndex(r.LinkIndex)
+}
+
+func (c *Component) ownsLinkIndex(idx int) bool {
+	if idx == 0 {
+		return false
+	}
+	l, err := netlink.LinkByIndex(idx)
+	return err == nil && l.Attrs().Name == c.opts.Interface
+}
+
+// repair re-applies the newest desired state; a non-empty plan means
+// something had been removed behind meshd's back.
+func (c *Component) repair(ctx context.Context, why string) {
+	c.mu.Lock()
+	t := c.target
+	c.mu.Unlock()
+	if t == nil {
+		return
+	}
+	plan, err := c.applier.set(ctx, *t)
+	c.metrics.observe(plan, err)
+	if err != nil {
+		if ctx.Err() == nil {
+			c.log.Warn("overlay repair failed", "why", why, "err", err)
+		}
+		return
+	}
+	if !plan.Empty() {
+		c.metrics.repairs.Inc()
+		c.log.Info("overlay repaired", "why", why, "plan", plan.String())
+	}
+}

@@ -24,13 +24,13 @@ let
   storeDir = builtins.storeDir;
   inStore = p: p == storeDir || lib.hasPrefix "${storeDir}/" p;
 
-  # The etcd TLS files, by credential id. systemd copies each into the
+  # The etcd TLS files and their credential ids. systemd copies each into the
   # service's credentials directory; meshd's config names them there.
-  etcdCreds = lib.filterAttrs (_: p: p != null) {
-    "etcd-ca.pem" = cfg.etcd.caFile;
-    "etcd-cert.pem" = cfg.etcd.certFile;
-    "etcd-key.pem" = cfg.etcd.keyFile;
-  };
+  etcdFiles = builtins.filter (f: f.path != null) [
+    { id = "etcd-ca.pem"; option = "caFile"; path = cfg.etcd.caFile; }
+    { id = "etcd-cert.pem"; option = "certFile"; path = cfg.etcd.certFile; }
+    { id = "etcd-key.pem"; option = "keyFile"; path = cfg.etcd.keyFile; }
+  ];
   credPath = id: "\${CREDENTIALS_DIRECTORY}/${id}";
 
   # The file meshd reads: settings with every null dropped (null means
@@ -47,21 +47,10 @@ let
   userspaceWireGuard = overlay.enable && overlay.mode != "kernel";
   tpm = secrets.enable && secrets.withKey != "host" && secrets.withKey != "tpm2-absent";
   haproxyUnit = haproxy.enable && !haproxy.supervise;
-  # What HAProxy runs until meshd renders the real file: no listeners,
-  # which master-worker mode accepts. /run is empty after a boot; after a
-  # restart of the unit meshd's last file is kept.
+  # What HAProxy runs until meshd renders the real file (after a boot /run
+  # is empty; after a restart of the unit meshd's last file is kept).
   haproxyBootstrap = pkgs.writeShellScript "meshd-haproxy-bootstrap" ''
-    [ -e ${haproxy.configPath} ] || ${pkgs.coreutils}/bin/install -m 0644 ${pkgs.writeText "meshd-haproxy-bootstrap.cfg" ''
-      # Bootstrap config of meshd-haproxy.service: meshd replaces it.
-      global
-          master-worker
-
-      defaults
-          mode tcp
-          timeout connect 5s
-          timeout client 50s
-          timeout server 50s
-    ''} ${haproxy.configPath}
+    [ -e ${haproxy.configPath} ] || ${pkgs.coreutils}/bin/install -m 0644 ${./nix/meshd-haproxy-bootstrap.cfg} ${haproxy.configPath}
   '';
   caps = [ "CAP_NET_ADMIN" ] ++ lib.optional (haproxy.enable && haproxy.supervise) "CAP_NET_BIND_SERVICE";
 
@@ -437,18 +426,18 @@ in
       };
 
       assertions =
-        lib.mapAttrsToList
-          (id: p: {
-            assertion = !(inStore p);
-            message = "services.meshd.etcd: ${id} = \"${p}\" is in the Nix store, which every local user can read. Give the path of a file outside the store as a string (e.g. \"/var/lib/secrets/etcd/client-key.pem\"), not a Nix path.";
-          })
-          etcdCreds
-        ++ lib.mapAttrsToList
-          (id: p: {
-            assertion = lib.hasPrefix "/" p;
-            message = "services.meshd.etcd: ${id} = \"${p}\" must be an absolute path.";
-          })
-          etcdCreds
+        lib.concatMap
+          (f: [
+            {
+              assertion = !(inStore f.path);
+              message = "services.meshd.etcd.${f.option} = \"${f.path}\" is in the Nix store, which every local user can read. Give the path of a file outside the store as a string (e.g. \"/var/lib/secrets/etcd/client-key.pem\"), not a Nix path.";
+            }
+            {
+              assertion = lib.hasPrefix "/" f.path;
+              message = "services.meshd.etcd.${f.option} = \"${f.path}\" must be an absolute path.";
+            }
+          ])
+          etcdFiles
         ++ map
           (f: {
             assertion = !(builtins.isString (cfg.settings.etcd.${f} or null) && inStore cfg.settings.etcd.${f});
@@ -503,7 +492,7 @@ in
           RuntimeDirectory = "meshd";
           RuntimeDirectoryMode = "0750";
           RuntimeDirectoryPreserve = "yes";
-          LoadCredential = lib.mapAttrsToList (id: p: "${id}:${p}") etcdCreds;
+          LoadCredential = map (f: "${f.id}:${f.path}") etcdFiles;
           UMask = "0077";
 
           CapabilityBoundingSet = caps;

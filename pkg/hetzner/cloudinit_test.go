@@ -1,0 +1,131 @@
+package hetzner_test
+
+import (
+	"flag"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"regexp"
+	"strings"
+	"testing"
+
+	"github.com/google/go-cmp/cmp"
+	"sigs.k8s.io/yaml"
+
+	"github.com/meshd/meshd/pkg/hetzner"
+)
+
+var update = flag.Bool("update", false, "rewrite golden files")
+
+func testCloudInit(role string) hetzner.CloudInit {
+	return hetzner.CloudInit{Cluster: "prod", Name: "worker-1", Role: role, WireGuardPort: 51820,
+		NixChannel: hetzner.DefaultNixChannel, InfectURL: hetzner.DefaultInfectURL}
+}
+
+func TestCloudInitGolden(t *testing.T) {
+	for _, role := range []string{"worker", "ingress", "control"} {
+		t.Run(role, func(t *testing.T) {
+			got, err := testCloudInit(role).Render()
+			if err != nil {
+				t.Fatal(err)
+			}
+			golden := filepath.Join("testdata", "cloud-init-"+role+".yaml")
+			if *update {
+				if err := os.WriteFile(golden, []byte(got), 0o644); err != nil {
+					t.Fatal(err)
+				}
+			}
+			want, err := os.ReadFile(golden)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if diff := cmp.Diff(string(want), got); diff != "" {
+				t.Errorf("cloud-init (-golden +got), rerun with -update if intended:\n%s", diff)
+			}
+		})
+	}
+}
+
+// cloudConfig is the part of cloud-config this test checks.
+type cloudConfig struct {
+	WriteFiles []struct {
+		Path        string `json:"path"`
+		Permissions string `json:"permissions"`
+		Content     string `json:"content"`
+	} `json:"write_files"`
+	Runcmd []string `json:"runcmd"`
+}
+
+// TestCloudInitIsValid parses the rendered cloud-config as YAML and the
+// NixOS file it writes as Nix (with nix-instantiate when installed).
+func TestCloudInitIsValid(t *testing.T) {
+	ud, err := testCloudInit("ingress").Render()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !strings.HasPrefix(ud, "#cloud-config\n") {
+		t.Fatal("user data does not start with #cloud-config")
+	}
+	var cc cloudConfig
+	if err := yaml.UnmarshalStrict([]byte(ud), &cc, yaml.DisallowUnknownFields); err != nil {
+		t.Fatalf("not YAML: %v", err)
+	}
+	if len(cc.WriteFiles) != 1 || cc.WriteFiles[0].Path != "/etc/nixos/meshd-host.nix" {
+		t.Fatalf("write_files = %+v", cc.WriteFiles)
+	}
+	nix := cc.WriteFiles[0].Content
+	for _, want := range []string{`allowedUDPPorts = [ 51820 ]`, `node = "worker-1"`, `groups = [ "frontends" ]`, `cluster = "prod"`} {
+		if !strings.Contains(nix, want) {
+			t.Errorf("host.nix lacks %q:\n%s", want, nix)
+		}
+	}
+	infect := cc.Runcmd[len(cc.Runcmd)-1]
+	if !regexp.MustCompile(`NIX_CHANNEL=nixos-25\.11 NIXOS_IMPORT=\./meshd-host\.nix bash`).MatchString(infect) {
+		t.Errorf("runcmd does not run nixos-infect with the import: %q", infect)
+	}
+
+	bin, err := exec.LookPath("nix-instantiate")
+	if err != nil {
+		t.Skip("nix-instantiate not installed: Nix syntax not checked (apt-get install nix-bin)")
+	}
+	f := filepath.Join(t.TempDir(), "meshd-host.nix")
+	if err := os.WriteFile(f, []byte(nix), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	cmd := exec.Command(bin, "--store", "dummy://", "--parse", f)
+	cmd.Env = append(os.Environ(), "NIX_CONFIG=build-users-group =")
+	if out, err := cmd.CombinedOutput(); err != nil {
+		t.Fatalf("nix-instantiate --parse: %v\n%s", err, out)
+	}
+	// Evaluate it as a module function with a stub lib: the attribute
+	// set must evaluate (the meshd module is absent, so imports is []).
+	expr := `let m = import ` + f + ` { lib = { mkDefault = x: x; }; }; in
+		{ inherit (m) imports; udp = m.networking.firewall.allowedUDPPorts; json = m.environment.etc."meshd/provisioned.json".text; }`
+	cmd = exec.Command(bin, "--store", "dummy://", "--eval", "--strict", "--json", "-E", expr)
+	cmd.Env = append(os.Environ(), "NIX_CONFIG=build-users-group =")
+	out, err := cmd.CombinedOutput()
+	if err != nil {
+		t.Fatalf("nix-instantiate --eval: %v\n%s", err, out)
+	}
+	want := `{"imports":[],"json":"{\"cluster\":\"prod\",\"groups\":[\"frontends\"],\"node\":\"worker-1\",\"role\":\"ingress\",\"wireguardPort\":51820}","udp":[51820]}`
+	if got := strings.TrimSpace(string(out)); got != want {
+		t.Errorf("evaluated host.nix:\n got %s\nwant %s", got, want)
+	}
+}
+
+func TestCloudInitRejectsUnsafeInput(t *testing.T) {
+	for name, mutate := range map[string]func(*hetzner.CloudInit){
+		"quote in name":     func(c *hetzner.CloudInit) { c.Name = `a"b` },
+		"shell in URL":      func(c *hetzner.CloudInit) { c.InfectURL = "https://x/$(reboot)" },
+		"http URL":          func(c *hetzner.CloudInit) { c.InfectURL = "http://example.com/nixos-infect" },
+		"channel injection": func(c *hetzner.CloudInit) { c.NixChannel = "nixos-25.11 bash -c id;" },
+		"cluster newline":   func(c *hetzner.CloudInit) { c.Cluster = "a\nb" },
+		"port":              func(c *hetzner.CloudInit) { c.WireGuardPort = 70000 },
+	} {
+		ci := testCloudInit("worker")
+		mutate(&ci)
+		if _, err := ci.Render(); err == nil {
+			t.Errorf("%s: rendered", name)
+		}
+	}
+}

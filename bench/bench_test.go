@@ -1,0 +1,57 @@
+package bench
+
+import (
+	"context"
+	"testing"
+	"time"
+
+	clientv3 "go.etcd.io/etcd/client/v3"
+
+	"github.com/meshd/meshd/pkg/etcdtest"
+)
+
+// TestSmoke runs the floor and scale benchmarks at a tiny size against a
+// real etcd: the harness works and its numbers are sane. It is part of
+// make test; the real runs are make bench.
+func TestSmoke(t *testing.T) {
+	s := etcdtest.New(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	newClient := func() (*clientv3.Client, error) { return s.Client() }
+
+	floor, err := Floor(ctx, FloorOptions{NewClient: newClient, N: 3, Trials: 5})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(floor.Samples) != 5 || floor.Quantile(0.5) <= 0 || floor.Max() > 5*time.Second {
+		t.Errorf("floor: %s", floor.Summary())
+	}
+	t.Log(floor.Summary())
+
+	res, err := Scale(ctx, ScaleOptions{
+		NewClient: newClient, MetricsURL: s.Endpoint() + "/metrics", N: 3, Trials: 3,
+		StateDir: t.TempDir(), Log: t.Logf,
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, ser := range []Series{res.Added, res.Removed, res.AddedStatus} {
+		if len(ser.Samples) != 3 || ser.Quantile(0.5) <= 0 {
+			t.Errorf("scale: %s", ser.Summary())
+		}
+	}
+	// An added instance is at least as fast to apply as to be published.
+	if res.Added.Quantile(0.5) > res.AddedStatus.Quantile(0.5) {
+		t.Errorf("applied p50 %v after published p50 %v", res.Added.Quantile(0.5), res.AddedStatus.Quantile(0.5))
+	}
+	// One change: the instance write plus one status per agent, give or
+	// take a heartbeat; never N².
+	if res.WritesPerChange < 1 || res.WritesPerChange > float64(1+2*res.N) {
+		t.Errorf("writes per change %.1f with N=%d", res.WritesPerChange, res.N)
+	}
+	if res.EventsPerChange <= 0 {
+		t.Errorf("events per change %.1f", res.EventsPerChange)
+	}
+	t.Logf("cpu/change %v, writes/change %.1f, events/change %.1f, heap/agent %d KiB",
+		res.CPUPerChange, res.WritesPerChange, res.EventsPerChange, res.HeapPerAgent>>10)
+}

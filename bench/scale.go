@@ -1,0 +1,412 @@
+package bench
+
+import (
+	"cmp"
+	"context"
+	"crypto/rand"
+	"encoding/base64"
+	"encoding/hex"
+	"encoding/json"
+	"fmt"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"runtime"
+	"slices"
+	"sync"
+	"syscall"
+	"time"
+
+	clientv3 "go.etcd.io/etcd/client/v3"
+
+	"github.com/meshd/meshd/pkg/agent"
+	"github.com/meshd/meshd/pkg/haproxycfg"
+	"github.com/meshd/meshd/pkg/overlay/desired"
+	"github.com/meshd/meshd/pkg/registry"
+)
+
+// ScaleOptions configures the scale benchmark: N real meshd agents in this
+// process against one etcd, each with a recording component instead of
+// the kernel and HAProxy.
+type ScaleOptions struct {
+	// NewClient returns a client of the etcd under test; every agent gets
+	// its own, as every meshd has its own.
+	NewClient func() (*clientv3.Client, error)
+	// MetricsURL is etcd's /metrics (for watch events per change); empty
+	// skips that count.
+	MetricsURL string
+	N          int
+	Trials     int
+	// StateDir holds the agents' state directories.
+	StateDir string
+	// Coalesce is each agent's settle window (default: meshd's default).
+	Coalesce time.Duration
+	// LeaseTTL of every agent (default 30s: keep-alive traffic stays low).
+	LeaseTTL time.Duration
+	// Log receives progress lines (nil: none).
+	Log func(format string, a ...any)
+}
+
+// ScaleResult is what the scale benchmark measured.
+type ScaleResult struct {
+	N int
+	// Startup is how long all N agents took to register and apply.
+	Startup time.Duration
+	// Added and Removed are the times from an instance put (delete) until
+	// every agent's component applied it, in process.
+	Added, Removed Series
+	// AddedStatus is until every agent's published status reached the
+	// revision (what `meshctl --wait` sees), for the same trials as Added.
+	AddedStatus Series
+	// CPUPerChange is this process's CPU time (every agent and the
+	// harness; etcd runs elsewhere when MetricsURL names a separate
+	// process) per change, and per agent per change.
+	CPUPerChange, CPUPerAgentChange time.Duration
+	// HeapPerAgent is the Go heap in use per running agent (client
+	// included), and RSSPerAgent the process's RSS growth per agent.
+	HeapPerAgent, RSSPerAgent int64
+	// WritesPerChange is etcd revisions per change (the change itself plus
+	// every status it causes); EventsPerChange is watch events etcd sent.
+	WritesPerChange, EventsPerChange float64
+}
+
+// recorder is the scale benchmark's component: it computes the real
+// desired state of HAProxy and the overlay (the pure functions meshd
+// uses) and records it instead of applying it.
+type recorder struct {
+	self    string
+	consume []registry.Group
+	onApply func(node string, rev int64)
+
+	mu      sync.Mutex
+	rev     int64
+	servers int
+	peers   int
+}
+
+func (r *recorder) Name() string { return "record" }
+
+func (r *recorder) Apply(ctx context.Context, snap *registry.Snapshot) error {
+	hd := haproxycfg.Compute(snap, haproxycfg.Params{Self: r.self, Consume: r.consume})
+	od, _ := desired.Compute(snap, r.self, desired.Params{Network: netip.MustParsePrefix("10.0.0.0/8")})
+	r.mu.Lock()
+	r.rev, r.servers, r.peers = snap.Revision, hd.Servers(), len(od.Peers)
+	r.mu.Unlock()
+	r.onApply(r.self, snap.Revision)
+	return nil
+}
+
+func (r *recorder) Status() any {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return map[string]any{"revision": r.rev, "servers": r.servers, "peers": r.peers}
+}
+
+// progress records, per node, when it first reached each revision, so a
+// trial can be evaluated whatever the order of the write's return and the
+// nodes' reports.
+type progress struct {
+	mu     sync.Mutex
+	hist   map[string][]point
+	notify chan struct{}
+}
+
+type point struct {
+	rev int64
+	at  time.Time
+}
+
+func newProgress() *progress {
+	return &progress{hist: map[string][]point{}, notify: make(chan struct{})}
+}
+
+func (p *progress) report(node string, rev int64) {
+	now := time.Now()
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	h := p.hist[node]
+	if len(h) > 0 && h[len(h)-1].rev >= rev {
+		return
+	}
+	p.hist[node] = append(h, point{rev, now})
+	close(p.notify)
+	p.notify = make(chan struct{})
+}
+
+// reached returns the slowest node's time from start to rev, and how many
+// of the nodes reached it.
+func (p *progress) reached(nodes []string, rev int64, start time.Time) (time.Duration, int, <-chan struct{}) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	var slowest time.Duration
+	got := 0
+	for _, n := range nodes {
+		h := p.hist[n]
+		i, _ := slices.BinarySearchFunc(h, rev, func(x point, r int64) int { return cmp.Compare(x.rev, r) })
+		if i < len(h) {
+			got++
+			slowest = max(slowest, h[i].at.Sub(start))
+		}
+	}
+	return slowest, got, p.notify
+}
+
+// wait waits until every node reached rev and returns the slowest time.
+func (p *progress) wait(ctx context.Context, nodes []string, rev int64, start time.Time) (time.Duration, error) {
+	for {
+		d, got, ch := p.reached(nodes, rev, start)
+		if got == len(nodes) {
+			return d, nil
+		}
+		select {
+		case <-ch:
+		case <-ctx.Done():
+			return 0, fmt.Errorf("%d of %d nodes reached revision %d: %w", got, len(nodes), rev, ctx.Err())
+		}
+	}
+}
+
+// Scale runs the scale benchmark.
+func Scale(ctx context.Context, o ScaleOptions) (ScaleResult, error) {
+	res := ScaleResult{N: o.N,
+		Added:       Series{Name: fmt.Sprintf("meshd scale N=%d instance added", o.N)},
+		Removed:     Series{Name: fmt.Sprintf("meshd scale N=%d instance removed", o.N)},
+		AddedStatus: Series{Name: fmt.Sprintf("meshd scale N=%d instance added (status published)", o.N)},
+	}
+	if o.Log == nil {
+		o.Log = func(string, ...any) {}
+	}
+	if o.LeaseTTL == 0 {
+		o.LeaseTTL = 30 * time.Second
+	}
+	if o.Coalesce == 0 {
+		o.Coalesce = 5 * time.Millisecond
+	}
+	ctl, err := o.NewClient()
+	if err != nil {
+		return res, err
+	}
+	defer ctl.Close()
+	applied := newProgress()
+	published := newProgress()
+	names := make([]string, o.N)
+	for i := range names {
+		names[i] = fmt.Sprintf("s%04d", i)
+	}
+	actx, stop := context.WithCancel(ctx)
+	var wg sync.WaitGroup
+	var clients []*clientv3.Client
+	defer func() {
+		stop()
+		wg.Wait()
+		for _, c := range clients {
+			c.Close()
+		}
+	}()
+	go watchStatuses(actx, ctl, published)
+
+	runtime.GC()
+	var m0 runtime.MemStats
+	runtime.ReadMemStats(&m0)
+	rss0 := rss()
+	startAll := time.Now()
+	firstRev := int64(0)
+	if r, err := ctl.Get(ctx, "/", clientv3.WithCountOnly()); err == nil {
+		firstRev = r.Header.Revision
+	}
+	errs := make(chan error, o.N)
+	for i := range o.N {
+		cli, err := o.NewClient()
+		if err != nil {
+			return res, err
+		}
+		clients = append(clients, cli)
+		name := names[i]
+		dir := filepath.Join(o.StateDir, name)
+		if err := os.MkdirAll(dir, 0o700); err != nil {
+			return res, err
+		}
+		rec := &recorder{self: name, consume: []registry.Group{registry.GroupBackends}, onApply: applied.report}
+		a, err := agent.New(agent.Options{
+			Client: cli, Node: name, ID: randomHex(16), PublicIPv4: fmt.Sprintf("192.0.2.%d", i%250+1),
+			Consume: rec.consume, LeaseTTL: o.LeaseTTL, Coalesce: o.Coalesce, StateDir: dir, Version: "bench",
+			Member:     &agent.MemberOptions{PublicKey: randomKey(), Endpoint: fmt.Sprintf("192.0.2.%d:51820", i%250+1), Pool: registry.DefaultPool},
+			Components: []agent.Component{rec},
+		})
+		if err != nil {
+			return res, err
+		}
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			if err := a.Run(actx); err != nil && actx.Err() == nil {
+				errs <- fmt.Errorf("agent %s: %w", name, err)
+			}
+		}()
+	}
+	upctx, cancel := context.WithTimeout(ctx, 5*time.Minute+time.Duration(o.N)*100*time.Millisecond)
+	go func() {
+		select {
+		case err := <-errs:
+			o.Log("%v", err)
+			cancel()
+		case <-upctx.Done():
+		}
+	}()
+	_, err = applied.wait(upctx, names, firstRev+1, startAll)
+	cancel()
+	if err != nil {
+		return res, fmt.Errorf("agents did not come up: %w", err)
+	}
+	// Wait until the join storm has settled: every agent applied the
+	// newest revision.
+	if err := settle(ctx, ctl, names, applied, published); err != nil {
+		return res, err
+	}
+	res.Startup = time.Since(startAll)
+	runtime.GC()
+	var m1 runtime.MemStats
+	runtime.ReadMemStats(&m1)
+	res.HeapPerAgent = int64(m1.HeapInuse-m0.HeapInuse) / int64(o.N)
+	res.RSSPerAgent = (rss() - rss0) / int64(o.N)
+	o.Log("scale N=%d: %d agents up in %s, heap %d KiB/agent", o.N, o.N, res.Startup.Round(time.Millisecond), res.HeapPerAgent>>10)
+
+	cpu0 := cpuTime()
+	ev0, _ := etcdCounter(ctx, o.MetricsURL, "etcd_debugging_mvcc_events_total")
+	rev0 := int64(0)
+	changes := 0
+	key := registry.InstanceKey(registry.GroupBackends, "benchapp", "worker-x")
+	meta, _ := json.Marshal(registry.AppMeta{Publish: registry.Publish{Port: 19999}})
+	if _, err := ctl.Put(ctx, registry.MetaKey(registry.GroupBackends, "benchapp"), string(meta)); err != nil {
+		return res, err
+	}
+	if err := settle(ctx, ctl, names, applied, published); err != nil {
+		return res, err
+	}
+	for t := range o.Trials {
+		for _, add := range []bool{true, false} {
+			start := time.Now()
+			var rev int64
+			if add {
+				v := fmt.Sprintf(`{"ipv4":"10.10.200.%d","node":"worker-x","port":8080}`, t%250+1)
+				r, err := ctl.Put(ctx, key, v)
+				if err != nil {
+					return res, err
+				}
+				rev = r.Header.Revision
+			} else {
+				r, err := ctl.Delete(ctx, key)
+				if err != nil {
+					return res, err
+				}
+				rev = r.Header.Revision
+			}
+			if rev0 == 0 {
+				rev0 = rev - 1
+			}
+			changes++
+			tctx, cancel := context.WithTimeout(ctx, 60*time.Second)
+			d, err := applied.wait(tctx, names, rev, start)
+			if err != nil {
+				cancel()
+				return res, fmt.Errorf("trial %d: applied: %w", t, err)
+			}
+			pd, err := published.wait(tctx, names, rev, start)
+			cancel()
+			if err != nil {
+				return res, fmt.Errorf("trial %d: published: %w", t, err)
+			}
+			if add {
+				res.Added.Add(d)
+				res.AddedStatus.Add(pd)
+			} else {
+				res.Removed.Add(d)
+			}
+		}
+	}
+	// Let the last statuses land before counting writes.
+	if err := settle(ctx, ctl, names, applied, published); err != nil {
+		return res, err
+	}
+	cpu := cpuTime() - cpu0
+	res.CPUPerChange = cpu / time.Duration(changes)
+	res.CPUPerAgentChange = res.CPUPerChange / time.Duration(o.N)
+	if r, err := ctl.Get(ctx, "/", clientv3.WithCountOnly()); err == nil {
+		// Minus the harness's own settle writes (one per settle).
+		res.WritesPerChange = float64(r.Header.Revision-rev0-1) / float64(changes)
+	}
+	if ev1, err := etcdCounter(ctx, o.MetricsURL, "etcd_debugging_mvcc_events_total"); err == nil && o.MetricsURL != "" {
+		res.EventsPerChange = (ev1 - ev0) / float64(changes)
+	}
+	o.Log("%s\n%s\n%s", res.Added.Summary(), res.AddedStatus.Summary(), res.Removed.Summary())
+	return res, nil
+}
+
+// settle writes a marker key and waits until every agent applied and
+// published it, so the next trial starts from a quiet cluster.
+func settle(ctx context.Context, cli *clientv3.Client, names []string, applied, published *progress) error {
+	start := time.Now()
+	r, err := cli.Put(ctx, "/cluster/backends/benchsettle/meta_data", `{"publish":{"port":19998}}`)
+	if err != nil {
+		return err
+	}
+	tctx, cancel := context.WithTimeout(ctx, 5*time.Minute)
+	defer cancel()
+	if _, err := applied.wait(tctx, names, r.Header.Revision, start); err != nil {
+		return fmt.Errorf("settle: applied: %w", err)
+	}
+	if _, err := published.wait(tctx, names, r.Header.Revision, start); err != nil {
+		return fmt.Errorf("settle: published: %w", err)
+	}
+	// Quiet period: statuses written after apply.
+	time.Sleep(200 * time.Millisecond)
+	return nil
+}
+
+func watchStatuses(ctx context.Context, cli *clientv3.Client, p *progress) {
+	for wr := range cli.Watch(ctx, registry.StatusPrefix, clientv3.WithPrefix()) {
+		for _, ev := range wr.Events {
+			if ev.Type != clientv3.EventTypePut {
+				continue
+			}
+			var s registry.Status
+			if json.Unmarshal(ev.Kv.Value, &s) == nil {
+				p.report(s.Node, s.Revision)
+			}
+		}
+	}
+}
+
+func randomHex(n int) string {
+	b := make([]byte, n)
+	_, _ = rand.Read(b)
+	return hex.EncodeToString(b)
+}
+
+func randomKey() string {
+	b := make([]byte, 32)
+	_, _ = rand.Read(b)
+	return base64.StdEncoding.EncodeToString(b)
+}
+
+// cpuTime is this process's user+system CPU time.
+func cpuTime() time.Duration {
+	var ru syscall.Rusage
+	if syscall.Getrusage(syscall.RUSAGE_SELF, &ru) != nil {
+		return 0
+	}
+	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
+}
+
+// rss is this process's resident set size in bytes.
+func rss() int64 {
+	b, err := os.ReadFile("/proc/self/statm")
+	if err != nil {
+		return 0
+	}
+	var size, res int64
+	if _, err := fmt.Sscanf(string(b), "%d %d", &size, &res); err != nil {
+		return 0
+	}
+	return res * int64(os.Getpagesize())
+}

@@ -1,5 +1,5 @@
 # Evaluates (settings is freeform) but meshd rejects the rendered file:
-# "listenport" is not a field of meshd's config. The build-time check
+# "wgPort" is not a field of meshd's config. The build-time check
 # (services.meshd.checkConfig) runs meshd --check-config and fails.
 { ... }:
 {
@@ -8,6 +8,6 @@
   services.meshd = {
     enable = true;
     settings.etcd.endpoints = [ "https://10.1.0.2:2379" ];
-    settings.overlay.listenport = 51821;
+    settings.overlay.wgPort = 51821;
   };
 }

@@ -102,9 +102,9 @@ var cloudInitTmpl = template.Must(template.New("cloud-init").Parse(`#cloud-confi
 # Rendered by meshctl provision: node {{.Name}} ({{.Role}}) of meshd cluster {{.Cluster}}.
 # It converts this Debian/Ubuntu image to NixOS with nixos-infect, whose
 # generated configuration.nix imports /etc/nixos/meshd-host.nix below.
-# The meshd module itself is imported once /etc/nixos/meshd/module.nix
-# exists: the operator copies it there with the node's etcd certificates
-# and rebuilds (docs/provisioning.md).
+# meshd itself is enabled once the operator has put the meshd repository
+# at /etc/nixos/meshd and written /etc/nixos/meshd-node.nix (etcd
+# endpoints and certificates), then rebuilt: see docs/provisioning.md.
 write_files:
   - path: /etc/nixos/meshd-host.nix
     permissions: "0644"
@@ -112,8 +112,9 @@ write_files:
       { lib, ... }:
       {
         imports =
-          if builtins.pathExists /etc/nixos/meshd/module.nix
-          then [ /etc/nixos/meshd/module.nix ]
+          if builtins.pathExists /etc/nixos/meshd/nixos-module.nix
+          then [ /etc/nixos/meshd/nixos-module.nix ./meshd-role.nix ]
+            ++ (if builtins.pathExists /etc/nixos/meshd-node.nix then [ /etc/nixos/meshd-node.nix ] else [ ])
           else [ ];
         networking.hostName = lib.mkDefault "{{.Name}}";
         # The cloud firewall allows the same; this is the host's own.
@@ -130,7 +131,18 @@ write_files:
           wireguardPort = {{.WireGuardPort}};
         };
       }
+  - path: /etc/nixos/meshd-role.nix
+    permissions: "0644"
+    content: |
+      # What the cloud knows about this node, as meshd module settings.
+      # Imported with the meshd module; override in meshd-node.nix.
+      { lib, ... }:
+      {
+        services.meshd.nodeName = lib.mkDefault "{{.Name}}";
+        services.meshd.openFirewall = lib.mkDefault true;
+        services.meshd.settings.consume = lib.mkDefault [ {{.Groups}} ];
+        services.meshd.settings.overlay.listenPort = lib.mkDefault {{.WireGuardPort}};
+      }
 runcmd:
-  - mkdir -p /etc/nixos/meshd
   - curl -fsSL --retry 5 '{{.InfectURL}}' | PROVIDER=hetznercloud NIX_CHANNEL={{.NixChannel}} NIXOS_IMPORT=./meshd-host.nix bash 2>&1 | tee /var/log/nixos-infect.log
 `))

@@ -70,7 +70,7 @@ func TestCloudInitIsValid(t *testing.T) {
 	if err := yaml.UnmarshalStrict([]byte(ud), &cc, yaml.DisallowUnknownFields); err != nil {
 		t.Fatalf("not YAML: %v", err)
 	}
-	if len(cc.WriteFiles) != 1 || cc.WriteFiles[0].Path != "/etc/nixos/meshd-host.nix" {
+	if len(cc.WriteFiles) != 2 || cc.WriteFiles[0].Path != "/etc/nixos/meshd-host.nix" || cc.WriteFiles[1].Path != "/etc/nixos/meshd-role.nix" {
 		t.Fatalf("write_files = %+v", cc.WriteFiles)
 	}
 	nix := cc.WriteFiles[0].Content
@@ -84,30 +84,41 @@ func TestCloudInitIsValid(t *testing.T) {
 		t.Errorf("runcmd does not run nixos-infect with the import: %q", infect)
 	}
 
+	role := cc.WriteFiles[1].Content
+	for _, want := range []string{`nodeName = lib.mkDefault "worker-1"`, `consume = lib.mkDefault [ "frontends" ]`, `listenPort = lib.mkDefault 51820`} {
+		if !strings.Contains(role, want) {
+			t.Errorf("meshd-role.nix lacks %q:\n%s", want, role)
+		}
+	}
+
 	bin, err := exec.LookPath("nix-instantiate")
 	if err != nil {
 		t.Skip("nix-instantiate not installed: Nix syntax not checked (apt-get install nix-bin)")
 	}
-	f := filepath.Join(t.TempDir(), "meshd-host.nix")
-	if err := os.WriteFile(f, []byte(nix), 0o644); err != nil {
-		t.Fatal(err)
+	dir := t.TempDir()
+	f := filepath.Join(dir, "meshd-host.nix")
+	for i, c := range cc.WriteFiles {
+		p := filepath.Join(dir, filepath.Base(c.Path))
+		if err := os.WriteFile(p, []byte(c.Content), 0o644); err != nil {
+			t.Fatal(err)
+		}
+		cmd := exec.Command(bin, "--store", "dummy://", "--parse", p)
+		cmd.Env = append(os.Environ(), "NIX_CONFIG=build-users-group =")
+		if out, err := cmd.CombinedOutput(); err != nil {
+			t.Fatalf("nix-instantiate --parse %s: %v\n%s", cc.WriteFiles[i].Path, err, out)
+		}
 	}
-	cmd := exec.Command(bin, "--store", "dummy://", "--parse", f)
-	cmd.Env = append(os.Environ(), "NIX_CONFIG=build-users-group =")
-	if out, err := cmd.CombinedOutput(); err != nil {
-		t.Fatalf("nix-instantiate --parse: %v\n%s", err, out)
-	}
-	// Evaluate it as a module function with a stub lib: the attribute
-	// set must evaluate (the meshd module is absent, so imports is []).
-	expr := `let m = import ` + f + ` { lib = { mkDefault = x: x; }; }; in
-		{ inherit (m) imports; udp = m.networking.firewall.allowedUDPPorts; json = m.environment.etc."meshd/provisioned.json".text; }`
-	cmd = exec.Command(bin, "--store", "dummy://", "--eval", "--strict", "--json", "-E", expr)
+	// Evaluate both as module functions with a stub lib (the meshd module
+	// is absent here, so imports is []).
+	expr := `let lib = { mkDefault = x: x; }; m = import ` + f + ` { inherit lib; }; r = import ` + filepath.Join(dir, "meshd-role.nix") + ` { inherit lib; }; in
+		{ inherit (m) imports; udp = m.networking.firewall.allowedUDPPorts; json = m.environment.etc."meshd/provisioned.json".text; consume = r.services.meshd.settings.consume; }`
+	cmd := exec.Command(bin, "--store", "dummy://", "--eval", "--strict", "--json", "-E", expr)
 	cmd.Env = append(os.Environ(), "NIX_CONFIG=build-users-group =")
 	out, err := cmd.CombinedOutput()
 	if err != nil {
 		t.Fatalf("nix-instantiate --eval: %v\n%s", err, out)
 	}
-	want := `{"imports":[],"json":"{\"cluster\":\"prod\",\"groups\":[\"frontends\"],\"node\":\"worker-1\",\"role\":\"ingress\",\"wireguardPort\":51820}","udp":[51820]}`
+	want := `{"consume":["frontends"],"imports":[],"json":"{\"cluster\":\"prod\",\"groups\":[\"frontends\"],\"node\":\"worker-1\",\"role\":\"ingress\",\"wireguardPort\":51820}","udp":[51820]}`
 	if got := strings.TrimSpace(string(out)); got != want {
 		t.Errorf("evaluated host.nix:\n got %s\nwant %s", got, want)
 	}

@@ -165,7 +165,7 @@ func (s *Server) createServer(w http.ResponseWriter, r *http.Request) {
 	srv := &schema.Server{
 		ID: id, Name: req.Name, Status: "initializing", Created: created, Labels: labels,
 		ServerType: schema.ServerType{Name: req.ServerType.Name}, Location: loc,
-		Image:      &schema.Image{ID: imgID, Type: "system"},
+		Image: &schema.Image{ID: imgID, Type: "system"},
 		PublicNet: schema.ServerPublicNet{
 			IPv4: schema.ServerPublicNetIPv4{ID: id, IP: fmt.Sprintf("203.0.113.%d", n)},
 			IPv6: schema.ServerPublicNetIPv6{ID: id + 10000, IP: fmt.Sprintf("2001:db8:%x::/64", n)},

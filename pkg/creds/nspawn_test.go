@@ -5,6 +5,7 @@ import (
 	"context"
 	"crypto/rand"
 	"encoding/hex"
+	"encoding/json"
 	"fmt"
 	"os"
 	"os/exec"
@@ -73,6 +74,16 @@ func newNspawnRoot(t *testing.T) *nspawnRoot {
 	return r
 }
 
+// enable makes unit start at boot.
+func (r *nspawnRoot) enable(t *testing.T, unit string) {
+	t.Helper()
+	link := filepath.Join(r.dir, "etc/systemd/system/multi-user.target.wants", unit)
+	os.Remove(link)
+	if err := os.Symlink("../"+unit, link); err != nil {
+		t.Fatal(err)
+	}
+}
+
 func (r *nspawnRoot) write(t *testing.T, rel, content string) {
 	t.Helper()
 	if err := os.WriteFile(filepath.Join(r.dir, rel), []byte(content), 0o644); err != nil {
@@ -96,23 +107,25 @@ Type=oneshot
 LoadCredentialEncrypted=%[1]s
 ExecStart=/bin/sh -c 'cp "$CREDENTIALS_DIRECTORY/%[1]s" /out/%[1]s'
 `, name))
-	link := filepath.Join(r.dir, "etc/systemd/system/multi-user.target.wants", unit)
-	os.Remove(link)
-	if err := os.Symlink("../"+unit, link); err != nil {
-		t.Fatal(err)
-	}
+	r.enable(t, unit)
 }
 
-// boot boots systemd in the tree; the unit powers the machine off.
-func (r *nspawnRoot) boot(t *testing.T) {
+// boot boots systemd in the tree; a unit powers the machine off. Extra
+// arguments go to systemd-nspawn; without any the machine gets a private
+// network with loopback only.
+func (r *nspawnRoot) boot(t *testing.T, extra ...string) {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
-	cmd := exec.CommandContext(ctx, "systemd-nspawn", "--quiet",
-		"--directory="+r.dir, "--machine="+fmt.Sprintf("mdtcreds%d", os.Getpid()),
-		"--bind-ro=/usr", "--bind="+r.out+":/out",
-		"--private-network", "--register=no", "--keep-unit", "--link-journal=no",
-		"--boot")
+	args := []string{"--quiet",
+		"--directory=" + r.dir, "--machine=" + fmt.Sprintf("mdtcreds%d", os.Getpid()),
+		"--bind-ro=/usr", "--bind=" + r.out + ":/out",
+		"--register=no", "--keep-unit", "--link-journal=no"}
+	if len(extra) == 0 {
+		extra = []string{"--private-network"}
+	}
+	args = append(append(args, extra...), "--boot")
+	cmd := exec.CommandContext(ctx, "systemd-nspawn", args...)
 	out, err := cmd.CombinedOutput()
 	if ctx.Err() != nil {
 		t.Fatalf("systemd-nspawn did not power off within 60s:\n%s", out)
@@ -178,5 +191,103 @@ func TestNspawnUnitReadsDeliveredCredential(t *testing.T) {
 	}
 	assertNowhereInEtcd(t, cli, values...)
 	assertNotInLogs(t, logs.String(), values...)
+	assertNowhereInFiles(t, []string{stateDir, credstore}, values...)
+}
+
+// TestNspawnRotationRestartsUnitOverDBus runs the component inside the
+// booted machine with its real defaults: systemd-creds with the machine's
+// own host key, and the D-Bus unit manager. A running unit that loaded
+// version 1 at boot must be restarted by meshd and load version 2.
+func TestNspawnRotationRestartsUnitOverDBus(t *testing.T) {
+	needNspawn(t)
+	self, err := os.Executable()
+	if err != nil {
+		t.Skipf("cannot find the test binary to run inside the machine: %v", err)
+	}
+	ctx := context.Background()
+	srv := etcdtest.New(t)
+	cli := etcdtest.NewClient(t, srv)
+	root := newNspawnRoot(t)
+	stateDir := t.TempDir()
+	credstore := filepath.Join(root.dir, "etc/credstore.encrypted")
+	env := []string{"SYSTEMD_CREDENTIAL_SECRET=" + filepath.Join(root.dir, "var/lib/systemd/credential.secret")}
+
+	// Version 1 is delivered before boot, as a meshd that ran earlier would.
+	logs := &syncBuffer{}
+	comp, err := New(Options{Self: "node-a", StateDir: stateDir, CredstoreDir: credstore,
+		Creds: SystemdCreds{WithKey: "host", Env: env}, Manager: &fakeManager{}}, newTestLogger(logs), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	addMember(t, cli, "node-a", 1, comp.Recipient())
+	v1, v2 := secretValue("v1"), secretValue("v2")
+	if _, err := PutSecret(ctx, cli, "db-password", v1, Targets{Nodes: []string{"node-a"}}); err != nil {
+		t.Fatal(err)
+	}
+	if err := comp.Apply(ctx, snapshotFor(t, cli, "node-a")); err != nil {
+		t.Fatal(err)
+	}
+	// Version 2 is waiting in etcd when the machine boots.
+	if _, err := PutSecret(ctx, cli, "db-password", v2, Targets{Nodes: []string{"node-a"}}); err != nil {
+		t.Fatal(err)
+	}
+
+	root.write(t, "etc/systemd/system/app.service", `[Unit]
+Description=an app that loads db-password at start
+
+[Service]
+Type=oneshot
+RemainAfterExit=yes
+LoadCredentialEncrypted=db-password
+ExecStart=/bin/sh -c 'cat "$CREDENTIALS_DIRECTORY/db-password" >> /out/app.log; echo >> /out/app.log'
+`)
+	root.enable(t, "app.service")
+	root.write(t, "etc/systemd/system/meshd-helper.service", fmt.Sprintf(`[Unit]
+Description=meshd creds component, once
+After=app.service dbus.service
+Wants=dbus.service
+SuccessAction=poweroff-force
+FailureAction=poweroff-force
+
+[Service]
+Type=oneshot
+Environment=%s=1 MDT_CREDS_OUT=/out MDT_CREDS_NODE=node-a MDT_CREDS_STATE=/state MDT_CREDS_ETCD=%s MDT_CREDS_UNITS=db-password=app.service
+ExecStart=/helper/creds.test
+StandardOutput=file:/out/helper.out
+StandardError=file:/out/helper.out
+`, helperEnv, srv.Endpoint()))
+	root.enable(t, "meshd-helper.service")
+
+	// The machine shares the host's network so the helper reaches etcd on
+	// loopback.
+	root.boot(t, "--bind-ro="+self+":/helper/creds.test", "--bind="+stateDir+":/state")
+
+	helperOut, _ := os.ReadFile(filepath.Join(root.out, "helper.out"))
+	st, err := os.ReadFile(filepath.Join(root.out, "helper-status.json"))
+	if err != nil {
+		t.Fatalf("the helper did not run: %v\n%s", err, helperOut)
+	}
+	var got Status
+	if err := json.Unmarshal(st, &got); err != nil {
+		t.Fatal(err)
+	}
+	if got.Delivered["db-password"] != 2 || len(got.Errors) != 0 {
+		t.Errorf("helper status %s\n%s", st, helperOut)
+	}
+	appLog, err := os.ReadFile(filepath.Join(root.out, "app.log"))
+	if err != nil {
+		t.Fatalf("app never started: %v", err)
+	}
+	if want := string(v1) + "\n" + string(v2) + "\n"; string(appLog) != want {
+		t.Errorf("app loaded %d lines, want version 1 at boot then version 2 after meshd restarted it over D-Bus", strings.Count(string(appLog), "\n"))
+	}
+	helperLog, _ := os.ReadFile(filepath.Join(root.out, "helper.log"))
+	t.Logf("helper log:\n%s", helperLog)
+	if !strings.Contains(string(helperLog), "app.service") {
+		t.Errorf("helper log does not mention the restart:\n%s", helperLog)
+	}
+	values := [][]byte{v1, v2}
+	assertNowhereInEtcd(t, cli, values...)
+	assertNotInLogs(t, logs.String()+string(helperLog)+string(helperOut), values...)
 	assertNowhereInFiles(t, []string{stateDir, credstore}, values...)
 }

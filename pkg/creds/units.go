@@ -2,6 +2,7 @@ package creds
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"strings"
 	"sync"
@@ -60,7 +61,12 @@ func (m *DBusManager) connect(ctx context.Context) (*dbus.Conn, error) {
 	}
 	c, err := dbus.NewSystemConnectionContext(ctx)
 	if err != nil {
-		return nil, fmt.Errorf("connect to systemd: %w", err)
+		// Without a bus daemon, root can still talk to systemd directly
+		// over its private socket.
+		var perr error
+		if c, perr = dbus.NewSystemdConnectionContext(ctx); perr != nil {
+			return nil, fmt.Errorf("connect to systemd: %w", errors.Join(err, perr))
+		}
 	}
 	m.conn = c
 	return c, nil

@@ -9,6 +9,7 @@ import (
 	"net/netip"
 	"slices"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/vishvananda/netlink"
@@ -51,6 +52,10 @@ type Applier struct {
 	log  *slog.Logger
 	wg   *wgctrl.Client
 	nl   *netlink.Handle
+
+	// linkIndex is the interface's index after the last Set (0: none),
+	// read without the lock by the event watcher.
+	linkIndex atomic.Int32
 
 	mu   sync.Mutex
 	user *userspaceDevice // the device this process hosts, if any
@@ -127,11 +132,12 @@ func (a *Applier) set(ctx context.Context, want desired.State) (desired.Plan, er
 	if err != nil {
 		return desired.Plan{}, err
 	}
+	a.linkIndex.Store(int32(link.Attrs().Index))
 	dev, err := a.wg.Device(a.opts.Interface)
 	if err != nil {
 		return desired.Plan{}, fmt.Errorf("read device %s: %w", a.opts.Interface, err)
 	}
-	live, err := a.liveLocked(link, dev, want.RouteTable)
+	live, err := a.liveLocked(link, dev, want.RouteTable, want.SelfAddress())
 	if err != nil {
 		return desired.Plan{}, err
 	}
@@ -234,7 +240,7 @@ func (a *Applier) Live(table int) (desired.State, error) {
 	if err != nil {
 		return desired.State{}, fmt.Errorf("read device %s: %w", a.opts.Interface, err)
 	}
-	return a.liveLocked(link, dev, table)
+	return a.liveLocked(link, dev, table, netip.Addr{})
 }
 
 // Device returns the live WireGuard device (peers with handshake times).
@@ -242,7 +248,7 @@ func (a *Applier) Device() (*wgtypes.Device, error) {
 	return a.wg.Device(a.opts.Interface)
 }
 
-func (a *Applier) liveLocked(link netlink.Link, dev *wgtypes.Device, table int) (desired.State, error) {
+func (a *Applier) liveLocked(link netlink.Link, dev *wgtypes.Device, table int, src netip.Addr) (desired.State, error) {
 	st := desired.State{
 		MTU:        link.Attrs().MTU,
 		ListenPort: dev.ListenPort,
@@ -268,7 +274,7 @@ func (a *Applier) liveLocked(link netlink.Link, dev *wgtypes.Device, table int) 
 	if st.Addresses, err = a.liveAddrsLocked(link); err != nil {
 		return desired.State{}, err
 	}
-	if st.Routes, err = a.liveRoutesLocked(link, table); err != nil {
+	if st.Routes, err = a.liveRoutesLocked(link, table, src); err != nil {
 		return desired.State{}, err
 	}
 	return st, nil
@@ -279,7 +285,8 @@ func (a *Applier) liveLocked(link netlink.Link, dev *wgtypes.Device, table int) 
 // restarting) must not take the data plane down. A userspace device
 // hosted by this process keeps running until the process exits.
 func (a *Applier) Close() error {
-	return errors.Join(a.wg.Close(), closeHandle(a.nl))
+	a.nl.Close()
+	return a.wg.Close()
 }
 
 // Destroy removes the interface, its routes and the policy rule: the
@@ -288,8 +295,7 @@ func (a *Applier) Close() error {
 func (a *Applier) Destroy() error {
 	a.mu.Lock()
 	defer a.mu.Unlock()
-	var errs []error
-	errs = append(errs, a.deleteRulesLocked(nil)...)
+	_, errs := a.deleteRulesLocked(nil)
 	if a.user != nil {
 		a.user.Close()
 		a.user = nil
@@ -301,11 +307,6 @@ func (a *Applier) Destroy() error {
 	}
 	a.mode = ""
 	return errors.Join(errs...)
-}
-
-func closeHandle(h *netlink.Handle) error {
-	h.Close()
-	return nil
 }
 
 // waitGone polls until the named link has disappeared (a closed TUN is

@@ -2,6 +2,7 @@ package overlay
 
 import (
 	"errors"
+	"log/slog"
 	"net/netip"
 	"os"
 	"path/filepath"
@@ -82,3 +83,5 @@ func TestCacheRejectsBadFiles(t *testing.T) {
 		}
 	})
 }
+
+func discard() *slog.Logger { return slog.New(slog.DiscardHandler) }

@@ -1,6 +1,7 @@
 package overlay
 
 import (
+	"net/netip"
 	"os/exec"
 	"strings"
 	"testing"
@@ -139,6 +140,29 @@ func TestMesh(t *testing.T) {
 		ping(n[1], 0)
 		if st := n[1].must(t, helperCmd{Op: "status"}).Status; st.PeerCount != 1 || st.Revision != 4 {
 			t.Errorf("after boot: %d peers at revision %d, want 1 at 4", st.PeerCount, st.Revision)
+		}
+	})
+	t.Run("overlay address change", func(t *testing.T) {
+		// n0 is given another subnet: its address is added before the old
+		// one goes, its routes get the new source, n1 updates n0's
+		// AllowedIPs in place.
+		moved := members[0]
+		moved.Subnet = netip.MustParsePrefix("10.10.9.0/24")
+		moved.OverlayIP = moved.Subnet.Addr()
+		before := handshake(t, n[1], keys[0])
+		apply(n[0], 5, moved, members[1])
+		apply(n[1], 5, moved, members[1])
+		addr := l.ip("-n", n[0].ns, "addr", "show", l.iface)
+		if !strings.Contains(addr, "10.10.9.0/32") || strings.Contains(addr, "10.10.0.0/32") {
+			t.Errorf("addresses after the change: %s", addr)
+		}
+		if r := l.ip("-n", n[0].ns, "route", "show", "table", "51820"); !strings.Contains(r, "src 10.10.9.0") {
+			t.Errorf("routes keep the old source: %s", r)
+		}
+		ping(n[1], 9)
+		ping(n[0], 1)
+		if got := handshake(t, n[1], keys[0]); !got.Equal(before) {
+			t.Errorf("changing n0's AllowedIPs re-handshook: %v -> %v", before, got)
 		}
 	})
 }

@@ -47,8 +47,10 @@ func (a *Applier) liveAddrsLocked(link netlink.Link) ([]netip.Prefix, error) {
 }
 
 // liveRoutesLocked returns the destinations of meshd's routes through the
-// interface in table.
-func (a *Applier) liveRoutesLocked(link netlink.Link, table int) ([]netip.Prefix, error) {
+// interface in table. When src is valid, a route with another preferred
+// source (the node's overlay address changed) does not count: Set then
+// replaces it.
+func (a *Applier) liveRoutesLocked(link netlink.Link, table int, src netip.Addr) ([]netip.Prefix, error) {
 	routes, err := a.nl.RouteListFiltered(netlink.FAMILY_V4,
 		&netlink.Route{LinkIndex: link.Attrs().Index, Table: table},
 		netlink.RT_FILTER_OIF|netlink.RT_FILTER_TABLE)
@@ -58,6 +60,9 @@ func (a *Applier) liveRoutesLocked(link netlink.Link, table int) ([]netip.Prefix
 	var out []netip.Prefix
 	for _, r := range routes {
 		if r.Protocol != RouteProtocol || r.Dst == nil {
+			continue
+		}
+		if rs, ok := netip.AddrFromSlice(r.Src); src.IsValid() && (!ok || rs.Unmap() != src) {
 			continue
 		}
 		if p, ok := ipNetToPrefix(*r.Dst); ok {
@@ -122,41 +127,24 @@ func (a *Applier) applyRoutesLocked(link netlink.Link, want desired.State, plan 
 	return errs
 }
 
-// ensureRuleLocked makes sure exactly one meshd rule exists: "to
-// <network> lookup <table>", and deletes meshd rules that differ (a
-// changed table or network). With the routes in the main table there is
-// no rule.
+// ensureRuleLocked makes sure exactly one meshd rule exists, "to
+// <network> lookup <table>", deleting meshd rules that differ (a changed
+// table or network). With the routes in the main table there is no rule.
+// Only destinations inside the overlay network consult the table, and a
+// miss there falls through to main: a Hetzner private network or anything
+// else in 10/8 keeps working.
 func (a *Applier) ensureRuleLocked(want desired.State) error {
 	var keep *netlink.Rule
 	if want.RouteTable != mainTable && want.Network.IsValid() {
-		r := netlink.NewRule()
-		r.Family = netlink.FAMILY_V4
-		r.Table = want.RouteTable
-		r.Priority = a.opts.RulePriority
-		r.Protocol = RouteProtocol
+		keep = netlink.NewRule()
+		keep.Family = netlink.FAMILY_V4
+		keep.Table = want.RouteTable
+		keep.Priority = a.opts.RulePriority
+		keep.Protocol = RouteProtocol
 		n := prefixToIPNet(want.Network)
-		r.Dst = &n
-		keep = r
+		keep.Dst = &n
 	}
-	rules, err := a.nl.RuleList(netlink.FAMILY_V4)
-	if err != nil {
-		return fmt.Errorf("list rules: %w", err)
-	}
-	found := false
-	var errs []error
-	for _, r := range rules {
-		if r.Protocol != RouteProtocol {
-			continue
-		}
-		if keep != nil && sameRule(r, *keep) && !found {
-			found = true
-			continue
-		}
-		r := r
-		if err := a.nl.RuleDel(&r); err != nil && !errors.Is(err, unix.ENOENT) {
-			errs = append(errs, fmt.Errorf("delete stale rule %v: %w", r, err))
-		}
-	}
+	found, errs := a.deleteRulesLocked(keep)
 	if keep != nil && !found {
 		if err := a.nl.RuleAdd(keep); err != nil && !errors.Is(err, unix.EEXIST) {
 			errs = append(errs, fmt.Errorf("add rule to %v lookup %d: %w", want.Network, want.RouteTable, err))
@@ -165,23 +153,26 @@ func (a *Applier) ensureRuleLocked(want desired.State) error {
 	return errors.Join(errs...)
 }
 
-// deleteRulesLocked deletes every meshd rule except keep.
-func (a *Applier) deleteRulesLocked(keep *netlink.Rule) []error {
+// deleteRulesLocked deletes every meshd rule except one equal to keep,
+// and reports whether that one exists.
+func (a *Applier) deleteRulesLocked(keep *netlink.Rule) (found bool, errs []error) {
 	rules, err := a.nl.RuleList(netlink.FAMILY_V4)
 	if err != nil {
-		return []error{fmt.Errorf("list rules: %w", err)}
+		return false, []error{fmt.Errorf("list rules: %w", err)}
 	}
-	var errs []error
 	for _, r := range rules {
-		if r.Protocol != RouteProtocol || (keep != nil && sameRule(r, *keep)) {
+		if r.Protocol != RouteProtocol {
 			continue
 		}
-		r := r
+		if keep != nil && !found && sameRule(r, *keep) {
+			found = true
+			continue
+		}
 		if err := a.nl.RuleDel(&r); err != nil && !errors.Is(err, unix.ENOENT) {
-			errs = append(errs, fmt.Errorf("delete rule %v: %w", r, err))
+			errs = append(errs, fmt.Errorf("delete stale rule %v: %w", r, err))
 		}
 	}
-	return errs
+	return found, errs
 }
 
 func sameRule(a, b netlink.Rule) bool {

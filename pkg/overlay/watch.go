@@ -125,11 +125,7 @@ func (c *Component) ownsRoute(r netlink.Route) bool {
 }
 
 func (c *Component) ownsLinkIndex(idx int) bool {
-	if idx == 0 {
-		return false
-	}
-	l, err := netlink.LinkByIndex(idx)
-	return err == nil && l.Attrs().Name == c.opts.Interface
+	return idx != 0 && int32(idx) == c.applier.linkIndex.Load()
 }
 
 // repair re-applies the newest desired state; a non-empty plan means

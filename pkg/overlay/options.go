@@ -1,0 +1,22 @@
+package overlay
+
+import "github.com/meshd/meshd/pkg/config"
+
+// OptionsFromConfig maps meshd's configuration file onto the component's
+// options, so meshd's main only wires: overlay.New(OptionsFromConfig(cfg),
+// log, reg).
+func OptionsFromConfig(c config.Config) Options {
+	o := c.Overlay
+	return Options{
+		Self:         c.NodeName,
+		StateDir:     c.StateDir,
+		Interface:    o.Interface,
+		ListenPort:   o.ListenPort,
+		MTU:          o.MTU,
+		Keepalive:    o.Keepalive.D(),
+		Mode:         o.Mode,
+		RouteTable:   o.RouteTable,
+		RouteNetwork: o.RouteNetwork,
+		Network:      o.Network,
+	}
+}

@@ -2,12 +2,16 @@ package bench
 
 import (
 	"context"
+	"fmt"
+	"os"
 	"testing"
 	"time"
 
 	clientv3 "go.etcd.io/etcd/client/v3"
 
 	"github.com/meshd/meshd/pkg/etcdtest"
+	"github.com/meshd/meshd/pkg/sandbox"
+	"github.com/meshd/meshd/pkg/sandbox/sandboxtest"
 )
 
 // TestSmoke runs the floor and scale benchmarks at a tiny size against a
@@ -54,4 +58,30 @@ func TestSmoke(t *testing.T) {
 	}
 	t.Logf("cpu/change %v, writes/change %.1f, events/change %.1f, heap/agent %d KiB",
 		res.CPUPerChange, res.WritesPerChange, res.EventsPerChange, res.HeapPerAgent>>10)
+}
+
+// TestFidelitySmoke runs the full-fidelity benchmark on a 2-node sandbox
+// with two trials (root only).
+func TestFidelitySmoke(t *testing.T) {
+	meshd := sandboxtest.Need(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+	defer cancel()
+	res, err := Fidelity(ctx, FidelityOptions{
+		Sandbox: sandbox.Options{Name: fmt.Sprintf("mdtb%d", os.Getpid()%100000), MeshdBinary: meshd},
+		N:       2, Trials: 2, KillTrials: 1, Log: t.Logf,
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, s := range []Series{res.Added, res.AddedServes, res.Removed, res.RemovedServes, res.Join} {
+		if len(s.Samples) != 2 {
+			t.Errorf("%s: want 2 samples", s.Summary())
+		}
+	}
+	if len(res.Killed.Samples) != 1 || res.Killed.Max() > 30*time.Second {
+		t.Errorf("%s", res.Killed.Summary())
+	}
+	if res.Overlay && len(res.JoinPing.Samples) != 2 {
+		t.Errorf("%s: want 2 samples", res.JoinPing.Summary())
+	}
 }

@@ -341,3 +341,17 @@ func (n *Node) teardown(ctx context.Context) error {
 	}
 	return errors.Join(kerr, killNetns(ctx, n.NS))
 }
+
+// RemoveNode kills a node, deletes its namespace (and link) and forgets
+// it. Its registry keys stay: registry.RemoveNode deletes those, as
+// `meshctl node remove` does.
+func (c *Cluster) RemoveNode(ctx context.Context, name string) error {
+	c.mu.Lock()
+	n := c.nodes[name]
+	delete(c.nodes, name)
+	c.mu.Unlock()
+	if n == nil {
+		return fmt.Errorf("no node %s", name)
+	}
+	return n.teardown(ctx)
+}

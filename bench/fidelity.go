@@ -1,0 +1,365 @@
+package bench
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net/netip"
+	"sync"
+	"time"
+
+	"github.com/meshd/meshd/pkg/config"
+	"github.com/meshd/meshd/pkg/haproxycfg"
+	"github.com/meshd/meshd/pkg/registry"
+	"github.com/meshd/meshd/pkg/sandbox"
+)
+
+// The apps the full-fidelity benchmark changes.
+const (
+	benchApp      = "benchapp"
+	benchPort     = 8081 // served on n1
+	benchPublish  = 18081
+	killApp       = "benchkill"
+	killPort      = 8082
+	killPublish   = 18082
+	benchInstNode = "benchx" // the instance's node field: an instance the harness owns
+)
+
+// FidelityOptions configures the full-fidelity benchmark on a sandbox.
+type FidelityOptions struct {
+	Sandbox sandbox.Options
+	// N is the cluster size (n1 serves, the others consume).
+	N int
+	// Trials for instance add/remove and node join; KillTrials for node
+	// kill (each lasts about a lease TTL).
+	Trials, KillTrials int
+	Log                func(format string, a ...any)
+}
+
+// FidelityResult is what the full-fidelity benchmark measured.
+type FidelityResult struct {
+	N int
+	// Join: a new node's registration until every other node applied it
+	// (the new node's own start-up is not in it); JoinPing: until every
+	// other node also pings its overlay address (empty without an overlay).
+	Join, JoinPing Series
+	// Added/Removed: an instance put/delete until every node applied it;
+	// AddedServes/RemovedServes: until every consumer's 127.0.0.1 listener
+	// answers from it / no longer does, through HAProxy (and WireGuard).
+	Added, AddedServes, Removed, RemovedServes Series
+	// Killed: a SIGKILL of a serving node until its instance was gone
+	// and every node applied that (bounded by the lease TTL).
+	Killed Series
+	// Reloads and RuntimeUpdates are the HAProxy counters' growth, summed
+	// over nodes, during the instance trials.
+	Reloads, RuntimeUpdates int64
+	// Overlay says whether nodes had overlay addresses (member records).
+	Overlay bool
+}
+
+// Fidelity runs the full-fidelity benchmark: a real sandbox of N nodes.
+func Fidelity(ctx context.Context, o FidelityOptions) (FidelityResult, error) {
+	res := FidelityResult{N: o.N}
+	name := func(s string) Series { return Series{Name: fmt.Sprintf("meshd sandbox N=%d %s", o.N, s)} }
+	res.Join, res.JoinPing = name("node join (applied by the others)"), name("node join (pinged by all)")
+	res.Added, res.AddedServes = name("instance added (applied)"), name("instance added (served by all)")
+	res.Removed, res.RemovedServes = name("instance removed (applied)"), name("instance removed (gone from all)")
+	res.Killed = name("node killed (instance gone everywhere)")
+	if o.Log == nil {
+		o.Log = func(string, ...any) {}
+	}
+	c, err := sandbox.Start(ctx, o.Sandbox)
+	if err != nil {
+		return res, err
+	}
+	defer c.Close()
+	if _, err := c.BringUp(ctx, sandbox.DemoOptions{Nodes: o.N, StepTimeout: 60 * time.Second}); err != nil {
+		return res, err
+	}
+	n1 := c.Node("n1")
+	if err := n1.ServeDemo(benchPort); err != nil {
+		return res, err
+	}
+	members, err := c.Members(ctx)
+	if err != nil {
+		return res, err
+	}
+	target := n1.Addr
+	if m, ok := members["n1"]; ok {
+		target, res.Overlay = m.OverlayIP, true
+	}
+	for _, app := range []struct {
+		name string
+		port int
+	}{{benchApp, benchPublish}, {killApp, killPublish}} {
+		b, _ := json.Marshal(registry.AppMeta{Env: registry.Env{"PROTOCOL": json.RawMessage(`"http"`)}, Publish: registry.Publish{Port: app.port}})
+		rev, at, err := c.Put(ctx, registry.MetaKey(registry.GroupBackends, app.name), string(b))
+		if err != nil {
+			return res, err
+		}
+		if _, err := c.WaitApplied(ctx, rev, at, c.NodeNames()); err != nil {
+			return res, err
+		}
+	}
+	consumers := c.Nodes()[1:]
+
+	// Instance added / removed.
+	c0, err := haproxyCounters(ctx, c)
+	if err != nil {
+		return res, err
+	}
+	key := registry.InstanceKey(registry.GroupBackends, benchApp, benchInstNode)
+	val, _ := json.Marshal(registry.Instance{IPv4: target.String(), Node: benchInstNode, Port: benchPort})
+	url := fmt.Sprintf("http://127.0.0.1:%d/", benchPublish)
+	for t := range o.Trials {
+		for _, add := range []bool{true, false} {
+			tctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+			probe := startProbes(tctx, consumers, url, add)
+			var rev int64
+			var at time.Time
+			if add {
+				rev, at, err = c.Put(tctx, key, string(val))
+			} else {
+				rev, at, err = c.Delete(tctx, key)
+			}
+			if err != nil {
+				cancel()
+				return res, err
+			}
+			cv, err := c.WaitApplied(tctx, rev, at, c.NodeNames())
+			if err != nil {
+				cancel()
+				return res, fmt.Errorf("trial %d: %w", t, err)
+			}
+			served, err := probe(at)
+			cancel()
+			if err != nil {
+				return res, fmt.Errorf("trial %d: %w", t, err)
+			}
+			if add {
+				res.Added.Add(cv.Max())
+				res.AddedServes.Add(served)
+			} else {
+				res.Removed.Add(cv.Max())
+				res.RemovedServes.Add(served)
+			}
+		}
+	}
+	c1, err := haproxyCounters(ctx, c)
+	if err != nil {
+		return res, err
+	}
+	res.Reloads, res.RuntimeUpdates = c1.Reloads-c0.Reloads, c1.RuntimeUpdates-c0.RuntimeUpdates
+	o.Log("%s\n%s\n%s\n%s\nhaproxy reloads during instance trials: %d, runtime updates: %d",
+		res.Added.Summary(), res.AddedServes.Summary(), res.Removed.Summary(), res.RemovedServes.Summary(), res.Reloads, res.RuntimeUpdates)
+
+	// Node join.
+	for t := range o.Trials {
+		n, err := c.AddNode(ctx, sandbox.NodeOptions{Consume: []registry.Group{registry.GroupBackends}})
+		if err != nil {
+			return res, err
+		}
+		if err := measureJoin(ctx, c, n, &res); err != nil {
+			return res, fmt.Errorf("join trial %d: %w\n%s", t, err, n.LogTail(1500))
+		}
+		if err := c.RemoveNode(ctx, n.Name); err != nil {
+			return res, err
+		}
+		if _, err := registry.RemoveNode(ctx, c.Client(), n.Name); err != nil {
+			return res, err
+		}
+	}
+	o.Log("%s\n%s", res.Join.Summary(), res.JoinPing.Summary())
+
+	// Node killed.
+	for t := range o.KillTrials {
+		n, err := c.AddNode(ctx, sandbox.NodeOptions{
+			Instances: []config.Instance{{App: killApp, Group: registry.GroupBackends, Port: killPort,
+				Check: config.Check{TCP: fmt.Sprintf("127.0.0.1:%d", killPort), Interval: config.Duration(200 * time.Millisecond)}}},
+			BeforeStart: func(n *sandbox.Node) error { return n.ServeDemo(killPort) },
+		})
+		if err != nil {
+			return res, err
+		}
+		ikey := registry.InstanceKey(registry.GroupBackends, killApp, n.Name)
+		tctx, cancel := context.WithTimeout(ctx, 60*time.Second)
+		rev, at, err := c.WaitKey(tctx, ikey, false)
+		if err == nil {
+			_, err = c.WaitApplied(tctx, rev, at, c.NodeNames())
+		}
+		if err != nil {
+			cancel()
+			return res, fmt.Errorf("kill trial %d: instance not advertised: %w", t, err)
+		}
+		others := without(c.NodeNames(), n.Name)
+		killed := time.Now()
+		if err := n.Kill(tctx); err != nil {
+			cancel()
+			return res, err
+		}
+		rev, _, err = c.WaitKey(tctx, ikey, true)
+		if err == nil {
+			var cv sandbox.Convergence
+			cv, err = c.WaitApplied(tctx, rev, killed, others)
+			res.Killed.Add(cv.Max())
+		}
+		cancel()
+		if err != nil {
+			return res, fmt.Errorf("kill trial %d: %w", t, err)
+		}
+		if err := c.RemoveNode(ctx, n.Name); err != nil {
+			return res, err
+		}
+		if _, err := registry.RemoveNode(ctx, c.Client(), n.Name); err != nil {
+			return res, err
+		}
+	}
+	o.Log("%s", res.Killed.Summary())
+	return res, nil
+}
+
+// measureJoin times a new node's arrival: from its first registry write
+// (member record, else node entry) until every node applied it, and until
+// every other node pings its overlay address.
+func measureJoin(ctx context.Context, c *sandbox.Cluster, n *sandbox.Node, res *FidelityResult) error {
+	ctx, cancel := context.WithTimeout(ctx, 60*time.Second)
+	defer cancel()
+	rev, at, err := c.WaitKey(ctx, registry.NodeKey(n.Name), false)
+	if err != nil {
+		return err
+	}
+	var overlay netip.Addr
+	if res.Overlay {
+		mrev, mat, err := c.WaitKey(ctx, registry.MemberKey(n.Name), false)
+		if err != nil {
+			return err
+		}
+		if mat.Before(at) {
+			at = mat
+		}
+		rev = max(rev, mrev)
+		ms, err := c.Members(ctx)
+		if err != nil {
+			return err
+		}
+		overlay = ms[n.Name].OverlayIP
+	}
+	cv, err := c.WaitApplied(ctx, rev, at, without(c.NodeNames(), n.Name))
+	if err != nil {
+		return err
+	}
+	res.Join.Add(cv.Max())
+	if !overlay.IsValid() {
+		return nil
+	}
+	var (
+		mu      sync.Mutex
+		slowest time.Duration
+		errs    []error
+		wg      sync.WaitGroup
+	)
+	for _, o := range c.Nodes() {
+		if o.Name == n.Name {
+			continue
+		}
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for {
+				pctx, pcancel := context.WithTimeout(ctx, 50*time.Millisecond)
+				_, err := o.Ping(pctx, overlay)
+				pcancel()
+				if err == nil {
+					mu.Lock()
+					slowest = max(slowest, time.Since(at))
+					mu.Unlock()
+					return
+				}
+				if ctx.Err() != nil {
+					mu.Lock()
+					errs = append(errs, fmt.Errorf("%s never pinged %s: %w", o.Name, overlay, err))
+					mu.Unlock()
+					return
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	if len(errs) > 0 {
+		return errors.Join(errs...)
+	}
+	res.JoinPing.Add(slowest)
+	return nil
+}
+
+// startProbes polls url on every node (every 2 ms) until it answers
+// (want=true) or stops answering (want=false). The returned function waits
+// and returns the slowest node's time from the write at `at`.
+func startProbes(ctx context.Context, nodes []*sandbox.Node, url string, want bool) func(at time.Time) (time.Duration, error) {
+	type result struct {
+		node string
+		t    time.Time
+		err  error
+	}
+	out := make(chan result, len(nodes))
+	for _, n := range nodes {
+		go func() {
+			for {
+				rctx, cancel := context.WithTimeout(ctx, 200*time.Millisecond)
+				_, _, err := n.HTTPGet(rctx, url)
+				cancel()
+				if (err == nil) == want {
+					out <- result{n.Name, time.Now(), nil}
+					return
+				}
+				select {
+				case <-ctx.Done():
+					out <- result{n.Name, time.Time{}, fmt.Errorf("%s: %s still %v: %w", n.Name, url, map[bool]string{true: "not served", false: "served"}[want], ctx.Err())}
+					return
+				case <-time.After(2 * time.Millisecond):
+				}
+			}
+		}()
+	}
+	return func(at time.Time) (time.Duration, error) {
+		var slowest time.Duration
+		var errs []error
+		for range nodes {
+			r := <-out
+			if r.err != nil {
+				errs = append(errs, r.err)
+				continue
+			}
+			slowest = max(slowest, r.t.Sub(at))
+		}
+		return slowest, errors.Join(errs...)
+	}
+}
+
+// haproxyCounters sums the HAProxy counters every node publishes.
+func haproxyCounters(ctx context.Context, c *sandbox.Cluster) (haproxycfg.Counters, error) {
+	var sum haproxycfg.Counters
+	sts, _, err := c.Statuses(ctx)
+	if err != nil {
+		return sum, err
+	}
+	for _, st := range sts {
+		var hs haproxycfg.Status
+		if raw, ok := st.Components["haproxy"]; ok && json.Unmarshal(raw, &hs) == nil {
+			sum.Reloads += hs.Reloads
+			sum.RuntimeUpdates += hs.RuntimeUpdates
+		}
+	}
+	return sum, nil
+}
+
+func without(s []string, x string) []string {
+	var out []string
+	for _, v := range s {
+		if v != x {
+			out = append(out, v)
+		}
+	}
+	return out
+}

@@ -47,6 +47,8 @@ type helperCmd struct {
 	Members  []registry.Member `json:"members,omitempty"`
 	Revision int64             `json:"revision,omitempty"`
 	Addr     string            `json:"addr,omitempty"`
+	// Timeout of a ping (0: 2s).
+	Timeout time.Duration `json:"timeout,omitempty"`
 }
 
 // helperReply is the answer to one command.
@@ -115,7 +117,10 @@ func runHelper(in io.Reader, out io.Writer) int {
 					err := c.Destroy()
 					return errors.Join(err, c.Close())
 				case "ping":
-					return ping(cmd.Addr, 2*time.Second)
+					if cmd.Timeout == 0 {
+						cmd.Timeout = 2 * time.Second
+					}
+					return ping(cmd.Addr, cmd.Timeout)
 				case "exit":
 					return nil
 				default:

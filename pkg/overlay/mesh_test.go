@@ -124,7 +124,7 @@ func TestMesh(t *testing.T) {
 		if out, _ := exec.Command("ip", "-n", n[0].ns, "route", "show", "table", "51820").Output(); strings.Contains(string(out), "10.10.2.0") {
 			t.Errorf("route to removed member's subnet remains: %s", out)
 		}
-		if rep := n[0].do(t, helperCmd{Op: "ping", Addr: overlayIP(2)}); rep.Err == "" {
+		if rep := n[0].do(t, helperCmd{Op: "ping", Addr: overlayIP(2), Timeout: 300 * time.Millisecond}); rep.Err == "" {
 			t.Error("removed node still reachable over the overlay")
 		}
 		ping(n[0], 1)
@@ -164,6 +164,26 @@ func TestMesh(t *testing.T) {
 		if got := handshake(t, n[1], keys[0]); !got.Equal(before) {
 			t.Errorf("changing n0's AllowedIPs re-handshook: %v -> %v", before, got)
 		}
+	})
+	t.Run("SIGKILL and restart", func(t *testing.T) {
+		current := []registry.Member{members[1]}
+		current = append(current, members[0])
+		current[1].Subnet = netip.MustParsePrefix("10.10.9.0/24")
+		current[1].OverlayIP = current[1].Subnet.Addr()
+		l.kill(n[0])
+		killed := time.Now()
+		l.startHelper(n[0])
+		if key := n[0].must(t, helperCmd{Op: "new", Options: l.options(0, dir)}).PublicKey; key != keys[0] {
+			t.Fatalf("public key changed across a crash: %s -> %s", keys[0], key)
+		}
+		n[0].must(t, helperCmd{Op: "boot"})
+		ping(n[1], 9)
+		t.Logf("n1 reaches n0 again %v after SIGKILL (process restart included)", time.Since(killed))
+		if !hasPeer(t, n[1], keys[0]) {
+			t.Error("n1 dropped n0's peer while n0 was down")
+		}
+		apply(n[0], 6, current...)
+		ping(n[0], 1)
 	})
 }
 

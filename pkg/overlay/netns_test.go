@@ -100,11 +100,19 @@ func (l *lab) addNode(i int) *node {
 	l.ip("-n", ns, "addr", "add", fmt.Sprintf("192.0.2.%d/24", i+1), "dev", "eth0")
 	l.ip("-n", ns, "route", "add", "default", "via", "192.0.2.254")
 
+	l.startHelper(n)
+	return n
+}
+
+// startHelper starts (or restarts) node n's process in its namespace.
+func (l *lab) startHelper(n *node) {
+	t := l.t
+	t.Helper()
 	exe, err := os.Executable()
 	if err != nil {
 		t.Fatal(err)
 	}
-	n.cmd = exec.Command("ip", "netns", "exec", ns, exe, "-test.run=^$")
+	n.cmd = exec.Command("ip", "netns", "exec", n.ns, exe, "-test.run=^$")
 	n.cmd.Env = append(os.Environ(), helperEnv+"=1")
 	n.cmd.Stderr = n.log
 	if n.in, err = n.cmd.StdinPipe(); err != nil {
@@ -119,7 +127,13 @@ func (l *lab) addNode(i int) *node {
 	if err := n.cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
-	return n
+}
+
+// kill SIGKILLs node n's process (ip netns exec execs, so it is the
+// helper itself) and waits for it.
+func (l *lab) kill(n *node) {
+	n.cmd.Process.Kill()
+	n.cmd.Wait()
 }
 
 // options returns node i's component options with state under dir.

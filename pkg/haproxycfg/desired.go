@@ -249,15 +249,13 @@ func padSlots(s []Server, step int) []Server {
 }
 
 // tcpSocketPort returns the port of a socket address HAProxy would bind
-// over TCP ("ipv4@127.0.0.1:9999", "127.0.0.1:9999").
+// over TCP ("ipv4@127.0.0.1:9999").
 func tcpSocketPort(addr string) (int, bool) {
-	if addr == "" || strings.HasPrefix(addr, "/") || strings.HasPrefix(addr, "unix@") {
+	rest, ok := strings.CutPrefix(addr, "ipv4@")
+	if !ok {
 		return 0, false
 	}
-	if _, rest, ok := strings.Cut(addr, "@"); ok {
-		addr = rest
-	}
-	ap, err := netip.ParseAddrPort(addr)
+	ap, err := netip.ParseAddrPort(rest)
 	if err != nil {
 		return 0, false
 	}

@@ -5,7 +5,10 @@ import (
 	"crypto/sha256"
 	"encoding/hex"
 	"fmt"
+	"net/netip"
+	"path"
 	"strconv"
+	"strings"
 	"time"
 
 	"github.com/meshd/meshd/pkg/registry"
@@ -100,16 +103,23 @@ func renderable(l Listener) bool {
 	return true
 }
 
-// safeSocket accepts an absolute path or "ipv4@"/"unix@" address of the
-// characters [A-Za-z0-9/._@:-], nothing that could end the directive.
+// safeSocket accepts an absolute unix socket path of the characters
+// [A-Za-z0-9/._-] (optionally "unix@"), or "ipv4@A.B.C.D:PORT" with a
+// literal address: nothing that could end the directive, and no host name
+// that HAProxy would resolve (and hang on) at startup.
 func safeSocket(s string) bool {
-	if s == "" || len(s) > 107 {
+	if rest, ok := strings.CutPrefix(s, "ipv4@"); ok {
+		a, err := netip.ParseAddrPort(rest)
+		return err == nil && a.Addr().Is4() && a.Port() != 0
+	}
+	s = strings.TrimPrefix(s, "unix@")
+	if !strings.HasPrefix(s, "/") || len(s) > 107 || s == "/" || path.Clean(s) != s {
 		return false
 	}
 	for i := 0; i < len(s); i++ {
 		c := s[i]
 		if !(c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9' ||
-			c == '/' || c == '.' || c == '_' || c == '-' || c == '@' || c == ':') {
+			c == '/' || c == '.' || c == '_' || c == '-') {
 			return false
 		}
 	}

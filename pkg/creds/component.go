@@ -199,7 +199,13 @@ func (c *Component) Apply(ctx context.Context, snap *registry.Snapshot) error {
 			missing[name] = true
 		}
 	}
-	p := planDelivery(want, c.manifest, missing)
+	invalid := invalidSecrets(snap, c.opts.Self)
+	keep := map[string]bool{}
+	for name, why := range invalid {
+		keep[name] = true
+		c.errs[name] = "sealed value in etcd is invalid, keeping the previous credential: " + why
+	}
+	p := planDelivery(want, c.manifest, missing, keep)
 	var errs []error
 	if len(p.Write) > 0 {
 		if err := os.MkdirAll(dir, 0o700); err != nil {
@@ -227,7 +233,7 @@ func (c *Component) Apply(ctx context.Context, snap *registry.Snapshot) error {
 		changed = true
 	}
 	for name := range c.errs {
-		if _, ok := want[name]; !ok {
+		if _, ok := want[name]; !ok && !keep[name] {
 			delete(c.errs, name)
 		}
 	}

@@ -199,6 +199,31 @@ func TestDeliveryWithEtcdAndSystemdCreds(t *testing.T) {
 		t.Errorf("failing gauge %v, want 1", n)
 	}
 
+	// A key that does not decode is reported and changes nothing: the
+	// last good credential stays.
+	tokFile := filepath.Join(a.credstore, "api-token")
+	if _, err := cli.Put(ctx, registry.SecretKey("node-a", "api-token"), `{"version":0}`); err != nil {
+		t.Fatal(err)
+	}
+	if err := a.comp.Apply(ctx, snapshotFor(t, cli, "node-a")); err != nil {
+		t.Fatal(err)
+	}
+	if got := decryptCred(t, a.env, "api-token", tokFile); !bytes.Equal(got, tok) {
+		t.Error("an undecodable key removed or changed the credential")
+	}
+	if st := status(t, a.comp); st.Delivered["api-token"] != 1 || !strings.Contains(st.Errors["api-token"], "invalid") {
+		t.Errorf("status after an undecodable key: %+v", st)
+	}
+	if _, err := PutSecret(ctx, cli, "api-token", tok, Targets{Nodes: []string{"node-a"}}); err != nil {
+		t.Fatal(err)
+	}
+	if err := a.comp.Apply(ctx, snapshotFor(t, cli, "node-a")); err != nil {
+		t.Fatal(err)
+	}
+	if diff := cmp.Diff([]string{"reload proxy.service"}, a.mgr.take()); diff != "" {
+		t.Errorf("re-put api-token (-want +got):\n%s", diff)
+	}
+
 	// Removal deletes the credential file meshd wrote, and only that.
 	rm, err := RemoveSecret(ctx, cli, "db-password", nil)
 	if err != nil {
@@ -231,7 +256,6 @@ func TestDeliveryWithEtcdAndSystemdCreds(t *testing.T) {
 	if a2.Recipient() != a.comp.Recipient() {
 		t.Error("identity changed across restarts")
 	}
-	tokFile := filepath.Join(a.credstore, "api-token")
 	tokBefore, _ := os.ReadFile(tokFile)
 	if err := a2.Apply(ctx, snapshotFor(t, cli, "node-a")); err != nil {
 		t.Fatal(err)

@@ -6,6 +6,7 @@ import (
 	"encoding/hex"
 	"maps"
 	"slices"
+	"strings"
 
 	"github.com/meshd/meshd/pkg/config"
 	"github.com/meshd/meshd/pkg/registry"
@@ -47,8 +48,9 @@ type plan struct {
 // delivered. A secret is written when its version or ciphertext differ or
 // its file is missing; a credential is removed when meshd wrote it and the
 // secret is no longer there. Credentials meshd did not write are never in
-// have, so they are never touched.
-func planDelivery(want map[string]registry.SealedSecret, have map[string]delivered, missing map[string]bool) plan {
+// have, so they are never touched; nor are those named in keep (their key
+// is in etcd but does not decode: the last good credential stays).
+func planDelivery(want map[string]registry.SealedSecret, have map[string]delivered, missing, keep map[string]bool) plan {
 	var p plan
 	for name, s := range want {
 		d, ok := have[name]
@@ -57,7 +59,7 @@ func planDelivery(want map[string]registry.SealedSecret, have map[string]deliver
 		}
 	}
 	for name := range have {
-		if _, ok := want[name]; !ok {
+		if _, ok := want[name]; !ok && !keep[name] {
 			p.Remove = append(p.Remove, name)
 		}
 	}
@@ -106,6 +108,22 @@ func unitActions(changed []string, uses map[string]config.SecretUse) []unitActio
 		a := byUnit[u]
 		slices.Sort(a.Secrets)
 		out = append(out, *a)
+	}
+	return out
+}
+
+// invalidSecrets returns the names of self's secrets whose keys are in the
+// snapshot's problems (present in etcd, but not decodable), with why.
+func invalidSecrets(snap *registry.Snapshot, self string) map[string]string {
+	out := map[string]string{}
+	for _, pr := range snap.Problems {
+		if !strings.HasPrefix(pr.Key, registry.SecretsNodePrefix(self)) {
+			continue
+		}
+		name := strings.TrimPrefix(pr.Key, registry.SecretsNodePrefix(self))
+		if registry.ValidName(name) == nil {
+			out[name] = pr.Err
+		}
 	}
 	return out
 }

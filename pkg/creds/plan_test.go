@@ -19,6 +19,7 @@ func TestPlanDelivery(t *testing.T) {
 		want    map[string]registry.SealedSecret
 		have    map[string]delivered
 		missing map[string]bool
+		keep    map[string]bool
 		plan    plan
 	}{
 		{name: "nothing", plan: plan{}},
@@ -58,10 +59,16 @@ func TestPlanDelivery(t *testing.T) {
 			have: map[string]delivered{"keep": d(1, "x"), "gone": d(4, "q"), "also": d(1, "r")},
 			plan: plan{Remove: []string{"also", "gone"}},
 		},
+		{
+			name: "undecodable key keeps its credential",
+			have: map[string]delivered{"broken": d(1, "x")},
+			keep: map[string]bool{"broken": true},
+			plan: plan{},
+		},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			got := planDelivery(tt.want, tt.have, tt.missing)
+			got := planDelivery(tt.want, tt.have, tt.missing, tt.keep)
 			if diff := cmp.Diff(tt.plan, got); diff != "" {
 				t.Errorf("plan (-want +got):\n%s", diff)
 			}

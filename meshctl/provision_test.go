@@ -211,6 +211,33 @@ func TestMeshctlProvisionFailureMidwayThenRerun(t *testing.T) {
 	}
 }
 
+func TestMeshctlProvisionUserDataOverride(t *testing.T) {
+	h := newHzHarness(t)
+	ud := filepath.Join(t.TempDir(), "user-data")
+	const content = "#cloud-config\nruncmd:\n  - echo custom\n"
+	if err := os.WriteFile(ud, []byte(content), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if code, _, stderr := h.run("", append(h.provisionArgs("node1", "node2"), "--user-data", ud, "--role", "ingress")...); code != exitOK {
+		t.Fatalf("exit %d\n%s", code, stderr)
+	}
+	for _, n := range []string{"node1", "node2"} {
+		if got := h.fake.UserData(n); got != content {
+			t.Errorf("%s user data = %q, want the file verbatim", n, got)
+		}
+		if s, _ := h.fake.ServerByName(n); s.Labels[hetzner.LabelRole] != "ingress" {
+			t.Errorf("%s labels %v", n, s.Labels)
+		}
+	}
+	// Without --user-data the generated cloud-config is sent.
+	if code, _, stderr := h.run("", h.provisionArgs("node3")...); code != exitOK {
+		t.Fatalf("exit %d\n%s", code, stderr)
+	}
+	if got := h.fake.UserData("node3"); !strings.HasPrefix(got, "#cloud-config\n# Rendered by meshctl provision: node node3 (worker)") {
+		t.Errorf("node3 user data:\n%s", got)
+	}
+}
+
 func TestMeshctlHetznerTokenAndUsage(t *testing.T) {
 	h := newHzHarness(t)
 	// A wrong token: the fake echoes the Authorization header in its

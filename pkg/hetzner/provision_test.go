@@ -340,3 +340,38 @@ func mustFirewall(t *testing.T, f *hcloudfake.Server) schema.Firewall {
 	}
 	return fw
 }
+
+func TestProvisionBoundsParallelismAndReportsFailedActions(t *testing.T) {
+	f := hcloudfake.New(t, testToken)
+	f.CreateDelay = 30 * time.Millisecond
+	f.FailAction("start_server", "n3", "server_error", "host unavailable")
+	p := &hetzner.Provisioner{Client: newClient(t, f, &sleeps{})}
+	opts := baseOptions(t, "n1", "n2", "n3", "n4", "n5")
+	opts.Parallel = 2
+
+	res, err := p.Provision(context.Background(), opts)
+	if err == nil || !strings.Contains(err.Error(), "server n3") || !strings.Contains(err.Error(), "start_server: host unavailable (server_error") {
+		t.Fatalf("error = %v", err)
+	}
+	if got := f.MaxConcurrentCreates(); got > 2 {
+		t.Errorf("%d creates ran at once with --parallel 2", got)
+	}
+	for _, r := range res {
+		if (r.Name == "n3") != (r.Outcome == hetzner.OutcomeFailed) {
+			t.Errorf("%s: %s %s", r.Name, r.Outcome, r.Error)
+		}
+	}
+	// The server exists (it did not start): a re-run reports it and
+	// leaves it alone rather than creating it twice.
+	before := len(f.RequestsTo("POST", "/servers"))
+	res, err = p.Provision(context.Background(), opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if n := len(f.RequestsTo("POST", "/servers")) - before; n != 0 {
+		t.Errorf("re-run created %d servers", n)
+	}
+	if res[2].Name != "n3" || res[2].Outcome != hetzner.OutcomeExists || res[2].Status != "off" {
+		t.Errorf("n3 on re-run: %+v", res[2])
+	}
+}

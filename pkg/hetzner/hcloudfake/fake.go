@@ -61,6 +61,9 @@ type Server struct {
 	PageSize int
 	// ActionPolls is how many polls an action stays running (default 2).
 	ActionPolls int
+	// CreateDelay holds each server create this long before answering,
+	// so that tests can observe how many run at once.
+	CreateDelay time.Duration
 
 	srv *httptest.Server
 	mux *http.ServeMux
@@ -76,6 +79,11 @@ type Server struct {
 	pgs       map[int64]*schema.PlacementGroup
 	faults    []*Fault
 	requests  []Request
+	// failActions maps "command/server name" to the error the action
+	// of that command on that server ends with.
+	failActions map[string]schema.ActionError
+	creating    int // server creates being answered now
+	maxCreating int
 }
 
 type action struct {
@@ -97,6 +105,7 @@ func New(t testing.TB, token string) *Server {
 		servers: map[int64]*schema.Server{}, userData: map[int64]string{}, actions: map[int64]*action{},
 		sshKeys: map[int64]*schema.SSHKey{}, networks: map[int64]*schema.Network{},
 		firewalls: map[int64]*schema.Firewall{}, pgs: map[int64]*schema.PlacementGroup{},
+		failActions: map[string]schema.ActionError{},
 	}
 	s.mux = http.NewServeMux()
 	s.routes()
@@ -116,6 +125,22 @@ func (s *Server) Inject(f Fault) {
 		f.Times = 1
 	}
 	s.faults = append(s.faults, &f)
+}
+
+// FailAction makes the action command (create_server, start_server,
+// delete_server) of the named server end in an error.
+func (s *Server) FailAction(command, server, code, message string) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.failActions[command+"/"+server] = schema.ActionError{Code: code, Message: message}
+}
+
+// MaxConcurrentCreates is the most server creates that were in flight at
+// once.
+func (s *Server) MaxConcurrentCreates() int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.maxCreating
 }
 
 // Requests returns every request received so far.
@@ -303,12 +328,16 @@ func (s *Server) id() int64 {
 }
 
 // newActionLocked starts an action that finishes after ActionPolls polls
-// and then runs onDone (under the lock).
-func (s *Server) newActionLocked(command string, resType string, resID int64, onDone func()) schema.Action {
+// and then runs onDone (under the lock). name is the resource's name, for
+// FailAction.
+func (s *Server) newActionLocked(command, resType string, resID int64, name string, onDone func()) schema.Action {
 	a := &action{
 		a: schema.Action{ID: s.id(), Command: command, Status: "running", Started: created,
 			Resources: []schema.ActionResourceReference{{ID: resID, Type: resType}}},
 		pollsLeft: s.ActionPolls, onDone: onDone,
+	}
+	if e, ok := s.failActions[command+"/"+name]; ok {
+		a.fail, a.onDone = &e, nil
 	}
 	s.actions[a.a.ID] = a
 	if a.pollsLeft <= 0 {

@@ -163,7 +163,7 @@ func (s *Server) addSubnet(w http.ResponseWriter, r *http.Request) {
 		writeError(w, http.StatusUnprocessableEntity, "invalid_input", err.Error())
 		return
 	}
-	a := s.newActionLocked("add_subnet", "network", id, func() { n.Subnets = append(n.Subnets, sub) })
+	a := s.newActionLocked("add_subnet", "network", id, n.Name, func() { n.Subnets = append(n.Subnets, sub) })
 	writeJSON(w, http.StatusCreated, schema.NetworkActionAddSubnetResponse{Action: a})
 }
 
@@ -247,7 +247,7 @@ func (s *Server) setRules(w http.ResponseWriter, r *http.Request) {
 		writeError(w, http.StatusUnprocessableEntity, "invalid_input", "invalid input in field 'rules': "+err.Error())
 		return
 	}
-	a := s.newActionLocked("set_firewall_rules", "firewall", id, func() { f.Rules = rules })
+	a := s.newActionLocked("set_firewall_rules", "firewall", id, f.Name, func() { f.Rules = rules })
 	writeJSON(w, http.StatusCreated, schema.FirewallActionSetRulesResponse{Actions: []schema.Action{a}})
 }
 

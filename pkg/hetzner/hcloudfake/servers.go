@@ -6,6 +6,7 @@ import (
 	"net/netip"
 	"slices"
 	"strconv"
+	"time"
 
 	"github.com/hetznercloud/hcloud-go/v2/hcloud/schema"
 )
@@ -72,7 +73,13 @@ func (s *Server) createServer(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	s.mu.Lock()
+	s.creating++
+	s.maxCreating = max(s.maxCreating, s.creating)
+	s.mu.Unlock()
+	time.Sleep(s.CreateDelay)
+	s.mu.Lock()
 	defer s.mu.Unlock()
+	defer func() { s.creating-- }()
 	invalid := func(field, msg string) {
 		writeError(w, http.StatusUnprocessableEntity, "invalid_input", fmt.Sprintf("invalid input in field '%s': %s", field, msg))
 	}
@@ -184,9 +191,9 @@ func (s *Server) createServer(w http.ResponseWriter, r *http.Request) {
 	s.servers[id] = srv
 	s.userData[id] = req.UserData
 	resp := schema.ServerCreateResponse{Server: *srv}
-	resp.Action = s.newActionLocked("create_server", "server", id, func() { srv.Status = "off" })
+	resp.Action = s.newActionLocked("create_server", "server", id, srv.Name, func() { srv.Status = "off" })
 	if req.StartAfterCreate == nil || *req.StartAfterCreate {
-		resp.NextActions = []schema.Action{s.newActionLocked("start_server", "server", id, func() { srv.Status = "running" })}
+		resp.NextActions = []schema.Action{s.newActionLocked("start_server", "server", id, srv.Name, func() { srv.Status = "running" })}
 	}
 	writeJSON(w, http.StatusCreated, resp)
 }
@@ -204,7 +211,7 @@ func (s *Server) deleteServer(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	srv.Status = "deleting"
-	a := s.newActionLocked("delete_server", "server", id, func() {
+	a := s.newActionLocked("delete_server", "server", id, srv.Name, func() {
 		delete(s.servers, id)
 		for _, pg := range s.pgs {
 			pg.Servers = slices.DeleteFunc(pg.Servers, func(x int64) bool { return x == id })

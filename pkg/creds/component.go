@@ -378,6 +378,10 @@ func (c *Component) notifyUnitsLocked(ctx context.Context) error {
 			err = c.opts.Manager.RestartUnit(ctx, a.Unit)
 		}
 		result := "ok"
+		if errors.Is(err, ErrJobPending) {
+			c.log.Warn(a.Action+" of unit still running, not waiting", "unit", a.Unit, "secrets", a.Secrets, "err", err)
+			err, result = nil, "pending"
+		}
 		if err != nil {
 			err = fmt.Errorf("%s %s: %w", a.Action, a.Unit, err)
 			result = "error"
@@ -385,7 +389,7 @@ func (c *Component) notifyUnitsLocked(ctx context.Context) error {
 			for _, s := range a.Secrets {
 				failed[s] = errors.Join(failed[s], err)
 			}
-		} else {
+		} else if result == "ok" {
 			c.log.Info(a.Action+"ed unit for new credentials", "unit", a.Unit, "secrets", a.Secrets)
 		}
 		c.metrics.unitActions.WithLabelValues(a.Action, result).Inc()

@@ -7,6 +7,7 @@ import (
 	"encoding/hex"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"os"
 	"path/filepath"
 	"slices"
@@ -463,5 +464,27 @@ func TestPutTargetsAndVersions(t *testing.T) {
 	res, err = PutSecret(ctx, cli, "s", []byte("again"), Targets{Nodes: []string{"worker1"}})
 	if err != nil || res.Version != 1 {
 		t.Errorf("put after rm: %+v %v", res, err)
+	}
+}
+
+func TestSlowUnitJobIsNotRepeated(t *testing.T) {
+	needSystemdCreds(t)
+	ctx := context.Background()
+	srv := etcdtest.New(t)
+	cli := etcdtest.NewClient(t, srv)
+	n := newTestNode(t, "node-a", map[string]config.SecretUse{"s": {Units: []string{"slow.service"}}})
+	addMember(t, cli, "node-a", 1, n.comp.Recipient())
+	if _, err := PutSecret(ctx, cli, "s", secretValue("s"), Targets{Nodes: []string{"node-a"}}); err != nil {
+		t.Fatal(err)
+	}
+	n.mgr.fail = map[string]error{"slow.service": fmt.Errorf("%w after 20s", ErrJobPending)}
+	if err := n.comp.Apply(ctx, snapshotFor(t, cli, "node-a")); err != nil {
+		t.Fatalf("a queued but slow restart was treated as a failure: %v", err)
+	}
+	if err := n.comp.Apply(ctx, snapshotFor(t, cli, "node-a")); err != nil {
+		t.Fatal(err)
+	}
+	if diff := cmp.Diff([]string{"restart slow.service"}, n.mgr.take()); diff != "" {
+		t.Errorf("(-want +got):\n%s", diff)
 	}
 }

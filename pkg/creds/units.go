@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"strings"
 	"sync"
+	"time"
 
 	"github.com/coreos/go-systemd/v22/dbus"
 )
@@ -25,9 +26,23 @@ type UnitManager interface {
 // connects on first use, so a host without systemd (a container, a test
 // machine) runs meshd fine as long as no unit needs restarting.
 type DBusManager struct {
+	// JobTimeout bounds how long a restart or reload job is waited for
+	// (default DefaultJobTimeout). A unit that takes longer keeps
+	// restarting in systemd; the call returns ErrJobPending so the
+	// reconcile loop (and the overlay and HAProxy with it) is not held up.
+	JobTimeout time.Duration
+
 	mu   sync.Mutex
 	conn *dbus.Conn
 }
+
+// DefaultJobTimeout is DBusManager's default JobTimeout.
+const DefaultJobTimeout = 20 * time.Second
+
+// ErrJobPending is returned (wrapped) when a unit's job was queued but
+// had not finished within the manager's timeout. The unit was told; the
+// component does not repeat the restart.
+var ErrJobPending = errors.New("job queued, still running")
 
 // RestartUnit implements UnitManager with systemd's TryRestartUnit.
 func (m *DBusManager) RestartUnit(ctx context.Context, unit string) error {
@@ -83,12 +98,20 @@ func (m *DBusManager) run(ctx context.Context, start func(*dbus.Conn, chan<- str
 	if _, err := start(c, ch); err != nil {
 		return err
 	}
+	timeout := m.JobTimeout
+	if timeout <= 0 {
+		timeout = DefaultJobTimeout
+	}
+	timer := time.NewTimer(timeout)
+	defer timer.Stop()
 	select {
 	case res := <-ch:
 		if res != "done" {
 			return fmt.Errorf("job %s", res)
 		}
 		return nil
+	case <-timer.C:
+		return fmt.Errorf("%w after %v", ErrJobPending, timeout)
 	case <-ctx.Done():
 		return ctx.Err()
 	}

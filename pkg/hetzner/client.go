@@ -66,10 +66,17 @@ func NewClient(o ClientOptions) (*hcloud.Client, error) {
 	if o.PollInterval <= 0 {
 		o.PollInterval = time.Second
 	}
+	if o.Transport == nil {
+		// Bound each attempt; the whole request (retries and their waits
+		// included) is bounded by the caller's context.
+		t := http.DefaultTransport.(*http.Transport).Clone()
+		t.ResponseHeaderTimeout = time.Minute
+		o.Transport = t
+	}
 	rt := NewRetryTransport(o.Transport, o.Retry)
 	opts := []hcloud.ClientOption{
 		hcloud.WithToken(o.Token),
-		hcloud.WithHTTPClient(&http.Client{Transport: rt, Timeout: 2 * time.Minute}),
+		hcloud.WithHTTPClient(&http.Client{Transport: rt}),
 		hcloud.WithPollOpts(hcloud.PollOpts{BackoffFunc: hcloud.ConstantBackoff(o.PollInterval)}),
 		hcloud.WithRetryOpts(hcloud.RetryOpts{MaxRetries: 0}),
 		hcloud.WithApplication("meshctl", o.Version),

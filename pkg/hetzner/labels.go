@@ -20,8 +20,9 @@ const (
 	LabelRole    = "meshd/role"
 )
 
-// Roles a server can have. They match nix-infra's node types.
-var Roles = []string{"worker", "ingress", "service", "control"}
+// Roles returns the roles a server can have. They match nix-infra's node
+// types.
+func Roles() []string { return []string{"worker", "ingress", "service", "control"} }
 
 // ErrInvalid is returned (wrapped) for bad options: nothing was changed.
 var ErrInvalid = errors.New("invalid option")
@@ -57,8 +58,8 @@ func ValidateCluster(c string) error {
 
 // ValidateRole checks a role against Roles.
 func ValidateRole(r string) error {
-	if !slices.Contains(Roles, r) {
-		return fmt.Errorf("%w: role %q: want one of %s", ErrInvalid, r, strings.Join(Roles, ", "))
+	if !slices.Contains(Roles(), r) {
+		return fmt.Errorf("%w: role %q: want one of %s", ErrInvalid, r, strings.Join(Roles(), ", "))
 	}
 	return nil
 }

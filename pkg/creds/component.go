@@ -233,7 +233,10 @@ func (c *Component) Apply(ctx context.Context, snap *registry.Snapshot) error {
 		changed = true
 	}
 	for name := range c.errs {
-		if _, ok := want[name]; !ok && !keep[name] {
+		_, wanted := want[name]
+		// Errors are recomputed every pass: a secret that is gone, or
+		// already in place and not rewritten, has none.
+		if !keep[name] && (!wanted || !slices.Contains(p.Write, name)) {
 			delete(c.errs, name)
 		}
 	}

@@ -51,6 +51,19 @@ let
     + concatStringsSep "" (map (n: "Environment=\"${n}=${toString env.${n}}\"\n") (attrNames env))
     + section s.serviceConfig;
 
+  # A value as Nix source, for the option reference.
+  toNix = v:
+    if builtins.isString v then "\"${builtins.replaceStrings [ "\\" "\"" "\${" ] [ "\\\\" "\\\"" "\\\${" ] v}\""
+    else if builtins.isBool v then (if v then "true" else "false")
+    else if v == null then "null"
+    else if builtins.isInt v || builtins.isFloat v then toString v
+    else if isList v then (if v == [ ] then "[ ]" else "[ ${concatStringsSep " " (map toNix v)} ]")
+    else if lib.isDerivation v then v.name
+    else if isAttrs v then
+      (if v == { } then "{ }" else "{ ${concatStringsSep " " (map (n: "${attrName n} = ${toNix v.${n}};") (attrNames v))} }")
+    else "<${builtins.typeOf v}>";
+  attrName = n: if builtins.match "[A-Za-z_][A-Za-z0-9_'-]*" n != null then n else toNix n;
+
   # Every option under services.meshd, submodule options included.
   optionDocs = node:
     if lib.isOption node then
@@ -60,10 +73,10 @@ let
         example =
           if !(node ? example) then null
           else if (node.example._type or null) == "literalExpression" then node.example.text
-          else toJSON node.example;
+          else toNix node.example;
         default =
           if node ? defaultText then (if isAttrs node.defaultText then node.defaultText.text else node.defaultText)
-          else if node ? default then toJSON node.default
+          else if node ? default then toNix node.default
           else null;
         type = node.type.description;
       }] ++ optionDocs (node.type.getSubOptions node.loc)

@@ -1,0 +1,251 @@
+// Command bench runs meshd's convergence benchmarks and rewrites
+// bench/RESULTS.md and bench/convergence.png (make bench). Run it as root
+// from the repository root: the full-fidelity scenarios run a sandbox.
+package main
+
+import (
+	"bufio"
+	"context"
+	"encoding/json"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"log"
+	"os"
+	"os/exec"
+	"os/signal"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+
+	clientv3 "go.etcd.io/etcd/client/v3"
+	"go.uber.org/zap"
+
+	"github.com/meshd/meshd/bench"
+	"github.com/meshd/meshd/pkg/etcdtest"
+	"github.com/meshd/meshd/pkg/sandbox"
+)
+
+func main() {
+	if len(os.Args) > 1 && os.Args[1] == "serve-etcd" {
+		if err := serveEtcd(os.Args[2:]); err != nil {
+			log.Fatal(err)
+		}
+		return
+	}
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	if err := run(ctx); err != nil {
+		fmt.Fprintf(os.Stderr, "bench: %v\n", err)
+		os.Exit(1)
+	}
+}
+
+func ints(s string) ([]int, error) {
+	var out []int
+	for _, f := range strings.Split(s, ",") {
+		if f = strings.TrimSpace(f); f == "" {
+			continue
+		}
+		n, err := strconv.Atoi(f)
+		if err != nil || n < 1 {
+			return nil, fmt.Errorf("bad size %q", f)
+		}
+		out = append(out, n)
+	}
+	return out, nil
+}
+
+func run(ctx context.Context) error {
+	var (
+		out        = flag.String("out", "bench", "directory for RESULTS.md, convergence.png and results.json")
+		trials     = flag.Int("trials", 20, "trials per scenario")
+		killTrials = flag.Int("kill-trials", 5, "node-kill trials per sandbox size (each lasts about the 3 s lease TTL)")
+		scaleN     = flag.String("scale", "8,100,1000", "in-process agent counts for the scale benchmark (and the floor)")
+		fidN       = flag.String("fidelity", "3,8", "sandbox sizes for the full-fidelity benchmark (needs root)")
+		traefikBin = flag.String("traefik", os.Getenv("TRAEFIK_BIN"), "Traefik v3 binary for the peer comparison (env TRAEFIK_BIN); empty skips it")
+		traefikN   = flag.String("traefik-n", "8", "Traefik instance counts (each must also be in -scale for the ratio)")
+		throttle   = flag.Duration("traefik-throttle", 5*time.Millisecond, "Traefik providers.providersThrottleDuration")
+		meshd      = flag.String("meshd", "bin/meshd", "meshd binary for the sandbox")
+	)
+	flag.Parse()
+	scales, err := ints(*scaleN)
+	if err != nil {
+		return err
+	}
+	fids, err := ints(*fidN)
+	if err != nil {
+		return err
+	}
+	tns, err := ints(*traefikN)
+	if err != nil {
+		return err
+	}
+	res := &bench.Results{
+		Started: time.Now(), Machine: bench.Machine(), Trials: *trials,
+		Command:  "go run ./bench/cmd/bench " + strings.Join(os.Args[1:], " "),
+		Versions: []string{"etcd server/client v3.7.3 (embedded)", bench.HAProxyVersion(), "userspace wireguard-go (golang.zx2c4.com/wireguard, from go.mod)"},
+	}
+	logf := func(format string, a ...any) { fmt.Fprintf(os.Stderr, format+"\n", a...) }
+	work, err := os.MkdirTemp("", "meshd-bench-")
+	if err != nil {
+		return err
+	}
+	defer os.RemoveAll(work)
+
+	// One etcd, in its own process, for the floor, the scale runs and
+	// Traefik: the agents' CPU is then measurable on its own.
+	etcd, err := startEtcd(ctx, filepath.Join(work, "etcd"))
+	if err != nil {
+		return err
+	}
+	defer etcd.stop()
+	newClient := func() (*clientv3.Client, error) {
+		return clientv3.New(clientv3.Config{Endpoints: []string{etcd.endpoint}, DialTimeout: 5 * time.Second, Logger: zap.NewNop()})
+	}
+	for _, n := range scales {
+		logf("floor N=%d ...", n)
+		f, err := bench.Floor(ctx, bench.FloorOptions{NewClient: newClient, N: n, Trials: *trials})
+		if err != nil {
+			res.Notes = append(res.Notes, fmt.Sprintf("floor N=%d: %v", n, err))
+		} else {
+			logf("%s", f.Summary())
+			res.Floor = append(res.Floor, f)
+		}
+		logf("scale N=%d ...", n)
+		s, err := bench.Scale(ctx, bench.ScaleOptions{
+			NewClient: newClient, MetricsURL: etcd.endpoint + "/metrics", N: n, Trials: *trials,
+			StateDir: filepath.Join(work, fmt.Sprintf("scale-%d", n)), Log: logf,
+		})
+		if err != nil {
+			res.Notes = append(res.Notes, fmt.Sprintf("scale N=%d: %v", n, err))
+		} else {
+			res.Scale = append(res.Scale, s)
+		}
+		if ctx.Err() != nil {
+			return ctx.Err()
+		}
+	}
+	if *traefikBin != "" {
+		cli, err := newClient()
+		if err != nil {
+			return err
+		}
+		for _, n := range tns {
+			logf("traefik N=%d ...", n)
+			t, err := bench.Traefik(ctx, bench.TraefikOptions{
+				Binary: *traefikBin, EtcdAddr: strings.TrimPrefix(etcd.endpoint, "http://"), Client: cli,
+				N: n, Trials: *trials, Throttle: *throttle, Dir: work, Log: logf,
+			})
+			if err != nil {
+				res.Notes = append(res.Notes, fmt.Sprintf("traefik N=%d: %v", n, err))
+				continue
+			}
+			res.Traefik = append(res.Traefik, t)
+			res.Versions = append(res.Versions, "Traefik "+t.Version)
+		}
+		cli.Close()
+	} else {
+		res.Notes = append(res.Notes, "Traefik not run: no binary given (-traefik or TRAEFIK_BIN)")
+	}
+	for _, n := range fids {
+		logf("full fidelity N=%d ...", n)
+		f, err := bench.Fidelity(ctx, bench.FidelityOptions{
+			Sandbox: sandbox.Options{Name: "mdbench", MeshdBinary: *meshd},
+			N:       n, Trials: *trials, KillTrials: *killTrials, Log: logf,
+		})
+		if err != nil {
+			res.Notes = append(res.Notes, fmt.Sprintf("full fidelity N=%d: %v", n, err))
+			continue
+		}
+		res.Fidelity = append(res.Fidelity, f)
+		if ctx.Err() != nil {
+			return ctx.Err()
+		}
+	}
+	res.Duration = time.Since(res.Started)
+	fmt.Print(res.Table())
+	for _, n := range res.Notes {
+		logf("note: %s", n)
+	}
+	if err := os.MkdirAll(*out, 0o755); err != nil {
+		return err
+	}
+	raw, _ := json.MarshalIndent(res, "", "  ")
+	if err := os.WriteFile(filepath.Join(*out, "results.json"), raw, 0o644); err != nil {
+		return err
+	}
+	if err := res.Plot(filepath.Join(*out, "convergence.png")); err != nil {
+		res.Notes = append(res.Notes, "plot: "+err.Error())
+	}
+	if err := os.WriteFile(filepath.Join(*out, "RESULTS.md"), []byte(res.Markdown()), 0o644); err != nil {
+		return err
+	}
+	logf("wrote %s", filepath.Join(*out, "RESULTS.md"))
+	return nil
+}
+
+// etcdProc is the benchmark's etcd, a child process running serve-etcd.
+type etcdProc struct {
+	cmd      *exec.Cmd
+	stdin    io.WriteCloser
+	endpoint string
+}
+
+func startEtcd(ctx context.Context, dir string) (*etcdProc, error) {
+	self, err := os.Executable()
+	if err != nil {
+		return nil, err
+	}
+	cmd := exec.Command(self, "serve-etcd", dir)
+	cmd.Stderr = os.Stderr
+	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
+	stdin, err := cmd.StdinPipe()
+	if err != nil {
+		return nil, err
+	}
+	stdout, err := cmd.StdoutPipe()
+	if err != nil {
+		return nil, err
+	}
+	if err := cmd.Start(); err != nil {
+		return nil, err
+	}
+	line, err := bufio.NewReader(stdout).ReadString('\n')
+	if err != nil {
+		_ = cmd.Process.Kill()
+		_ = cmd.Wait()
+		return nil, fmt.Errorf("etcd child: %w", err)
+	}
+	return &etcdProc{cmd: cmd, stdin: stdin, endpoint: strings.TrimSpace(line)}, nil
+}
+
+func (p *etcdProc) stop() {
+	p.stdin.Close()
+	done := make(chan struct{})
+	go func() { _ = p.cmd.Wait(); close(done) }()
+	select {
+	case <-done:
+	case <-time.After(10 * time.Second):
+		_ = p.cmd.Process.Kill()
+		<-done
+	}
+}
+
+// serveEtcd is the child: an etcd on 127.0.0.1 until stdin closes.
+func serveEtcd(args []string) error {
+	if len(args) != 1 {
+		return errors.New("usage: bench serve-etcd DIR")
+	}
+	s, err := etcdtest.Start(etcdtest.Options{Dir: args[0]})
+	if err != nil {
+		return err
+	}
+	defer s.Close()
+	fmt.Println(s.Endpoint())
+	_, _ = io.Copy(io.Discard, os.Stdin)
+	return nil
+}

@@ -286,7 +286,7 @@ set xlabel "milliseconds (log scale)"
 set ylabel "fraction of trials"
 set logscale x
 set grid
-set key outside right top
+set key inside right bottom opaque box
 set yrange [0:1.02]
 plot %s
 `, path, strings.Join(plots, ", \\\n  "))

@@ -543,8 +543,9 @@ in
       networking.firewall.allowedUDPPorts = [ overlay.listenPort ];
     })
 
-    (mkIf (overlay.enable && overlay.mode != "userspace") {
-      boot.kernelModules = [ "wireguard" ];
+    # The service cannot load modules (ProtectKernelModules).
+    (mkIf overlay.enable {
+      boot.kernelModules = if overlay.mode == "userspace" then [ "tun" ] else [ "wireguard" ];
     })
 
     (mkIf haproxyUnit {

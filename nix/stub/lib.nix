@@ -9,11 +9,24 @@
 # type checks and merges, submodules, freeform types. Not modelled: mkOrder,
 # disabledModules, option renames, type merging across declarations.
 let
+  # Helpers of this stub only (nixpkgs' lib keeps its own equivalents private).
+  showVal = v:
+    if builtins.isString v then "\"${v}\""
+    else if builtins.isInt v || builtins.isFloat v then toString v
+    else if builtins.isBool v then (if v then "true" else "false")
+    else if v == null then "null"
+    else if isDerivation' v then "<derivation ${v.name or "?"}>"
+    else if builtins.isList v then "[ ${builtins.concatStringsSep " " (map showVal v)} ]"
+    else if builtins.isAttrs v then "{ ${builtins.concatStringsSep " " (map (n: "${n} = ${showVal v.${n}};") (builtins.attrNames v))} }"
+    else "<${builtins.typeOf v}>";
+  showDefs = defs: builtins.concatStringsSep "" (map (d: "\n- In `${d.file}': ${showVal d.value}") defs);
+  isDerivation' = x: builtins.isAttrs x && (x.type or null) == "derivation";
+
   lib = rec {
     # --- builtins nixpkgs' lib re-exports under the same name ---------------
     inherit (builtins) attrNames attrValues mapAttrs isAttrs isList isString isBool isInt
-      isFloat isFunction elemAt genList listToAttrs typeOf stringLength substring
-      replaceStrings toJSON;
+      isFloat isFunction elemAt genList listToAttrs stringLength substring
+      replaceStrings;
 
     # --- trivial / lists --------------------------------------------------
     id = x: x;
@@ -138,17 +151,6 @@ let
     mergeOneOption = loc: defs:
       if builtins.length defs == 1 then (builtins.head defs).value
       else throw "The option `${showOption loc}' is defined multiple times while it's expected to be unique.\nDefinition values:${showDefs defs}";
-    showVal = v:
-      if builtins.isString v then "\"${v}\""
-      else if builtins.isInt v || builtins.isFloat v then toString v
-      else if builtins.isBool v then (if v then "true" else "false")
-      else if v == null then "null"
-      else if isDerivation v then "<derivation ${v.name or "?"}>"
-      else if builtins.isList v then "[ ${builtins.concatStringsSep " " (map showVal v)} ]"
-      else if builtins.isAttrs v then "{ ${builtins.concatStringsSep " " (map (n: "${n} = ${showVal v.${n}};") (builtins.attrNames v))} }"
-      else "<${builtins.typeOf v}>";
-    showDefs = defs: builtins.concatStringsSep "" (map (d: "\n- In `${d.file}': ${showVal d.value}") defs);
-
     # --- properties (lib/modules.nix) ------------------------------------
     mkIf = condition: content: { _type = "if"; inherit condition content; };
     mkMerge = contents: { _type = "merge"; inherit contents; };
@@ -159,8 +161,8 @@ let
     defaultOverridePriority = 100;
 
     # --- module system ----------------------------------------------------
-    types = import ./types.nix { inherit lib; };
-    inherit (import ./modules.nix { inherit lib; }) evalModules pushDownProperties dischargeProperties filterOverrides mergeDefinitions;
+    types = import ./types.nix { inherit lib showVal; };
+    inherit (import ./modules.nix { inherit lib showDefs; }) evalModules pushDownProperties dischargeProperties filterOverrides mergeDefinitions;
     mkOptionType = types.mkOptionType;
   };
 in

@@ -2,11 +2,11 @@
 # lib/modules.nix: module collection with imports (deduplicated by path),
 # option declaration merging, mkIf/mkMerge push-down, priorities, type
 # checks, freeform types and a report of definitions for undeclared options.
-{ lib }:
+{ lib, showDefs }:
 let
   inherit (builtins) isAttrs isFunction isPath isString isBool attrNames concatMap filter
     length head mapAttrs foldl' listToAttrs genericClosure functionArgs intersectAttrs;
-  inherit (lib) isOption showOption showDefs imap0 unique optional nameValuePair;
+  inherit (lib) isOption showOption imap0 unique optional nameValuePair;
 
   typeOf' = x: if isAttrs x then x._type or "" else "";
 

@@ -1,11 +1,11 @@
 # lib.types, simplified from nixpkgs' lib/types.nix: the same names, checks
 # and merge behaviour for the types nixos-module.nix and the NixOS option
 # stubs use.
-{ lib }:
+{ lib, showVal }:
 let
   inherit (builtins) isAttrs isList isString isBool isInt isFloat isFunction isPath
     all elem length match concatStringsSep mapAttrs;
-  inherit (lib) showOption showDefs mergeEqualOption mergeOneOption mergeDefaultOption
+  inherit (lib) showOption mergeEqualOption mergeOneOption mergeDefaultOption
     isDerivation last imap1;
   mergeDefinitions = loc: type: defs: lib.mergeDefinitions loc type defs;
 
@@ -66,7 +66,7 @@ let
     };
     enum = values: mkOptionType {
       name = "enum";
-      description = "one of ${concatStringsSep ", " (map lib.showVal values)}";
+      description = "one of ${concatStringsSep ", " (map showVal values)}";
       check = x: elem x values;
       merge = mergeEqualOption;
     };

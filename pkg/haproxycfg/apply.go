@@ -86,8 +86,11 @@ func (a *Applier) set(ctx context.Context, d Desired) error {
 		return rejectedErr // validating the same bytes again cannot help
 	}
 
-	_, procErr := a.Master.Procs(ctx)
+	procs, procErr := a.Master.ProcsWait(ctx, time.Second)
 	running := procErr == nil
+	if running && a.Supervisor != nil {
+		a.Supervisor.observe(procs.Master.PID)
+	}
 	if !running && a.Supervisor == nil {
 		return fmt.Errorf("haproxy master not reachable (is the haproxy unit running?): %w", procErr)
 	}

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"io/fs"
 	"net"
 	"strconv"
 	"strings"
@@ -155,13 +156,31 @@ func (m Master) Procs(ctx context.Context) (Procs, error) {
 	return parseShowProc(out)
 }
 
+// ProcsWait is Procs retried for up to wait: while the master re-executes
+// itself during a reload its socket is briefly refused or absent.
+func (m Master) ProcsWait(ctx context.Context, wait time.Duration) (Procs, error) {
+	deadline := time.Now().Add(wait)
+	for {
+		p, err := m.Procs(ctx)
+		// No socket file at all: no master, nothing to wait for.
+		if err == nil || errors.Is(err, fs.ErrNotExist) || time.Now().After(deadline) {
+			return p, err
+		}
+		select {
+		case <-ctx.Done():
+			return Procs{}, err
+		case <-time.After(20 * time.Millisecond):
+		}
+	}
+}
+
 // Reload asks the master to re-read its configuration and waits until it
 // has: HAProxy 2.6 answers `reload` with nothing, so success is read from
 // `show proc` — the master's reload count went up, its failed count did
 // not, and a new worker is running. The old worker drains in the
 // background (bounded by hard-stop-after).
 func (m Master) Reload(ctx context.Context) (Procs, error) {
-	before, err := m.Procs(ctx)
+	before, err := m.ProcsWait(ctx, 2*time.Second)
 	if err != nil {
 		return Procs{}, err
 	}

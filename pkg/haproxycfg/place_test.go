@@ -44,7 +44,7 @@ func TestPlaceKeepsInstancesInTheirSlots(t *testing.T) {
 func TestDiffNeedsReloadWhenShapeDiffers(t *testing.T) {
 	d := oneBackend(srv("a", "10.0.0.1:1"), Server{})
 	for name, live := range map[string]Live{
-		"missing backend": {},
+		"missing backend":  {},
 		"other slot count": {"be_services_keydb": {{}, {}, {}}},
 	} {
 		if _, ok := Diff(Place(d, live), live); ok {

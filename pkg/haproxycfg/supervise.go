@@ -43,17 +43,24 @@ func (s *Supervisor) PID() int {
 	return s.pid
 }
 
+// observe records the pid of a master found running (adopted after a
+// meshd restart, or restarted by the supervisor loop).
+func (s *Supervisor) observe(pid int) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.pid != pid {
+		s.Log.Info("adopted running haproxy master", "pid", pid)
+		s.pid = pid
+		s.exited = nil
+	}
+}
+
 // Ensure makes sure a master is running: it adopts one that answers on the
 // master socket, or starts one from ConfigPath (which must exist and be
 // valid). started says whether it started a new master.
 func (s *Supervisor) Ensure(ctx context.Context) (started bool, err error) {
 	if p, err := s.master().Procs(ctx); err == nil {
-		s.mu.Lock()
-		if s.pid != p.Master.PID {
-			s.Log.Info("adopted running haproxy master", "pid", p.Master.PID)
-		}
-		s.pid = p.Master.PID
-		s.mu.Unlock()
+		s.observe(p.Master.PID)
 		return false, nil
 	}
 	if _, err := os.Stat(s.ConfigPath); err != nil {

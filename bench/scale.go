@@ -215,36 +215,8 @@ func Scale(ctx context.Context, o ScaleOptions) (ScaleResult, error) {
 		firstRev = r.Header.Revision
 	}
 	errs := make(chan error, o.N)
-	for i := range o.N {
-		cli, err := o.NewClient()
-		if err != nil {
-			return res, err
-		}
-		clients = append(clients, cli)
-		name := names[i]
-		dir := filepath.Join(o.StateDir, name)
-		if err := os.MkdirAll(dir, 0o700); err != nil {
-			return res, err
-		}
-		rec := &recorder{self: name, consume: []registry.Group{registry.GroupBackends}, onApply: applied.report}
-		a, err := agent.New(agent.Options{
-			Client: cli, Node: name, ID: randomHex(16), PublicIPv4: fmt.Sprintf("192.0.2.%d", i%250+1),
-			Consume: rec.consume, LeaseTTL: o.LeaseTTL, Coalesce: o.Coalesce, StateDir: dir, Version: "bench",
-			Member:     &agent.MemberOptions{PublicKey: randomKey(), Endpoint: fmt.Sprintf("192.0.2.%d:51820", i%250+1), Pool: registry.DefaultPool},
-			Components: []agent.Component{rec},
-		})
-		if err != nil {
-			return res, err
-		}
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			if err := a.Run(actx); err != nil && actx.Err() == nil {
-				errs <- fmt.Errorf("agent %s: %w", name, err)
-			}
-		}()
-	}
 	upctx, cancel := context.WithTimeout(ctx, 5*time.Minute+time.Duration(o.N)*100*time.Millisecond)
+	defer cancel()
 	go func() {
 		select {
 		case err := <-errs:
@@ -253,11 +225,21 @@ func Scale(ctx context.Context, o ScaleOptions) (ScaleResult, error) {
 		case <-upctx.Done():
 		}
 	}()
-	_, err = applied.wait(upctx, names, firstRev+1, startAll)
-	cancel()
-	if err != nil {
-		return res, fmt.Errorf("agents did not come up: %w", err)
+	// Nodes join in batches, as a fleet boots: a thousand simultaneous
+	// subnet claims would measure transaction contention, not convergence.
+	const batch = 50
+	for lo := 0; lo < o.N; lo += batch {
+		hi := min(lo+batch, o.N)
+		for i := lo; i < hi; i++ {
+			if err := startAgent(actx, o, names[i], i, applied, &clients, &wg, errs); err != nil {
+				return res, err
+			}
+		}
+		if _, err := applied.wait(upctx, names[lo:hi], firstRev+1, startAll); err != nil {
+			return res, fmt.Errorf("agents did not come up: %w", err)
+		}
 	}
+	cancel()
 	// Wait until the join storm has settled: every agent applied the
 	// newest revision.
 	if err := settle(ctx, ctl, names, applied, published); err != nil {
@@ -340,6 +322,38 @@ func Scale(ctx context.Context, o ScaleOptions) (ScaleResult, error) {
 	}
 	o.Log("%s\n%s\n%s", res.Added.Summary(), res.AddedStatus.Summary(), res.Removed.Summary())
 	return res, nil
+}
+
+// startAgent starts agent i with its own client and state directory.
+func startAgent(actx context.Context, o ScaleOptions, name string, i int, applied *progress, clients *[]*clientv3.Client, wg *sync.WaitGroup, errs chan<- error) error {
+	cli, err := o.NewClient()
+	if err != nil {
+		return err
+	}
+	*clients = append(*clients, cli)
+	dir := filepath.Join(o.StateDir, name)
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return err
+	}
+	rec := &recorder{self: name, consume: []registry.Group{registry.GroupBackends}, onApply: applied.report}
+	ip := fmt.Sprintf("192.0.2.%d", i%250+1)
+	a, err := agent.New(agent.Options{
+		Client: cli, Node: name, ID: randomHex(16), PublicIPv4: ip,
+		Consume: rec.consume, LeaseTTL: o.LeaseTTL, Coalesce: o.Coalesce, StateDir: dir, Version: "bench",
+		Member:     &agent.MemberOptions{PublicKey: randomKey(), Endpoint: ip + ":51820", Pool: registry.DefaultPool},
+		Components: []agent.Component{rec},
+	})
+	if err != nil {
+		return err
+	}
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		if err := a.Run(actx); err != nil && actx.Err() == nil {
+			errs <- fmt.Errorf("agent %s: %w", name, err)
+		}
+	}()
+	return nil
 }
 
 // settle writes a marker key and waits until every agent applied and

@@ -1,6 +1,9 @@
 package sandbox
 
 import (
+	"context"
+	"errors"
+	"strings"
 	"testing"
 	"time"
 
@@ -57,5 +60,23 @@ func TestICMPChecksum(t *testing.T) {
 	msg[2], msg[3] = byte(c>>8), byte(c)
 	if got := icmpChecksum(msg); got != 0 {
 		t.Errorf("checksum over a checksummed message = %#x, want 0", got)
+	}
+}
+
+func TestPreflightNamesWhatIsMissing(t *testing.T) {
+	_, err := Preflight(Options{HAProxyBinary: "/nonexistent/haproxy", MeshdBinary: "/nonexistent/meshd"})
+	if !errors.Is(err, ErrPreflight) {
+		t.Fatalf("got %v, want ErrPreflight", err)
+	}
+	for _, want := range []string{"haproxy not found", "apt-get install --no-install-recommends haproxy", "meshd binary"} {
+		if !strings.Contains(err.Error(), want) {
+			t.Errorf("error %q lacks %q", err, want)
+		}
+	}
+}
+
+func TestStartRejectsBadName(t *testing.T) {
+	if _, err := Start(context.Background(), Options{Name: "Bad Name"}); err == nil || !strings.Contains(err.Error(), "sandbox name") {
+		t.Errorf("got %v, want a sandbox name error", err)
 	}
 }

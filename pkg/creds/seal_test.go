@@ -177,3 +177,32 @@ func TestIdentityBadFile(t *testing.T) {
 		})
 	}
 }
+
+// FuzzOpen feeds Open untrusted ciphertexts, as read from etcd: it must
+// return an error wrapping ErrOpen, never panic, and never accept
+// anything but what was sealed.
+func FuzzOpen(f *testing.F) {
+	id, err := LoadOrCreateIdentity(f.TempDir())
+	if err != nil {
+		f.Fatal(err)
+	}
+	ct, err := Seal([]byte("seed value"), Recipient(id))
+	if err != nil {
+		f.Fatal(err)
+	}
+	f.Add(ct)
+	f.Add("-----BEGIN AGE ENCRYPTED FILE-----\n-----END AGE ENCRYPTED FILE-----\n")
+	f.Add("")
+	f.Fuzz(func(t *testing.T, s string) {
+		v, err := Open(s, id)
+		if err != nil {
+			if !errors.Is(err, ErrOpen) {
+				t.Errorf("error does not wrap ErrOpen: %v", err)
+			}
+			return
+		}
+		if s != ct && !bytes.Equal(v, []byte("seed value")) {
+			t.Errorf("opened a ciphertext that was never sealed: %q", v)
+		}
+	})
+}

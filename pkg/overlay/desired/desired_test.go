@@ -1,6 +1,7 @@
 package desired
 
 import (
+	"crypto/sha256"
 	"encoding/base64"
 	"encoding/binary"
 	"errors"
@@ -14,12 +15,13 @@ import (
 	"github.com/meshd/meshd/pkg/registry"
 )
 
-// key returns a deterministic, valid-looking public key for test member i.
+// key returns a deterministic public key for test member i, as random
+// looking as a real one (sorting cost depends on it).
 func key(i int) string {
-	var b [32]byte
-	binary.BigEndian.PutUint32(b[:], uint32(i)+1)
-	b[31] = 0x42
-	return base64.StdEncoding.EncodeToString(b[:])
+	var b [4]byte
+	binary.BigEndian.PutUint32(b[:], uint32(i))
+	sum := sha256.Sum256(b[:])
+	return base64.StdEncoding.EncodeToString(sum[:])
 }
 
 // member returns node n<i> with subnet 10.10.<i>.0/24 (nix-infra layout).
@@ -173,6 +175,26 @@ func TestCompute(t *testing.T) {
 					{"n7", "public key is this node's own"},
 					{"n8", "subnet 10.10.0.0/16 overlaps this node's 10.10.0.0/24"},
 					{"n9", "subnet 0.0.0.0/0 is outside the overlay network 10.0.0.0/8"},
+				}
+				return s
+			},
+		},
+		{
+			name: "overlap between subnets of different lengths", params: defaultParams,
+			snap: func() *registry.Snapshot {
+				wide := member(32)
+				wide.Subnet = netip.MustParsePrefix("10.10.32.0/20")
+				return snapOf(m0, m1, wide, member(33), ovA, ovB)
+			}(),
+			want: func() State {
+				s := base()
+				s.Peers = []Peer{peerOf(m1, 25*time.Second)}
+				s.Routes = []netip.Prefix{m1.Subnet}
+				s.Problems = []Problem{
+					{"n20", "subnet 10.10.20.0/24 overlaps another member's"},
+					{"n21", "subnet 10.10.20.0/24 overlaps another member's"},
+					{"n32", "subnet 10.10.32.0/20 overlaps another member's"},
+					{"n33", "subnet 10.10.33.0/24 overlaps another member's"},
 				}
 				return s
 			},

@@ -150,3 +150,58 @@ func TestCheckNodeName(t *testing.T) {
 		t.Error(err)
 	}
 }
+
+// FuzzNodePerms writes one hostile key-value next to a sane registry and
+// checks that no role computed from it may write outside its node's own
+// keys or read anything under /meshd/ but its own status and secrets.
+func FuzzNodePerms(f *testing.F) {
+	f.Add("/cluster/nodes/worker009", `{"name":"worker009"}`)
+	f.Add("/cluster/meshd/subnets/10.10.9.0-24", `{"node":"worker002"}`)
+	f.Add("/cluster/meshd/subnets/10.10.9.0-24", `{"node":"../../x"}`)
+	f.Add("/cluster/backends/a\nb/meta_data", `{}`)
+	f.Add("/cluster/services/x/instances/worker001/../../y", `{}`)
+	f.Add("/cluster/meshd/members/root", `{}`)
+	f.Fuzz(func(t *testing.T, key, value string) {
+		kvs := []KV{
+			{Key: "/cluster/nodes/worker001", Value: []byte(`{"name":"worker001","ipv4":"192.0.2.1"}`)},
+			{Key: "/cluster/meshd/subnets/10.10.1.0-24", Value: []byte(`{"node":"worker001"}`)},
+			{Key: "/cluster/backends/api/meta_data", Value: []byte(`{"publish":{"port":8080}}`)},
+			{Key: key, Value: []byte(value)},
+		}
+		v := ViewOf(kvs)
+		for _, n := range v.Nodes {
+			if err := registry.ValidName(n); err != nil {
+				t.Fatalf("invalid node %q in view", n)
+			}
+			for _, mode := range []SubnetMode{Preclaim, OpenSubnets} {
+				for _, p := range NodePerms(n, v, mode) {
+					if p.Type == Read {
+						if strings.HasPrefix(p.Key, registry.MeshdPrefix) && p.Key != registry.SecretsNodePrefix(n) {
+							t.Fatalf("node %q reads %s", n, p)
+						}
+						continue
+					}
+					if p == Prefix(registry.SubnetsPrefix, Write) && mode == OpenSubnets && len(v.Claims[n]) == 0 {
+						continue
+					}
+					pk, err := registry.ParseKey(p.Key)
+					if err != nil || p.RangeEnd != "" {
+						t.Fatalf("node %q may write %s (%v)", n, p, err)
+					}
+					switch pk.Kind {
+					case registry.KindSubnet:
+						if !slicesContains(v.Claims[n], pk.Subnet) {
+							t.Fatalf("node %q may write claim %s it does not hold", n, p)
+						}
+					case registry.KindNode, registry.KindMember, registry.KindInstance, registry.KindStatus:
+						if pk.Node != n {
+							t.Fatalf("node %q may write %s", n, p)
+						}
+					default:
+						t.Fatalf("node %q may write %s", n, p)
+					}
+				}
+			}
+		}
+	})
+}

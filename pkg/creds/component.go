@@ -148,6 +148,13 @@ func New(opts Options, log *slog.Logger, reg prometheus.Registerer) (*Component,
 	}, nil
 }
 
+// Close releases the D-Bus connection of the default unit manager.
+func (c *Component) Close() {
+	if m, ok := c.opts.Manager.(*DBusManager); ok {
+		m.Close()
+	}
+}
+
 // Name implements the agent's Component.
 func (c *Component) Name() string { return "creds" }
 

@@ -72,9 +72,11 @@ type Component struct {
 
 	mu       sync.Mutex
 	target   *desired.State // newest desired state (applied or being retried)
+	gen      uint64         // bumped whenever target is replaced
 	applied  bool           // target is fully applied
 	revision int64          // snapshot revision of target
 	cached   []byte         // JSON of the state last written to the cache
+	cacheGen uint64         // gen whose state the cache is known to hold
 	lastErr  error
 	waiting  bool // no member record for Self yet
 	problems []desired.Problem
@@ -149,10 +151,12 @@ func (c *Component) Boot(ctx context.Context) error {
 		return nil
 	}
 	st := cf.State
+	c.gen++
 	c.target, c.revision = &st, cf.Revision
-	c.cached, _ = json.Marshal(st)
+	c.cached, c.cacheGen = stateJSON(st), c.gen
+	gen := c.gen
 	c.mu.Unlock()
-	if err := c.set(ctx, st, "boot"); err != nil {
+	if err := c.set(ctx, st, gen, "boot"); err != nil {
 		return fmt.Errorf("overlay boot: %w", err)
 	}
 	c.log.Info("overlay up from cache", "peers", len(st.Peers), "revision", cf.Revision)
@@ -179,19 +183,21 @@ func (c *Component) Apply(ctx context.Context, snap *registry.Snapshot) error {
 		c.log.Warn("skipping member", "node", p.Member, "err", p.Err)
 	}
 	c.waiting, c.problems = false, st.Problems
+	c.gen++
 	c.target, c.revision = &st, snap.Revision
+	gen := c.gen
 	c.mu.Unlock()
-	return c.set(ctx, st, "apply")
+	return c.set(ctx, st, gen, "apply")
 }
 
-// set applies st, records the outcome and, on success, caches st and
-// starts the repair watcher.
-func (c *Component) set(ctx context.Context, st desired.State, why string) error {
+// set applies st (generation gen of the target), records the outcome
+// and, on success, caches st and starts the repair watcher.
+func (c *Component) set(ctx context.Context, st desired.State, gen uint64, why string) error {
 	plan, err := c.applier.set(ctx, st)
 	c.metrics.observe(plan, err)
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	current := c.target != nil && sameState(*c.target, st)
+	current := gen == c.gen // no newer target arrived meanwhile
 	c.lastErr = err
 	if current {
 		c.applied = err == nil
@@ -205,12 +211,18 @@ func (c *Component) set(ctx context.Context, st desired.State, why string) error
 			"routesAdded", len(plan.AddRoutes), "routesDeleted", len(plan.DelRoutes))
 	}
 	c.metrics.peers.Set(float64(len(st.Peers)))
-	if b, _ := json.Marshal(st); current && !bytes.Equal(b, c.cached) {
-		if err := saveCache(c.opts.StateDir, cacheFile{Interface: c.opts.Interface, Revision: c.revision, State: st}); err != nil {
-			// The overlay is up; only the next boot without etcd is affected.
-			c.log.Warn("cannot write overlay cache", "err", err)
+	// The cache is rewritten only when the applied state changed, not on
+	// every registry revision.
+	if current && c.cacheGen != gen {
+		if b := stateJSON(st); !bytes.Equal(b, c.cached) {
+			if err := saveCache(c.opts.StateDir, cacheFile{Interface: c.opts.Interface, Revision: c.revision, State: st}); err != nil {
+				// The overlay is up; only the next boot without etcd suffers.
+				c.log.Warn("cannot write overlay cache", "err", err)
+			} else {
+				c.cached, c.cacheGen = b, gen
+			}
 		} else {
-			c.cached = b
+			c.cacheGen = gen
 		}
 	}
 	if !c.watching && !c.closed {
@@ -220,10 +232,11 @@ func (c *Component) set(ctx context.Context, st desired.State, why string) error
 	return nil
 }
 
-func sameState(a, b desired.State) bool {
-	x, _ := json.Marshal(a)
-	y, _ := json.Marshal(b)
-	return bytes.Equal(x, y)
+// stateJSON is the applied part of st, encoded, for change detection.
+func stateJSON(st desired.State) []byte {
+	st.Problems = nil
+	b, _ := json.Marshal(st)
+	return b
 }
 
 // Close stops the repair watcher and releases the netlink and wgctrl
@@ -249,6 +262,7 @@ func (c *Component) Close() error {
 func (c *Component) Destroy() error {
 	c.mu.Lock()
 	c.target = nil
+	c.gen++
 	c.mu.Unlock()
 	return c.applier.Destroy()
 }

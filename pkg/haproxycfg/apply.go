@@ -19,6 +19,10 @@ import (
 // running the previous one.
 var ErrRejected = errors.New("haproxy rejected the rendered configuration")
 
+// ErrMasterDown is returned (wrapped) when no HAProxy master answers and
+// meshd does not supervise one.
+var ErrMasterDown = errors.New("haproxy master not reachable")
+
 // Counters is what the Applier has done since it was created.
 type Counters struct {
 	Reloads            int64 `json:"reloads"`
@@ -90,9 +94,6 @@ func (a *Applier) set(ctx context.Context, d Desired) error {
 	running := procErr == nil
 	if running && a.Supervisor != nil {
 		a.Supervisor.observe(procs.Master.PID)
-	}
-	if !running && a.Supervisor == nil {
-		return fmt.Errorf("haproxy master not reachable (is the haproxy unit running?): %w", procErr)
 	}
 	if running && a.structure == "" {
 		a.adoptFile() // meshd restarted: HAProxy runs what the file says
@@ -175,6 +176,13 @@ func (a *Applier) reload(ctx context.Context, d, placed Desired, h string, runni
 	if err := renameSync(tmp, a.ConfigPath); err != nil {
 		return err
 	}
+	if !running && a.Supervisor == nil {
+		// The service manager starts HAProxy from this file once it exists
+		// (and restarts it); the next Set adopts it.
+		a.lastGood = content
+		return fmt.Errorf("%w: config written to %s, but no master answers on %s (is the haproxy unit running?)",
+			ErrMasterDown, a.ConfigPath, a.Master.Socket)
+	}
 	if !running {
 		// Start the master on the new file; if one appeared meanwhile
 		// (adopted), it still runs an older file and needs the reload.
@@ -247,6 +255,13 @@ func (a *Applier) adoptFile() {
 			return
 		}
 	}
+}
+
+// AppliedHash returns the Hash of the configuration HAProxy runs.
+func (a *Applier) AppliedHash() string {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	return a.appliedHash
 }
 
 // Counters returns what the applier has done so far.

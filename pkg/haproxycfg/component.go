@@ -226,9 +226,7 @@ func (c *Component) Status() any {
 	if h, err := c.applier.Rejected(); err != nil {
 		st.RejectedHash, st.RejectedConfig = h, c.applier.RejectedPath()
 	}
-	c.applier.mu.Lock()
-	st.AppliedHash = c.applier.appliedHash
-	c.applier.mu.Unlock()
+	st.AppliedHash = c.applier.AppliedHash()
 	if c.sup != nil {
 		st.MasterPID = c.sup.PID()
 	}

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"net"
 	"os"
+	"os/exec"
 	"strconv"
 	"strings"
 	"syscall"
@@ -341,5 +342,61 @@ func TestNewRejectsBadOptions(t *testing.T) {
 		if _, err := New(o, nil, nil); err == nil {
 			t.Errorf("%s: New accepted it", name)
 		}
+	}
+}
+
+// TestServiceManagerMode runs HAProxy the way a systemd unit does (meshd
+// does not supervise it): meshd writes the file, the "unit" starts
+// haproxy from it, meshd then only talks to the master socket.
+func TestServiceManagerMode(t *testing.T) {
+	bin := requireHAProxy(t)
+	opts := testOptions(testDir(t))
+	opts.Supervise = false
+	c := newComponent(t, opts)
+	ctx := t.Context()
+	port := freePort(t)
+	a, b := startBackend(t, "a"), startBackend(t, "b")
+	snap := snapshot(map[string]appSpec{"web": {port, []*backend{a}}})
+	if err := c.Apply(ctx, snap); !errors.Is(err, ErrMasterDown) {
+		t.Fatalf("Apply without a master: %v, want ErrMasterDown", err)
+	}
+	if _, err := os.Stat(opts.ConfigPath); err != nil {
+		t.Fatalf("config not written for the unit to start from: %v", err)
+	}
+
+	// The unit's ExecStart (-Ws under systemd; -W here, there is no
+	// NOTIFY_SOCKET).
+	unit := exec.Command(bin, "-W", "-S", opts.MasterSocket, "-f", opts.ConfigPath)
+	if err := unit.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		unit.Process.Signal(syscall.SIGTERM)
+		unit.Wait()
+	})
+	askUntil(t, port, "a", 5*time.Second)
+
+	if err := c.Apply(ctx, snap); err != nil {
+		t.Fatalf("Apply with the unit running: %v", err)
+	}
+	if err := c.Apply(ctx, snapshot(map[string]appSpec{"web": {port, []*backend{b}}})); err != nil {
+		t.Fatal(err)
+	}
+	if got, err := ask(port); err != nil || got != "b" {
+		t.Errorf("after runtime change: %q, %v", got, err)
+	}
+	other := freePort(t)
+	if err := c.Apply(ctx, snapshot(map[string]appSpec{"web": {port, []*backend{b}}, "db": {other, []*backend{a}}})); err != nil {
+		t.Fatal(err)
+	}
+	if got, err := ask(other); err != nil || got != "a" {
+		t.Errorf("after reload: %q, %v", got, err)
+	}
+	p := procs(t, c)
+	if p.Master.PID != unit.Process.Pid || p.Master.Reloads != 1 {
+		t.Errorf("master %d with %d reloads; want the unit's %d with 1", p.Master.PID, p.Master.Reloads, unit.Process.Pid)
+	}
+	if st := status(c); st.Supervised || st.RuntimeUpdates != 1 || st.Reloads != 1 {
+		t.Errorf("status %+v", st)
 	}
 }

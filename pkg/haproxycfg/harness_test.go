@@ -171,7 +171,7 @@ func askUntil(tb testing.TB, port int, want string, timeout time.Duration) {
 		if got, err = ask(port); err == nil && got == want {
 			return
 		}
-		time.Sleep(5 * time.Millisecond)
+		time.Sleep(time.Millisecond)
 	}
 	tb.Fatalf("port %d: want %q, last answer %q, err %v", port, want, got, err)
 }

@@ -204,6 +204,13 @@ func checkConfig(t testing.TB, jsonText string, env []string) (string, error) {
 }
 
 func TestMain(m *testing.M) {
+	if os.Getenv(etcdHelperEnv) != "" {
+		if err := runEtcdHelper(); err != nil {
+			fmt.Fprintln(os.Stderr, "etcd helper:", err)
+			os.Exit(1)
+		}
+		os.Exit(0)
+	}
 	code := m.Run()
 	if meshdBuild.dir != "" {
 		os.RemoveAll(meshdBuild.dir)

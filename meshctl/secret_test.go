@@ -75,6 +75,10 @@ func newSecretNode(t *testing.T, cli *clientv3.Client, name string, idx int, pub
 	if _, err := cli.Put(context.Background(), registry.MemberKey(name), string(m)); err != nil {
 		t.Fatal(err)
 	}
+	claim, _ := json.Marshal(registry.SubnetClaim{Node: name})
+	if _, err := cli.Put(context.Background(), registry.SubnetKey(subnet), string(claim)); err != nil {
+		t.Fatal(err)
+	}
 	if publish {
 		ctx, cancel := context.WithCancel(context.Background())
 		done := make(chan struct{})

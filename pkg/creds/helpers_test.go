@@ -160,6 +160,11 @@ func addMember(t *testing.T, cli *clientv3.Client, node string, idx int, recipie
 	if _, err := cli.Put(context.Background(), registry.MemberKey(node), string(b)); err != nil {
 		t.Fatal(err)
 	}
+	// The subnet claim that ClaimMember writes with the record.
+	claim, _ := json.Marshal(registry.SubnetClaim{Node: node})
+	if _, err := cli.Put(context.Background(), registry.SubnetKey(subnet), string(claim)); err != nil {
+		t.Fatal(err)
+	}
 }
 
 // addNodeEntry writes a node entry consuming groups.

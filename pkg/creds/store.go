@@ -103,19 +103,22 @@ func putOnce(ctx context.Context, cli *clientv3.Client, name string, value []byt
 	resp, err := cli.Txn(ctx).Then(
 		clientv3.OpGet(registry.NodesPrefix, clientv3.WithPrefix()),
 		clientv3.OpGet(registry.MembersPrefix, clientv3.WithPrefix()),
+		// Subnet claims let the snapshot cross-check member records: a
+		// record that copies another node's subnet is not trusted.
+		clientv3.OpGet(registry.SubnetsPrefix, clientv3.WithPrefix()),
 		clientv3.OpGet(registry.SecretsPrefix, clientv3.WithPrefix()),
 	).Commit()
 	if err != nil {
 		return PutResult{}, false, fmt.Errorf("read registry: %w", err)
 	}
 	var kvs []registry.KV
-	for _, r := range resp.Responses[:2] {
+	for _, r := range resp.Responses[:3] {
 		for _, kv := range r.GetResponseRange().Kvs {
 			kvs = append(kvs, registry.KV{Key: string(kv.Key), Value: kv.Value, Lease: kv.Lease})
 		}
 	}
 	snap := registry.SnapshotOf(kvs, resp.Header.Revision)
-	existing := secretCopies(resp.Responses[2].GetResponseRange().Kvs, name)
+	existing := secretCopies(resp.Responses[3].GetResponseRange().Kvs, name)
 	recipients, skipped, err := resolveTargets(snap, t)
 	if err != nil {
 		return PutResult{}, false, err

@@ -9,6 +9,7 @@ import (
 
 	clientv3 "go.etcd.io/etcd/client/v3"
 
+	"github.com/meshd/meshd/pkg/etcdauth"
 	"github.com/meshd/meshd/pkg/registry"
 )
 
@@ -118,6 +119,11 @@ func appRegister(ctx context.Context, e *env, args []string) error {
 		return fmt.Errorf("register %s/%s: %w", g, name, err)
 	}
 	fmt.Fprintf(e.Stdout, "registered %s/%s on port %d (revision %d)\n", g, name, *port, resp.Header.Revision)
+	// With etcd auth on, each node's role lists the instance keys it may
+	// write, one per app: a new app needs the roles refreshed.
+	if _, err := etcdauth.RefreshIfEnabled(rctx, cli, etcdauth.Options{}); err != nil {
+		return fmt.Errorf("registered, but refreshing etcd roles failed (nodes cannot advertise %s/%s until `meshctl etcd roles apply` succeeds): %w", g, name, err)
+	}
 	return wf.waitFor(ctx, e, cli, resp.Header.Revision, nil)
 }
 

@@ -158,3 +158,38 @@ func mustSafe(t *testing.T, s string) {
 		t.Fatalf("unsafe name %q accepted", s)
 	}
 }
+
+func TestCrossChecksStopHijacks(t *testing.T) {
+	key := "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="
+	kvs := []KV{
+		{Key: "/cluster/meshd/subnets/10.10.1.0-24", Value: []byte(`{"node":"victim"}`)},
+		{Key: "/cluster/meshd/members/victim", Value: []byte(`{"name":"victim","publicKey":"` + key + `","subnet":"10.10.1.0/24","overlayIp":"10.10.1.0"}`)},
+		// thief copies the victim's subnet into its own record
+		{Key: "/cluster/meshd/members/thief", Value: []byte(`{"name":"thief","publicKey":"` + key + `","subnet":"10.10.1.0/24","overlayIp":"10.10.1.0"}`)},
+		{Key: "/cluster/backends/web/meta_data", Value: []byte(`{"publish":{"port":8080}}`)},
+		{Key: "/cluster/backends/web/instances/victim", Value: []byte(`{"ipv4":"10.10.1.0","node":"victim","port":8080}`)},
+		// an instance claiming to be victim's but pointing elsewhere
+		{Key: "/cluster/backends/api/instances/victim", Value: []byte(`{"ipv4":"10.10.7.0","node":"victim","port":8080}`)},
+		// loopback is never a valid instance address
+		{Key: "/cluster/backends/web/instances/legacy", Value: []byte(`{"ipv4":"127.0.0.1","node":"legacy","port":22}`)},
+		// a legacy (flannel) node without member record keeps working
+		{Key: "/cluster/backends/web/instances/old", Value: []byte(`{"ipv4":"10.10.93.0","node":"old","port":8080}`)},
+	}
+	snap := SnapshotOf(kvs, 1)
+	if _, ok := snap.Members["thief"]; ok {
+		t.Error("member with another node's subnet accepted")
+	}
+	if _, ok := snap.Members["victim"]; !ok {
+		t.Error("victim's member record dropped")
+	}
+	web := snap.Apps[AppID{GroupBackends, "web"}]
+	if len(web.Instances) != 2 || web.Instances["victim"].Port != 8080 || web.Instances["old"].Port != 8080 {
+		t.Errorf("web instances = %v", web.Instances)
+	}
+	if api := snap.Apps[AppID{GroupBackends, "api"}]; api != nil && len(api.Instances) != 0 {
+		t.Errorf("redirected instance accepted: %v", api.Instances)
+	}
+	if len(snap.Problems) != 3 {
+		t.Errorf("problems = %v, want 3", snap.Problems)
+	}
+}

@@ -2,6 +2,7 @@ package registry
 
 import (
 	"cmp"
+	"fmt"
 	"net/netip"
 	"slices"
 	"sync"
@@ -246,8 +247,38 @@ func (s *Store) Snapshot() *Snapshot {
 			snap.Secrets[e.pk.Name] = v
 		}
 	}
+	crossCheck(snap)
 	slices.SortFunc(snap.Problems, func(a, b Problem) int { return cmp.Compare(a.Key, b.Key) })
 	return snap
+}
+
+// crossCheck drops values that decode but contradict the rest of the
+// registry, so that one node's keys cannot hijack another's traffic:
+//   - a member record must hold the subnet claimed for it (a node copying
+//     another node's subnet or key into its own record is skipped, not the
+//     victim);
+//   - an instance of a node that has a member record must point at that
+//     node's overlay address (a node cannot send consumers of an app to an
+//     address of its choosing).
+func crossCheck(snap *Snapshot) {
+	for name, m := range snap.Members {
+		if owner := snap.Subnets[m.Subnet]; owner != name {
+			delete(snap.Members, name)
+			snap.Problems = append(snap.Problems, Problem{Key: MemberKey(name),
+				Err: fmt.Sprintf("subnet %v is claimed by %q, not by this node", m.Subnet, owner)})
+		}
+	}
+	for id, app := range snap.Apps {
+		for node, in := range app.Instances {
+			m, ok := snap.Members[node]
+			if !ok || in.Addr().Addr() == m.OverlayIP {
+				continue
+			}
+			delete(app.Instances, node)
+			snap.Problems = append(snap.Problems, Problem{Key: InstanceKey(id.Group, id.Name, node),
+				Err: fmt.Sprintf("ipv4 %s is not node %s's overlay address %v", in.IPv4, node, m.OverlayIP)})
+		}
+	}
 }
 
 // SnapshotOf decodes a list of key-values read at rev into a snapshot. It

@@ -251,6 +251,10 @@ func DecodeInstance(node string, b []byte) (Instance, error) {
 	if err != nil || !a.Is4() {
 		return Instance{}, fmt.Errorf("%w: ipv4 %q is not an IPv4 address", ErrBadValue, in.IPv4)
 	}
+	if !a.IsGlobalUnicast() {
+		// Loopback would turn a consumer's HAProxy onto its own node.
+		return Instance{}, fmt.Errorf("%w: ipv4 %s is not a unicast host address", ErrBadValue, a)
+	}
 	if in.Port < 1 || in.Port > 65535 {
 		return Instance{}, fmt.Errorf("%w: port %d out of range", ErrBadValue, in.Port)
 	}

@@ -343,6 +343,9 @@ func (c *Config) Validate() error {
 			}
 		}
 	}
+	if c.Secrets.Enable && !c.Overlay.Enable {
+		bad("secrets.enable needs overlay.enable: a node's age recipient is published in its overlay member record")
+	}
 	if s := c.Secrets; s.Enable {
 		if s.CredstoreDir == "" {
 			bad("secrets.credstoreDir: empty")

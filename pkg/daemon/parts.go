@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"log/slog"
+	"net/netip"
 
 	"github.com/prometheus/client_golang/prometheus"
 
@@ -11,6 +12,8 @@ import (
 	"github.com/meshd/meshd/pkg/config"
 	"github.com/meshd/meshd/pkg/creds"
 	"github.com/meshd/meshd/pkg/haproxycfg"
+	"github.com/meshd/meshd/pkg/overlay"
+	"github.com/meshd/meshd/pkg/registry"
 )
 
 // parts are the components built from the config.
@@ -26,8 +29,10 @@ func (p *parts) close() {
 	}
 }
 
-// buildParts builds the enabled components. The overlay comes up from its
-// cache here, before etcd answers: etcd may only be reachable over it.
+// buildParts builds the enabled components, in the order the loop applies
+// them: the overlay first (routes before anything uses them), then HAProxy,
+// then credentials. The overlay comes up from its cache here, before etcd
+// answers: etcd may only be reachable over it.
 func buildParts(ctx context.Context, cfg config.Config, log *slog.Logger, reg prometheus.Registerer) (_ *parts, err error) {
 	p := &parts{}
 	defer func() {
@@ -35,20 +40,38 @@ func buildParts(ctx context.Context, cfg config.Config, log *slog.Logger, reg pr
 			p.close()
 		}
 	}()
-	var recipient string
+	var (
+		secrets   *creds.Component
+		recipient string
+	)
 	if cfg.Secrets.Enable {
-		c, err := creds.New(creds.Options{
+		secrets, err = creds.New(creds.Options{
 			Self: cfg.NodeName, StateDir: cfg.StateDir, CredstoreDir: cfg.Secrets.CredstoreDir,
 			WithKey: cfg.Secrets.WithKey, Units: cfg.Secrets.Units,
 		}, log.With("component", "creds"), reg)
 		if err != nil {
 			return nil, fmt.Errorf("secrets: %w", err)
 		}
-		recipient = c.Recipient()
-		p.components = append(p.components, c)
+		p.closers = append(p.closers, func() error { secrets.Close(); return nil })
+		recipient = secrets.Recipient()
 	}
-	if err := buildOverlay(ctx, cfg, log, reg, p, recipient); err != nil {
-		return nil, err
+	if cfg.Overlay.Enable {
+		ov, err := overlay.New(overlay.OptionsFromConfig(cfg), log.With("component", "overlay"), reg)
+		if err != nil {
+			return nil, fmt.Errorf("overlay: %w", err)
+		}
+		p.closers = append(p.closers, ov.Close)
+		if err := ov.Boot(ctx); err != nil {
+			// Not fatal: the first reconcile builds the overlay from etcd.
+			log.Warn("overlay: cannot boot from cache", "err", err)
+		}
+		p.member = &agent.MemberOptions{
+			PublicKey: ov.PublicKey(),
+			Endpoint:  overlayEndpoint(cfg),
+			Recipient: recipient,
+			Pool:      registry.Pool{Min: cfg.Overlay.SubnetMin, Max: cfg.Overlay.SubnetMax, Bits: cfg.Overlay.SubnetLen},
+		}
+		p.components = append(p.components, ov)
 	}
 	if h := cfg.HAProxy; h.Enable {
 		c, err := haproxycfg.New(haproxycfg.Options{
@@ -62,10 +85,20 @@ func buildParts(ctx context.Context, cfg config.Config, log *slog.Logger, reg pr
 		p.closers = append(p.closers, c.Close)
 		p.components = append(p.components, c)
 	}
+	if secrets != nil {
+		p.components = append(p.components, secrets)
+	}
 	return p, nil
 }
 
-// buildOverlay is filled in when the overlay lands.
-func buildOverlay(ctx context.Context, cfg config.Config, log *slog.Logger, reg prometheus.Registerer, p *parts, recipient string) error {
-	return nil
+// overlayEndpoint is the host:port peers dial: the configured endpoint, or
+// the node's public IPv4 with the WireGuard port.
+func overlayEndpoint(cfg config.Config) string {
+	if cfg.Overlay.Endpoint != "" {
+		return cfg.Overlay.Endpoint
+	}
+	if cfg.PublicIPv4 != "" {
+		return netip.AddrPortFrom(netip.MustParseAddr(cfg.PublicIPv4), uint16(cfg.Overlay.ListenPort)).String()
+	}
+	return ""
 }

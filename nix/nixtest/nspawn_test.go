@@ -246,7 +246,7 @@ ExecStart=/bin/bash -c 'for i in $$(seq 200); do (exec 3<>/dev/tcp/127.0.0.1/%d)
 	if m.read("listener") != "ok\n" {
 		t.Errorf("nothing listens on 127.0.0.1:%d: meshd did not render the app it read from etcd, or HAProxy did not load it", appPort)
 	}
-	if !strings.Contains(m.read("link"), "mdtnixwg") {
+	if !regexp.MustCompile(`^\d+: mdtnixwg[:@]`).MatchString(m.read("link")) {
 		t.Errorf("no WireGuard device: %s", m.read("link"))
 	}
 	if got := strings.TrimSpace(m.read("credstore")); got != "700 root" {

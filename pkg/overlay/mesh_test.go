@@ -96,6 +96,22 @@ func TestMesh(t *testing.T) {
 			time.Sleep(10 * time.Millisecond)
 		}
 		ping(n[0], 1)
+
+		l.ip("-n", n[0].ns, "rule", "del", "priority", "32000")
+		waitFor(t, time.Second, "policy rule restored", func() bool {
+			out, _ := exec.Command("ip", "-n", n[0].ns, "rule", "show").Output()
+			return strings.Contains(string(out), "to 10.0.0.0/8 lookup 51820")
+		})
+	})
+
+	t.Run("interface deleted by hand comes back", func(t *testing.T) {
+		l.ip("-n", n[0].ns, "link", "del", l.iface)
+		waitFor(t, 2*time.Second, "interface and routes restored", func() bool {
+			out, _ := exec.Command("ip", "-n", n[0].ns, "route", "show", "table", "51820").Output()
+			return strings.Contains(string(out), "10.10.2.0/24")
+		})
+		ping(n[0], 1)
+		ping(n[2], 0)
 	})
 
 	t.Run("restart keeps key and peers", func(t *testing.T) {
@@ -206,4 +222,18 @@ func TestKernelModeWithoutModule(t *testing.T) {
 	if !strings.Contains(rep.Err, "kernel WireGuard") {
 		t.Fatalf("apply in kernel mode: err %q, want a kernel WireGuard error", rep.Err)
 	}
+}
+
+// waitFor polls cond every 10ms until it holds or bound passes; the bound
+// is the requirement being tested.
+func waitFor(t *testing.T, bound time.Duration, what string, cond func() bool) {
+	t.Helper()
+	start := time.Now()
+	for !cond() {
+		if time.Since(start) > bound {
+			t.Fatalf("%s: not within %v", what, bound)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	t.Logf("%s after %v", what, time.Since(start).Round(time.Millisecond))
 }

@@ -5,6 +5,7 @@ import (
 	"time"
 
 	"github.com/vishvananda/netlink"
+	"github.com/vishvananda/netlink/nl"
 	"golang.org/x/sys/unix"
 )
 
@@ -12,8 +13,8 @@ const (
 	// repairDelay coalesces a burst of netlink events (a link going away
 	// deletes many routes) into one repair pass.
 	repairDelay = 20 * time.Millisecond
-	// resyncInterval bounds how long a change netlink does not announce
-	// (a deleted policy rule) can go unnoticed.
+	// resyncInterval bounds how long a change no event announced (a lost
+	// netlink message, a changed peer) can go unnoticed.
 	resyncInterval = 30 * time.Second
 	// resubscribeDelay is the pause before subscribing again after a
 	// netlink subscription failed (socket overrun, closed).
@@ -64,6 +65,11 @@ func (c *Component) watchOnce(ctx context.Context) {
 		c.log.Warn("link subscription failed", "err", err)
 		return
 	}
+	rules, err := subscribeRuleDeletions(done, onErr)
+	if err != nil {
+		c.log.Warn("rule subscription failed", "err", err)
+		return
+	}
 	// Something may have changed while we were not subscribed.
 	c.repair(ctx, "resubscribed")
 
@@ -107,6 +113,11 @@ func (c *Component) watchOnce(ctx context.Context) {
 				(u.Header.Type == unix.RTM_DELLINK || u.Attrs().Flags&unix.IFF_UP == 0) {
 				schedule()
 			}
+		case _, ok := <-rules:
+			if !ok {
+				return
+			}
+			schedule()
 		case <-timer.C:
 			pending = false
 			c.repair(ctx, "netlink event")
@@ -114,6 +125,41 @@ func (c *Component) watchOnce(ctx context.Context) {
 			c.repair(ctx, "periodic resync")
 		}
 	}
+}
+
+// subscribeRuleDeletions reports every IPv4 policy rule deletion (the
+// netlink library has no rule subscription). Rule deletions are rare, so
+// any of them triggers a repair pass, which is a no-op when meshd's rule
+// is still there.
+func subscribeRuleDeletions(done <-chan struct{}, onErr func(error)) (<-chan struct{}, error) {
+	s, err := nl.Subscribe(unix.NETLINK_ROUTE, unix.RTNLGRP_IPV4_RULE)
+	if err != nil {
+		return nil, err
+	}
+	ch := make(chan struct{}, 1)
+	go func() {
+		<-done
+		s.Close()
+	}()
+	go func() {
+		defer close(ch)
+		for {
+			msgs, _, err := s.Receive()
+			if err != nil {
+				onErr(err)
+				return
+			}
+			for _, m := range msgs {
+				if m.Header.Type == unix.RTM_DELRULE {
+					select {
+					case ch <- struct{}{}:
+					default:
+					}
+				}
+			}
+		}
+	}()
+	return ch, nil
 }
 
 // ownsRoute reports whether r is (was) one of meshd's routes.

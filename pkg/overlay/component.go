@@ -12,6 +12,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net/netip"
+	"slices"
 	"sync"
 	"time"
 
@@ -165,7 +166,9 @@ func (c *Component) Boot(ctx context.Context) error {
 
 // Apply implements agent.Component: compute the desired overlay from snap
 // and apply the difference. Until the node has a member record (its
-// subnet claim) there is nothing to configure and Apply does nothing.
+// subnet claim) there is nothing to configure and Apply does nothing; if
+// the record disappears while the node runs, the overlay stays as it was
+// until the node claims a new one.
 func (c *Component) Apply(ctx context.Context, snap *registry.Snapshot) error {
 	st, err := desired.Compute(snap, c.opts.Self, c.opts.params())
 	c.mu.Lock()
@@ -179,8 +182,10 @@ func (c *Component) Apply(ctx context.Context, snap *registry.Snapshot) error {
 		c.mu.Unlock()
 		return fmt.Errorf("overlay: %w", err)
 	}
-	for _, p := range st.Problems {
-		c.log.Warn("skipping member", "node", p.Member, "err", p.Err)
+	if !slices.Equal(st.Problems, c.problems) { // log changes, not every pass
+		for _, p := range st.Problems {
+			c.log.Warn("skipping member", "node", p.Member, "err", p.Err)
+		}
 	}
 	c.waiting, c.problems = false, st.Problems
 	c.gen++

@@ -15,6 +15,7 @@ import (
 	"go.etcd.io/etcd/server/v3/embed"
 	"go.uber.org/zap"
 
+	"github.com/meshd/meshd/pkg/creds"
 	"github.com/meshd/meshd/pkg/etcdclient"
 	"github.com/meshd/meshd/pkg/registry"
 )
@@ -23,6 +24,8 @@ import (
 // inside the booted machine of TestNspawnModuleUnitsRun instead of running
 // tests: a TLS etcd with client-certificate auth on 127.0.0.1:2379 (the
 // machine's private loopback), seeded with one app, ready by sd_notify.
+// Once meshd has published its member record it seals MDT_NIX_SECRET to
+// it, as `meshctl secret put` would.
 const etcdHelperEnv = "MDT_NIX_ETCD_HELPER"
 
 // etcdHelperEndpoint is where the helper serves, inside the machine.
@@ -78,6 +81,32 @@ func runEtcdHelper() error {
 	}
 	sig := make(chan os.Signal, 1)
 	signal.Notify(sig, syscall.SIGTERM, os.Interrupt)
+	go func() {
+		if err := putSecretWhenMember(cli, os.Getenv("MDT_NIX_NODE"), os.Getenv("MDT_NIX_SECRET_NAME"), os.Getenv("MDT_NIX_SECRET")); err != nil {
+			fmt.Fprintln(os.Stderr, "etcd helper: put secret:", err)
+		}
+	}()
 	<-sig
 	return nil
+}
+
+// putSecretWhenMember waits until node has published its age recipient,
+// then seals the secret to it.
+func putSecretWhenMember(cli *clientv3.Client, node, name, value string) error {
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	w := cli.Watch(ctx, registry.MemberKey(node))
+	for {
+		if r, err := cli.Get(ctx, registry.MemberKey(node)); err == nil && len(r.Kvs) == 1 {
+			if m, err := registry.DecodeMember(node, r.Kvs[0].Value); err == nil && m.Recipient != "" {
+				_, err := creds.PutSecret(ctx, cli, name, []byte(value), creds.Targets{Nodes: []string{node}})
+				return err
+			}
+		}
+		select {
+		case <-w:
+		case <-ctx.Done():
+			return fmt.Errorf("no member record with a recipient for %s: %w", node, ctx.Err())
+		}
+	}
 }

@@ -142,6 +142,9 @@ func TestNspawnModuleUnitsRun(t *testing.T) {
 	r := evalExample(t, "worker")
 	m := newMachine(t)
 	appPort := freePort(t) // any port: the machine has its own loopback
+	b := make([]byte, 16)
+	rand.Read(b)
+	secret := "mdtnix-" + hex.EncodeToString(b)
 
 	// PKI: the node's client certificate (LoadCredential sources, outside
 	// any store) and etcd's server certificate.
@@ -211,9 +214,10 @@ Before=meshd.service
 [Service]
 Type=notify
 Environment=%s=1 MDT_NIX_ETCD_DIR=/var/lib/mdt-etcd MDT_NIX_APP_PORT=%d
+Environment=MDT_NIX_NODE=worker001 MDT_NIX_SECRET_NAME=app-db-password MDT_NIX_SECRET=%s
 Environment=MDT_NIX_ETCD_CA=/etc/mdt-etcd/ca.pem MDT_NIX_ETCD_CERT=/etc/mdt-etcd/server.pem MDT_NIX_ETCD_KEY=/etc/mdt-etcd/server-key.pem
 ExecStart=/helper/nixtest.test
-`, etcdHelperEnv, appPort))
+`, etcdHelperEnv, appPort, secret))
 	m.unit(t, "mdt-check.service", fmt.Sprintf(`[Unit]
 Description=report the mesh state
 Wants=meshd-online.target
@@ -228,6 +232,9 @@ ExecStart=/bin/bash -c 'for i in $$(seq 200); do (exec 3<>/dev/tcp/127.0.0.1/%d)
   systemctl show -p ActiveState -p SubState -p NRestarts meshd-haproxy.service > /out/haproxy.show; \
   ip -o link show mdtnixwg > /out/link 2>&1; \
   stat -c "%%%%a %%%%U" /etc/credstore.encrypted > /out/credstore 2>&1; \
+  for i in $$(seq 400); do [ -e /etc/credstore.encrypted/app-db-password ] && break; sleep 0.05; done; \
+  systemd-run --quiet --wait --pipe -p LoadCredentialEncrypted=app-db-password:/etc/credstore.encrypted/app-db-password \
+    /bin/sh -c "cat \\$$CREDENTIALS_DIRECTORY/app-db-password" > /out/secret 2>/out/secret.err; \
   journalctl -b --no-pager -u meshd -u meshd-haproxy -u mdt-etcd > /out/journal 2>&1; true'
 `, appPort))
 
@@ -252,8 +259,11 @@ ExecStart=/bin/bash -c 'for i in $$(seq 200); do (exec 3<>/dev/tcp/127.0.0.1/%d)
 	if got := strings.TrimSpace(m.read("credstore")); got != "700 root" {
 		t.Errorf("credential store: %q, want mode 700 owned by root (tmpfiles rule)", got)
 	}
-	if strings.Contains(journal, string(node.KeyPEM)) {
-		t.Error("the etcd client key appears in the journal")
+	if got := m.read("secret"); got != secret {
+		t.Errorf("a unit loading the credential meshd delivered read %d bytes, want the secret put in etcd (%s)", len(got), m.read("secret.err"))
+	}
+	if strings.Contains(journal, string(node.KeyPEM)) || strings.Contains(journal, secret) {
+		t.Error("the etcd client key or the secret appears in the journal")
 	}
 }
 

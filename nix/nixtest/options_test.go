@@ -72,7 +72,7 @@ func TestOptionEffects(t *testing.T) {
 				t.Errorf("UDP %v warnings %q, want exactly 40000 and no warning", r.Firewall.AllowedUDPPorts, r.Warnings)
 			}
 		}},
-		{"overlay off", `services.meshd.openFirewall = true; services.meshd.settings.overlay.enable = false;`, func(t *testing.T, r *evalResult) {
+		{"overlay off", `services.meshd.openFirewall = true; services.meshd.settings.overlay.enable = false; services.meshd.settings.secrets.enable = false;`, func(t *testing.T, r *evalResult) {
 			u := r.Services["meshd"]
 			if len(r.Firewall.AllowedUDPPorts) != 0 || len(u.values("DeviceAllow")) != 0 || u.value("PrivateDevices") != "true" || len(r.KernelModules) != 0 {
 				t.Errorf("overlay disabled but UDP %v DeviceAllow %q PrivateDevices=%s modules %v",
@@ -137,6 +137,7 @@ func TestInvalidOptionValues(t *testing.T) {
 		{"bad secret name", `services.meshd.secrets."db password".units = [ "a.service" ];`, "services.meshd.secrets: names must match"},
 		{"interface too long", `services.meshd.settings.overlay.interface = "meshd-wireguard0";`, "services.meshd.settings.overlay.interface' is not of type"},
 		{"public address is no IPv4", `services.meshd.settings.publicIPv4 = "2001:db8::1";`, ""},
+		{"secrets without overlay", `services.meshd.settings.overlay.enable = false;`, ""},
 		{"unit without suffix", `services.meshd.instances.a = { group = "services"; port = 1; unit = "podman-a"; };`, "services.meshd.instances.a.unit' is not of type"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {

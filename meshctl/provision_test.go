@@ -296,7 +296,7 @@ func seedNode(t *testing.T, cli *clientv3.Client, n string, i int) {
 		"subnet": subnet, "overlayIp": strings.TrimSuffix(subnet, "/24")})
 	put(registry.SubnetsPrefix+"10.10."+string(rune('0'+i))+".0-24", map[string]any{"node": n})
 	put(registry.StatusKey(n), map[string]any{"node": n, "revision": 5})
-	put(registry.InstanceKey(registry.GroupBackends, "api", n), map[string]any{"ipv4": "10.10.0.1", "node": n, "port": 8080})
+	put(registry.InstanceKey(registry.GroupBackends, "api", n), map[string]any{"ipv4": strings.TrimSuffix(subnet, "/24"), "node": n, "port": 8080})
 	if n == "node2" {
 		put(registry.SecretKey(n, "db"), map[string]any{"version": 1, "ciphertext": "x"})
 	}

@@ -216,7 +216,18 @@ func Compute(snap *registry.Snapshot, self string, p Params) (State, error) {
 	// Duplicate keys: WireGuard knows a peer only by its key, so two
 	// members sharing one cannot both be peers; skip all of them. Sorted
 	// by key, duplicates are adjacent.
-	slices.SortFunc(idx, func(a, b int) int { return cmp.Compare(members[a].PublicKey, members[b].PublicKey) })
+	// The first 8 bytes of a key, packed big-endian, order like the
+	// string: most comparisons never touch the strings.
+	heads := make([]uint64, len(members))
+	for i, m := range members {
+		heads[i] = keyHead(m.PublicKey)
+	}
+	slices.SortFunc(idx, func(a, b int) int {
+		if c := cmp.Compare(heads[a], heads[b]); c != 0 {
+			return c
+		}
+		return cmp.Compare(members[a].PublicKey, members[b].PublicKey)
+	})
 	dup := make([]bool, len(members))
 	for k := 1; k < len(idx); k++ {
 		if members[idx[k]].PublicKey == members[idx[k-1]].PublicKey {
@@ -324,6 +335,16 @@ func ValidKey(s string) error {
 		return fmt.Errorf("not base64 of 32 bytes")
 	}
 	return nil
+}
+
+// keyHead packs the first 8 bytes of s (a validated 44-byte key) into an
+// integer that sorts like the string.
+func keyHead(s string) uint64 {
+	var h uint64
+	for i := 0; i < 8 && i < len(s); i++ {
+		h |= uint64(s[i]) << (56 - 8*i)
+	}
+	return h
 }
 
 // prefixKey4 packs an IPv4 prefix into an integer that sorts like

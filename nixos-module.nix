@@ -312,7 +312,7 @@ in
                 type = types.bool;
                 default = true;
                 example = false;
-                description = "Whether meshd programs the WireGuard overlay.";
+                description = "Whether meshd programs the WireGuard overlay. Secrets need it: a node's age recipient is published in its overlay member record.";
               };
               network = mkOption {
                 type = types.str;

@@ -59,8 +59,8 @@ func TestMesh(t *testing.T) {
 	if rules := l.ip("-n", n[0].ns, "rule", "show"); !strings.Contains(rules, "to 10.0.0.0/8 lookup 51820") {
 		t.Errorf("policy rule missing:\n%s", rules)
 	}
-	h01 := handshake(t, n[0], keys[1])
-	h10 := handshake(t, n[1], keys[0])
+	h01 := settledHandshake(t, n[0], keys[1])
+	h10 := settledHandshake(t, n[1], keys[0])
 	if h01.IsZero() || h10.IsZero() {
 		t.Fatalf("no handshake after ping: %v %v", h01, h10)
 	}
@@ -115,7 +115,7 @@ func TestMesh(t *testing.T) {
 	})
 
 	t.Run("restart keeps key and peers", func(t *testing.T) {
-		before := handshake(t, n[0], keys[1])
+		before := settledHandshake(t, n[0], keys[1])
 		n[0].must(t, helperCmd{Op: "close"})
 		// Closed: the interface and peers are still there.
 		ping(n[1], 0)
@@ -165,7 +165,7 @@ func TestMesh(t *testing.T) {
 		moved := members[0]
 		moved.Subnet = netip.MustParsePrefix("10.10.9.0/24")
 		moved.OverlayIP = moved.Subnet.Addr()
-		before := handshake(t, n[1], keys[0])
+		before := settledHandshake(t, n[1], keys[0])
 		apply(n[0], 5, moved, members[1])
 		apply(n[1], 5, moved, members[1])
 		addr := l.ip("-n", n[0].ns, "addr", "show", l.iface)

@@ -176,6 +176,27 @@ func handshake(t *testing.T, n *node, key string) time.Time {
 	return time.Time{}
 }
 
+// settledHandshake waits until node n's handshake with peer key has
+// happened and has not moved for 300ms, and returns it. Right after peers
+// are configured both sides may initiate a handshake (persistent
+// keepalive sends at once); the later one can complete a few ms after the
+// first ping. A handshake time only makes a baseline once that is over.
+func settledHandshake(t *testing.T, n *node, key string) time.Time {
+	t.Helper()
+	deadline := time.Now().Add(5 * time.Second)
+	last := handshake(t, n, key)
+	for time.Now().Before(deadline) {
+		time.Sleep(300 * time.Millisecond)
+		cur := handshake(t, n, key)
+		if !cur.IsZero() && cur.Equal(last) {
+			return cur
+		}
+		last = cur
+	}
+	t.Fatalf("%s: handshake with %s did not settle", n.name, key)
+	return time.Time{}
+}
+
 func hasPeer(t *testing.T, n *node, key string) bool {
 	t.Helper()
 	for _, p := range n.must(t, helperCmd{Op: "status"}).Status.Peers {

@@ -20,6 +20,8 @@ let
   durationType = types.strMatching "([0-9]+(\\.[0-9]+)?(ns|us|ms|s|m|h))+";
   unitType = types.strMatching "[A-Za-z0-9:_.@\\\\-]+\\.(service|socket|target|timer|path|mount)";
   interfaceType = types.strMatching "[A-Za-z0-9][A-Za-z0-9._-]{0,14}";
+  # Paths that reach unit lines and shell commands unquoted.
+  pathType = types.strMatching "/[A-Za-z0-9/._-]*";
 
   storeDir = builtins.storeDir;
   inStore = p: p == storeDir || lib.hasPrefix "${storeDir}/" p;
@@ -284,7 +286,7 @@ in
             description = "The presence lease: a node that stops renewing it vanishes from every other node's view after this long.";
           };
           stateDir = mkOption {
-            type = types.str;
+            type = pathType;
             default = "/var/lib/meshd";
             example = "/var/lib/meshd";
             description = "Where meshd keeps its WireGuard key, age identity and overlay cache across reboots.";
@@ -357,13 +359,13 @@ in
                 description = "Let meshd start the HAProxy master itself instead of the module's `meshd-haproxy` unit.";
               };
               configPath = mkOption {
-                type = types.str;
+                type = pathType;
                 default = "/run/meshd/haproxy.cfg";
                 example = "/run/meshd/haproxy.cfg";
                 description = "The file meshd renders and HAProxy runs; in /run/meshd, owned by meshd, never under /etc.";
               };
               masterSocket = mkOption {
-                type = types.str;
+                type = pathType;
                 default = "/run/meshd/haproxy-master.sock";
                 example = "/run/meshd/haproxy-master.sock";
                 description = "HAProxy's master CLI socket, through which meshd reloads it.";
@@ -388,7 +390,7 @@ in
                 description = "Whether meshd delivers secrets as encrypted credentials.";
               };
               credstoreDir = mkOption {
-                type = types.str;
+                type = pathType;
                 default = "/etc/credstore.encrypted";
                 example = "/etc/credstore.encrypted";
                 description = "Where the encrypted credentials are written (systemd's search path for `LoadCredentialEncrypted=`).";

@@ -1,0 +1,80 @@
+# Option types shared by nixos-module.nix and nix/module/settings.nix:
+# the alphabets meshd accepts, and the fields of an app instance.
+{ lib }:
+let
+  inherit (lib) mkOption types;
+in
+rec {
+  # meshd's registry.ValidName: the only alphabet allowed into etcd keys,
+  # config files and credential file names.
+  nameRegex = "[A-Za-z0-9][A-Za-z0-9._-]{0,62}";
+  nameType = types.strMatching nameRegex;
+  groupType = types.enum [ "frontends" "backends" "services" ];
+  durationType = types.strMatching "([0-9]+(\\.[0-9]+)?(ns|us|ms|s|m|h))+";
+  unitType = types.strMatching "[A-Za-z0-9:_.@\\\\-]+\\.(service|socket|target|timer|path|mount)";
+  interfaceType = types.strMatching "[A-Za-z0-9][A-Za-z0-9._-]{0,14}";
+  # Paths that reach unit lines and shell commands unquoted.
+  pathType = types.strMatching "/[A-Za-z0-9/._-]*";
+
+  checkOptions = {
+    options = {
+      tcp = mkOption {
+        type = types.nullOr types.str;
+        default = null;
+        example = "127.0.0.1:27017";
+        description = "Address (`ip:port`) to connect to instead of `127.0.0.1:<port>`.";
+      };
+      unit = mkOption {
+        type = types.nullOr unitType;
+        default = null;
+        example = "podman-mongodb.service";
+        description = "A systemd unit that must be active for the instance to be advertised.";
+      };
+      disable = mkOption {
+        type = types.bool;
+        default = false;
+        example = true;
+        description = "Advertise the instance unconditionally, without a check.";
+      };
+      interval = mkOption {
+        type = types.nullOr durationType;
+        default = null;
+        example = "2s";
+        description = "How often the check runs (Go duration; null: meshd's default).";
+      };
+      timeout = mkOption {
+        type = types.nullOr durationType;
+        default = null;
+        example = "1s";
+        description = "How long one check may take (Go duration; null: meshd's default).";
+      };
+    };
+  };
+
+  # Fields shared by settings.instances entries and services.meshd.instances.
+  instanceFields = {
+    group = mkOption {
+      type = groupType;
+      example = "services";
+      description = "The nix-infra group the app belongs to; nodes consuming this group get a listener for it.";
+    };
+    port = mkOption {
+      type = types.port;
+      example = 27017;
+      description = "The port the app listens on, on this node, and publishes to the mesh.";
+    };
+    protocol = mkOption {
+      type = types.nullOr types.str;
+      default = null;
+      example = "http";
+      description = "The app's protocol, published as `PROTOCOL` in its metadata (null: meshd's default).";
+    };
+    envPrefix = mkOption {
+      type = types.nullOr types.str;
+      default = null;
+      example = "APP_MONGODB_POD";
+      description = "Prefix of the environment variables consumers get for this app (nix-infra's `env_prefix`).";
+    };
+  };
+
+}

@@ -137,10 +137,15 @@ func (a *Applier) set(ctx context.Context, want desired.State) (desired.Plan, er
 	if err != nil {
 		return desired.Plan{}, fmt.Errorf("read device %s: %w", a.opts.Interface, err)
 	}
-	live, err := a.liveLocked(link, dev, want.RouteTable, want.SelfAddress())
+	live, staleSrc, err := a.liveLocked(link, dev, want.RouteTable, want.SelfAddress())
 	if err != nil {
 		return desired.Plan{}, err
 	}
+	// A wanted route with a stale source counts as missing, so it is
+	// replaced; an unwanted one is deleted like any other.
+	live.Routes = slices.DeleteFunc(live.Routes, func(p netip.Prefix) bool {
+		return slices.Contains(staleSrc, p) && slices.Contains(want.Routes, p)
+	})
 	plan := desired.Diff(live, want)
 	var errs []error
 	if err := a.configureLocked(dev, plan); err != nil {
@@ -240,7 +245,8 @@ func (a *Applier) Live(table int) (desired.State, error) {
 	if err != nil {
 		return desired.State{}, fmt.Errorf("read device %s: %w", a.opts.Interface, err)
 	}
-	return a.liveLocked(link, dev, table, netip.Addr{})
+	st, _, err := a.liveLocked(link, dev, table, netip.Addr{})
+	return st, err
 }
 
 // Device returns the live WireGuard device (peers with handshake times).
@@ -248,8 +254,10 @@ func (a *Applier) Device() (*wgtypes.Device, error) {
 	return a.wg.Device(a.opts.Interface)
 }
 
-func (a *Applier) liveLocked(link netlink.Link, dev *wgtypes.Device, table int, src netip.Addr) (desired.State, error) {
-	st := desired.State{
+// liveLocked reads the device and kernel state; staleSrc lists routes
+// whose preferred source is not src.
+func (a *Applier) liveLocked(link netlink.Link, dev *wgtypes.Device, table int, src netip.Addr) (st desired.State, staleSrc []netip.Prefix, err error) {
+	st = desired.State{
 		MTU:        link.Attrs().MTU,
 		ListenPort: dev.ListenPort,
 		RouteTable: table,
@@ -270,14 +278,13 @@ func (a *Applier) liveLocked(link netlink.Link, dev *wgtypes.Device, table int, 
 		}
 		st.Peers = append(st.Peers, lp)
 	}
-	var err error
 	if st.Addresses, err = a.liveAddrsLocked(link); err != nil {
-		return desired.State{}, err
+		return desired.State{}, nil, err
 	}
-	if st.Routes, err = a.liveRoutesLocked(link, table, src); err != nil {
-		return desired.State{}, err
+	if st.Routes, staleSrc, err = a.liveRoutesLocked(link, table, src); err != nil {
+		return desired.State{}, nil, err
 	}
-	return st, nil
+	return st, staleSrc, nil
 }
 
 // Close releases the wgctrl client and netlink handle. It leaves the

@@ -47,29 +47,29 @@ func (a *Applier) liveAddrsLocked(link netlink.Link) ([]netip.Prefix, error) {
 }
 
 // liveRoutesLocked returns the destinations of meshd's routes through the
-// interface in table. When src is valid, a route with another preferred
-// source (the node's overlay address changed) does not count: Set then
-// replaces it.
-func (a *Applier) liveRoutesLocked(link netlink.Link, table int, src netip.Addr) ([]netip.Prefix, error) {
-	routes, err := a.nl.RouteListFiltered(netlink.FAMILY_V4,
+// interface in table, and those of them whose preferred source is not src
+// (the node's overlay address changed; only when src is valid).
+func (a *Applier) liveRoutesLocked(link netlink.Link, table int, src netip.Addr) (routes, staleSrc []netip.Prefix, err error) {
+	rs, err := a.nl.RouteListFiltered(netlink.FAMILY_V4,
 		&netlink.Route{LinkIndex: link.Attrs().Index, Table: table},
 		netlink.RT_FILTER_OIF|netlink.RT_FILTER_TABLE)
 	if err != nil {
-		return nil, fmt.Errorf("list routes of %s: %w", a.opts.Interface, err)
+		return nil, nil, fmt.Errorf("list routes of %s: %w", a.opts.Interface, err)
 	}
-	var out []netip.Prefix
-	for _, r := range routes {
+	for _, r := range rs {
 		if r.Protocol != RouteProtocol || r.Dst == nil {
 			continue
 		}
-		if rs, ok := netip.AddrFromSlice(r.Src); src.IsValid() && (!ok || rs.Unmap() != src) {
+		p, ok := ipNetToPrefix(*r.Dst)
+		if !ok {
 			continue
 		}
-		if p, ok := ipNetToPrefix(*r.Dst); ok {
-			out = append(out, p)
+		routes = append(routes, p)
+		if rsrc, ok := netip.AddrFromSlice(r.Src); src.IsValid() && (!ok || rsrc.Unmap() != src) {
+			staleSrc = append(staleSrc, p)
 		}
 	}
-	return sortedPrefixes(out), nil
+	return sortedPrefixes(routes), staleSrc, nil
 }
 
 // applyAddrsLocked adds the plan's new addresses, then deletes the stale

@@ -33,7 +33,7 @@ func needNspawn(t *testing.T) {
 	if os.Geteuid() != 0 {
 		t.Skip("booting systemd with systemd-nspawn needs root")
 	}
-	for _, bin := range []string{"systemd-nspawn", "haproxy", "bash"} {
+	for _, bin := range []string{"systemd-nspawn", "haproxy", "bash", "ip", "systemd-run", "systemd-creds"} {
 		if _, err := exec.LookPath(bin); err != nil {
 			t.Skipf("%s not installed", bin)
 		}
@@ -189,11 +189,11 @@ func TestNspawnModuleUnitsRun(t *testing.T) {
 		seen[p] = true
 		switch {
 		case strings.HasSuffix(p, "-haproxy-2.8.5"):
-			m.link(t, p[1:]+"/bin/haproxy", "/usr/sbin/haproxy")
+			m.link(t, p[1:]+"/bin/haproxy", lookPath(t, "haproxy"))
 		case strings.HasSuffix(p, "-systemd-256.8"):
-			m.link(t, p[1:]+"/bin/systemd-creds", "/usr/bin/systemd-creds")
+			m.link(t, p[1:]+"/bin/systemd-creds", lookPath(t, "systemd-creds"))
 		case strings.HasSuffix(p, "-coreutils-9.5"):
-			m.link(t, p[1:]+"/bin/kill", "/usr/bin/kill")
+			m.link(t, p[1:]+"/bin/kill", lookPath(t, "kill"))
 		}
 	}
 	installBootstrap(t, m, bootstrapScript, r.Services["meshd-haproxy"].UnitText)
@@ -288,12 +288,29 @@ func installBootstrap(t *testing.T, m *machine, scriptPath, unitText string) {
 		t.Fatalf("ExecStartPre %s is not the script this test reproduces (%s): update installBootstrap", scriptPath, got.Path)
 	}
 	m.write(t, scriptPath[1:], "#!/bin/sh\n[ -e /run/meshd/haproxy.cfg ] || "+coreutils+"/bin/install -m 0644 "+got.Cfg+" /run/meshd/haproxy.cfg\n", 0o755)
-	m.link(t, coreutils[1:]+"/bin/install", "/usr/bin/install")
+	m.link(t, coreutils[1:]+"/bin/install", lookPath(t, "install"))
 	b, err := os.ReadFile(cfgFile)
 	if err != nil {
 		t.Fatal(err)
 	}
 	m.write(t, got.Cfg[1:], string(b), 0o444)
+}
+
+// lookPath finds a host binary; the machine sees the host's /usr, so its
+// path is valid inside too.
+func lookPath(t *testing.T, name string) string {
+	t.Helper()
+	p, err := exec.LookPath(name)
+	if err != nil {
+		t.Skipf("%s not installed", name)
+	}
+	if p, err = filepath.EvalSymlinks(p); err != nil {
+		t.Fatal(err)
+	}
+	if !strings.HasPrefix(p, "/usr/") {
+		t.Skipf("%s is at %s, outside the /usr the machine borrows", name, p)
+	}
+	return p
 }
 
 func sortedLines(s string) string {

@@ -370,11 +370,28 @@ func settle(ctx context.Context, cli *clientv3.Client, names []string, applied, 
 		return fmt.Errorf("settle: applied: %w", err)
 	}
 	if _, err := published.wait(tctx, names, r.Header.Revision, start); err != nil {
-		return fmt.Errorf("settle: published: %w", err)
+		return fmt.Errorf("settle: published: %w (etcd holds %s)", err, statusCensus(ctx, cli, r.Header.Revision))
 	}
 	// Quiet period: statuses written after apply.
 	time.Sleep(200 * time.Millisecond)
 	return nil
+}
+
+// statusCensus says how many statuses in etcd have reached rev: it tells
+// a node that did not publish from a harness that did not see it.
+func statusCensus(ctx context.Context, cli *clientv3.Client, rev int64) string {
+	resp, err := cli.Get(ctx, registry.StatusPrefix, clientv3.WithPrefix())
+	if err != nil {
+		return err.Error()
+	}
+	reached := 0
+	for _, kv := range resp.Kvs {
+		var st registry.Status
+		if json.Unmarshal(kv.Value, &st) == nil && st.Revision >= rev {
+			reached++
+		}
+	}
+	return fmt.Sprintf("%d statuses, %d at revision >= %d", len(resp.Kvs), reached, rev)
 }
 
 func watchStatuses(ctx context.Context, cli *clientv3.Client, p *progress) {

@@ -12,6 +12,10 @@ import (
 	"github.com/meshd/meshd/pkg/registry"
 )
 
+// The benchmark goes through etcd, whose decoders refuse loopback
+// instances, so it runs HAProxy, backends and client in a network
+// namespace (root only).
+
 // follow feeds etcd events under /cluster/ into a store and applies every
 // new snapshot to c: the reconcile loop's path, without coalescing.
 func follow(ctx context.Context, tb testing.TB, cli *clientv3.Client, c *Component) {
@@ -67,15 +71,18 @@ func BenchmarkEventToServing(b *testing.B) {
 	cli := etcdtest.NewClient(b, srv)
 	ctx, cancel := context.WithCancel(context.Background())
 	b.Cleanup(cancel)
-	c := newComponent(b, testOptions(testDir(b)))
+	ns := newNetns(b, "10.254.0.1", "10.254.0.2")
+	opts := testOptions(testDir(b))
+	opts.Binary = ns.binary()
+	c := newComponent(b, opts)
 	const g = registry.GroupServices
-	ba, bb := startBackend(b, "a"), startBackend(b, "b")
-	ports := [2]int{freePort(b), freePort(b)}
+	ba, bb := ns.backendAt(b, "a", "10.254.0.1"), ns.backendAt(b, "b", "10.254.0.2")
+	ports := [2]int{ns.freePort(b), ns.freePort(b)}
 	meta := func(port int) registry.AppMeta { return registry.AppMeta{Publish: registry.Publish{Port: port}} }
 	putJSON(ctx, b, cli, jsonOp(registry.MetaKey(g, "web"), meta(ports[0])),
 		jsonOp(registry.InstanceKey(g, "web", "a"), ba.instance()))
 	follow(ctx, b, cli, c)
-	askUntil(b, ports[0], "a", 10*time.Second)
+	ns.askUntil(b, ports[0], "a", 10*time.Second)
 
 	b.Run("runtime", func(b *testing.B) {
 		before := status(c).Reloads
@@ -85,7 +92,7 @@ func BenchmarkEventToServing(b *testing.B) {
 			from, to := backends[cur], backends[1-cur]
 			putJSON(ctx, b, cli, clientv3.OpDelete(registry.InstanceKey(g, "web", from.name)),
 				jsonOp(registry.InstanceKey(g, "web", to.name), to.instance()))
-			askUntil(b, ports[0], to.name, 10*time.Second)
+			ns.askUntil(b, ports[0], to.name, 10*time.Second)
 			cur = 1 - cur
 		}
 		if got := status(c).Reloads - before; got != 0 {
@@ -95,7 +102,7 @@ func BenchmarkEventToServing(b *testing.B) {
 		if cur == 1 {
 			putJSON(ctx, b, cli, clientv3.OpDelete(registry.InstanceKey(g, "web", "b")),
 				jsonOp(registry.InstanceKey(g, "web", "a"), ba.instance()))
-			askUntil(b, ports[0], "a", 10*time.Second)
+			ns.askUntil(b, ports[0], "a", 10*time.Second)
 		}
 	})
 	b.Run("reload", func(b *testing.B) {
@@ -103,7 +110,7 @@ func BenchmarkEventToServing(b *testing.B) {
 		for b.Loop() {
 			next := ports[1-cur]
 			putJSON(ctx, b, cli, jsonOp(registry.MetaKey(g, "web"), meta(next)))
-			askUntil(b, next, "a", 10*time.Second)
+			ns.askUntil(b, next, "a", 10*time.Second)
 			cur = 1 - cur
 		}
 		if st := status(c); st.LastError != "" {

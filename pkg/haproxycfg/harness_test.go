@@ -40,7 +40,7 @@ func testDir(tb testing.TB) string {
 	if err != nil {
 		tb.Fatal(err)
 	}
-	tb.Cleanup(func() { os.RemoveAll(d) })
+	if os.Getenv("MDT_KEEP") == "" { tb.Cleanup(func() { os.RemoveAll(d) }) }
 	return d
 }
 
@@ -98,6 +98,7 @@ type backend struct {
 	name string
 	port int
 	ln   net.Listener
+	ip   string // "" means 127.0.0.1
 }
 
 func startBackend(tb testing.TB, name string) *backend {
@@ -124,7 +125,11 @@ func startBackend(tb testing.TB, name string) *backend {
 }
 
 func (b *backend) instance() registry.Instance {
-	return registry.Instance{IPv4: "127.0.0.1", Node: b.name, Port: b.port}
+	ip := b.ip
+	if ip == "" {
+		ip = "127.0.0.1"
+	}
+	return registry.Instance{IPv4: ip, Node: b.name, Port: b.port}
 }
 
 // snapshot builds a snapshot of services apps: name -> (port, instances).

@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"os"
 	"os/exec"
+	"strconv"
 	"strings"
 	"sync"
 	"syscall"
@@ -57,16 +58,49 @@ func (s *Supervisor) observe(pid int) {
 
 // Ensure makes sure a master is running: it adopts one that answers on the
 // master socket, or starts one from ConfigPath (which must exist and be
-// valid). started says whether it started a new master.
+// valid). started says whether it started a new master. It never starts a
+// second master while the one in the pid file is alive: that one may be
+// re-executing itself for a reload, which briefly closes its socket.
 func (s *Supervisor) Ensure(ctx context.Context) (started bool, err error) {
-	if p, err := s.master().Procs(ctx); err == nil {
+	if p, err := s.master().ProcsWait(ctx, 2*time.Second); err == nil {
 		s.observe(p.Master.PID)
 		return false, nil
+	}
+	if pid := s.pidFromFile(); pidAlive(pid) {
+		return false, fmt.Errorf("haproxy master %d (from %s) is running but %s does not answer", pid, s.PidFile, s.MasterSocket)
 	}
 	if _, err := os.Stat(s.ConfigPath); err != nil {
 		return false, fmt.Errorf("start haproxy: %w", err)
 	}
 	return true, s.start(ctx)
+}
+
+// pidFromFile reads the master's pid file (0 if absent or garbled).
+func (s *Supervisor) pidFromFile() int {
+	b, err := os.ReadFile(s.PidFile)
+	if err != nil {
+		return 0
+	}
+	pid, _ := strconv.Atoi(strings.TrimSpace(string(b)))
+	return pid
+}
+
+// pidAlive reports whether pid is a running (not zombie) process.
+func pidAlive(pid int) bool {
+	if pid <= 0 {
+		return false
+	}
+	b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/stat")
+	if err != nil {
+		return false
+	}
+	s := string(b)
+	i := strings.LastIndexByte(s, ')')
+	if i < 0 {
+		return false
+	}
+	f := strings.Fields(s[i+1:])
+	return len(f) > 0 && f[0] != "Z" && f[0] != "X"
 }
 
 // start runs a new master and waits until its first worker is up.
@@ -124,8 +158,10 @@ func (s *Supervisor) logTail() string {
 	return strings.Join(lines[max(0, len(lines)-3):], " | ")
 }
 
-// alive reports whether the supervised master is still running.
-func (s *Supervisor) alive(ctx context.Context) bool {
+// alive reports whether the supervised master process still exists. It
+// looks at the process, not the socket: during a reload the master
+// re-executes itself and its socket is briefly refused.
+func (s *Supervisor) alive() bool {
 	s.mu.Lock()
 	exited, pid := s.exited, s.pid
 	s.mu.Unlock()
@@ -134,13 +170,10 @@ func (s *Supervisor) alive(ctx context.Context) bool {
 		case <-exited:
 			return false
 		default:
+			return true
 		}
 	}
-	if pid == 0 || syscall.Kill(pid, 0) != nil {
-		return false
-	}
-	_, err := s.master().Procs(ctx)
-	return err == nil
+	return pidAlive(pid) || pidAlive(s.pidFromFile())
 }
 
 // Run restarts the master whenever it dies, until ctx ends. It only acts
@@ -159,7 +192,7 @@ func (s *Supervisor) Run(ctx context.Context, every time.Duration) {
 		case <-t.C:
 		case <-exited: // nil channel (adopted master) never fires
 		}
-		if _, err := os.Stat(s.ConfigPath); err != nil || s.alive(ctx) {
+		if _, err := os.Stat(s.ConfigPath); err != nil || s.alive() {
 			continue
 		}
 		s.Log.Warn("haproxy master is gone; restarting it", "pid", s.PID())
@@ -190,7 +223,7 @@ func (s *Supervisor) Stop(timeout time.Duration) error {
 				return nil
 			default:
 			}
-		} else if syscall.Kill(pid, 0) != nil {
+		} else if !pidAlive(pid) {
 			return nil
 		}
 		time.Sleep(10 * time.Millisecond)

@@ -40,7 +40,9 @@ func testDir(tb testing.TB) string {
 	if err != nil {
 		tb.Fatal(err)
 	}
-	if os.Getenv("MDT_KEEP") == "" { tb.Cleanup(func() { os.RemoveAll(d) }) }
+	if os.Getenv("MDT_KEEP") == "" {
+		tb.Cleanup(func() { os.RemoveAll(d) })
+	}
 	return d
 }
 

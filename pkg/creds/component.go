@@ -5,6 +5,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"github.com/meshd/meshd/pkg/atomicfile"
 	"io/fs"
 	"log/slog"
 	"maps"
@@ -341,7 +342,7 @@ func (c *Component) writeCredential(ctx context.Context, name string, value []by
 		return fmt.Errorf("credential %s: %w", name, err)
 	}
 	done = true
-	return syncDir(dir)
+	return atomicfile.SyncDir(dir)
 }
 
 func syncFile(path string) error {

@@ -3,6 +3,7 @@ package creds
 import (
 	"errors"
 	"fmt"
+	"github.com/meshd/meshd/pkg/atomicfile"
 	"io/fs"
 	"os"
 	"path/filepath"
@@ -40,7 +41,7 @@ func LoadOrCreateIdentity(stateDir string) (*age.X25519Identity, error) {
 		return nil, fmt.Errorf("age identity: generate: %w", err)
 	}
 	content := "# meshd sealing identity; public recipient: " + id.Recipient().String() + "\n" + id.String() + "\n"
-	if err := writeFileAtomic(path, []byte(content), 0o600); err != nil {
+	if err := atomicfile.WriteFile(path, []byte(content), 0o600); err != nil {
 		return nil, fmt.Errorf("age identity: %w", err)
 	}
 	return id, nil

@@ -4,6 +4,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"github.com/meshd/meshd/pkg/atomicfile"
 	"io/fs"
 	"os"
 	"path/filepath"
@@ -51,5 +52,5 @@ func saveManifest(stateDir string, entries map[string]delivered) error {
 	if err := os.MkdirAll(stateDir, 0o700); err != nil {
 		return fmt.Errorf("credentials manifest: %w", err)
 	}
-	return writeFileAtomic(filepath.Join(stateDir, ManifestFile), append(b, '\n'), 0o600)
+	return atomicfile.WriteFile(filepath.Join(stateDir, ManifestFile), append(b, '\n'), 0o600)
 }

@@ -110,7 +110,7 @@ func (a *Applier) set(ctx context.Context, d Desired) error {
 	}
 	if running && liveErr == nil && StructureHash(d) == a.structure {
 		if changes, ok := Diff(placed, live); ok {
-			err := a.applyRuntime(ctx, placed, changes)
+			err := a.applyRuntime(ctx, placed, changes, procs)
 			if err == nil {
 				a.mu.Lock()
 				a.appliedHash = h
@@ -125,8 +125,18 @@ func (a *Applier) set(ctx context.Context, d Desired) error {
 
 // applyRuntime changes slots through the runtime API, then rewrites the
 // file so that the next reload starts from the same servers.
-func (a *Applier) applyRuntime(ctx context.Context, placed Desired, changes []SlotChange) error {
+func (a *Applier) applyRuntime(ctx context.Context, placed Desired, changes []SlotChange, procs Procs) error {
 	if len(changes) > 0 {
+		// A change made on a draining worker would be lost: make sure the
+		// stats socket reaches the master's current worker.
+		cur, _ := procs.Current()
+		pid, err := a.Runtime.WorkerPID(ctx)
+		if err != nil {
+			return err
+		}
+		if pid != cur.PID {
+			return fmt.Errorf("stats socket answers from worker %d, the current worker is %d", pid, cur.PID)
+		}
 		if err := a.Runtime.Apply(ctx, changes); err != nil {
 			return err
 		}

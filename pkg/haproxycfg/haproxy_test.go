@@ -400,3 +400,34 @@ func TestServiceManagerMode(t *testing.T) {
 		t.Errorf("status %+v", st)
 	}
 }
+
+// TestRuntimeChangeRightAfterReload interleaves reloads and instance
+// changes with no pause: every runtime update must reach the new worker
+// (not a draining one), or its change would be lost.
+func TestRuntimeChangeRightAfterReload(t *testing.T) {
+	c := newComponent(t, testOptions(testDir(t)))
+	ctx := t.Context()
+	port, extra := freePort(t), freePort(t)
+	a, b := startBackend(t, "a"), startBackend(t, "b")
+	for i := 0; i < 10; i++ {
+		apps := map[string]appSpec{"web": {port, []*backend{a}}}
+		if i%2 == 1 {
+			apps["extra"] = appSpec{extra, nil}
+		}
+		if err := c.Apply(ctx, snapshot(apps)); err != nil { // reload
+			t.Fatal(err)
+		}
+		apps["web"] = appSpec{port, []*backend{b}}
+		if err := c.Apply(ctx, snapshot(apps)); err != nil { // runtime, at once
+			t.Fatal(err)
+		}
+		for j := 0; j < 5; j++ {
+			if got, err := ask(port); err != nil || got != "b" {
+				t.Fatalf("round %d: got %q, %v; want b", i, got, err)
+			}
+		}
+	}
+	if st := status(c); st.RuntimeUpdates != 10 {
+		t.Errorf("runtime updates %d, want 10 (counters %+v)", st.RuntimeUpdates, st.Counters)
+	}
+}

@@ -99,6 +99,20 @@ func parseServersState(s string) (Live, error) {
 	return live, sc.Err()
 }
 
+// WorkerPID returns the pid of the worker answering on the socket.
+func (r Runtime) WorkerPID(ctx context.Context) (int, error) {
+	out, err := socketCmd(ctx, r.Socket, "show info")
+	if err != nil {
+		return 0, fmt.Errorf("runtime: %w", err)
+	}
+	for _, line := range strings.Split(out, "\n") {
+		if v, ok := strings.CutPrefix(line, "Pid: "); ok {
+			return strconv.Atoi(strings.TrimSpace(v))
+		}
+	}
+	return 0, fmt.Errorf("runtime: no Pid in show info")
+}
+
 // Apply makes the listed slot changes, one command per connection so that
 // each answer can be checked.
 func (r Runtime) Apply(ctx context.Context, changes []SlotChange) error {

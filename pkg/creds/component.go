@@ -5,7 +5,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"github.com/meshd/meshd/pkg/atomicfile"
 	"io/fs"
 	"log/slog"
 	"maps"
@@ -17,6 +16,7 @@ import (
 	"filippo.io/age"
 	"github.com/prometheus/client_golang/prometheus"
 
+	"github.com/meshd/meshd/pkg/atomicfile"
 	"github.com/meshd/meshd/pkg/config"
 	"github.com/meshd/meshd/pkg/registry"
 )

@@ -3,13 +3,14 @@ package creds
 import (
 	"errors"
 	"fmt"
-	"github.com/meshd/meshd/pkg/atomicfile"
 	"io/fs"
 	"os"
 	"path/filepath"
 	"strings"
 
 	"filippo.io/age"
+
+	"github.com/meshd/meshd/pkg/atomicfile"
 )
 
 // IdentityFile is the name of the node's age identity inside the state

@@ -4,11 +4,11 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"github.com/meshd/meshd/pkg/atomicfile"
 	"io/fs"
 	"os"
 	"path/filepath"
 
+	"github.com/meshd/meshd/pkg/atomicfile"
 	"github.com/meshd/meshd/pkg/registry"
 )
 

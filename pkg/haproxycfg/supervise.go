@@ -66,7 +66,7 @@ func (s *Supervisor) Ensure(ctx context.Context) (started bool, err error) {
 		s.observe(p.Master.PID)
 		return false, nil
 	}
-	if pid := s.pidFromFile(); pidAlive(pid) {
+	if pid := s.pidFromFile(); pidAlive(pid) && isHAProxy(pid) {
 		return false, fmt.Errorf("haproxy master %d (from %s) is running but %s does not answer", pid, s.PidFile, s.MasterSocket)
 	}
 	if _, err := os.Stat(s.ConfigPath); err != nil {
@@ -83,6 +83,13 @@ func (s *Supervisor) pidFromFile() int {
 	}
 	pid, _ := strconv.Atoi(strings.TrimSpace(string(b)))
 	return pid
+}
+
+// isHAProxy reports whether pid runs an haproxy binary (a stale pid file
+// may name a recycled pid).
+func isHAProxy(pid int) bool {
+	b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/comm")
+	return err == nil && strings.HasPrefix(strings.TrimSpace(string(b)), "haproxy")
 }
 
 // pidAlive reports whether pid is a running (not zombie) process.
@@ -173,7 +180,11 @@ func (s *Supervisor) alive() bool {
 			return true
 		}
 	}
-	return pidAlive(pid) || pidAlive(s.pidFromFile())
+	if pidAlive(pid) {
+		return true
+	}
+	f := s.pidFromFile()
+	return pidAlive(f) && isHAProxy(f)
 }
 
 // Run restarts the master whenever it dies, until ctx ends. It only acts
@@ -182,6 +193,7 @@ func (s *Supervisor) alive() bool {
 func (s *Supervisor) Run(ctx context.Context, every time.Duration) {
 	t := time.NewTicker(every)
 	defer t.Stop()
+	var lastStart time.Time
 	for {
 		s.mu.Lock()
 		exited := s.exited
@@ -195,6 +207,15 @@ func (s *Supervisor) Run(ctx context.Context, every time.Duration) {
 		if _, err := os.Stat(s.ConfigPath); err != nil || s.alive() {
 			continue
 		}
+		// A master that dies at once must not be restarted in a hot loop.
+		if wait := every - time.Since(lastStart); wait > 0 {
+			select {
+			case <-ctx.Done():
+				return
+			case <-time.After(wait):
+			}
+		}
+		lastStart = time.Now()
 		s.Log.Warn("haproxy master is gone; restarting it", "pid", s.PID())
 		if _, err := s.Ensure(ctx); err != nil && !errors.Is(err, context.Canceled) {
 			s.Log.Error("restart haproxy", "err", err)

@@ -41,6 +41,11 @@ type ApplierOptions struct {
 	// RulePriority is the priority of the policy rule that sends the
 	// overlay network to the route table (0: DefaultRulePriority).
 	RulePriority int
+	// Detach runs a userspace device in a process of its own that
+	// survives meshd (see DeviceFlag); the binary's main must call
+	// MaybeRunDevice. If that process cannot be started, the device runs
+	// inside this process instead.
+	Detach bool
 }
 
 // Applier makes one WireGuard interface, its addresses and its routes
@@ -65,13 +70,8 @@ type Applier struct {
 // NewApplier opens the wgctrl client and netlink handle. It does not touch
 // any interface until Set.
 func NewApplier(opts ApplierOptions, log *slog.Logger) (*Applier, error) {
-	if opts.Interface == "" || len(opts.Interface) > 15 {
-		return nil, fmt.Errorf("interface name %q: want 1..15 characters", opts.Interface)
-	}
-	for _, c := range opts.Interface {
-		if !(c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9' || c == '-' || c == '_' || c == '.') {
-			return nil, fmt.Errorf("interface name %q: character %q not allowed", opts.Interface, c)
-		}
+	if err := validInterfaceName(opts.Interface); err != nil {
+		return nil, err
 	}
 	switch opts.Mode {
 	case "":

@@ -47,6 +47,10 @@ type Options struct {
 	Network netip.Prefix
 	// RulePriority of the policy rule (0: DefaultRulePriority).
 	RulePriority int
+	// DetachUserspace runs a userspace device in its own process so that
+	// it survives meshd restarts; main must call MaybeRunDevice (see
+	// DeviceFlag). Without it the device lives and dies with meshd.
+	DetachUserspace bool
 }
 
 func (o Options) params() desired.Params {
@@ -113,6 +117,7 @@ func New(opts Options, log *slog.Logger, reg prometheus.Registerer) (*Component,
 		Mode:         opts.Mode,
 		PrivateKey:   key,
 		RulePriority: opts.RulePriority,
+		Detach:       opts.DetachUserspace,
 	}, log)
 	if err != nil {
 		return nil, fmt.Errorf("overlay: %w", err)

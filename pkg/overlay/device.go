@@ -70,6 +70,14 @@ func (a *Applier) ensureDeviceLocked(mtu int) (netlink.Link, error) {
 		}
 		a.log.Info("no kernel WireGuard, using the embedded userspace implementation", "interface", name)
 	}
+	if a.opts.Detach {
+		err := spawnDevice(name, mtu, a.log)
+		if err == nil {
+			a.mode = ModeUserspace
+			return a.nl.LinkByName(name)
+		}
+		a.log.Warn("cannot run the userspace device in its own process, running it inside meshd (it will not survive a restart)", "err", err)
+	}
 	u, err := newUserspaceDevice(name, mtu, a.log)
 	if err != nil {
 		return nil, err

@@ -18,8 +18,6 @@ import (
 	"net"
 	"os"
 	"os/exec"
-	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -31,9 +29,16 @@ import (
 	"github.com/meshd/meshd/pkg/registry"
 )
 
-const helperEnv = "MESHD_OVERLAY_TEST_HELPER"
+const (
+	helperEnv = "MESHD_OVERLAY_TEST_HELPER"
+	// privateRunEnv makes the helper mount a private /run/wireguard, as
+	// the sandbox does for meshd.
+	privateRunEnv = "MESHD_OVERLAY_TEST_PRIVATE_RUN"
+)
 
 func TestMain(m *testing.M) {
+	// Detached userspace devices are this binary re-executed.
+	MaybeRunDevice(os.Args[1:])
 	if os.Getenv(helperEnv) == "1" {
 		os.Exit(runHelper(os.Stdin, os.Stdout))
 	}
@@ -54,6 +59,8 @@ type helperCmd struct {
 // helperReply is the answer to one command.
 type helperReply struct {
 	Err       string  `json:"err,omitempty"`
+	Sent      int     `json:"sent,omitempty"`
+	Lost      int     `json:"lost,omitempty"`
 	PublicKey string  `json:"publicKey,omitempty"`
 	Status    *Status `json:"status,omitempty"`
 	Plan      string  `json:"plan,omitempty"`
@@ -61,9 +68,11 @@ type helperReply struct {
 
 func runHelper(in io.Reader, out io.Writer) int {
 	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelDebug}))
-	if err := unix.Mount("none", "/run/wireguard", "tmpfs", 0, "mode=0755"); err != nil {
-		fmt.Fprintf(os.Stderr, "helper: mount private /run/wireguard: %v\n", err)
-		return 2
+	if os.Getenv(privateRunEnv) == "1" {
+		if err := unix.Mount("none", "/run/wireguard", "tmpfs", 0, "mode=0755"); err != nil {
+			fmt.Fprintf(os.Stderr, "helper: mount private /run/wireguard: %v\n", err)
+			return 2
+		}
 	}
 	var c *Component
 	var opts Options
@@ -77,7 +86,7 @@ func runHelper(in io.Reader, out io.Writer) int {
 		err := json.Unmarshal(sc.Bytes(), &cmd)
 		if err == nil {
 			err = func() error {
-				if c == nil && cmd.Op != "new" && cmd.Op != "ping" && cmd.Op != "exit" {
+				if c == nil && cmd.Op != "new" && cmd.Op != "ping" && cmd.Op != "pings" && cmd.Op != "exit" {
 					return errors.New("no component: send new first")
 				}
 				switch cmd.Op {
@@ -121,6 +130,15 @@ func runHelper(in io.Reader, out io.Writer) int {
 						cmd.Timeout = 2 * time.Second
 					}
 					return ping(cmd.Addr, cmd.Timeout)
+				case "pings": // one echo every 20ms for Timeout, count losses
+					end := time.Now().Add(cmd.Timeout)
+					for time.Now().Before(end) {
+						rep.Sent++
+						if ping(cmd.Addr, 150*time.Millisecond) != nil {
+							rep.Lost++
+						}
+						time.Sleep(20 * time.Millisecond)
+					}
 				case "exit":
 					return nil
 				default:
@@ -195,35 +213,24 @@ type node struct {
 	cmd  *exec.Cmd
 	in   io.WriteCloser
 	out  *bufio.Scanner
-	log  *syncBuffer
+	// logPath collects the node's stderr (and its device process's).
+	logPath string
 }
 
-// syncBuffer collects a helper's stderr for failure messages.
-type syncBuffer struct {
-	mu sync.Mutex
-	b  strings.Builder
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
+// logText returns the node's log, for failure messages.
+func (n *node) logText() string {
+	b, _ := os.ReadFile(n.logPath)
+	return string(b)
 }
 
 func (n *node) do(t testing.TB, cmd helperCmd) helperReply {
 	t.Helper()
 	b, _ := json.Marshal(cmd)
 	if _, err := n.in.Write(append(b, '\n')); err != nil {
-		t.Fatalf("%s: send %s: %v\nnode log:\n%s", n.name, cmd.Op, err, n.log)
+		t.Fatalf("%s: send %s: %v\nnode log:\n%s", n.name, cmd.Op, err, n.logText())
 	}
 	if !n.out.Scan() {
-		t.Fatalf("%s: no reply to %s (helper died?)\nnode log:\n%s", n.name, cmd.Op, n.log)
+		t.Fatalf("%s: no reply to %s (helper died?)\nnode log:\n%s", n.name, cmd.Op, n.logText())
 	}
 	var rep helperReply
 	if err := json.Unmarshal(n.out.Bytes(), &rep); err != nil {
@@ -237,7 +244,7 @@ func (n *node) must(t testing.TB, cmd helperCmd) helperReply {
 	t.Helper()
 	rep := n.do(t, cmd)
 	if rep.Err != "" {
-		t.Fatalf("%s: %s: %s\nnode log:\n%s", n.name, cmd.Op, rep.Err, n.log)
+		t.Fatalf("%s: %s: %s\nnode log:\n%s", n.name, cmd.Op, rep.Err, n.logText())
 	}
 	return rep
 }

@@ -13,15 +13,21 @@ import (
 // TestMesh runs real WireGuard (kernel if present, else wireguard-go on
 // TUN) in three network namespaces and walks the overlay through the
 // life of a cluster: two nodes, a third joins, a route is deleted by
-// hand, meshd restarts, a member is removed, a node boots from its cache.
+// hand, meshd restarts, a member is removed, a node boots from its cache,
+// a node is SIGKILLed. It runs with userspace devices detached (their own
+// processes, meshd's default) and inside the node process.
 func TestMesh(t *testing.T) {
-	l := newLab(t)
-	dir := t.TempDir()
+	t.Run("detached", func(t *testing.T) { testMesh(t, true) })
+	t.Run("in-process", func(t *testing.T) { testMesh(t, false) })
+}
+
+func testMesh(t *testing.T, detached bool) {
+	l := newLab(t, detached)
 	n := []*node{l.addNode(0), l.addNode(1), l.addNode(2)}
 	keys := make([]string, 3)
 	members := make([]registry.Member, 3)
 	for i, nd := range n {
-		keys[i] = nd.must(t, helperCmd{Op: "new", Options: l.options(i, dir)}).PublicKey
+		keys[i] = nd.must(t, helperCmd{Op: "new", Options: l.options(i)}).PublicKey
 		members[i] = memberOf(i, keys[i])
 	}
 	apply := func(nd *node, rev int64, ms ...registry.Member) {
@@ -34,7 +40,7 @@ func TestMesh(t *testing.T) {
 	ping := func(from *node, to int) {
 		t.Helper()
 		if rep := from.do(t, helperCmd{Op: "ping", Addr: overlayIP(to)}); rep.Err != "" {
-			t.Fatalf("%s cannot reach n%d over the overlay: %s\n%s log:\n%s", from.name, to, rep.Err, from.name, from.log)
+			t.Fatalf("%s cannot reach n%d over the overlay: %s\n%s log:\n%s", from.name, to, rep.Err, from.name, from.logText())
 		}
 	}
 
@@ -49,11 +55,11 @@ func TestMesh(t *testing.T) {
 	apply(n[1], 2, members[0], members[1])
 	ping(n[0], 1)
 	ping(n[1], 0)
-	link := l.ip("-n", n[0].ns, "link", "show", l.iface)
+	link := l.ip("-n", n[0].ns, "link", "show", l.iface(0))
 	if !strings.Contains(link, "mtu 1380") {
 		t.Errorf("interface MTU: want uplink 1460 - 80 = 1380, got %s", link)
 	}
-	if addr := l.ip("-n", n[0].ns, "addr", "show", l.iface); !strings.Contains(addr, "10.10.0.0/32") {
+	if addr := l.ip("-n", n[0].ns, "addr", "show", l.iface(0)); !strings.Contains(addr, "10.10.0.0/32") {
 		t.Errorf("interface address: want 10.10.0.0/32, got %s", addr)
 	}
 	if rules := l.ip("-n", n[0].ns, "rule", "show"); !strings.Contains(rules, "to 10.0.0.0/8 lookup 51820") {
@@ -105,7 +111,7 @@ func TestMesh(t *testing.T) {
 	})
 
 	t.Run("interface deleted by hand comes back", func(t *testing.T) {
-		l.ip("-n", n[0].ns, "link", "del", l.iface)
+		l.ip("-n", n[0].ns, "link", "del", l.iface(0))
 		waitFor(t, 2*time.Second, "interface and routes restored", func() bool {
 			out, _ := exec.Command("ip", "-n", n[0].ns, "route", "show", "table", "51820").Output()
 			return strings.Contains(string(out), "10.10.2.0/24")
@@ -119,7 +125,7 @@ func TestMesh(t *testing.T) {
 		n[0].must(t, helperCmd{Op: "close"})
 		// Closed: the interface and peers are still there.
 		ping(n[1], 0)
-		key := n[0].must(t, helperCmd{Op: "new", Options: l.options(0, dir)}).PublicKey
+		key := n[0].must(t, helperCmd{Op: "new", Options: l.options(0)}).PublicKey
 		if key != keys[0] {
 			t.Fatalf("public key changed across restart: %s -> %s", keys[0], key)
 		}
@@ -148,10 +154,10 @@ func TestMesh(t *testing.T) {
 
 	t.Run("boot from cache without the registry", func(t *testing.T) {
 		n[1].must(t, helperCmd{Op: "destroy"})
-		if _, err := exec.Command("ip", "-n", n[1].ns, "link", "show", l.iface).Output(); err == nil {
+		if _, err := exec.Command("ip", "-n", n[1].ns, "link", "show", l.iface(1)).Output(); err == nil {
 			t.Fatal("interface still present after destroy")
 		}
-		n[1].must(t, helperCmd{Op: "new", Options: l.options(1, dir)})
+		n[1].must(t, helperCmd{Op: "new", Options: l.options(1)})
 		n[1].must(t, helperCmd{Op: "boot"})
 		ping(n[1], 0)
 		if st := n[1].must(t, helperCmd{Op: "status"}).Status; st.PeerCount != 1 || st.Revision != 4 {
@@ -168,7 +174,7 @@ func TestMesh(t *testing.T) {
 		before := settledHandshake(t, n[1], keys[0])
 		apply(n[0], 5, moved, members[1])
 		apply(n[1], 5, moved, members[1])
-		addr := l.ip("-n", n[0].ns, "addr", "show", l.iface)
+		addr := l.ip("-n", n[0].ns, "addr", "show", l.iface(0))
 		if !strings.Contains(addr, "10.10.9.0/32") || strings.Contains(addr, "10.10.0.0/32") {
 			t.Errorf("addresses after the change: %s", addr)
 		}
@@ -186,18 +192,37 @@ func TestMesh(t *testing.T) {
 		current = append(current, members[0])
 		current[1].Subnet = netip.MustParsePrefix("10.10.9.0/24")
 		current[1].OverlayIP = current[1].Subnet.Addr()
+		before := settledHandshake(t, n[1], keys[0])
+		// n1 pings n0 every 20ms while n0's meshd is killed and restarted.
+		pings := make(chan helperReply, 1)
+		go func() { pings <- n[1].do(t, helperCmd{Op: "pings", Addr: overlayIP(9), Timeout: 1500 * time.Millisecond}) }()
+		time.Sleep(200 * time.Millisecond)
 		l.kill(n[0])
 		killed := time.Now()
 		l.startHelper(n[0])
-		if key := n[0].must(t, helperCmd{Op: "new", Options: l.options(0, dir)}).PublicKey; key != keys[0] {
+		if key := n[0].must(t, helperCmd{Op: "new", Options: l.options(0)}).PublicKey; key != keys[0] {
 			t.Fatalf("public key changed across a crash: %s -> %s", keys[0], key)
 		}
 		n[0].must(t, helperCmd{Op: "boot"})
-		ping(n[1], 9)
-		t.Logf("n1 reaches n0 again %v after SIGKILL (process restart included)", time.Since(killed))
+		booted := time.Since(killed)
+		rep := <-pings
+		if rep.Err != "" {
+			t.Fatal(rep.Err)
+		}
+		t.Logf("restarted in %v; n1 lost %d of %d pings to n0", booted, rep.Lost, rep.Sent)
 		if !hasPeer(t, n[1], keys[0]) {
 			t.Error("n1 dropped n0's peer while n0 was down")
 		}
+		if l.detached {
+			// The device outlived meshd: not one ping lost, no new handshake.
+			if rep.Lost != 0 {
+				t.Errorf("lost %d pings during the restart, want 0", rep.Lost)
+			}
+			if got := handshake(t, n[1], keys[0]); !got.Equal(before) {
+				t.Errorf("n0's restart made n1 re-handshake: %v -> %v", before, got)
+			}
+		}
+		ping(n[1], 9)
 		apply(n[0], 6, current...)
 		ping(n[0], 1)
 	})
@@ -213,9 +238,9 @@ func TestKernelModeWithoutModule(t *testing.T) {
 	} else {
 		t.Logf("no kernel WireGuard: %s", strings.TrimSpace(string(out)))
 	}
-	l := newLab(t)
+	l := newLab(t, false)
 	nd := l.addNode(0)
-	opts := l.options(0, t.TempDir())
+	opts := l.options(0)
 	opts.Mode = ModeKernel
 	key := nd.must(t, helperCmd{Op: "new", Options: opts}).PublicKey
 	rep := nd.do(t, helperCmd{Op: "apply", Members: []registry.Member{memberOf(0, key)}})

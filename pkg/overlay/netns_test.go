@@ -7,7 +7,9 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -19,10 +21,16 @@ import (
 // and a default route, so the applier finds an uplink. Everything is
 // created inside namespaces named <tag>-*, and deleted at cleanup.
 type lab struct {
-	t     *testing.T
-	tag   string
-	iface string
-	nodes []*node
+	t   *testing.T
+	tag string
+	// detached: each node's userspace device runs in its own process
+	// (DeviceFlag) and nodes have distinct interface names in the shared
+	// /run/wireguard, so a restarted node adopts its device. Otherwise the
+	// device lives in the node process, which mounts a private
+	// /run/wireguard, as the sandbox runs meshd.
+	detached bool
+	dir      string
+	nodes    []*node
 }
 
 func requireLab(t *testing.T) {
@@ -38,12 +46,11 @@ func requireLab(t *testing.T) {
 	}
 }
 
-func newLab(t *testing.T) *lab {
+func newLab(t *testing.T, detached bool) *lab {
 	requireLab(t)
-	pid := os.Getpid()
-	l := &lab{t: t, tag: fmt.Sprintf("mdtov%d", pid), iface: fmt.Sprintf("mdtwg%d", pid%1000000)}
-	// ip netns exec needs the mount point on the host; the helpers mount a
-	// private tmpfs over it in their own mount namespaces.
+	l := &lab{t: t, tag: fmt.Sprintf("mdtov%d", os.Getpid()), detached: detached, dir: t.TempDir()}
+	// ip netns exec needs the mount point on the host for the private
+	// tmpfs; detached devices put their sockets there.
 	if err := os.MkdirAll("/run/wireguard", 0o755); err != nil {
 		t.Fatal(err)
 	}
@@ -59,11 +66,34 @@ func newLab(t *testing.T) *lab {
 				<-done
 			}
 			if t.Failed() {
-				t.Logf("log of %s:\n%s", n.name, n.log)
+				t.Logf("log of %s:\n%s", n.name, n.logText())
 			}
 		}
 		for _, n := range l.nodes {
+			// Detached device processes keep their namespace (and TUN)
+			// alive after `ip netns del`: end every process left in it.
+			// SIGTERM lets a device remove its socket; SIGKILL what remains.
+			for _, sig := range []syscall.Signal{syscall.SIGTERM, syscall.SIGKILL} {
+				for range 50 {
+					out, _ := exec.Command("ip", "netns", "pids", n.ns).Output()
+					pids := strings.Fields(string(out))
+					if len(pids) == 0 {
+						break
+					}
+					for _, f := range pids {
+						if pid, err := strconv.Atoi(f); err == nil && pid > 1 {
+							syscall.Kill(pid, sig)
+						}
+					}
+					time.Sleep(20 * time.Millisecond)
+				}
+			}
 			exec.Command("ip", "netns", "del", n.ns).Run()
+		}
+		if l.detached {
+			for i := range l.nodes {
+				os.Remove("/run/wireguard/" + l.iface(i) + ".sock")
+			}
 		}
 		exec.Command("ip", "netns", "del", l.tag+"-hub").Run()
 	})
@@ -90,7 +120,7 @@ func (l *lab) addNode(i int) *node {
 	ns := fmt.Sprintf("%s-n%d", l.tag, i)
 	hub := l.tag + "-hub"
 	l.ip("netns", "add", ns)
-	n := &node{name: fmt.Sprintf("n%d", i), ns: ns, log: &syncBuffer{}}
+	n := &node{name: fmt.Sprintf("n%d", i), ns: ns, logPath: filepath.Join(l.dir, fmt.Sprintf("n%d.log", i))}
 	l.nodes = append(l.nodes, n)
 	v := fmt.Sprintf("v%d", i)
 	l.ip("-n", hub, "link", "add", v, "type", "veth", "peer", "name", "eth0", "netns", ns)
@@ -114,7 +144,17 @@ func (l *lab) startHelper(n *node) {
 	}
 	n.cmd = exec.Command("ip", "netns", "exec", n.ns, exe, "-test.run=^$")
 	n.cmd.Env = append(os.Environ(), helperEnv+"=1")
-	n.cmd.Stderr = n.log
+	if !l.detached {
+		n.cmd.Env = append(n.cmd.Env, privateRunEnv+"=1")
+	}
+	// A file, not a pipe: a detached device process inherits it and may
+	// outlive the node process, which must not hold up Wait.
+	logf, err := os.OpenFile(n.logPath, os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o600)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer logf.Close()
+	n.cmd.Stderr = logf
 	if n.in, err = n.cmd.StdinPipe(); err != nil {
 		t.Fatal(err)
 	}
@@ -136,15 +176,26 @@ func (l *lab) kill(n *node) {
 	n.cmd.Wait()
 }
 
-// options returns node i's component options with state under dir.
-func (l *lab) options(i int, dir string) *Options {
+// iface is node i's interface name: distinct per node when devices are
+// detached (their sockets share /run/wireguard), one name otherwise.
+func (l *lab) iface(i int) string {
+	if l.detached {
+		return fmt.Sprintf("mdtwg%d-%d", os.Getpid()%100000, i)
+	}
+	return fmt.Sprintf("mdtwg%d", os.Getpid()%1000000)
+}
+
+// options returns node i's component options with state in the lab's
+// directory (the same on every call: a restarted node finds its state).
+func (l *lab) options(i int) *Options {
 	return &Options{
-		Self:      fmt.Sprintf("n%d", i),
-		StateDir:  filepath.Join(dir, fmt.Sprintf("n%d", i)),
-		Interface: l.iface,
-		Keepalive: 25 * time.Second,
-		Mode:      ModeAuto,
-		Network:   netip.MustParsePrefix("10.0.0.0/8"),
+		Self:            fmt.Sprintf("n%d", i),
+		StateDir:        filepath.Join(l.dir, fmt.Sprintf("n%d", i)),
+		Interface:       l.iface(i),
+		Keepalive:       25 * time.Second,
+		Mode:            ModeAuto,
+		Network:         netip.MustParsePrefix("10.0.0.0/8"),
+		DetachUserspace: l.detached,
 	}
 }
 

@@ -4,7 +4,8 @@ import "github.com/meshd/meshd/pkg/config"
 
 // OptionsFromConfig maps meshd's configuration file onto the component's
 // options, so meshd's main only wires: overlay.New(OptionsFromConfig(cfg),
-// log, reg).
+// log, reg). It asks for detached userspace devices, which needs
+// overlay.MaybeRunDevice(os.Args[1:]) at the top of main.
 func OptionsFromConfig(c config.Config) Options {
 	o := c.Overlay
 	return Options{
@@ -18,5 +19,7 @@ func OptionsFromConfig(c config.Config) Options {
 		RouteTable:   o.RouteTable,
 		RouteNetwork: o.RouteNetwork,
 		Network:      o.Network,
+
+		DetachUserspace: true,
 	}
 }

@@ -20,9 +20,9 @@ import (
 // changes. After every apply the device, addresses and routes must match
 // exactly, so any state is reachable from any other.
 func TestApplierStates(t *testing.T) {
-	l := newLab(t)
+	l := newLab(t, false)
 	nd := l.addNode(0)
-	opts := l.options(0, t.TempDir())
+	opts := l.options(0)
 	selfKey := nd.must(t, helperCmd{Op: "new", Options: opts}).PublicKey
 	var keys []string
 	for range 6 {
@@ -83,7 +83,7 @@ func TestApplierStates(t *testing.T) {
 		if !slices.Equal(got, wantRoutes) {
 			t.Fatalf("step %d: routes %v, want %v", step, got, wantRoutes)
 		}
-		addrs := l.ip("-n", nd.ns, "-4", "addr", "show", l.iface)
+		addrs := l.ip("-n", nd.ns, "-4", "addr", "show", l.iface(0))
 		if strings.Count(addrs, "inet ") != 1 || !strings.Contains(addrs, self.OverlayIP.String()+"/32") {
 			t.Fatalf("step %d: addresses %s, want only %v/32", step, addrs, self.OverlayIP)
 		}

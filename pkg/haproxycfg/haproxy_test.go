@@ -11,6 +11,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
 )
 
 func TestClientReachesAppAfterRegistration(t *testing.T) {
@@ -192,7 +194,8 @@ func TestRejectedConfigKeepsServing(t *testing.T) {
 	// meshd restarts with a typo in an operator-supplied global option:
 	// the renderer passes it through, haproxy -c rejects it.
 	opts.GlobalExtra = []string{"maxconnn 20000"}
-	c2 := newComponent(t, opts)
+	reg := prometheus.NewRegistry()
+	c2 := newComponentReg(t, opts, reg)
 	err := c2.Apply(ctx, snap)
 	if !errors.Is(err, ErrRejected) {
 		t.Fatalf("Apply: %v, want ErrRejected", err)
@@ -220,6 +223,12 @@ func TestRejectedConfigKeepsServing(t *testing.T) {
 	}
 	if n := status(c2).ValidationFailures; n != 1 {
 		t.Errorf("validated the same rejected config again: %d failures", n)
+	}
+	if v := counter(t, reg, "meshd_haproxy_validation_failures_total", "", ""); v != 1 {
+		t.Errorf("validation failures metric %v, want 1", v)
+	}
+	if v := counter(t, reg, "meshd_haproxy_reloads_total", "", ""); v != 0 {
+		t.Errorf("reloads metric %v, want 0", v)
 	}
 }
 
@@ -427,7 +436,7 @@ func TestRuntimeChangeRightAfterReload(t *testing.T) {
 			}
 		}
 	}
-	if st := status(c); st.RuntimeUpdates != 10 {
+	if st := status(c); st.RuntimeUpdates != 10 || st.Reloads != 10 {
 		t.Errorf("runtime updates %d, want 10 (counters %+v)", st.RuntimeUpdates, st.Counters)
 	}
 }

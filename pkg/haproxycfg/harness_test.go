@@ -63,12 +63,46 @@ func testOptions(dir string) Options {
 // newComponent builds a supervised component; the cleanup stops haproxy.
 func newComponent(tb testing.TB, opts Options) *Component {
 	tb.Helper()
+	return newComponentReg(tb, opts, prometheus.NewRegistry())
+}
+
+// counter reads a counter (summed over labels matching label=value, or
+// all when label is "") from reg.
+func counter(tb testing.TB, reg *prometheus.Registry, name, label, value string) float64 {
+	tb.Helper()
+	mfs, err := reg.Gather()
+	if err != nil {
+		tb.Fatal(err)
+	}
+	sum := 0.0
+	for _, mf := range mfs {
+		if mf.GetName() != name {
+			continue
+		}
+		for _, m := range mf.GetMetric() {
+			match := label == ""
+			for _, l := range m.GetLabel() {
+				if l.GetName() == label && l.GetValue() == value {
+					match = true
+				}
+			}
+			if match {
+				sum += m.GetCounter().GetValue()
+			}
+		}
+	}
+	return sum
+}
+
+// newComponentReg is newComponent with the metrics registry given.
+func newComponentReg(tb testing.TB, opts Options, reg prometheus.Registerer) *Component {
+	tb.Helper()
 	requireHAProxy(tb)
 	log := slog.New(slog.NewTextHandler(io.Discard, nil))
 	if testing.Verbose() {
 		log = slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelDebug}))
 	}
-	c, err := New(opts, log, prometheus.NewRegistry())
+	c, err := New(opts, log, reg)
 	if err != nil {
 		tb.Fatal(err)
 	}

@@ -203,8 +203,9 @@ func (r *Results) Markdown() string {
 				w("| %s | %d | %s | %s | %s | %s | %s |\n", ser.Name, len(ser.Samples), ms(ser.Quantile(0.5)), ms(ser.Quantile(0.99)), ms(ser.Max()), cmpTxt, ratio)
 			}
 		}
-		w("\nTraefik coalesces provider events for `providers.providersThrottleDuration` (default 2 s); the run sets it as shown,\n")
-		w("close to meshd's 5 ms coalesce window, so the comparison is of the machinery and not of a default.\n\n")
+		w("\nTraefik coalesces provider events for `providers.providersThrottleDuration` (default 2 s); the run sets it as shown\n")
+		w("(0 s: every event applied at once, Traefik at its fastest; meshd coalesces for 5 ms), so the comparison is of the\n")
+		w("machinery and not of a default. Both ran against the same etcd process, one after the other.\n\n")
 	} else {
 		w("**Traefik** was not run: no binary was given (`-traefik` or `TRAEFIK_BIN`). See below for how to build one.\n\n")
 	}
@@ -230,7 +231,7 @@ func (r *Results) Markdown() string {
 	w("The Traefik binary is built by hand, outside the repository (about 6 minutes here), and given to the harness:\n\n```sh\n")
 	w("dir=$(go mod download -json github.com/traefik/traefik/v3@v3.6.12 | sed -n 's/.*\"Dir\": \"\\(.*\\)\",/\\1/p')\n")
 	w("(cd \"$dir\" && go build -o /tmp/traefik ./cmd/traefik)\n")
-	w("TRAEFIK_BIN=/tmp/traefik make bench\n```\n")
+	w("TRAEFIK_BIN=/tmp/traefik TRAEFIK_VERSION=v3.6.12 make bench   # the binary itself reports version \"dev\"\n```\n")
 	return b.String()
 }
 

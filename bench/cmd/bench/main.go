@@ -68,7 +68,8 @@ func run(ctx context.Context) error {
 		fidN       = flag.String("fidelity", "3,8", "sandbox sizes for the full-fidelity benchmark (needs root)")
 		traefikBin = flag.String("traefik", os.Getenv("TRAEFIK_BIN"), "Traefik v3 binary for the peer comparison (env TRAEFIK_BIN); empty skips it")
 		traefikN   = flag.String("traefik-n", "8", "Traefik instance counts (each must also be in -scale for the ratio)")
-		throttle   = flag.Duration("traefik-throttle", 5*time.Millisecond, "Traefik providers.providersThrottleDuration")
+		throttle   = flag.Duration("traefik-throttle", 0, "Traefik providers.providersThrottleDuration (0: apply every event at once, Traefik at its fastest)")
+		traefikVer = flag.String("traefik-version", os.Getenv("TRAEFIK_VERSION"), "label for the Traefik binary (env TRAEFIK_VERSION; default: what `traefik version` says)")
 		meshd      = flag.String("meshd", "bin/meshd", "meshd binary for the sandbox")
 	)
 	flag.Parse()
@@ -144,10 +145,15 @@ func run(ctx context.Context) error {
 				res.Notes = append(res.Notes, fmt.Sprintf("traefik N=%d: %v", n, err))
 				continue
 			}
+			if *traefikVer != "" {
+				t.Version = *traefikVer
+			}
 			res.Traefik = append(res.Traefik, t)
-			res.Versions = append(res.Versions, "Traefik "+t.Version)
 		}
 		cli.Close()
+		if len(res.Traefik) > 0 {
+			res.Versions = append(res.Versions, "Traefik "+res.Traefik[0].Version)
+		}
 	} else {
 		res.Notes = append(res.Notes, "Traefik not run: no binary given (-traefik or TRAEFIK_BIN)")
 	}

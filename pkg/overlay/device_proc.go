@@ -114,7 +114,11 @@ func spawnDevice(name string, mtu int, log *slog.Logger) error {
 	cmd := exec.Command(exe, DeviceFlag+"="+name)
 	cmd.Env = append(os.Environ(), deviceMTUEnv+"="+strconv.Itoa(mtu), deviceReadyEnv+"=3")
 	cmd.ExtraFiles = []*os.File{w}
-	cmd.Stderr = os.Stderr
+	// Share meshd's stderr (the journal, a log file) unless it is a pipe:
+	// whoever reads that pipe would wait for the device to end too.
+	if fi, err := os.Stderr.Stat(); err == nil && fi.Mode()&os.ModeNamedPipe == 0 {
+		cmd.Stderr = os.Stderr
+	}
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
 	if err := cmd.Start(); err != nil {
 		w.Close()

@@ -159,8 +159,8 @@ func (c *Cluster) nodeConfig(n *Node, o NodeOptions) config.Config {
 }
 
 // Start starts the node's meshd (again, after Kill or Stop) in its
-// namespace, with a private tmpfs on /run/wireguard so that its
-// WireGuard UAPI socket is its own.
+// namespace, with its own /run/wireguard so that its WireGuard UAPI
+// socket is its own.
 func (n *Node) Start(ctx context.Context) error {
 	n.mu.Lock()
 	defer n.mu.Unlock()
@@ -171,12 +171,22 @@ func (n *Node) Start(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
+	// The node's own directory is bind-mounted on /run/wireguard in a
+	// fresh mount namespace: the WireGuard UAPI socket is private to the
+	// node, yet the same across meshd restarts (a detached userspace
+	// device outlives the meshd that started it).
+	wgDir := filepath.Join(n.Dir, "wireguard")
+	if err := os.MkdirAll(wgDir, 0o700); err != nil {
+		logf.Close()
+		return err
+	}
 	args := []string{"netns", "exec", n.NS, "sh", "-c",
-		`mount -t tmpfs none /run/wireguard && exec "$0" "$@"`, n.c.opts.MeshdBinary, "--config", n.configPath}
+		`mount --bind "$MESHD_SANDBOX_WGDIR" /run/wireguard && exec "$0" "$@"`, n.c.opts.MeshdBinary, "--config", n.configPath}
 	if lvl := n.c.opts.MeshdLogLevel; lvl != "" {
 		args = append(args, "--log-level", lvl)
 	}
 	cmd := exec.Command("ip", args...)
+	cmd.Env = append(os.Environ(), "MESHD_SANDBOX_WGDIR="+wgDir)
 	cmd.Stdout, cmd.Stderr = logf, logf
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
 	if err := cmd.Start(); err != nil {
@@ -293,15 +303,17 @@ func (n *Node) CutLink(ctx context.Context, down bool) error {
 	return ip(ctx, "-n", n.c.HubNS(), "link", "set", n.hostVeth(), state)
 }
 
-// Exec runs a command in the node's namespaces (network, and meshd's mount
-// namespace while it runs, so `wg` sees its private /run/wireguard) and
-// returns its combined output.
+// Exec runs a command in the node's network namespace with the node's
+// private /run/wireguard (so `wg` sees its device) and returns its
+// combined output.
 func (n *Node) Exec(ctx context.Context, name string, args ...string) ([]byte, error) {
 	var cmd *exec.Cmd
 	if pid := n.Pid(); pid != 0 {
 		cmd = exec.CommandContext(ctx, "nsenter", append([]string{"-t", strconv.Itoa(pid), "-m", "-n", "--", name}, args...)...)
 	} else {
-		cmd = exec.CommandContext(ctx, "ip", append([]string{"netns", "exec", n.NS, name}, args...)...)
+		cmd = exec.CommandContext(ctx, "ip", append([]string{"netns", "exec", n.NS, "sh", "-c",
+			`mount --bind "$MESHD_SANDBOX_WGDIR" /run/wireguard && exec "$0" "$@"`, name}, args...)...)
+		cmd.Env = append(os.Environ(), "MESHD_SANDBOX_WGDIR="+filepath.Join(n.Dir, "wireguard"))
 	}
 	var out bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &out, &out

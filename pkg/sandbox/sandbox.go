@@ -171,7 +171,7 @@ func Start(ctx context.Context, o Options) (_ *Cluster, err error) {
 		}
 		c.workDir = o.WorkDir
 	}
-	// /run/wireguard must exist on the host for each node's private tmpfs.
+	// /run/wireguard must exist on the host for each node's private mount.
 	if err := os.MkdirAll("/run/wireguard", 0o755); err != nil {
 		return nil, fmt.Errorf("create /run/wireguard: %w", err)
 	}

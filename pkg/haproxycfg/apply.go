@@ -113,7 +113,7 @@ func (a *Applier) set(ctx context.Context, d Desired) error {
 			err := a.applyRuntime(ctx, placed, changes, procs)
 			if err == nil {
 				a.mu.Lock()
-				a.appliedHash = h
+				a.appliedHash, a.rejectedHash, a.rejectedErr = h, "", nil
 				a.mu.Unlock()
 				return nil
 			}
@@ -220,11 +220,15 @@ func (a *Applier) reload(ctx context.Context, d, placed Desired, h string, runni
 				a.Log.Error("restore previous config", "err", rerr)
 			}
 		}
-		return fmt.Errorf("reload: %w", err)
+		if a.Supervisor != nil && errors.Is(err, ErrReloadFailed) {
+			return fmt.Errorf("reload: %w (haproxy log: %s)", err, a.Supervisor.logTail())
+		}
+		return fmt.Errorf("reload: %w (see the haproxy unit's journal)", err)
 	}
 	a.Log.Info("reloaded haproxy", "hash", h[:12], "listeners", len(d.Listeners))
 	a.mu.Lock()
 	a.appliedHash, a.structure, a.lastGood = h, StructureHash(d), content
+	a.rejectedHash, a.rejectedErr = "", nil // the operator fixed it
 	a.mu.Unlock()
 	return nil
 }

@@ -230,6 +230,30 @@ func TestRejectedConfigKeepsServing(t *testing.T) {
 	if v := counter(t, reg, "meshd_haproxy_reloads_total", "", ""); v != 0 {
 		t.Errorf("reloads metric %v, want 0", v)
 	}
+	// The registry moves on (a new app): still rejected, since the typo is
+	// in the global section, and validated once more (new content).
+	port2 := freePort(t)
+	snap2 := snapshot(map[string]appSpec{"web": {port, []*backend{a}}, "db": {port2, nil}})
+	if err := c2.Apply(ctx, snap2); !errors.Is(err, ErrRejected) {
+		t.Errorf("Apply of new content: %v", err)
+	}
+	if n := status(c2).ValidationFailures; n != 2 {
+		t.Errorf("validation failures %d, want 2", n)
+	}
+	// The operator fixes the option (meshd restarts with it): applies, and
+	// the status no longer points at a rejected file.
+	c2.Close()
+	opts.GlobalExtra = []string{"maxconn 2000"}
+	c3 := newComponent(t, opts)
+	if err := c3.Apply(ctx, snap2); err != nil {
+		t.Fatalf("fixed config: %v", err)
+	}
+	if st := status(c3); st.LastError != "" || st.RejectedConfig != "" || st.Reloads != 1 {
+		t.Errorf("after the fix: %+v", st)
+	}
+	if got, err := ask(port); err != nil || got != "a" {
+		t.Errorf("after the fix: %q, %v", got, err)
+	}
 }
 
 func TestReloadFailureKeepsServing(t *testing.T) {
@@ -252,6 +276,9 @@ func TestReloadFailureKeepsServing(t *testing.T) {
 	err = c.Apply(ctx, snapshot(map[string]appSpec{"web": {port, []*backend{a}}, "db": {busy, nil}}))
 	if !errors.Is(err, ErrReloadFailed) {
 		t.Fatalf("Apply: %v, want ErrReloadFailed", err)
+	}
+	if !strings.Contains(err.Error(), "cannot bind socket") {
+		t.Errorf("the error does not carry haproxy's reason: %v", err)
 	}
 	if got, err := ask(port); err != nil || got != "a" {
 		t.Errorf("old worker stopped serving: %q, %v", got, err)

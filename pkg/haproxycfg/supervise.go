@@ -29,9 +29,10 @@ type Supervisor struct {
 	// OnStart is called each time the supervisor starts a master.
 	OnStart func()
 
-	mu     sync.Mutex
-	pid    int
-	exited chan struct{} // closed when the master this process started exits; nil if adopted
+	ensureMu sync.Mutex // one Ensure at a time: never two masters
+	mu       sync.Mutex
+	pid      int
+	exited   chan struct{} // closed when the master this process started exits; nil if adopted
 }
 
 // master returns the client for the supervised master's socket.
@@ -62,6 +63,8 @@ func (s *Supervisor) observe(pid int) {
 // second master while the one in the pid file is alive: that one may be
 // re-executing itself for a reload, which briefly closes its socket.
 func (s *Supervisor) Ensure(ctx context.Context) (started bool, err error) {
+	s.ensureMu.Lock()
+	defer s.ensureMu.Unlock()
 	if p, err := s.master().ProcsWait(ctx, 2*time.Second); err == nil {
 		s.observe(p.Master.PID)
 		return false, nil
@@ -155,14 +158,24 @@ func (s *Supervisor) start(ctx context.Context) error {
 	}
 }
 
-// logTail returns the last lines of the master's log, for errors.
+// logTail returns the master's latest alerts (or last lines), for errors.
 func (s *Supervisor) logTail() string {
 	b, err := os.ReadFile(s.LogFile)
 	if err != nil {
 		return "(no log)"
 	}
 	lines := strings.Split(strings.TrimSpace(string(b)), "\n")
-	return strings.Join(lines[max(0, len(lines)-3):], " | ")
+	lines = lines[max(0, len(lines)-50):]
+	var alerts []string
+	for _, l := range lines {
+		if strings.Contains(l, "[ALERT]") {
+			alerts = append(alerts, strings.TrimSpace(l))
+		}
+	}
+	if len(alerts) == 0 {
+		alerts = lines
+	}
+	return strings.Join(alerts[max(0, len(alerts)-3):], " | ")
 }
 
 // alive reports whether the supervised master process still exists. It

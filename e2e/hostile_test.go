@@ -31,7 +31,9 @@ func hostileKeys(n1 registry.Member) []hostileKV {
 	huge := `{"publish":{"port":18087},"env":{"X":"` + strings.Repeat("x", 300<<10) + `"}}`
 	n1copy, _ := json.Marshal(registry.Member{Name: "n9", PublicKey: n1.PublicKey, Endpoint: n1.Endpoint, Subnet: n1.Subnet, OverlayIP: n1.OverlayIP})
 	bad := func(k, v string) hostileKV { return hostileKV{k, v, true} }
-	inst := func(node string) string { return registry.AppPrefix(sandbox.DemoGroup, sandbox.DemoApp) + "instances/" + node }
+	inst := func(node string) string {
+		return registry.AppPrefix(sandbox.DemoGroup, sandbox.DemoApp) + "instances/" + node
+	}
 	meta := func(app string) string { return "/cluster/backends/" + app + "/meta_data" }
 	return []hostileKV{
 		// Node entries.

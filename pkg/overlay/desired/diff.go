@@ -133,42 +133,57 @@ func Diff(live, want State) Plan {
 	if want.MTU != 0 && want.MTU != live.MTU {
 		p.MTU = want.MTU
 	}
-	livePeers := make(map[string]Peer, len(live.Peers))
-	for _, lp := range live.Peers {
-		livePeers[lp.PublicKey] = lp
+	// A merge of the two peer lists sorted by key: no maps, and Compute's
+	// output is sorted already. The plan comes out sorted by key.
+	lps := sortedCopy(live.Peers, comparePeerKey)
+	wps := sortedCopy(want.Peers, comparePeerKey)
+	for i, j := 0, 0; i < len(lps) || j < len(wps); {
+		switch {
+		case j == len(wps) || (i < len(lps) && lps[i].PublicKey < wps[j].PublicKey):
+			p.Peers = append(p.Peers, PeerChange{Op: OpRemove, Peer: lps[i]})
+			i++
+		case i == len(lps) || wps[j].PublicKey < lps[i].PublicKey:
+			p.Peers = append(p.Peers, PeerChange{Op: OpAdd, Peer: wps[j]})
+			j++
+		default:
+			lp, wp := lps[i], wps[j]
+			c := PeerChange{
+				Op:         OpUpdate,
+				Peer:       wp,
+				Endpoint:   wp.Endpoint.IsValid() && wp.Endpoint != lp.Endpoint,
+				AllowedIPs: !samePrefixes(wp.AllowedIPs, lp.AllowedIPs),
+				Keepalive:  wp.Keepalive != lp.Keepalive,
+			}
+			if c.Endpoint || c.AllowedIPs || c.Keepalive {
+				p.Peers = append(p.Peers, c)
+			}
+			i++
+			j++
+		}
 	}
-	wantKeys := make(map[string]bool, len(want.Peers))
-	for _, wp := range want.Peers {
-		wantKeys[wp.PublicKey] = true
-		lp, ok := livePeers[wp.PublicKey]
-		if !ok {
-			p.Peers = append(p.Peers, PeerChange{Op: OpAdd, Peer: wp})
-			continue
-		}
-		c := PeerChange{
-			Op:         OpUpdate,
-			Peer:       wp,
-			Endpoint:   wp.Endpoint.IsValid() && wp.Endpoint != lp.Endpoint,
-			AllowedIPs: !samePrefixes(wp.AllowedIPs, lp.AllowedIPs),
-			Keepalive:  wp.Keepalive != lp.Keepalive,
-		}
-		if c.Endpoint || c.AllowedIPs || c.Keepalive {
-			p.Peers = append(p.Peers, c)
-		}
-	}
-	for _, lp := range live.Peers {
-		if !wantKeys[lp.PublicKey] {
-			p.Peers = append(p.Peers, PeerChange{Op: OpRemove, Peer: lp})
-		}
-	}
-	slices.SortFunc(p.Peers, func(a, b PeerChange) int { return cmp.Compare(a.Peer.PublicKey, b.Peer.PublicKey) })
 	p.AddAddresses, p.DelAddresses = prefixDiff(live.Addresses, want.Addresses)
 	p.AddRoutes, p.DelRoutes = prefixDiff(live.Routes, want.Routes)
 	return p
 }
 
+func comparePeerKey(a, b Peer) int { return cmp.Compare(a.PublicKey, b.PublicKey) }
+
+// sortedCopy returns xs if it is sorted, else a sorted copy: the inputs
+// are never modified.
+func sortedCopy[T any](xs []T, cmp func(a, b T) int) []T {
+	if slices.IsSortedFunc(xs, cmp) {
+		return xs
+	}
+	c := slices.Clone(xs)
+	slices.SortFunc(c, cmp)
+	return c
+}
+
 // samePrefixes compares two prefix lists as sets.
 func samePrefixes(a, b []netip.Prefix) bool {
+	if slices.Equal(a, b) { // the usual case, without allocating
+		return true
+	}
 	add, del := prefixDiff(a, b)
 	return len(add) == 0 && len(del) == 0
 }
@@ -176,25 +191,29 @@ func samePrefixes(a, b []netip.Prefix) bool {
 // prefixDiff returns what is in want but not in have (add) and the
 // reverse (del), both sorted and without duplicates.
 func prefixDiff(have, want []netip.Prefix) (add, del []netip.Prefix) {
-	h := make(map[netip.Prefix]bool, len(have))
-	for _, x := range have {
-		h[x] = true
-	}
-	w := make(map[netip.Prefix]bool, len(want))
-	for _, x := range want {
-		w[x] = true
-		if !h[x] {
-			add = append(add, x)
-			h[x] = true // dedupe
+	h := sortedCopy(have, comparePrefix)
+	w := sortedCopy(want, comparePrefix)
+	for i, j := 0, 0; i < len(h) || j < len(w); {
+		switch {
+		case j == len(w) || (i < len(h) && comparePrefix(h[i], w[j]) < 0):
+			if len(del) == 0 || del[len(del)-1] != h[i] {
+				del = append(del, h[i])
+			}
+			i++
+		case i == len(h) || comparePrefix(w[j], h[i]) < 0:
+			if len(add) == 0 || add[len(add)-1] != w[j] {
+				add = append(add, w[j])
+			}
+			j++
+		default:
+			x := h[i]
+			for i < len(h) && h[i] == x {
+				i++
+			}
+			for j < len(w) && w[j] == x {
+				j++
+			}
 		}
 	}
-	for _, x := range have {
-		if !w[x] {
-			del = append(del, x)
-			w[x] = true
-		}
-	}
-	slices.SortFunc(add, comparePrefix)
-	slices.SortFunc(del, comparePrefix)
 	return add, del
 }

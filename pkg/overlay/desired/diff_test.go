@@ -1,6 +1,7 @@
 package desired
 
 import (
+	"fmt"
 	"math/rand/v2"
 	"net/netip"
 	"testing"
@@ -200,4 +201,55 @@ func sortPeers(ps []Peer) {
 func sortedPrefixes(ps []netip.Prefix) []netip.Prefix {
 	add, _ := prefixDiff(nil, ps)
 	return add
+}
+
+func TestPrefixDiff(t *testing.T) {
+	pf := func(ss ...string) []netip.Prefix {
+		var out []netip.Prefix
+		for _, s := range ss {
+			out = append(out, netip.MustParsePrefix(s))
+		}
+		return out
+	}
+	have := pf("10.10.3.0/24", "10.10.1.0/24", "10.10.1.0/24", "10.10.2.0/24", "fd00::/64")
+	want := pf("10.10.4.0/24", "10.10.2.0/24", "10.10.4.0/24", "10.10.0.0/16")
+	haveCopy := append([]netip.Prefix(nil), have...)
+	add, del := prefixDiff(have, want)
+	if diff := cmp.Diff(pf("10.10.0.0/16", "10.10.4.0/24"), add, cmpOpts...); diff != "" {
+		t.Errorf("add (-want +got):\n%s", diff)
+	}
+	if diff := cmp.Diff(pf("10.10.1.0/24", "10.10.3.0/24", "fd00::/64"), del, cmpOpts...); diff != "" {
+		t.Errorf("del (-want +got):\n%s", diff)
+	}
+	if !cmp.Equal(have, haveCopy, cmpOpts...) {
+		t.Error("prefixDiff modified its input")
+	}
+	if !samePrefixes(pf("10.1.0.0/16", "10.2.0.0/16"), pf("10.2.0.0/16", "10.1.0.0/16")) {
+		t.Error("samePrefixes depends on order")
+	}
+}
+
+// BenchmarkDiff is the diff step alone: one changed peer among n.
+func BenchmarkDiff(b *testing.B) {
+	for _, n := range []int{10, 100, 1000} {
+		snap := snapOf()
+		for i := 0; i < n; i++ {
+			snap.Members[member(i).Name] = member(i)
+		}
+		live, _ := Compute(snap, "n0", defaultParams)
+		changed := member(n / 2)
+		changed.Endpoint = "198.51.100.1:51820"
+		snap.Members[changed.Name] = changed
+		want, _ := Compute(snap, "n0", defaultParams)
+		b.Run(fmt.Sprintf("nodes=%d", n), func(b *testing.B) {
+			b.ReportAllocs()
+			cpu := startCPU()
+			for b.Loop() {
+				if p := Diff(live, want); len(p.Peers) != 1 {
+					b.Fatalf("plan %v", p)
+				}
+			}
+			cpu.report(b)
+		})
+	}
 }

@@ -195,7 +195,9 @@ func testMesh(t *testing.T, detached bool) {
 		before := settledHandshake(t, n[1], keys[0])
 		// n1 pings n0 every 20ms while n0's meshd is killed and restarted.
 		pings := make(chan helperReply, 1)
-		go func() { pings <- n[1].do(t, helperCmd{Op: "pings", Addr: overlayIP(9), Timeout: 1500 * time.Millisecond}) }()
+		go func() {
+			pings <- n[1].do(t, helperCmd{Op: "pings", Addr: overlayIP(9), Timeout: 1500 * time.Millisecond})
+		}()
 		time.Sleep(200 * time.Millisecond)
 		l.kill(n[0])
 		killed := time.Now()

@@ -48,7 +48,7 @@ func buildParts(ctx context.Context, cfg config.Config, log *slog.Logger, reg pr
 		secrets, err = creds.New(creds.Options{
 			Self: cfg.NodeName, StateDir: cfg.StateDir, CredstoreDir: cfg.Secrets.CredstoreDir,
 			WithKey: cfg.Secrets.WithKey, Units: cfg.Secrets.Units,
-		}, log.With("component", "creds"), reg)
+		}, log, reg)
 		if err != nil {
 			return nil, fmt.Errorf("secrets: %w", err)
 		}
@@ -56,7 +56,7 @@ func buildParts(ctx context.Context, cfg config.Config, log *slog.Logger, reg pr
 		recipient = secrets.Recipient()
 	}
 	if cfg.Overlay.Enable {
-		ov, err := overlay.New(overlay.OptionsFromConfig(cfg), log.With("component", "overlay"), reg)
+		ov, err := overlay.New(overlay.OptionsFromConfig(cfg), log, reg)
 		if err != nil {
 			return nil, fmt.Errorf("overlay: %w", err)
 		}
@@ -78,7 +78,7 @@ func buildParts(ctx context.Context, cfg config.Config, log *slog.Logger, reg pr
 			Self: cfg.NodeName, Consume: cfg.Consume, ConfigPath: h.ConfigPath, MasterSocket: h.MasterSocket,
 			StatsSocket: h.StatsSocket, Binary: h.Binary, Supervise: h.Supervise,
 			ReservedPorts: h.ReservedPorts, ServerSlots: h.ServerSlots,
-		}, log.With("component", "haproxy"), reg)
+		}, log, reg)
 		if err != nil {
 			return nil, fmt.Errorf("haproxy: %w", err)
 		}

@@ -148,6 +148,11 @@ type HAProxy struct {
 	// ServerSlots is how many server slots each backend pre-allocates so
 	// that instance changes need no reload.
 	ServerSlots int `json:"serverSlots"`
+	// HardStopAfter bounds how long an old worker may drain connections
+	// after a reload (0: 30s).
+	HardStopAfter Duration `json:"hardStopAfter,omitempty"`
+	// MaxReloads is mworker-max-reloads: old workers kept at most (0: 3).
+	MaxReloads int `json:"maxReloads,omitempty"`
 }
 
 // Secrets configures delivery of sealed secrets as systemd credentials.
@@ -333,6 +338,12 @@ func (c *Config) Validate() error {
 		}
 		if h.MasterSocket == "" {
 			bad("haproxy.masterSocket: empty")
+		}
+		if h.HardStopAfter.D() < 0 || h.HardStopAfter.D() > 24*time.Hour {
+			bad("haproxy.hardStopAfter %v: want 0 (default) to 24h", h.HardStopAfter.D())
+		}
+		if h.MaxReloads < 0 || h.MaxReloads > 100 {
+			bad("haproxy.maxReloads %d: want 0 (default) to 100", h.MaxReloads)
 		}
 		if h.ServerSlots < 0 || h.ServerSlots > 1000 {
 			bad("haproxy.serverSlots %d: want 0-1000", h.ServerSlots)

@@ -78,6 +78,7 @@ func buildParts(ctx context.Context, cfg config.Config, log *slog.Logger, reg pr
 			Self: cfg.NodeName, Consume: cfg.Consume, ConfigPath: h.ConfigPath, MasterSocket: h.MasterSocket,
 			StatsSocket: h.StatsSocket, Binary: h.Binary, Supervise: h.Supervise,
 			ReservedPorts: h.ReservedPorts, ServerSlots: h.ServerSlots,
+			HardStopAfter: h.HardStopAfter.D(), MaxReloads: h.MaxReloads,
 		}, log, reg)
 		if err != nil {
 			return nil, fmt.Errorf("haproxy: %w", err)

@@ -225,18 +225,28 @@ func (n *node) logText() string {
 
 func (n *node) do(t testing.TB, cmd helperCmd) helperReply {
 	t.Helper()
+	rep, err := n.try(cmd)
+	if err != nil {
+		t.Fatalf("%v\nnode log:\n%s", err, n.logText())
+	}
+	return rep
+}
+
+// try sends one command and reads the reply; unlike do it may run on any
+// goroutine.
+func (n *node) try(cmd helperCmd) (helperReply, error) {
 	b, _ := json.Marshal(cmd)
 	if _, err := n.in.Write(append(b, '\n')); err != nil {
-		t.Fatalf("%s: send %s: %v\nnode log:\n%s", n.name, cmd.Op, err, n.logText())
+		return helperReply{}, fmt.Errorf("%s: send %s: %w", n.name, cmd.Op, err)
 	}
 	if !n.out.Scan() {
-		t.Fatalf("%s: no reply to %s (helper died?)\nnode log:\n%s", n.name, cmd.Op, n.logText())
+		return helperReply{}, fmt.Errorf("%s: no reply to %s (helper died?)", n.name, cmd.Op)
 	}
 	var rep helperReply
 	if err := json.Unmarshal(n.out.Bytes(), &rep); err != nil {
-		t.Fatalf("%s: bad reply %q: %v", n.name, n.out.Text(), err)
+		return helperReply{}, fmt.Errorf("%s: bad reply %q: %w", n.name, n.out.Text(), err)
 	}
-	return rep
+	return rep, nil
 }
 
 // must runs cmd and fails the test on an error reply.

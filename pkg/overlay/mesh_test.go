@@ -194,9 +194,14 @@ func testMesh(t *testing.T, detached bool) {
 		current[1].OverlayIP = current[1].Subnet.Addr()
 		before := settledHandshake(t, n[1], keys[0])
 		// n1 pings n0 every 20ms while n0's meshd is killed and restarted.
-		pings := make(chan helperReply, 1)
+		type result struct {
+			rep helperReply
+			err error
+		}
+		pings := make(chan result, 1)
 		go func() {
-			pings <- n[1].do(t, helperCmd{Op: "pings", Addr: overlayIP(9), Timeout: 1500 * time.Millisecond})
+			rep, err := n[1].try(helperCmd{Op: "pings", Addr: overlayIP(9), Timeout: 1500 * time.Millisecond})
+			pings <- result{rep, err}
 		}()
 		time.Sleep(200 * time.Millisecond)
 		l.kill(n[0])
@@ -207,9 +212,10 @@ func testMesh(t *testing.T, detached bool) {
 		}
 		n[0].must(t, helperCmd{Op: "boot"})
 		booted := time.Since(killed)
-		rep := <-pings
-		if rep.Err != "" {
-			t.Fatal(rep.Err)
+		res := <-pings
+		rep := res.rep
+		if res.err != nil || rep.Err != "" {
+			t.Fatalf("ping loop: %v %s", res.err, rep.Err)
 		}
 		t.Logf("restarted in %v; n1 lost %d of %d pings to n0", booted, rep.Lost, rep.Sent)
 		if !hasPeer(t, n[1], keys[0]) {

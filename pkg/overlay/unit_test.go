@@ -1,6 +1,7 @@
 package overlay
 
 import (
+	"encoding/json"
 	"errors"
 	"net"
 	"net/netip"
@@ -139,8 +140,15 @@ func TestNewValidates(t *testing.T) {
 		t.Errorf("Name %q, PublicKey %q", c.Name(), c.PublicKey())
 	}
 	st := c.Status().(Status)
-	if strings.Contains(st.PublicKey, "PRIVATE") || st.Mode != "" || st.Applied {
+	if st.PublicKey != c.PublicKey() || st.Mode != "" || st.Applied {
 		t.Errorf("status before any apply: %+v", st)
+	}
+	b, err := json.Marshal(c.Status())
+	if err != nil {
+		t.Fatalf("status does not encode: %v", err)
+	}
+	if strings.Contains(string(b), c.key.String()) {
+		t.Error("status contains the private key")
 	}
 }
 

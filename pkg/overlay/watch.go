@@ -109,7 +109,7 @@ func (c *Component) watchOnce(ctx context.Context) {
 			if !ok {
 				return
 			}
-			if u.Attrs() != nil && u.Attrs().Name == c.opts.Interface &&
+			if u.Link != nil && u.Attrs() != nil && u.Attrs().Name == c.opts.Interface &&
 				(u.Header.Type == unix.RTM_DELLINK || u.Attrs().Flags&unix.IFF_UP == 0) {
 				schedule()
 			}

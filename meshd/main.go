@@ -18,12 +18,17 @@ import (
 
 	"github.com/meshd/meshd/pkg/config"
 	"github.com/meshd/meshd/pkg/daemon"
+	"github.com/meshd/meshd/pkg/overlay"
 )
 
 // version is set at build time with -ldflags "-X main.version=...".
 var version = "dev"
 
 func main() {
+	// A userspace WireGuard device runs in its own process (this binary,
+	// re-executed) so that it outlives a meshd restart: traffic keeps
+	// flowing while meshd is away.
+	overlay.MaybeRunDevice(os.Args[1:])
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
 	if err := run(ctx, os.Args[1:], os.Stdout, os.Stderr); err != nil {

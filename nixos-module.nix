@@ -253,6 +253,10 @@ in
           Restart = "always";
           RestartSec = "2s";
           WatchdogSec = "30s";
+          # A userspace WireGuard device runs in a child process that must
+          # outlive a meshd restart (traffic keeps flowing meanwhile); a
+          # kernel device needs no process, so the whole group is stopped.
+          KillMode = if userspaceWireGuard then "process" else "control-group";
           StateDirectory = "meshd";
           StateDirectoryMode = "0700";
           # Shared with meshd-haproxy and kept across restarts: the HAProxy

@@ -168,6 +168,12 @@ func (r *Results) Markdown() string {
 				s.CPUPerChange.Round(time.Microsecond), s.CPUPerAgentChange.Round(time.Microsecond), s.HeapPerAgent>>10, s.RSSPerAgent>>10,
 				s.WritesPerChange, s.WritesPerChange/float64(s.N), s.EventsPerChange, s.EventsPerChange/float64(s.N))
 		}
+		for _, s := range r.Scale {
+			if s.StatusResends+s.StatusLost > 0 {
+				w("\nN=%d: some agents' status writes failed (etcd deadline under load) and were not retried until their next change:\n", s.N)
+				w("%d settle rounds had to be repeated and %d trials have no status-published sample.\n", s.StatusResends, s.StatusLost)
+			}
+		}
 		w("\nWrites per change are the change itself plus one status write per agent (the status revision is how\n")
 		w("`meshctl --wait` knows a change is applied); watch events are what etcd delivered for them.\n\n")
 	}

@@ -8,6 +8,7 @@ import (
 	"encoding/hex"
 	"encoding/json"
 	"fmt"
+	"log/slog"
 	"net/netip"
 	"os"
 	"path/filepath"
@@ -45,6 +46,8 @@ type ScaleOptions struct {
 	LeaseTTL time.Duration
 	// Log receives progress lines (nil: none).
 	Log func(format string, a ...any)
+	// AgentLog receives the agents' own logs (nil: discarded).
+	AgentLog *slog.Logger
 }
 
 // ScaleResult is what the scale benchmark measured.
@@ -68,6 +71,11 @@ type ScaleResult struct {
 	// WritesPerChange is etcd revisions per change (the change itself plus
 	// every status it causes); EventsPerChange is watch events etcd sent.
 	WritesPerChange, EventsPerChange float64
+	// StatusResends counts settle rounds that had to be repeated because
+	// some agent's status never reached etcd (a failed status write is
+	// only retried on the agent's next change); StatusLost counts trials
+	// whose status convergence was not measured for that reason.
+	StatusResends, StatusLost int
 }
 
 // recorder is the scale benchmark's component: it computes the real
@@ -210,10 +218,6 @@ func Scale(ctx context.Context, o ScaleOptions) (ScaleResult, error) {
 	runtime.ReadMemStats(&m0)
 	rss0 := rss()
 	startAll := time.Now()
-	firstRev := int64(0)
-	if r, err := ctl.Get(ctx, "/", clientv3.WithCountOnly()); err == nil {
-		firstRev = r.Header.Revision
-	}
 	errs := make(chan error, o.N)
 	upctx, cancel := context.WithTimeout(ctx, 5*time.Minute+time.Duration(o.N)*100*time.Millisecond)
 	defer cancel()
@@ -235,14 +239,15 @@ func Scale(ctx context.Context, o ScaleOptions) (ScaleResult, error) {
 				return res, err
 			}
 		}
-		if _, err := applied.wait(upctx, names[lo:hi], firstRev+1, startAll); err != nil {
-			return res, fmt.Errorf("agents did not come up: %w", err)
+		// A status is published only once the agent has registered.
+		if _, err := published.wait(upctx, names[lo:hi], 1, startAll); err != nil {
+			return res, fmt.Errorf("agents did not register: %w", err)
 		}
 	}
 	cancel()
 	// Wait until the join storm has settled: every agent applied the
 	// newest revision.
-	if err := settle(ctx, ctl, names, applied, published); err != nil {
+	if err := settle(ctx, ctl, names, applied, published, &res.StatusResends); err != nil {
 		return res, err
 	}
 	res.Startup = time.Since(startAll)
@@ -262,7 +267,7 @@ func Scale(ctx context.Context, o ScaleOptions) (ScaleResult, error) {
 	if _, err := ctl.Put(ctx, registry.MetaKey(registry.GroupBackends, "benchapp"), string(meta)); err != nil {
 		return res, err
 	}
-	if err := settle(ctx, ctl, names, applied, published); err != nil {
+	if err := settle(ctx, ctl, names, applied, published, &res.StatusResends); err != nil {
 		return res, err
 	}
 	for t := range o.Trials {
@@ -293,29 +298,35 @@ func Scale(ctx context.Context, o ScaleOptions) (ScaleResult, error) {
 				cancel()
 				return res, fmt.Errorf("trial %d: applied: %w", t, err)
 			}
-			pd, err := published.wait(tctx, names, rev, start)
+			pd, perr := published.wait(tctx, names, rev, start)
 			cancel()
-			if err != nil {
-				return res, fmt.Errorf("trial %d: published: %w", t, err)
+			if perr != nil {
+				o.Log("trial %d: published: %v (etcd holds %s)", t, perr, statusCensus(ctx, ctl, rev))
+				res.StatusLost++
 			}
 			if add {
 				res.Added.Add(d)
-				res.AddedStatus.Add(pd)
+				if perr == nil {
+					res.AddedStatus.Add(pd)
+				}
 			} else {
 				res.Removed.Add(d)
 			}
 		}
 	}
 	// Let the last statuses land before counting writes.
-	if err := settle(ctx, ctl, names, applied, published); err != nil {
+	before := res.StatusResends
+	if err := settle(ctx, ctl, names, applied, published, &res.StatusResends); err != nil {
 		return res, err
 	}
+	settles := 1 + res.StatusResends - before
 	cpu := cpuTime() - cpu0
 	res.CPUPerChange = cpu / time.Duration(changes)
 	res.CPUPerAgentChange = res.CPUPerChange / time.Duration(o.N)
 	if r, err := ctl.Get(ctx, "/", clientv3.WithCountOnly()); err == nil {
-		// Minus the harness's own settle writes (one per settle).
-		res.WritesPerChange = float64(r.Header.Revision-rev0-1) / float64(changes)
+		// Minus the harness's final settle writes (and the statuses they
+		// caused).
+		res.WritesPerChange = float64(r.Header.Revision-rev0-int64(settles)*int64(1+o.N)) / float64(changes)
 	}
 	if ev1, err := etcdCounter(ctx, o.MetricsURL, "etcd_debugging_mvcc_events_total"); err == nil && o.MetricsURL != "" {
 		res.EventsPerChange = (ev1 - ev0) / float64(changes)
@@ -341,7 +352,7 @@ func startAgent(actx context.Context, o ScaleOptions, name string, i int, applie
 		Client: cli, Node: name, ID: randomHex(16), PublicIPv4: ip,
 		Consume: rec.consume, LeaseTTL: o.LeaseTTL, Coalesce: o.Coalesce, StateDir: dir, Version: "bench",
 		Member:     &agent.MemberOptions{PublicKey: randomKey(), Endpoint: ip + ":51820", Pool: registry.DefaultPool},
-		Components: []agent.Component{rec},
+		Components: []agent.Component{rec}, Log: o.AgentLog,
 	})
 	if err != nil {
 		return err
@@ -357,24 +368,36 @@ func startAgent(actx context.Context, o ScaleOptions, name string, i int, applie
 }
 
 // settle writes a marker key and waits until every agent applied and
-// published it, so the next trial starts from a quiet cluster.
-func settle(ctx context.Context, cli *clientv3.Client, names []string, applied, published *progress) error {
-	start := time.Now()
-	r, err := cli.Put(ctx, "/cluster/backends/benchsettle/meta_data", `{"publish":{"port":19998}}`)
-	if err != nil {
-		return err
+// published it, so the next trial starts from a quiet cluster. An agent
+// whose status write failed publishes again only on its next change, so a
+// marker that is not published everywhere in 20 s is written again; each
+// extra round is counted in *resent.
+func settle(ctx context.Context, cli *clientv3.Client, names []string, applied, published *progress, resent *int) error {
+	var last error
+	for attempt := 0; attempt < 5; attempt++ {
+		start := time.Now()
+		r, err := cli.Put(ctx, "/cluster/backends/benchsettle/meta_data", fmt.Sprintf(`{"publish":{"port":%d}}`, 19000+attempt))
+		if err != nil {
+			return err
+		}
+		tctx, cancel := context.WithTimeout(ctx, 60*time.Second)
+		_, err = applied.wait(tctx, names, r.Header.Revision, start)
+		cancel()
+		if err != nil {
+			return fmt.Errorf("settle: applied: %w", err)
+		}
+		tctx, cancel = context.WithTimeout(ctx, 20*time.Second)
+		_, err = published.wait(tctx, names, r.Header.Revision, start)
+		cancel()
+		if err == nil {
+			// Quiet period: statuses written after apply.
+			time.Sleep(200 * time.Millisecond)
+			return nil
+		}
+		last = fmt.Errorf("settle: published: %w (etcd holds %s)", err, statusCensus(ctx, cli, r.Header.Revision))
+		*resent++
 	}
-	tctx, cancel := context.WithTimeout(ctx, 5*time.Minute)
-	defer cancel()
-	if _, err := applied.wait(tctx, names, r.Header.Revision, start); err != nil {
-		return fmt.Errorf("settle: applied: %w", err)
-	}
-	if _, err := published.wait(tctx, names, r.Header.Revision, start); err != nil {
-		return fmt.Errorf("settle: published: %w (etcd holds %s)", err, statusCensus(ctx, cli, r.Header.Revision))
-	}
-	// Quiet period: statuses written after apply.
-	time.Sleep(200 * time.Millisecond)
-	return nil
+	return last
 }
 
 // statusCensus says how many statuses in etcd have reached rev: it tells

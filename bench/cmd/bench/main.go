@@ -12,6 +12,7 @@ import (
 	"fmt"
 	"io"
 	"log"
+	"log/slog"
 	"os"
 	"os/exec"
 	"os/signal"
@@ -71,6 +72,7 @@ func run(ctx context.Context) error {
 		throttle   = flag.Duration("traefik-throttle", 0, "Traefik providers.providersThrottleDuration (0: apply every event at once, Traefik at its fastest)")
 		traefikVer = flag.String("traefik-version", os.Getenv("TRAEFIK_VERSION"), "label for the Traefik binary (env TRAEFIK_VERSION; default: what `traefik version` says)")
 		meshd      = flag.String("meshd", "bin/meshd", "meshd binary for the sandbox")
+		agentLog   = flag.String("agent-log", "", "write the scale agents' warnings to this file")
 	)
 	flag.Parse()
 	scales, err := ints(*scaleN)
@@ -107,6 +109,15 @@ func run(ctx context.Context) error {
 	newClient := func() (*clientv3.Client, error) {
 		return clientv3.New(clientv3.Config{Endpoints: []string{etcd.endpoint}, DialTimeout: 5 * time.Second, Logger: zap.NewNop()})
 	}
+	var alog *slog.Logger
+	if *agentLog != "" {
+		f, err := os.Create(*agentLog)
+		if err != nil {
+			return err
+		}
+		defer f.Close()
+		alog = slog.New(slog.NewTextHandler(f, &slog.HandlerOptions{Level: slog.LevelWarn}))
+	}
 	for _, n := range scales {
 		logf("floor N=%d ...", n)
 		f, err := bench.Floor(ctx, bench.FloorOptions{NewClient: newClient, N: n, Trials: *trials})
@@ -119,7 +130,7 @@ func run(ctx context.Context) error {
 		logf("scale N=%d ...", n)
 		s, err := bench.Scale(ctx, bench.ScaleOptions{
 			NewClient: newClient, MetricsURL: etcd.endpoint + "/metrics", N: n, Trials: *trials,
-			StateDir: filepath.Join(work, fmt.Sprintf("scale-%d", n)), Log: logf,
+			StateDir: filepath.Join(work, fmt.Sprintf("scale-%d", n)), Log: logf, AgentLog: alog,
 		})
 		if err != nil {
 			res.Notes = append(res.Notes, fmt.Sprintf("scale N=%d: %v", n, err))

@@ -58,6 +58,24 @@ func TestSmoke(t *testing.T) {
 	}
 	t.Logf("cpu/change %v, writes/change %.1f, events/change %.1f, heap/agent %d KiB",
 		res.CPUPerChange, res.WritesPerChange, res.EventsPerChange, res.HeapPerAgent>>10)
+
+	// Part live, part registered by the harness: the live agents see every
+	// node, and etcd delivers to every watcher.
+	part, err := Scale(ctx, ScaleOptions{
+		NewClient: newClient, MetricsURL: s.Endpoint() + "/metrics", N: 6, Live: 2, Trials: 2,
+		StateDir: t.TempDir(), Log: t.Logf,
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(part.Added.Samples) != 2 || part.Live != 2 {
+		t.Errorf("partly live: %s, live %d", part.Added.Summary(), part.Live)
+	}
+	// Events reach the 4 idle watchers and the 2 agents: more than 2 per
+	// live agent.
+	if part.EventsPerChange < 6 {
+		t.Errorf("events per change %.1f with 6 watchers", part.EventsPerChange)
+	}
 }
 
 // TestFidelitySmoke runs the full-fidelity benchmark on a 2-node sandbox

@@ -37,7 +37,14 @@ type ScaleOptions struct {
 	// skips that count.
 	MetricsURL string
 	N          int
-	Trials     int
+	// Live is how many of the N nodes run a real agent (0: all). The
+	// other N-Live are registered by the harness (member record, subnet
+	// claim, leased node entry, as an agent writes them) and each has an
+	// idle watch on /cluster/ in its own client: every agent sees an
+	// N-node cluster and etcd fans every event out to N watchers, but
+	// only Live agents share this machine's cores.
+	Live   int
+	Trials int
 	// StateDir holds the agents' state directories.
 	StateDir string
 	// Coalesce is each agent's settle window (default: meshd's default).
@@ -52,7 +59,7 @@ type ScaleOptions struct {
 
 // ScaleResult is what the scale benchmark measured.
 type ScaleResult struct {
-	N int
+	N, Live int
 	// Startup is how long all N agents took to register and apply.
 	Startup time.Duration
 	// Added and Removed are the times from an instance put (delete) until
@@ -174,12 +181,22 @@ func (p *progress) wait(ctx context.Context, nodes []string, rev int64, start ti
 	}
 }
 
+func liveTag(o ScaleOptions) string {
+	if o.Live < o.N {
+		return fmt.Sprintf(" (%d live)", o.Live)
+	}
+	return ""
+}
+
 // Scale runs the scale benchmark.
 func Scale(ctx context.Context, o ScaleOptions) (ScaleResult, error) {
-	res := ScaleResult{N: o.N,
-		Added:       Series{Name: fmt.Sprintf("meshd scale N=%d instance added", o.N)},
-		Removed:     Series{Name: fmt.Sprintf("meshd scale N=%d instance removed", o.N)},
-		AddedStatus: Series{Name: fmt.Sprintf("meshd scale N=%d instance added (status published)", o.N)},
+	if o.Live <= 0 || o.Live > o.N {
+		o.Live = o.N
+	}
+	res := ScaleResult{N: o.N, Live: o.Live,
+		Added:       Series{Name: fmt.Sprintf("meshd scale N=%d%s instance added", o.N, liveTag(o))},
+		Removed:     Series{Name: fmt.Sprintf("meshd scale N=%d%s instance removed", o.N, liveTag(o))},
+		AddedStatus: Series{Name: fmt.Sprintf("meshd scale N=%d%s instance added (status published)", o.N, liveTag(o))},
 	}
 	if o.Log == nil {
 		o.Log = func(string, ...any) {}
@@ -197,7 +214,26 @@ func Scale(ctx context.Context, o ScaleOptions) (ScaleResult, error) {
 	defer ctl.Close()
 	applied := newProgress()
 	published := newProgress()
-	names := make([]string, o.N)
+	// A clean registry: the etcd may have served an earlier size.
+	for _, p := range []string{registry.ClusterPrefix, registry.MeshdPrefix} {
+		if _, err := ctl.Delete(ctx, p, clientv3.WithPrefix()); err != nil {
+			return res, err
+		}
+	}
+	defer func() {
+		for _, p := range []string{registry.ClusterPrefix, registry.MeshdPrefix} {
+			_, _ = ctl.Delete(context.WithoutCancel(ctx), p, clientv3.WithPrefix())
+		}
+	}()
+	if o.Live < o.N {
+		passive, err := registerPassive(ctx, o, o.N-o.Live)
+		if err != nil {
+			return res, err
+		}
+		defer passive()
+		o.Log("scale N=%d: %d nodes registered by the harness, each with an idle watch", o.N, o.N-o.Live)
+	}
+	names := make([]string, o.Live)
 	for i := range names {
 		names[i] = fmt.Sprintf("s%04d", i)
 	}
@@ -232,8 +268,8 @@ func Scale(ctx context.Context, o ScaleOptions) (ScaleResult, error) {
 	// Nodes join in batches, as a fleet boots: a thousand simultaneous
 	// subnet claims would measure transaction contention, not convergence.
 	const batch = 50
-	for lo := 0; lo < o.N; lo += batch {
-		hi := min(lo+batch, o.N)
+	for lo := 0; lo < o.Live; lo += batch {
+		hi := min(lo+batch, o.Live)
 		for i := lo; i < hi; i++ {
 			if err := startAgent(actx, o, names[i], i, applied, &clients, &wg, errs); err != nil {
 				return res, err
@@ -254,9 +290,9 @@ func Scale(ctx context.Context, o ScaleOptions) (ScaleResult, error) {
 	runtime.GC()
 	var m1 runtime.MemStats
 	runtime.ReadMemStats(&m1)
-	res.HeapPerAgent = int64(m1.HeapInuse-m0.HeapInuse) / int64(o.N)
-	res.RSSPerAgent = (rss() - rss0) / int64(o.N)
-	o.Log("scale N=%d: %d agents up in %s, heap %d KiB/agent", o.N, o.N, res.Startup.Round(time.Millisecond), res.HeapPerAgent>>10)
+	res.HeapPerAgent = int64(m1.HeapInuse-m0.HeapInuse) / int64(o.Live)
+	res.RSSPerAgent = (rss() - rss0) / int64(o.Live)
+	o.Log("scale N=%d: %d agents up in %s, heap %d KiB/agent", o.N, o.Live, res.Startup.Round(time.Millisecond), res.HeapPerAgent>>10)
 
 	cpu0 := cpuTime()
 	ev0, _ := etcdCounter(ctx, o.MetricsURL, "etcd_debugging_mvcc_events_total")
@@ -322,17 +358,70 @@ func Scale(ctx context.Context, o ScaleOptions) (ScaleResult, error) {
 	settles := 1 + res.StatusResends - before
 	cpu := cpuTime() - cpu0
 	res.CPUPerChange = cpu / time.Duration(changes)
-	res.CPUPerAgentChange = res.CPUPerChange / time.Duration(o.N)
+	res.CPUPerAgentChange = res.CPUPerChange / time.Duration(o.Live)
 	if r, err := ctl.Get(ctx, "/", clientv3.WithCountOnly()); err == nil {
 		// Minus the harness's final settle writes (and the statuses they
 		// caused).
-		res.WritesPerChange = float64(r.Header.Revision-rev0-int64(settles)*int64(1+o.N)) / float64(changes)
+		res.WritesPerChange = float64(r.Header.Revision-rev0-int64(settles)*int64(1+o.Live)) / float64(changes)
 	}
 	if ev1, err := etcdCounter(ctx, o.MetricsURL, "etcd_debugging_mvcc_events_total"); err == nil && o.MetricsURL != "" {
 		res.EventsPerChange = (ev1 - ev0) / float64(changes)
 	}
 	o.Log("%s\n%s\n%s", res.Added.Summary(), res.AddedStatus.Summary(), res.Removed.Summary())
 	return res, nil
+}
+
+// registerPassive registers n nodes the way their agents would (subnet
+// claim and member record through registry.ClaimMember, node entry on a
+// lease) and gives each an idle watch on /cluster/ in its own client. The
+// returned function stops the watches.
+func registerPassive(ctx context.Context, o ScaleOptions, n int) (func(), error) {
+	cli, err := o.NewClient()
+	if err != nil {
+		return nil, err
+	}
+	lease, err := cli.Grant(ctx, 3600)
+	if err != nil {
+		cli.Close()
+		return nil, err
+	}
+	var clients []*clientv3.Client
+	wctx, cancel := context.WithCancel(ctx)
+	stop := func() {
+		cancel()
+		for _, c := range clients {
+			c.Close()
+		}
+		_, _ = cli.Revoke(context.WithoutCancel(ctx), lease.ID)
+		cli.Close()
+	}
+	for i := range n {
+		name := fmt.Sprintf("p%04d", i)
+		ip := fmt.Sprintf("198.51.100.%d", i%250+1)
+		m, err := registry.ClaimMember(ctx, cli, registry.Member{Name: name, PublicKey: randomKey(), Endpoint: ip + ":51820"}, registry.DefaultPool, ip)
+		if err != nil {
+			stop()
+			return nil, fmt.Errorf("register %s: %w", name, err)
+		}
+		node, _ := json.Marshal(registry.Node{Name: name, IPv4: ip, Services: []registry.Group{registry.GroupBackends},
+			Meshd: &registry.NodeMeshd{ID: randomHex(16), PublicKey: m.PublicKey, OverlayIP: m.OverlayIP.String(), Version: "bench-passive"}})
+		if _, err := cli.Put(ctx, registry.NodeKey(name), string(node), clientv3.WithLease(lease.ID)); err != nil {
+			stop()
+			return nil, err
+		}
+		wc, err := o.NewClient()
+		if err != nil {
+			stop()
+			return nil, err
+		}
+		clients = append(clients, wc)
+		wch := wc.Watch(clientv3.WithRequireLeader(wctx), registry.ClusterPrefix, clientv3.WithPrefix())
+		go func() {
+			for range wch {
+			}
+		}()
+	}
+	return stop, nil
 }
 
 // startAgent starts agent i with its own client and state directory.

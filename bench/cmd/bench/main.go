@@ -65,7 +65,7 @@ func run(ctx context.Context) error {
 		out        = flag.String("out", "bench", "directory for RESULTS.md, convergence.png and results.json")
 		trials     = flag.Int("trials", 20, "trials per scenario")
 		killTrials = flag.Int("kill-trials", 5, "node-kill trials per sandbox size (each lasts about the 3 s lease TTL)")
-		scaleN     = flag.String("scale", "8,100,1000", "in-process agent counts for the scale benchmark (and the floor)")
+		scaleN     = flag.String("scale", "8,100,1000:100", "scale benchmark sizes, N or N:LIVE (N nodes of which LIVE run a real agent in this process; the floor runs at each N)")
 		fidN       = flag.String("fidelity", "3,8", "sandbox sizes for the full-fidelity benchmark (needs root)")
 		traefikBin = flag.String("traefik", os.Getenv("TRAEFIK_BIN"), "Traefik v3 binary for the peer comparison (env TRAEFIK_BIN); empty skips it")
 		traefikN   = flag.String("traefik-n", "8", "Traefik instance counts (each must also be in -scale for the ratio)")
@@ -75,9 +75,22 @@ func run(ctx context.Context) error {
 		agentLog   = flag.String("agent-log", "", "write the scale agents' warnings to this file")
 	)
 	flag.Parse()
-	scales, err := ints(*scaleN)
-	if err != nil {
-		return err
+	var scales, lives []int
+	for _, f := range strings.Split(*scaleN, ",") {
+		n, l, _ := strings.Cut(f, ":")
+		ns, err := ints(n)
+		if err != nil || len(ns) != 1 {
+			return fmt.Errorf("-scale %q: want N or N:LIVE", f)
+		}
+		live := ns[0]
+		if l != "" {
+			ls, err := ints(l)
+			if err != nil || len(ls) != 1 || ls[0] > ns[0] {
+				return fmt.Errorf("-scale %q: want N or N:LIVE with LIVE <= N", f)
+			}
+			live = ls[0]
+		}
+		scales, lives = append(scales, ns[0]), append(lives, live)
 	}
 	fids, err := ints(*fidN)
 	if err != nil {
@@ -118,7 +131,7 @@ func run(ctx context.Context) error {
 		defer f.Close()
 		alog = slog.New(slog.NewTextHandler(f, &slog.HandlerOptions{Level: slog.LevelWarn}))
 	}
-	for _, n := range scales {
+	for i, n := range scales {
 		logf("floor N=%d ...", n)
 		f, err := bench.Floor(ctx, bench.FloorOptions{NewClient: newClient, N: n, Trials: *trials})
 		if err != nil {
@@ -129,7 +142,7 @@ func run(ctx context.Context) error {
 		}
 		logf("scale N=%d ...", n)
 		s, err := bench.Scale(ctx, bench.ScaleOptions{
-			NewClient: newClient, MetricsURL: etcd.endpoint + "/metrics", N: n, Trials: *trials,
+			NewClient: newClient, MetricsURL: etcd.endpoint + "/metrics", N: n, Live: lives[i], Trials: *trials,
 			StateDir: filepath.Join(work, fmt.Sprintf("scale-%d", n)), Log: logf, AgentLog: alog,
 		})
 		if err != nil {

@@ -94,14 +94,17 @@ func (c *Cluster) BringUp(ctx context.Context, o DemoOptions) ([]Step, error) {
 		}
 		steps = append(steps, st)
 		fmt.Fprintln(o.Out, "  "+st.String())
-	}
-	for i := 1; i <= o.Servers; i++ {
-		sctx, cancel := context.WithTimeout(ctx, o.StepTimeout)
-		st, err := c.waitStep(sctx, fmt.Sprintf("instance %s/%s on %s advertised", DemoGroup, DemoApp, nodeName(i)),
-			registry.InstanceKey(DemoGroup, DemoApp, nodeName(i)), false, c.NodeNames())
+		if i > o.Servers {
+			continue
+		}
+		// The instance is advertised once its check passes; time it among
+		// the nodes running now (later ones get it when they join).
+		sctx, cancel = context.WithTimeout(ctx, o.StepTimeout)
+		st, err = c.waitStep(sctx, fmt.Sprintf("instance %s/%s on %s advertised", DemoGroup, DemoApp, n.Name),
+			registry.InstanceKey(DemoGroup, DemoApp, n.Name), false, c.NodeNames())
 		cancel()
 		if err != nil {
-			return steps, err
+			return steps, fmt.Errorf("%w\n%s log:\n%s", err, n.Name, n.LogTail(2000))
 		}
 		steps = append(steps, st)
 		fmt.Fprintln(o.Out, "  "+st.String())

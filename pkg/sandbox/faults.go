@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"net/netip"
 	"net/url"
@@ -17,7 +18,6 @@ import (
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"go.etcd.io/etcd/server/v3/embed"
 	"go.uber.org/zap"
-	"google.golang.org/grpc"
 
 	"github.com/meshd/meshd/pkg/haproxycfg"
 )
@@ -199,27 +199,42 @@ func (c *Cluster) Compact(ctx context.Context) (int64, error) {
 	return rev, nil
 }
 
-// EtcdCluster is a multi-member etcd inside the hub namespace, for faults
-// that need a quorum: a member restart, a leader change. Its members listen
-// on the hub address (ports EtcdClusterPort+i) and talk to each other on the
-// hub's loopback. Nodes use it through NodeOptions.Edit:
+// EtcdCluster is a multi-member etcd for faults that need a quorum: a
+// member restart, a leader change. The members run in this process in the
+// host's network namespace on loopback (the embedded server dials its
+// peers from arbitrary threads, so they cannot live in the hub), and each
+// member's client port is exposed inside the hub namespace on the hub
+// address (port EtcdClusterPort+i) by a forwarder. Nodes use it through
+// NodeOptions.Edit:
 //
 //	Edit: func(cfg *config.Config) { cfg.Etcd.Endpoints = ec.Endpoints() }
 //
-// The sandbox's own single etcd keeps running for the harness's tracker
-// but carries nothing of these nodes. The caller closes the EtcdCluster.
+// A stopped member's hub port still accepts and closes at once. The
+// sandbox's own single etcd keeps running for the harness's tracker but
+// carries nothing of these nodes. The caller closes the EtcdCluster.
 type EtcdCluster struct {
 	c       *Cluster
 	cfgs    []*embed.Config
 	members []*embed.Etcd
+	fwds    []net.Listener
 	cli     *clientv3.Client
 }
 
-// EtcdClusterPort is the first client port of an EtcdCluster's members.
+// EtcdClusterPort is the first hub port of an EtcdCluster's members.
 const EtcdClusterPort = 2391
 
-// StartEtcdCluster starts size (3 or 5) etcd members in the hub namespace
-// and waits until they have a leader.
+// freeLoopbackPort returns a port free on 127.0.0.1 right now.
+func freeLoopbackPort() (int, error) {
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return 0, err
+	}
+	defer l.Close()
+	return l.Addr().(*net.TCPAddr).Port, nil
+}
+
+// StartEtcdCluster starts size (1-5) etcd members and waits until they
+// have a leader.
 func (c *Cluster) StartEtcdCluster(ctx context.Context, size int) (_ *EtcdCluster, err error) {
 	if size < 1 || size > 5 {
 		return nil, fmt.Errorf("etcd cluster of %d members: want 1-5", size)
@@ -232,17 +247,19 @@ func (c *Cluster) StartEtcdCluster(ctx context.Context, size int) (_ *EtcdCluste
 	}()
 	var initial []string
 	for i := range size {
-		initial = append(initial, fmt.Sprintf("m%d=http://127.0.0.1:%d", i+1, EtcdClusterPort+100+i))
-	}
-	for i := range size {
+		cport, err1 := freeLoopbackPort()
+		pport, err2 := freeLoopbackPort()
+		if err := errors.Join(err1, err2); err != nil {
+			return nil, err
+		}
 		cfg := embed.NewConfig()
 		cfg.Name = fmt.Sprintf("m%d", i+1)
 		cfg.Dir = filepath.Join(c.workDir, "etcd-"+cfg.Name)
-		cu, _ := url.Parse(ec.endpoint(i))
-		pu, _ := url.Parse(fmt.Sprintf("http://127.0.0.1:%d", EtcdClusterPort+100+i))
+		cu, _ := url.Parse(fmt.Sprintf("http://127.0.0.1:%d", cport))
+		pu, _ := url.Parse(fmt.Sprintf("http://127.0.0.1:%d", pport))
 		cfg.ListenClientUrls, cfg.AdvertiseClientUrls = []url.URL{*cu}, []url.URL{*cu}
 		cfg.ListenPeerUrls, cfg.AdvertisePeerUrls = []url.URL{*pu}, []url.URL{*pu}
-		cfg.InitialCluster = strings.Join(initial, ",")
+		initial = append(initial, cfg.Name+"="+pu.String())
 		cfg.InitialClusterToken = "sandbox-" + c.tag
 		// Slower than etcdtest's timing: three members on two shared cores
 		// must not elect spuriously.
@@ -250,23 +267,30 @@ func (c *Cluster) StartEtcdCluster(ctx context.Context, size int) (_ *EtcdCluste
 		cfg.ZapLoggerBuilder = embed.NewZapLoggerBuilder(zap.NewNop())
 		cfg.LogLevel = "error"
 		ec.cfgs = append(ec.cfgs, cfg)
+		l, err := listenIn(c.HubNS(), netip.AddrPortFrom(hubAddr, uint16(EtcdClusterPort+i)).String())
+		if err != nil {
+			return nil, fmt.Errorf("etcd member m%d: hub listener: %w", i+1, err)
+		}
+		ec.fwds = append(ec.fwds, l)
+		go forwardTo(l, cu.Host)
 	}
+	for _, cfg := range ec.cfgs {
+		cfg.InitialCluster = strings.Join(initial, ",")
+	}
+	errs := make(chan error, size)
 	for i := range size {
-		if err := ec.StartMember(i); err != nil {
+		go func() { errs <- ec.StartMember(i) }()
+	}
+	for range size {
+		if err := <-errs; err != nil {
 			return nil, err
 		}
 	}
 	if err := ec.waitReady(ctx); err != nil {
 		return nil, err
 	}
-	hub := c.HubNS()
 	ec.cli, err = clientv3.New(clientv3.Config{
-		Endpoints:   ec.Endpoints(),
-		DialTimeout: 5 * time.Second,
-		Logger:      zap.NewNop(),
-		DialOptions: []grpc.DialOption{grpc.WithContextDialer(func(ctx context.Context, addr string) (net.Conn, error) {
-			return dialIn(ctx, hub, "tcp", addr)
-		})},
+		Endpoints: ec.clientURLs(), DialTimeout: 5 * time.Second, Logger: zap.NewNop(),
 	})
 	if err != nil {
 		return nil, err
@@ -277,20 +301,56 @@ func (c *Cluster) StartEtcdCluster(ctx context.Context, size int) (_ *EtcdCluste
 	return ec, nil
 }
 
-func (ec *EtcdCluster) endpoint(i int) string {
-	return "http://" + netip.AddrPortFrom(hubAddr, uint16(EtcdClusterPort+i)).String()
+// forwardTo splices every connection accepted on l (in the hub) to addr
+// (host loopback) until l is closed.
+func forwardTo(l net.Listener, addr string) {
+	for {
+		in, err := l.Accept()
+		if err != nil {
+			return
+		}
+		go func() {
+			defer in.Close()
+			out, err := net.DialTimeout("tcp", addr, 5*time.Second)
+			if err != nil {
+				return
+			}
+			defer out.Close()
+			done := make(chan struct{}, 2)
+			cp := func(dst, src net.Conn) {
+				_, _ = io.Copy(dst, src)
+				if tc, ok := dst.(*net.TCPConn); ok {
+					_ = tc.CloseWrite()
+				}
+				done <- struct{}{}
+			}
+			go cp(out, in)
+			go cp(in, out)
+			<-done
+			<-done
+		}()
+	}
 }
 
-// Endpoints are the members' client URLs as the nodes see them.
+// Endpoints are the members' client URLs as the nodes see them (in the
+// hub).
 func (ec *EtcdCluster) Endpoints() []string {
 	out := make([]string, len(ec.cfgs))
 	for i := range ec.cfgs {
-		out[i] = ec.endpoint(i)
+		out[i] = "http://" + netip.AddrPortFrom(hubAddr, uint16(EtcdClusterPort+i)).String()
 	}
 	return out
 }
 
-// Client is a client of every member (dialing into the hub namespace).
+func (ec *EtcdCluster) clientURLs() []string {
+	out := make([]string, len(ec.cfgs))
+	for i, cfg := range ec.cfgs {
+		out[i] = cfg.ListenClientUrls[0].String()
+	}
+	return out
+}
+
+// Client is a client of every member (on host loopback).
 func (ec *EtcdCluster) Client() *clientv3.Client { return ec.cli }
 
 // StartMember starts member i (again, after StopMember) on its addresses
@@ -299,21 +359,27 @@ func (ec *EtcdCluster) StartMember(i int) error {
 	if ec.members[i] != nil {
 		return fmt.Errorf("etcd member m%d already runs", i+1)
 	}
-	return inNetns(ec.c.HubNS(), func() error {
-		e, err := embed.StartEtcd(ec.cfgs[i])
-		if err != nil {
-			return fmt.Errorf("start etcd member m%d: %w", i+1, err)
-		}
-		ec.members[i] = e
-		return nil
-	})
+	e, err := embed.StartEtcd(ec.cfgs[i])
+	if err != nil {
+		return fmt.Errorf("start etcd member m%d: %w", i+1, err)
+	}
+	ec.members[i] = e
+	return nil
 }
 
 // StopMember stops member i, keeping its data.
 func (ec *EtcdCluster) StopMember(i int) {
-	if e := ec.members[i]; e != nil {
-		e.Close()
-		ec.members[i] = nil
+	e := ec.members[i]
+	if e == nil {
+		return
+	}
+	ec.members[i] = nil
+	done := make(chan struct{})
+	go func() { e.Close(); close(done) }()
+	select {
+	case <-done:
+	case <-time.After(15 * time.Second):
+		ec.c.log.Warn("etcd member did not stop in 15s; abandoning it", "member", i+1)
 	}
 }
 
@@ -366,11 +432,14 @@ func (ec *EtcdCluster) Leader(ctx context.Context) (int, error) {
 	}
 }
 
-// Close stops every member and the client. The data stays in the work
-// directory (removed with it).
+// Close stops every member, the forwarders and the client. The data stays
+// in the work directory (removed with it).
 func (ec *EtcdCluster) Close() {
 	if ec.cli != nil {
 		ec.cli.Close()
+	}
+	for _, l := range ec.fwds {
+		l.Close()
 	}
 	for i := range ec.members {
 		ec.StopMember(i)

@@ -47,9 +47,9 @@ func TestBadInvocation(t *testing.T) {
 		name string
 		args []string
 		// cfg edits a valid config written to meshd.json (nil: no file);
-		// raw, if set, is written instead.
+		// raw, if set, breaks the valid config's JSON instead.
 		cfg  func(c *config.Config)
-		raw  string
+		raw  func(m map[string]any) []byte
 		want string
 	}
 	cases := []tc{
@@ -58,15 +58,19 @@ func TestBadInvocation(t *testing.T) {
 		{name: "stray argument", args: []string{"run"}, want: `unexpected argument "run"`},
 		{name: "check-config without config", args: []string{"--check-config"}, want: "needs --config"},
 		{name: "missing config file", args: []string{"--config", "/nonexistent/meshd.json"}, want: "/nonexistent/meshd.json"},
-		{name: "malformed JSON", raw: `{"nodeName": "n1",`, want: "meshd.json"},
-		{name: "unknown field", raw: `{"nodename": "n1"}`, want: `unknown field "nodename"`},
-		{name: "wrong type", raw: `{"overlay": {"listenPort": "51820"}}`, want: "listenPort"},
-		{name: "bad duration", raw: `{"leaseTTL": "ten"}`, want: "leaseTTL"},
+		{name: "malformed JSON", raw: func(m map[string]any) []byte { b, _ := json.Marshal(m); return b[:len(b)-10] }, want: "meshd.json"},
+		{name: "unknown field", raw: func(m map[string]any) []byte { m["nodeNmae"] = "n1"; return marshal(m) }, want: `unknown field "nodeNmae"`},
+		{name: "wrong type", raw: func(m map[string]any) []byte {
+			m["overlay"].(map[string]any)["listenPort"] = "51820"
+			return marshal(m)
+		}, want: "listenPort"},
+		{name: "bad duration", raw: func(m map[string]any) []byte { m["leaseTTL"] = "ten"; return marshal(m) }, want: "leaseTTL"},
+		{name: "huge value", raw: func(m map[string]any) []byte { m["nodeName"] = strings.Repeat("n", 1<<20); return marshal(m) }, want: "nodeName"},
 		{name: "hostile node name", cfg: func(c *config.Config) { c.NodeName = "n1\nlisten evil" }, want: "nodeName"},
 		{name: "node name with path", args: []string{"--node-name", "../etc"}, cfg: func(c *config.Config) {}, want: "nodeName"},
 		{name: "missing CA file", cfg: func(c *config.Config) { c.Etcd.CAFile = "/nonexistent/ca.pem" }, want: "/nonexistent/ca.pem"},
 		{name: "garbage CA file", cfg: func(c *config.Config) { c.Etcd.CAFile = garbage }, want: "etcd ca file"},
-		{name: "cert without key", cfg: func(c *config.Config) { c.Etcd.CertFile = garbage }, want: "cert and key"},
+		{name: "cert without key", cfg: func(c *config.Config) { c.Etcd.CertFile = garbage }, want: "keyFile"},
 		{name: "garbage certificate", cfg: func(c *config.Config) { c.Etcd.CertFile, c.Etcd.KeyFile = garbage, garbage }, want: "etcd client certificate"},
 		{name: "unreadable key file", cfg: func(c *config.Config) { c.Etcd.CertFile, c.Etcd.KeyFile = garbage, "/" }, want: "etcd client certificate"},
 	}
@@ -74,13 +78,22 @@ func TestBadInvocation(t *testing.T) {
 		t.Run(c.name, func(t *testing.T) {
 			dir := t.TempDir()
 			args := slices.Clone(c.args)
-			if c.cfg != nil || c.raw != "" {
+			if c.cfg != nil || c.raw != nil {
+				// Every case starts from a config whose paths are all in
+				// dir, so that a case meshd wrongly accepts still writes
+				// nowhere else.
 				path := filepath.Join(dir, "meshd.json")
-				data := []byte(c.raw)
+				cfg := validConfig(dir)
 				if c.cfg != nil {
-					cfg := validConfig(dir)
 					c.cfg(&cfg)
-					data, _ = json.Marshal(cfg)
+				}
+				data := marshal(cfg)
+				if c.raw != nil {
+					var m map[string]any
+					if err := json.Unmarshal(data, &m); err != nil {
+						t.Fatal(err)
+					}
+					data = c.raw(m)
 				}
 				if err := os.WriteFile(path, data, 0o600); err != nil {
 					t.Fatal(err)
@@ -89,7 +102,10 @@ func TestBadInvocation(t *testing.T) {
 			}
 			ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 			defer cancel()
-			cmd := exec.CommandContext(ctx, "ip", append([]string{"netns", "exec", ns, b.meshd}, args...)...)
+			// A private /run/wireguard, as in the sandbox: a meshd that
+			// wrongly started must not leave a UAPI socket on the host.
+			cmd := exec.CommandContext(ctx, "ip", append([]string{"netns", "exec", ns, "sh", "-c",
+				`mount -t tmpfs none /run/wireguard && exec "$0" "$@"`, b.meshd}, args...)...)
 			cmd.Dir = dir
 			var stdout, stderr bytes.Buffer
 			cmd.Stdout, cmd.Stderr = &stdout, &stderr
@@ -143,4 +159,12 @@ func validConfig(dir string) config.Config {
 	cfg.HAProxy.StatsSocket = filepath.Join(dir, "haproxy", "stats.sock")
 	cfg.Secrets.Enable = false
 	return cfg
+}
+
+func marshal(v any) []byte {
+	b, err := json.Marshal(v)
+	if err != nil {
+		panic(err)
+	}
+	return b
 }

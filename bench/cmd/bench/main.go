@@ -154,6 +154,8 @@ func run(ctx context.Context) error {
 			return ctx.Err()
 		}
 	}
+	logf("recompute cost ...")
+	res.Recompute = bench.Recompute(scales)
 	if *traefikBin != "" {
 		cli, err := newClient()
 		if err != nil {

@@ -1,0 +1,79 @@
+package bench
+
+import (
+	"encoding/json"
+	"fmt"
+	"net/netip"
+	"testing"
+	"time"
+
+	"github.com/meshd/meshd/pkg/haproxycfg"
+	"github.com/meshd/meshd/pkg/overlay/desired"
+	"github.com/meshd/meshd/pkg/registry"
+)
+
+// clusterStore is a registry store holding an n-node cluster as agents
+// write it (node entries, member records, subnet claims) and one app with
+// one instance.
+func clusterStore(n int) *registry.Store {
+	s := registry.NewStore()
+	rev := int64(1)
+	put := func(k string, v any) {
+		raw, _ := json.Marshal(v)
+		s.Put(registry.KV{Key: k, Value: raw, Lease: 1}, rev)
+		rev++
+	}
+	for i := range n {
+		name := fmt.Sprintf("s%04d", i)
+		sub := netip.PrefixFrom(netip.AddrFrom4([4]byte{10, byte(10 + i/256), byte(i % 256), 0}), 24)
+		key := randomKey()
+		put(registry.MemberKey(name), registry.Member{Name: name, PublicKey: key, Endpoint: "192.0.2.1:51820", Subnet: sub, OverlayIP: sub.Addr()})
+		put(registry.SubnetKey(sub), registry.SubnetClaim{Node: name})
+		put(registry.NodeKey(name), registry.Node{Name: name, IPv4: "192.0.2.1", Services: []registry.Group{registry.GroupBackends},
+			Meshd: &registry.NodeMeshd{ID: randomHex(16), PublicKey: key, OverlayIP: sub.Addr().String()}})
+	}
+	put(registry.MetaKey(registry.GroupBackends, "benchapp"), registry.AppMeta{Publish: registry.Publish{Port: 19999}})
+	put(registry.InstanceKey(registry.GroupBackends, "benchapp", "s0000"), registry.Instance{IPv4: "10.10.0.0", Node: "s0000", Port: 8080})
+	return s
+}
+
+// RecomputeRow is what one agent spends on one reconcile pass of an
+// N-node cluster, by part.
+type RecomputeRow struct {
+	N                          int
+	Snapshot, HAProxy, Overlay time.Duration
+}
+
+// recomputeParts are the measured parts of one pass.
+func recomputeParts(s *registry.Store) map[string]func() {
+	snap := s.Snapshot()
+	return map[string]func(){
+		"snapshot": func() { s.Snapshot() },
+		"haproxy": func() {
+			haproxycfg.Compute(snap, haproxycfg.Params{Self: "s0001", Consume: []registry.Group{registry.GroupBackends}})
+		},
+		"overlay": func() {
+			_, _ = desired.Compute(snap, "s0001", desired.Params{Network: netip.MustParsePrefix("10.0.0.0/8")})
+		},
+	}
+}
+
+// Recompute measures (with testing.Benchmark) where one agent's time per
+// change goes at each cluster size: building the snapshot from its store,
+// and the two pure desired-state computations.
+func Recompute(ns []int) []RecomputeRow {
+	var rows []RecomputeRow
+	for _, n := range ns {
+		parts := recomputeParts(clusterStore(n))
+		per := func(f func()) time.Duration {
+			r := testing.Benchmark(func(b *testing.B) {
+				for b.Loop() {
+					f()
+				}
+			})
+			return time.Duration(r.NsPerOp())
+		}
+		rows = append(rows, RecomputeRow{N: n, Snapshot: per(parts["snapshot"]), HAProxy: per(parts["haproxy"]), Overlay: per(parts["overlay"])})
+	}
+	return rows
+}

@@ -267,7 +267,7 @@ func measureJoin(ctx context.Context, c *sandbox.Cluster, n *sandbox.Node, res *
 		go func() {
 			defer wg.Done()
 			for {
-				pctx, pcancel := context.WithTimeout(ctx, 50*time.Millisecond)
+				pctx, pcancel := context.WithTimeout(ctx, 20*time.Millisecond)
 				_, err := o.Ping(pctx, overlay)
 				pcancel()
 				if err == nil {

@@ -236,12 +236,32 @@ func (r *Results) Markdown() string {
 	} else {
 		w("**Traefik** was not run: no binary was given (`-traefik` or `TRAEFIK_BIN`). See below for how to build one.\n\n")
 	}
-	w("**flannel** (vxlan, for the overlay) does not build from the module proxy here. Both versions the proxy lists fail the same way\n")
-	w("(`go mod download github.com/flannel-io/flannel@VERSION`, then `go build .` in the module directory):\n\n")
+	w("**flannel** (vxlan, for the overlay) does not build from the module proxy here (found by hand on 2026-11-21, not by this\n")
+	w("harness): both versions the proxy lists fail the same way (`go mod download github.com/flannel-io/flannel@VERSION`, then\n")
+	w("`go build .` in the module directory):\n\n")
 	w("- v0.28.10: `github.com/tencentcloud/tencentcloud-sdk-go/tencentcloud/common@v1.3.190: reading https://proxy.golang.org/...: 403 Forbidden`\n")
 	w("- v0.28.4: `github.com/tencentcloud/tencentcloud-sdk-go/tencentcloud/common@v1.3.79: reading https://proxy.golang.org/...: 403 Forbidden`\n\n")
-	w("flannel's main package imports its Tencent VPC backend unconditionally, so no build tag avoids that dependency; the overlay\n")
-	w("comparison is therefore missing rather than stood in for by an imitation.\n\n")
+	w("flannel's `main.go` imports its Tencent VPC backend (`_ \"github.com/flannel-io/flannel/pkg/backend/tencentvpc\"`), whose only\n")
+	w("build constraint is `!windows`, so no build tag avoids that dependency. The overlay comparison is therefore missing rather\n")
+	w("than stood in for by an imitation.\n\n")
+
+	var slowJoins []string
+	var joinMax time.Duration
+	for _, f := range r.Fidelity {
+		joinMax = max(joinMax, f.Join.Max())
+		for _, d := range f.JoinPing.Samples {
+			if d > 4500*time.Millisecond {
+				slowJoins = append(slowJoins, fmt.Sprintf("N=%d: %s", f.N, ms(d)))
+			}
+		}
+	}
+	if len(slowJoins) > 0 {
+		w("## Observations\n\n")
+		w("- Node join until pinged by all had trials of about 5 s (%s), while no trial's \"applied by the others\" took more\n", strings.Join(slowJoins, ", "))
+		w("  than %s. 5 s is WireGuard's handshake retry interval (REKEY_TIMEOUT): consistent with a first handshake\n", ms(joinMax))
+		w("  initiation reaching the new node before it had configured the sender as a peer, and the next attempt waiting 5 s.\n")
+		w("  Not yet confirmed by a packet trace; a node could re-initiate handshakes once it has applied new peers.\n\n")
+	}
 
 	if len(r.Notes) > 0 {
 		w("## Problems met during this run\n\n")

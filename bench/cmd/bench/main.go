@@ -73,8 +73,20 @@ func run(ctx context.Context) error {
 		traefikVer = flag.String("traefik-version", os.Getenv("TRAEFIK_VERSION"), "label for the Traefik binary (env TRAEFIK_VERSION; default: what `traefik version` says)")
 		meshd      = flag.String("meshd", "bin/meshd", "meshd binary for the sandbox")
 		agentLog   = flag.String("agent-log", "", "write the scale agents' warnings to this file")
+		from       = flag.String("from", "", "measure nothing: render RESULTS.md and the plot again from a saved results.json")
 	)
 	flag.Parse()
+	if *from != "" {
+		b, err := os.ReadFile(*from)
+		if err != nil {
+			return err
+		}
+		var res bench.Results
+		if err := json.Unmarshal(b, &res); err != nil {
+			return fmt.Errorf("%s: %w", *from, err)
+		}
+		return write(&res, *out)
+	}
 	var scales, lives []int
 	for _, f := range strings.Split(*scaleN, ",") {
 		n, l, _ := strings.Cut(f, ":")
@@ -203,20 +215,25 @@ func run(ctx context.Context) error {
 	for _, n := range res.Notes {
 		logf("note: %s", n)
 	}
+	raw, _ := json.MarshalIndent(res, "", "  ")
 	if err := os.MkdirAll(*out, 0o755); err != nil {
 		return err
 	}
-	raw, _ := json.MarshalIndent(res, "", "  ")
 	if err := os.WriteFile(filepath.Join(*out, "results.json"), raw, 0o644); err != nil {
 		return err
 	}
-	if err := res.Plot(filepath.Join(*out, "convergence.png")); err != nil {
+	return write(res, *out)
+}
+
+// write renders RESULTS.md and convergence.png into dir.
+func write(res *bench.Results, dir string) error {
+	if err := res.Plot(filepath.Join(dir, "convergence.png")); err != nil {
 		res.Notes = append(res.Notes, "plot: "+err.Error())
 	}
-	if err := os.WriteFile(filepath.Join(*out, "RESULTS.md"), []byte(res.Markdown()), 0o644); err != nil {
+	if err := os.WriteFile(filepath.Join(dir, "RESULTS.md"), []byte(res.Markdown()), 0o644); err != nil {
 		return err
 	}
-	logf("wrote %s", filepath.Join(*out, "RESULTS.md"))
+	fmt.Fprintf(os.Stderr, "wrote %s\n", filepath.Join(dir, "RESULTS.md"))
 	return nil
 }
 

@@ -13,7 +13,6 @@ import (
 	"os"
 	"strconv"
 	"strings"
-	"sync/atomic"
 	"time"
 )
 
@@ -71,8 +70,6 @@ func (n *Node) HTTPGet(ctx context.Context, url string) (string, time.Duration, 
 	return string(b), lat, nil
 }
 
-var pingSeq atomic.Uint32
-
 // Ping sends one ICMP echo from inside the node's namespace and waits for
 // the reply until ctx ends (or 1 s).
 func (n *Node) Ping(ctx context.Context, dst netip.Addr) (time.Duration, error) {
@@ -86,7 +83,7 @@ func (n *Node) Ping(ctx context.Context, dst netip.Addr) (time.Duration, error) 
 	}
 	defer conn.Close()
 	id := uint16(os.Getpid())
-	seq := uint16(pingSeq.Add(1))
+	seq := uint16(n.c.pingSeq.Add(1))
 	msg := make([]byte, 16)
 	msg[0] = 8 // echo request
 	binary.BigEndian.PutUint16(msg[4:], id)

@@ -24,6 +24,7 @@ import (
 	"sort"
 	"strconv"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	clientv3 "go.etcd.io/etcd/client/v3"
@@ -87,6 +88,9 @@ type Cluster struct {
 	closed  bool
 	track   *tracker
 	stop    context.CancelFunc
+	// pingSeq numbers the harness's ICMP echoes, so concurrent probes on
+	// one raw socket family tell their replies apart.
+	pingSeq atomic.Uint32
 }
 
 var tagRE = regexp.MustCompile(`^[a-z][a-z0-9]{0,9}$`)

@@ -84,7 +84,12 @@ type Component struct {
 	cacheGen uint64         // gen whose state the cache is known to hold
 	lastErr  error
 	waiting  bool // no member record for Self yet
-	problems []desired.Problem
+	// membersGen is the snapshot member generation target was computed
+	// from: the overlay reads nothing else, so an unchanged generation
+	// with target applied means there is nothing to do (an app or status
+	// change costs the overlay nothing, however large the cluster).
+	membersGen uint64
+	problems   []desired.Problem
 
 	ctx      context.Context // ends at Close; bounds the watcher
 	cancel   context.CancelFunc
@@ -175,8 +180,16 @@ func (c *Component) Boot(ctx context.Context) error {
 // the record disappears while the node runs, the overlay stays as it was
 // until the node claims a new one.
 func (c *Component) Apply(ctx context.Context, snap *registry.Snapshot) error {
+	c.mu.Lock()
+	if snap.Gen.Members != 0 && snap.Gen.Members == c.membersGen && c.applied && c.lastErr == nil {
+		c.revision = snap.Revision
+		c.mu.Unlock()
+		return nil
+	}
+	c.mu.Unlock()
 	st, err := desired.Compute(snap, c.opts.Self, c.opts.params())
 	c.mu.Lock()
+	c.membersGen = snap.Gen.Members
 	if errors.Is(err, desired.ErrNoSelf) {
 		c.waiting = true
 		c.mu.Unlock()

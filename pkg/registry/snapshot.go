@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"net/netip"
 	"slices"
+	"strings"
 	"sync"
 )
 
@@ -53,6 +54,9 @@ type Snapshot struct {
 	// Secrets holds the secrets sealed to this node, by name.
 	Secrets  map[string]SealedSecret
 	Problems []Problem
+	// Gen identifies each part's content: a component may skip work when
+	// the parts it reads have the same generation as last time.
+	Gen Generations
 }
 
 // SortedApps returns the apps sorted by group then name.
@@ -126,17 +130,64 @@ func decodeEntry(key string, value []byte, lease int64) (e entry, ok bool) {
 	return e, true
 }
 
+// part is a slice of the registry that is rebuilt as a whole when one of
+// its keys changes. Parts that did not change are shared, unchanged, with
+// the previous snapshot: an instance change at N=1000 does not rebuild the
+// node and member maps, and components can tell from a part's generation
+// that their input did not change.
+type part int
+
+const (
+	partNodes   part = iota
+	partMembers      // member records and subnet claims
+	partApps         // meta_data and instances (cross-checked against members)
+	partStatus
+	partSecrets
+	numParts
+)
+
+func partOfKey(key string) part {
+	switch {
+	case strings.HasPrefix(key, NodesPrefix):
+		return partNodes
+	case strings.HasPrefix(key, MembersPrefix), strings.HasPrefix(key, SubnetsPrefix):
+		return partMembers
+	case strings.HasPrefix(key, StatusPrefix):
+		return partStatus
+	case strings.HasPrefix(key, SecretsPrefix):
+		return partSecrets
+	}
+	return partApps
+}
+
+// Generations identify the content of each part of a snapshot: equal
+// generations mean the very same (shared, read-only) maps.
+type Generations struct {
+	Nodes, Members, Apps, Statuses, Secrets uint64
+}
+
 // Store holds the decoded keys of one or more watched prefixes and builds
 // snapshots from them. It is safe for concurrent use.
 type Store struct {
 	mu       sync.Mutex
-	entries  map[string]entry
+	entries  [numParts]map[string]entry
+	dirty    [numParts]bool
+	gen      [numParts]uint64
+	problems [numParts][]Problem
+	last     *Snapshot
 	revision int64
 	listed   map[string]bool
 }
 
 // NewStore returns an empty store.
-func NewStore() *Store { return &Store{entries: map[string]entry{}, listed: map[string]bool{}} }
+func NewStore() *Store {
+	s := &Store{listed: map[string]bool{}}
+	for i := range s.entries {
+		s.entries[i] = map[string]entry{}
+		s.dirty[i] = true
+	}
+	return s
+}
 
 // Listed reports whether prefix has been listed at least once. A snapshot
 // taken before that lacks the prefix's keys and must not be applied: an
@@ -163,19 +214,28 @@ func (s *Store) Put(kv KV, rev int64) {
 }
 
 func (s *Store) putLocked(kv KV) {
+	p := partOfKey(kv.Key)
 	e, ok := decodeEntry(kv.Key, kv.Value, kv.Lease)
 	if !ok {
-		delete(s.entries, kv.Key)
+		if _, had := s.entries[p][kv.Key]; had {
+			delete(s.entries[p], kv.Key)
+			s.dirty[p] = true
+		}
 		return
 	}
-	s.entries[kv.Key] = e
+	s.entries[p][kv.Key] = e
+	s.dirty[p] = true
 }
 
 // Delete records a key's deletion.
 func (s *Store) Delete(key string, rev int64) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	delete(s.entries, key)
+	p := partOfKey(key)
+	if _, had := s.entries[p][key]; had {
+		delete(s.entries[p], key)
+		s.dirty[p] = true
+	}
 	s.revision = max(s.revision, rev)
 }
 
@@ -185,9 +245,12 @@ func (s *Store) Delete(key string, rev int64) {
 func (s *Store) Replace(prefix string, kvs []KV, rev int64) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	for k := range s.entries {
-		if len(k) >= len(prefix) && k[:len(prefix)] == prefix {
-			delete(s.entries, k)
+	for p := range s.entries {
+		for k := range s.entries[p] {
+			if strings.HasPrefix(k, prefix) {
+				delete(s.entries[p], k)
+				s.dirty[p] = true
+			}
 		}
 	}
 	for _, kv := range kvs {
@@ -204,81 +267,116 @@ func (s *Store) Revision() int64 {
 	return s.revision
 }
 
-// Snapshot builds the typed cluster view from the store's current entries.
+// Snapshot returns the typed cluster view of the store's current entries.
+// Only the parts that changed since the previous call are rebuilt; the
+// others are shared with the previous snapshot. Snapshots are read-only.
 func (s *Store) Snapshot() *Snapshot {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	snap := &Snapshot{
-		Revision: s.revision,
-		Nodes:    map[string]Node{},
-		Members:  map[string]Member{},
-		Subnets:  map[netip.Prefix]string{},
-		Apps:     map[AppID]*App{},
-		Statuses: map[string]Status{},
-		Secrets:  map[string]SealedSecret{},
+	// Apps are cross-checked against members: rebuild them together.
+	if s.dirty[partMembers] {
+		s.dirty[partApps] = true
 	}
-	app := func(id AppID) *App {
-		a := snap.Apps[id]
-		if a == nil {
-			a = &App{ID: id, Instances: map[string]Instance{}}
-			snap.Apps[id] = a
-		}
-		return a
+	var snap Snapshot
+	if s.last != nil {
+		snap = *s.last
 	}
-	for k, e := range s.entries {
-		if e.err != nil {
-			snap.Problems = append(snap.Problems, Problem{Key: k, Err: e.err.Error()})
-			continue
-		}
-		switch v := e.val.(type) {
-		case Node:
-			snap.Nodes[e.pk.Node] = v
-		case Member:
-			snap.Members[e.pk.Node] = v
-		case SubnetClaim:
-			snap.Subnets[e.pk.Subnet] = v.Node
-		case AppMeta:
-			app(AppID{e.pk.Group, e.pk.App}).Meta = &v
-		case Instance:
-			app(AppID{e.pk.Group, e.pk.App}).Instances[e.pk.Node] = v
-		case Status:
-			snap.Statuses[e.pk.Node] = v
-		case SealedSecret:
-			snap.Secrets[e.pk.Name] = v
+	snap.Revision = s.revision
+	if s.dirty[partNodes] {
+		snap.Nodes = map[string]Node{}
+		s.problems[partNodes] = s.problems[partNodes][:0:0]
+		for k, e := range s.entries[partNodes] {
+			if e.err != nil {
+				s.problems[partNodes] = append(s.problems[partNodes], Problem{Key: k, Err: e.err.Error()})
+			} else if v, ok := e.val.(Node); ok {
+				snap.Nodes[e.pk.Node] = v
+			}
 		}
 	}
-	crossCheck(snap)
-	slices.SortFunc(snap.Problems, func(a, b Problem) int { return cmp.Compare(a.Key, b.Key) })
-	return snap
-}
-
-// crossCheck drops values that decode but contradict the rest of the
-// registry, so that one node's keys cannot hijack another's traffic:
-//   - a member record must hold the subnet claimed for it (a node copying
-//     another node's subnet or key into its own record is skipped, not the
-//     victim);
-//   - an instance of a node that has a member record must point at that
-//     node's overlay address (a node cannot send consumers of an app to an
-//     address of its choosing).
-func crossCheck(snap *Snapshot) {
-	for name, m := range snap.Members {
-		if owner := snap.Subnets[m.Subnet]; owner != name {
-			delete(snap.Members, name)
-			snap.Problems = append(snap.Problems, Problem{Key: MemberKey(name),
-				Err: fmt.Sprintf("subnet %v is claimed by %q, not by this node", m.Subnet, owner)})
-		}
-	}
-	for id, app := range snap.Apps {
-		for node, in := range app.Instances {
-			m, ok := snap.Members[node]
-			if !ok || in.Addr().Addr() == m.OverlayIP {
+	if s.dirty[partMembers] {
+		snap.Members, snap.Subnets = map[string]Member{}, map[netip.Prefix]string{}
+		var probs []Problem
+		for k, e := range s.entries[partMembers] {
+			if e.err != nil {
+				probs = append(probs, Problem{Key: k, Err: e.err.Error()})
 				continue
 			}
-			delete(app.Instances, node)
-			snap.Problems = append(snap.Problems, Problem{Key: InstanceKey(id.Group, id.Name, node),
-				Err: fmt.Sprintf("ipv4 %s is not node %s's overlay address %v", in.IPv4, node, m.OverlayIP)})
+			switch v := e.val.(type) {
+			case Member:
+				snap.Members[e.pk.Node] = v
+			case SubnetClaim:
+				snap.Subnets[e.pk.Subnet] = v.Node
+			}
+		}
+		s.problems[partMembers] = append(probs, checkMembers(&snap)...)
+	}
+	if s.dirty[partApps] {
+		snap.Apps = map[AppID]*App{}
+		var probs []Problem
+		app := func(id AppID) *App {
+			a := snap.Apps[id]
+			if a == nil {
+				a = &App{ID: id, Instances: map[string]Instance{}}
+				snap.Apps[id] = a
+			}
+			return a
+		}
+		for k, e := range s.entries[partApps] {
+			if e.err != nil {
+				probs = append(probs, Problem{Key: k, Err: e.err.Error()})
+				continue
+			}
+			switch v := e.val.(type) {
+			case AppMeta:
+				app(AppID{e.pk.Group, e.pk.App}).Meta = &v
+			case Instance:
+				app(AppID{e.pk.Group, e.pk.App}).Instances[e.pk.Node] = v
+			}
+		}
+		s.problems[partApps] = append(probs, checkInstances(&snap)...)
+	}
+	if s.dirty[partStatus] {
+		snap.Statuses = map[string]Status{}
+		s.problems[partStatus] = s.problems[partStatus][:0:0]
+		for k, e := range s.entries[partStatus] {
+			if e.err != nil {
+				s.problems[partStatus] = append(s.problems[partStatus], Problem{Key: k, Err: e.err.Error()})
+			} else if v, ok := e.val.(Status); ok {
+				snap.Statuses[e.pk.Node] = v
+			}
 		}
 	}
+	if s.dirty[partSecrets] {
+		snap.Secrets = map[string]SealedSecret{}
+		s.problems[partSecrets] = s.problems[partSecrets][:0:0]
+		for k, e := range s.entries[partSecrets] {
+			if e.err != nil {
+				s.problems[partSecrets] = append(s.problems[partSecrets], Problem{Key: k, Err: e.err.Error()})
+			} else if v, ok := e.val.(SealedSecret); ok {
+				snap.Secrets[e.pk.Name] = v
+			}
+		}
+	}
+	changed := false
+	for p := range s.dirty {
+		if s.dirty[p] {
+			s.gen[p]++
+			s.dirty[p] = false
+			changed = true
+		}
+	}
+	if !changed && s.last != nil && s.last.Revision == snap.Revision {
+		return s.last
+	}
+	snap.Gen = Generations{Nodes: s.gen[partNodes], Members: s.gen[partMembers], Apps: s.gen[partApps],
+		Statuses: s.gen[partStatus], Secrets: s.gen[partSecrets]}
+	snap.Problems = nil
+	for _, ps := range s.problems {
+		snap.Problems = append(snap.Problems, ps...)
+	}
+	slices.SortFunc(snap.Problems, func(a, b Problem) int { return cmp.Compare(a.Key, b.Key) })
+	s.last = &snap
+	return s.last
 }
 
 // SnapshotOf decodes a list of key-values read at rev into a snapshot. It
@@ -287,4 +385,39 @@ func SnapshotOf(kvs []KV, rev int64) *Snapshot {
 	s := NewStore()
 	s.Replace("", kvs, rev)
 	return s.Snapshot()
+}
+
+// checkMembers drops member records that contradict the subnet claims, so
+// that one node's keys cannot hijack another's traffic: a member record
+// must hold the subnet claimed for it (a node copying another node's
+// subnet or key into its own record is skipped, not the victim).
+func checkMembers(snap *Snapshot) []Problem {
+	var probs []Problem
+	for name, m := range snap.Members {
+		if owner := snap.Subnets[m.Subnet]; owner != name {
+			delete(snap.Members, name)
+			probs = append(probs, Problem{Key: MemberKey(name),
+				Err: fmt.Sprintf("subnet %v is claimed by %q, not by this node", m.Subnet, owner)})
+		}
+	}
+	return probs
+}
+
+// checkInstances drops instances of a node that has a member record but
+// that do not point at that node's overlay address: a node cannot send
+// consumers of an app to an address of its choosing.
+func checkInstances(snap *Snapshot) []Problem {
+	var probs []Problem
+	for id, app := range snap.Apps {
+		for node, in := range app.Instances {
+			m, ok := snap.Members[node]
+			if !ok || in.Addr().Addr() == m.OverlayIP {
+				continue
+			}
+			delete(app.Instances, node)
+			probs = append(probs, Problem{Key: InstanceKey(id.Group, id.Name, node),
+				Err: fmt.Sprintf("ipv4 %s is not node %s's overlay address %v", in.IPv4, node, m.OverlayIP)})
+		}
+	}
+	return probs
 }

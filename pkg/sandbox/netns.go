@@ -8,8 +8,10 @@ import (
 	"net"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"runtime"
 	"slices"
+	"strconv"
 	"strings"
 	"syscall"
 
@@ -179,6 +181,9 @@ func Clean(ctx context.Context, tag string) ([]string, error) {
 	if err := validTag(tag); err != nil {
 		return nil, err
 	}
+	if pid := ownerPid(tag); pid != 0 {
+		return nil, fmt.Errorf("%w: sandbox %q is running in process %d; stop it there instead", ErrRunning, tag, pid)
+	}
 	nss, err := namespacesOf(tag)
 	if err != nil {
 		return nil, err
@@ -189,5 +194,42 @@ func Clean(ctx context.Context, tag string) ([]string, error) {
 			errs = append(errs, err)
 		}
 	}
+	os.Remove(ownerFile(tag))
 	return nss, errors.Join(errs...)
+}
+
+// ownerDir holds one pid file per running sandbox, so that a second run of
+// the same name can tell a live sandbox from a crashed one's leftovers.
+const ownerDir = "/run/meshd-sandbox"
+
+func ownerFile(tag string) string { return filepath.Join(ownerDir, tag+".pid") }
+
+// ownerPid returns the pid of the live process running the sandbox named
+// tag, or 0.
+func ownerPid(tag string) int {
+	b, err := os.ReadFile(ownerFile(tag))
+	if err != nil {
+		return 0
+	}
+	pid, err := strconv.Atoi(strings.TrimSpace(string(b)))
+	if err != nil || pid <= 1 || pid == os.Getpid() {
+		return 0
+	}
+	if err := syscall.Kill(pid, 0); err != nil {
+		return 0
+	}
+	return pid
+}
+
+func writeOwner(tag string) error {
+	if err := os.MkdirAll(ownerDir, 0o755); err != nil {
+		return err
+	}
+	return os.WriteFile(ownerFile(tag), []byte(strconv.Itoa(os.Getpid())+"\n"), 0o644)
+}
+
+func removeOwner(tag string) {
+	if b, err := os.ReadFile(ownerFile(tag)); err == nil && strings.TrimSpace(string(b)) == strconv.Itoa(os.Getpid()) {
+		os.Remove(ownerFile(tag))
+	}
 }

@@ -154,6 +154,9 @@ func Start(ctx context.Context, o Options) (_ *Cluster, err error) {
 	if err != nil {
 		return nil, err
 	}
+	if pid := ownerPid(o.Name); pid != 0 {
+		return nil, fmt.Errorf("%w: sandbox %q is running in process %d; stop it (Ctrl-C there) or pick another --name", ErrRunning, o.Name, pid)
+	}
 	if len(left) > 0 {
 		return nil, fmt.Errorf("%w: %v exist from an earlier run; remove them with: %s", ErrLeftover, left, CleanCommand(o.Name))
 	}
@@ -178,6 +181,9 @@ func Start(ctx context.Context, o Options) (_ *Cluster, err error) {
 	// /run/wireguard must exist on the host for each node's private mount.
 	if err := os.MkdirAll("/run/wireguard", 0o755); err != nil {
 		return nil, fmt.Errorf("create /run/wireguard: %w", err)
+	}
+	if err := writeOwner(o.Name); err != nil {
+		return nil, err
 	}
 	hub := c.HubNS()
 	if err := ip(ctx, "netns", "add", hub); err != nil {
@@ -226,6 +232,10 @@ func Start(ctx context.Context, o Options) (_ *Cluster, err error) {
 // already exist.
 var ErrLeftover = errors.New("leftover sandbox namespaces")
 
+// ErrRunning is returned by Start when a live process runs a sandbox of the
+// same name.
+var ErrRunning = errors.New("sandbox already running")
+
 // Close stops every node and etcd and removes every namespace, link,
 // process and (unless kept) the work directory. It is safe to call more
 // than once and collects every failure.
@@ -266,6 +276,7 @@ func (c *Cluster) Close() error {
 			errs = append(errs, err)
 		}
 	}
+	removeOwner(c.tag)
 	if c.ownDir && c.workDir != "" {
 		if err := os.RemoveAll(c.workDir); err != nil {
 			errs = append(errs, err)

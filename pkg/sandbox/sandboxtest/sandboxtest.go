@@ -13,15 +13,19 @@ import (
 
 // BuildMeshd builds this module's meshd into the test's temporary
 // directory and returns its path (the Go build cache makes repeats cheap).
-func BuildMeshd(t testing.TB) string {
+func BuildMeshd(t testing.TB) string { return Build(t, "meshd") }
+
+// Build builds one of this module's commands ("meshd", "meshctl") into the
+// test's temporary directory and returns its path.
+func Build(t testing.TB, cmdName string) string {
 	t.Helper()
 	_, file, _, _ := runtime.Caller(0)
 	root := filepath.Join(filepath.Dir(file), "..", "..", "..")
-	out := filepath.Join(t.TempDir(), "meshd")
-	cmd := exec.Command("go", "build", "-o", out, "./meshd")
+	out := filepath.Join(t.TempDir(), cmdName)
+	cmd := exec.Command("go", "build", "-o", out, "./"+cmdName)
 	cmd.Dir = root
 	if b, err := cmd.CombinedOutput(); err != nil {
-		t.Fatalf("build meshd: %v\n%s", err, b)
+		t.Fatalf("build %s: %v\n%s", cmdName, err, b)
 	}
 	return out
 }

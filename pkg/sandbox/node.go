@@ -127,8 +127,8 @@ func (n *Node) setup(ctx context.Context, o NodeOptions) error {
 	return nil
 }
 
-// nodeConfig is the meshd configuration of a sandbox node: userspace
-// WireGuard, a supervised haproxy with every file in the node's directory,
+// nodeConfig is the meshd configuration of a sandbox node: WireGuard in
+// mode auto (kernel if the module exists, else userspace), a supervised haproxy with every file in the node's directory,
 // no secrets.
 func (c *Cluster) nodeConfig(n *Node, o NodeOptions) config.Config {
 	cfg := config.Default()
@@ -140,7 +140,7 @@ func (c *Cluster) nodeConfig(n *Node, o NodeOptions) config.Config {
 	cfg.MetricsAddr = ""
 	cfg.Etcd.Endpoints = []string{c.EtcdEndpoint()}
 	cfg.Instances = o.Instances
-	cfg.Overlay.Mode = "userspace"
+	cfg.Overlay.Mode = "auto" // kernel WireGuard where the module exists, else userspace
 	cfg.Overlay.Interface = c.tag + "wg"
 	cfg.Overlay.Endpoint = netip.AddrPortFrom(n.Addr, uint16(cfg.Overlay.ListenPort)).String()
 	cfg.HAProxy.Binary = c.opts.HAProxyBinary

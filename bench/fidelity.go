@@ -54,8 +54,10 @@ type FidelityResult struct {
 	// Reloads and RuntimeUpdates are the HAProxy counters' growth, summed
 	// over nodes, during the instance trials.
 	Reloads, RuntimeUpdates int64
-	// Overlay says whether nodes had overlay addresses (member records).
-	Overlay bool
+	// Overlay says whether nodes had overlay addresses (member records);
+	// OverlayModes are the WireGuard modes the nodes reported.
+	Overlay      bool
+	OverlayModes []string
 }
 
 // Fidelity runs the full-fidelity benchmark: a real sandbox of N nodes.
@@ -103,6 +105,7 @@ func Fidelity(ctx context.Context, o FidelityOptions) (FidelityResult, error) {
 		}
 	}
 	consumers := c.Nodes()[1:]
+	res.OverlayModes = overlayModes(ctx, c)
 
 	// Instance added / removed.
 	c0, err := haproxyCounters(ctx, c)
@@ -352,6 +355,27 @@ func haproxyCounters(ctx context.Context, c *sandbox.Cluster) (haproxycfg.Counte
 		}
 	}
 	return sum, nil
+}
+
+// overlayModes lists the distinct WireGuard modes (kernel, userspace) the
+// nodes report in their overlay status.
+func overlayModes(ctx context.Context, c *sandbox.Cluster) []string {
+	sts, _, err := c.Statuses(ctx)
+	if err != nil {
+		return nil
+	}
+	seen := map[string]bool{}
+	var out []string
+	for _, st := range sts {
+		var ov struct {
+			Mode string `json:"mode"`
+		}
+		if raw, ok := st.Components["overlay"]; ok && json.Unmarshal(raw, &ov) == nil && ov.Mode != "" && !seen[ov.Mode] {
+			seen[ov.Mode] = true
+			out = append(out, ov.Mode)
+		}
+	}
+	return out
 }
 
 func without(s []string, x string) []string {

@@ -132,8 +132,9 @@ func (r *Results) Markdown() string {
 	w("\n")
 
 	if len(r.Fidelity) > 0 {
-		w("## Full fidelity: the sandbox (namespaces, userspace WireGuard, real HAProxy)\n\n")
-		w("Each node is a network namespace running the real `meshd` with userspace WireGuard and its own haproxy;\n")
+		w("## Full fidelity: the sandbox (namespaces, real WireGuard, real HAProxy)\n\n")
+		w("Each node is a network namespace running the real `meshd` with real WireGuard (kernel module where there is one,\n")
+		w("else userspace wireguard-go: the mode the nodes reported is below) and its own haproxy;\n")
 		w("\"applied\" is the nodes' published status revision, \"served\" is the first successful HTTP request through\n")
 		w("each consumer's `127.0.0.1:<port>` → HAProxy → (WireGuard) → the instance, polled every 2 ms from inside its namespace.\n")
 		w("Node killed is bounded by the sandbox's 3 s lease TTL.\n\n")
@@ -146,7 +147,12 @@ func (r *Results) Markdown() string {
 			}
 		}
 		for _, f := range r.Fidelity {
-			w("\nN=%d: overlay member records present: %v; HAProxy reloads during the instance trials: %d; runtime-API updates: %d.\n", f.N, f.Overlay, f.Reloads, f.RuntimeUpdates)
+			modes := strings.Join(f.OverlayModes, ", ")
+			if modes == "" {
+				modes = "not reported"
+			}
+			w("\nN=%d: overlay member records present: %v; WireGuard mode: %s; HAProxy reloads during the instance trials: %d; runtime-API updates: %d.\n",
+				f.N, f.Overlay, modes, f.Reloads, f.RuntimeUpdates)
 		}
 		w("\n")
 	}

@@ -2,11 +2,14 @@ package e2e
 
 import (
 	"context"
+	"encoding/json"
 	"fmt"
 	"os"
 	"strings"
 	"testing"
 	"time"
+
+	clientv3 "go.etcd.io/etcd/client/v3"
 
 	"github.com/meshd/meshd/pkg/registry"
 	"github.com/meshd/meshd/pkg/sandbox"
@@ -65,15 +68,25 @@ func meshdPids(c *sandbox.Cluster) map[string]int {
 // node re-registered, within 2 s of etcd's return.
 func etcdUnreachable(ctx context.Context, t *testing.T, c *sandbox.Cluster, d time.Duration) {
 	pids := meshdPids(c)
-	cpu0 := map[string]time.Duration{}
-	for name, pid := range pids {
-		v, err := sandbox.ProcessCPU(pid)
-		if err != nil {
-			t.Fatal(err)
+	cpuNow := func() map[string]time.Duration {
+		out := map[string]time.Duration{}
+		for name, pid := range pids {
+			v, err := sandbox.ProcessCPU(pid)
+			if err != nil {
+				t.Fatalf("%s's meshd: %v", name, err)
+			}
+			out[name] = v
 		}
-		cpu0[name] = v
+		return out
 	}
-	l := startLoad(c.Node("n3"), demoURL, 2, 20*time.Millisecond, 15*time.Second)
+	// The load runs through userspace WireGuard, which lives in meshd: a
+	// baseline window with etcd reachable and the same load tells the
+	// data plane's share from the waiting control plane's.
+	l := startLoad(c.Node("n3"), demoURL, 2, 50*time.Millisecond, 15*time.Second)
+	baseWin := min(d/2, 10*time.Second)
+	cpuBase := cpuNow()
+	time.Sleep(baseWin)
+	cpu0 := cpuNow()
 	start := time.Now()
 	for _, n := range c.Nodes() {
 		if err := n.CutEtcd(ctx, true); err != nil {
@@ -93,14 +106,13 @@ func etcdUnreachable(ctx context.Context, t *testing.T, c *sandbox.Cluster, d ti
 	}
 	time.Sleep(d - time.Since(start))
 	outage := time.Since(start)
-	for name, pid := range pids {
-		v, err := sandbox.ProcessCPU(pid)
-		if err != nil {
-			t.Fatalf("%s's meshd died during the outage: %v", name, err)
-		}
-		used := v - cpu0[name]
+	cpu1 := cpuNow()
+	for name := range pids {
+		used := cpu1[name] - cpu0[name]
 		share := float64(used) / float64(outage)
-		t.Logf("%s meshd used %v CPU in the %v outage (%.2f%% of one core)", name, used, outage.Round(time.Second), 100*share)
+		base := float64(cpu0[name]-cpuBase[name]) / float64(baseWin)
+		t.Logf("%s meshd used %v CPU in the %v outage: %.2f%% of one core (%.2f%% with etcd reachable and the same load)",
+			name, used, outage.Round(time.Second), 100*share, 100*base)
 		if share > 0.05 {
 			t.Errorf("%s's meshd used %.1f%% of a core while etcd was unreachable, want < 5%%", name, 100*share)
 		}
@@ -173,7 +185,9 @@ func etcdUnreachable(ctx context.Context, t *testing.T, c *sandbox.Cluster, d ti
 
 // etcdRestart stops the etcd server itself for a few seconds (connections
 // refused rather than dropped) and checks that every node applies a change
-// made right after etcd's return within 2 s.
+// made right after etcd's return within 2 s of that return. The change is
+// written through a fresh client, so that the harness's own reconnection
+// does not count.
 func etcdRestart(ctx context.Context, t *testing.T, c *sandbox.Cluster) {
 	l := startLoad(c.Node("n4"), demoURL, 2, 20*time.Millisecond, 15*time.Second)
 	c.StopEtcd()
@@ -181,19 +195,47 @@ func etcdRestart(ctx context.Context, t *testing.T, c *sandbox.Cluster) {
 	if err := c.StartEtcd(); err != nil {
 		t.Fatal(err)
 	}
-	rev, at, err := c.RegisterApp(ctx, sandbox.DemoGroup, "late", registry.AppMeta{Publish: registry.Publish{Port: 18082}})
+	back := time.Now()
+	cli, err := c.NewClient()
 	if err != nil {
 		t.Fatal(err)
 	}
-	wctx, wcancel := context.WithTimeout(ctx, 30*time.Second)
-	cv, err := c.WaitApplied(wctx, rev, at, c.NodeNames())
-	wcancel()
-	t.Logf("after an 8s etcd stop: change applied by every node in %v %v", cv.Max().Round(time.Millisecond), cv.PerNode)
+	defer cli.Close()
+	meta, _ := json.Marshal(registry.AppMeta{Publish: registry.Publish{Port: 18082}})
+	resp, err := cli.Put(ctx, registry.MetaKey(sandbox.DemoGroup, "late"), string(meta))
 	if err != nil {
 		t.Fatal(err)
 	}
-	if cv.Max() > 2*time.Second {
-		t.Errorf("re-convergence took %v after etcd restarted, want <= 2s", cv.Max().Round(time.Millisecond))
+	written := time.Since(back)
+	// The harness's tracker watches through a client that reconnects on
+	// its own schedule: poll the statuses through the fresh client instead.
+	took, err := eventually(30*time.Second, 20*time.Millisecond, func() error {
+		sresp, err := cli.Get(ctx, registry.StatusPrefix, clientv3.WithPrefix())
+		if err != nil {
+			return err
+		}
+		seen := map[string]int64{}
+		for _, kv := range sresp.Kvs {
+			name := strings.TrimPrefix(string(kv.Key), registry.StatusPrefix)
+			if st, err := registry.DecodeStatus(name, kv.Value); err == nil {
+				seen[name] = st.Revision
+			}
+		}
+		for _, n := range c.NodeNames() {
+			if seen[n] < resp.Header.Revision {
+				return fmt.Errorf("%s applied %d, want %d", n, seen[n], resp.Header.Revision)
+			}
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatalf("after etcd's return: %v", err)
+	}
+	conv := written + took
+	t.Logf("after an 8s etcd stop: a change written %v after etcd's return was applied by every node %v after the return",
+		written.Round(time.Millisecond), conv.Round(time.Millisecond))
+	if conv > 2*time.Second {
+		t.Errorf("re-convergence took %v after etcd restarted, want <= 2s", conv.Round(time.Millisecond))
 	}
 	time.Sleep(time.Second)
 	r := l.stop()

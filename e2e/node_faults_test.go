@@ -191,6 +191,9 @@ func normalizedConfig(t *testing.T, n *sandbox.Node) string {
 	return strings.Join(out, "\n")
 }
 
+// compactionCut is how long fault 4 keeps n4's link down.
+const compactionCut = 10 * time.Second
+
 // compaction is fault 4: n4 is cut off (its link down) longer than its
 // lease, the others see many changes including the deletion of an app n4
 // had rendered, etcd compacts its history, and n4 comes back. n4 must
@@ -224,7 +227,11 @@ func compaction(ctx context.Context, t *testing.T, c *sandbox.Cluster) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	time.Sleep(faultTTL + time.Second) // n4's lease expires too
+	// Longer than the lease (n4's entry expires) and than the client's
+	// gRPC keepalive (5 s + 3 s: the stream breaks, so n4 must resume from
+	// its old revision, which is compacted, rather than receive the events
+	// still queued on a stalled stream).
+	time.Sleep(compactionCut)
 	back := time.Now()
 	if err := n4.CutLink(ctx, false); err != nil {
 		t.Fatal(err)
@@ -234,7 +241,7 @@ func compaction(ctx context.Context, t *testing.T, c *sandbox.Cluster) {
 		t.Fatal(err)
 	}
 	t.Logf("n4 back after a %v disconnection, history compacted at %d: n4 applied it %v after its link came back",
-		faultTTL+time.Second, compacted, time.Since(back).Round(time.Millisecond))
+		compactionCut, compacted, time.Since(back).Round(time.Millisecond))
 	_ = cv
 	newLog := n4.LogTail(1 << 30)[logBefore:]
 	if !strings.Contains(newLog, "compacted, re-listing") {

@@ -59,15 +59,20 @@ func (n *Node) PowerOff(ctx context.Context) error {
 
 // CutEtcd makes etcd unreachable from the node (cut=true) or reachable
 // again, without touching the node's other traffic: a blackhole route to
-// the hub address in the node's namespace drops what the node sends to
-// etcd, while WireGuard between the nodes (bridge addresses of the nodes)
-// keeps flowing. It models a node cut off from etcd, not from its peers.
+// the hub address in the node's namespace and one to the node's address in
+// the hub drop what either sends the other, while WireGuard between the
+// nodes (bridged, hub routing not involved) keeps flowing. Both directions
+// matter: with only the node's side cut, etcd's watch events (say, the
+// expiry of other nodes' leases) would still reach the node.
 func (n *Node) CutEtcd(ctx context.Context, cut bool) error {
 	verb := "add"
 	if !cut {
 		verb = "del"
 	}
-	return ip(ctx, "-n", n.NS, "route", verb, "blackhole", netip.PrefixFrom(hubAddr, 32).String())
+	return errors.Join(
+		ip(ctx, "-n", n.NS, "route", verb, "blackhole", netip.PrefixFrom(hubAddr, 32).String()),
+		ip(ctx, "-n", n.c.HubNS(), "route", verb, "blackhole", netip.PrefixFrom(n.Addr, 32).String()),
+	)
 }
 
 // HAProxyPIDFile is where the node's supervised haproxy master writes its

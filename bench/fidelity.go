@@ -9,6 +9,8 @@ import (
 	"sync"
 	"time"
 
+	clientv3 "go.etcd.io/etcd/client/v3"
+
 	"github.com/meshd/meshd/pkg/config"
 	"github.com/meshd/meshd/pkg/haproxycfg"
 	"github.com/meshd/meshd/pkg/registry"
@@ -166,10 +168,7 @@ func Fidelity(ctx context.Context, o FidelityOptions) (FidelityResult, error) {
 		if err := measureJoin(ctx, c, n, &res); err != nil {
 			return res, fmt.Errorf("join trial %d: %w\n%s", t, err, n.LogTail(1500))
 		}
-		if err := c.RemoveNode(ctx, n.Name); err != nil {
-			return res, err
-		}
-		if _, err := registry.RemoveNode(ctx, c.Client(), n.Name); err != nil {
+		if err := removeNode(ctx, c, n.Name); err != nil {
 			return res, err
 		}
 	}
@@ -211,15 +210,43 @@ func Fidelity(ctx context.Context, o FidelityOptions) (FidelityResult, error) {
 		if err != nil {
 			return res, fmt.Errorf("kill trial %d: %w", t, err)
 		}
-		if err := c.RemoveNode(ctx, n.Name); err != nil {
-			return res, err
-		}
-		if _, err := registry.RemoveNode(ctx, c.Client(), n.Name); err != nil {
+		if err := removeNode(ctx, c, n.Name); err != nil {
 			return res, err
 		}
 	}
 	o.Log("%s", res.Killed.Summary())
 	return res, nil
+}
+
+// removeNode stops a node, removes its keys as `meshctl node remove` does,
+// and waits until every other node applied the removal: the next trial
+// starts from a settled cluster (its node may reuse the freed subnet).
+func removeNode(ctx context.Context, c *sandbox.Cluster, name string) error {
+	if err := c.RemoveNode(ctx, name); err != nil {
+		return err
+	}
+	// Watch the member record from now on, so the deletion's own revision
+	// is known: the newest revision may be a status write the nodes never
+	// see.
+	cur, err := c.Client().Get(ctx, "/", clientv3.WithCountOnly())
+	if err != nil {
+		return err
+	}
+	wctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	defer cancel()
+	wch := c.Client().Watch(wctx, registry.MemberKey(name), clientv3.WithRev(cur.Header.Revision+1))
+	if _, err := registry.RemoveNode(ctx, c.Client(), name); err != nil {
+		return err
+	}
+	for wr := range wch {
+		for _, ev := range wr.Events {
+			if ev.Type == clientv3.EventTypeDelete {
+				_, err := c.WaitApplied(wctx, ev.Kv.ModRevision, time.Now(), c.NodeNames())
+				return err
+			}
+		}
+	}
+	return fmt.Errorf("removal of %s not seen: %w", name, wctx.Err())
 }
 
 // measureJoin times a new node's arrival: from its first registry write

@@ -134,7 +134,10 @@ func (c *Cluster) WaitApplied(ctx context.Context, rev int64, start time.Time, n
 }
 
 // WaitKey waits until key exists (or, with gone, no longer exists) and
-// returns the revision at which it did and when the harness saw it.
+// returns the revision at which it did and when the harness saw it. With
+// gone and a key already absent, the deletion's revision is unknown and
+// the current revision is returned instead; nodes reach that only if it is
+// a write under /cluster/, so call WaitKey before the key can vanish.
 func (c *Cluster) WaitKey(ctx context.Context, key string, gone bool) (int64, time.Time, error) {
 	wctx, cancel := context.WithCancel(ctx)
 	defer cancel()

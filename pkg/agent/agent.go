@@ -98,6 +98,7 @@ type Agent struct {
 	member    *registry.Member
 	status    registry.Status
 	published []byte // last status value written
+	stateErr  error  // the state directory could not be written
 	healthy   map[int]bool
 	instChg   chan struct{}
 	statusChg chan struct{}

@@ -145,6 +145,11 @@ func (a *Agent) buildStatus(snap *registry.Snapshot, applied int64, states []com
 		Components: map[string]json.RawMessage{},
 		Problems:   len(snap.Problems),
 	}
+	a.mu.Lock()
+	if a.stateErr != nil {
+		st.Errors = map[string]string{"state": a.stateErr.Error()}
+	}
+	a.mu.Unlock()
 	for i, c := range a.o.Components {
 		if b, err := json.Marshal(c.Status()); err == nil {
 			st.Components[c.Name()] = b

@@ -28,7 +28,7 @@ func (a *Agent) session(ctx context.Context) error {
 	failures := 0
 	backoff := func() {
 		failures++
-		d := min(5*time.Second, 100*time.Millisecond<<min(failures, 6))
+		d := min(time.Second, 100*time.Millisecond<<min(failures, 6))
 		d = d/2 + rand.N(d/2+1)
 		t := time.NewTimer(d)
 		defer t.Stop()
@@ -113,9 +113,14 @@ func (a *Agent) acquireLease(ctx context.Context) (clientv3.LeaseID, error) {
 	}
 	if a.o.StateDir != "" {
 		// Not secret; losing it only costs a re-registration.
-		if err := atomicfile.WriteFile(a.leaseFile(), []byte(strconv.FormatInt(int64(g.ID), 16)+"\n"), 0o600); err != nil {
+		err := atomicfile.WriteFile(a.leaseFile(), []byte(strconv.FormatInt(int64(g.ID), 16)+"\n"), 0o600)
+		if err != nil {
 			a.log.Warn("cannot record lease in state directory", "err", err)
+			err = fmt.Errorf("cannot record lease in state directory (a restart will re-register): %w", err)
 		}
+		a.mu.Lock()
+		a.stateErr = err
+		a.mu.Unlock()
 	}
 	return g.ID, nil
 }

@@ -35,13 +35,8 @@ func Run(ctx context.Context, cfg config.Config, log *slog.Logger, version strin
 	if err := cfg.Validate(); err != nil {
 		return fmt.Errorf("invalid config: %w", err)
 	}
-	if err := os.MkdirAll(cfg.StateDir, 0o700); err != nil {
-		return fmt.Errorf("state directory: %w", err)
-	}
-	id, err := LoadOrCreateNodeID(cfg.StateDir)
-	if err != nil {
-		return err
-	}
+	// The client reads the TLS files but does not connect: a bad file
+	// stops meshd here, before anything is written to the host.
 	cli, err := etcdclient.New(etcdclient.Options{
 		Endpoints: cfg.Etcd.Endpoints, CAFile: cfg.Etcd.CAFile, CertFile: cfg.Etcd.CertFile,
 		KeyFile: cfg.Etcd.KeyFile, DialTimeout: cfg.Etcd.DialTimeout.D(),
@@ -50,6 +45,13 @@ func Run(ctx context.Context, cfg config.Config, log *slog.Logger, version strin
 		return err
 	}
 	defer cli.Close()
+	if err := os.MkdirAll(cfg.StateDir, 0o700); err != nil {
+		return fmt.Errorf("state directory: %w", err)
+	}
+	id, err := LoadOrCreateNodeID(cfg.StateDir)
+	if err != nil {
+		return err
+	}
 
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))

@@ -83,7 +83,8 @@ type Component struct {
 	cached   []byte         // JSON of the state last written to the cache
 	cacheGen uint64         // gen whose state the cache is known to hold
 	lastErr  error
-	waiting  bool // no member record for Self yet
+	cacheErr error // last failure to write the boot cache, nil once it works
+	waiting  bool  // no member record for Self yet
 	// membersGen is the snapshot member generation target was computed
 	// from: the overlay reads nothing else, so an unchanged generation
 	// with target applied means there is nothing to do (an app or status
@@ -241,8 +242,9 @@ func (c *Component) set(ctx context.Context, st desired.State, gen uint64, why s
 			if err := saveCache(c.opts.StateDir, cacheFile{Interface: c.opts.Interface, Revision: c.revision, State: st}); err != nil {
 				// The overlay is up; only the next boot without etcd suffers.
 				c.log.Warn("cannot write overlay cache", "err", err)
+				c.cacheErr = err
 			} else {
-				c.cached, c.cacheGen = b, gen
+				c.cached, c.cacheGen, c.cacheErr = b, gen, nil
 			}
 		} else {
 			c.cacheGen = gen

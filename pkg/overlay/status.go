@@ -24,6 +24,10 @@ type Status struct {
 	Peers     []PeerStatus      `json:"peers,omitempty"`
 	Problems  []desired.Problem `json:"problems,omitempty"`
 	LastError string            `json:"lastError,omitempty"`
+	// CacheError says why the boot cache in the state directory could not
+	// be written: the overlay runs, but a boot without etcd would start
+	// from an older state.
+	CacheError string `json:"cacheError,omitempty"`
 }
 
 // PeerStatus is one peer as the device reports it.
@@ -57,6 +61,9 @@ func (c *Component) StatusNow(now time.Time) Status {
 	}
 	if c.lastErr != nil {
 		st.LastError = c.lastErr.Error()
+	}
+	if c.cacheErr != nil {
+		st.CacheError = c.cacheErr.Error()
 	}
 	names := map[string]string{}
 	if c.target != nil {

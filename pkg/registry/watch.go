@@ -28,7 +28,8 @@ type Watcher struct {
 	// Relisted, if set, is called after each full re-list (first list
 	// included), for metrics.
 	Relisted func()
-	// MaxBackoff bounds the retry delay (default 5s).
+	// MaxBackoff bounds the retry delay (default 1s: etcd must see a
+	// returning node within about a second).
 	MaxBackoff time.Duration
 }
 
@@ -40,7 +41,7 @@ func (w *Watcher) Run(ctx context.Context) error {
 	}
 	maxBackoff := w.MaxBackoff
 	if maxBackoff == 0 {
-		maxBackoff = 5 * time.Second
+		maxBackoff = time.Second
 	}
 	var (
 		rev      int64 // last revision applied to the store

@@ -6,7 +6,9 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"os/signal"
 	"strings"
+	"syscall"
 	"time"
 
 	clientv3 "go.etcd.io/etcd/client/v3"
@@ -52,6 +54,12 @@ func cmdSandbox(ctx context.Context, e *env, args []string) error {
 	if *nodes < 2 || *nodes > sandbox.MaxNodes {
 		return usagef("--nodes %d: want 2 to %d", *nodes, sandbox.MaxNodes)
 	}
+	// Whatever ends this process short of SIGKILL must end in teardown: a
+	// closed terminal (SIGHUP), and output piped into `head` (a write to a
+	// closed pipe then fails instead of killing the process).
+	signal.Ignore(syscall.SIGPIPE)
+	ctx, stopHup := signal.NotifyContext(ctx, syscall.SIGHUP)
+	defer stopHup()
 	level := slog.LevelWarn
 	if *verbose {
 		level = slog.LevelInfo

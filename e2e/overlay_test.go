@@ -298,10 +298,12 @@ func sigkillRestart(ctx context.Context, t *testing.T, c *sandbox.Cluster, victi
 	for _, e := range peerErrs {
 		t.Error(e)
 	}
-	// Userspace WireGuard lives in meshd's process: the tunnel is down
-	// until the restarted meshd has rebuilt it from its cache. Bound that.
-	if maxGap > 3*time.Second {
-		t.Errorf("pings to %s stopped for %v across the restart, want < 3s", victim, maxGap)
+	// The userspace WireGuard device runs in its own process and survives
+	// meshd; were it inside meshd, the tunnel would be down until the
+	// restarted meshd rebuilt it from its cache (measured: one lost ping,
+	// a 242 ms gap, and in-flight connections cut).
+	if maxGap > time.Second {
+		t.Errorf("pings to %s stopped for %v across the restart, want < 1s", victim, maxGap)
 	}
 	after, err := c.Members(ctx)
 	if err != nil {

@@ -43,8 +43,12 @@ func cmdSandbox(ctx context.Context, e *env, args []string) error {
 	}
 	if *clean {
 		removed, err := sandbox.Clean(context.WithoutCancel(ctx), *name)
-		for _, ns := range removed {
-			fmt.Fprintf(e.Stdout, "removed namespace %s\n", ns)
+		for _, r := range removed {
+			if strings.Contains(r, "/") {
+				fmt.Fprintf(e.Stdout, "removed work directory %s\n", r)
+			} else {
+				fmt.Fprintf(e.Stdout, "removed namespace %s\n", r)
+			}
 		}
 		if err == nil && len(removed) == 0 {
 			fmt.Fprintf(e.Stdout, "nothing left from sandbox %q\n", *name)

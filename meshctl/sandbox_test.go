@@ -6,6 +6,7 @@ import (
 	"io"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"strconv"
 	"strings"
 	"syscall"
@@ -134,11 +135,17 @@ func TestSandboxCrashLeftovers(t *testing.T) {
 	if code != exitOK || !strings.Contains(out, "removed namespace "+tag+"-hub") {
 		t.Errorf("--clean: exit %d, out %q, err %q", code, out, stderr)
 	}
+	if !strings.Contains(out, "removed work directory") {
+		t.Errorf("--clean did not remove the crashed run's work directory: %q", out)
+	}
 	ents, _ := os.ReadDir("/run/netns")
 	for _, e := range ents {
 		if strings.HasPrefix(e.Name(), tag+"-") {
 			t.Errorf("namespace %s left after --clean", e.Name())
 		}
+	}
+	if dirs, _ := filepath.Glob(filepath.Join(os.TempDir(), "meshd-sandbox-"+tag+"-*")); len(dirs) > 0 {
+		t.Errorf("work directories left after --clean: %v", dirs)
 	}
 	for _, p := range left {
 		for syscall.Kill(p, 0) == nil && time.Now().Before(deadline.Add(5*time.Second)) {

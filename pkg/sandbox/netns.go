@@ -174,9 +174,10 @@ func CleanCommand(tag string) string {
 	return fmt.Sprintf("meshctl sandbox --clean --name %s   (or: for ns in $(ip netns list | grep -o '^%s-[a-z0-9]*'); do ip netns pids $ns | xargs -r kill -9; ip netns del $ns; done)", tag, tag)
 }
 
-// Clean removes every namespace (and so every link and process) of a
-// sandbox named tag that an earlier run left behind. It returns the names
-// it removed.
+// Clean removes every namespace (and so every link and process) and every
+// temporary work directory of a sandbox named tag that an earlier run left
+// behind. It returns what it removed: namespace names, then work directory
+// paths. It refuses while a live process runs that sandbox.
 func Clean(ctx context.Context, tag string) ([]string, error) {
 	if err := validTag(tag); err != nil {
 		return nil, err
@@ -193,6 +194,14 @@ func Clean(ctx context.Context, tag string) ([]string, error) {
 		if err := killNetns(ctx, ns); err != nil {
 			errs = append(errs, err)
 		}
+	}
+	dirs, _ := filepath.Glob(filepath.Join(os.TempDir(), "meshd-sandbox-"+tag+"-*"))
+	for _, d := range dirs {
+		if err := os.RemoveAll(d); err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		nss = append(nss, d)
 	}
 	os.Remove(ownerFile(tag))
 	return nss, errors.Join(errs...)

@@ -8,7 +8,9 @@ GO        ?= go
 BIN       := bin
 VERSION   ?= $(shell git describe --always --dirty 2>/dev/null || echo dev)
 LDFLAGS   := -X main.version=$(VERSION)
-APT_PKGS  := haproxy wireguard-tools iproute2 socat nftables nix-bin systemd-container
+APT_PKGS  := haproxy wireguard-tools iproute2 socat nftables nix-bin systemd-container gnuplot-nox
+# The sandbox and the benchmarks create network namespaces: they need root.
+SUDO      := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 FUZZTIME  ?= 10s
 NODES     ?= 3
 
@@ -25,9 +27,9 @@ deps:
 	@missing=""; for p in $(APT_PKGS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \
 		echo "installing:$$missing"; \
-		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+		$(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
 	fi
-	@mkdir -p /run/wireguard
+	@$(SUDO) mkdir -p /run/wireguard
 
 vet:
 	$(GO) vet ./...
@@ -49,13 +51,16 @@ fuzz-long:
 	$(MAKE) fuzz FUZZTIME=$(FUZZTIME)
 
 sandbox: deps build
-	$(BIN)/meshctl sandbox --nodes $(NODES)
+	$(SUDO) $(BIN)/meshctl sandbox --nodes $(NODES)
 
 sandbox-check: deps build
-	$(BIN)/meshctl sandbox --nodes $(NODES) --check
+	$(SUDO) $(BIN)/meshctl sandbox --nodes $(NODES) --check
 
+# bench regenerates bench/RESULTS.md, results.json and convergence.png
+# (a few minutes). For the Traefik comparison set TRAEFIK_BIN (see RESULTS.md).
 bench: deps build
-	$(GO) run ./bench/cmd/bench
+	$(GO) build -o $(BIN)/bench ./bench/cmd/bench
+	$(SUDO) env TRAEFIK_BIN="$(TRAEFIK_BIN)" TRAEFIK_VERSION="$(TRAEFIK_VERSION)" $(BIN)/bench
 
 clean:
 	rm -rf $(BIN)

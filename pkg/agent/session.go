@@ -195,7 +195,18 @@ func (a *Agent) hold(ctx context.Context, lease clientv3.LeaseID) {
 	}
 	written := map[string]string{}
 	a.syncInstances(ctx, lease, written)
-	a.publishStatus(ctx, lease, true)
+	// A status write that fails (etcd busy or away) is retried: --wait
+	// and meshctl status must not see a stale revision until the next
+	// change happens to come along.
+	retry := time.NewTimer(time.Hour)
+	retry.Stop()
+	defer retry.Stop()
+	publish := func(force bool) {
+		if !a.publishStatus(ctx, lease, force) {
+			retry.Reset(500 * time.Millisecond)
+		}
+	}
+	publish(true)
 	for {
 		select {
 		case <-ctx.Done():
@@ -207,7 +218,9 @@ func (a *Agent) hold(ctx context.Context, lease clientv3.LeaseID) {
 		case <-a.instChg:
 			a.syncInstances(ctx, lease, written)
 		case <-a.statusChg:
-			a.publishStatus(ctx, lease, false)
+			publish(false)
+		case <-retry.C:
+			publish(true)
 		}
 	}
 }
@@ -266,8 +279,9 @@ func (a *Agent) syncInstances(ctx context.Context, lease clientv3.LeaseID, writt
 	}
 }
 
-// publishStatus writes the node's status on the lease when it changed.
-func (a *Agent) publishStatus(ctx context.Context, lease clientv3.LeaseID, force bool) {
+// publishStatus writes the node's status on the lease when it changed. It
+// reports false when the write failed.
+func (a *Agent) publishStatus(ctx context.Context, lease clientv3.LeaseID, force bool) bool {
 	a.mu.Lock()
 	st := a.status
 	a.mu.Unlock()
@@ -277,26 +291,27 @@ func (a *Agent) publishStatus(ctx context.Context, lease clientv3.LeaseID, force
 	b, err := json.Marshal(st)
 	if err != nil {
 		a.log.Error("encode status", "err", err)
-		return
+		return true // not retryable
 	}
 	a.mu.Lock()
 	same := string(b) == string(a.published)
 	a.mu.Unlock()
 	if same && !force {
-		return
+		return true
 	}
 	st.UpdatedAt = time.Now().UTC()
 	full, _ := json.Marshal(st)
 	wctx, cancel := context.WithTimeout(ctx, 5*time.Second)
 	defer cancel()
 	if _, err := a.o.Client.Put(wctx, registry.StatusKey(a.o.Node), string(full), clientv3.WithLease(lease)); err != nil {
-		a.log.Warn("publish status", "err", err)
-		return
+		a.log.Warn("publish status, will retry", "err", err)
+		return false
 	}
 	a.metrics.statusWrites.Inc()
 	a.mu.Lock()
 	a.published = b
 	a.mu.Unlock()
+	return true
 }
 
 func (a *Agent) setLease(l clientv3.LeaseID) {

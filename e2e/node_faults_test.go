@@ -13,6 +13,7 @@ import (
 	"testing"
 	"time"
 
+	clientv3 "go.etcd.io/etcd/client/v3"
 	"golang.zx2c4.com/wireguard/wgctrl/wgtypes"
 
 	"github.com/meshd/meshd/pkg/haproxycfg"
@@ -109,10 +110,16 @@ func stateDirFaults(ctx context.Context, t *testing.T, c *sandbox.Cluster) {
 				break
 			}
 		}
-		if st := sts[v.n.Name]; st.Revision < rev || len(st.Errors) > 0 {
+		// The overlay is applied (no component error), and the status
+		// says that its boot cache could not be written.
+		st := sts[v.n.Name]
+		if st.Revision < rev || len(st.Errors) > 0 {
 			t.Errorf("%s's status: revision %d (want >= %d), errors %v", v.n.Name, st.Revision, rev, st.Errors)
+		}
+		if ce := overlayCacheError(st); ce == "" {
+			t.Errorf("%s's status does not report the failed cache write: %s", v.n.Name, st.Components["overlay"])
 		} else {
-			t.Logf("%s's published status shows no error for the failed cache write (only the log does)", v.n.Name)
+			t.Logf("%s's status: components.overlay.cacheError %q", v.n.Name, ce)
 		}
 		key, err := os.ReadFile(filepath.Join(v.dir, "wireguard.key"))
 		if err != nil || !bytes.Equal(key, v.key) {
@@ -130,6 +137,34 @@ func stateDirFaults(ctx context.Context, t *testing.T, c *sandbox.Cluster) {
 			if strings.Contains(e.Name(), ".tmp-") {
 				t.Errorf("%s: temporary file %s left in the state directory", v.n.Name, e.Name())
 			}
+		}
+	}
+	// A new lease must be recorded in the state directory: revoke the
+	// victims' leases so that they re-register; each must say in its
+	// status that it could not record the lease, and carry on.
+	for _, v := range vs {
+		resp, err := c.Client().Get(ctx, registry.NodeKey(v.n.Name))
+		if err != nil || len(resp.Kvs) != 1 {
+			t.Fatalf("%s's node entry: %v", v.n.Name, err)
+		}
+		if _, err := c.Client().Revoke(ctx, clientv3.LeaseID(resp.Kvs[0].Lease)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for _, v := range vs {
+		if _, err := eventually(10*time.Second, 50*time.Millisecond, func() error {
+			sts, _, err := c.Statuses(ctx)
+			if err != nil {
+				return err
+			}
+			if e := sts[v.n.Name].Errors["state"]; e == "" {
+				return fmt.Errorf("%s's status errors: %v", v.n.Name, sts[v.n.Name].Errors)
+			} else {
+				t.Logf("%s re-registered; its status: errors.state %q", v.n.Name, e)
+			}
+			return nil
+		}); err != nil {
+			t.Errorf("lease not recordable, not reported: %v", err)
 		}
 	}
 	for name, pid := range pids {
@@ -164,7 +199,14 @@ func stateDirFaults(ctx context.Context, t *testing.T, c *sandbox.Cluster) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	sts, _, err = c.Statuses(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
 	for _, v := range vs {
+		if ce := overlayCacheError(sts[v.n.Name]); ce != "" || len(sts[v.n.Name].Errors) > 0 {
+			t.Errorf("%s still reports a state directory error on a healthy directory: cache %q, errors %v", v.n.Name, ce, sts[v.n.Name].Errors)
+		}
 		if after[v.n.Name].PublicKey != ms[v.n.Name].PublicKey {
 			t.Errorf("%s's public key changed after the restart", v.n.Name)
 		}
@@ -175,19 +217,35 @@ func stateDirFaults(ctx context.Context, t *testing.T, c *sandbox.Cluster) {
 }
 
 // normalizedConfig is a node's rendered haproxy.cfg without what differs
-// between nodes by design (comments naming the node, its socket paths).
+// between nodes by design: comments naming the node, its socket paths, and
+// which slot of a backend holds which instance (meshd keeps an instance in
+// the slot HAProxy already has it in, so the order depends on history).
 func normalizedConfig(t *testing.T, n *sandbox.Node) string {
 	b, err := os.ReadFile(n.Config.HAProxy.ConfigPath)
 	if err != nil {
 		t.Fatal(err)
 	}
-	var out []string
+	var out, servers []string
+	flush := func() {
+		for i := range servers {
+			servers[i] = strings.Join(strings.Fields(servers[i])[2:], " ") // drop "server sN"
+		}
+		slices.Sort(servers)
+		out = append(out, servers...)
+		servers = nil
+	}
 	for _, line := range strings.Split(string(b), "\n") {
 		if strings.HasPrefix(strings.TrimSpace(line), "#") || strings.Contains(line, n.Dir) {
 			continue
 		}
+		if strings.HasPrefix(strings.TrimSpace(line), "server ") {
+			servers = append(servers, line)
+			continue
+		}
+		flush()
 		out = append(out, line)
 	}
+	flush()
 	return strings.Join(out, "\n")
 }
 
@@ -360,4 +418,13 @@ func powerOff(ctx context.Context, t *testing.T, c *sandbox.Cluster) {
 			t.Errorf("%s removed n2's peer when n2 only lost its lease", n.Name)
 		}
 	}
+}
+
+// overlayCacheError is components.overlay.cacheError of a node's status.
+func overlayCacheError(st registry.Status) string {
+	var ov struct {
+		CacheError string `json:"cacheError"`
+	}
+	_ = json.Unmarshal(st.Components["overlay"], &ov)
+	return ov.CacheError
 }

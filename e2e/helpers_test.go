@@ -37,6 +37,15 @@ var (
 	buildErr  error
 )
 
+// TestMain removes the binaries built for the run.
+func TestMain(m *testing.M) {
+	code := m.Run()
+	if built.meshd != "" {
+		os.RemoveAll(filepath.Dir(built.meshd))
+	}
+	os.Exit(code)
+}
+
 // need skips the test unless a sandbox can run here, and returns the
 // binaries (built once per test process).
 func need(t *testing.T) bins {

@@ -38,17 +38,42 @@ func clusterStore(n int) *registry.Store {
 }
 
 // RecomputeRow is what one agent spends on one reconcile pass of an
-// N-node cluster, by part.
+// N-node cluster, by part. An instance change rebuilds only the apps part
+// of the snapshot and leaves the overlay untouched (its member generation
+// is unchanged); a member change (a node joining, moving or leaving)
+// rebuilds members and apps and recomputes the overlay.
 type RecomputeRow struct {
-	N                          int
-	Snapshot, HAProxy, Overlay time.Duration
+	N int
+	// SnapshotInstance and SnapshotMember are the snapshot after one
+	// instance change and after one member change.
+	SnapshotInstance, SnapshotMember time.Duration
+	HAProxy, Overlay                 time.Duration
 }
 
 // recomputeParts are the measured parts of one pass.
 func recomputeParts(s *registry.Store) map[string]func() {
 	snap := s.Snapshot()
+	rev := snap.Revision
+	member := snap.Members["s0000"]
+	instance := registry.InstanceKey(registry.GroupBackends, "benchapp", "s0000")
+	port := 8080
+	change := func(key string, v any) {
+		raw, _ := json.Marshal(v)
+		rev++
+		s.Put(registry.KV{Key: key, Value: raw, Lease: 1}, rev)
+	}
 	return map[string]func(){
-		"snapshot": func() { s.Snapshot() },
+		"snapshot-instance": func() {
+			port ^= 1 // a new value each time, so the part really changes
+			change(instance, registry.Instance{IPv4: "10.10.0.0", Node: "s0000", Port: port})
+			s.Snapshot()
+		},
+		"snapshot-member": func() {
+			port ^= 1
+			member.Endpoint = fmt.Sprintf("192.0.2.1:%d", 50000+port)
+			change(registry.MemberKey("s0000"), member)
+			s.Snapshot()
+		},
 		"haproxy": func() {
 			haproxycfg.Compute(snap, haproxycfg.Params{Self: "s0001", Consume: []registry.Group{registry.GroupBackends}})
 		},
@@ -59,8 +84,8 @@ func recomputeParts(s *registry.Store) map[string]func() {
 }
 
 // Recompute measures (with testing.Benchmark) where one agent's time per
-// change goes at each cluster size: building the snapshot from its store,
-// and the two pure desired-state computations.
+// change goes at each cluster size: bringing the snapshot up to date, and
+// the two pure desired-state computations.
 func Recompute(ns []int) []RecomputeRow {
 	var rows []RecomputeRow
 	for _, n := range ns {
@@ -73,7 +98,8 @@ func Recompute(ns []int) []RecomputeRow {
 			})
 			return time.Duration(r.NsPerOp())
 		}
-		rows = append(rows, RecomputeRow{N: n, Snapshot: per(parts["snapshot"]), HAProxy: per(parts["haproxy"]), Overlay: per(parts["overlay"])})
+		rows = append(rows, RecomputeRow{N: n, SnapshotInstance: per(parts["snapshot-instance"]),
+			SnapshotMember: per(parts["snapshot-member"]), HAProxy: per(parts["haproxy"]), Overlay: per(parts["overlay"])})
 	}
 	return rows
 }

@@ -87,19 +87,25 @@ type recorder struct {
 	consume []registry.Group
 	onApply func(node string, rev int64)
 
-	mu      sync.Mutex
-	rev     int64
-	servers int
-	peers   int
+	mu         sync.Mutex
+	rev        int64
+	servers    int
+	peers      int
+	membersGen uint64
 }
 
 func (r *recorder) Name() string { return "record" }
 
 func (r *recorder) Apply(ctx context.Context, snap *registry.Snapshot) error {
 	hd := haproxycfg.Compute(snap, haproxycfg.Params{Self: r.self, Consume: r.consume})
-	od, _ := desired.Compute(snap, r.self, desired.Params{Network: netip.MustParsePrefix("10.0.0.0/8")})
 	r.mu.Lock()
-	r.rev, r.servers, r.peers = snap.Revision, hd.Servers(), len(od.Peers)
+	// Like the real overlay component: recompute only when the members
+	// part of the snapshot changed.
+	if snap.Gen.Members != r.membersGen {
+		od, _ := desired.Compute(snap, r.self, desired.Params{Network: netip.MustParsePrefix("10.0.0.0/8")})
+		r.peers, r.membersGen = len(od.Peers), snap.Gen.Members
+	}
+	r.rev, r.servers = snap.Revision, hd.Servers()
 	r.mu.Unlock()
 	r.onApply(r.self, snap.Revision)
 	return nil

@@ -25,7 +25,6 @@ import (
 	"github.com/meshd/meshd/pkg/atomicfile"
 	"github.com/meshd/meshd/pkg/config"
 	"github.com/meshd/meshd/pkg/etcdclient"
-	"github.com/meshd/meshd/pkg/registry"
 )
 
 // Run runs meshd with cfg until ctx ends. It returns an error only for
@@ -166,5 +165,3 @@ func serveHTTP(addr string, reg *prometheus.Registry, a *agent.Agent) (*http.Ser
 	go srv.Serve(ln)
 	return srv, nil
 }
-
-var _ = registry.Status{}

@@ -99,9 +99,12 @@ type Agent struct {
 	status    registry.Status
 	published []byte // last status value written
 	stateErr  error  // the state directory could not be written
-	healthy   map[int]bool
-	instChg   chan struct{}
-	statusChg chan struct{}
+	// registeredAt is when the current lease's registration succeeded
+	// (zero while the node has no lease).
+	registeredAt time.Time
+	healthy      map[int]bool
+	instChg      chan struct{}
+	statusChg    chan struct{}
 }
 
 // New checks options and builds an agent.

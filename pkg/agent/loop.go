@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"maps"
 	"time"
 
 	"github.com/meshd/meshd/pkg/registry"
@@ -27,6 +28,7 @@ func (a *Agent) loop(ctx context.Context) {
 	states := make([]compState, len(a.o.Components))
 	var (
 		applied      int64
+		lastApplied  *registry.Snapshot
 		ready        bool
 		lastProblems = map[string]string{}
 	)
@@ -86,9 +88,21 @@ func (a *Agent) loop(ctx context.Context) {
 		}
 		snap := a.store.Snapshot()
 		a.reportProblems(snap, lastProblems)
+		holdUntil := a.holdRemovalsUntil()
+		if !holdUntil.IsZero() && lastApplied != nil {
+			// Back from an outage longer than the lease: every lease,
+			// ours and the serving nodes', expired meanwhile. Nodes
+			// reconnect within about a second of each other; dropping
+			// their instances in between would fail requests to servers
+			// that are fine. Keep what was applied until they had time to
+			// re-register.
+			snap = withHeldInstances(snap, lastApplied)
+		} else {
+			holdUntil = time.Time{}
+		}
 		start := time.Now()
 		allOK := true
-		var nextRetry time.Time
+		nextRetry := holdUntil // recompute without the held instances then
 		for i, c := range a.o.Components {
 			st := &states[i]
 			if start.Before(st.next) {
@@ -119,6 +133,7 @@ func (a *Agent) loop(ctx context.Context) {
 		if allOK {
 			applied = snap.Revision
 			a.metrics.applied.Set(float64(applied))
+			lastApplied = snap
 		}
 		a.metrics.seen.Set(float64(snap.Revision))
 		if !nextRetry.IsZero() {
@@ -190,4 +205,62 @@ func (a *Agent) reportProblems(snap *registry.Snapshot, last map[string]string) 
 		last[k] = v
 	}
 	a.metrics.problems.Set(float64(len(snap.Problems)))
+}
+
+// removalSettle is how long after (re-)registering the loop keeps
+// instances it had applied but no longer sees.
+const removalSettle = 2 * time.Second
+
+// holdRemovalsUntil returns when instance removals may be applied again,
+// or zero when they may be applied now: while this node has no lease (it
+// is cut off from etcd, its view is stale) and for removalSettle after it
+// registers again.
+func (a *Agent) holdRemovalsUntil() time.Time {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if a.registeredAt.IsZero() {
+		return time.Now().Add(removalSettle)
+	}
+	if until := a.registeredAt.Add(removalSettle); time.Now().Before(until) {
+		return until
+	}
+	return time.Time{}
+}
+
+// withHeldInstances returns snap with the instances of prev that snap
+// lacks put back, for apps snap still has. It copies only what it changes:
+// snapshots are shared and read-only.
+func withHeldInstances(snap, prev *registry.Snapshot) *registry.Snapshot {
+	var out *registry.Snapshot
+	for id, old := range prev.Apps {
+		cur, ok := snap.Apps[id]
+		if !ok || cur.Meta == nil {
+			continue // the app itself was unregistered: nothing to hold
+		}
+		var missing []registry.Instance
+		for node, in := range old.Instances {
+			if _, ok := cur.Instances[node]; !ok {
+				missing = append(missing, in)
+			}
+		}
+		if len(missing) == 0 {
+			continue
+		}
+		if out == nil {
+			c := *snap
+			c.Apps = maps.Clone(snap.Apps)
+			c.Gen.Apps = 0 // a view of its own: never equal to a store generation
+			out = &c
+		}
+		app := *cur
+		app.Instances = maps.Clone(cur.Instances)
+		for _, in := range missing {
+			app.Instances[in.Node] = in
+		}
+		out.Apps[id] = &app
+	}
+	if out == nil {
+		return snap
+	}
+	return out
 }

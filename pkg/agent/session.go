@@ -53,11 +53,18 @@ func (a *Agent) session(ctx context.Context) error {
 		failures = 0
 		a.log.Info("registered", "lease", fmt.Sprintf("%x", int64(lease)))
 		a.metrics.registered.Set(1)
+		a.mu.Lock()
+		a.registeredAt = time.Now()
+		a.mu.Unlock()
+		a.kick() // the loop may be holding instance removals until now
 		a.hold(ctx, lease)
 		if ctx.Err() != nil {
 			return nil // Run revokes the lease on the way out
 		}
 		a.metrics.registered.Set(0)
+		a.mu.Lock()
+		a.registeredAt = time.Time{}
+		a.mu.Unlock()
 		a.setLease(0)
 		a.metrics.leaseLost.Inc()
 		a.log.Warn("lease lost, re-registering")

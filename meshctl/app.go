@@ -99,13 +99,7 @@ func appRegister(ctx context.Context, e *env, args []string) error {
 	if err != nil {
 		return usagef("%w", err)
 	}
-	cli, err := e.etcd()
-	if err != nil {
-		return err
-	}
-	rctx, cancel := e.reqCtx(ctx)
-	defer cancel()
-	snap, err := registry.ReadSnapshot(rctx, cli)
+	cli, snap, err := e.readSnapshot(ctx)
 	if err != nil {
 		return err
 	}
@@ -114,6 +108,8 @@ func appRegister(ctx context.Context, e *env, args []string) error {
 			return fmt.Errorf("port %d is already published by %s: choose another port (or --force)", *port, a.ID)
 		}
 	}
+	rctx, cancel := e.reqCtx(ctx)
+	defer cancel()
 	resp, err := cli.Put(rctx, registry.MetaKey(g, name), string(val))
 	if err != nil {
 		return fmt.Errorf("register %s/%s: %w", g, name, err)
@@ -187,13 +183,7 @@ func appList(ctx context.Context, e *env, args []string) error {
 			return usagef("--group: %w", err)
 		}
 	}
-	cli, err := e.etcd()
-	if err != nil {
-		return err
-	}
-	rctx, cancel := e.reqCtx(ctx)
-	defer cancel()
-	snap, err := registry.ReadSnapshot(rctx, cli)
+	_, snap, err := e.readSnapshot(ctx)
 	if err != nil {
 		return err
 	}

@@ -66,13 +66,7 @@ func nodeList(ctx context.Context, e *env, args []string) error {
 	if err := checkOutput(*out); err != nil {
 		return err
 	}
-	cli, err := e.etcd()
-	if err != nil {
-		return err
-	}
-	rctx, cancel := e.reqCtx(ctx)
-	defer cancel()
-	snap, err := registry.ReadSnapshot(rctx, cli)
+	_, snap, err := e.readSnapshot(ctx)
 	if err != nil {
 		return err
 	}
@@ -107,13 +101,7 @@ func nodeRemove(ctx context.Context, e *env, args []string) error {
 	if err := registry.ValidName(name); err != nil {
 		return usagef("node name: %w", err)
 	}
-	cli, err := e.etcd()
-	if err != nil {
-		return err
-	}
-	rctx, cancel := e.reqCtx(ctx)
-	defer cancel()
-	snap, err := registry.ReadSnapshot(rctx, cli)
+	cli, snap, err := e.readSnapshot(ctx)
 	if err != nil {
 		return err
 	}
@@ -125,6 +113,8 @@ func nodeRemove(ctx context.Context, e *env, args []string) error {
 	if live && n.Lease != 0 && !*force {
 		return fmt.Errorf("node %q is live (its meshd holds a lease): stop meshd there first, or pass --force", name)
 	}
+	rctx, cancel := e.reqCtx(ctx)
+	defer cancel()
 	deleted, err := registry.RemoveNode(rctx, cli, name)
 	if err != nil {
 		return err

@@ -74,3 +74,18 @@ func (w *waitFlags) waitFor(ctx context.Context, e *env, cli *clientv3.Client, r
 func (e *env) reqCtx(ctx context.Context) (context.Context, context.CancelFunc) {
 	return context.WithTimeout(ctx, e.Timeout)
 }
+
+// readSnapshot returns the etcd client and the cluster as one snapshot.
+func (e *env) readSnapshot(ctx context.Context) (*clientv3.Client, *registry.Snapshot, error) {
+	cli, err := e.etcd()
+	if err != nil {
+		return nil, nil, err
+	}
+	rctx, cancel := e.reqCtx(ctx)
+	defer cancel()
+	snap, err := registry.ReadSnapshot(rctx, cli)
+	if err != nil {
+		return nil, nil, err
+	}
+	return cli, snap, nil
+}

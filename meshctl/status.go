@@ -41,13 +41,7 @@ func cmdStatus(ctx context.Context, e *env, args []string) error {
 	if err := checkOutput(*out); err != nil {
 		return err
 	}
-	cli, err := e.etcd()
-	if err != nil {
-		return err
-	}
-	rctx, cancel := e.reqCtx(ctx)
-	defer cancel()
-	snap, err := registry.ReadSnapshot(rctx, cli)
+	_, snap, err := e.readSnapshot(ctx)
 	if err != nil {
 		return err
 	}

@@ -24,3 +24,12 @@ type Component interface {
 	// in the node's status for meshctl.
 	Status() any
 }
+
+// Gate is implemented by a component that the components after it depend
+// on: while Ready is false after an Apply, the rest of the pass waits (and
+// is retried shortly). The overlay is one: HAProxy health checks sent
+// before the node has its WireGuard routes would fail and mark healthy
+// servers down for seconds.
+type Gate interface {
+	Ready() bool
+}

@@ -128,6 +128,11 @@ func (a *Agent) loop(ctx context.Context) {
 			}
 			st.failures, st.lastErr, st.next = 0, nil, time.Time{}
 			a.metrics.reconciles.WithLabelValues(c.Name(), "ok").Inc()
+			if g, ok := c.(Gate); ok && !g.Ready() {
+				allOK = false
+				nextRetry = earliest(nextRetry, time.Now().Add(gateRetry))
+				break // the components after this one depend on it
+			}
 		}
 		a.metrics.duration.Observe(time.Since(start).Seconds())
 		if allOK {
@@ -206,6 +211,9 @@ func (a *Agent) reportProblems(snap *registry.Snapshot, last map[string]string) 
 	}
 	a.metrics.problems.Set(float64(len(snap.Problems)))
 }
+
+// gateRetry is how soon a pass stopped at a Gate is tried again.
+const gateRetry = 100 * time.Millisecond
 
 // removalSettle is how long after (re-)registering the loop keeps
 // instances it had applied but no longer sees.

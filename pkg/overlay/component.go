@@ -214,6 +214,16 @@ func (c *Component) Apply(ctx context.Context, snap *registry.Snapshot) error {
 	return c.set(ctx, st, gen, "apply")
 }
 
+// Ready implements the agent's Gate: the components after the overlay
+// (HAProxy) wait until this node has its overlay, from the registry or
+// from the boot cache. Otherwise their first health checks would go out
+// before the routes exist and mark every server down.
+func (c *Component) Ready() bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.target != nil && !c.waiting
+}
+
 // set applies st (generation gen of the target), records the outcome
 // and, on success, caches st and starts the repair watcher.
 func (c *Component) set(ctx context.Context, st desired.State, gen uint64, why string) error {

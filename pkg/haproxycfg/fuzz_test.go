@@ -18,7 +18,7 @@ var lineShapes = regexp.MustCompile(`^(` + strings.Join([]string{
 	`    stats socket (/[A-Za-z0-9/._-]+|unix@/[A-Za-z0-9/._-]+|ipv4@[0-9.]+:[0-9]+) mode 600 level admin expose-fd listeners`,
 	`    hard-stop-after [0-9]+m?s`,
 	`    mworker-max-reloads [0-9]+`,
-	`    mode tcp`, `    timeout (connect 5s|client 50s|server 50s)`, `    retries 3`, `    option redispatch 1`,
+	`    mode tcp`, `    timeout (connect 5s|client 50s|server 50s)`, `    retries 3`, `    option redispatch 1`, `    default-server inter 2s fastinter 500ms downinter 500ms rise 2 fall 3`,
 	`# (frontends|backends|services)/[A-Za-z0-9][A-Za-z0-9._-]* \(nix-infra: listener tcp-in-[a-z]+-[A-Za-z0-9._-]+, backend [A-Za-z0-9._-]+\)`,
 	`frontend fe_[a-z]+_[A-Za-z0-9._-]+`,
 	`    bind 127\.0\.0\.1:[0-9]{1,5}`,

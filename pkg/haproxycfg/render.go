@@ -57,6 +57,10 @@ func Render(d Desired) []byte {
 	// instead of failing the client: slots move at runtime.
 	b.WriteString("    retries 3\n")
 	b.WriteString("    option redispatch 1\n")
+	// Health checks: a server that is down (or whose slot was just filled
+	// and whose first check failed) is re-checked every 500 ms, not every
+	// 2 s, so it serves again within about a second of being reachable.
+	b.WriteString("    default-server inter 2s fastinter 500ms downinter 500ms rise 2 fall 3\n")
 
 	for _, l := range d.Listeners {
 		if !renderable(l) {

@@ -238,11 +238,7 @@ func cmdDestroy(ctx context.Context, e *env, args []string) error {
 	if err != nil {
 		return s.redact(err)
 	}
-	cli, err := e.etcd()
-	if err != nil {
-		return err
-	}
-	snap, err := hzSnapshot(ctx, e, cli)
+	cli, snap, err := e.readSnapshot(ctx)
 	if err != nil {
 		return err
 	}
@@ -291,12 +287,6 @@ func hzIPv4(s *hcloud.Server) string {
 	return s.PublicNet.IPv4.IP.String()
 }
 
-func hzSnapshot(ctx context.Context, e *env, cli *clientv3.Client) (*registry.Snapshot, error) {
-	rctx, cancel := context.WithTimeout(ctx, e.Timeout)
-	defer cancel()
-	return registry.ReadSnapshot(rctx, cli)
-}
-
 func cmdCloud(ctx context.Context, e *env, args []string) error {
 	if len(args) > 0 && args[0] == "list" {
 		args = args[1:]
@@ -319,11 +309,7 @@ func cmdCloud(ctx context.Context, e *env, args []string) error {
 	if err != nil {
 		return s.redact(err)
 	}
-	cli, err := e.etcd()
-	if err != nil {
-		return err
-	}
-	snap, err := hzSnapshot(ctx, e, cli)
+	_, snap, err := e.readSnapshot(ctx)
 	if err != nil {
 		return err
 	}

@@ -8,6 +8,7 @@ import (
 	"os"
 	"path/filepath"
 
+	"github.com/meshd/meshd/pkg/atomicfile"
 	"github.com/meshd/meshd/pkg/overlay/desired"
 )
 
@@ -42,7 +43,7 @@ func saveCache(stateDir string, c cacheFile) error {
 	if err != nil {
 		return fmt.Errorf("encode overlay cache: %w", err)
 	}
-	return writeFileAtomic(cachePath(stateDir), append(b, '\n'), 0o600)
+	return atomicfile.WriteFile(cachePath(stateDir), append(b, '\n'), 0o600)
 }
 
 // loadCache reads the cache. A missing file is ErrNoCache; a file that

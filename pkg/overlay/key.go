@@ -9,6 +9,8 @@ import (
 	"strings"
 
 	"golang.zx2c4.com/wireguard/wgctrl/wgtypes"
+
+	"github.com/meshd/meshd/pkg/atomicfile"
 )
 
 // KeyFile is the name of the WireGuard private key in the state directory.
@@ -53,7 +55,7 @@ func LoadOrCreateKey(stateDir string) (wgtypes.Key, error) {
 	if err != nil {
 		return wgtypes.Key{}, fmt.Errorf("generate key: %w", err)
 	}
-	if err := writeFileAtomic(path, []byte(k.String()+"\n"), 0o600); err != nil {
+	if err := atomicfile.WriteFile(path, []byte(k.String()+"\n"), 0o600); err != nil {
 		return wgtypes.Key{}, err
 	}
 	return k, nil

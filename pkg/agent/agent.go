@@ -102,9 +102,13 @@ type Agent struct {
 	// registeredAt is when the current lease's registration succeeded
 	// (zero while the node has no lease).
 	registeredAt time.Time
-	healthy      map[int]bool
-	instChg      chan struct{}
-	statusChg    chan struct{}
+	// leaseLost is set once a lease of this run has been lost: from then
+	// on the loop holds instance removals while unleased and just after
+	// registering again (see holdRemovalsUntil).
+	leaseLost bool
+	healthy   map[int]bool
+	instChg   chan struct{}
+	statusChg chan struct{}
 }
 
 // New checks options and builds an agent.

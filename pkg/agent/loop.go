@@ -89,6 +89,7 @@ func (a *Agent) loop(ctx context.Context) {
 		snap := a.store.Snapshot()
 		a.reportProblems(snap, lastProblems)
 		holdUntil := a.holdRemovalsUntil()
+		held := false
 		if !holdUntil.IsZero() && lastApplied != nil {
 			// Back from an outage longer than the lease: every lease,
 			// ours and the serving nodes', expired meanwhile. Nodes
@@ -96,7 +97,9 @@ func (a *Agent) loop(ctx context.Context) {
 			// their instances in between would fail requests to servers
 			// that are fine. Keep what was applied until they had time to
 			// re-register.
-			snap = withHeldInstances(snap, lastApplied)
+			view := withHeldInstances(snap, lastApplied)
+			held = view != snap
+			snap = view
 		} else {
 			holdUntil = time.Time{}
 		}
@@ -136,9 +139,13 @@ func (a *Agent) loop(ctx context.Context) {
 		}
 		a.metrics.duration.Observe(time.Since(start).Seconds())
 		if allOK {
-			applied = snap.Revision
-			a.metrics.applied.Set(float64(applied))
 			lastApplied = snap
+			// A pass that kept removed instances has not applied its
+			// revision: --wait and WaitApplied must not report it done.
+			if !held {
+				applied = snap.Revision
+				a.metrics.applied.Set(float64(applied))
+			}
 		}
 		a.metrics.seen.Set(float64(snap.Revision))
 		if !nextRetry.IsZero() {
@@ -220,12 +227,17 @@ const gateRetry = 100 * time.Millisecond
 const removalSettle = 2 * time.Second
 
 // holdRemovalsUntil returns when instance removals may be applied again,
-// or zero when they may be applied now: while this node has no lease (it
-// is cut off from etcd, its view is stale) and for removalSettle after it
-// registers again.
+// or zero when they may be applied now. Only after this node lost a lease:
+// while it has no lease (it is cut off from etcd, its view is stale) and
+// for removalSettle after it registers again. A node's first registration
+// holds nothing: there is no outage whose skew to ride out, and holding
+// would delay every removal just after a start.
 func (a *Agent) holdRemovalsUntil() time.Time {
 	a.mu.Lock()
 	defer a.mu.Unlock()
+	if !a.leaseLost {
+		return time.Time{}
+	}
 	if a.registeredAt.IsZero() {
 		return time.Now().Add(removalSettle)
 	}

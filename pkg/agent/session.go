@@ -64,6 +64,7 @@ func (a *Agent) session(ctx context.Context) error {
 		a.metrics.registered.Set(0)
 		a.mu.Lock()
 		a.registeredAt = time.Time{}
+		a.leaseLost = true
 		a.mu.Unlock()
 		a.setLease(0)
 		a.metrics.leaseLost.Inc()

@@ -125,20 +125,8 @@ func (s State) SelfAddress() netip.Addr {
 // The error is ErrNoSelf when self has no (valid) member record, or a
 // description of unusable Params.
 func Compute(snap *registry.Snapshot, self string, p Params) (State, error) {
-	if !p.Network.IsValid() || p.Network != p.Network.Masked() {
-		return State{}, fmt.Errorf("overlay network %v: want a masked prefix", p.Network)
-	}
-	if p.MTU != 0 && (p.MTU < 1280 || p.MTU > 65535) {
-		return State{}, fmt.Errorf("mtu %d: want 1280..65535 or 0", p.MTU)
-	}
-	if p.ListenPort < 0 || p.ListenPort > 65535 {
-		return State{}, fmt.Errorf("listen port %d out of range", p.ListenPort)
-	}
-	if p.Keepalive < 0 || p.Keepalive > 65535*time.Second {
-		return State{}, fmt.Errorf("keepalive %v out of range", p.Keepalive)
-	}
-	if p.RouteTable < 0 {
-		return State{}, fmt.Errorf("route table %d out of range", p.RouteTable)
+	if err := checkParams(p); err != nil {
+		return State{}, err
 	}
 	me, ok := snap.Members[self]
 	if !ok {
@@ -173,11 +161,11 @@ func Compute(snap *registry.Snapshot, self string, p Params) (State, error) {
 			continue
 		}
 		if m.PublicKey == me.PublicKey {
-			st.Problems = append(st.Problems, Problem{name, "public key is this node's own"})
+			st.Problems = append(st.Problems, Problem{name, msgOwnKey})
 			continue
 		}
 		if m.Subnet.Overlaps(me.Subnet) {
-			st.Problems = append(st.Problems, Problem{name, fmt.Sprintf("subnet %v overlaps this node's %v", m.Subnet, me.Subnet)})
+			st.Problems = append(st.Problems, Problem{name, msgOverlapsSelf(m.Subnet, me.Subnet)})
 			continue
 		}
 		sameBits = sameBits && m.Subnet.Bits() == me.Subnet.Bits()
@@ -245,10 +233,10 @@ func Compute(snap *registry.Snapshot, self string, p Params) (State, error) {
 		m := members[i]
 		switch {
 		case dup[i]:
-			st.Problems = append(st.Problems, Problem{m.Name, fmt.Sprintf("public key shared by members %v", sharing(snap, m.PublicKey))})
+			st.Problems = append(st.Problems, Problem{m.Name, msgSharedKey(sharing(snap, m.PublicKey))})
 			continue
 		case bad[i]:
-			st.Problems = append(st.Problems, Problem{m.Name, fmt.Sprintf("subnet %v overlaps another member's", m.Subnet)})
+			st.Problems = append(st.Problems, Problem{m.Name, msgOverlapsOther(m.Subnet)})
 			continue
 		}
 		allowed[i] = m.Subnet
@@ -282,6 +270,28 @@ func Compute(snap *registry.Snapshot, self string, p Params) (State, error) {
 	return st, nil
 }
 
+// checkParams describes the first unusable setting in p, or returns nil.
+// Compute and NewComputer share it, so both reject the same Params with
+// the same message.
+func checkParams(p Params) error {
+	if !p.Network.IsValid() || p.Network != p.Network.Masked() {
+		return fmt.Errorf("overlay network %v: want a masked prefix", p.Network)
+	}
+	if p.MTU != 0 && (p.MTU < 1280 || p.MTU > 65535) {
+		return fmt.Errorf("mtu %d: want 1280..65535 or 0", p.MTU)
+	}
+	if p.ListenPort < 0 || p.ListenPort > 65535 {
+		return fmt.Errorf("listen port %d out of range", p.ListenPort)
+	}
+	if p.Keepalive < 0 || p.Keepalive > 65535*time.Second {
+		return fmt.Errorf("keepalive %v out of range", p.Keepalive)
+	}
+	if p.RouteTable < 0 {
+		return fmt.Errorf("route table %d out of range", p.RouteTable)
+	}
+	return nil
+}
+
 // checkMember validates what Compute relies on. The registry's decoder
 // checks most of it already; a Snapshot built by other means (a test, a
 // cache) gets the same guarantees.
@@ -310,6 +320,21 @@ func checkMember(m registry.Member, network netip.Prefix) (netip.AddrPort, error
 		return netip.AddrPort{}, fmt.Errorf("endpoint %v: want a host and a port", ap)
 	}
 	return ap, nil
+}
+
+// The Problem texts Compute and Computer give for conflicts.
+const msgOwnKey = "public key is this node's own"
+
+func msgOverlapsSelf(subnet, self netip.Prefix) string {
+	return fmt.Sprintf("subnet %v overlaps this node's %v", subnet, self)
+}
+
+func msgSharedKey(members []string) string {
+	return fmt.Sprintf("public key shared by members %v", members)
+}
+
+func msgOverlapsOther(subnet netip.Prefix) string {
+	return fmt.Sprintf("subnet %v overlaps another member's", subnet)
 }
 
 // sharing lists the members (sorted) whose public key is key.

@@ -1,0 +1,498 @@
+package desired
+
+import (
+	"cmp"
+	"net/netip"
+	"slices"
+
+	"github.com/meshd/meshd/pkg/registry"
+)
+
+// Computer is Compute with memory: it keeps what the previous call
+// learned about every member (validation, conflicts, the sorted peers,
+// routes and problems) and, on the next call, redoes the work only for
+// the members whose record changed and for those sharing a key or a
+// subnet with them.
+//
+// The contract: for any sequence of snapshots, c.Compute(snap) returns
+// a State equal (cmp.Diff) to Compute(snap, self, p) and an error of the
+// same class and text. When few members changed since the previous call
+// it costs one pass of map lookups and struct compares over the members
+// plus copying the result; no member is re-validated and nothing is
+// re-sorted. Where incremental work would be intricate it falls back to
+// Compute for that call: this node's own record changed (every other
+// member's status depends on it), subnets of different lengths are in
+// play, or a member's Name differs from its key in the snapshot.
+//
+// Every returned State owns its slices: the Computer never modifies them
+// afterwards and never hands their backing arrays out again, so callers
+// may keep (and the applier diff against) any earlier result.
+//
+// A Computer is not safe for concurrent use.
+type Computer struct {
+	self string
+	p    Params
+
+	haveMe bool            // me holds the record the classification used
+	me     registry.Member // this node's record as of the last success
+	stamp  uint64          // incremented by every call; marks seen entries
+
+	entries  map[string]*entry
+	byKey    map[string][]*entry       // every member by public key, sorted by name
+	candKeys map[string]int            // candidates per public key
+	bySubnet map[netip.Prefix][]*entry // candidates by subnet
+	mixed    int                       // candidates whose subnet length differs from self's
+	misnamed int                       // entries whose Member.Name is not their key
+
+	// The current output, valid when outValid: sorted like State.
+	outValid bool
+	peers    []peerRec
+	routes   []uint64 // prefixKey4
+	problems []Problem
+	// Spare buffers the next merge writes into (double buffering: the
+	// output of a call becomes the input of the next).
+	sparePeers    []peerRec
+	spareRoutes   []uint64
+	spareProblems []Problem
+
+	// stats counts which path each call took, for the tests.
+	stats computerStats
+
+	// Per-call scratch, kept to save allocations.
+	dirty       []*entry
+	touchKeys   map[string]struct{}
+	touchSubnet map[netip.Prefix]struct{}
+	peerDel     []peerRec
+	peerIns     []peerRec
+	routeDel    []uint64
+	routeIns    []uint64
+	probDel     []Problem
+	probIns     []Problem
+}
+
+// computerStats counts calls by path: Compute's fallback, a rebuild of
+// the whole output from the cached entries, or an incremental merge.
+type computerStats struct{ full, rebuild, incremental int }
+
+// entry is what the Computer knows about one member other than self.
+type entry struct {
+	name  string // key in Snapshot.Members
+	m     registry.Member
+	stamp uint64 // last call that saw the member in the snapshot
+	evalt uint64 // last call that re-evaluated its output
+	gone  bool   // removed from the snapshot during this call
+
+	// From checkMember (depends only on m and Params.Network).
+	ep  netip.AddrPort
+	err string // "" when valid
+
+	// Classification against self's record.
+	cand    bool   // a peer unless it conflicts with another candidate
+	problem string // why not, when !cand
+
+	shown shown // what the current output holds for this member
+}
+
+// shown is a member's part of the output: nothing, a peer or a problem.
+type shown struct {
+	kind uint8
+	peer peerRec
+	prob Problem
+}
+
+const (
+	shownNone uint8 = iota
+	shownPeer
+	shownProblem
+)
+
+// peerRec is a Peer without the parts every peer shares.
+type peerRec struct {
+	key    string
+	name   string
+	ep     netip.AddrPort
+	subnet netip.Prefix
+}
+
+// NewComputer returns a Computer for node self with Params p. It rejects
+// the Params Compute rejects, with the same message.
+func NewComputer(self string, p Params) (*Computer, error) {
+	if err := checkParams(p); err != nil {
+		return nil, err
+	}
+	c := &Computer{self: self, p: p}
+	c.reset()
+	return c, nil
+}
+
+// reset forgets everything learned from earlier snapshots.
+func (c *Computer) reset() {
+	c.haveMe, c.outValid = false, false
+	c.entries = map[string]*entry{}
+	c.byKey = map[string][]*entry{}
+	c.candKeys = map[string]int{}
+	c.bySubnet = map[netip.Prefix][]*entry{}
+	c.touchKeys = map[string]struct{}{}
+	c.touchSubnet = map[netip.Prefix]struct{}{}
+	c.mixed, c.misnamed = 0, 0
+	c.peers, c.routes, c.problems = nil, nil, nil
+}
+
+// Compute returns what the package-level Compute returns for snap, self
+// and the Computer's Params, reusing the previous call's work.
+func (c *Computer) Compute(snap *registry.Snapshot) (State, error) {
+	me, ok := snap.Members[c.self]
+	if !ok {
+		return Compute(snap, c.self, c.p) // ErrNoSelf
+	}
+	// Only self's key and subnet decide how the others are classified;
+	// a new endpoint or overlay IP of its own changes nothing else.
+	reclassify := !c.haveMe || me.PublicKey != c.me.PublicKey || me.Subnet != c.me.Subnet
+	if !c.haveMe || me != c.me {
+		if _, err := checkMember(me, c.p.Network); err != nil {
+			return Compute(snap, c.self, c.p) // ErrNoSelf, with the reason
+		}
+		c.me, c.haveMe = me, true
+	}
+	if reclassify {
+		c.outValid = false
+	}
+	c.stamp++
+	c.scan(snap, reclassify)
+	if reclassify {
+		c.classifyAll()
+	}
+	if c.mixed > 0 || c.misnamed > 0 {
+		c.outValid = false
+		c.stats.full++
+		return Compute(snap, c.self, c.p)
+	}
+	if !c.outValid {
+		c.stats.rebuild++
+		c.rebuild()
+	} else if c.stats.incremental++; !c.update() {
+		// An internal invariant broke: never return a wrong State.
+		c.reset()
+		c.stats.full++
+		return Compute(snap, c.self, c.p)
+	}
+	return c.state(), nil
+}
+
+// scan brings the entries in line with snap. Unless reclassify (which
+// redoes every classification afterwards) it keeps the conflict indexes
+// current and collects the members to re-evaluate.
+func (c *Computer) scan(snap *registry.Snapshot, reclassify bool) {
+	c.dirty = c.dirty[:0]
+	clear(c.touchKeys)
+	clear(c.touchSubnet)
+	seen, added := 0, 0
+	for name, m := range snap.Members {
+		if name == c.self {
+			continue
+		}
+		e := c.entries[name]
+		switch {
+		case e == nil:
+			e = &entry{name: name}
+			c.entries[name] = e
+			added++
+		case e.m == m:
+			seen++
+			e.stamp = c.stamp
+			continue
+		default:
+			seen++
+			if !reclassify {
+				c.detach(e)
+			}
+		}
+		e.stamp = c.stamp
+		e.m = m
+		e.ep, e.err = netip.AddrPort{}, ""
+		if ep, err := checkMember(m, c.p.Network); err != nil {
+			e.err = err.Error()
+		} else {
+			e.ep = ep
+		}
+		if !reclassify {
+			c.attach(e)
+			c.dirty = append(c.dirty, e)
+		}
+	}
+	if seen+added == len(c.entries) {
+		return
+	}
+	for name, e := range c.entries {
+		if e.stamp == c.stamp {
+			continue
+		}
+		if !reclassify {
+			c.detach(e)
+			e.gone = true
+			c.dirty = append(c.dirty, e)
+		}
+		delete(c.entries, name)
+	}
+}
+
+// classifyAll rebuilds the conflict indexes from the entries, after
+// self's record changed.
+func (c *Computer) classifyAll() {
+	clear(c.byKey)
+	clear(c.candKeys)
+	clear(c.bySubnet)
+	c.mixed, c.misnamed = 0, 0
+	for _, e := range c.entries {
+		c.attach(e)
+	}
+	// Everything is re-evaluated anyway; do not keep maps that large.
+	c.touchKeys = map[string]struct{}{}
+	c.touchSubnet = map[netip.Prefix]struct{}{}
+}
+
+// attach classifies e against self's record and adds it to the indexes.
+// It applies Compute's per-member rules in Compute's order.
+func (c *Computer) attach(e *entry) {
+	m := e.m
+	e.cand, e.problem = false, ""
+	switch {
+	case e.err != "":
+		e.problem = e.err
+	case m.PublicKey == c.me.PublicKey:
+		e.problem = msgOwnKey
+	case m.Subnet.Overlaps(c.me.Subnet):
+		e.problem = msgOverlapsSelf(m.Subnet, c.me.Subnet)
+	default:
+		e.cand = true
+	}
+	if m.Name != e.name {
+		c.misnamed++
+	}
+	c.byKey[m.PublicKey] = insertByName(c.byKey[m.PublicKey], e)
+	c.touchKeys[m.PublicKey] = struct{}{}
+	if !e.cand {
+		return
+	}
+	c.candKeys[m.PublicKey]++
+	c.bySubnet[m.Subnet] = insertByName(c.bySubnet[m.Subnet], e)
+	c.touchSubnet[m.Subnet] = struct{}{}
+	if m.Subnet.Bits() != c.me.Subnet.Bits() {
+		c.mixed++
+	}
+}
+
+// detach undoes attach, before e's record changes or e goes away.
+func (c *Computer) detach(e *entry) {
+	m := e.m
+	if m.Name != e.name {
+		c.misnamed--
+	}
+	removeFrom(c.byKey, m.PublicKey, e)
+	c.touchKeys[m.PublicKey] = struct{}{}
+	if !e.cand {
+		return
+	}
+	if c.candKeys[m.PublicKey]--; c.candKeys[m.PublicKey] == 0 {
+		delete(c.candKeys, m.PublicKey)
+	}
+	removeFrom(c.bySubnet, m.Subnet, e)
+	c.touchSubnet[m.Subnet] = struct{}{}
+	if m.Subnet.Bits() != c.me.Subnet.Bits() {
+		c.mixed--
+	}
+}
+
+// want is e's part of the output under the current indexes, decided as
+// Compute decides it (every subnet has self's length here, so candidate
+// subnets overlap only when equal).
+func (c *Computer) want(e *entry) shown {
+	m := e.m
+	switch {
+	case e.gone:
+		return shown{}
+	case !e.cand:
+		return shown{kind: shownProblem, prob: Problem{e.name, e.problem}}
+	case c.candKeys[m.PublicKey] > 1:
+		sharers := c.byKey[m.PublicKey]
+		names := make([]string, len(sharers))
+		for i, s := range sharers {
+			names[i] = s.name
+		}
+		return shown{kind: shownProblem, prob: Problem{m.Name, msgSharedKey(names)}}
+	case len(c.bySubnet[m.Subnet]) > 1:
+		return shown{kind: shownProblem, prob: Problem{m.Name, msgOverlapsOther(m.Subnet)}}
+	}
+	return shown{kind: shownPeer, peer: peerRec{key: m.PublicKey, name: m.Name, ep: e.ep, subnet: m.Subnet}}
+}
+
+// rebuild computes the whole output from the entries and sorts it.
+func (c *Computer) rebuild() {
+	c.peers, c.routes, c.problems = c.peers[:0], c.routes[:0], c.problems[:0]
+	for _, e := range c.entries {
+		e.shown = c.want(e)
+		switch e.shown.kind {
+		case shownPeer:
+			c.peers = append(c.peers, e.shown.peer)
+			c.routes = append(c.routes, prefixKey4(e.shown.peer.subnet))
+		case shownProblem:
+			c.problems = append(c.problems, e.shown.prob)
+		}
+	}
+	slices.SortFunc(c.peers, comparePeerRec)
+	slices.Sort(c.routes)
+	slices.SortFunc(c.problems, compareProblem)
+	c.outValid = true
+}
+
+// update re-evaluates the changed members and those sharing a key or a
+// subnet with them (before or after the change), then merges the
+// differences into the sorted output. It reports false if the output
+// and the entries disagree, which would be a bug.
+func (c *Computer) update() bool {
+	c.peerDel, c.peerIns = c.peerDel[:0], c.peerIns[:0]
+	c.routeDel, c.routeIns = c.routeDel[:0], c.routeIns[:0]
+	c.probDel, c.probIns = c.probDel[:0], c.probIns[:0]
+	for _, e := range c.dirty {
+		c.reevaluate(e)
+	}
+	for k := range c.touchKeys {
+		for _, e := range c.byKey[k] {
+			c.reevaluate(e)
+		}
+	}
+	for s := range c.touchSubnet {
+		for _, e := range c.bySubnet[s] {
+			c.reevaluate(e)
+		}
+	}
+	if len(c.peerDel)+len(c.peerIns)+len(c.probDel)+len(c.probIns) == 0 {
+		return true
+	}
+	slices.SortFunc(c.peerDel, comparePeerRec)
+	slices.SortFunc(c.peerIns, comparePeerRec)
+	slices.Sort(c.routeDel)
+	slices.Sort(c.routeIns)
+	slices.SortFunc(c.probDel, compareProblem)
+	slices.SortFunc(c.probIns, compareProblem)
+	var ok1, ok2, ok3 bool
+	c.sparePeers, ok1 = merge(c.sparePeers[:0], c.peers, c.peerDel, c.peerIns, comparePeerRec)
+	c.peers, c.sparePeers = c.sparePeers, c.peers
+	c.spareRoutes, ok2 = merge(c.spareRoutes[:0], c.routes, c.routeDel, c.routeIns, cmp.Compare[uint64])
+	c.routes, c.spareRoutes = c.spareRoutes, c.routes
+	c.spareProblems, ok3 = merge(c.spareProblems[:0], c.problems, c.probDel, c.probIns, compareProblem)
+	c.problems, c.spareProblems = c.spareProblems, c.problems
+	return ok1 && ok2 && ok3
+}
+
+// reevaluate recomputes e's part of the output once per call and records
+// how the output changes.
+func (c *Computer) reevaluate(e *entry) {
+	if e.evalt == c.stamp {
+		return
+	}
+	e.evalt = c.stamp
+	w := c.want(e)
+	if w == e.shown {
+		return
+	}
+	switch old := e.shown; old.kind {
+	case shownPeer:
+		c.peerDel = append(c.peerDel, old.peer)
+		c.routeDel = append(c.routeDel, prefixKey4(old.peer.subnet))
+	case shownProblem:
+		c.probDel = append(c.probDel, old.prob)
+	}
+	switch w.kind {
+	case shownPeer:
+		c.peerIns = append(c.peerIns, w.peer)
+		c.routeIns = append(c.routeIns, prefixKey4(w.peer.subnet))
+	case shownProblem:
+		c.probIns = append(c.probIns, w.prob)
+	}
+	e.shown = w
+}
+
+// state copies the output into a State of its own.
+func (c *Computer) state() State {
+	st := State{
+		Addresses:  []netip.Prefix{netip.PrefixFrom(c.me.OverlayIP, c.me.OverlayIP.BitLen())},
+		MTU:        c.p.MTU,
+		ListenPort: cmp.Or(c.p.ListenPort, DefaultListenPort),
+		RouteTable: cmp.Or(c.p.RouteTable, DefaultRouteTable),
+		Network:    c.p.Network,
+	}
+	if n := len(c.peers); n > 0 {
+		st.Peers = make([]Peer, n)
+		allowed := make([]netip.Prefix, n) // one backing array, as Compute
+		for i, r := range c.peers {
+			allowed[i] = r.subnet
+			st.Peers[i] = Peer{Name: r.name, PublicKey: r.key, Endpoint: r.ep, AllowedIPs: allowed[i : i+1 : i+1], Keepalive: c.p.Keepalive}
+		}
+	}
+	if c.p.RouteNetwork {
+		st.Routes = []netip.Prefix{c.p.Network}
+	} else if len(c.routes) > 0 {
+		st.Routes = make([]netip.Prefix, len(c.routes))
+		for i, k := range c.routes {
+			st.Routes[i] = unpackPrefix4(k)
+		}
+	}
+	if len(c.problems) > 0 {
+		st.Problems = slices.Clone(c.problems)
+	}
+	return st
+}
+
+// merge appends to dst the sorted old without the elements of dels and
+// with those of ins (both sorted; ins holds nothing left in old). An
+// element of ins equal to one of dels replaces it. It reports false if
+// some element of dels is not in old.
+func merge[T any](dst, old, dels, ins []T, compare func(a, b T) int) ([]T, bool) {
+	i, d, n := 0, 0, 0
+	for d < len(dels) || n < len(ins) {
+		if n < len(ins) && (d == len(dels) || compare(ins[n], dels[d]) <= 0) {
+			at, found := slices.BinarySearchFunc(old[i:], ins[n], compare)
+			if found && (d == len(dels) || compare(ins[n], dels[d]) != 0) {
+				return dst, false // would be there twice
+			}
+			dst = append(dst, old[i:i+at]...)
+			dst = append(dst, ins[n])
+			i += at
+			n++
+			continue
+		}
+		at, found := slices.BinarySearchFunc(old[i:], dels[d], compare)
+		if !found {
+			return dst, false
+		}
+		dst = append(dst, old[i:i+at]...)
+		i += at + 1
+		d++
+	}
+	return append(dst, old[i:]...), true
+}
+
+func comparePeerRec(a, b peerRec) int { return cmp.Compare(a.key, b.key) }
+
+func compareProblem(a, b Problem) int { return cmp.Compare(a.Member, b.Member) }
+
+// insertByName adds e to list, kept sorted by name.
+func insertByName(list []*entry, e *entry) []*entry {
+	i, _ := slices.BinarySearchFunc(list, e.name, func(x *entry, name string) int { return cmp.Compare(x.name, name) })
+	return slices.Insert(list, i, e)
+}
+
+// removeFrom deletes e from the list idx[k], and the list once empty.
+func removeFrom[K comparable](idx map[K][]*entry, k K, e *entry) {
+	list := idx[k]
+	i := slices.Index(list, e)
+	if i < 0 {
+		return
+	}
+	if len(list) == 1 {
+		delete(idx, k)
+		return
+	}
+	idx[k] = slices.Delete(list, i, i+1)
+}

@@ -1,0 +1,311 @@
+package desired
+
+import (
+	"errors"
+	"fmt"
+	"maps"
+	"math/rand/v2"
+	"net/netip"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/google/go-cmp/cmp"
+
+	"github.com/meshd/meshd/pkg/registry"
+)
+
+// choices feeds the random walk: a seeded generator or fuzz bytes.
+type choices interface {
+	// intn returns a number in [0, n); ok is false once exhausted.
+	intn(n int) (v int, ok bool)
+}
+
+type randChoices struct{ r *rand.Rand }
+
+func (c randChoices) intn(n int) (int, bool) { return c.r.IntN(n), true }
+
+type byteChoices struct{ b []byte }
+
+func (c *byteChoices) intn(n int) (int, bool) {
+	if len(c.b) == 0 {
+		return 0, false
+	}
+	v := int(c.b[0]) % n
+	c.b = c.b[1:]
+	return v, true
+}
+
+// world is a cluster whose member records a random walk edits; self is
+// n0 (member(0)).
+type world struct {
+	snap  *registry.Snapshot
+	fresh int   // source of never-used keys, subnets and names
+	odd   []int // members edited into a fallback case, to restore
+}
+
+func newWorld(n int) *world {
+	ms := make([]registry.Member, n)
+	for i := range ms {
+		ms[i] = member(i)
+	}
+	return &world{snap: snapOf(ms...), fresh: n}
+}
+
+// pick returns a member name (self included when withSelf), or "".
+func (w *world) pick(ch choices, withSelf bool) string {
+	names := slices.Sorted(maps.Keys(w.snap.Members))
+	if !withSelf {
+		names = slices.DeleteFunc(names, func(n string) bool { return n == "n0" })
+	}
+	if len(names) == 0 {
+		return ""
+	}
+	i, _ := ch.intn(len(names))
+	return names[i]
+}
+
+// op applies one random edit and describes it. Duplicate keys and
+// subnets are drawn from the existing members, so conflicts form; the
+// "restore" and "fresh" edits dissolve them again.
+func (w *world) op(ch choices) (string, bool) {
+	kind, ok := ch.intn(20)
+	if !ok {
+		return "", false
+	}
+	// Edits that force a fallback stay rare, and restores frequent, so
+	// that most steps take the incremental path.
+	if kind >= 17 || (kind == 8 || kind == 14) && w.fresh%3 != 0 {
+		kind = 1
+	}
+	w.fresh++
+	ms := w.snap.Members
+	target := w.pick(ch, kind == 12)
+	m, exists := ms[target]
+	set := func(desc string) (string, bool) {
+		if exists {
+			ms[target] = m
+		}
+		return fmt.Sprintf("%s %s", desc, target), true
+	}
+	switch kind {
+	case 0:
+		nm := member(w.fresh)
+		ms[nm.Name] = nm
+		return "add " + nm.Name, true
+	case 1: // restore a member's original record (self too)
+		i, _ := ch.intn(w.fresh)
+		nm := member(i % 40)
+		if _, ok := ms["n0"]; !ok {
+			nm = member(0)
+		} else if len(w.odd) > 0 { // first those that force a fallback
+			nm, w.odd = member(w.odd[0]), w.odd[1:]
+		}
+		ms[nm.Name] = nm
+		return "restore " + nm.Name, true
+	case 2:
+		delete(ms, target)
+		return "remove " + target, true
+	case 3:
+		m.PublicKey = key(100000 + w.fresh)
+		return set("fresh key")
+	case 4:
+		m.PublicKey = ms[w.pick(ch, true)].PublicKey
+		return set("duplicate key")
+	case 5:
+		m.PublicKey = []string{"AAAA", strings.Repeat("!", 44), ""}[w.fresh%3]
+		return set("invalid key")
+	case 6:
+		m.Subnet = netip.PrefixFrom(netip.AddrFrom4([4]byte{10, 200, byte(w.fresh), 0}), 24)
+		m.OverlayIP = m.Subnet.Addr()
+		return set("fresh subnet")
+	case 7:
+		m.Subnet = ms[w.pick(ch, true)].Subnet
+		if m.Subnet.IsValid() {
+			m.OverlayIP = m.Subnet.Addr().Next()
+		}
+		if m.Subnet.Bits() != 24 {
+			w.markOdd(target)
+		}
+		return set("duplicate subnet")
+	case 8: // another length: the Computer falls back to Compute
+		bits := []int{16, 25, 23}[w.fresh%3]
+		m.Subnet = netip.PrefixFrom(m.OverlayIP, bits).Masked()
+		w.markOdd(target)
+		return set(fmt.Sprintf("subnet /%d", bits))
+	case 9:
+		m.Subnet = netip.PrefixFrom(netip.AddrFrom4([4]byte{192, 168, byte(w.fresh), 0}), 24)
+		m.OverlayIP = m.Subnet.Addr()
+		return set("subnet outside")
+	case 10:
+		m.Endpoint = fmt.Sprintf("198.51.100.%d:%d", w.fresh%250+1, 51820+w.fresh%3)
+		return set("endpoint")
+	case 11:
+		m.Endpoint = []string{"", "nope", "0.0.0.0:51820", "192.0.2.1:0"}[w.fresh%4]
+		return set(fmt.Sprintf("endpoint %q", m.Endpoint))
+	case 12: // may be self: its key, subnet, endpoint or overlay IP
+		switch w.fresh % 4 {
+		case 0:
+			m.PublicKey = ms[w.pick(ch, true)].PublicKey
+		case 1:
+			m.Subnet = ms[w.pick(ch, true)].Subnet
+			m.OverlayIP = m.Subnet.Addr()
+			if m.Subnet.Bits() != 24 {
+				w.markOdd(target)
+			}
+		case 2:
+			m.Endpoint = fmt.Sprintf("203.0.113.%d:51820", w.fresh%250+1)
+		case 3:
+			m.OverlayIP = m.OverlayIP.Next()
+		}
+		return set("edit")
+	case 13:
+		if _, ok := ms["n0"]; ok {
+			delete(ms, "n0")
+			return "remove self", true
+		}
+		ms["n0"] = member(0)
+		return "restore self", true
+	case 14: // Name unlike the key: the Computer falls back to Compute
+		m.Name = "x" + target
+		w.markOdd(target)
+		return set("misname")
+	case 15:
+		w.snap = &registry.Snapshot{Members: maps.Clone(ms)}
+		return "new snapshot", true
+	default:
+		return "no change", true
+	}
+}
+
+// markOdd remembers that member name was edited into a fallback case.
+func (w *world) markOdd(name string) {
+	var i int
+	if _, err := fmt.Sscanf(name, "n%d", &i); err == nil {
+		w.odd = append(w.odd, i)
+	}
+}
+
+// checkStep compares c against Compute on snap, and checks that the
+// State c returned before is still what it was. It returns a
+// description of the first difference.
+func checkStep(c *Computer, snap *registry.Snapshot, p Params, prev, prevCopy *State) (State, error, string) {
+	want, wantErr := Compute(snap, "n0", p)
+	got, err := c.Compute(snap)
+	if (err == nil) != (wantErr == nil) || (err != nil && (err.Error() != wantErr.Error() || errors.Is(err, ErrNoSelf) != errors.Is(wantErr, ErrNoSelf))) {
+		return got, err, fmt.Sprintf("error = %v, Compute's = %v", err, wantErr)
+	}
+	if diff := cmp.Diff(want, got, cmpOpts...); diff != "" {
+		return got, err, fmt.Sprintf("Computer differs from Compute (-Compute +Computer):\n%s", diff)
+	}
+	if diff := cmp.Diff(*prevCopy, *prev, cmpOpts...); diff != "" {
+		return got, err, fmt.Sprintf("an earlier result changed afterwards:\n%s", diff)
+	}
+	return got, err, ""
+}
+
+// deepCopy copies every slice of s, so later changes to s show.
+func deepCopy(s State) State {
+	s.Addresses = slices.Clone(s.Addresses)
+	s.Routes = slices.Clone(s.Routes)
+	s.Problems = slices.Clone(s.Problems)
+	s.Peers = slices.Clone(s.Peers)
+	for i := range s.Peers {
+		s.Peers[i].AllowedIPs = slices.Clone(s.Peers[i].AllowedIPs)
+	}
+	return s
+}
+
+// walk runs steps of 1-3 random edits and checks every result.
+func walk(t *testing.T, ch choices, n, steps int, p Params) (seen map[string]int, c *Computer) {
+	t.Helper()
+	w := newWorld(n)
+	c, err := NewComputer("n0", p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	seen = map[string]int{}
+	var prev, prevCopy State
+	var log []string
+	for step := 0; step < steps; step++ {
+		k, ok := ch.intn(3)
+		for range k + 1 {
+			desc, more := w.op(ch)
+			if !more {
+				ok = false
+				break
+			}
+			log = append(log, desc)
+		}
+		if !ok && step > 0 {
+			return seen, c
+		}
+		if len(log) > 12 {
+			log = log[len(log)-12:]
+		}
+		got, err, problem := checkStep(c, w.snap, p, &prev, &prevCopy)
+		if problem != "" {
+			t.Fatalf("step %d, after %s:\n%s", step, strings.Join(log, "; "), problem)
+		}
+		if err != nil {
+			seen["error"]++
+			continue
+		}
+		prev, prevCopy = got, deepCopy(got)
+		for _, pr := range got.Problems {
+			switch {
+			case strings.Contains(pr.Err, "shared by"):
+				seen["shared key"]++
+			case strings.Contains(pr.Err, "another member's"):
+				seen["overlap"]++
+			}
+		}
+	}
+	return seen, c
+}
+
+// TestComputerMatchesCompute drives random sequences of snapshots
+// through a Computer and Compute and requires identical results.
+func TestComputerMatchesCompute(t *testing.T) {
+	params := map[string]Params{
+		"default":       defaultParams,
+		"route network": {RouteNetwork: true, MTU: 1380, ListenPort: 4000, RouteTable: 7, Network: netip.MustParsePrefix("10.0.0.0/8")},
+		"narrow":        {Keepalive: time.Second, Network: netip.MustParsePrefix("10.10.0.0/16")},
+	}
+	for name, p := range params {
+		t.Run(name, func(t *testing.T) {
+			for seed := uint64(1); seed <= 8; seed++ {
+				ch := randChoices{rand.New(rand.NewPCG(seed, 42))}
+				seen, c := walk(t, ch, 20+int(seed)*3, 300, p)
+				if t.Failed() {
+					return
+				}
+				// The walk must exercise what it claims to: conflicts,
+				// errors, and every path of the Computer.
+				for _, what := range []string{"shared key", "overlap", "error"} {
+					if seen[what] == 0 {
+						t.Errorf("seed %d: no step saw a %s", seed, what)
+					}
+				}
+				t.Logf("seed %d: paths taken %+v", seed, c.stats)
+				if c.stats.incremental == 0 || c.stats.rebuild == 0 || c.stats.full == 0 {
+					t.Errorf("seed %d: paths taken %+v, want each at least once", seed, c.stats)
+				}
+			}
+		})
+	}
+}
+
+// FuzzComputer drives a sequence of edits chosen by the fuzz bytes.
+func FuzzComputer(f *testing.F) {
+	f.Add([]byte{5, 0, 4, 1, 0, 7, 2, 1, 2, 3, 0, 13, 0, 13, 1, 6, 3})
+	f.Add([]byte{30, 2, 4, 4, 7, 7, 1, 3, 1, 2, 5, 0, 8, 3, 0, 1, 9})
+	f.Add([]byte{12, 0, 12, 0, 12, 1, 0, 14, 2, 0, 15, 0, 10, 1, 11, 2})
+	f.Fuzz(func(t *testing.T, data []byte) {
+		if len(data) == 0 {
+			return
+		}
+		walk(t, &byteChoices{data[1:]}, int(data[0])%40+1, 200, defaultParams)
+	})
+}

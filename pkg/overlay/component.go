@@ -92,6 +92,12 @@ type Component struct {
 	membersGen uint64
 	problems   []desired.Problem
 
+	// kicks are newly added peers awaiting their first handshake (see
+	// kickDelays); kickWake wakes the kick loop.
+	kmu      sync.Mutex
+	kicks    map[string]*kickState
+	kickWake chan struct{}
+
 	ctx      context.Context // ends at Close; bounds the watcher
 	cancel   context.CancelFunc
 	watching bool // the repair watcher runs; done closes when it ends
@@ -129,7 +135,8 @@ func New(opts Options, log *slog.Logger, reg prometheus.Registerer) (*Component,
 		return nil, fmt.Errorf("overlay: %w", err)
 	}
 	ctx, cancel := context.WithCancel(context.Background())
-	return &Component{opts: opts, log: log, key: key, applier: app, metrics: m, ctx: ctx, cancel: cancel, done: make(chan struct{})}, nil
+	return &Component{opts: opts, log: log, key: key, applier: app, metrics: m, ctx: ctx, cancel: cancel,
+		done: make(chan struct{}), kickWake: make(chan struct{}, 1)}, nil
 }
 
 // Name implements agent.Component.
@@ -240,6 +247,7 @@ func (c *Component) set(ctx context.Context, st desired.State, gen uint64, why s
 		c.log.Warn("overlay apply failed", "why", why, "err", err)
 		return fmt.Errorf("overlay: %w", err)
 	}
+	c.noteAdded(plan, time.Now())
 	if !plan.Empty() {
 		c.log.Info("overlay changed", "why", why, "peerChanges", len(plan.Peers),
 			"routesAdded", len(plan.AddRoutes), "routesDeleted", len(plan.DelRoutes))

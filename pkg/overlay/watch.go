@@ -26,9 +26,16 @@ const (
 // (systemd-networkd flushing foreign routes, an operator's `ip route
 // del`, the interface vanishing), re-applies the newest desired state.
 // Routes are back within repairDelay plus one Set. It also re-applies
-// every resyncInterval. It runs until ctx ends.
+// every resyncInterval, and runs the kick loop (kick.go). It runs until
+// ctx ends.
 func (c *Component) watch(ctx context.Context) {
 	defer close(c.done)
+	kicked := make(chan struct{})
+	go func() {
+		defer close(kicked)
+		c.kickLoop(ctx)
+	}()
+	defer func() { <-kicked }()
 	for ctx.Err() == nil {
 		c.watchOnce(ctx)
 		select {
@@ -191,6 +198,7 @@ func (c *Component) repair(ctx context.Context, why string) {
 		}
 		return
 	}
+	c.noteAdded(plan, time.Now())
 	if !plan.Empty() {
 		c.metrics.repairs.Inc()
 		c.log.Info("overlay repaired", "why", why, "plan", plan.String())

@@ -44,16 +44,13 @@ type Computer struct {
 	mixed    int                       // candidates whose subnet length differs from self's
 	misnamed int                       // entries whose Member.Name is not their key
 
-	// The current output, valid when outValid: sorted like State.
+	// The current output, valid when outValid, sorted like State and
+	// updated in place: peers by the public key of e.shown.peer, routes
+	// (prefixKey4) and problems by member. Results are copies of it.
 	outValid bool
-	peers    []peerRec
-	routes   []uint64 // prefixKey4
+	peers    []*entry
+	routes   []uint64
 	problems []Problem
-	// Spare buffers the next merge writes into (double buffering: the
-	// output of a call becomes the input of the next).
-	sparePeers    []peerRec
-	spareRoutes   []uint64
-	spareProblems []Problem
 
 	// stats counts which path each call took, for the tests.
 	stats computerStats
@@ -62,17 +59,17 @@ type Computer struct {
 	dirty       []*entry
 	touchKeys   map[string]struct{}
 	touchSubnet map[netip.Prefix]struct{}
-	peerDel     []peerRec
-	peerIns     []peerRec
+	peerDel     []*entry
+	peerIns     []*entry
 	routeDel    []uint64
 	routeIns    []uint64
-	probDel     []Problem
+	probDel     []string
 	probIns     []Problem
 }
 
 // computerStats counts calls by path: Compute's fallback, a rebuild of
 // the whole output from the cached entries, or an incremental merge.
-type computerStats struct{ full, rebuild, incremental int }
+type computerStats struct{ full, rebuild, incremental, broken int }
 
 // entry is what the Computer knows about one member other than self.
 type entry struct {
@@ -173,7 +170,7 @@ func (c *Computer) Compute(snap *registry.Snapshot) (State, error) {
 	} else if c.stats.incremental++; !c.update() {
 		// An internal invariant broke: never return a wrong State.
 		c.reset()
-		c.stats.full++
+		c.stats.broken++
 		return Compute(snap, c.self, c.p)
 	}
 	return c.state(), nil
@@ -333,22 +330,26 @@ func (c *Computer) rebuild() {
 		e.shown = c.want(e)
 		switch e.shown.kind {
 		case shownPeer:
-			c.peers = append(c.peers, e.shown.peer)
+			c.peers = append(c.peers, e)
 			c.routes = append(c.routes, prefixKey4(e.shown.peer.subnet))
 		case shownProblem:
 			c.problems = append(c.problems, e.shown.prob)
 		}
 	}
-	slices.SortFunc(c.peers, comparePeerRec)
+	slices.SortFunc(c.peers, func(a, b *entry) int { return cmp.Compare(a.shown.peer.key, b.shown.peer.key) })
 	slices.Sort(c.routes)
 	slices.SortFunc(c.problems, compareProblem)
 	c.outValid = true
 }
 
+// maxEdits is how many output changes update applies one by one (each
+// moves part of a sorted slice) before sorting everything is cheaper.
+const maxEdits = 64
+
 // update re-evaluates the changed members and those sharing a key or a
-// subnet with them (before or after the change), then merges the
-// differences into the sorted output. It reports false if the output
-// and the entries disagree, which would be a bug.
+// subnet with them (before or after the change), then edits the sorted
+// output in place. It reports false if the output and the entries
+// disagree, which would be a bug.
 func (c *Computer) update() bool {
 	c.peerDel, c.peerIns = c.peerDel[:0], c.peerIns[:0]
 	c.routeDel, c.routeIns = c.routeDel[:0], c.routeIns[:0]
@@ -366,51 +367,95 @@ func (c *Computer) update() bool {
 			c.reevaluate(e)
 		}
 	}
-	if len(c.peerDel)+len(c.peerIns)+len(c.probDel)+len(c.probIns) == 0 {
+	if len(c.peerDel)+len(c.peerIns)+len(c.routeDel)+len(c.routeIns)+len(c.probDel)+len(c.probIns) > maxEdits {
+		c.rebuild()
 		return true
 	}
-	slices.SortFunc(c.peerDel, comparePeerRec)
-	slices.SortFunc(c.peerIns, comparePeerRec)
-	slices.Sort(c.routeDel)
-	slices.Sort(c.routeIns)
-	slices.SortFunc(c.probDel, compareProblem)
-	slices.SortFunc(c.probIns, compareProblem)
-	var ok1, ok2, ok3 bool
-	c.sparePeers, ok1 = merge(c.sparePeers[:0], c.peers, c.peerDel, c.peerIns, comparePeerRec)
-	c.peers, c.sparePeers = c.sparePeers, c.peers
-	c.spareRoutes, ok2 = merge(c.spareRoutes[:0], c.routes, c.routeDel, c.routeIns, cmp.Compare[uint64])
-	c.routes, c.spareRoutes = c.spareRoutes, c.routes
-	c.spareProblems, ok3 = merge(c.spareProblems[:0], c.problems, c.probDel, c.probIns, compareProblem)
-	c.problems, c.spareProblems = c.spareProblems, c.problems
-	return ok1 && ok2 && ok3
+	// Deletions first: what stays is then sorted by its current keys,
+	// which the insertions' binary searches rely on.
+	for _, e := range c.peerDel {
+		i := slices.Index(c.peers, e)
+		if i < 0 {
+			return false
+		}
+		c.peers = slices.Delete(c.peers, i, i+1)
+	}
+	for _, e := range c.peerIns {
+		i, found := slices.BinarySearchFunc(c.peers, e.shown.peer.key, func(x *entry, k string) int { return cmp.Compare(x.shown.peer.key, k) })
+		if found {
+			return false
+		}
+		c.peers = slices.Insert(c.peers, i, e)
+	}
+	for _, k := range c.routeDel {
+		i, found := slices.BinarySearch(c.routes, k)
+		if !found {
+			return false
+		}
+		c.routes = slices.Delete(c.routes, i, i+1)
+	}
+	for _, k := range c.routeIns {
+		i, found := slices.BinarySearch(c.routes, k)
+		if found {
+			return false
+		}
+		c.routes = slices.Insert(c.routes, i, k)
+	}
+	for _, name := range c.probDel {
+		i, found := slices.BinarySearchFunc(c.problems, name, func(p Problem, n string) int { return cmp.Compare(p.Member, n) })
+		if !found {
+			return false
+		}
+		c.problems = slices.Delete(c.problems, i, i+1)
+	}
+	for _, p := range c.probIns {
+		i, found := slices.BinarySearchFunc(c.problems, p, compareProblem)
+		if found {
+			return false
+		}
+		c.problems = slices.Insert(c.problems, i, p)
+	}
+	return true
 }
 
 // reevaluate recomputes e's part of the output once per call and records
-// how the output changes.
+// how the output changes. A peer whose key and subnet stay keeps its
+// place in peers and routes.
 func (c *Computer) reevaluate(e *entry) {
 	if e.evalt == c.stamp {
 		return
 	}
 	e.evalt = c.stamp
 	w := c.want(e)
-	if w == e.shown {
+	old := e.shown
+	if w == old {
 		return
 	}
-	switch old := e.shown; old.kind {
+	e.shown = w
+	samePlace := old.kind == shownPeer && w.kind == shownPeer && old.peer.key == w.peer.key
+	sameRoute := old.kind == shownPeer && w.kind == shownPeer && old.peer.subnet == w.peer.subnet
+	switch old.kind {
 	case shownPeer:
-		c.peerDel = append(c.peerDel, old.peer)
-		c.routeDel = append(c.routeDel, prefixKey4(old.peer.subnet))
+		if !samePlace {
+			c.peerDel = append(c.peerDel, e)
+		}
+		if !sameRoute {
+			c.routeDel = append(c.routeDel, prefixKey4(old.peer.subnet))
+		}
 	case shownProblem:
-		c.probDel = append(c.probDel, old.prob)
+		c.probDel = append(c.probDel, old.prob.Member)
 	}
 	switch w.kind {
 	case shownPeer:
-		c.peerIns = append(c.peerIns, w.peer)
-		c.routeIns = append(c.routeIns, prefixKey4(w.peer.subnet))
+		if !samePlace {
+			c.peerIns = append(c.peerIns, e)
+		}
+		if !sameRoute {
+			c.routeIns = append(c.routeIns, prefixKey4(w.peer.subnet))
+		}
 	case shownProblem:
 		c.probIns = append(c.probIns, w.prob)
 	}
-	e.shown = w
 }
 
 // state copies the output into a State of its own.
@@ -425,7 +470,8 @@ func (c *Computer) state() State {
 	if n := len(c.peers); n > 0 {
 		st.Peers = make([]Peer, n)
 		allowed := make([]netip.Prefix, n) // one backing array, as Compute
-		for i, r := range c.peers {
+		for i, e := range c.peers {
+			r := &e.shown.peer
 			allowed[i] = r.subnet
 			st.Peers[i] = Peer{Name: r.name, PublicKey: r.key, Endpoint: r.ep, AllowedIPs: allowed[i : i+1 : i+1], Keepalive: c.p.Keepalive}
 		}
@@ -443,37 +489,6 @@ func (c *Computer) state() State {
 	}
 	return st
 }
-
-// merge appends to dst the sorted old without the elements of dels and
-// with those of ins (both sorted; ins holds nothing left in old). An
-// element of ins equal to one of dels replaces it. It reports false if
-// some element of dels is not in old.
-func merge[T any](dst, old, dels, ins []T, compare func(a, b T) int) ([]T, bool) {
-	i, d, n := 0, 0, 0
-	for d < len(dels) || n < len(ins) {
-		if n < len(ins) && (d == len(dels) || compare(ins[n], dels[d]) <= 0) {
-			at, found := slices.BinarySearchFunc(old[i:], ins[n], compare)
-			if found && (d == len(dels) || compare(ins[n], dels[d]) != 0) {
-				return dst, false // would be there twice
-			}
-			dst = append(dst, old[i:i+at]...)
-			dst = append(dst, ins[n])
-			i += at
-			n++
-			continue
-		}
-		at, found := slices.BinarySearchFunc(old[i:], dels[d], compare)
-		if !found {
-			return dst, false
-		}
-		dst = append(dst, old[i:i+at]...)
-		i += at + 1
-		d++
-	}
-	return append(dst, old[i:]...), true
-}
-
-func comparePeerRec(a, b peerRec) int { return cmp.Compare(a.key, b.key) }
 
 func compareProblem(a, b Problem) int { return cmp.Compare(a.Member, b.Member) }
 

@@ -81,7 +81,10 @@ func (w *world) op(ch choices) (string, bool) {
 	}
 	w.fresh++
 	ms := w.snap.Members
-	target := w.pick(ch, kind == 12)
+	target := w.pick(ch, false)
+	if kind == 12 && w.fresh%2 == 0 {
+		target = "n0"
+	}
 	m, exists := ms[target]
 	set := func(desc string) (string, bool) {
 		if exists {
@@ -145,7 +148,8 @@ func (w *world) op(ch choices) (string, bool) {
 		m.Endpoint = []string{"", "nope", "0.0.0.0:51820", "192.0.2.1:0"}[w.fresh%4]
 		return set(fmt.Sprintf("endpoint %q", m.Endpoint))
 	case 12: // may be self: its key, subnet, endpoint or overlay IP
-		switch w.fresh % 4 {
+		what, _ := ch.intn(4)
+		switch what {
 		case 0:
 			m.PublicKey = ms[w.pick(ch, true)].PublicKey
 		case 1:
@@ -245,6 +249,9 @@ func walk(t *testing.T, ch choices, n, steps int, p Params) (seen map[string]int
 			log = log[len(log)-12:]
 		}
 		got, err, problem := checkStep(c, w.snap, p, &prev, &prevCopy)
+		if problem == "" && c.stats.broken > 0 {
+			problem = "the incremental output broke an invariant (Computer fell back)"
+		}
 		if problem != "" {
 			t.Fatalf("step %d, after %s:\n%s", step, strings.Join(log, "; "), problem)
 		}
@@ -308,4 +315,213 @@ func FuzzComputer(f *testing.F) {
 		}
 		walk(t, &byteChoices{data[1:]}, int(data[0])%40+1, 200, defaultParams)
 	})
+}
+
+// TestComputerPaths walks through the cases the Computer hands to
+// Compute or rebuilds from its cache, and checks both the result and the
+// path taken at every step.
+func TestComputerPaths(t *testing.T) {
+	edit := func(i int, f func(*registry.Member)) func(*registry.Snapshot) {
+		return func(s *registry.Snapshot) {
+			name := fmt.Sprintf("n%d", i)
+			m := s.Members[name]
+			f(&m)
+			s.Members[name] = m
+		}
+	}
+	restore := func(i int) func(*registry.Snapshot) {
+		return func(s *registry.Snapshot) { s.Members[fmt.Sprintf("n%d", i)] = member(i) }
+	}
+	type step struct {
+		edit func(*registry.Snapshot)
+		path string // "full", "rebuild", "incremental" or "error"
+	}
+	tests := []struct {
+		name  string
+		steps []step
+	}{
+		{"first call rebuilds, then incremental", []step{
+			{nil, "rebuild"},
+			{edit(3, func(m *registry.Member) { m.Endpoint = "198.51.100.3:1" }), "incremental"},
+			{nil, "incremental"},
+		}},
+		{"mixed subnet lengths fall back until gone", []step{
+			{nil, "rebuild"},
+			{edit(3, func(m *registry.Member) { m.Subnet = netip.MustParsePrefix("10.10.0.0/16") }), "incremental"}, // overlaps self: not a candidate
+			{edit(3, func(m *registry.Member) {
+				m.Subnet, m.OverlayIP = netip.MustParsePrefix("10.10.4.0/23"), netip.MustParseAddr("10.10.4.1")
+			}), "full"},
+			{edit(4, func(m *registry.Member) { m.Endpoint = "nope" }), "full"},
+			{restore(3), "rebuild"},
+			{restore(4), "incremental"},
+		}},
+		{"self's key changes", []step{
+			{nil, "rebuild"},
+			{edit(0, func(m *registry.Member) { m.PublicKey = key(5) }), "rebuild"},
+			{restore(0), "rebuild"},
+		}},
+		{"self's subnet changes", []step{
+			{nil, "rebuild"},
+			{edit(0, func(m *registry.Member) { m.Subnet, m.OverlayIP = member(6).Subnet, member(6).OverlayIP }), "rebuild"},
+			{edit(0, func(m *registry.Member) {
+				m.Subnet, m.OverlayIP = netip.MustParsePrefix("10.10.0.0/23"), member(0).OverlayIP
+			}), "full"},
+			{restore(0), "rebuild"},
+		}},
+		{"self's endpoint and overlay IP change incrementally", []step{
+			{nil, "rebuild"},
+			{edit(0, func(m *registry.Member) { m.Endpoint = "203.0.113.1:51820" }), "incremental"},
+			{edit(0, func(m *registry.Member) { m.OverlayIP = m.OverlayIP.Next() }), "incremental"},
+		}},
+		{"self missing or invalid", []step{
+			{func(s *registry.Snapshot) { delete(s.Members, "n0") }, "error"},
+			{restore(0), "rebuild"},
+			{edit(0, func(m *registry.Member) { m.PublicKey = "AAAA" }), "error"},
+			{edit(5, func(m *registry.Member) { m.Endpoint = "nope" }), "error"},
+			{restore(0), "incremental"},
+		}},
+		{"name unlike its key falls back", []step{
+			{nil, "rebuild"},
+			{edit(2, func(m *registry.Member) { m.Name = "other" }), "full"},
+			{restore(2), "rebuild"},
+		}},
+		{"conflicts form and dissolve incrementally", []step{
+			{nil, "rebuild"},
+			{edit(2, func(m *registry.Member) { m.PublicKey = key(3) }), "incremental"},
+			{edit(4, func(m *registry.Member) { m.PublicKey = key(3); m.Endpoint = "nope" }), "incremental"},
+			{edit(5, func(m *registry.Member) { m.Subnet = member(6).Subnet }), "incremental"},
+			{edit(7, func(m *registry.Member) { m.Subnet = member(6).Subnet }), "incremental"},
+			{restore(2), "incremental"},
+			{restore(5), "incremental"},
+			{func(s *registry.Snapshot) { delete(s.Members, "n7") }, "incremental"},
+		}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			w := newWorld(8)
+			c, err := NewComputer("n0", defaultParams)
+			if err != nil {
+				t.Fatal(err)
+			}
+			var prev, prevCopy State
+			for i, s := range tt.steps {
+				if s.edit != nil {
+					s.edit(w.snap)
+				}
+				before := c.stats
+				got, err, problem := checkStep(c, w.snap, defaultParams, &prev, &prevCopy)
+				if problem != "" {
+					t.Fatalf("step %d: %s", i, problem)
+				}
+				path := "error"
+				switch after := c.stats; {
+				case err != nil:
+				case after.full > before.full:
+					path = "full"
+				case after.rebuild > before.rebuild:
+					path = "rebuild"
+				case after.incremental > before.incremental:
+					path = "incremental"
+				}
+				if path != s.path || c.stats.broken > 0 {
+					t.Errorf("step %d took path %s (%+v), want %s", i, path, c.stats, s.path)
+				}
+				if err == nil {
+					prev, prevCopy = got, deepCopy(got)
+				}
+			}
+		})
+	}
+}
+
+// TestNewComputerParams checks that NewComputer rejects what Compute
+// rejects, with the same message.
+func TestNewComputerParams(t *testing.T) {
+	net8 := defaultParams.Network
+	for _, p := range []Params{
+		{},
+		{Network: netip.MustParsePrefix("10.1.2.3/8")},
+		{Network: net8, MTU: 100},
+		{Network: net8, ListenPort: 70000},
+		{Network: net8, Keepalive: -time.Second},
+		{Network: net8, RouteTable: -1},
+	} {
+		_, want := Compute(snapOf(member(0)), "n0", p)
+		c, err := NewComputer("n0", p)
+		if want == nil || err == nil || err.Error() != want.Error() || c != nil {
+			t.Errorf("NewComputer(%+v) = %v, %v; Compute's error %v", p, c, err, want)
+		}
+	}
+	if _, err := NewComputer("n0", defaultParams); err != nil {
+		t.Errorf("NewComputer(defaultParams): %v", err)
+	}
+}
+
+// benchSnap is a cluster of n members (self n0).
+func benchSnap(n int) *registry.Snapshot {
+	ms := make([]registry.Member, n)
+	for i := range ms {
+		ms[i] = member(i)
+	}
+	return snapOf(ms...)
+}
+
+// BenchmarkComputerOneChange is one reconcile after one peer changed:
+// every iteration flips one member's endpoint between two values.
+func BenchmarkComputerOneChange(b *testing.B) {
+	for _, n := range []int{10, 100, 1000} {
+		snap := benchSnap(n)
+		b.Run(fmt.Sprintf("nodes=%d", n), func(b *testing.B) {
+			c, err := NewComputer("n0", defaultParams)
+			if err != nil {
+				b.Fatal(err)
+			}
+			if _, err := c.Compute(snap); err != nil {
+				b.Fatal(err)
+			}
+			a, z := member(n/2), member(n/2)
+			z.Endpoint = "198.51.100.1:51820"
+			b.ReportAllocs()
+			cpu := startCPU()
+			i := 0
+			for b.Loop() {
+				if i++; i%2 == 0 {
+					snap.Members[a.Name] = a
+				} else {
+					snap.Members[z.Name] = z
+				}
+				if _, err := c.Compute(snap); err != nil {
+					b.Fatal(err)
+				}
+			}
+			cpu.report(b)
+			if c.stats.incremental < i || c.stats.broken > 0 {
+				b.Fatalf("paths %+v after %d calls: not incremental", c.stats, i)
+			}
+		})
+	}
+}
+
+// BenchmarkComputerNoChange is a reconcile when no member changed.
+func BenchmarkComputerNoChange(b *testing.B) {
+	for _, n := range []int{10, 100, 1000} {
+		snap := benchSnap(n)
+		b.Run(fmt.Sprintf("nodes=%d", n), func(b *testing.B) {
+			c, err := NewComputer("n0", defaultParams)
+			if err != nil {
+				b.Fatal(err)
+			}
+			if _, err := c.Compute(snap); err != nil {
+				b.Fatal(err)
+			}
+			b.ReportAllocs()
+			cpu := startCPU()
+			for b.Loop() {
+				if _, err := c.Compute(snap); err != nil {
+					b.Fatal(err)
+				}
+			}
+			cpu.report(b)
+		})
+	}
 }

@@ -30,8 +30,9 @@ import (
 //
 // A Computer is not safe for concurrent use.
 type Computer struct {
-	self string
-	p    Params
+	self     string
+	p        Params
+	maxEdits int // see defaultMaxEdits; tests lower it
 
 	haveMe bool            // me holds the record the classification used
 	me     registry.Member // this node's record as of the last success
@@ -117,7 +118,7 @@ func NewComputer(self string, p Params) (*Computer, error) {
 	if err := checkParams(p); err != nil {
 		return nil, err
 	}
-	c := &Computer{self: self, p: p}
+	c := &Computer{self: self, p: p, maxEdits: defaultMaxEdits}
 	c.reset()
 	return c, nil
 }
@@ -342,9 +343,10 @@ func (c *Computer) rebuild() {
 	c.outValid = true
 }
 
-// maxEdits is how many output changes update applies one by one (each
-// moves part of a sorted slice) before sorting everything is cheaper.
-const maxEdits = 64
+// defaultMaxEdits is how many output changes update applies one by one
+// (each moves part of a sorted slice) before sorting everything is
+// cheaper.
+const defaultMaxEdits = 64
 
 // update re-evaluates the changed members and those sharing a key or a
 // subnet with them (before or after the change), then edits the sorted
@@ -367,7 +369,7 @@ func (c *Computer) update() bool {
 			c.reevaluate(e)
 		}
 	}
-	if len(c.peerDel)+len(c.peerIns)+len(c.routeDel)+len(c.routeIns)+len(c.probDel)+len(c.probIns) > maxEdits {
+	if len(c.peerDel)+len(c.peerIns)+len(c.routeDel)+len(c.routeIns)+len(c.probDel)+len(c.probIns) > c.maxEdits {
 		c.rebuild()
 		return true
 	}

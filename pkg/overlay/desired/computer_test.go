@@ -229,6 +229,10 @@ func walk(t *testing.T, ch choices, n, steps int, p Params) (seen map[string]int
 	if err != nil {
 		t.Fatal(err)
 	}
+	// Sometimes resort to rebuilding after a few edits already.
+	if v, _ := ch.intn(2); v == 0 {
+		c.maxEdits = 3
+	}
 	seen = map[string]int{}
 	var prev, prevCopy State
 	var log []string

@@ -21,12 +21,14 @@ import (
 // not send another for REKEY_TIMEOUT (5 s). When both first initiations
 // are lost, the new peer stays unreachable for 5 s. Re-adding the peer
 // (remove + add in one configuration call) resets its handshake state so
-// the device initiates again at once. Only peers without any handshake
-// since they were added are touched, so an established session is never
-// disturbed; after the last delay WireGuard's own retries take over.
+// the device initiates again at once. Only peers that have sent this node
+// nothing at all since they were added (no handshake, not one byte
+// received: WireGuard counts handshake messages) are touched, so neither
+// an established session nor one being set up is disturbed; after the
+// last delay WireGuard's own retries take over.
 // The delays leave a first handshake over a long-haul link (RTT of a few
 // hundred milliseconds) time to complete before the first kick.
-var kickDelays = []time.Duration{250 * time.Millisecond, 750 * time.Millisecond, 1500 * time.Millisecond, 3 * time.Second}
+var kickDelays = []time.Duration{100 * time.Millisecond, 300 * time.Millisecond, time.Second, 3 * time.Second}
 
 // kickState is one newly added peer waiting for its first handshake.
 type kickState struct {
@@ -129,8 +131,8 @@ func earliest(a, b time.Time) time.Time {
 	return a
 }
 
-// kickPeers re-adds each of peers that is still on the device and has had
-// no handshake since it was added, so that the device
+// kickPeers re-adds each of peers that is still on the device and has
+// received nothing since it was added, so that the device
 // initiates a handshake again at once. It returns the names of the peers
 // it re-added.
 func (a *Applier) kickPeers(peers []kickState) ([]string, error) {
@@ -152,8 +154,12 @@ func (a *Applier) kickPeers(peers []kickState) ([]string, error) {
 			continue
 		}
 		p, ok := live[key]
-		if !ok || p.LastHandshakeTime.After(k.added) {
-			continue // removed meanwhile, or the handshake happened
+		if !ok || p.LastHandshakeTime.After(k.added) || p.ReceiveBytes > 0 {
+			// Removed meanwhile, or the handshake happened, or one is
+			// under way: a handshake message from the peer arrived (a
+			// responder's session is only confirmed by the initiator's
+			// first data packet; re-adding would throw it away).
+			continue
 		}
 		if p.Endpoint == nil {
 			continue // nothing to initiate to

@@ -37,8 +37,14 @@ type ScaleOptions struct {
 	// idle watch on /cluster/ in its own client: every agent sees an
 	// N-node cluster and etcd fans every event out to N watchers, but
 	// only Live agents share this machine's cores.
-	Live   int
-	Trials int
+	Live int
+	// Passive registers the N-Live harness nodes and holds their watches
+	// until the returned stop is called. nil: RegisterPassive in this
+	// process. The bench command runs them in a child process, so that the
+	// CPU measured here is the live agents' alone (on a real cluster those
+	// watchers are other machines).
+	Passive func(ctx context.Context, n int) (stop func(), err error)
+	Trials  int
 	// StateDir holds the agents' state directories.
 	StateDir string
 	// Coalesce is each agent's settle window (default: meshd's default).
@@ -162,7 +168,11 @@ func Scale(ctx context.Context, o ScaleOptions) (ScaleResult, error) {
 		}
 	}()
 	if o.Live < o.N {
-		passive, err := registerPassive(ctx, o, o.N-o.Live)
+		register := o.Passive
+		if register == nil {
+			register = func(ctx context.Context, n int) (func(), error) { return RegisterPassive(ctx, o.NewClient, n) }
+		}
+		passive, err := register(ctx, o.N-o.Live)
 		if err != nil {
 			return res, err
 		}
@@ -307,12 +317,12 @@ func Scale(ctx context.Context, o ScaleOptions) (ScaleResult, error) {
 	return res, nil
 }
 
-// registerPassive registers n nodes the way their agents would (subnet
+// RegisterPassive registers n nodes the way their agents would (subnet
 // claim and member record through registry.ClaimMember, node entry on a
 // lease) and gives each an idle watch on /cluster/ in its own client. The
-// returned function stops the watches.
-func registerPassive(ctx context.Context, o ScaleOptions, n int) (func(), error) {
-	cli, err := o.NewClient()
+// returned function stops the watches and revokes the nodes' lease.
+func RegisterPassive(ctx context.Context, newClient func() (*clientv3.Client, error), n int) (func(), error) {
+	cli, err := newClient()
 	if err != nil {
 		return nil, err
 	}
@@ -345,7 +355,7 @@ func registerPassive(ctx context.Context, o ScaleOptions, n int) (func(), error)
 			stop()
 			return nil, err
 		}
-		wc, err := o.NewClient()
+		wc, err := newClient()
 		if err != nil {
 			stop()
 			return nil, err

@@ -31,11 +31,19 @@ import (
 )
 
 func main() {
-	if len(os.Args) > 1 && os.Args[1] == "serve-etcd" {
-		if err := serveEtcd(os.Args[2:]); err != nil {
-			log.Fatal(err)
+	if len(os.Args) > 1 {
+		switch os.Args[1] {
+		case "serve-etcd":
+			if err := serveEtcd(os.Args[2:]); err != nil {
+				log.Fatal(err)
+			}
+			return
+		case "passive-nodes":
+			if err := servePassive(os.Args[2:]); err != nil {
+				log.Fatal(err)
+			}
+			return
 		}
-		return
 	}
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
@@ -155,6 +163,13 @@ func run(ctx context.Context) error {
 		logf("scale N=%d ...", n)
 		s, err := bench.Scale(ctx, bench.ScaleOptions{
 			NewClient: newClient, MetricsURL: etcd.endpoint + "/metrics", N: n, Live: lives[i], Trials: *trials,
+			Passive: func(ctx context.Context, n int) (func(), error) {
+				p, _, err := startChild("passive-nodes", etcd.endpoint, strconv.Itoa(n))
+				if err != nil {
+					return nil, fmt.Errorf("passive nodes: %w", err)
+				}
+				return p.stop, nil
+			},
 			StateDir: filepath.Join(work, fmt.Sprintf("scale-%d", n)), Log: logf, AgentLog: alog,
 		})
 		if err != nil {
@@ -237,42 +252,44 @@ func write(res *bench.Results, dir string) error {
 	return nil
 }
 
-// etcdProc is the benchmark's etcd, a child process running serve-etcd.
-type etcdProc struct {
-	cmd      *exec.Cmd
-	stdin    io.WriteCloser
-	endpoint string
+// childProc is a child process of this binary (serve-etcd,
+// passive-nodes): it runs until its stdin closes.
+type childProc struct {
+	cmd   *exec.Cmd
+	stdin io.WriteCloser
 }
 
-func startEtcd(ctx context.Context, dir string) (*etcdProc, error) {
+// startChild runs this binary with args and waits for the child's first
+// line on stdout, which it returns (the child prints it once ready).
+func startChild(args ...string) (*childProc, string, error) {
 	self, err := os.Executable()
 	if err != nil {
-		return nil, err
+		return nil, "", err
 	}
-	cmd := exec.Command(self, "serve-etcd", dir)
+	cmd := exec.Command(self, args...)
 	cmd.Stderr = os.Stderr
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 	stdin, err := cmd.StdinPipe()
 	if err != nil {
-		return nil, err
+		return nil, "", err
 	}
 	stdout, err := cmd.StdoutPipe()
 	if err != nil {
-		return nil, err
+		return nil, "", err
 	}
 	if err := cmd.Start(); err != nil {
-		return nil, err
+		return nil, "", err
 	}
 	line, err := bufio.NewReader(stdout).ReadString('\n')
 	if err != nil {
 		_ = cmd.Process.Kill()
 		_ = cmd.Wait()
-		return nil, fmt.Errorf("etcd child: %w", err)
+		return nil, "", fmt.Errorf("%s child: %w", args[0], err)
 	}
-	return &etcdProc{cmd: cmd, stdin: stdin, endpoint: strings.TrimSpace(line)}, nil
+	return &childProc{cmd: cmd, stdin: stdin}, strings.TrimSpace(line), nil
 }
 
-func (p *etcdProc) stop() {
+func (p *childProc) stop() {
 	p.stdin.Close()
 	done := make(chan struct{})
 	go func() { _ = p.cmd.Wait(); close(done) }()
@@ -282,6 +299,44 @@ func (p *etcdProc) stop() {
 		_ = p.cmd.Process.Kill()
 		<-done
 	}
+}
+
+// etcdProc is the benchmark's etcd, a child process running serve-etcd.
+type etcdProc struct {
+	*childProc
+	endpoint string
+}
+
+func startEtcd(ctx context.Context, dir string) (*etcdProc, error) {
+	p, endpoint, err := startChild("serve-etcd", dir)
+	if err != nil {
+		return nil, err
+	}
+	return &etcdProc{childProc: p, endpoint: endpoint}, nil
+}
+
+// servePassive is the passive-nodes child: it registers N idle nodes
+// (bench.RegisterPassive) against the etcd at ENDPOINT, prints "ready",
+// and holds their watches until stdin closes.
+func servePassive(args []string) error {
+	if len(args) != 2 {
+		return errors.New("usage: bench passive-nodes ENDPOINT N")
+	}
+	n, err := strconv.Atoi(args[1])
+	if err != nil || n < 1 {
+		return fmt.Errorf("passive-nodes: bad count %q", args[1])
+	}
+	newClient := func() (*clientv3.Client, error) {
+		return clientv3.New(clientv3.Config{Endpoints: []string{args[0]}, DialTimeout: 5 * time.Second, Logger: zap.NewNop()})
+	}
+	stop, err := bench.RegisterPassive(context.Background(), newClient, n)
+	if err != nil {
+		return err
+	}
+	defer stop()
+	fmt.Println("ready")
+	_, _ = io.Copy(io.Discard, os.Stdin)
+	return nil
 }
 
 // serveEtcd is the child: an etcd on 127.0.0.1 until stdin closes.

@@ -18,11 +18,12 @@ import (
 // a State equal (cmp.Diff) to Compute(snap, self, p) and an error of the
 // same class and text. When few members changed since the previous call
 // it costs one pass of map lookups and struct compares over the members
-// plus copying the result; no member is re-validated and nothing is
-// re-sorted. Where incremental work would be intricate it falls back to
-// Compute for that call: this node's own record changed (every other
-// member's status depends on it), subnets of different lengths are in
-// play, or a member's Name differs from its key in the snapshot.
+// plus copying the result; no unchanged member is re-validated and
+// nothing is re-sorted. Where incremental work would be intricate it
+// does more for that call: when this node's own key or subnet changed it
+// reclassifies every cached member and sorts the output afresh; while
+// candidate subnets of different lengths are in play, or a member's Name
+// differs from its key in the snapshot, it returns Compute's result.
 //
 // Every returned State owns its slices: the Computer never modifies them
 // afterwards and never hands their backing arrays out again, so callers

@@ -47,11 +47,12 @@ type Computer struct {
 	misnamed int                       // entries whose Member.Name is not their key
 
 	// The current output, valid when outValid, sorted like State and
-	// updated in place: peers by the public key of e.shown.peer, routes
-	// (prefixKey4) and problems by member. Results are copies of it.
+	// updated in place. Peers lack AllowedIPs, which are in nets (same
+	// order). A result is a copy made with a few memmoves.
 	outValid bool
-	peers    []*entry
-	routes   []uint64
+	peers    []Peer
+	nets     []netip.Prefix
+	routes   []netip.Prefix
 	problems []Problem
 
 	// stats counts which path each call took, for the tests.
@@ -61,10 +62,11 @@ type Computer struct {
 	dirty       []*entry
 	touchKeys   map[string]struct{}
 	touchSubnet map[netip.Prefix]struct{}
-	peerDel     []*entry
-	peerIns     []*entry
-	routeDel    []uint64
-	routeIns    []uint64
+	peerDel     []string // public keys
+	peerIns     []peerRec
+	peerUpd     []peerRec // same key, other endpoint or name
+	routeDel    []netip.Prefix
+	routeIns    []netip.Prefix
 	probDel     []string
 	probIns     []Problem
 }
@@ -134,7 +136,7 @@ func (c *Computer) reset() {
 	c.touchKeys = map[string]struct{}{}
 	c.touchSubnet = map[netip.Prefix]struct{}{}
 	c.mixed, c.misnamed = 0, 0
-	c.peers, c.routes, c.problems = nil, nil, nil
+	c.peers, c.nets, c.routes, c.problems = nil, nil, nil, nil
 }
 
 // Compute returns what the package-level Compute returns for snap, self
@@ -327,21 +329,37 @@ func (c *Computer) want(e *entry) shown {
 
 // rebuild computes the whole output from the entries and sorts it.
 func (c *Computer) rebuild() {
-	c.peers, c.routes, c.problems = c.peers[:0], c.routes[:0], c.problems[:0]
+	recs := make([]peerRec, 0, len(c.entries))
+	keys := make([]uint64, 0, len(c.entries))
+	c.problems = c.problems[:0]
 	for _, e := range c.entries {
 		e.shown = c.want(e)
 		switch e.shown.kind {
 		case shownPeer:
-			c.peers = append(c.peers, e)
-			c.routes = append(c.routes, prefixKey4(e.shown.peer.subnet))
+			recs = append(recs, e.shown.peer)
+			keys = append(keys, prefixKey4(e.shown.peer.subnet))
 		case shownProblem:
 			c.problems = append(c.problems, e.shown.prob)
 		}
 	}
-	slices.SortFunc(c.peers, func(a, b *entry) int { return cmp.Compare(a.shown.peer.key, b.shown.peer.key) })
-	slices.Sort(c.routes)
+	slices.SortFunc(recs, func(a, b peerRec) int { return cmp.Compare(a.key, b.key) })
+	c.peers, c.nets = c.peers[:0], c.nets[:0]
+	for _, r := range recs {
+		c.peers = append(c.peers, c.peerOf(r))
+		c.nets = append(c.nets, r.subnet)
+	}
+	slices.Sort(keys)
+	c.routes = c.routes[:0]
+	for _, k := range keys {
+		c.routes = append(c.routes, unpackPrefix4(k))
+	}
 	slices.SortFunc(c.problems, compareProblem)
 	c.outValid = true
+}
+
+// peerOf is r as a Peer, without AllowedIPs.
+func (c *Computer) peerOf(r peerRec) Peer {
+	return Peer{Name: r.name, PublicKey: r.key, Endpoint: r.ep, Keepalive: c.p.Keepalive}
 }
 
 // defaultMaxEdits is how many output changes update applies one by one
@@ -354,7 +372,7 @@ const defaultMaxEdits = 64
 // output in place. It reports false if the output and the entries
 // disagree, which would be a bug.
 func (c *Computer) update() bool {
-	c.peerDel, c.peerIns = c.peerDel[:0], c.peerIns[:0]
+	c.peerDel, c.peerIns, c.peerUpd = c.peerDel[:0], c.peerIns[:0], c.peerUpd[:0]
 	c.routeDel, c.routeIns = c.routeDel[:0], c.routeIns[:0]
 	c.probDel, c.probIns = c.probDel[:0], c.probIns[:0]
 	for _, e := range c.dirty {
@@ -374,35 +392,44 @@ func (c *Computer) update() bool {
 		c.rebuild()
 		return true
 	}
-	// Deletions first: what stays is then sorted by its current keys,
-	// which the insertions' binary searches rely on.
-	for _, e := range c.peerDel {
-		i := slices.Index(c.peers, e)
-		if i < 0 {
+	// Deletions first, so an insertion never meets a stale element.
+	byKey := func(p Peer, k string) int { return cmp.Compare(p.PublicKey, k) }
+	for _, k := range c.peerDel {
+		i, found := slices.BinarySearchFunc(c.peers, k, byKey)
+		if !found {
 			return false
 		}
 		c.peers = slices.Delete(c.peers, i, i+1)
+		c.nets = slices.Delete(c.nets, i, i+1)
 	}
-	for _, e := range c.peerIns {
-		i, found := slices.BinarySearchFunc(c.peers, e.shown.peer.key, func(x *entry, k string) int { return cmp.Compare(x.shown.peer.key, k) })
+	for _, r := range c.peerUpd {
+		i, found := slices.BinarySearchFunc(c.peers, r.key, byKey)
+		if !found || c.nets[i] != r.subnet {
+			return false
+		}
+		c.peers[i] = c.peerOf(r)
+	}
+	for _, r := range c.peerIns {
+		i, found := slices.BinarySearchFunc(c.peers, r.key, byKey)
 		if found {
 			return false
 		}
-		c.peers = slices.Insert(c.peers, i, e)
+		c.peers = slices.Insert(c.peers, i, c.peerOf(r))
+		c.nets = slices.Insert(c.nets, i, r.subnet)
 	}
-	for _, k := range c.routeDel {
-		i, found := slices.BinarySearch(c.routes, k)
+	for _, p := range c.routeDel {
+		i, found := slices.BinarySearchFunc(c.routes, p, comparePrefix)
 		if !found {
 			return false
 		}
 		c.routes = slices.Delete(c.routes, i, i+1)
 	}
-	for _, k := range c.routeIns {
-		i, found := slices.BinarySearch(c.routes, k)
+	for _, p := range c.routeIns {
+		i, found := slices.BinarySearchFunc(c.routes, p, comparePrefix)
 		if found {
 			return false
 		}
-		c.routes = slices.Insert(c.routes, i, k)
+		c.routes = slices.Insert(c.routes, i, p)
 	}
 	for _, name := range c.probDel {
 		i, found := slices.BinarySearchFunc(c.problems, name, func(p Problem, n string) int { return cmp.Compare(p.Member, n) })
@@ -435,26 +462,26 @@ func (c *Computer) reevaluate(e *entry) {
 		return
 	}
 	e.shown = w
-	samePlace := old.kind == shownPeer && w.kind == shownPeer && old.peer.key == w.peer.key
-	sameRoute := old.kind == shownPeer && w.kind == shownPeer && old.peer.subnet == w.peer.subnet
+	bothPeers := old.kind == shownPeer && w.kind == shownPeer
+	if bothPeers && old.peer.key == w.peer.key && old.peer.subnet == w.peer.subnet {
+		c.peerUpd = append(c.peerUpd, w.peer)
+		return
+	}
+	sameRoute := bothPeers && old.peer.subnet == w.peer.subnet
 	switch old.kind {
 	case shownPeer:
-		if !samePlace {
-			c.peerDel = append(c.peerDel, e)
-		}
+		c.peerDel = append(c.peerDel, old.peer.key)
 		if !sameRoute {
-			c.routeDel = append(c.routeDel, prefixKey4(old.peer.subnet))
+			c.routeDel = append(c.routeDel, old.peer.subnet)
 		}
 	case shownProblem:
 		c.probDel = append(c.probDel, old.prob.Member)
 	}
 	switch w.kind {
 	case shownPeer:
-		if !samePlace {
-			c.peerIns = append(c.peerIns, e)
-		}
+		c.peerIns = append(c.peerIns, w.peer)
 		if !sameRoute {
-			c.routeIns = append(c.routeIns, prefixKey4(w.peer.subnet))
+			c.routeIns = append(c.routeIns, w.peer.subnet)
 		}
 	case shownProblem:
 		c.probIns = append(c.probIns, w.prob)
@@ -470,22 +497,17 @@ func (c *Computer) state() State {
 		RouteTable: cmp.Or(c.p.RouteTable, DefaultRouteTable),
 		Network:    c.p.Network,
 	}
-	if n := len(c.peers); n > 0 {
-		st.Peers = make([]Peer, n)
-		allowed := make([]netip.Prefix, n) // one backing array, as Compute
-		for i, e := range c.peers {
-			r := &e.shown.peer
-			allowed[i] = r.subnet
-			st.Peers[i] = Peer{Name: r.name, PublicKey: r.key, Endpoint: r.ep, AllowedIPs: allowed[i : i+1 : i+1], Keepalive: c.p.Keepalive}
+	if len(c.peers) > 0 {
+		st.Peers = slices.Clone(c.peers)
+		allowed := slices.Clone(c.nets) // one backing array, as Compute
+		for i := range st.Peers {
+			st.Peers[i].AllowedIPs = allowed[i : i+1 : i+1]
 		}
 	}
 	if c.p.RouteNetwork {
 		st.Routes = []netip.Prefix{c.p.Network}
 	} else if len(c.routes) > 0 {
-		st.Routes = make([]netip.Prefix, len(c.routes))
-		for i, k := range c.routes {
-			st.Routes[i] = unpackPrefix4(k)
-		}
+		st.Routes = slices.Clone(c.routes)
 	}
 	if len(c.problems) > 0 {
 		st.Problems = slices.Clone(c.problems)

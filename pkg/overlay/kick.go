@@ -11,30 +11,63 @@ import (
 	"github.com/meshd/meshd/pkg/overlay/desired"
 )
 
-// kickDelays are the times after a peer was added at which it is added
+// Kick schedules: the times after a peer was added at which it is added
 // afresh if it has still not completed a handshake.
 //
 // Why: when a node joins, it and every existing node add each other at
 // about the same moment, and each sends a handshake initiation at once.
-// An initiation that arrives before the receiver has configured the
-// sender (or before its device listens) is dropped, and WireGuard does
-// not send another for REKEY_TIMEOUT (5 s). When both first initiations
-// are lost, the new peer stays unreachable for 5 s. Re-adding the peer
-// (remove + add in one configuration call) resets its handshake state so
-// the device initiates again at once. Only peers that have sent this node
-// nothing at all since they were added (no handshake, not one byte
-// received: WireGuard counts handshake messages) are touched, so neither
-// an established session nor one being set up is disturbed; after the
-// last delay WireGuard's own retries take over.
-// The delays leave a first handshake over a long-haul link (RTT of a few
-// hundred milliseconds) time to complete before the first kick.
-var kickDelays = []time.Duration{100 * time.Millisecond, 300 * time.Millisecond, time.Second, 3 * time.Second}
+// Two things can then stall the pair for WireGuard's REKEY_TIMEOUT (5 s),
+// during which neither side sends another initiation:
+//   - both initiations arrive before the receiver has configured the
+//     sender (or before its device listens) and are dropped;
+//   - both arrive after: each side answers the other's initiation and
+//     so becomes the responder, and each then rejects the other's answer
+//     to its own initiation (it is no longer waiting for one). A
+//     responder's session is confirmed only by the initiator's first
+//     data packet, which neither side can send.
+//
+// Re-adding the peer (remove + add in one configuration call) resets its
+// handshake state so the device initiates again at once, while the other
+// side, having initiated recently, does not: the handshake completes in
+// one round trip. So that the two sides do not kick at the same moment
+// and cross again, only the side with the lower public key kicks early
+// (kickDelaysFirst); the other kicks later, as a fallback for a peer that
+// does not kick (kickDelaysSecond). Only peers without a completed
+// handshake since they were added are touched, so an established session
+// is never disturbed; after the last delay WireGuard's own retries take
+// over.
+//
+// Timing matters: a joining node creates its device at its first Apply,
+// after its member record is out, so the others' first initiations
+// usually find no device and the joiner's own initiations, sent once it
+// has configured everyone, complete the handshakes. Creating the device
+// before publishing the key (tried) lines both sides up and makes the
+// crossing case common: 5-15 s stalls in about a third of the joins at
+// N=8 in the sandbox, some of them (15 s) not cured by re-adding either.
+//
+// The first delay leaves a handshake over a long-haul link (RTT of
+// a few hundred milliseconds) time to complete; if it has not, a kick
+// costs one more round trip.
+var (
+	kickDelaysFirst  = []time.Duration{100 * time.Millisecond, 300 * time.Millisecond, time.Second, 3 * time.Second}
+	kickDelaysSecond = []time.Duration{time.Second, 3 * time.Second}
+)
+
+// kickDelays returns the schedule for a peer of the node whose public
+// key is self.
+func kickDelays(self, peer string) []time.Duration {
+	if self < peer {
+		return kickDelaysFirst
+	}
+	return kickDelaysSecond
+}
 
 // kickState is one newly added peer waiting for its first handshake.
 type kickState struct {
-	peer  desired.Peer
-	added time.Time
-	next  int // index into kickDelays of the next check
+	peer   desired.Peer
+	added  time.Time
+	delays []time.Duration
+	next   int // index into delays of the next check
 }
 
 // noteAdded records the peers plan added (with an endpoint to initiate
@@ -48,7 +81,7 @@ func (c *Component) noteAdded(plan desired.Plan, now time.Time) {
 			if c.kicks == nil {
 				c.kicks = map[string]*kickState{}
 			}
-			c.kicks[pc.Peer.PublicKey] = &kickState{peer: pc.Peer, added: now}
+			c.kicks[pc.Peer.PublicKey] = &kickState{peer: pc.Peer, added: now, delays: kickDelays(c.PublicKey(), pc.Peer.PublicKey)}
 			n++
 		case pc.Op == desired.OpRemove:
 			delete(c.kicks, pc.Peer.PublicKey)
@@ -64,7 +97,7 @@ func (c *Component) noteAdded(plan desired.Plan, now time.Time) {
 }
 
 // kickLoop re-adds peers that have not completed a first handshake, at
-// kickDelays after they were added. It runs until ctx ends.
+// their kick schedule's delays after they were added. It runs until ctx ends.
 func (c *Component) kickLoop(ctx context.Context) {
 	timer := time.NewTimer(time.Hour)
 	defer timer.Stop()
@@ -108,18 +141,18 @@ func (c *Component) dueKicks(now time.Time) (next time.Time, due []kickState) {
 	c.kmu.Lock()
 	defer c.kmu.Unlock()
 	for key, k := range c.kicks {
-		at := k.added.Add(kickDelays[k.next])
+		at := k.added.Add(k.delays[k.next])
 		if at.After(now) {
 			next = earliest(next, at)
 			continue
 		}
 		due = append(due, *k)
 		k.next++
-		if k.next == len(kickDelays) {
+		if k.next == len(k.delays) {
 			delete(c.kicks, key)
 			continue
 		}
-		next = earliest(next, k.added.Add(kickDelays[k.next]))
+		next = earliest(next, k.added.Add(k.delays[k.next]))
 	}
 	return next, due
 }
@@ -132,7 +165,7 @@ func earliest(a, b time.Time) time.Time {
 }
 
 // kickPeers re-adds each of peers that is still on the device and has
-// received nothing since it was added, so that the device
+// completed no handshake since it was added, so that the device
 // initiates a handshake again at once. It returns the names of the peers
 // it re-added.
 func (a *Applier) kickPeers(peers []kickState) ([]string, error) {
@@ -154,12 +187,8 @@ func (a *Applier) kickPeers(peers []kickState) ([]string, error) {
 			continue
 		}
 		p, ok := live[key]
-		if !ok || p.LastHandshakeTime.After(k.added) || p.ReceiveBytes > 0 {
-			// Removed meanwhile, or the handshake happened, or one is
-			// under way: a handshake message from the peer arrived (a
-			// responder's session is only confirmed by the initiator's
-			// first data packet; re-adding would throw it away).
-			continue
+		if !ok || p.LastHandshakeTime.After(k.added) {
+			continue // removed meanwhile, or the handshake happened
 		}
 		if p.Endpoint == nil {
 			continue // nothing to initiate to

@@ -47,7 +47,10 @@ type RecomputeRow struct {
 	// SnapshotInstance and SnapshotMember are the snapshot after one
 	// instance change and after one member change.
 	SnapshotInstance, SnapshotMember time.Duration
-	HAProxy, Overlay                 time.Duration
+	// HAProxy and Overlay are the full computations (desired.Compute);
+	// OverlayIncremental is what meshd runs: a desired.Computer given a
+	// snapshot in which one member changed since its previous call.
+	HAProxy, Overlay, OverlayIncremental time.Duration
 }
 
 // recomputeParts are the measured parts of one pass.
@@ -78,8 +81,33 @@ func recomputeParts(s *registry.Store) map[string]func() {
 			haproxycfg.Compute(snap, haproxycfg.Params{Self: "s0001", Consume: []registry.Group{registry.GroupBackends}})
 		},
 		"overlay": func() {
-			_, _ = desired.Compute(snap, "s0001", desired.Params{Network: netip.MustParsePrefix("10.0.0.0/8")})
+			_, _ = desired.Compute(snap, "s0001", overlayParams)
 		},
+		"overlay-incremental": overlayIncremental(s),
+	}
+}
+
+var overlayParams = desired.Params{Network: netip.MustParsePrefix("10.0.0.0/8")}
+
+// overlayIncremental returns a pass of a desired.Computer over two
+// snapshots of s that differ in one member's endpoint, alternately: every
+// call sees exactly one changed member.
+func overlayIncremental(s *registry.Store) func() {
+	a := s.Snapshot()
+	m := a.Members["s0000"]
+	m.Endpoint = "192.0.2.1:50000"
+	raw, _ := json.Marshal(m)
+	s.Put(registry.KV{Key: registry.MemberKey("s0000"), Value: raw, Lease: 1}, a.Revision+1)
+	b := s.Snapshot()
+	c, err := desired.NewComputer("s0001", overlayParams)
+	if err != nil {
+		panic(err) // constant, valid params
+	}
+	snaps := [2]*registry.Snapshot{a, b}
+	i := 0
+	return func() {
+		i ^= 1
+		_, _ = c.Compute(snaps[i])
 	}
 }
 
@@ -99,7 +127,8 @@ func Recompute(ns []int) []RecomputeRow {
 			return time.Duration(r.NsPerOp())
 		}
 		rows = append(rows, RecomputeRow{N: n, SnapshotInstance: per(parts["snapshot-instance"]),
-			SnapshotMember: per(parts["snapshot-member"]), HAProxy: per(parts["haproxy"]), Overlay: per(parts["overlay"])})
+			SnapshotMember: per(parts["snapshot-member"]), HAProxy: per(parts["haproxy"]), Overlay: per(parts["overlay"]),
+			OverlayIncremental: per(parts["overlay-incremental"])})
 	}
 	return rows
 }

@@ -5,7 +5,6 @@ import (
 	"encoding/json"
 	"fmt"
 	"log/slog"
-	"net/netip"
 	"os"
 	"path/filepath"
 	"runtime"
@@ -93,6 +92,8 @@ type recorder struct {
 	consume []registry.Group
 	onApply func(node string, rev int64)
 
+	overlay *desired.Computer // what meshd's overlay component runs
+
 	mu         sync.Mutex
 	rev        int64
 	servers    int
@@ -108,7 +109,7 @@ func (r *recorder) Apply(ctx context.Context, snap *registry.Snapshot) error {
 	// Like the real overlay component: recompute only when the members
 	// part of the snapshot changed.
 	if snap.Gen.Members != r.membersGen {
-		od, _ := desired.Compute(snap, r.self, desired.Params{Network: netip.MustParsePrefix("10.0.0.0/8")})
+		od, _ := r.overlay.Compute(snap)
 		r.peers, r.membersGen = len(od.Peers), snap.Gen.Members
 	}
 	r.rev, r.servers = snap.Revision, hd.Servers()
@@ -381,7 +382,11 @@ func startAgent(actx context.Context, o ScaleOptions, name string, i int, applie
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return err
 	}
-	rec := &recorder{self: name, consume: []registry.Group{registry.GroupBackends}, onApply: applied.report}
+	oc, err := desired.NewComputer(name, overlayParams)
+	if err != nil {
+		return err
+	}
+	rec := &recorder{self: name, consume: []registry.Group{registry.GroupBackends}, onApply: applied.report, overlay: oc}
 	ip := fmt.Sprintf("192.0.2.%d", i%250+1)
 	a, err := agent.New(agent.Options{
 		Client: cli, Node: name, ID: randomHex(16), PublicIPv4: ip,

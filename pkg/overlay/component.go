@@ -75,6 +75,13 @@ type Component struct {
 	applier *Applier
 	metrics *metrics
 
+	// computer is desired.Compute with memory: a change of k members costs
+	// O(k log N) plus one cheap pass, not a full recomputation. cmu
+	// serialises it (the agent calls Apply from one goroutine; cmu keeps
+	// that an implementation detail).
+	cmu      sync.Mutex
+	computer *desired.Computer
+
 	mu       sync.Mutex
 	target   *desired.State // newest desired state (applied or being retried)
 	gen      uint64         // bumped whenever target is replaced
@@ -112,7 +119,8 @@ func New(opts Options, log *slog.Logger, reg prometheus.Registerer) (*Component,
 	if err := registry.ValidName(opts.Self); err != nil {
 		return nil, fmt.Errorf("overlay: node name: %w", err)
 	}
-	if _, err := desired.Compute(&registry.Snapshot{}, opts.Self, opts.params()); err != nil && !errors.Is(err, desired.ErrNoSelf) {
+	computer, err := desired.NewComputer(opts.Self, opts.params())
+	if err != nil {
 		return nil, fmt.Errorf("overlay: %w", err)
 	}
 	key, err := LoadOrCreateKey(opts.StateDir)
@@ -135,7 +143,7 @@ func New(opts Options, log *slog.Logger, reg prometheus.Registerer) (*Component,
 		return nil, fmt.Errorf("overlay: %w", err)
 	}
 	ctx, cancel := context.WithCancel(context.Background())
-	return &Component{opts: opts, log: log, key: key, applier: app, metrics: m, ctx: ctx, cancel: cancel,
+	return &Component{opts: opts, log: log, key: key, applier: app, metrics: m, computer: computer, ctx: ctx, cancel: cancel,
 		done: make(chan struct{}), kickWake: make(chan struct{}, 1)}, nil
 }
 
@@ -195,7 +203,9 @@ func (c *Component) Apply(ctx context.Context, snap *registry.Snapshot) error {
 		return nil
 	}
 	c.mu.Unlock()
-	st, err := desired.Compute(snap, c.opts.Self, c.opts.params())
+	c.cmu.Lock()
+	st, err := c.computer.Compute(snap)
+	c.cmu.Unlock()
 	c.mu.Lock()
 	c.membersGen = snap.Gen.Members
 	if errors.Is(err, desired.ErrNoSelf) {

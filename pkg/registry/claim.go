@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"math/rand/v2"
 	"net/netip"
 
 	clientv3 "go.etcd.io/etcd/client/v3"
@@ -57,6 +58,23 @@ func PickSubnet(pool Pool, used map[netip.Prefix]bool, prefer netip.Prefix) (net
 	return netip.Prefix{}, ErrPoolExhausted
 }
 
+// spreadPick returns one of the first n free subnets from lowest (the
+// lowest free one) on, at random.
+func spreadPick(pool Pool, used map[netip.Prefix]bool, lowest netip.Prefix, n int) netip.Prefix {
+	step := uint32(1) << (32 - pool.Bits)
+	free := []netip.Prefix{lowest}
+	for a := u32(lowest.Addr()) + step; len(free) < n && a > u32(lowest.Addr()); a += step {
+		p := netip.PrefixFrom(addrOf(a), pool.Bits)
+		if pool.Max.Less(p.Addr()) {
+			break
+		}
+		if !used[p] {
+			free = append(free, p)
+		}
+	}
+	return free[rand.IntN(len(free))]
+}
+
 func u32(a netip.Addr) uint32 {
 	b := a.As4()
 	return uint32(b[0])<<24 | uint32(b[1])<<16 | uint32(b[2])<<8 | uint32(b[3])
@@ -77,7 +95,9 @@ type flannelLease struct {
 // of its flannel lease (matched by public IPv4) when one exists, otherwise
 // takes the lowest free subnet. The claim is a create-only transaction, so
 // two nodes asking at once never get the same subnet: the loser re-reads
-// and picks again.
+// and picks again, at random among the lowest few free subnets (more each
+// time it loses), so that a fleet booting at once does not queue up for
+// one subnet after another.
 //
 // want carries Name, PublicKey, Endpoint and Recipient; Subnet and
 // OverlayIP are filled in.
@@ -86,7 +106,7 @@ func ClaimMember(ctx context.Context, cli *clientv3.Client, want Member, pool Po
 		return Member{}, err
 	}
 	for attempt := 0; attempt < 64; attempt++ {
-		m, done, err := claimOnce(ctx, cli, want, pool, publicIPv4)
+		m, done, err := claimOnce(ctx, cli, want, pool, publicIPv4, min(1<<(3*min(attempt, 4)), 1024))
 		if err != nil || done {
 			return m, err
 		}
@@ -94,7 +114,9 @@ func ClaimMember(ctx context.Context, cli *clientv3.Client, want Member, pool Po
 	return Member{}, fmt.Errorf("claim subnet for %s: too much contention", want.Name)
 }
 
-func claimOnce(ctx context.Context, cli *clientv3.Client, want Member, pool Pool, publicIPv4 string) (Member, bool, error) {
+// claimOnce makes one attempt; a new subnet is picked among the spread
+// lowest free ones.
+func claimOnce(ctx context.Context, cli *clientv3.Client, want Member, pool Pool, publicIPv4 string, spread int) (Member, bool, error) {
 	resp, err := cli.Txn(ctx).Then(
 		clientv3.OpGet(MemberKey(want.Name)),
 		clientv3.OpGet(SubnetsPrefix, clientv3.WithPrefix()),
@@ -151,6 +173,9 @@ func claimOnce(ctx context.Context, cli *clientv3.Client, want Member, pool Pool
 		}
 	}
 	p, err := PickSubnet(pool, used, prefer)
+	if err == nil && p != prefer && spread > 1 {
+		p = spreadPick(pool, used, p, spread)
+	}
 	if err != nil {
 		return Member{}, false, fmt.Errorf("claim subnet for %s: %w", want.Name, err)
 	}

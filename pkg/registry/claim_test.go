@@ -7,6 +7,8 @@ import (
 	"sync"
 	"testing"
 
+	clientv3 "go.etcd.io/etcd/client/v3"
+
 	"github.com/meshd/meshd/pkg/etcdtest"
 	"github.com/meshd/meshd/pkg/registry"
 )
@@ -136,4 +138,63 @@ func pubKey(i int) string {
 	s := fmt.Sprintf("%02d", i)
 	copy(b[0:], s)
 	return string(b)
+}
+
+// TestClaimMemberHerd: a fleet booting at once. All 100 simultaneous
+// claims succeed, with distinct subnets.
+func TestClaimMemberHerd(t *testing.T) {
+	srv := etcdtest.New(t)
+	got, errs := claimHerd(t, srv, 0, 100)
+	seen := map[netip.Prefix]string{}
+	for i, m := range got {
+		if errs[i] != nil {
+			t.Fatalf("herd%03d: %v", i, errs[i])
+		}
+		if other, dup := seen[m.Subnet]; dup {
+			t.Fatalf("%s and %s both got %v", other, m.Name, m.Subnet)
+		}
+		seen[m.Subnet] = m.Name
+	}
+}
+
+// BenchmarkClaimHerd is the time for 100 nodes claiming at once (losers
+// re-read every claim and pick again).
+func BenchmarkClaimHerd(b *testing.B) {
+	srv := etcdtest.New(b)
+	round := 0
+	for b.Loop() {
+		_, errs := claimHerd(b, srv, round, 100)
+		for _, err := range errs {
+			if err != nil {
+				b.Fatal(err)
+			}
+		}
+		round++
+	}
+}
+
+// claimHerd runs n simultaneous ClaimMember calls over ten clients.
+func claimHerd(t testing.TB, srv *etcdtest.Server, round, n int) ([]registry.Member, []error) {
+	ctx := context.Background()
+	clients := make([]*clientv3.Client, 10) // ten connections' worth of contention
+	for i := range clients {
+		clients[i] = etcdtest.NewClient(t, srv)
+	}
+	got := make([]registry.Member, n)
+	errs := make([]error, n)
+	start := make(chan struct{})
+	var wg sync.WaitGroup
+	for i := range n {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			<-start
+			got[i], errs[i] = registry.ClaimMember(ctx, clients[i%len(clients)], registry.Member{
+				Name: fmt.Sprintf("h%d-%03d", round, i), PublicKey: pubKey(i),
+			}, registry.DefaultPool, "")
+		}()
+	}
+	close(start)
+	wg.Wait()
+	return got, errs
 }

@@ -202,7 +202,10 @@ func Scale(ctx context.Context, o ScaleOptions) (ScaleResult, error) {
 	rss0 := rss()
 	startAll := time.Now()
 	errs := make(chan error, o.N)
-	upctx, cancel := context.WithTimeout(ctx, 5*time.Minute+time.Duration(o.N)*100*time.Millisecond)
+	// Start-up budget: every join makes every running agent recompute and
+	// etcd fan the event out to all of them, so bringing N agents up on
+	// one machine costs O(N²) (1000 live agents: minutes on two cores).
+	upctx, cancel := context.WithTimeout(ctx, 5*time.Minute+time.Duration(o.N)*time.Duration(o.N)*time.Millisecond/2)
 	defer cancel()
 	go func() {
 		select {

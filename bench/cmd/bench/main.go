@@ -73,7 +73,7 @@ func run(ctx context.Context) error {
 		out        = flag.String("out", "bench", "directory for RESULTS.md, convergence.png and results.json")
 		trials     = flag.Int("trials", 20, "trials per scenario")
 		killTrials = flag.Int("kill-trials", 5, "node-kill trials per sandbox size (each lasts about the 3 s lease TTL)")
-		scaleN     = flag.String("scale", "8,100,1000:100", "scale benchmark sizes, N or N:LIVE (N nodes of which LIVE run a real agent in this process; the floor runs at each N)")
+		scaleN     = flag.String("scale", "8,100,1000", "scale benchmark sizes, N or N:LIVE (N nodes of which LIVE run a real agent in this process; the floor runs at each N)")
 		fidN       = flag.String("fidelity", "3,8", "sandbox sizes for the full-fidelity benchmark (needs root)")
 		traefikBin = flag.String("traefik", os.Getenv("TRAEFIK_BIN"), "Traefik v3 binary for the peer comparison (env TRAEFIK_BIN); empty skips it")
 		traefikN   = flag.String("traefik-n", "8", "Traefik instance counts (each must also be in -scale for the ratio)")

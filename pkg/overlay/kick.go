@@ -41,9 +41,14 @@ import (
 // after its member record is out, so the others' first initiations
 // usually find no device and the joiner's own initiations, sent once it
 // has configured everyone, complete the handshakes. Creating the device
-// before publishing the key (tried) lines both sides up and makes the
-// crossing case common: 5-15 s stalls in about a third of the joins at
-// N=8 in the sandbox, some of them (15 s) not cured by re-adding either.
+// before publishing the key (tried) lines both sides up and makes
+// crossing common: 5-15 s stalls in about a third of the joins at N=8 in
+// the sandbox. The 15 s ones are not cured by re-adding: with
+// wireguard-go's verbose log, both sides record a completed handshake
+// (crossing initiations and responses handled concurrently) yet the
+// sender hears nothing back until WireGuard's own "no reply for 15 s"
+// rekey. A node whose device comes up fast (kernel WireGuard) may meet
+// that; see the session notes.
 //
 // The first delay leaves a handshake over a long-haul link (RTT of
 // a few hundred milliseconds) time to complete; if it has not, a kick

@@ -59,6 +59,12 @@ type Options struct {
 	// Ready is called once the first reconcile pass has finished (or the
 	// agent has given up waiting for etcd at start), for sd_notify.
 	Ready func()
+	// KeepLeaseOnStop is asked when Run ends because its context ended
+	// (a clean stop): true leaves the lease, and so the node entry,
+	// instances and status, alive for the next meshd process to resume,
+	// as after a crash; false (and nil) revokes it, so every node learns
+	// at once that this node left.
+	KeepLeaseOnStop func() bool
 	// Heartbeat is called on every loop iteration and periodically while
 	// idle, for the systemd watchdog.
 	Heartbeat func()
@@ -156,7 +162,8 @@ func (a *Agent) Status() registry.Status {
 
 // Run runs the agent until ctx ends or the node name turns out to belong to
 // another node. On return after ctx ends it has revoked its lease, so peers
-// learn at once that the node left.
+// learn at once that the node left, unless KeepLeaseOnStop says to keep it
+// for the next process.
 func (a *Agent) Run(ctx context.Context) error {
 	g, gctx := errgroup.WithContext(ctx)
 	watch := func(prefix string) {
@@ -176,7 +183,11 @@ func (a *Agent) Run(ctx context.Context) error {
 		g.Go(func() error { a.checkLoop(gctx, i); return nil })
 	}
 	err := g.Wait()
-	a.revoke()
+	if ctx.Err() != nil && a.o.KeepLeaseOnStop != nil && a.o.KeepLeaseOnStop() {
+		a.log.Info("stopping, lease kept for the next meshd to resume", "ttl", a.o.LeaseTTL)
+	} else {
+		a.revoke()
+	}
 	if errors.Is(err, ErrNodeOwned) {
 		return err
 	}

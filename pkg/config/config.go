@@ -56,6 +56,15 @@ type Config struct {
 	// LeaseTTL is the presence lease: a node that stops renewing it
 	// vanishes from every other node's view after this long.
 	LeaseTTL Duration `json:"leaseTTL"`
+	// OnStop is what a clean stop (SIGTERM) does with the node's lease:
+	// OnStopRevoke gives it back, so every node drops this node's entry
+	// and instances at once; OnStopKeep leaves it for the next meshd
+	// process to resume, so a restart changes nothing anywhere (a node
+	// that does not come back vanishes after LeaseTTL, its instances with
+	// it); OnStopAuto (the default) keeps it unless systemd reports that
+	// the system is shutting down, and revokes it where there is no
+	// systemd to ask.
+	OnStop string `json:"onStop"`
 	// Coalesce is how long the reconcile loop waits for a burst of etcd
 	// events to settle before recomputing.
 	Coalesce Duration `json:"coalesce"`
@@ -176,6 +185,13 @@ type SecretUse struct {
 	Action string `json:"action,omitempty"`
 }
 
+// The values of Config.OnStop.
+const (
+	OnStopAuto   = "auto"
+	OnStopRevoke = "revoke"
+	OnStopKeep   = "keep"
+)
+
 // Default returns the configuration with every default filled in.
 func Default() Config {
 	host, _ := os.Hostname()
@@ -183,6 +199,7 @@ func Default() Config {
 		NodeName:    host,
 		StateDir:    "/var/lib/meshd",
 		LeaseTTL:    Duration(10 * time.Second),
+		OnStop:      OnStopAuto,
 		Coalesce:    Duration(5 * time.Millisecond),
 		MetricsAddr: "127.0.0.1:9464",
 		Etcd: Etcd{
@@ -267,6 +284,11 @@ func (c *Config) Validate() error {
 	}
 	if c.LeaseTTL.D() < 2*time.Second || c.LeaseTTL.D() > time.Hour {
 		bad("leaseTTL %v: want between 2s and 1h", c.LeaseTTL.D())
+	}
+	switch c.OnStop {
+	case OnStopAuto, OnStopRevoke, OnStopKeep:
+	default:
+		bad("onStop %q: want %q, %q or %q", c.OnStop, OnStopAuto, OnStopRevoke, OnStopKeep)
 	}
 	if c.Coalesce.D() < 0 || c.Coalesce.D() > 10*time.Second {
 		bad("coalesce %v: want between 0 and 10s", c.Coalesce.D())

@@ -46,6 +46,7 @@ func TestValidateNamesEveryProblem(t *testing.T) {
 	c := Default()
 	c.NodeName = "x\ny"
 	c.LeaseTTL = Duration(time.Millisecond)
+	c.OnStop = "linger"
 	c.Etcd.Endpoints = nil
 	c.Etcd.CertFile = "/c"
 	c.Instances = []Instance{{App: "a", Group: "backends", Port: 1}, {App: "a", Group: "backends", Port: 2}}
@@ -56,7 +57,7 @@ func TestValidateNamesEveryProblem(t *testing.T) {
 	c.Secrets.WithKey = "null"
 	c.Secrets.Units = map[string]SecretUse{"db": {Action: "kill"}}
 	err := c.Validate()
-	for _, want := range []string{"nodeName", "leaseTTL", "etcd.endpoints", "certFile and keyFile", "declared twice",
+	for _, want := range []string{"nodeName", "leaseTTL", "onStop", "etcd.endpoints", "certFile and keyFile", "declared twice",
 		"overlay.interface", "overlay.mode", "overlay.routeTable", "haproxy.configPath", "secrets.withKey", "action"} {
 		if err == nil || !strings.Contains(err.Error(), want) {
 			t.Errorf("error %v does not mention %s", err, want)

@@ -72,6 +72,7 @@ func Run(ctx context.Context, cfg config.Config, log *slog.Logger, version strin
 		Member: parts.member, AdvertiseIP: advertiseIP(cfg),
 		Instances: instances, Components: parts.components, Secrets: cfg.Secrets.Enable,
 		Log: log, Registerer: reg, Ready: notify.ready, Heartbeat: notify.heartbeat,
+		KeepLeaseOnStop: keepLeaseOnStop(cfg.OnStop, newDBusUnits().SystemState, log),
 	})
 	if err != nil {
 		return err

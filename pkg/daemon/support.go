@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net/http"
+	"strings"
 	"sync"
 	"time"
 
@@ -13,6 +14,8 @@ import (
 	sddbus "github.com/coreos/go-systemd/v22/dbus"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
+
+	"github.com/meshd/meshd/pkg/config"
 )
 
 func promHandler(reg *prometheus.Registry) http.Handler {
@@ -83,15 +86,67 @@ type dbusUnits struct {
 
 func newDBusUnits() *dbusUnits { return &dbusUnits{} }
 
-func (d *dbusUnits) ActiveState(ctx context.Context, unit string) (string, error) {
-	d.mu.Lock()
-	defer d.mu.Unlock()
+// connectLocked opens the D-Bus connection if there is none.
+func (d *dbusUnits) connectLocked(ctx context.Context) error {
 	if d.conn == nil {
 		c, err := sddbus.NewSystemConnectionContext(ctx)
 		if err != nil {
-			return "", fmt.Errorf("connect to systemd: %w", err)
+			return fmt.Errorf("connect to systemd: %w", err)
 		}
 		d.conn = c
+	}
+	return nil
+}
+
+// SystemState is systemd's manager state: "running", "degraded", ...,
+// "stopping" while the system shuts down.
+func (d *dbusUnits) SystemState(ctx context.Context) (string, error) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if err := d.connectLocked(ctx); err != nil {
+		return "", err
+	}
+	v, err := d.conn.GetManagerProperty("SystemState")
+	if err != nil {
+		d.conn.Close()
+		d.conn = nil
+		return "", fmt.Errorf("systemd SystemState: %w", err)
+	}
+	return strings.Trim(v, `"`), nil
+}
+
+// keepLeaseOnStop is the agent's KeepLeaseOnStop for config.OnStop:
+// "keep" always, "revoke" never, "auto" unless the system is shutting
+// down (asked of systemd through systemState; without an answer, revoke,
+// as a node that may not come back should).
+func keepLeaseOnStop(policy string, systemState func(context.Context) (string, error), log *slog.Logger) func() bool {
+	switch policy {
+	case config.OnStopKeep:
+		return func() bool { return true }
+	case config.OnStopRevoke:
+		return nil
+	}
+	return func() bool {
+		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+		defer cancel()
+		st, err := systemState(ctx)
+		if err != nil {
+			log.Info("cannot tell whether the system is shutting down: revoking the lease", "err", err)
+			return false
+		}
+		if st == "stopping" {
+			log.Info("system shutting down: revoking the lease")
+			return false
+		}
+		return true
+	}
+}
+
+func (d *dbusUnits) ActiveState(ctx context.Context, unit string) (string, error) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if err := d.connectLocked(ctx); err != nil {
+		return "", err
 	}
 	p, err := d.conn.GetUnitPropertyContext(ctx, unit, "ActiveState")
 	if err != nil {

@@ -138,6 +138,7 @@ func (a *Agent) loop(ctx context.Context) {
 			}
 		}
 		a.metrics.duration.Observe(time.Since(start).Seconds())
+		a.log.Debug("reconcile pass", "rev", snap.Revision, "members", len(snap.Members), "took", time.Since(start), "ok", allOK)
 		if allOK {
 			lastApplied = snap
 			// A pass that kept removed instances has not applied its

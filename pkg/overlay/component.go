@@ -257,7 +257,7 @@ func (c *Component) set(ctx context.Context, st desired.State, gen uint64, why s
 		c.log.Warn("overlay apply failed", "why", why, "err", err)
 		return fmt.Errorf("overlay: %w", err)
 	}
-	c.noteAdded(plan, time.Now())
+	c.noteAdded(plan, len(st.Peers), time.Now())
 	if !plan.Empty() {
 		c.log.Info("overlay changed", "why", why, "peerChanges", len(plan.Peers),
 			"routesAdded", len(plan.AddRoutes), "routesDeleted", len(plan.DelRoutes))

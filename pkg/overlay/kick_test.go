@@ -1,8 +1,11 @@
 package overlay
 
 import (
+	"slices"
 	"testing"
 	"time"
+
+	"golang.zx2c4.com/wireguard/wgctrl/wgtypes"
 
 	"github.com/meshd/meshd/pkg/registry"
 )
@@ -12,8 +15,8 @@ import (
 // handshake initiation is lost, and n1 knows no endpoint for n0, so it
 // cannot initiate either. WireGuard alone would try again only after
 // REKEY_TIMEOUT (5 s); the kick loop re-adds the peer and the handshake
-// completes well within that (n0 kicks at 100 ms or, when its key is the
-// higher one, at 1 s).
+// completes well within that (n0, whose device had no peers, is the
+// joining side and kicks from about 100 ms).
 func TestLostFirstHandshakeIsRetried(t *testing.T) {
 	l := newLab(t, false)
 	n := []*node{l.addNode(0), l.addNode(1)}
@@ -39,8 +42,60 @@ func TestLostFirstHandshakeIsRetried(t *testing.T) {
 	}
 	// An established session is left alone by later kicks.
 	h := settledHandshake(t, n[0], k1)
-	time.Sleep(max(kickDelaysFirst[len(kickDelaysFirst)-1], kickDelaysSecond[len(kickDelaysSecond)-1]))
+	time.Sleep(time.Duration(float64(kickDelaysJoiner[len(kickDelaysJoiner)-1]) * (1 + kickJitter)))
 	if got := handshake(t, n[0], k1); !got.Equal(h) {
 		t.Errorf("the kick loop re-handshook an established peer: %v -> %v", h, got)
+	}
+}
+
+// TestNeedsKick: the decision, check by check, from the live peer.
+func TestNeedsKick(t *testing.T) {
+	added := time.Date(2026, 11, 22, 1, 0, 0, 0, time.UTC)
+	hs := added.Add(20 * time.Millisecond)
+	peer := func(handshake time.Time, rx, tx int64) wgtypes.Peer {
+		return wgtypes.Peer{LastHandshakeTime: handshake, ReceiveBytes: rx, TransmitBytes: tx}
+	}
+	for _, c := range []struct {
+		name  string
+		steps []wgtypes.Peer
+		want  []bool
+	}{
+		{"no handshake yet", []wgtypes.Peer{peer(time.Time{}, 148, 92)}, []bool{true}},
+		{"handshake before the add (an older session)", []wgtypes.Peer{peer(added.Add(-time.Second), 0, 0)}, []bool{true}},
+		{"healthy: both directions", []wgtypes.Peer{peer(hs, 180, 124), peer(hs, 400, 300)}, []bool{false, false}},
+		{"silent session", []wgtypes.Peer{peer(hs, 180, 124), peer(hs, 180, 124)}, []bool{false, false}},
+		{"only receiving", []wgtypes.Peer{peer(hs, 180, 124), peer(hs, 900, 124)}, []bool{false, false}},
+		{"sending into the void", []wgtypes.Peer{peer(hs, 180, 124), peer(hs, 180, 700)}, []bool{false, true}},
+		{"new handshake since", []wgtypes.Peer{peer(hs, 180, 124), peer(hs.Add(time.Second), 180, 700)}, []bool{false, false}},
+		{"after a kick the baseline starts again", []wgtypes.Peer{peer(hs, 180, 124), peer(hs, 180, 700), peer(hs, 180, 900)}, []bool{false, true, false}},
+	} {
+		k := &kickState{added: added}
+		for i, p := range c.steps {
+			if got, _ := k.needsKick(p); got != c.want[i] {
+				t.Errorf("%s: check %d: needsKick = %v, want %v", c.name, i, got, c.want[i])
+			}
+		}
+	}
+}
+
+// A joiner kicks first, even with its jitter, and never at the same
+// moment as an established node.
+func TestKickSchedules(t *testing.T) {
+	for range 100 {
+		j := kickDelays(true)
+		if max := kickDelaysJoiner[0] + time.Duration(float64(kickDelaysJoiner[0])*kickJitter); j[0] > max {
+			t.Fatalf("joiner's first kick at %v, beyond %v", j[0], max)
+		}
+		if j[0] >= kickDelaysEstablished[0] || j[1] >= kickDelaysEstablished[0] {
+			t.Fatalf("joiner schedule %v does not lead the established %v", j, kickDelaysEstablished)
+		}
+		for _, d := range j {
+			if slices.Contains(kickDelaysEstablished, d) {
+				t.Fatalf("both schedules kick at %v", d)
+			}
+		}
+	}
+	if !slices.Equal(kickDelays(false), kickDelaysEstablished) {
+		t.Error("established schedule is not the fixed one")
 	}
 }

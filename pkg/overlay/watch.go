@@ -198,7 +198,7 @@ func (c *Component) repair(ctx context.Context, why string) {
 		}
 		return
 	}
-	c.noteAdded(plan, time.Now())
+	c.noteAdded(plan, len(t.Peers), time.Now())
 	if !plan.Empty() {
 		c.metrics.repairs.Inc()
 		c.log.Info("overlay repaired", "why", why, "plan", plan.String())

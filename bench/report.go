@@ -145,11 +145,11 @@ func (r *Results) Markdown() string {
 		w("\"applied\" is the nodes' published status revision, \"served\" is the first successful HTTP request through\n")
 		w("each consumer's `127.0.0.1:<port>` → HAProxy → (WireGuard) → the instance, polled every 2 ms from inside its namespace.\n")
 		w("Node killed is bounded by the sandbox's 3 s lease TTL.\n")
-		w("\"Node join (pinged by all)\" includes the joining node's own start after its member record is written: here,\n")
-		w("without a kernel module, creating its device takes about 100 ms (the kernel first looks for a wireguard module, then\n")
-		w("a userspace device process starts). When both sides' first handshake initiations are lost or cross, the node with the\n")
-		w("lower key of the pair re-adds the peer after 100 ms (docs/overlay.md, \"First handshakes\"); WireGuard alone would\n")
-		w("wait 5 s.\n\n")
+		w("\"Node join (pinged by all)\" includes the joining node's own start after its member record is written. Most of it\n")
+		w("is the joiner seeing its own claim: its watch is created just after its initial list, and etcd catches a watcher\n")
+		w("that starts behind the head up on a 100 ms tick; then its userspace device process starts. When both sides' first\n")
+		w("handshake initiations are lost or cross, the joining side re-adds the peer from about 100 ms on (docs/overlay.md,\n")
+		w("\"First handshakes\"); WireGuard alone would wait 5 s.\n\n")
 		w("| scenario | trials | p50 | p99 | max |\n|---|---|---|---|---|\n")
 		for _, f := range r.Fidelity {
 			for _, s := range []Series{f.Join, f.JoinPing, f.Added, f.AddedServes, f.Removed, f.RemovedServes, f.Killed} {

@@ -477,34 +477,42 @@ func BenchmarkComputerOneChange(b *testing.B) {
 	for _, n := range []int{10, 100, 1000} {
 		snap := benchSnap(n)
 		b.Run(fmt.Sprintf("nodes=%d", n), func(b *testing.B) {
-			c, err := NewComputer("n0", defaultParams)
-			if err != nil {
-				b.Fatal(err)
-			}
-			if _, err := c.Compute(snap); err != nil {
-				b.Fatal(err)
-			}
-			a, z := member(n/2), member(n/2)
-			z.Endpoint = "198.51.100.1:51820"
-			b.ReportAllocs()
-			cpu := startCPU()
-			i := 0
-			for b.Loop() {
-				if i++; i%2 == 0 {
-					snap.Members[a.Name] = a
-				} else {
-					snap.Members[z.Name] = z
-				}
-				if _, err := c.Compute(snap); err != nil {
-					b.Fatal(err)
-				}
-			}
-			cpu.report(b)
-			if c.stats.incremental < i || c.stats.broken > 0 {
-				b.Fatalf("paths %+v after %d calls: not incremental", c.stats, i)
+			c, calls := benchOneChange(b, snap, n/2)
+			if c.stats.incremental < calls || c.stats.broken > 0 {
+				b.Fatalf("paths %+v after %d calls: not incremental", c.stats, calls)
 			}
 		})
 	}
+}
+
+// benchOneChange primes a Computer with snap, then times calls that each
+// see member i's endpoint flipped between two values. It returns the
+// Computer and the number of timed calls.
+func benchOneChange(b *testing.B, snap *registry.Snapshot, i int) (*Computer, int) {
+	c, err := NewComputer("n0", defaultParams)
+	if err != nil {
+		b.Fatal(err)
+	}
+	if _, err := c.Compute(snap); err != nil {
+		b.Fatal(err)
+	}
+	x, y := member(i), member(i)
+	y.Endpoint = "198.51.100.1:51820"
+	b.ReportAllocs()
+	cpu := startCPU()
+	calls := 0
+	for b.Loop() {
+		if calls++; calls%2 == 0 {
+			snap.Members[x.Name] = x
+		} else {
+			snap.Members[y.Name] = y
+		}
+		if _, err := c.Compute(snap); err != nil {
+			b.Fatal(err)
+		}
+	}
+	cpu.report(b)
+	return c, calls
 }
 
 // BenchmarkComputerNoChange is a reconcile when no member changed.
@@ -550,29 +558,5 @@ func BenchmarkComputerDaemonHeap(b *testing.B) {
 		}
 		cpu.report(b)
 	})
-	b.Run("ComputerOneChange", func(b *testing.B) {
-		c, err := NewComputer("n0", defaultParams)
-		if err != nil {
-			b.Fatal(err)
-		}
-		if _, err := c.Compute(snap); err != nil {
-			b.Fatal(err)
-		}
-		a, z := member(500), member(500)
-		z.Endpoint = "198.51.100.1:51820"
-		b.ReportAllocs()
-		cpu := startCPU()
-		i := 0
-		for b.Loop() {
-			if i++; i%2 == 0 {
-				snap.Members[a.Name] = a
-			} else {
-				snap.Members[z.Name] = z
-			}
-			if _, err := c.Compute(snap); err != nil {
-				b.Fatal(err)
-			}
-		}
-		cpu.report(b)
-	})
+	b.Run("ComputerOneChange", func(b *testing.B) { benchOneChange(b, snap, 500) })
 }

@@ -35,44 +35,47 @@ func (pool Pool) Contains(p netip.Prefix) bool {
 // PickSubnet chooses a subnet for a node, purely: prefer if it is in the
 // pool and not used, otherwise the lowest free one.
 func PickSubnet(pool Pool, used map[netip.Prefix]bool, prefer netip.Prefix) (netip.Prefix, error) {
+	return pickSubnet(pool, used, prefer, 1)
+}
+
+// pickSubnet is PickSubnet choosing, when prefer is not available, at
+// random among the spread lowest free subnets.
+func pickSubnet(pool Pool, used map[netip.Prefix]bool, prefer netip.Prefix, spread int) (netip.Prefix, error) {
 	if pool.Contains(prefer) && !used[prefer] {
 		return prefer, nil
 	}
+	free, err := freeSubnets(pool, used, max(spread, 1))
+	if err != nil {
+		return netip.Prefix{}, err
+	}
+	return free[rand.IntN(len(free))], nil
+}
+
+// freeSubnets returns the n lowest free subnets of the pool (fewer when
+// the pool has fewer), or ErrPoolExhausted.
+func freeSubnets(pool Pool, used map[netip.Prefix]bool, n int) ([]netip.Prefix, error) {
 	if !pool.Min.Is4() || pool.Bits < 1 || pool.Bits > 32 {
-		return netip.Prefix{}, fmt.Errorf("invalid pool %v-%v/%d", pool.Min, pool.Max, pool.Bits)
+		return nil, fmt.Errorf("invalid pool %v-%v/%d", pool.Min, pool.Max, pool.Bits)
 	}
 	step := uint32(1) << (32 - pool.Bits)
 	start, _ := netip.AddrFrom4(pool.Min.As4()).Prefix(pool.Bits)
-	for a := u32(start.Addr()); ; a += step {
+	var free []netip.Prefix
+	for a := u32(start.Addr()); len(free) < n; a += step {
 		p := netip.PrefixFrom(addrOf(a), pool.Bits)
 		if pool.Max.Less(p.Addr()) {
 			break
 		}
 		if pool.Contains(p) && !used[p] {
-			return p, nil
+			free = append(free, p)
 		}
 		if a > ^uint32(0)-step {
 			break
 		}
 	}
-	return netip.Prefix{}, ErrPoolExhausted
-}
-
-// spreadPick returns one of the first n free subnets from lowest (the
-// lowest free one) on, at random.
-func spreadPick(pool Pool, used map[netip.Prefix]bool, lowest netip.Prefix, n int) netip.Prefix {
-	step := uint32(1) << (32 - pool.Bits)
-	free := []netip.Prefix{lowest}
-	for a := u32(lowest.Addr()) + step; len(free) < n && a > u32(lowest.Addr()); a += step {
-		p := netip.PrefixFrom(addrOf(a), pool.Bits)
-		if pool.Max.Less(p.Addr()) {
-			break
-		}
-		if !used[p] {
-			free = append(free, p)
-		}
+	if len(free) == 0 {
+		return nil, ErrPoolExhausted
 	}
-	return free[rand.IntN(len(free))]
+	return free, nil
 }
 
 func u32(a netip.Addr) uint32 {
@@ -172,10 +175,7 @@ func claimOnce(ctx context.Context, cli *clientv3.Client, want Member, pool Pool
 			delete(used, p)
 		}
 	}
-	p, err := PickSubnet(pool, used, prefer)
-	if err == nil && p != prefer && spread > 1 {
-		p = spreadPick(pool, used, p, spread)
-	}
+	p, err := pickSubnet(pool, used, prefer, spread)
 	if err != nil {
 		return Member{}, false, fmt.Errorf("claim subnet for %s: %w", want.Name, err)
 	}

@@ -62,7 +62,8 @@ func Run(ctx context.Context, cfg config.Config, log *slog.Logger, version strin
 	defer parts.close()
 
 	notify := newNotifier(log)
-	instances, err := buildInstances(cfg)
+	systemd := newDBusUnits() // connects on first use: unit checks, and the stop policy
+	instances, err := buildInstances(cfg, systemd)
 	if err != nil {
 		return err
 	}
@@ -72,7 +73,7 @@ func Run(ctx context.Context, cfg config.Config, log *slog.Logger, version strin
 		Member: parts.member, AdvertiseIP: advertiseIP(cfg),
 		Instances: instances, Components: parts.components, Secrets: cfg.Secrets.Enable,
 		Log: log, Registerer: reg, Ready: notify.ready, Heartbeat: notify.heartbeat,
-		KeepLeaseOnStop: keepLeaseOnStop(cfg.OnStop, newDBusUnits().SystemState, log),
+		KeepLeaseOnStop: keepLeaseOnStop(cfg.OnStop, systemd.SystemState, log),
 	})
 	if err != nil {
 		return err
@@ -95,17 +96,13 @@ func advertiseIP(cfg config.Config) netip.Addr {
 	return a
 }
 
-func buildInstances(cfg config.Config) ([]agent.Instance, error) {
+func buildInstances(cfg config.Config, units agent.UnitStater) ([]agent.Instance, error) {
 	var out []agent.Instance
-	var units agent.UnitStater
 	for _, in := range cfg.Instances {
 		ai := agent.Instance{Group: in.Group, App: in.App, Port: in.Port, Interval: in.Check.Interval.D()}
 		switch {
 		case in.Check.Disable:
 		case in.Check.Unit != "":
-			if units == nil {
-				units = newDBusUnits()
-			}
 			ai.Check = agent.UnitCheck(units, in.Check.Unit)
 		case in.Check.TCP != "":
 			ai.Check = agent.TCPCheck(in.Check.TCP)

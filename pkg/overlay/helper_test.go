@@ -58,12 +58,13 @@ type helperCmd struct {
 
 // helperReply is the answer to one command.
 type helperReply struct {
-	Err       string  `json:"err,omitempty"`
-	Sent      int     `json:"sent,omitempty"`
-	Lost      int     `json:"lost,omitempty"`
-	PublicKey string  `json:"publicKey,omitempty"`
-	Status    *Status `json:"status,omitempty"`
-	Plan      string  `json:"plan,omitempty"`
+	Err       string       `json:"err,omitempty"`
+	Sent      int          `json:"sent,omitempty"`
+	Lost      int          `json:"lost,omitempty"`
+	PublicKey string       `json:"publicKey,omitempty"`
+	Status    *Status      `json:"status,omitempty"`
+	Peers     []PeerDetail `json:"peers,omitempty"`
+	Plan      string       `json:"plan,omitempty"`
 }
 
 func runHelper(in io.Reader, out io.Writer) int {
@@ -116,8 +117,10 @@ func runHelper(in io.Reader, out io.Writer) int {
 					}
 					rep.Plan = desired.Diff(live, want).String()
 				case "status":
-					st := c.StatusNow(time.Now())
+					now := time.Now()
+					st := c.StatusNow(now)
 					rep.Status = &st
+					rep.Peers = c.PeerDetails(now)
 				case "close":
 					err := c.Close()
 					c = nil

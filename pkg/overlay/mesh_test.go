@@ -160,8 +160,8 @@ func testMesh(t *testing.T, detached bool) {
 		n[1].must(t, helperCmd{Op: "new", Options: l.options(1)})
 		n[1].must(t, helperCmd{Op: "boot"})
 		ping(n[1], 0)
-		if st := n[1].must(t, helperCmd{Op: "status"}).Status; st.PeerCount != 1 || st.Revision != 4 {
-			t.Errorf("after boot: %d peers at revision %d, want 1 at 4", st.PeerCount, st.Revision)
+		if st := n[1].must(t, helperCmd{Op: "status"}).Status; st.Peers.Count != 1 || st.Revision != 4 {
+			t.Errorf("after boot: %d peers at revision %d, want 1 at 4", st.Peers.Count, st.Revision)
 		}
 	})
 	t.Run("overlay address change", func(t *testing.T) {

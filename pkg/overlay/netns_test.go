@@ -217,13 +217,13 @@ func overlayIP(i int) string { return fmt.Sprintf("10.10.%d.0", i) }
 // whose public key is key (zero: none; fails if there is no such peer).
 func handshake(t *testing.T, n *node, key string) time.Time {
 	t.Helper()
-	st := n.must(t, helperCmd{Op: "status"}).Status
-	for _, p := range st.Peers {
+	peers := n.must(t, helperCmd{Op: "status"}).Peers
+	for _, p := range peers {
 		if p.PublicKey == key {
 			return p.LastHandshake
 		}
 	}
-	t.Fatalf("%s has no peer %s; peers: %+v", n.name, key, st.Peers)
+	t.Fatalf("%s has no peer %s; peers: %+v", n.name, key, peers)
 	return time.Time{}
 }
 
@@ -250,7 +250,7 @@ func settledHandshake(t *testing.T, n *node, key string) time.Time {
 
 func hasPeer(t *testing.T, n *node, key string) bool {
 	t.Helper()
-	for _, p := range n.must(t, helperCmd{Op: "status"}).Status.Peers {
+	for _, p := range n.must(t, helperCmd{Op: "status"}).Peers {
 		if p.PublicKey == key {
 			return true
 		}

@@ -62,8 +62,8 @@ func TestApplierStates(t *testing.T) {
 			t.Fatalf("step %d: not converged:\n%s", step, plan)
 		}
 		st := nd.must(t, helperCmd{Op: "status"}).Status
-		if st.PeerCount != len(ms)-1 {
-			t.Fatalf("step %d: %d peers, want %d", step, st.PeerCount, len(ms)-1)
+		if st.Peers.Count != len(ms)-1 {
+			t.Fatalf("step %d: %d peers, want %d", step, st.Peers.Count, len(ms)-1)
 		}
 		out, err := exec.Command("ip", "-n", nd.ns, "route", "show", "table", "51820", "proto", "77").Output()
 		if err != nil {

@@ -2,13 +2,32 @@ package overlay
 
 import (
 	"net/netip"
+	"slices"
 	"time"
 
 	"github.com/meshd/meshd/pkg/overlay/desired"
 )
 
+// RecentHandshake is how old a peer's last handshake may be for the peer
+// to count as up. WireGuard re-handshakes every 2 minutes while traffic
+// flows (REKEY_AFTER_TIME) and persistent keepalive keeps traffic flowing,
+// so a live peer's handshake is never older than about 2 minutes.
+const RecentHandshake = 3 * time.Minute
+
+// MaxStaleNames bounds the peer names listed in PeerSummary.Stale, so the
+// published status stays small at any cluster size.
+const MaxStaleNames = 16
+
+// MaxStatusProblems bounds the problems listed in Status.Problems.
+const MaxStatusProblems = 8
+
+// maxStatusError bounds the length of an error text in the status.
+const maxStatusError = 256
+
 // Status is what the overlay publishes in the node's status (under
-// "components"."overlay") for meshctl status.
+// "components"."overlay"). Its size does not depend on the number of
+// peers: per-peer detail is in Peers (PeerDetail), served on the node's
+// metrics listener, never written to etcd.
 type Status struct {
 	Interface string `json:"interface"`
 	// Mode is the device in use: "kernel" or "userspace" ("" before the
@@ -19,19 +38,42 @@ type Status struct {
 	Revision  int64  `json:"revision,omitempty"`
 	Applied   bool   `json:"applied"`
 	// Waiting is true while the node has no member record (no subnet) yet.
-	Waiting   bool              `json:"waiting,omitempty"`
-	PeerCount int               `json:"peerCount"`
-	Peers     []PeerStatus      `json:"peers,omitempty"`
-	Problems  []desired.Problem `json:"problems,omitempty"`
-	LastError string            `json:"lastError,omitempty"`
+	Waiting bool        `json:"waiting,omitempty"`
+	Peers   PeerSummary `json:"peers"`
+	// Problems lists at most MaxStatusProblems of the members the desired
+	// state skipped; ProblemCount is how many there are in all.
+	Problems     []desired.Problem `json:"problems,omitempty"`
+	ProblemCount int               `json:"problemCount,omitempty"`
+	LastError    string            `json:"lastError,omitempty"`
 	// CacheError says why the boot cache in the state directory could not
 	// be written: the overlay runs, but a boot without etcd would start
 	// from an older state.
 	CacheError string `json:"cacheError,omitempty"`
 }
 
-// PeerStatus is one peer as the device reports it.
-type PeerStatus struct {
+// PeerSummary sums up the device's peers in a value of bounded size that
+// changes only when something a reader cares about changes (never with
+// byte counters or handshake times alone).
+type PeerSummary struct {
+	// Count is the number of peers on the device.
+	Count int `json:"count"`
+	// Recent is the number of peers with a handshake within
+	// RecentHandshake.
+	Recent int `json:"recent"`
+	// Oldest is the age of the oldest handshake among the peers, in
+	// coarse buckets: "" (no peers), "<3m", "<10m", "<1h", ">=1h", or
+	// "never" when some peer has had no handshake at all.
+	Oldest string `json:"oldest,omitempty"`
+	// Stale names the peers (by node name, or public key when the name is
+	// unknown) without a handshake within RecentHandshake, sorted, at most
+	// MaxStaleNames of them; StaleCount is how many there are in all.
+	Stale      []string `json:"stale,omitempty"`
+	StaleCount int      `json:"staleCount,omitempty"`
+}
+
+// PeerDetail is one peer as the device reports it. It is served by the
+// node (the metrics listener), never published to etcd.
+type PeerDetail struct {
 	Name      string `json:"name,omitempty"`
 	PublicKey string `json:"publicKey"`
 	Endpoint  string `json:"endpoint,omitempty"`
@@ -44,26 +86,95 @@ type PeerStatus struct {
 	TxBytes       int64     `json:"txBytes"`
 }
 
+// Summarize computes the bounded summary of a peer list at time now.
+func Summarize(peers []PeerDetail, now time.Time) PeerSummary {
+	s := PeerSummary{Count: len(peers)}
+	var oldest time.Duration
+	never := false
+	var stale []string
+	for _, p := range peers {
+		if p.LastHandshake.IsZero() {
+			never = true
+		} else if age := now.Sub(p.LastHandshake); age > oldest {
+			oldest = age
+		}
+		if !p.LastHandshake.IsZero() && now.Sub(p.LastHandshake) <= RecentHandshake {
+			s.Recent++
+			continue
+		}
+		name := p.Name
+		if name == "" {
+			name = p.PublicKey
+		}
+		stale = append(stale, name)
+	}
+	switch {
+	case len(peers) == 0:
+	case never:
+		s.Oldest = "never"
+	case oldest < RecentHandshake:
+		s.Oldest = "<3m"
+	case oldest < 10*time.Minute:
+		s.Oldest = "<10m"
+	case oldest < time.Hour:
+		s.Oldest = "<1h"
+	default:
+		s.Oldest = ">=1h"
+	}
+	slices.Sort(stale)
+	s.StaleCount = len(stale)
+	if len(stale) > MaxStaleNames {
+		stale = stale[:MaxStaleNames]
+	}
+	s.Stale = stale
+	return s
+}
+
+// truncate shortens an error text for the status.
+func truncate(s string) string {
+	if len(s) <= maxStatusError {
+		return s
+	}
+	return s[:maxStatusError] + "…"
+}
+
 // Status implements agent.Component. It reads the live device for
 // handshake times; it never includes the private key.
 func (c *Component) Status() any { return c.StatusNow(time.Now()) }
 
 // StatusNow is Status with handshake ages measured from now.
 func (c *Component) StatusNow(now time.Time) Status {
+	st, peers := c.status(now)
+	st.Peers = Summarize(peers, now)
+	return st
+}
+
+// PeerDetails returns every peer of the device with its handshake and
+// byte counters, sorted by name (then key).
+func (c *Component) PeerDetails(now time.Time) []PeerDetail {
+	_, peers := c.status(now)
+	return peers
+}
+
+func (c *Component) status(now time.Time) (Status, []PeerDetail) {
 	c.mu.Lock()
 	st := Status{
-		Interface: c.opts.Interface,
-		PublicKey: c.PublicKey(),
-		Revision:  c.revision,
-		Applied:   c.applied,
-		Waiting:   c.waiting,
-		Problems:  c.problems,
+		Interface:    c.opts.Interface,
+		PublicKey:    c.PublicKey(),
+		Revision:     c.revision,
+		Applied:      c.applied,
+		Waiting:      c.waiting,
+		ProblemCount: len(c.problems),
+	}
+	st.Problems = c.problems
+	if len(st.Problems) > MaxStatusProblems {
+		st.Problems = st.Problems[:MaxStatusProblems]
 	}
 	if c.lastErr != nil {
-		st.LastError = c.lastErr.Error()
+		st.LastError = truncate(c.lastErr.Error())
 	}
 	if c.cacheErr != nil {
-		st.CacheError = c.cacheErr.Error()
+		st.CacheError = truncate(c.cacheErr.Error())
 	}
 	names := map[string]string{}
 	if c.target != nil {
@@ -77,18 +188,18 @@ func (c *Component) StatusNow(now time.Time) Status {
 	c.mu.Unlock()
 	st.Mode = c.applier.Mode()
 	if st.Mode == "" {
-		return st
+		return st, nil
 	}
 	dev, err := c.applier.Device()
 	if err != nil {
 		if st.LastError == "" {
-			st.LastError = err.Error()
+			st.LastError = truncate(err.Error())
 		}
-		return st
+		return st, nil
 	}
-	st.PeerCount = len(dev.Peers)
+	peers := make([]PeerDetail, 0, len(dev.Peers))
 	for _, p := range dev.Peers {
-		ps := PeerStatus{
+		ps := PeerDetail{
 			Name:                names[p.PublicKey.String()],
 			PublicKey:           p.PublicKey.String(),
 			HandshakeAgeSeconds: -1,
@@ -103,7 +214,22 @@ func (c *Component) StatusNow(now time.Time) Status {
 			ps.LastHandshake = p.LastHandshakeTime
 			ps.HandshakeAgeSeconds = int64(now.Sub(p.LastHandshakeTime) / time.Second)
 		}
-		st.Peers = append(st.Peers, ps)
+		peers = append(peers, ps)
 	}
-	return st
+	slices.SortFunc(peers, func(a, b PeerDetail) int {
+		if a.Name != b.Name {
+			if a.Name < b.Name {
+				return -1
+			}
+			return 1
+		}
+		if a.PublicKey < b.PublicKey {
+			return -1
+		}
+		if a.PublicKey > b.PublicKey {
+			return 1
+		}
+		return 0
+	})
+	return st, peers
 }

@@ -20,6 +20,8 @@ import (
 //	/cluster/meshd/subnets/<a.b.c.d-len>          subnet claim, created once in a transaction
 //	/meshd/status/<node>                          applied revision and health, leased
 //	/meshd/secrets/<node>/<name>                  a secret sealed to that node's age recipient
+//	/meshd/revoked/<node>                         the operator revoked the node (operator only)
+//	/meshd/identity/<node>                        the CN of the node's current certificate (operator only)
 //	/coreos.com/network/subnets/<a.b.c.d-len>     flannel's lease, read once for adoption
 const (
 	ClusterPrefix       = "/cluster/"
@@ -29,6 +31,8 @@ const (
 	MeshdPrefix         = "/meshd/"
 	StatusPrefix        = "/meshd/status/"
 	SecretsPrefix       = "/meshd/secrets/"
+	RevokedPrefix       = "/meshd/revoked/"
+	IdentityPrefix      = "/meshd/identity/"
 	FlannelSubnetPrefix = "/coreos.com/network/subnets/"
 	FlannelConfigKey    = "/coreos.com/network/config"
 )
@@ -41,6 +45,14 @@ func MemberKey(node string) string { return MembersPrefix + node }
 
 // StatusKey is the key under which a node publishes what it has applied.
 func StatusKey(node string) string { return StatusPrefix + node }
+
+// RevokedKey marks a node the operator revoked: no role is set up for it
+// until the operator re-admits it.
+func RevokedKey(node string) string { return RevokedPrefix + node }
+
+// IdentityKey holds the common name of a node's current certificate when
+// it is not the node's name (after a rotation).
+func IdentityKey(node string) string { return IdentityPrefix + node }
 
 // SecretsNodePrefix is the prefix holding every secret sealed to node.
 func SecretsNodePrefix(node string) string { return SecretsPrefix + node + "/" }

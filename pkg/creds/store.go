@@ -114,7 +114,7 @@ func putOnce(ctx context.Context, cli *clientv3.Client, name string, value []byt
 	var kvs []registry.KV
 	for _, r := range resp.Responses[:3] {
 		for _, kv := range r.GetResponseRange().Kvs {
-			kvs = append(kvs, registry.KV{Key: string(kv.Key), Value: kv.Value, Lease: kv.Lease})
+			kvs = append(kvs, registry.KV{Key: string(kv.Key), Value: kv.Value, Lease: kv.Lease, Created: kv.CreateRevision})
 		}
 	}
 	snap := registry.SnapshotOf(kvs, resp.Header.Revision)

@@ -93,9 +93,10 @@ func (s *Snapshot) SortedNodeNames() []string {
 
 // entry is one decoded key: exactly one of the value fields is set, or err.
 type entry struct {
-	pk  ParsedKey
-	val any // Node, Member, SubnetClaim, AppMeta, Instance, Status, SealedSecret
-	err error
+	pk      ParsedKey
+	val     any // Node, Member, SubnetClaim, AppMeta, Instance, Status, SealedSecret
+	err     error
+	created int64
 }
 
 // decodeEntry parses and decodes one key/value. ok is false for keys meshd
@@ -203,6 +204,9 @@ type KV struct {
 	Key   string
 	Value []byte
 	Lease int64
+	// Created is the key's create revision (0: unknown). For subnet
+	// claims it says which of two clashing members came first.
+	Created int64
 }
 
 // Put records one key's new value.
@@ -216,6 +220,7 @@ func (s *Store) Put(kv KV, rev int64) {
 func (s *Store) putLocked(kv KV) {
 	p := partOfKey(kv.Key)
 	e, ok := decodeEntry(kv.Key, kv.Value, kv.Lease)
+	e.created = kv.Created
 	if !ok {
 		if _, had := s.entries[p][kv.Key]; had {
 			delete(s.entries[p], kv.Key)
@@ -295,6 +300,7 @@ func (s *Store) Snapshot() *Snapshot {
 	}
 	if s.dirty[partMembers] {
 		snap.Members, snap.Subnets = map[string]Member{}, map[netip.Prefix]string{}
+		claimed := map[netip.Prefix]int64{}
 		var probs []Problem
 		for k, e := range s.entries[partMembers] {
 			if e.err != nil {
@@ -306,9 +312,11 @@ func (s *Store) Snapshot() *Snapshot {
 				snap.Members[e.pk.Node] = v
 			case SubnetClaim:
 				snap.Subnets[e.pk.Subnet] = v.Node
+				claimed[e.pk.Subnet] = e.created
 			}
 		}
-		s.problems[partMembers] = append(probs, checkMembers(&snap)...)
+		probs = append(probs, checkMembers(&snap)...)
+		s.problems[partMembers] = append(probs, checkKeyClash(&snap, claimed)...)
 	}
 	if s.dirty[partApps] {
 		snap.Apps = map[AppID]*App{}
@@ -398,6 +406,46 @@ func checkMembers(snap *Snapshot) []Problem {
 			delete(snap.Members, name)
 			probs = append(probs, Problem{Key: MemberKey(name),
 				Err: fmt.Sprintf("subnet %v is claimed by %q, not by this node", m.Subnet, owner)})
+		}
+	}
+	return probs
+}
+
+// checkKeyClash settles members that share a WireGuard public key: a
+// node that copies another node's key into its own record must not cut
+// that node off. The member whose subnet claim is older (lower create
+// revision) keeps the key; the others are dropped and reported. When the
+// claims' ages are unknown or equal, every member of the clash is
+// dropped, as nothing says which one is right.
+func checkKeyClash(snap *Snapshot, claimed map[netip.Prefix]int64) []Problem {
+	byKey := map[string][]string{}
+	for name, m := range snap.Members {
+		byKey[m.PublicKey] = append(byKey[m.PublicKey], name)
+	}
+	var probs []Problem
+	for _, names := range byKey {
+		if len(names) < 2 {
+			continue
+		}
+		slices.SortFunc(names, func(a, b string) int {
+			return cmp.Or(cmp.Compare(claimed[snap.Members[a].Subnet], claimed[snap.Members[b].Subnet]), cmp.Compare(a, b))
+		})
+		first := claimed[snap.Members[names[0]].Subnet]
+		keep := first != 0 && first != claimed[snap.Members[names[1]].Subnet]
+		for i, name := range names {
+			if i == 0 && keep {
+				continue
+			}
+			why := "its public key is also node " + names[0] + "'s, whose subnet claim is older"
+			if !keep {
+				why = "its public key is also another node's (" + strings.Join(names, ", ") + ") and no claim is older"
+			}
+			probs = append(probs, Problem{Key: MemberKey(name), Err: why})
+		}
+		for i, name := range names {
+			if i > 0 || !keep {
+				delete(snap.Members, name)
+			}
 		}
 	}
 	return probs

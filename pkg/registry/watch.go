@@ -112,7 +112,7 @@ func (w *Watcher) watch(ctx context.Context, rev *int64, failures *int) error {
 		for _, ev := range wr.Events {
 			switch ev.Type {
 			case clientv3.EventTypePut:
-				w.Store.Put(KV{Key: string(ev.Kv.Key), Value: ev.Kv.Value, Lease: ev.Kv.Lease}, ev.Kv.ModRevision)
+				w.Store.Put(KV{Key: string(ev.Kv.Key), Value: ev.Kv.Value, Lease: ev.Kv.Lease, Created: ev.Kv.CreateRevision}, ev.Kv.ModRevision)
 			case clientv3.EventTypeDelete:
 				w.Store.Delete(string(ev.Kv.Key), ev.Kv.ModRevision)
 			}

@@ -138,10 +138,14 @@ func New(o Options) (*Agent, error) {
 	if err != nil {
 		return nil, err
 	}
+	store := registry.NewStore()
+	if o.Member != nil && o.Member.Pool.Bits != 0 {
+		store = registry.NewOverlayStore(o.Member.Pool)
+	}
 	return &Agent{
 		o:         o,
 		log:       o.Log.With("component", "agent", "node", o.Node),
-		store:     registry.NewStore(),
+		store:     store,
 		metrics:   m,
 		notify:    make(chan struct{}, 1),
 		healthy:   map[int]bool{},

@@ -178,6 +178,7 @@ type Store struct {
 	last     *Snapshot
 	revision int64
 	listed   map[string]bool
+	pool     Pool
 }
 
 // NewStore returns an empty store.
@@ -187,6 +188,16 @@ func NewStore() *Store {
 		s.entries[i] = map[string]entry{}
 		s.dirty[i] = true
 	}
+	return s
+}
+
+// NewOverlayStore returns an empty store for a node whose overlay
+// carves subnets from pool: an instance of a node without a member record
+// must then point into the pool, outside every subnet claimed by another
+// node (see checkInstances).
+func NewOverlayStore(pool Pool) *Store {
+	s := NewStore()
+	s.pool = pool
 	return s
 }
 
@@ -341,7 +352,7 @@ func (s *Store) Snapshot() *Snapshot {
 				app(AppID{e.pk.Group, e.pk.App}).Instances[e.pk.Node] = v
 			}
 		}
-		s.problems[partApps] = append(probs, checkInstances(&snap)...)
+		s.problems[partApps] = append(probs, checkInstances(&snap, s.pool)...)
 	}
 	if s.dirty[partStatus] {
 		snap.Statuses = map[string]Status{}
@@ -451,21 +462,54 @@ func checkKeyClash(snap *Snapshot, claimed map[netip.Prefix]int64) []Problem {
 	return probs
 }
 
-// checkInstances drops instances of a node that has a member record but
-// that do not point at that node's overlay address: a node cannot send
-// consumers of an app to an address of its choosing.
-func checkInstances(snap *Snapshot) []Problem {
+// checkInstances drops instances that point where their node may not
+// send consumers: a node cannot send consumers of an app to an address
+// of its choosing. An instance of a node with a member record must point
+// at that node's overlay address. An instance of a node without one (a
+// flannel node during a migration, or a meshd node that deleted its own
+// record) must not point into a subnet claimed by another node and, when
+// the store knows the overlay pool, must point into the pool: never at
+// etcd, the private network or the internet.
+func checkInstances(snap *Snapshot, pool Pool) []Problem {
 	var probs []Problem
 	for id, app := range snap.Apps {
 		for node, in := range app.Instances {
-			m, ok := snap.Members[node]
-			if !ok || in.Addr().Addr() == m.OverlayIP {
+			addr := in.Addr().Addr()
+			var why string
+			if m, ok := snap.Members[node]; ok {
+				if addr != m.OverlayIP {
+					why = fmt.Sprintf("ipv4 %s is not node %s's overlay address %v", in.IPv4, node, m.OverlayIP)
+				}
+			} else if owner, p := claimOf(snap, addr); owner != "" && owner != node {
+				why = fmt.Sprintf("ipv4 %s lies in subnet %v of node %s", in.IPv4, p, Printable(owner))
+			} else if pool.Bits != 0 && !inPool(pool, addr) {
+				why = fmt.Sprintf("ipv4 %s of node %s (no member record) is outside the overlay pool %v-%v", in.IPv4, node, pool.Min, pool.Max)
+			}
+			if why == "" {
 				continue
 			}
 			delete(app.Instances, node)
-			probs = append(probs, Problem{Key: InstanceKey(id.Group, id.Name, node),
-				Err: fmt.Sprintf("ipv4 %s is not node %s's overlay address %v", in.IPv4, node, m.OverlayIP)})
+			probs = append(probs, Problem{Key: InstanceKey(id.Group, id.Name, node), Err: why})
 		}
 	}
 	return probs
+}
+
+// claimOf returns the node holding the subnet claim that contains addr.
+func claimOf(snap *Snapshot, addr netip.Addr) (string, netip.Prefix) {
+	for p, owner := range snap.Subnets {
+		if p.Contains(addr) {
+			return owner, p
+		}
+	}
+	return "", netip.Prefix{}
+}
+
+// inPool reports whether addr lies in one of pool's subnets.
+func inPool(pool Pool, addr netip.Addr) bool {
+	if !addr.Is4() {
+		return false
+	}
+	p, err := addr.Prefix(pool.Bits)
+	return err == nil && pool.Contains(p)
 }

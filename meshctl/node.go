@@ -10,15 +10,17 @@ import (
 
 func cmdNode(ctx context.Context, e *env, args []string) error {
 	if len(args) == 0 {
-		return usagef("usage: meshctl node list|remove")
+		return usagef("usage: meshctl node list|remove|groups")
 	}
 	switch args[0] {
+	case "groups":
+		return nodeGroups(ctx, e, args[1:])
 	case "list", "ls":
 		return nodeList(ctx, e, args[1:])
 	case "remove", "rm":
 		return nodeRemove(ctx, e, args[1:])
 	}
-	return usagef("unknown node command %q (want list or remove)", args[0])
+	return usagef("unknown node command %q (want list, remove or groups)", args[0])
 }
 
 // nodeRow is one node as `node list` shows it.

@@ -22,6 +22,7 @@ import (
 //	/meshd/secrets/<node>/<name>                  a secret sealed to that node's age recipient
 //	/meshd/revoked/<node>                         the operator revoked the node (operator only)
 //	/meshd/identity/<node>                        the CN of the node's current certificate (operator only)
+//	/meshd/groups/<node>                          the groups the operator assigned the node (operator only)
 //	/coreos.com/network/subnets/<a.b.c.d-len>     flannel's lease, read once for adoption
 const (
 	ClusterPrefix       = "/cluster/"
@@ -33,6 +34,7 @@ const (
 	SecretsPrefix       = "/meshd/secrets/"
 	RevokedPrefix       = "/meshd/revoked/"
 	IdentityPrefix      = "/meshd/identity/"
+	GroupsPrefix        = "/meshd/groups/"
 	FlannelSubnetPrefix = "/coreos.com/network/subnets/"
 	FlannelConfigKey    = "/coreos.com/network/config"
 )
@@ -53,6 +55,11 @@ func RevokedKey(node string) string { return RevokedPrefix + node }
 // IdentityKey holds the common name of a node's current certificate when
 // it is not the node's name (after a rotation).
 func IdentityKey(node string) string { return IdentityPrefix + node }
+
+// GroupsKey holds the groups the operator assigned node, a JSON list.
+// Nodes cannot write it: it is what group secrets are sealed by, never
+// the groups a node's own entry claims.
+func GroupsKey(node string) string { return GroupsPrefix + node }
 
 // SecretsNodePrefix is the prefix holding every secret sealed to node.
 func SecretsNodePrefix(node string) string { return SecretsPrefix + node + "/" }

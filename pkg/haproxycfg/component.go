@@ -38,6 +38,11 @@ type Options struct {
 	Supervise bool
 	// ReservedPorts are loopback ports no app may publish.
 	ReservedPorts []int
+	// AllowLowPorts are ports below 1024 apps may publish.
+	AllowLowPorts []int
+	// Probe checks that a port not yet held by HAProxy can be bound
+	// (default ProbeLoopback).
+	Probe PortProbe
 	// ServerSlots is the per-backend slot granularity (default 8).
 	ServerSlots int
 	// PidFile is the supervised master's pid file (default: ConfigPath
@@ -131,6 +136,9 @@ func New(opts Options, log *slog.Logger, reg prometheus.Registerer) (*Component,
 	if opts.PidFile == "" {
 		opts.PidFile = strings.TrimSuffix(opts.ConfigPath, ".cfg") + ".pid"
 	}
+	if opts.Probe == nil {
+		opts.Probe = ProbeLoopback
+	}
 	if opts.SuperviseEvery <= 0 {
 		opts.SuperviseEvery = time.Second
 	}
@@ -145,7 +153,7 @@ func New(opts Options, log *slog.Logger, reg prometheus.Registerer) (*Component,
 		opts: opts,
 		log:  log,
 		params: Params{
-			Self: opts.Self, Consume: opts.Consume, ReservedPorts: opts.ReservedPorts,
+			Self: opts.Self, Consume: opts.Consume, ReservedPorts: opts.ReservedPorts, AllowLowPorts: opts.AllowLowPorts,
 			ServerSlots: opts.ServerSlots, StatsSocket: opts.StatsSocket, MasterSocket: opts.MasterSocket,
 			HardStopAfter: opts.HardStopAfter, MaxReloads: opts.MaxReloads, GlobalExtra: opts.GlobalExtra,
 		},
@@ -185,9 +193,11 @@ func (c *Component) Name() string { return "haproxy" }
 // that meshctl can render what this node would run.
 func (c *Component) Params() Params { return c.params }
 
-// Apply computes the desired configuration from snap and applies it.
+// Apply computes the desired configuration from snap and applies it. A
+// listener whose port something else on the node holds is left out and
+// reported, so one busy port cannot stop every other change.
 func (c *Component) Apply(ctx context.Context, snap *registry.Snapshot) error {
-	d := Compute(snap, c.params)
+	d := LeaveOutBusy(Compute(snap, c.params), c.applier.HeldPorts(), c.opts.Probe)
 	c.mu.Lock()
 	c.last = d
 	c.mu.Unlock()

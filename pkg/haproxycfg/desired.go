@@ -42,6 +42,9 @@ type Params struct {
 	// ReservedPorts are loopback ports this node's own services use; an
 	// app publishing one of them is reported and skipped.
 	ReservedPorts []int
+	// AllowLowPorts are ports below MinUnprivilegedPort that apps may
+	// publish (an ingress node's 80 and 443); any other is refused.
+	AllowLowPorts []int
 	// ServerSlots is the slot granularity of a backend: a backend has the
 	// smallest multiple of ServerSlots that holds its instances.
 	ServerSlots int
@@ -190,6 +193,10 @@ func Compute(snap *registry.Snapshot, opts Params) Desired {
 			problem(l.App.String(), "port %d collides with %s; not rendered", l.Port, why)
 			continue
 		}
+		if l.Port < MinUnprivilegedPort && !slices.Contains(opts.AllowLowPorts, l.Port) {
+			problem(l.App.String(), "publish.port %d is below %d and not in haproxy.allowLowPorts; not rendered", l.Port, MinUnprivilegedPort)
+			continue
+		}
 		if other, ok := taken[l.Port]; ok {
 			problem(l.App.String(), "port %d already used by %s; not rendered", l.Port, other)
 			continue
@@ -198,10 +205,14 @@ func Compute(snap *registry.Snapshot, opts Params) Desired {
 		l.Slots = padSlots(l.Slots, opts.ServerSlots)
 		d.Listeners = append(d.Listeners, l)
 	}
-	slices.SortFunc(d.Problems, func(a, b Problem) int {
+	sortProblems(d.Problems)
+	return d
+}
+
+func sortProblems(ps []Problem) {
+	slices.SortFunc(ps, func(a, b Problem) int {
 		return cmp.Or(cmp.Compare(a.App, b.App), cmp.Compare(a.Reason, b.Reason))
 	})
-	return d
 }
 
 // servers validates an app's instances and returns them sorted by node,

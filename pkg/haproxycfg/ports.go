@@ -1,0 +1,78 @@
+package haproxycfg
+
+import (
+	"bufio"
+	"bytes"
+	"fmt"
+	"net"
+	"os"
+	"strconv"
+	"strings"
+)
+
+// MinUnprivilegedPort is the first port an app may publish without being
+// allowed explicitly (Params.AllowLowPorts): below it live sshd (22),
+// DNS, HTTP and the like, which an app must not shadow on loopback.
+const MinUnprivilegedPort = 1024
+
+// PortProbe reports whether 127.0.0.1:port can be bound right now (nil)
+// or why not.
+type PortProbe func(port int) error
+
+// ProbeLoopback binds 127.0.0.1:port and closes it at once: a port some
+// other process listens on (etcd's 2379, sshd's 22 on 0.0.0.0, meshd's
+// own metrics) fails with "address already in use". `haproxy -c` does
+// not bind, so without this check such a listener passes validation and
+// fails the reload, and every later change of the node fails with it.
+func ProbeLoopback(port int) error {
+	ln, err := net.Listen("tcp4", "127.0.0.1:"+strconv.Itoa(port))
+	if err != nil {
+		return err
+	}
+	return ln.Close()
+}
+
+// LeaveOutBusy removes from d every listener whose port is neither held
+// by the running HAProxy (held) nor free (probe), and reports it as a
+// Problem, so that the rest of the configuration still applies.
+func LeaveOutBusy(d Desired, held map[int]bool, probe PortProbe) Desired {
+	out := d
+	out.Listeners = out.Listeners[:0:0]
+	out.Problems = append([]Problem(nil), d.Problems...)
+	for _, l := range d.Listeners {
+		if !held[l.Port] {
+			if err := probe(l.Port); err != nil {
+				out.Problems = append(out.Problems, Problem{App: l.App.String(),
+					Reason: fmt.Sprintf("port %d cannot be bound on this node (%v); not rendered", l.Port, err)})
+				continue
+			}
+		}
+		out.Listeners = append(out.Listeners, l)
+	}
+	sortProblems(out.Problems)
+	return out
+}
+
+// HeldPorts returns the loopback ports the configuration HAProxy runs
+// binds: what it last applied, or after a meshd restart the file on disk
+// (which only ever holds a configuration HAProxy accepted).
+func (a *Applier) HeldPorts() map[int]bool {
+	a.mu.Lock()
+	b := a.lastGood
+	a.mu.Unlock()
+	if b == nil {
+		b, _ = os.ReadFile(a.ConfigPath)
+	}
+	held := map[int]bool{}
+	sc := bufio.NewScanner(bytes.NewReader(b))
+	for sc.Scan() {
+		rest, ok := strings.CutPrefix(strings.TrimSpace(sc.Text()), "bind 127.0.0.1:")
+		if !ok {
+			continue
+		}
+		if p, err := strconv.Atoi(strings.Fields(rest + " ")[0]); err == nil {
+			held[p] = true
+		}
+	}
+	return held
+}

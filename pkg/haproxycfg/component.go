@@ -199,6 +199,7 @@ func (c *Component) Params() Params { return c.params }
 func (c *Component) Apply(ctx context.Context, snap *registry.Snapshot) error {
 	d := LeaveOutBusy(Compute(snap, c.params), c.applier.HeldPorts(), c.opts.Probe)
 	c.mu.Lock()
+	d = Hysteresis(d, c.last, c.params.withDefaults().ServerSlots)
 	c.last = d
 	c.mu.Unlock()
 	if err := c.applier.Set(ctx, d); err != nil {

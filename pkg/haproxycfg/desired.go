@@ -249,13 +249,52 @@ func servers(app *registry.App, id string, problem func(app, format string, a ..
 	return out
 }
 
-// padSlots extends s with free slots up to the smallest multiple of step
-// (at least one step) that holds it.
+// padSlots extends s with free slots up to slotsFor(len(s), step).
 func padSlots(s []Server, step int) []Server {
-	n := max(step, (len(s)+step-1)/step*step)
-	n = min(n, max(MaxServerSlots, len(s)))
-	out := make([]Server, n)
+	out := make([]Server, slotsFor(len(s), step))
 	copy(out, s)
+	return out
+}
+
+// slotsFor is how many slots n instances get: the smallest multiple of
+// step that holds them and one spare slot, so that one more instance (a
+// replacement starting before the old one is gone) needs no reload.
+func slotsFor(n, step int) int {
+	return min((n+1+step-1)/step*step, max(MaxServerSlots, n))
+}
+
+// Hysteresis keeps each listener's slot count from prev where the
+// instance count moved only a little, so that an app whose count flaps
+// across a multiple of step does not change the structure (and reload
+// every consuming node, cutting long connections of all apps) each time:
+// slots grow at once when the instances need more, and shrink only once
+// the instances fit with half a step to spare below the smaller size.
+// It is pure; prev is the Desired computed last time.
+func Hysteresis(d, prev Desired, step int) Desired {
+	if step <= 0 {
+		step = DefaultServerSlots
+	}
+	had := map[registry.AppID]int{}
+	for _, l := range prev.Listeners {
+		had[l.App] = len(l.Slots)
+	}
+	out := d
+	out.Listeners = slices.Clone(d.Listeners)
+	for i, l := range out.Listeners {
+		c, ok := had[l.App]
+		n := 0
+		for _, s := range l.Slots {
+			if !s.Empty() {
+				n++
+			}
+		}
+		if !ok || slotsFor(n, step) > c || slotsFor(n+max(1, step/2), step) < c || n > MaxServerSlots || c > MaxServerSlots {
+			continue // new, growing, or shrinking well below: Compute's size
+		}
+		slots := make([]Server, c)
+		copy(slots, l.Slots[:min(len(l.Slots), c)])
+		out.Listeners[i].Slots = slots
+	}
 	return out
 }
 

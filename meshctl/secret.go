@@ -227,18 +227,22 @@ func secretList(ctx context.Context, e *env, args []string) error {
 			if c.Reported {
 				delivered = fmt.Sprint(c.Delivered)
 			}
-			fmt.Fprintf(tw, "%s\t%s\t%d\t%s\t%s\t%s\n", s.Name, c.Node, c.Version, delivered, c.State(), oneLine(c.Error))
+			fmt.Fprintf(tw, "%s\t%s\t%d\t%s\t%s\t%s\n", registry.Printable(s.Name), registry.Printable(c.Node), c.Version, delivered, c.State(), oneLine(c.Error))
 		}
 	}
 	return tw.Flush()
 }
 
+// oneLine makes text a node reported fit one table cell: whitespace
+// runs become one space, it is cut to about 120 bytes and every control
+// character or escape is written out (registry.Printable), so a node
+// cannot fake rows or send escape sequences to the operator's terminal.
 func oneLine(s string) string {
 	s = strings.Join(strings.Fields(s), " ")
 	if len(s) > 120 {
 		s = s[:117] + "..."
 	}
-	return s
+	return registry.Printable(s)
 }
 
 func secretRemove(ctx context.Context, e *env, args []string) error {

@@ -11,6 +11,7 @@ import (
 	"filippo.io/age"
 
 	"github.com/meshd/meshd/pkg/atomicfile"
+	"github.com/meshd/meshd/pkg/registry"
 )
 
 // IdentityFile is the name of the node's age identity inside the state
@@ -80,7 +81,7 @@ func Recipient(id *age.X25519Identity) string { return id.Recipient().String() }
 func ParseRecipient(s string) (*age.X25519Recipient, error) {
 	r, err := age.ParseX25519Recipient(s)
 	if err != nil {
-		return nil, fmt.Errorf("recipient %q: %w", s, err)
+		return nil, fmt.Errorf("recipient %s: %w", registry.Quoted([]byte(s)), err)
 	}
 	return r, nil
 }

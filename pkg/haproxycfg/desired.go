@@ -227,7 +227,7 @@ func servers(app *registry.App, id string, problem func(app, format string, a ..
 		}
 		a, err := netip.ParseAddr(in.IPv4)
 		if err != nil || !a.Is4() || a.IsUnspecified() || a.IsMulticast() {
-			problem(id, "instance %s: ipv4 %q is not a usable IPv4 address", in.Node, in.IPv4)
+			problem(id, "instance %s: ipv4 %s is not a usable IPv4 address", in.Node, registry.Quoted([]byte(in.IPv4)))
 			continue
 		}
 		if in.Port < 1 || in.Port > 65535 {

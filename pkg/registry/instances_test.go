@@ -3,6 +3,7 @@ package registry
 import (
 	"net/netip"
 	"slices"
+	"strings"
 	"testing"
 )
 
@@ -49,5 +50,24 @@ func TestInstanceAddressCheckedWithoutMember(t *testing.T) {
 	snap = SnapshotOf(kvs, 1)
 	if _, ok := snap.Apps[AppID{GroupBackends, "api"}].Instances["steal"]; ok {
 		t.Error("without a pool, an instance pointing into another node's subnet was kept")
+	}
+}
+
+// TestHostileValueQuotedBounded: a 256 KiB hostile value (or key) ends
+// up in a Problem, which every node logs, cut to a bounded size.
+func TestHostileValueQuotedBounded(t *testing.T) {
+	big := strings.Repeat("\x1b[31mX", 256<<10/6)
+	snap := SnapshotOf([]KV{
+		{Key: NodeKey("n1"), Value: []byte(`{"name":"` + big + `","ipv4":"192.0.2.1"}`)},
+		{Key: InstanceKey(GroupBackends, "api", "n2"), Value: []byte(`{"ipv4":"` + big + `","node":"n2","port":1}`)},
+		{Key: MemberKey(big), Value: []byte(`{}`)},
+	}, 1)
+	if len(snap.Problems) != 3 {
+		t.Fatalf("problems: %d, want 3", len(snap.Problems))
+	}
+	for _, p := range snap.Problems {
+		if len(p.Err) > 400 || strings.Contains(p.Err, "\x1b") {
+			t.Errorf("problem of %d bytes (escape kept: %v): %.100q", len(p.Err), strings.Contains(p.Err, "\x1b"), p.Err)
+		}
 	}
 }

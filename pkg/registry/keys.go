@@ -94,14 +94,14 @@ func PrefixName(p netip.Prefix) string {
 func ParsePrefixName(s string) (netip.Prefix, error) {
 	addr, bits, ok := strings.Cut(s, "-")
 	if !ok {
-		return netip.Prefix{}, fmt.Errorf("subnet %q: want a.b.c.d-len", s)
+		return netip.Prefix{}, fmt.Errorf("subnet %s: want a.b.c.d-len", Quoted([]byte(s)))
 	}
 	p, err := netip.ParsePrefix(addr + "/" + bits)
 	if err != nil {
-		return netip.Prefix{}, fmt.Errorf("subnet %q: %w", s, err)
+		return netip.Prefix{}, fmt.Errorf("subnet %s: %w", Quoted([]byte(s)), err)
 	}
 	if p != p.Masked() {
-		return netip.Prefix{}, fmt.Errorf("subnet %q: host bits set", s)
+		return netip.Prefix{}, fmt.Errorf("subnet %s: host bits set", Quoted([]byte(s)))
 	}
 	return p, nil
 }
@@ -141,38 +141,38 @@ func ParseKey(key string) (ParsedKey, error) {
 	case strings.HasPrefix(key, NodesPrefix):
 		n := strings.TrimPrefix(key, NodesPrefix)
 		if err := ValidName(n); err != nil {
-			return ParsedKey{}, fmt.Errorf("node key %q: %w", key, err)
+			return ParsedKey{}, fmt.Errorf("node key %s: %w", Quoted([]byte(key)), err)
 		}
 		return ParsedKey{Kind: KindNode, Node: n}, nil
 	case strings.HasPrefix(key, MembersPrefix):
 		n := strings.TrimPrefix(key, MembersPrefix)
 		if err := ValidName(n); err != nil {
-			return ParsedKey{}, fmt.Errorf("member key %q: %w", key, err)
+			return ParsedKey{}, fmt.Errorf("member key %s: %w", Quoted([]byte(key)), err)
 		}
 		return ParsedKey{Kind: KindMember, Node: n}, nil
 	case strings.HasPrefix(key, SubnetsPrefix):
 		p, err := ParsePrefixName(strings.TrimPrefix(key, SubnetsPrefix))
 		if err != nil {
-			return ParsedKey{}, fmt.Errorf("subnet key %q: %w", key, err)
+			return ParsedKey{}, fmt.Errorf("subnet key %s: %w", Quoted([]byte(key)), err)
 		}
 		return ParsedKey{Kind: KindSubnet, Subnet: p}, nil
 	case strings.HasPrefix(key, StatusPrefix):
 		n := strings.TrimPrefix(key, StatusPrefix)
 		if err := ValidName(n); err != nil {
-			return ParsedKey{}, fmt.Errorf("status key %q: %w", key, err)
+			return ParsedKey{}, fmt.Errorf("status key %s: %w", Quoted([]byte(key)), err)
 		}
 		return ParsedKey{Kind: KindStatus, Node: n}, nil
 	case strings.HasPrefix(key, SecretsPrefix):
 		rest := strings.TrimPrefix(key, SecretsPrefix)
 		n, name, ok := strings.Cut(rest, "/")
 		if !ok {
-			return ParsedKey{}, fmt.Errorf("secret key %q: want %s<node>/<name>", key, SecretsPrefix)
+			return ParsedKey{}, fmt.Errorf("secret key %s: want %s<node>/<name>", Quoted([]byte(key)), SecretsPrefix)
 		}
 		if err := ValidName(n); err != nil {
-			return ParsedKey{}, fmt.Errorf("secret key %q: node: %w", key, err)
+			return ParsedKey{}, fmt.Errorf("secret key %s: node: %w", Quoted([]byte(key)), err)
 		}
 		if err := ValidName(name); err != nil {
-			return ParsedKey{}, fmt.Errorf("secret key %q: name: %w", key, err)
+			return ParsedKey{}, fmt.Errorf("secret key %s: name: %w", Quoted([]byte(key)), err)
 		}
 		return ParsedKey{Kind: KindSecret, Node: n, Name: name}, nil
 	case strings.HasPrefix(key, ClusterPrefix):
@@ -182,21 +182,21 @@ func ParseKey(key string) (ParsedKey, error) {
 			return ParsedKey{}, nil // not an app group: someone else's key
 		}
 		if len(parts) < 3 {
-			return ParsedKey{}, fmt.Errorf("app key %q: too short", key)
+			return ParsedKey{}, fmt.Errorf("app key %s: too short", Quoted([]byte(key)))
 		}
 		if err := ValidName(parts[1]); err != nil {
-			return ParsedKey{}, fmt.Errorf("app key %q: app: %w", key, err)
+			return ParsedKey{}, fmt.Errorf("app key %s: app: %w", Quoted([]byte(key)), err)
 		}
 		switch {
 		case len(parts) == 3 && parts[2] == "meta_data":
 			return ParsedKey{Kind: KindMeta, Group: g, App: parts[1]}, nil
 		case len(parts) == 4 && parts[2] == "instances":
 			if err := ValidName(parts[3]); err != nil {
-				return ParsedKey{}, fmt.Errorf("instance key %q: node: %w", key, err)
+				return ParsedKey{}, fmt.Errorf("instance key %s: node: %w", Quoted([]byte(key)), err)
 			}
 			return ParsedKey{Kind: KindInstance, Group: g, App: parts[1], Node: parts[3]}, nil
 		}
-		return ParsedKey{}, fmt.Errorf("app key %q: unknown shape", key)
+		return ParsedKey{}, fmt.Errorf("app key %s: unknown shape", Quoted([]byte(key)))
 	}
 	return ParsedKey{}, nil
 }

@@ -416,7 +416,7 @@ func checkMembers(snap *Snapshot) []Problem {
 		if owner := snap.Subnets[m.Subnet]; owner != name {
 			delete(snap.Members, name)
 			probs = append(probs, Problem{Key: MemberKey(name),
-				Err: fmt.Sprintf("subnet %v is claimed by %q, not by this node", m.Subnet, owner)})
+				Err: fmt.Sprintf("subnet %v is claimed by %s, not by this node", m.Subnet, Quoted([]byte(owner)))})
 		}
 	}
 	return probs

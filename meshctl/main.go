@@ -47,7 +47,8 @@ type env struct {
 	CertFile  string
 	KeyFile   string
 	Timeout   time.Duration // of each etcd request
-	// DialTimeout bounds connecting to etcd.
+	// DialTimeout is the etcd client's (it connects in the background;
+	// Timeout bounds each request).
 	DialTimeout time.Duration
 	Stdout      io.Writer
 	Stderr      io.Writer
@@ -127,7 +128,7 @@ func run(ctx context.Context, args []string, stdin io.Reader, stdout, stderr io.
 	fs.StringVar(&e.CertFile, "cert", getenv("ETCDCTL_CERT"), "etcd client certificate (env ETCDCTL_CERT)")
 	fs.StringVar(&e.KeyFile, "key", getenv("ETCDCTL_KEY"), "etcd client key (env ETCDCTL_KEY)")
 	fs.DurationVar(&e.Timeout, "command-timeout", 5*time.Second, "timeout of each etcd request")
-	fs.DurationVar(&e.DialTimeout, "dial-timeout", 5*time.Second, "timeout of connecting to etcd")
+	fs.DurationVar(&e.DialTimeout, "dial-timeout", 5*time.Second, "the etcd client's dial timeout, as etcdctl's (the client connects in the background; --command-timeout bounds each request)")
 	cmd, err := root.ExecuteContextC(ctx)
 	if err == nil {
 		return exitOK

@@ -292,6 +292,7 @@ Exit codes: 0 ok, 1 failed, 2 usage error, 3 --wait timed out.`,
 		SilenceUsage:  true,
 	}
 	root.SetVersionTemplate("meshctl {{.Version}}\n")
+	globalFlags(root.PersistentFlags(), e)
 	root.SetFlagErrorFunc(func(c *cobra.Command, err error) error { return usageError{err} })
 	for _, g := range tree() {
 		root.AddCommand(newGroup(e, g))

@@ -99,6 +99,23 @@ func (e *env) close() {
 	}
 }
 
+// globalFlags are etcdctl's connection flags, accepted anywhere on the line.
+func globalFlags(fs *pflag.FlagSet, e *env) {
+	defEndpoints := []string{"http://127.0.0.1:2379"}
+	if v := e.Getenv("ETCDCTL_ENDPOINTS"); v != "" {
+		defEndpoints = strings.Split(v, ",")
+	}
+	if v := e.Getenv("MESHCTL_ENDPOINTS"); v != "" {
+		defEndpoints = strings.Split(v, ",")
+	}
+	fs.StringSliceVar(&e.Endpoints, "endpoints", defEndpoints, "etcd endpoints (env MESHCTL_ENDPOINTS or ETCDCTL_ENDPOINTS)")
+	fs.StringVar(&e.CAFile, "cacert", e.Getenv("ETCDCTL_CACERT"), "etcd CA certificate (env ETCDCTL_CACERT)")
+	fs.StringVar(&e.CertFile, "cert", e.Getenv("ETCDCTL_CERT"), "etcd client certificate (env ETCDCTL_CERT)")
+	fs.StringVar(&e.KeyFile, "key", e.Getenv("ETCDCTL_KEY"), "etcd client key (env ETCDCTL_KEY)")
+	fs.DurationVar(&e.Timeout, "command-timeout", 5*time.Second, "timeout of each etcd request")
+	fs.DurationVar(&e.DialTimeout, "dial-timeout", 5*time.Second, "the etcd client's dial timeout, as etcdctl's (the client connects in the background; --command-timeout bounds each request)")
+}
+
 func main() {
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	code := run(ctx, os.Args[1:], os.Stdin, os.Stdout, os.Stderr, os.Getenv)
@@ -115,30 +132,11 @@ func run(ctx context.Context, args []string, stdin io.Reader, stdout, stderr io.
 	root.SetIn(stdin)
 	root.SetOut(stdout)
 	root.SetErr(stderr)
-	fs := root.PersistentFlags()
-	defEndpoints := []string{"http://127.0.0.1:2379"}
-	if v := getenv("ETCDCTL_ENDPOINTS"); v != "" {
-		defEndpoints = strings.Split(v, ",")
-	}
-	if v := getenv("MESHCTL_ENDPOINTS"); v != "" {
-		defEndpoints = strings.Split(v, ",")
-	}
-	fs.StringSliceVar(&e.Endpoints, "endpoints", defEndpoints, "etcd endpoints (env MESHCTL_ENDPOINTS or ETCDCTL_ENDPOINTS)")
-	fs.StringVar(&e.CAFile, "cacert", getenv("ETCDCTL_CACERT"), "etcd CA certificate (env ETCDCTL_CACERT)")
-	fs.StringVar(&e.CertFile, "cert", getenv("ETCDCTL_CERT"), "etcd client certificate (env ETCDCTL_CERT)")
-	fs.StringVar(&e.KeyFile, "key", getenv("ETCDCTL_KEY"), "etcd client key (env ETCDCTL_KEY)")
-	fs.DurationVar(&e.Timeout, "command-timeout", 5*time.Second, "timeout of each etcd request")
-	fs.DurationVar(&e.DialTimeout, "dial-timeout", 5*time.Second, "the etcd client's dial timeout, as etcdctl's (the client connects in the background; --command-timeout bounds each request)")
 	cmd, err := root.ExecuteContextC(ctx)
 	if err == nil {
 		return exitOK
 	}
-	name := strings.TrimPrefix(cmd.CommandPath(), "meshctl ")
-	if cmd == root {
-		name = "meshctl"
-	} else {
-		name = "meshctl " + name
-	}
+	name := cmd.CommandPath()
 	err = e.explain(err)
 	var ue usageError
 	if !e.ran || errors.As(err, &ue) {

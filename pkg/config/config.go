@@ -160,6 +160,11 @@ type HAProxy struct {
 	// (80 and 443 on an ingress node); any other port below 1024 is
 	// refused. meshd's own metrics port is always reserved.
 	AllowLowPorts []int `json:"allowLowPorts,omitempty"`
+	// User and Group are what HAProxy's worker runs as (rendered as its
+	// user/group directives; it drops root after binding). The NixOS
+	// module sets them to its meshd-haproxy user.
+	User  string `json:"user,omitempty"`
+	Group string `json:"group,omitempty"`
 	// ServerSlots is how many server slots each backend pre-allocates so
 	// that instance changes need no reload.
 	ServerSlots int `json:"serverSlots"`

@@ -31,6 +31,11 @@ func LoadOrCreateIdentity(stateDir string) (*age.X25519Identity, error) {
 	b, err := os.ReadFile(path)
 	switch {
 	case err == nil:
+		// Same rule as the WireGuard key: a private key readable by
+		// anyone else is made 0600 before use.
+		if err := atomicfile.TightenPrivate(path); err != nil {
+			return nil, fmt.Errorf("age identity: %w", err)
+		}
 		return parseIdentityFile(path, b)
 	case !errors.Is(err, fs.ErrNotExist):
 		return nil, fmt.Errorf("age identity: %w", err)

@@ -116,6 +116,6 @@ func haproxyOptions(cfg config.Config) haproxycfg.Options {
 		Self: cfg.NodeName, Consume: cfg.Consume, ConfigPath: h.ConfigPath, MasterSocket: h.MasterSocket,
 		StatsSocket: h.StatsSocket, Binary: h.Binary, Supervise: h.Supervise,
 		ReservedPorts: reserved, AllowLowPorts: h.AllowLowPorts, ServerSlots: h.ServerSlots,
-		HardStopAfter: h.HardStopAfter.D(), MaxReloads: h.MaxReloads,
+		HardStopAfter: h.HardStopAfter.D(), MaxReloads: h.MaxReloads, User: h.User, Group: h.Group,
 	}
 }

@@ -40,6 +40,9 @@ type Options struct {
 	ReservedPorts []int
 	// AllowLowPorts are ports below 1024 apps may publish.
 	AllowLowPorts []int
+	// User and Group are rendered as HAProxy's user/group: the worker
+	// drops root after binding (empty: as started).
+	User, Group string
 	// Probe checks that a port not yet held by HAProxy can be bound
 	// (default ProbeLoopback).
 	Probe PortProbe
@@ -117,6 +120,11 @@ func New(opts Options, log *slog.Logger, reg prometheus.Registerer) (*Component,
 			return nil, fmt.Errorf("haproxy: %s %q: want a path of [A-Za-z0-9/._-] (or ipv4@host:port), at most 107 bytes", name, s)
 		}
 	}
+	for name, s := range map[string]string{"user": opts.User, "group": opts.Group} {
+		if s != "" && !ValidUnixName(s) {
+			return nil, fmt.Errorf("haproxy: %s %s: want a user or group name", name, registry.Quoted([]byte(s)))
+		}
+	}
 	if opts.ServerSlots < 0 || opts.ServerSlots > MaxServerSlots {
 		return nil, fmt.Errorf("haproxy: serverSlots %d: want 0-%d", opts.ServerSlots, MaxServerSlots)
 	}
@@ -156,6 +164,7 @@ func New(opts Options, log *slog.Logger, reg prometheus.Registerer) (*Component,
 			Self: opts.Self, Consume: opts.Consume, ReservedPorts: opts.ReservedPorts, AllowLowPorts: opts.AllowLowPorts,
 			ServerSlots: opts.ServerSlots, StatsSocket: opts.StatsSocket, MasterSocket: opts.MasterSocket,
 			HardStopAfter: opts.HardStopAfter, MaxReloads: opts.MaxReloads, GlobalExtra: opts.GlobalExtra,
+			User: opts.User, Group: opts.Group,
 		},
 		done: make(chan struct{}),
 	}

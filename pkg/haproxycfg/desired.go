@@ -59,6 +59,10 @@ type Params struct {
 	// MaxReloads is mworker-max-reloads: an old worker that survived this
 	// many reloads is terminated.
 	MaxReloads int
+	// User and Group are what HAProxy's processes that handle traffic run
+	// as (its "user"/"group" directives): the worker drops root after the
+	// listeners are bound. Empty leaves HAProxy as started.
+	User, Group string
 	// GlobalExtra are operator-supplied lines appended to the global
 	// section (tuning such as "maxconn 20000"). The renderer only checks
 	// that each is one printable line; `haproxy -c` is the judge of the rest.
@@ -86,6 +90,7 @@ type Desired struct {
 	StatsSocket   string
 	HardStopAfter time.Duration
 	MaxReloads    int
+	User, Group   string
 	GlobalExtra   []string
 	// Listeners holds one entry per rendered app, sorted by group then app.
 	Listeners []Listener
@@ -138,6 +143,8 @@ func Compute(snap *registry.Snapshot, opts Params) Desired {
 		StatsSocket:   opts.StatsSocket,
 		HardStopAfter: opts.HardStopAfter,
 		MaxReloads:    opts.MaxReloads,
+		User:          opts.User,
+		Group:         opts.Group,
 		GlobalExtra:   slices.Clone(opts.GlobalExtra),
 	}
 	problem := func(app, format string, a ...any) {

@@ -76,3 +76,22 @@ func (a *Applier) HeldPorts() map[int]bool {
 	}
 	return held
 }
+
+// ValidUnixName reports whether s is a user or group name that may go
+// into the config: lower-case letters, digits, '_' and '-', starting with
+// a letter or '_', at most 32 bytes.
+func ValidUnixName(s string) bool {
+	if s == "" || len(s) > 32 {
+		return false
+	}
+	for i := 0; i < len(s); i++ {
+		c := s[i]
+		switch {
+		case c >= 'a' && c <= 'z', c == '_':
+		case (c >= '0' && c <= '9' || c == '-') && i > 0:
+		default:
+			return false
+		}
+	}
+	return true
+}

@@ -35,11 +35,8 @@ func LoadOrCreateKey(stateDir string) (wgtypes.Key, error) {
 	b, err := os.ReadFile(path)
 	switch {
 	case err == nil:
-		fi, err := os.Stat(path)
-		if err == nil && fi.Mode().Perm()&0o077 != 0 {
-			if err := os.Chmod(path, 0o600); err != nil {
-				return wgtypes.Key{}, fmt.Errorf("key file %s: tighten mode: %w", path, err)
-			}
+		if err := atomicfile.TightenPrivate(path); err != nil {
+			return wgtypes.Key{}, fmt.Errorf("key file: %w", err)
 		}
 		// Do not wrap the parse error: it could quote the file's content.
 		k, perr := wgtypes.ParseKey(strings.TrimSpace(string(b)))

@@ -16,6 +16,7 @@ import (
 	clientv3 "go.etcd.io/etcd/client/v3"
 
 	"github.com/meshd/meshd/pkg/atomicfile"
+	"github.com/meshd/meshd/pkg/etcdclient"
 	"github.com/meshd/meshd/pkg/registry"
 )
 
@@ -28,7 +29,7 @@ func (a *Agent) session(ctx context.Context) error {
 	failures := 0
 	backoff := func() {
 		failures++
-		d := min(time.Second, 100*time.Millisecond<<min(failures, 6))
+		d := min(etcdclient.RetryMax, 50*time.Millisecond<<min(failures, 6))
 		d = d/2 + rand.N(d/2+1)
 		t := time.NewTimer(d)
 		defer t.Stop()
@@ -211,7 +212,7 @@ func (a *Agent) hold(ctx context.Context, lease clientv3.LeaseID) {
 	defer retry.Stop()
 	publish := func(force bool) {
 		if !a.publishStatus(ctx, lease, force) {
-			retry.Reset(500 * time.Millisecond)
+			retry.Reset(etcdclient.RetryMax)
 		}
 	}
 	publish(true)

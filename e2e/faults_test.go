@@ -5,7 +5,9 @@ import (
 	"encoding/json"
 	"fmt"
 	"os"
+	"path/filepath"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -125,25 +127,50 @@ func etcdUnreachable(ctx context.Context, t *testing.T, c *sandbox.Cluster, d ti
 	}
 
 	stopHog := startHog(t, 20*time.Second)
+	// Every node's link comes back at once (one goroutine each): on a
+	// loaded machine running the `ip` commands one node after the other
+	// took up to a second, which counted against the last nodes.
 	back := time.Now()
+	restored := map[string]time.Duration{}
+	var mu sync.Mutex
+	var wg sync.WaitGroup
 	for _, n := range c.Nodes() {
-		if err := n.CutEtcd(ctx, false); err != nil {
-			t.Fatal(err)
-		}
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			err := n.CutEtcd(ctx, false)
+			mu.Lock()
+			defer mu.Unlock()
+			restored[n.Name] = time.Since(back)
+			if err != nil {
+				t.Error(err)
+			}
+		}()
+	}
+	wg.Wait()
+	if t.Failed() {
+		t.FailNow()
 	}
 	wctx, wcancel := context.WithTimeout(ctx, 30*time.Second)
 	cv, err := c.WaitApplied(wctx, lateRev, back, c.NodeNames())
 	wcancel()
+	var slowest time.Duration
 	for _, n := range c.NodeNames() {
 		if dd, ok := cv.PerNode[n]; ok {
-			t.Logf("%s applied the change made during the outage %v after etcd came back", n, dd.Round(time.Millisecond))
+			own := dd - restored[n]
+			slowest = max(slowest, own)
+			t.Logf("%s applied the change made during the outage %v after its link came back (%v after the first restore started)",
+				n, own.Round(time.Millisecond), dd.Round(time.Millisecond))
 		}
 	}
 	if err != nil {
 		t.Fatalf("after etcd came back: %v", err)
 	}
-	if m := cv.Max(); m > reconvergeBound {
-		t.Errorf("re-convergence took %v after etcd's return (one core busy with a CPU hog), want <= %v", m.Round(time.Millisecond), reconvergeBound)
+	if slowest > reconvergeBound {
+		t.Errorf("re-convergence took %v after etcd's return (one core busy with a CPU hog), want <= %v", slowest.Round(time.Millisecond), reconvergeBound)
+		for _, n := range c.Nodes() {
+			t.Logf("%s's log since etcd's return:\n%s", n.Name, logSince(n, back))
+		}
 	}
 	// Re-registered: every node entry and both instances exist again.
 	for _, n := range c.Nodes() {
@@ -257,4 +284,17 @@ func etcdRestart(ctx context.Context, t *testing.T, c *sandbox.Cluster) {
 	if r.Failed > 0 {
 		t.Errorf("load failed across the etcd restart: %s %v", r, r.Errors)
 	}
+}
+
+// logSince returns the lines of n's meshd log stamped at or after since.
+func logSince(n *sandbox.Node, since time.Time) string {
+	b, _ := os.ReadFile(filepath.Join(n.Dir, "meshd.log"))
+	var out []string
+	for _, line := range strings.Split(string(b), "\n") {
+		ts, _, ok := strings.Cut(strings.TrimPrefix(line, "time="), " ")
+		if t, err := time.Parse(time.RFC3339Nano, ts); ok && err == nil && !t.Before(since) {
+			out = append(out, "        "+line)
+		}
+	}
+	return strings.Join(out, "\n")
 }

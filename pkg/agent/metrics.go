@@ -13,6 +13,7 @@ type metrics struct {
 	advertised   prometheus.Gauge
 	problems     prometheus.Gauge
 	statusWrites prometheus.Counter
+	statusBytes  prometheus.Counter
 }
 
 func newMetrics(r prometheus.Registerer) (*metrics, error) {
@@ -32,8 +33,9 @@ func newMetrics(r prometheus.Registerer) (*metrics, error) {
 		advertised:   prometheus.NewGauge(prometheus.GaugeOpts{Name: "meshd_instances_advertised", Help: "Instances currently advertised (check passing)."}),
 		problems:     prometheus.NewGauge(prometheus.GaugeOpts{Name: "meshd_registry_problems", Help: "Registry keys skipped as invalid."}),
 		statusWrites: prometheus.NewCounter(prometheus.CounterOpts{Name: "meshd_status_writes_total", Help: "Status writes to etcd."}),
+		statusBytes:  prometheus.NewCounter(prometheus.CounterOpts{Name: "meshd_status_written_bytes_total", Help: "Bytes of status values written to etcd."}),
 	}
-	for _, c := range []prometheus.Collector{m.reconciles, m.duration, m.applied, m.seen, m.leaseLost, m.registered, m.relists, m.advertised, m.problems, m.statusWrites} {
+	for _, c := range []prometheus.Collector{m.reconciles, m.duration, m.applied, m.seen, m.leaseLost, m.registered, m.relists, m.advertised, m.problems, m.statusWrites, m.statusBytes} {
 		if err := r.Register(c); err != nil {
 			return nil, err
 		}

@@ -202,24 +202,8 @@ func (c *Component) Status() any {
 	c.mu.Lock()
 	d := c.last
 	c.mu.Unlock()
-	st := Status{
-		ConfigPath: c.opts.ConfigPath,
-		Listeners:  len(d.Listeners),
-		Backends:   len(d.Listeners),
-		Servers:    d.Servers(),
-		Counters:   c.applier.Counters(),
-		Problems:   d.Problems,
-		Supervised: c.sup != nil,
-	}
-	for _, l := range d.Listeners {
-		n := 0
-		for _, s := range l.Slots {
-			if !s.Empty() {
-				n++
-			}
-		}
-		st.Apps = append(st.Apps, AppStatus{App: l.App.String(), Port: l.Port, Servers: n})
-	}
+	st := StatusOf(d, c.opts.ConfigPath, c.applier.Counters())
+	st.Supervised = c.sup != nil
 	if err := c.applier.LastError(); err != nil {
 		st.LastError = err.Error()
 	}
@@ -229,6 +213,31 @@ func (c *Component) Status() any {
 	st.AppliedHash = c.applier.AppliedHash()
 	if c.sup != nil {
 		st.MasterPID = c.sup.PID()
+	}
+	return st
+}
+
+// StatusOf is the part of the status that follows from the desired
+// configuration d (rendered to configPath) and the applier's counters:
+// what Status publishes, for callers that render without a running
+// HAProxy (the scale bench's simulated nodes).
+func StatusOf(d Desired, configPath string, counters Counters) Status {
+	st := Status{
+		ConfigPath: configPath,
+		Listeners:  len(d.Listeners),
+		Backends:   len(d.Listeners),
+		Servers:    d.Servers(),
+		Counters:   counters,
+		Problems:   d.Problems,
+	}
+	for _, l := range d.Listeners {
+		n := 0
+		for _, s := range l.Slots {
+			if !s.Empty() {
+				n++
+			}
+		}
+		st.Apps = append(st.Apps, AppStatus{App: l.App.String(), Port: l.Port, Servers: n})
 	}
 	return st
 }

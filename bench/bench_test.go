@@ -145,3 +145,27 @@ func TestFidelitySmoke(t *testing.T) {
 		t.Errorf("%s: want 2 samples", res.JoinPing.Summary())
 	}
 }
+
+// TestOneNodeSmoke runs one real meshd with a 20-node view for a few
+// seconds (root only).
+func TestOneNodeSmoke(t *testing.T) {
+	meshd := sandboxtest.Need(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+	defer cancel()
+	res, err := OneNode(ctx, OneNodeOptions{
+		Sandbox: sandbox.Options{Name: fmt.Sprintf("mdto%d", os.Getpid()%100000), MeshdBinary: meshd},
+		N:       20, Idle: 3 * time.Second, Log: t.Logf,
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if res.Peers != 19 {
+		t.Errorf("%d peers, want 19", res.Peers)
+	}
+	if res.RSS <= 0 || res.IdleCPU < 0 || res.IdleCPU > 1 {
+		t.Errorf("RSS %d, idle CPU %.3f", res.RSS, res.IdleCPU)
+	}
+	if res.IdleStatusWrites != 0 {
+		t.Errorf("%d status writes while idle", res.IdleStatusWrites)
+	}
+}

@@ -26,6 +26,8 @@ type Results struct {
 	Scale    []ScaleResult
 	Fidelity []FidelityResult
 	Traefik  []TraefikResult
+	// OneNode is one real meshd with a large view.
+	OneNode []OneNodeResult `json:",omitempty"`
 	// Recompute splits one agent's reconcile pass by part, per size.
 	Recompute []RecomputeRow
 	// Notes are problems met during the run (a scenario that failed, a
@@ -135,6 +137,15 @@ func (r *Results) targets() []target {
 		wa, wb := a.WritesPerChange/float64(a.Live), b.WritesPerChange/float64(b.Live)
 		ts = append(ts, target{fmt.Sprintf("etcd writes per change O(N), not O(N²) (writes per change per node, N=%d → N=%d)", a.N, b.N),
 			fmt.Sprintf("%.2f → %.2f", wa, wb), verdict(wb < 2*wa+0.1)})
+	}
+	for _, x := range r.OneNode {
+		if x.N != 1000 {
+			continue
+		}
+		ts = append(ts, target{"one meshd with a 1,000-node view: RSS < 40 MB (meshd's process; the userspace device apart)",
+			fmt.Sprintf("%.1f MiB (device %.1f MiB)", float64(x.RSS)/(1<<20), float64(x.DeviceRSS)/(1<<20)), verdict(x.RSS < 40<<20)})
+		ts = append(ts, target{"one meshd with a 1,000-node view: idle CPU < 0.5 % of a core",
+			fmt.Sprintf("%.2f %% (device %.2f %%)", 100*x.IdleCPU, 100*x.DeviceIdleCPU), verdict(x.IdleCPU < 0.005)})
 	}
 	return ts
 }
@@ -256,6 +267,21 @@ func (r *Results) Markdown() string {
 		w("\nWrites per change are the change itself plus one status write per live agent (the status revision is how\n")
 		w("`meshctl --wait` knows a change is applied), \"per node\" divides by the live agents; watch events are what etcd\n")
 		w("delivered for them (agents, idle watchers and the harness's status watch), \"per node\" divides by N.\n\n")
+	}
+
+	if len(r.OneNode) > 0 {
+		w("## One real meshd with a large view\n\n")
+		w("One sandbox node (a real meshd process in its namespace: userspace WireGuard, supervised HAProxy) in a registry of N\n")
+		w("nodes, the other N-1 registered by the harness as their agents would register, without WireGuard endpoints: the node's\n")
+		w("device holds N-1 peers that send nothing, so the idle figures are meshd's own, without keepalive or handshake traffic.\n")
+		w("RSS is VmRSS after the idle period; CPU is user+system time over it, as a share of one core. The userspace device\n")
+		w("runs in a process of its own (it outlives meshd restarts) and is shown apart; with kernel WireGuard it does not exist.\n\n")
+		w("| N | peers | converged after start | meshd RSS | meshd idle CPU | device RSS | device idle CPU | status writes while idle |\n|---|---|---|---|---|---|---|---|\n")
+		for _, x := range r.OneNode {
+			w("| %d | %d | %s | %.1f MiB | %.2f %% | %.1f MiB | %.2f %% | %d in %s |\n", x.N, x.Peers, ms(x.Converged),
+				float64(x.RSS)/(1<<20), 100*x.IdleCPU, float64(x.DeviceRSS)/(1<<20), 100*x.DeviceIdleCPU, x.IdleStatusWrites, x.Idle)
+		}
+		w("\n")
 	}
 
 	if len(r.Recompute) > 0 {

@@ -469,16 +469,7 @@ func RegisterPassive(ctx context.Context, newClient func() (*clientv3.Client, er
 		cli.Close()
 	}
 	for i := range n {
-		name := fmt.Sprintf("p%04d", i)
-		ip := fmt.Sprintf("198.51.100.%d", i%250+1)
-		m, err := registry.ClaimMember(ctx, cli, registry.Member{Name: name, PublicKey: randomKey(), Endpoint: ip + ":51820"}, registry.DefaultPool, ip)
-		if err != nil {
-			stop()
-			return nil, fmt.Errorf("register %s: %w", name, err)
-		}
-		node, _ := json.Marshal(registry.Node{Name: name, IPv4: ip, Services: []registry.Group{registry.GroupBackends},
-			Meshd: &registry.NodeMeshd{ID: randomHex(16), PublicKey: m.PublicKey, OverlayIP: m.OverlayIP.String(), Version: "bench-passive"}})
-		if _, err := cli.Put(ctx, registry.NodeKey(name), string(node), clientv3.WithLease(lease.ID)); err != nil {
+		if err := registerNode(ctx, cli, lease.ID, i, true); err != nil {
 			stop()
 			return nil, err
 		}
@@ -495,6 +486,29 @@ func RegisterPassive(ctx context.Context, newClient func() (*clientv3.Client, er
 		}()
 	}
 	return stop, nil
+}
+
+// registerNode registers harness node i (p0000, p0001, ...) as its agent
+// would: subnet claim and member record through registry.ClaimMember, and
+// its node entry on lease. Without endpoint its member record names no
+// WireGuard endpoint (a peer others cannot dial, which sends nothing).
+func registerNode(ctx context.Context, cli *clientv3.Client, lease clientv3.LeaseID, i int, endpoint bool) error {
+	name := fmt.Sprintf("p%04d", i)
+	ip := fmt.Sprintf("198.51.100.%d", i%250+1)
+	ep := ""
+	if endpoint {
+		ep = ip + ":51820"
+	}
+	m, err := registry.ClaimMember(ctx, cli, registry.Member{Name: name, PublicKey: randomKey(), Endpoint: ep}, registry.DefaultPool, ip)
+	if err != nil {
+		return fmt.Errorf("register %s: %w", name, err)
+	}
+	node, _ := json.Marshal(registry.Node{Name: name, IPv4: ip, Services: []registry.Group{registry.GroupBackends},
+		Meshd: &registry.NodeMeshd{ID: randomHex(16), PublicKey: m.PublicKey, OverlayIP: m.OverlayIP.String(), Version: "bench-passive"}})
+	if _, err := cli.Put(ctx, registry.NodeKey(name), string(node), clientv3.WithLease(lease)); err != nil {
+		return fmt.Errorf("register %s: %w", name, err)
+	}
+	return nil
 }
 
 // startAgent starts agent i with its own client and state directory.

@@ -80,6 +80,7 @@ func run(ctx context.Context) error {
 		killTrials = flag.Int("kill-trials", 5, "node-kill trials per sandbox size (each lasts about the 3 s lease TTL)")
 		scaleN     = flag.String("scale", "8,100,1000,10000:100", "scale benchmark sizes, N or N:LIVE (N nodes of which LIVE run a real agent in this process; the floor runs at each N)")
 		proxyN     = flag.String("grpc-proxy", "10000:100", "sizes (N or N:LIVE, as -scale) run again with every agent and watcher connected through etcd's gRPC proxy (its watch coalescing); empty: none")
+		oneNode    = flag.Int("one-node", 1000, "run one real meshd (a sandbox node, needs root) with a view of this many nodes and measure its RSS and idle CPU over -idle (0: skip)")
 		idle       = flag.Duration("idle", time.Minute, "after each scale run's trials, count the status writes of an idle cluster for this long (0: skip)")
 		fidN       = flag.String("fidelity", "3,8", "sandbox sizes for the full-fidelity benchmark (needs root)")
 		traefikBin = flag.String("traefik", os.Getenv("TRAEFIK_BIN"), "Traefik v3 binary for the peer comparison (env TRAEFIK_BIN); empty skips it")
@@ -253,6 +254,18 @@ func run(ctx context.Context) error {
 		}
 	} else {
 		res.Notes = append(res.Notes, "Traefik not run: no binary given (-traefik or TRAEFIK_BIN)")
+	}
+	if *oneNode > 0 {
+		logf("one node N=%d ...", *oneNode)
+		o, err := bench.OneNode(ctx, bench.OneNodeOptions{
+			Sandbox: sandbox.Options{Name: "mdbench1", MeshdBinary: *meshd},
+			N:       *oneNode, Idle: max(*idle, 10*time.Second), Log: logf,
+		})
+		if err != nil {
+			res.Notes = append(res.Notes, fmt.Sprintf("one node N=%d: %v", *oneNode, err))
+		} else {
+			res.OneNode = append(res.OneNode, o)
+		}
 	}
 	for _, n := range fids {
 		logf("full fidelity N=%d ...", n)

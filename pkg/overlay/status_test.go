@@ -159,23 +159,9 @@ func TestPeerMetrics(t *testing.T) {
 		t.Fatal(err)
 	}
 	gather := func() map[string]map[string]float64 {
-		mfs, err := reg.Gather()
+		out, err := gatherPeers(reg)
 		if err != nil {
 			t.Fatal(err)
-		}
-		out := map[string]map[string]float64{}
-		for _, mf := range mfs {
-			vals := map[string]float64{}
-			for _, m := range mf.GetMetric() {
-				peer := m.GetLabel()[0].GetValue()
-				switch {
-				case m.Gauge != nil:
-					vals[peer] = m.GetGauge().GetValue()
-				case m.Counter != nil:
-					vals[peer] = m.GetCounter().GetValue()
-				}
-			}
-			out[mf.GetName()] = vals
 		}
 		return out
 	}
@@ -244,4 +230,27 @@ func TestFakeDeviceFollowsDeltas(t *testing.T) {
 	if !strings.Contains(dev.Mode(), "fake") {
 		t.Fatal("the fake device must say so")
 	}
+}
+
+// gatherPeers scrapes reg: metric name -> peer label -> value.
+func gatherPeers(reg *prometheus.Registry) (map[string]map[string]float64, error) {
+	mfs, err := reg.Gather()
+	if err != nil {
+		return nil, err
+	}
+	out := map[string]map[string]float64{}
+	for _, mf := range mfs {
+		vals := map[string]float64{}
+		for _, m := range mf.GetMetric() {
+			peer := m.GetLabel()[0].GetValue()
+			switch {
+			case m.Gauge != nil:
+				vals[peer] = m.GetGauge().GetValue()
+			case m.Counter != nil:
+				vals[peer] = m.GetCounter().GetValue()
+			}
+		}
+		out[mf.GetName()] = vals
+	}
+	return out, nil
 }

@@ -3,7 +3,9 @@ package agent
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
+	"strings"
 	"sync"
 	"testing"
 	"testing/synctest"
@@ -217,4 +219,28 @@ func TestIdleNodeWritesNoStatus(t *testing.T) {
 			t.Fatalf("status after a change %s (%v), want revision %d", w[1], err, r.rev)
 		}
 	})
+}
+
+// failing is a component whose Apply fails with a long error, as an
+// error joined over every peer of a large cluster would be.
+type failing struct{}
+
+func (failing) Name() string { return "failing" }
+func (failing) Apply(context.Context, *registry.Snapshot) error {
+	return errors.New(strings.Repeat("route 10.10.1.0/24: file exists; ", 5000))
+}
+func (failing) Status() any { return nil }
+
+// TestStatusErrorBounded: a component's error is cut in the status.
+func TestStatusErrorBounded(t *testing.T) {
+	a, err := New(Options{Client: &clientv3.Client{}, Node: "node-a", ID: "0123456789abcdef0123456789abcdef",
+		LeaseTTL: 10 * time.Second, Components: []Component{failing{}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	states := []compState{{lastErr: failing{}.Apply(context.Background(), nil)}}
+	st := a.buildStatus(&registry.Snapshot{Revision: 3}, 0, states)
+	if got := len(st.Errors["failing"]); got == 0 || got > maxStatusError+len("…") {
+		t.Fatalf("error in status is %d bytes, want at most %d", got, maxStatusError+len("…"))
+	}
 }

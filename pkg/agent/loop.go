@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"maps"
 	"time"
-	"unicode/utf8"
 
 	"github.com/meshd/meshd/pkg/registry"
 )
@@ -198,7 +197,7 @@ func (a *Agent) buildStatus(snap *registry.Snapshot, applied int64, states []com
 	}
 	a.mu.Lock()
 	if a.stateErr != nil {
-		st.Errors = map[string]string{"state": cutError(a.stateErr.Error())}
+		st.Errors = map[string]string{"state": registry.StatusText(a.stateErr.Error())}
 	}
 	a.mu.Unlock()
 	for i, c := range a.o.Components {
@@ -209,27 +208,10 @@ func (a *Agent) buildStatus(snap *registry.Snapshot, applied int64, states []com
 			if st.Errors == nil {
 				st.Errors = map[string]string{}
 			}
-			st.Errors[c.Name()] = cutError(err.Error())
+			st.Errors[c.Name()] = registry.StatusText(err.Error())
 		}
 	}
 	return st
-}
-
-// maxStatusError bounds an error text in the status: an error joined
-// over every peer or route of a large cluster must not make the status
-// grow with the cluster (the log has it whole).
-const maxStatusError = 512
-
-// cutError shortens an error text for the status, on a rune boundary.
-func cutError(s string) string {
-	if len(s) <= maxStatusError {
-		return s
-	}
-	cut := maxStatusError
-	for cut > 0 && !utf8.RuneStart(s[cut]) {
-		cut--
-	}
-	return s[:cut] + "…"
 }
 
 func (a *Agent) setStatus(st registry.Status) {

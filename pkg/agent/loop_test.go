@@ -240,7 +240,7 @@ func TestStatusErrorBounded(t *testing.T) {
 	}
 	states := []compState{{lastErr: failing{}.Apply(context.Background(), nil)}}
 	st := a.buildStatus(&registry.Snapshot{Revision: 3}, 0, states)
-	if got := len(st.Errors["failing"]); got == 0 || got > maxStatusError+len("…") {
-		t.Fatalf("error in status is %d bytes, want at most %d", got, maxStatusError+len("…"))
+	if got := len(st.Errors["failing"]); got == 0 || got > registry.MaxStatusText+len("…") {
+		t.Fatalf("error in status is %d bytes, want at most %d", got, registry.MaxStatusText+len("…"))
 	}
 }

@@ -77,7 +77,10 @@ type Status struct {
 	Servers    int         `json:"servers"`
 	Apps       []AppStatus `json:"apps,omitempty"`
 	Counters
+	// Problems lists at most MaxStatusProblems of the problems (bad
+	// instances may come from every node); ProblemCount counts them all.
 	Problems       []Problem `json:"problems,omitempty"`
+	ProblemCount   int       `json:"problemCount,omitempty"`
 	LastError      string    `json:"lastError,omitempty"`
 	RejectedConfig string    `json:"rejectedConfig,omitempty"`
 	RejectedHash   string    `json:"rejectedHash,omitempty"`
@@ -205,7 +208,7 @@ func (c *Component) Status() any {
 	st := StatusOf(d, c.opts.ConfigPath, c.applier.Counters())
 	st.Supervised = c.sup != nil
 	if err := c.applier.LastError(); err != nil {
-		st.LastError = err.Error()
+		st.LastError = registry.StatusText(err.Error())
 	}
 	if h, err := c.applier.Rejected(); err != nil {
 		st.RejectedHash, st.RejectedConfig = h, c.applier.RejectedPath()
@@ -216,6 +219,10 @@ func (c *Component) Status() any {
 	}
 	return st
 }
+
+// MaxStatusProblems bounds the problems listed in the published status,
+// so that its size does not grow with the number of nodes.
+const MaxStatusProblems = 8
 
 // StatusOf is the part of the status that follows from the desired
 // configuration d (rendered to configPath) and the applier's counters:
@@ -229,6 +236,9 @@ func StatusOf(d Desired, configPath string, counters Counters) Status {
 		Servers:    d.Servers(),
 		Counters:   counters,
 		Problems:   d.Problems,
+	}
+	if st.ProblemCount = len(d.Problems); st.ProblemCount > MaxStatusProblems {
+		st.Problems = st.Problems[:MaxStatusProblems]
 	}
 	for _, l := range d.Listeners {
 		n := 0

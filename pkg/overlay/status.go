@@ -9,6 +9,7 @@ import (
 	"golang.zx2c4.com/wireguard/wgctrl/wgtypes"
 
 	"github.com/meshd/meshd/pkg/overlay/desired"
+	"github.com/meshd/meshd/pkg/registry"
 )
 
 // RecentHandshake is how old a peer's last handshake may be for the peer
@@ -23,9 +24,6 @@ const MaxStaleNames = 16
 
 // MaxStatusProblems bounds the problems listed in Status.Problems.
 const MaxStatusProblems = 8
-
-// maxStatusError bounds the length of an error text in the status.
-const maxStatusError = 256
 
 // Status is what the overlay publishes in the node's status (under
 // "components"."overlay"). Its size does not depend on the number of
@@ -133,14 +131,6 @@ func Summarize(peers []PeerDetail, now time.Time) PeerSummary {
 	return s
 }
 
-// truncate shortens an error text for the status.
-func truncate(s string) string {
-	if len(s) <= maxStatusError {
-		return s
-	}
-	return s[:maxStatusError] + "…"
-}
-
 // Status implements agent.Component. It reads the live device for
 // handshake times; it never includes the private key.
 func (c *Component) Status() any { return c.StatusNow(time.Now()) }
@@ -170,10 +160,10 @@ func (c *Component) status(now time.Time) (Status, []PeerDetail) {
 	}
 	setProblems(&st, c.problems)
 	if c.lastErr != nil {
-		st.LastError = truncate(c.lastErr.Error())
+		st.LastError = registry.StatusText(c.lastErr.Error())
 	}
 	if c.cacheErr != nil {
-		st.CacheError = truncate(c.cacheErr.Error())
+		st.CacheError = registry.StatusText(c.cacheErr.Error())
 	}
 	target := c.target
 	c.mu.Unlock()
@@ -216,7 +206,7 @@ func readDevice(st *Status, target *desired.State, dev deviceReader, now time.Ti
 	d, err := dev.Device()
 	if err != nil {
 		if st.LastError == "" {
-			st.LastError = truncate(err.Error())
+			st.LastError = registry.StatusText(err.Error())
 		}
 		return nil
 	}

@@ -173,21 +173,22 @@ func run(ctx context.Context) error {
 	}
 	for _, rn := range runs {
 		n := rn.n
-		clientOf, label := newClient, ""
-		var control func() (*clientv3.Client, error)
+		// The agents and watchers connect to endpoint: etcd, or a gRPC
+		// proxy in front of it; the harness's control client to etcd.
+		endpoint, label := etcd.endpoint, ""
 		stopProxy := func() {}
 		if rn.proxy {
-			p, endpoint, err := startChild("grpc-proxy", etcd.endpoint)
+			p, pe, err := startChild("grpc-proxy", etcd.endpoint)
 			if err != nil {
 				res.Notes = append(res.Notes, fmt.Sprintf("grpc-proxy N=%d: %v", n, err))
 				continue
 			}
-			stopProxy = p.stop
-			clientOf = func() (*clientv3.Client, error) {
-				return clientv3.New(clientv3.Config{Endpoints: []string{endpoint}, DialTimeout: 5 * time.Second, Logger: zap.NewNop()})
-			}
-			control, label = newClient, " via grpc-proxy"
+			stopProxy, endpoint, label = p.stop, pe, " via grpc-proxy"
 		}
+		clientOf := func() (*clientv3.Client, error) {
+			return clientv3.New(clientv3.Config{Endpoints: []string{endpoint}, DialTimeout: 5 * time.Second, Logger: zap.NewNop()})
+		}
+		control := newClient
 		logf("floor N=%d%s ...", n, label)
 		f, err := bench.Floor(ctx, bench.FloorOptions{NewClient: clientOf, Control: control, Label: label, N: n, Trials: *trials})
 		if err != nil {
@@ -197,16 +198,11 @@ func run(ctx context.Context) error {
 			res.Floor = append(res.Floor, f)
 		}
 		logf("scale N=%d%s ...", n, label)
-		passiveEndpoint := etcd.endpoint
-		if c, err := clientOf(); err == nil {
-			passiveEndpoint = c.Endpoints()[0]
-			c.Close()
-		}
 		s, err := bench.Scale(ctx, bench.ScaleOptions{
 			NewClient: clientOf, Control: control, Label: label, MetricsURL: etcd.endpoint + "/metrics", N: n, Live: rn.live, Trials: *trials,
 			Idle: *idle,
 			Passive: func(ctx context.Context, n int) (func(), error) {
-				p, _, err := startChild("passive-nodes", passiveEndpoint, strconv.Itoa(n))
+				p, _, err := startChild("passive-nodes", endpoint, strconv.Itoa(n))
 				if err != nil {
 					return nil, fmt.Errorf("passive nodes: %w", err)
 				}

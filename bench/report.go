@@ -138,6 +138,16 @@ func (r *Results) targets() []target {
 		ts = append(ts, target{fmt.Sprintf("etcd writes per change O(N), not O(N²) (writes per change per node, N=%d → N=%d)", a.N, b.N),
 			fmt.Sprintf("%.2f → %.2f", wa, wb), verdict(wb < 2*wa+0.1)})
 	}
+	for _, f := range r.Fidelity {
+		for _, sc := range r.Scale {
+			if f.N != 8 || sc.N != 8 || sc.Label != "" || len(f.AddedServes.Samples) == 0 || len(sc.Added.Samples) == 0 {
+				continue
+			}
+			fp, sp := f.AddedServes.Quantile(0.99), sc.Added.Quantile(0.99)
+			ts = append(ts, target{"full fidelity N=8 instance added (served by all) p99 ≤ 2.5 × the scale run's N=8 p99",
+				fmt.Sprintf("%s vs %s (×%.2f)", ms(fp), ms(sp), float64(fp)/float64(max(sp, 1))), verdict(float64(fp) <= 2.5*float64(sp))})
+		}
+	}
 	for _, x := range r.OneNode {
 		if x.N != 1000 {
 			continue

@@ -129,17 +129,17 @@ func PlanDestroy(cluster string, names []string, servers []*hcloud.Server, snap 
 
 // DestroyResult is what happened to one name.
 type DestroyResult struct {
-	Name          string  `json:"name"`
-	ID            int64   `json:"id,omitempty"`
-	ServerDeleted bool    `json:"serverDeleted"`
-	KeysDeleted   int64   `json:"keysDeleted"`
+	Name          string `json:"name"`
+	ID            int64  `json:"id,omitempty"`
+	ServerDeleted bool   `json:"serverDeleted"`
+	KeysDeleted   int64  `json:"keysDeleted"`
 	// KeysLeft are the registry keys that may remain because the
 	// registry could not be reached, and RemoveLater the command that
 	// removes them once it can.
 	KeysLeft    []string `json:"keysLeft,omitempty"`
 	RemoveLater string   `json:"removeLater,omitempty"`
-	Outcome       Outcome `json:"outcome"`
-	Error         string  `json:"error,omitempty"`
+	Outcome     Outcome  `json:"outcome"`
+	Error       string   `json:"error,omitempty"`
 }
 
 // Destroy deletes the plan's servers (in parallel, bounded) and then the

@@ -165,6 +165,8 @@ func run(ctx context.Context, args []string, stdin io.Reader, stdout, stderr io.
 		return exitUsage
 	case errors.Is(err, errTimeout):
 		return exitTimeout
+	case errors.Is(err, errRegistryUnreachable):
+		return exitRegistry
 	}
 	return exitFailed
 }

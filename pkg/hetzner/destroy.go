@@ -204,7 +204,8 @@ func (p *Provisioner) Destroy(ctx context.Context, plan DestroyPlan, reg NodeRem
 			}
 			r.Outcome = OutcomeDeleted
 			if r.KeysLeft != nil {
-				p.progress().Server(s.Name, "deleted; registry unreachable, its keys remain: run "+r.RemoveLater+" later")
+				p.progress().Server(s.Name, fmt.Sprintf("deleted; the registry is unreachable, so these keys may remain: %s; remove them later with: %s",
+					strings.Join(r.KeysLeft, " "), r.RemoveLater))
 			} else {
 				p.progress().Server(s.Name, fmt.Sprintf("deleted (%d registry keys)", r.KeysDeleted))
 			}
@@ -229,8 +230,12 @@ func (p *Provisioner) Destroy(ctx context.Context, plan DestroyPlan, reg NodeRem
 		for _, n := range left {
 			cmds = append(cmds, RemoveLaterHint(n))
 		}
-		errs = append(errs, fmt.Errorf("%w for %s (the registry was not reachable): once etcd is back, run: %s",
-			ErrKeysLeft, strings.Join(left, ", "), strings.Join(cmds, "; ")))
+		kerr := fmt.Errorf("%w for %s (the registry was not reachable): once etcd is back, run: %s",
+			ErrKeysLeft, strings.Join(left, ", "), strings.Join(cmds, "; "))
+		if len(errs) == 0 {
+			return results, kerr
+		}
+		errs = append(errs, kerr)
 	}
 	if len(errs) > 0 {
 		return results, fmt.Errorf("%d of %d failed: %w", len(errs), len(results), errors.Join(errs...))

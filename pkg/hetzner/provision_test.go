@@ -315,6 +315,11 @@ func TestProvisionValidatesBeforeCallingTheAPI(t *testing.T) {
 	for name, mutate := range map[string]func(*hetzner.ProvisionOptions){
 		"no cluster":      func(o *hetzner.ProvisionOptions) { o.Cluster = "" },
 		"bad name":        func(o *hetzner.ProvisionOptions) { o.Names = []string{"bad_name"} },
+		"two dots":        func(o *hetzner.ProvisionOptions) { o.Names = []string{"a..b"} },
+		"label with -":    func(o *hetzner.ProvisionOptions) { o.Names = []string{"web.-1"} },
+		"trailing dot":    func(o *hetzner.ProvisionOptions) { o.Names = []string{"web1."} },
+		"label too long":  func(o *hetzner.ProvisionOptions) { o.Names = []string{strings.Repeat("a", 64) + ".b"} },
+		"no sha256":       func(o *hetzner.ProvisionOptions) { o.InfectSHA256 = "" },
 		"duplicate name":  func(o *hetzner.ProvisionOptions) { o.Names = []string{"a", "a"} },
 		"bad role":        func(o *hetzner.ProvisionOptions) { o.Role = "boss" },
 		"no ssh key":      func(o *hetzner.ProvisionOptions) { o.SSHKeyFiles = nil },

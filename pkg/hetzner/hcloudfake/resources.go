@@ -425,6 +425,16 @@ func (s *Server) Firewall(name string) (schema.Firewall, bool) {
 	return schema.Firewall{}, false
 }
 
+// AddFirewall adds a firewall directly, applied to nothing (one made by
+// an earlier meshctl that attached it to each server).
+func (s *Server) AddFirewall(name string, labels map[string]string) int64 {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	f := &firewall{f: schema.Firewall{ID: s.id(), Name: name, Labels: nonNil(labels), Rules: []schema.FirewallRule{}, Created: created}}
+	s.firewalls[f.f.ID] = f
+	return f.f.ID
+}
+
 // SetFirewallRules changes a firewall's rules directly (someone edited it
 // in the console).
 func (s *Server) SetFirewallRules(name string, rules []schema.FirewallRule) {

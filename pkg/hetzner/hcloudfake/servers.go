@@ -117,8 +117,7 @@ func (s *Server) createServer(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	if req.Datacenter != nil {
-		// Datacenters were removed from the API in 2026.
-		writeError(w, http.StatusGone, "deprecated_api_endpoint", "datacenters were removed", map[string]any{"announcement": "datacenters"})
+		invalid(w, "datacenter", "the fake takes location only")
 		return
 	}
 	loc := locations[0]

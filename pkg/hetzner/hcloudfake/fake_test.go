@@ -203,4 +203,3 @@ func TestFakeWritesNullWhereTheAPIDoes(t *testing.T) {
 	_, _, l := call(t, f, "GET", "/servers", "")
 	isNull("first page", l["meta"].(map[string]any)["pagination"].(map[string]any), "previous_page")
 }
-

@@ -241,7 +241,7 @@ func (t *retryTransport) decide(resp *http.Response, attempt int) (time.Duration
 // RateLimit-Reset (the UNIX time at which the budget is full again; it
 // refills at a constant rate). Waiting for the whole budget is wasteful,
 // so the wait is the time one request takes to come back, (Reset - now) /
-// Limit, at least a second and at most until Reset, plus up to half of it
+// (Limit - Remaining), at least a second and at most until Reset, plus up to half of it
 // again as jitter so that parallel requests do not all return at once.
 // Without the headers it backs off exponentially.
 func (t *retryTransport) rateLimitWait(h http.Header, attempt int) (time.Duration, bool, error) {
@@ -252,7 +252,12 @@ func (t *retryTransport) rateLimitWait(h http.Header, attempt int) (time.Duratio
 	until := max(time.Unix(reset, 0).Sub(t.o.Now()), 0)
 	wait := until
 	if limit, err := strconv.Atoi(strings.TrimSpace(h.Get("RateLimit-Limit"))); err == nil && limit > 0 {
-		wait = min(max(until/time.Duration(limit), time.Second), until)
+		// Until Reset, Limit - Remaining requests come back.
+		missing := limit
+		if rem, err := strconv.Atoi(strings.TrimSpace(h.Get("RateLimit-Remaining"))); err == nil && rem >= 0 && rem < limit {
+			missing = limit - rem
+		}
+		wait = min(max(until/time.Duration(missing), time.Second), until)
 	}
 	wait += time.Duration(float64(wait) / 2 * t.o.Rand())
 	if wait > t.o.MaxRetryAfter {

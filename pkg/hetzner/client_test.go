@@ -73,6 +73,9 @@ func TestRetryTransport(t *testing.T) {
 		{"429 wait has up to half again of jitter", []func(http.ResponseWriter){
 			status(429, "RateLimit-Limit", "60", "RateLimit-Remaining", "0", "RateLimit-Reset", reset(10*time.Minute)), status(200)},
 			0.5, 200, []time.Duration{12500 * time.Millisecond}, 2},
+		{"429 counts what remains", []func(http.ResponseWriter){
+			status(429, "RateLimit-Limit", "100", "RateLimit-Remaining", "90", "RateLimit-Reset", reset(100*time.Second)), status(200)},
+			0, 200, []time.Duration{10 * time.Second}, 2},
 		{"429 never waits past the reset", []func(http.ResponseWriter){
 			status(429, "RateLimit-Limit", "1", "RateLimit-Remaining", "0", "RateLimit-Reset", reset(3*time.Second)), status(200)},
 			0, 200, []time.Duration{3 * time.Second}, 2},

@@ -440,3 +440,34 @@ func TestProvisionRerunNeverReportsAServerThatDoesNotRun(t *testing.T) {
 		t.Errorf("server in status unknown reported %+v, %v", res[0], err)
 	}
 }
+
+func TestProvisionWaitsForAStartingServer(t *testing.T) {
+	f := hcloudfake.New(t, testToken)
+	p := &hetzner.Provisioner{Client: newClient(t, f, &sleeps{})}
+	opts := baseOptions(t, "n1")
+	if _, err := p.Provision(context.Background(), opts); err != nil {
+		t.Fatal(err)
+	}
+	s, _ := f.ServerByName("n1")
+	f.SetServerStatus("n1", "starting")
+	// The server becomes running after meshctl has looked at it a few
+	// times; until then the re-run must neither report it nor power it on.
+	go func() {
+		for len(f.RequestsTo("GET", "/servers/"+itoa(s.ID))) < 3 {
+			time.Sleep(time.Millisecond)
+		}
+		f.SetServerStatus("n1", "running")
+	}()
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	res, err := p.Provision(ctx, opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if res[0].Outcome != hetzner.OutcomeExists || res[0].Status != "running" {
+		t.Errorf("result %+v", res[0])
+	}
+	if n := len(f.RequestsTo("POST", "/servers/"+itoa(s.ID)+"/actions/poweron")); n != 0 {
+		t.Errorf("powered on a starting server %d times", n)
+	}
+}

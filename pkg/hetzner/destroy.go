@@ -193,7 +193,9 @@ func (p *Provisioner) Destroy(ctx context.Context, plan DestroyPlan, reg NodeRem
 			err := p.deleteServer(ctx, s)
 			if err == nil {
 				r.ServerDeleted = true
-				p.progress().Server(s.Name, "deleted, removing registry keys")
+				if reg != nil {
+					p.progress().Server(s.Name, "deleted, removing registry keys")
+				}
 				err = removeKeys(&r)
 			}
 			if err != nil {

@@ -52,6 +52,13 @@ func TestInventory(t *testing.T) {
 	if got := hetzner.Inventory(nil, nil); len(got) != 0 {
 		t.Errorf("empty inventory = %+v", got)
 	}
+	// Without the registry every server's state is unknown, not "never
+	// joined".
+	for _, r := range hetzner.Inventory([]*hcloud.Server{server(1, "a", "prod")}, nil) {
+		if r.State != hetzner.StateUnknown || r.ServerID != 1 {
+			t.Errorf("row without registry = %+v", r)
+		}
+	}
 }
 
 func TestPlanDestroy(t *testing.T) {

@@ -2,6 +2,7 @@ package hcloudfake
 
 import (
 	"fmt"
+	"maps"
 	"net/http"
 	"net/netip"
 	"slices"
@@ -156,7 +157,7 @@ func (s *Server) createServer(w http.ResponseWriter, r *http.Request) {
 		}
 	}
 	for _, k := range req.SSHKeys {
-		if !slices.ContainsFunc(slices.Collect(mapValues(s.sshKeys)), func(x *schema.SSHKey) bool {
+		if !slices.ContainsFunc(slices.Collect(maps.Values(s.sshKeys)), func(x *schema.SSHKey) bool {
 			return x.ID == k.ID || (k.ID == 0 && x.Name == k.Name)
 		}) {
 			invalid(w, "ssh_keys", fmt.Sprintf("ssh key %q not found", k.key()))
@@ -233,16 +234,6 @@ func (s *Server) createServer(w http.ResponseWriter, r *http.Request) {
 		resp.NextActions = append(resp.NextActions, s.newActionLocked("start_server", "server", id, srv.Name, func() { srv.Status = "running" }))
 	}
 	writeJSON(w, http.StatusCreated, resp)
-}
-
-func mapValues[K comparable, V any](m map[K]V) func(func(V) bool) {
-	return func(yield func(V) bool) {
-		for _, v := range m {
-			if !yield(v) {
-				return
-			}
-		}
-	}
 }
 
 // freeIPLocked is the next address of the network's subnet in zone that

@@ -174,7 +174,7 @@ func topLeaves() []leafSpec {
 			long:    "Prints meshctl's version and VCS revision, then each node's meshd version from its status. With --client, or when etcd cannot be reached (exit 1), only meshctl's.",
 			example: "meshctl version\nmeshctl version --client -o json", run: cmdVersion},
 		{use: "provision NAME...", short: "Create Hetzner Cloud servers for the cluster",
-			example: "meshctl provision worker004 --cluster prod --type cpx21 --location hel1 --ssh-key-file ~/.ssh/id_ed25519.pub", run: cmdProvision},
+			example: "meshctl provision worker004 --cluster prod --type cpx22 --location hel1 --ssh-key-file ~/.ssh/id_ed25519.pub", run: cmdProvision},
 		{use: "destroy NAME...", short: "Delete Hetzner Cloud servers and their registry keys",
 			example: "meshctl destroy worker004 --cluster prod", run: cmdDestroy},
 		{use: "cloud [list]", short: "List the cluster's Hetzner servers next to their registry state",

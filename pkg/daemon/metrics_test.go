@@ -13,6 +13,7 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 
+	"github.com/meshd/meshd/monitoring"
 	"github.com/meshd/meshd/pkg/agent"
 	"github.com/meshd/meshd/pkg/config"
 	"github.com/meshd/meshd/pkg/etcdclient"
@@ -133,34 +134,19 @@ func registered(t *testing.T) map[string][]string {
 }
 
 // documented reads docs/metrics.md's reference tables: metric -> labels.
-// Rows whose name ends in _* are prefixes.
 func documented(t *testing.T) map[string][]string {
 	t.Helper()
 	b, err := os.ReadFile("../../docs/metrics.md")
 	if err != nil {
 		t.Fatal(err)
 	}
-	row := regexp.MustCompile("^\\| `([a-z_*]+)`(?:, `([a-z_*]+)`)? \\| [^|]+ \\| [^|]+ \\| ([^|]+) \\|")
-	label := regexp.MustCompile("`([a-z_]+)`")
-	out := map[string][]string{}
-	for line := range strings.SplitSeq(string(b), "\n") {
-		m := row.FindStringSubmatch(line)
-		if m == nil {
-			continue
-		}
-		var labels []string
-		for _, l := range label.FindAllStringSubmatch(m[3], -1) {
-			labels = append(labels, l[1])
-		}
-		slices.Sort(labels)
-		for _, name := range m[1:3] {
-			if name != "" {
-				out[name] = labels
-			}
-		}
+	ref, err := monitoring.ParseReference(string(b))
+	if err != nil {
+		t.Fatal(err)
 	}
-	if len(out) < 10 {
-		t.Fatalf("docs/metrics.md: found only %d metric rows; has the table format changed?", len(out))
+	out := map[string][]string{}
+	for name, m := range ref {
+		out[name] = m.Labels
 	}
 	return out
 }

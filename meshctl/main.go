@@ -87,6 +87,7 @@ func commands() map[string]command {
 		"node":      {"list and remove nodes", cmdNode},
 		"app":       {"register, unregister and list apps", cmdApp},
 		"status":    {"show every node's lease, applied revision and health", cmdStatus},
+		"dashboard": {"serve a live web page of the mesh (loopback; reach it over SSH)", cmdDashboard},
 		"secret":    {"put, list, remove and import sealed secrets", cmdSecret},
 		"provision": {"create Hetzner Cloud servers for the cluster", cmdProvision},
 		"destroy":   {"delete Hetzner Cloud servers and their registry keys", cmdDestroy},

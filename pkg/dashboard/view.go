@@ -171,8 +171,9 @@ func Build(snap *registry.Snapshot, mem *memory, now time.Time) View {
 		}
 		if st, ok := snap.Statuses[name]; ok {
 			nv.Applied, nv.Seen, nv.Version = st.Revision, st.Seen, text(st.Version)
-			t := st.UpdatedAt
-			nv.UpdatedAt = &t
+			if t := st.UpdatedAt; !t.IsZero() {
+				nv.UpdatedAt = &t
+			}
 			if st.Seen > st.Revision {
 				nv.Lagging = true
 				problem(KindLagging, nv.Name, fmt.Sprintf("received revision %d, applied %d", st.Seen, st.Revision))

@@ -48,7 +48,7 @@ function renderNodes(v, now) {
     if (n.lagging) st.appendChild(el("span", "badge lag", "lagging"));
     tr.appendChild(st);
     tr.appendChild(td(n.lease || "—"));
-    tr.appendChild(td(n.updatedAt ? n.applied + " / " + n.seen + " (cluster " + v.revision + ")" : "—"));
+    tr.appendChild(td(n.applied || n.seen ? n.applied + " / " + n.seen + " (cluster " + v.revision + ")" : "—"));
     const comps = el("td");
     for (const c of n.components || []) {
       comps.appendChild(el("span", "comp" + (c.error ? " err" : ""), c.error ? c.name + ": " + c.error : c.name + ": ok"));

@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"fmt"
+	"log/slog"
 	"net"
 
 	"github.com/meshd/meshd/pkg/dashboard"
@@ -28,8 +29,11 @@ func runDashboard(ctx context.Context, e *env, listen string) error {
 	}
 	ln, err := net.Listen("tcp", listen)
 	if err != nil {
-		return usagef("--listen: %v", err)
+		return fmt.Errorf("--listen: %w", err)
 	}
 	fmt.Fprint(e.Stdout, dashboard.Banner(ln.Addr().String()))
-	return dashboard.Serve(ctx, dashboard.Options{Client: cli}, ln)
+	// Watch errors (etcd unreachable, access denied) go to stderr; the
+	// page says it is waiting until the first full listing.
+	log := slog.New(slog.NewTextHandler(e.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))
+	return dashboard.Serve(ctx, dashboard.Options{Client: cli, Log: log}, ln)
 }

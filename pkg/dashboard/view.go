@@ -57,11 +57,18 @@ const (
 )
 
 // PeerMatrix is the handshake grid: Cells[i][j] is Nodes[i]'s view of
-// Nodes[j].
+// Nodes[j]. Of a cluster larger than MaxMatrixNodes it holds only the
+// nodes whose row or column is not all up (at most MaxMatrixNodes of
+// them), and Total says how many there are in all.
 type PeerMatrix struct {
 	Nodes []string   `json:"nodes"`
 	Cells [][]string `json:"cells"`
+	Total int        `json:"total"`
 }
+
+// MaxMatrixNodes bounds the matrix, whose size grows with the square of
+// the cluster: beyond it a grid is neither small to send nor readable.
+const MaxMatrixNodes = 64
 
 // GroupView is one app group.
 type GroupView struct {
@@ -248,27 +255,52 @@ func peerMatrix(order []string, snap *registry.Snapshot, overlays map[string]*ov
 			nodes = append(nodes, n)
 		}
 	}
-	m := PeerMatrix{Nodes: make([]string, len(nodes)), Cells: make([][]string, len(nodes))}
 	others := len(snap.Members)
+	cell := func(row, col string) string {
+		os := overlays[row]
+		_, rowMember := snap.Members[row]
+		switch {
+		case row == col:
+			return CellSelf
+		case os == nil:
+			return CellUnknown
+		case slices.Contains(os.Peers.Stale, col):
+			return CellStale
+		case os.Peers.StaleCount == len(os.Peers.Stale) && rowMember && os.Peers.Count >= others-1 &&
+			os.Peers.Recent == os.Peers.Count-os.Peers.StaleCount:
+			return CellUp
+		}
+		return CellUnknown
+	}
+	m := PeerMatrix{Total: len(nodes)}
+	if len(nodes) > MaxMatrixNodes {
+		// Keep the nodes that take part in a cell that is not up.
+		bad := map[string]bool{}
+		for _, row := range nodes {
+			os := overlays[row]
+			if os == nil || os.Peers.StaleCount > len(os.Peers.Stale) || os.Peers.Recent != os.Peers.Count-os.Peers.StaleCount {
+				bad[row] = true
+			}
+			if os != nil {
+				for _, s := range os.Peers.Stale {
+					bad[row], bad[s] = true, true
+				}
+			}
+		}
+		var keep []string
+		for _, n := range nodes {
+			if bad[n] && len(keep) < MaxMatrixNodes {
+				keep = append(keep, n)
+			}
+		}
+		nodes = keep
+	}
+	m.Nodes, m.Cells = make([]string, len(nodes)), make([][]string, len(nodes))
 	for i, row := range nodes {
 		m.Nodes[i] = text(row)
 		m.Cells[i] = make([]string, len(nodes))
-		os := overlays[row]
-		_, rowMember := snap.Members[row]
 		for j, col := range nodes {
-			switch {
-			case i == j:
-				m.Cells[i][j] = CellSelf
-			case os == nil:
-				m.Cells[i][j] = CellUnknown
-			case slices.Contains(os.Peers.Stale, col):
-				m.Cells[i][j] = CellStale
-			case os.Peers.StaleCount == len(os.Peers.Stale) && rowMember && os.Peers.Count >= others-1 &&
-				os.Peers.Recent == os.Peers.Count-os.Peers.StaleCount:
-				m.Cells[i][j] = CellUp
-			default:
-				m.Cells[i][j] = CellUnknown
-			}
+			m.Cells[i][j] = cell(row, col)
 		}
 	}
 	return m

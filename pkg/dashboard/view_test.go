@@ -2,6 +2,7 @@ package dashboard
 
 import (
 	"encoding/json"
+	"fmt"
 	"net/netip"
 	"testing"
 	"time"
@@ -50,7 +51,30 @@ func TestPeerMatrix(t *testing.T) {
 			{"unknown", "unknown", "self", "unknown"},
 			{"unknown", "unknown", "unknown", "self"},
 		},
+		Total: 4,
 	}
+	if diff := cmp.Diff(want, v.Peers); diff != "" {
+		t.Errorf("matrix (-want +got):\n%s", diff)
+	}
+}
+
+// TestLargeMatrixKeepsTheNodesThatMatter: beyond MaxMatrixNodes only the
+// nodes in a cell that is not up are kept.
+func TestLargeMatrixKeepsTheNodesThatMatter(t *testing.T) {
+	const n = 100
+	snap := &registry.Snapshot{Nodes: map[string]registry.Node{}, Members: map[string]registry.Member{},
+		Statuses: map[string]registry.Status{}}
+	for i := range n {
+		name := fmt.Sprintf("n%03d", i)
+		snap.Nodes[name], snap.Members[name] = registry.Node{}, member(i)
+		p := overlay.PeerSummary{Count: n - 1, Recent: n - 1}
+		if name == "n050" {
+			p = overlay.PeerSummary{Count: n - 1, Recent: n - 2, Stale: []string{"n007"}, StaleCount: 1}
+		}
+		snap.Statuses[name] = registry.Status{Components: map[string]json.RawMessage{"overlay": overlayStatus(t, p)}}
+	}
+	v := Build(snap, newMemory(time.Unix(0, 0)), time.Unix(1, 0))
+	want := PeerMatrix{Nodes: []string{"n007", "n050"}, Cells: [][]string{{"self", "up"}, {"stale", "self"}}, Total: n}
 	if diff := cmp.Diff(want, v.Peers); diff != "" {
 		t.Errorf("matrix (-want +got):\n%s", diff)
 	}

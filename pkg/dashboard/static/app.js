@@ -82,6 +82,10 @@ function renderPeers(v) {
     return tr;
   });
   replaceBody(table, rows);
+  const note = document.getElementById("peers-note");
+  note.hidden = v.peers.total === v.peers.nodes.length;
+  note.textContent = "Showing the " + v.peers.nodes.length + " of " + v.peers.total +
+    " nodes that have a handshake not known to be up; every other pair is up.";
 }
 
 function renderGroups(v) {

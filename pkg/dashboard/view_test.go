@@ -4,8 +4,10 @@ import (
 	"encoding/json"
 	"fmt"
 	"net/netip"
+	"strings"
 	"testing"
 	"time"
+	"unicode/utf8"
 
 	"github.com/google/go-cmp/cmp"
 
@@ -145,5 +147,16 @@ func TestProblemsKeepTheirStart(t *testing.T) {
 		if p.Kind == KindNodeDown && !p.Since.Equal(time.Unix(40, 0)) {
 			t.Errorf("node down again since %v, want 40", p.Since)
 		}
+	}
+}
+
+func TestTextIsBoundedAndPrintable(t *testing.T) {
+	long := strings.Repeat("é", 400) // 800 bytes
+	got := text(long)
+	if len(got) > maxText+len("…") || !utf8.ValidString(got) || !strings.HasSuffix(got, "…") {
+		t.Errorf("text(800 bytes) = %d bytes, valid %v", len(got), utf8.ValidString(got))
+	}
+	if got := text("a\x00b\nc\x1b[2J"); strings.ContainsAny(got, "\x00\n\x1b") {
+		t.Errorf("control characters kept: %q", got)
 	}
 }

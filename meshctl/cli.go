@@ -170,6 +170,9 @@ func topLeaves() []leafSpec {
 	return []leafSpec{
 		{use: "status", short: "Show every node's lease, applied revision and health",
 			example: "meshctl status\nmeshctl status -o wide\nmeshctl status --endpoints https://10.0.0.2:2379 -o json", run: cmdStatus},
+		{use: "dashboard", short: "Serve a live web page of the mesh (loopback; reach it over SSH)",
+			long:    "Serves one read-only page of every node, the WireGuard handshake matrix, apps by group and current problems, updated from an etcd watch. It binds to loopback by default: from another machine use ssh -L. See docs/dashboard.md.",
+			example: "meshctl dashboard\nmeshctl dashboard --listen 127.0.0.1:9090", run: cmdDashboard},
 		{use: "version", short: "Print meshctl's version and the meshd versions the cluster runs",
 			long:    "Prints meshctl's version and VCS revision, then each node's meshd version from its status. With --client, or when etcd cannot be reached (exit 1), only meshctl's.",
 			example: "meshctl version\nmeshctl version --client -o json", run: cmdVersion},

@@ -21,7 +21,23 @@ type evalResult struct {
 		Enable          bool  `json:"enable"`
 		AllowedUDPPorts []int `json:"allowedUDPPorts"`
 		AllowedTCPPorts []int `json:"allowedTCPPorts"`
+		Interfaces      map[string]struct {
+			AllowedTCPPorts []int `json:"allowedTCPPorts"`
+			AllowedUDPPorts []int `json:"allowedUDPPorts"`
+		} `json:"interfaces"`
 	} `json:"firewall"`
+	DHCPCDDenyInterfaces    []string `json:"dhcpcdDenyInterfaces"`
+	NetworkManagerUnmanaged []string `json:"networkmanagerUnmanaged"`
+	NetworkdNetworks        map[string]struct {
+		MatchConfig map[string]any `json:"matchConfig"`
+		LinkConfig  map[string]any `json:"linkConfig"`
+	} `json:"networkdNetworks"`
+	Users map[string]struct {
+		IsSystemUser bool   `json:"isSystemUser"`
+		Group        string `json:"group"`
+	} `json:"users"`
+	Groups         []string `json:"groups"`
+	SystemPackages []string `json:"systemPackages"`
 	KernelModules []string `json:"kernelModules"`
 	Tmpfiles      []string `json:"tmpfiles"`
 	Warnings      []string `json:"warnings"`
@@ -33,6 +49,9 @@ type evalResult struct {
 		SettingsJSON string `json:"settingsJSON"`
 		ConfigFile   string `json:"configFile"`
 		Package      string `json:"package"`
+		// BuildGoModuleArgs: what the default package passed to
+		// buildGoModule (nil when the package came from elsewhere).
+		BuildGoModuleArgs map[string]any `json:"buildGoModuleArgs"`
 	} `json:"meshd"`
 	Options []optionDoc `json:"options"`
 }
@@ -125,13 +144,32 @@ func nixInstantiate(t testing.TB, args ...string) ([]byte, error) {
 	return stdout.Bytes(), nil
 }
 
-// evalConfiguration evaluates a configuration through nix/harness.nix. conf
-// is a Nix expression: a path to a module file or an inline module.
+// nixpkgsLib is the directory of nixpkgs' real lib (see
+// ../shared/nixpkgs-lib/README.md); MESHD_NIXPKGS_LIB overrides it.
+func nixpkgsLib(t testing.TB) string {
+	t.Helper()
+	dir := os.Getenv("MESHD_NIXPKGS_LIB")
+	if dir == "" {
+		dir = filepath.Join(repoRoot(t), "..", "shared", "nixpkgs-lib", "lib")
+		if _, err := os.Stat(dir); err != nil {
+			dir = "/work/shared/nixpkgs-lib/lib"
+		}
+	}
+	if _, err := os.Stat(filepath.Join(dir, "modules.nix")); err != nil {
+		t.Skipf("nixpkgs lib not found at %s (set MESHD_NIXPKGS_LIB to a nixpkgs checkout's lib/): %v", dir, err)
+	}
+	return dir
+}
+
+// evalConfiguration evaluates a configuration through nix/nixtest/harness.nix
+// with nixpkgs' real lib. conf is a Nix expression: a path to a module
+// file or an inline module.
 func evalConfiguration(t testing.TB, conf string) (*evalResult, error) {
 	t.Helper()
 	root := repoRoot(t)
 	out, err := nixInstantiate(t, "--eval", "--strict", "--json",
-		filepath.Join(root, "nix", "harness.nix"), "--arg", "configuration", conf)
+		filepath.Join(root, "nix", "nixtest", "harness.nix"),
+		"--arg", "lib", "import "+nixpkgsLib(t), "--arg", "configuration", conf)
 	if err != nil {
 		return nil, err
 	}

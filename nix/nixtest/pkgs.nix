@@ -22,6 +22,7 @@ let
   pkgs = {
     inherit lib;
     callPackage = lib.callPackageWith pkgs;
+    stdenv.hostPlatform.system = "x86_64-linux";
 
     buildGoModule = args: {
       type = "derivation";

@@ -28,6 +28,8 @@ type exampleWant struct {
 	secrets   map[string]config.SecretUse
 	// appUnits maps a consumer unit to the credential directive it uses.
 	appUnits map[string]string
+	// metrics is the TCP port opened on the overlay (0: none).
+	metrics int
 }
 
 var examples = []exampleWant{
@@ -67,6 +69,47 @@ var examples = []exampleWant{
 		secrets:  map[string]config.SecretUse{"mongodb-root-password": {Units: []string{"podman-mongodb.service"}, Action: "restart"}},
 		appUnits: map[string]string{"podman-mongodb": "LoadCredentialEncrypted"},
 	},
+	{
+		name: "monitoring", node: "monitor001", consume: []registry.Group{"services"}, udpPort: 51820, userspace: true,
+		creds: map[string]string{
+			"etcd-ca.pem":   "/var/lib/secrets/etcd/ca.pem",
+			"etcd-cert.pem": "/var/lib/secrets/etcd/monitor001.pem",
+			"etcd-key.pem":  "/var/lib/secrets/etcd/monitor001-key.pem",
+		},
+		metrics: 9464,
+	},
+}
+
+// The monitoring example's Prometheus scrapes every node on the port the
+// nodes open on the overlay, and meshd serves there beyond loopback.
+func TestPrometheusScrapesEveryNode(t *testing.T) {
+	r := evalExample(t, "monitoring")
+	if len(r.Prometheus) != 1 || r.Prometheus[0].JobName != "meshd" {
+		t.Fatalf("scrapeConfigs %+v", r.Prometheus)
+	}
+	nodes := map[string]string{}
+	for _, sc := range r.Prometheus[0].StaticConfigs {
+		if len(sc.Targets) != 1 {
+			t.Fatalf("static config %+v", sc)
+		}
+		nodes[sc.Labels["node"]] = sc.Targets[0]
+	}
+	for _, want := range examples {
+		target, ok := nodes[want.node]
+		if !ok {
+			t.Errorf("node %s is not scraped (targets %v)", want.node, nodes)
+			continue
+		}
+		if !strings.HasSuffix(target, ":9464") {
+			t.Errorf("%s scraped at %s, not the metrics port", want.node, target)
+		}
+	}
+	if got := r.Firewall.Interfaces["meshd-wg"].AllowedTCPPorts; len(got) != 1 || got[0] != 9464 {
+		t.Errorf("metrics port on the overlay: %v", got)
+	}
+	if !strings.Contains(r.Meshd.SettingsJSON, `"metricsAddr":"0.0.0.0:9464"`) {
+		t.Errorf("metricsAddr: %s", r.Meshd.SettingsJSON)
+	}
 }
 
 func TestExamples(t *testing.T) {
@@ -86,6 +129,9 @@ func TestExamples(t *testing.T) {
 			checkRenderedConfig(t, want, r)
 			if !contains(r.Firewall.AllowedUDPPorts, want.udpPort) {
 				t.Errorf("firewall UDP ports %v: WireGuard port %d not open", r.Firewall.AllowedUDPPorts, want.udpPort)
+			}
+			if got := r.Firewall.Interfaces["meshd-wg"].AllowedTCPPorts; (want.metrics == 0 && len(got) != 0) || (want.metrics != 0 && !contains(got, want.metrics)) {
+				t.Errorf("TCP ports open on the overlay %v, want metrics port %d", got, want.metrics)
 			}
 			// The WireGuard interface is meshd's alone.
 			if !contains(r.DHCPCDDenyInterfaces, "meshd-wg") || !contains(r.NetworkManagerUnmanaged, "interface-name:meshd-wg") {

@@ -111,6 +111,7 @@ assert checked;
   networkdNetworks = mapAttrs (_: n: { inherit (n) matchConfig linkConfig; }) config.systemd.network.networks;
   users = mapAttrs (_: u: { inherit (u) isSystemUser group; }) config.users.users;
   groups = attrNames config.users.groups;
+  prometheusScrapeConfigs = config.services.prometheus.scrapeConfigs;
   systemPackages = map (p: "${p}") config.environment.systemPackages;
   kernelModules = config.boot.kernelModules;
   tmpfiles = config.systemd.tmpfiles.rules;

@@ -37,6 +37,13 @@ type evalResult struct {
 		Group        string `json:"group"`
 	} `json:"users"`
 	Groups         []string `json:"groups"`
+	Prometheus     []struct {
+		JobName       string `json:"job_name"`
+		StaticConfigs []struct {
+			Targets []string          `json:"targets"`
+			Labels  map[string]string `json:"labels"`
+		} `json:"static_configs"`
+	} `json:"prometheusScrapeConfigs"`
 	SystemPackages []string `json:"systemPackages"`
 	KernelModules []string `json:"kernelModules"`
 	Tmpfiles      []string `json:"tmpfiles"`

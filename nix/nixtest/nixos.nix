@@ -10,6 +10,7 @@
 #                     networkmanager.nix, tasks/network-interfaces.nix
 #   users.*           config/users-groups.nix (and its assertions on
 #                     isSystemUser/isNormalUser and the primary group)
+#   services.prometheus.scrapeConfigs  services/monitoring/prometheus (untyped here)
 #   assertions        misc/assertions.nix; system.checks: system/activation/top-level.nix
 # serviceConfig is attrsOf unitOption without NixOS' checkService (which
 # only checks Type= and Restart= values); systemd-analyze verify checks
@@ -128,6 +129,9 @@ in
     systemd.targets = mkOption { type = types.attrsOf (types.submodule targetOptions); default = { }; };
     systemd.network.enable = mkOption { type = types.bool; default = false; };
     systemd.network.networks = mkOption { type = types.attrsOf (types.submodule linkOptions); default = { }; };
+    # services/monitoring/prometheus: a list of Prometheus scrape_config
+    # sets (NixOS types each field; the examples only fill it).
+    services.prometheus.scrapeConfigs = mkOption { type = types.listOf (types.attrsOf types.anything); default = [ ]; };
     users.users = mkOption { type = types.attrsOf (types.submodule userOptions); default = { }; };
     users.groups = mkOption { type = types.attrsOf (types.submodule groupOptions); default = { }; };
   };

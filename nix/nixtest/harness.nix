@@ -66,9 +66,11 @@ let
     else "<${builtins.typeOf v}>";
   attrName = n: if builtins.match "[A-Za-z_][A-Za-z0-9_'-]*" n != null then n else toNix n;
 
-  # Every option under services.meshd, submodule options included.
+  # Every option under services.meshd, submodule options included; like
+  # nixpkgs' option docs, without internal or invisible ones (_module.*).
   optionDocs = node:
-    if lib.isOption node then
+    if lib.isOption node && ((node.internal or false) || !(node.visible or true)) then [ ]
+    else if lib.isOption node then
       [{
         name = lib.showOption node.loc;
         description = node.description or null;

@@ -13,7 +13,7 @@ import (
 	"testing"
 )
 
-// evalResult is what nix/harness.nix returns.
+// evalResult is what nix/nixtest/harness.nix returns.
 type evalResult struct {
 	Services map[string]unit `json:"services"`
 	Targets  map[string]unit `json:"targets"`
@@ -36,8 +36,8 @@ type evalResult struct {
 		IsSystemUser bool   `json:"isSystemUser"`
 		Group        string `json:"group"`
 	} `json:"users"`
-	Groups         []string `json:"groups"`
-	Prometheus     []struct {
+	Groups     []string `json:"groups"`
+	Prometheus []struct {
 		JobName       string `json:"job_name"`
 		StaticConfigs []struct {
 			Targets []string          `json:"targets"`
@@ -45,10 +45,10 @@ type evalResult struct {
 		} `json:"static_configs"`
 	} `json:"prometheusScrapeConfigs"`
 	SystemPackages []string `json:"systemPackages"`
-	KernelModules []string `json:"kernelModules"`
-	Tmpfiles      []string `json:"tmpfiles"`
-	Warnings      []string `json:"warnings"`
-	Checks        []struct {
+	KernelModules  []string `json:"kernelModules"`
+	Tmpfiles       []string `json:"tmpfiles"`
+	Warnings       []string `json:"warnings"`
+	Checks         []struct {
 		Name string `json:"name"`
 		Text string `json:"text"`
 	} `json:"checks"`
@@ -136,7 +136,7 @@ func nixInstantiate(t testing.TB, args ...string) ([]byte, error) {
 	t.Helper()
 	bin, err := exec.LookPath("nix-instantiate")
 	if err != nil {
-		t.Skip("nix-instantiate not installed (apt-get install -y --no-install-recommends nix-bin)")
+		needNix(t, "nix-instantiate not installed (apt-get install -y --no-install-recommends nix-bin)")
 	}
 	cmd := exec.Command(bin, append([]string{"--store", "dummy://"}, args...)...)
 	cmd.Env = append(os.Environ(),
@@ -151,6 +151,16 @@ func nixInstantiate(t testing.TB, args ...string) ([]byte, error) {
 	return stdout.Bytes(), nil
 }
 
+// needNix skips a test that needs Nix tooling which is missing, or fails
+// it when MESHD_REQUIRE_NIX is set (CI: these tests must run there).
+func needNix(t testing.TB, why string) {
+	t.Helper()
+	if os.Getenv("MESHD_REQUIRE_NIX") != "" {
+		t.Fatalf("%s, and MESHD_REQUIRE_NIX is set", why)
+	}
+	t.Skip(why)
+}
+
 // nixpkgsLib is the directory of nixpkgs' real lib (see
 // ../shared/nixpkgs-lib/README.md); MESHD_NIXPKGS_LIB overrides it.
 func nixpkgsLib(t testing.TB) string {
@@ -163,7 +173,7 @@ func nixpkgsLib(t testing.TB) string {
 		}
 	}
 	if _, err := os.Stat(filepath.Join(dir, "modules.nix")); err != nil {
-		t.Skipf("nixpkgs lib not found at %s (set MESHD_NIXPKGS_LIB to a nixpkgs checkout's lib/): %v", dir, err)
+		needNix(t, fmt.Sprintf("nixpkgs lib not found at %s (set MESHD_NIXPKGS_LIB to a nixpkgs checkout's lib/): %v", dir, err))
 	}
 	return dir
 }

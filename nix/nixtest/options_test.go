@@ -8,6 +8,16 @@ import (
 
 // Bad configurations fail evaluation with a message that names the problem.
 func TestInvalidConfigurationsFail(t *testing.T) {
+	// Every invalid example is checked (freeform-typo by the test below).
+	covered := map[string]bool{"freeform-typo.nix": true}
+	defer func() {
+		files, _ := filepath.Glob(filepath.Join(repoRoot(t), "nix", "examples", "invalid", "*.nix"))
+		for _, f := range files {
+			if !covered[filepath.Base(f)] {
+				t.Errorf("%s: no test says how it fails", f)
+			}
+		}
+	}()
 	for _, tc := range []struct {
 		file    string
 		wantErr string
@@ -19,6 +29,7 @@ func TestInvalidConfigurationsFail(t *testing.T) {
 		{"bad-node-name", "A definition for option `services.meshd.nodeName' is not of type `string matching the pattern"},
 		{"haproxy-path", `services.meshd.settings.haproxy.configPath = "/var/lib/haproxy/meshd.cfg": meshd may write the HAProxy config only in /run/meshd`},
 	} {
+		covered[tc.file+".nix"] = true
 		t.Run(tc.file, func(t *testing.T) {
 			_, err := evalConfiguration(t, filepath.Join(repoRoot(t), "nix", "examples", "invalid", tc.file+".nix"))
 			if err == nil || !strings.Contains(err.Error(), tc.wantErr) {

@@ -57,7 +57,7 @@ func TestVendorHash(t *testing.T) {
 	}
 	nixHash, err := exec.LookPath("nix-hash")
 	if err != nil {
-		t.Skip("nix-hash not installed (apt-get install -y --no-install-recommends nix-bin)")
+		needNix(t, "nix-hash not installed (apt-get install -y --no-install-recommends nix-bin)")
 	}
 	root := repoRoot(t)
 	// The exact source the build sees.

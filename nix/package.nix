@@ -22,7 +22,7 @@ buildGoModule {
     inherit (source) root fileset;
   };
 
-  vendorHash = "sha256-AygM+wuAFTa7h0kmvbFZN+R5FjoGGTZJTbhpsdovDPc=";
+  vendorHash = "sha256-lLDAM7Fh8fj9zgxiryzmbHL0WP0AHbrdwsYIs2L916o=";
 
   subPackages = [
     "meshd"

@@ -14,7 +14,8 @@ let
 
   cfg = config.services.meshd;
   settingsFormat = pkgs.formats.json { };
-  inherit (import ./nix/module/types.nix { inherit lib; }) nameRegex nameType unitType checkOptions instanceFields secretFileType;
+  inherit (import ./nix/module/types.nix { inherit lib; })
+    nameRegex nameType unitType checkOptions instanceFields secretFileType runDir haproxyUser;
 
   storeDir = builtins.storeDir;
   inStore = p: p == storeDir || lib.hasPrefix "${storeDir}/" p;
@@ -52,10 +53,9 @@ let
   userspaceWireGuard = overlay.enable && overlay.mode != "kernel";
   tpm = secrets.enable && secrets.withKey != "host" && secrets.withKey != "tpm2-absent";
   haproxyUnit = haproxy.enable && !haproxy.supervise;
-  inherit (import ./nix/module/types.nix { inherit lib; }) runDir haproxyUser;
   # The metrics port, and whether metricsAddr listens on loopback only.
   metricsMatch = builtins.match "(.*):([0-9]+)" cfg.settings.metricsAddr;
-  metricsPort = if metricsMatch == null then null else lib.toInt (builtins.elemAt metricsMatch 1);
+  metricsPort = if metricsMatch == null then null else lib.toIntBase10 (builtins.elemAt metricsMatch 1);
   metricsLoopback = metricsMatch != null && builtins.match "127\\..*|\\[::1]|localhost" (builtins.head metricsMatch) != null;
   caps = [ "CAP_NET_ADMIN" ] ++ lib.optional (haproxy.enable && haproxy.supervise) "CAP_NET_BIND_SERVICE";
 

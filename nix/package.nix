@@ -8,13 +8,20 @@
 {
   lib,
   buildGoModule,
+  go,
+  buildGo126Module ? null,
   version ? "0.1.0",
 }:
 
 let
   source = import ./source.nix { inherit lib; };
+  # go.mod's go directive: buildGoModule builds with GOTOOLCHAIN=local, so
+  # its Go must be at least this. When pkgs' default Go is older, take
+  # nixpkgs' Go 1.26 (whose patch releases nixpkgs backports to stable).
+  goMin = builtins.head (builtins.match ".*\ngo ([0-9.]+)\n.*" (builtins.readFile ../go.mod));
+  build = if lib.versionAtLeast go.version goMin || buildGo126Module == null then buildGoModule else buildGo126Module;
 in
-buildGoModule {
+build {
   pname = "meshd";
   inherit version;
 

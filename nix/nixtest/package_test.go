@@ -136,18 +136,25 @@ func TestPackageExpression(t *testing.T) {
 		return v
 	}
 	recorded := func(pkg string) string {
-		return `let p = ` + pkg + `; a = p.buildGoModuleArgs; in { inherit (p) name; inherit (a) pname version subPackages ldflags vendorHash doCheck; src = "${a.src}";
+		return `let p = ` + pkg + `; a = p.buildGoModuleArgs; in { inherit (p) name goVersion; inherit (a) pname version subPackages ldflags vendorHash doCheck; src = "${a.src}";
 			license = a.meta.license.spdxId; inherit (a.meta) mainProgram description homepage; linuxOnly = a.meta.platforms == lib.platforms.linux; }`
 	}
+	// pkgs whose default Go is older than go.mod's directive.
+	oldGo := `(let p = pkgs // { go.version = "1.25.5"; buildGoModule = pkgs.recordGoModule "1.25.5"; } // extra; in p // { callPackage = lib.callPackageWith p; })`
 	for _, tc := range []struct {
-		name, expr, version string
+		name, expr, version, goVersion string
 	}{
-		{"callPackage", recorded(`pkgs.callPackage ` + root + `/nix/package.nix { }`), "0.1.0"},
-		{"version override", recorded(`pkgs.callPackage ` + root + `/nix/package.nix { version = "0.2.0-abc1234"; }`), "0.2.0-abc1234"},
-		{"default.nix", recorded(`import ` + root + `/default.nix { inherit pkgs; }`), "0.1.0"},
+		{"callPackage", recorded(`pkgs.callPackage ` + root + `/nix/package.nix { }`), "0.1.0", "1.26.8"},
+		{"version override", recorded(`pkgs.callPackage ` + root + `/nix/package.nix { version = "0.2.0-abc1234"; }`), "0.2.0-abc1234", "1.26.8"},
+		{"default.nix", recorded(`import ` + root + `/default.nix { inherit pkgs; }`), "0.1.0", "1.26.8"},
+		{"default Go too old: Go 1.26", recorded(`(let extra = { buildGo126Module = pkgs.recordGoModule "1.26.9"; }; in ` + oldGo + `).callPackage ` + root + `/nix/package.nix { }`), "0.1.0", "1.26.9"},
+		{"default Go too old, no Go 1.26", recorded(`(let extra = { }; in ` + oldGo + `).callPackage ` + root + `/nix/package.nix { }`), "0.1.0", "1.25.5"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			v := eval(tc.expr)
+			if v["goVersion"] != tc.goVersion {
+				t.Errorf("built with Go %v, want %s", v["goVersion"], tc.goVersion)
+			}
 			if v["name"] != "meshd-"+tc.version || v["pname"] != "meshd" || v["version"] != tc.version {
 				t.Errorf("name %v pname %v version %v", v["name"], v["pname"], v["version"])
 			}

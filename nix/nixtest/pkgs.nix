@@ -1,8 +1,9 @@
 # The few parts of nixpkgs' `pkgs` nixos-module.nix and nix/package.nix
 # use, for evaluation without nixpkgs. Deliberately no `meshd`: nixpkgs has
 # none, so the module must fall back to nix/package.nix.
-#   - buildGoModule records its arguments (the harness checks them) and
-#     returns a derivation-shaped value; nothing is built.
+#   - buildGoModule records its arguments and its Go's version (the
+#     harness checks them) and returns a derivation-shaped value; nothing
+#     is built.
 #   - fakePackage stands for packages that cannot be built here (haproxy,
 #     systemd, coreutils): fake derivations with store-shaped paths.
 #   - formats.json, writeShellScript, runCommand compute real store paths
@@ -24,12 +25,17 @@ let
     callPackage = lib.callPackageWith pkgs;
     stdenv.hostPlatform.system = "x86_64-linux";
 
-    buildGoModule = args: {
+    # nixpkgs' buildGoModule builds with pkgs.go; buildGo126Module (absent
+    # here unless a test adds it) with go_1_26.
+    go.version = "1.26.8";
+    buildGoModule = pkgs.recordGoModule pkgs.go.version;
+    recordGoModule = goVersion: args: {
       type = "derivation";
       name = "${args.pname}-${args.version}";
       outPath = storePath "${args.pname}-${args.version}" (builtins.toJSON (removeAttrs args [ "src" ]) + args.src);
       inherit (args) meta;
       buildGoModuleArgs = args;
+      inherit goVersion;
     };
 
     haproxy = fakePackage "haproxy-2.8.5";

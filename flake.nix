@@ -63,6 +63,7 @@
           worker = node ./nix/examples/worker.nix;
           ingress = node ./nix/examples/ingress.nix;
           service = node ./nix/examples/service.nix;
+          monitoring = node ./nix/examples/monitoring.nix;
         }
       );
 

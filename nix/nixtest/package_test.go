@@ -243,7 +243,7 @@ func TestFlakeOutputs(t *testing.T) {
 		t.Errorf("overlays.default gives meshd %q", v.Overlay)
 	}
 	if fmt.Sprint(v.Inputs) != "[nixpkgs]" || fmt.Sprint(v.Modules) != "[default meshd]" ||
-		fmt.Sprint(v.Checks) != "[ingress package service worker]" || fmt.Sprint(v.DevShell) != "[aarch64-linux x86_64-linux]" {
+		fmt.Sprint(v.Checks) != "[ingress monitoring package service worker]" || fmt.Sprint(v.DevShell) != "[aarch64-linux x86_64-linux]" {
 		t.Errorf("inputs %v nixosModules %v checks %v devShells %v", v.Inputs, v.Modules, v.Checks, v.DevShell)
 	}
 

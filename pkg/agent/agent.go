@@ -140,6 +140,7 @@ func New(o Options) (*Agent, error) {
 	if err != nil {
 		return nil, err
 	}
+	m.components(o.Components)
 	return &Agent{
 		o:         o,
 		log:       o.Log.With("component", "agent", "node", o.Node),

@@ -78,7 +78,11 @@ func Run(ctx context.Context, cfg config.Config, log *slog.Logger, version strin
 		return err
 	}
 	if cfg.MetricsAddr != "" {
-		srv, err := serveHTTP(cfg.MetricsAddr, reg, a)
+		var peers peerSource
+		if parts.overlay != nil {
+			peers = parts.overlay
+		}
+		srv, err := serveHTTP(cfg.MetricsAddr, reg, a, peersHandler(cfg.NodeName, peers))
 		if err != nil {
 			return err
 		}
@@ -150,14 +154,15 @@ func newRegistry(version string) *prometheus.Registry {
 	return reg
 }
 
-// serveHTTP serves /metrics and /healthz on a local address.
-func serveHTTP(addr string, reg *prometheus.Registry, a *agent.Agent) (*http.Server, error) {
+// serveHTTP serves /metrics, /healthz and PeersPath on a local address.
+func serveHTTP(addr string, reg *prometheus.Registry, a *agent.Agent, peers http.Handler) (*http.Server, error) {
 	ln, err := net.Listen("tcp", addr)
 	if err != nil {
 		return nil, fmt.Errorf("metrics listener: %w", err)
 	}
 	mux := http.NewServeMux()
 	mux.Handle("/metrics", promHandler(reg))
+	mux.Handle(PeersPath, peers)
 	mux.HandleFunc("/healthz", func(w http.ResponseWriter, r *http.Request) {
 		st := a.Status()
 		w.Header().Set("Content-Type", "application/json")

@@ -66,6 +66,20 @@ func RevokeNode(ctx context.Context, cli *clientv3.Client, node string) ([]strin
 		return nil, err
 	}
 	var done []string
+	ul, err := cli.UserList(ctx)
+	if err != nil {
+		return nil, fmt.Errorf("list users: %w", err)
+	}
+	users := nodeUsers(ul.Users, node)
+	for _, u := range users {
+		ug, err := cli.UserGet(ctx, u)
+		if err != nil {
+			return nil, fmt.Errorf("get user %s: %w", u, err)
+		}
+		if slices.Contains(ug.Roles, RootRole) {
+			return nil, fmt.Errorf("user %s holds %s: an operator, not a node; nothing changed", u, RootRole)
+		}
+	}
 	r, err := cli.Get(ctx, registry.RevokedKey(node), clientv3.WithCountOnly())
 	if err != nil {
 		return nil, fmt.Errorf("read revoked mark: %w", err)
@@ -76,18 +90,7 @@ func RevokeNode(ctx context.Context, cli *clientv3.Client, node string) ([]strin
 		}
 		done = append(done, "mark node "+node+" revoked")
 	}
-	ul, err := cli.UserList(ctx)
-	if err != nil {
-		return done, fmt.Errorf("list users: %w", err)
-	}
-	for _, u := range nodeUsers(ul.Users, node) {
-		ug, err := cli.UserGet(ctx, u)
-		if err != nil {
-			return done, fmt.Errorf("get user %s: %w", u, err)
-		}
-		if slices.Contains(ug.Roles, RootRole) {
-			return done, fmt.Errorf("user %s holds %s: not a node user, not deleted", u, RootRole)
-		}
+	for _, u := range users {
 		if _, err := cli.UserDelete(ctx, u); err != nil {
 			return done, fmt.Errorf("delete user %s: %w", u, err)
 		}

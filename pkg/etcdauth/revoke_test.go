@@ -191,3 +191,23 @@ func TestRefreshUsesStoredSettings(t *testing.T) {
 		t.Error("refresh with broken stored settings did not fail")
 	}
 }
+
+// TestRevokeRefusesOperator: `roles revoke` of a name whose user holds
+// root changes nothing: the operator keeps root and no revoked mark is
+// written.
+func TestRevokeRefusesOperator(t *testing.T) {
+	f := newFixture(t)
+	ctx := ctxT(t)
+	if _, err := Apply(ctx, f.root, Options{Operators: []string{"alice"}}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := RevokeNode(ctx, f.root, "alice"); err == nil {
+		t.Fatal("revoke of an operator accepted")
+	}
+	if ug, err := f.root.UserGet(ctx, "alice"); err != nil || !slices.Contains(ug.Roles, RootRole) {
+		t.Errorf("alice after a refused revoke: %v %v", ug, err)
+	}
+	if v := get(t, f.root, registry.RevokedKey("alice")); v != "" {
+		t.Errorf("a refused revoke left a revoked mark: %q", v)
+	}
+}

@@ -174,4 +174,3 @@ func TestHostileFlannelLeasesSkipped(t *testing.T) {
 		t.Errorf("Computer differs (-Compute +Computer):\n%s", diff)
 	}
 }
-

@@ -8,8 +8,8 @@ import (
 )
 
 // RemoveNode deletes every key of a node: its entry, its instances in
-// every app, its member record and subnet claim, its status and its
-// secrets. nix-infra leaves these behind; here the subnet is released only
+// every app, its member record, subnet claim and flannel lease, its
+// status and its secrets. nix-infra leaves these behind; here the subnet is released only
 // by this call. It returns how many keys were deleted.
 func RemoveNode(ctx context.Context, cli *clientv3.Client, name string) (int64, error) {
 	if err := ValidName(name); err != nil {
@@ -27,7 +27,10 @@ func RemoveNode(ctx context.Context, cli *clientv3.Client, name string) (int64, 
 	}
 	for p, owner := range snap.Subnets {
 		if owner == name {
-			ops = append(ops, clientv3.OpDelete(SubnetKey(p)))
+			// The flannel-format lease meshd keeps for the subnet goes
+			// with it: flannel nodes drop the peer at once instead of
+			// when its 24 h lease expires.
+			ops = append(ops, clientv3.OpDelete(SubnetKey(p)), clientv3.OpDelete(FlannelSubnetKey(p)))
 		}
 	}
 	for id, app := range snap.Apps {

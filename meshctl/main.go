@@ -87,6 +87,7 @@ func commands() map[string]command {
 		"node":      {"list and remove nodes", cmdNode},
 		"app":       {"register, unregister and list apps", cmdApp},
 		"status":    {"show every node's lease, applied revision and health", cmdStatus},
+		"migrate":   {"show where a live migration from flanneld stands", cmdMigrate},
 		"secret":    {"put, list, remove and import sealed secrets", cmdSecret},
 		"provision": {"create Hetzner Cloud servers for the cluster", cmdProvision},
 		"destroy":   {"delete Hetzner Cloud servers and their registry keys", cmdDestroy},

@@ -86,6 +86,20 @@ func TestFlannelLeaseKeptRenewedAndRemoved(t *testing.T) {
 	if v, _ := get(); v != string(want) {
 		t.Fatalf("lease gone after stop: %q", v)
 	}
+	// Rolled back to flanneld, which took the lease over: the meshd keys
+	// go, the lease stays.
+	if _, err := registry.RemoveNodeWith(ctx, cli, "node-a", registry.RemoveOptions{KeepFlannelLease: true}); err != nil {
+		t.Fatal(err)
+	}
+	if v, _ := get(); v != string(want) {
+		t.Fatalf("lease gone despite KeepFlannelLease: %q", v)
+	}
+	if r, _ := cli.Get(ctx, registry.MemberKey("node-a")); len(r.Kvs) != 0 {
+		t.Fatal("member record survives node remove")
+	}
+	// A plain remove takes the lease too (the claim is gone now, so put
+	// one back to say whose subnet it is).
+	cli.Put(ctx, registry.SubnetKey(netip.MustParsePrefix("10.10.42.0/24")), `{"node":"node-a"}`)
 	if _, err := registry.RemoveNode(ctx, cli, "node-a"); err != nil {
 		t.Fatal(err)
 	}

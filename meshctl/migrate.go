@@ -17,14 +17,14 @@ import (
 // stands (docs/migration.md). Everything is computed purely from one
 // registry snapshot by migrationReport; the command only reads and prints.
 
-func cmdMigrate(ctx context.Context, e *env, args []string) error {
-	if len(args) == 0 || args[0] != "status" {
-		return usagef("usage: meshctl migrate status [-o json]")
-	}
+func migrateStatus(ctx context.Context, e *env, args []string) error {
 	fs := flags(e, "migrate status")
 	out := outputFlag(fs)
-	if err := parse(fs, args[1:]); err != nil {
+	if err := parse(fs, args); err != nil {
 		return err
+	}
+	if fs.NArg() != 0 {
+		return usagef("usage: meshctl migrate status [-o table|json|yaml]")
 	}
 	if err := checkOutput(*out); err != nil {
 		return err
@@ -34,8 +34,8 @@ func cmdMigrate(ctx context.Context, e *env, args []string) error {
 		return err
 	}
 	rep := migrationReport(snap)
-	if *out == "json" {
-		return printJSON(e.Stdout, rep)
+	if isData(*out) {
+		return printData(e.Stdout, *out, rep)
 	}
 	printMigration(e, rep)
 	return nil

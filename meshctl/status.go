@@ -69,12 +69,17 @@ func cmdStatus(ctx context.Context, e *env, args []string) error {
 		}
 		so.Nodes = append(so.Nodes, r)
 	}
-	if *out == "json" {
-		return printJSON(e.Stdout, so)
+	if isData(*out) {
+		return printData(e.Stdout, *out, so)
 	}
+	wide := *out == "wide"
 	fmt.Fprintf(e.Stdout, "cluster revision %d\n", snap.Revision)
 	t := newTable(e.Stdout)
-	fmt.Fprintln(t, "NODE\tLIVE\tLEASE\tAPPLIED\tSEEN\tUPDATED\tCOMPONENTS\tERRORS")
+	fmt.Fprint(t, "NODE\tLIVE\tLEASE\tAPPLIED\tSEEN\tUPDATED\tCOMPONENTS\tERRORS")
+	if wide {
+		fmt.Fprint(t, "\tVERSION")
+	}
+	fmt.Fprintln(t)
 	for _, r := range so.Nodes {
 		updated := "-"
 		if r.UpdatedAt != nil {
@@ -84,8 +89,12 @@ func cmdStatus(ctx context.Context, e *env, args []string) error {
 		if r.UpdatedAt != nil {
 			applied, seen = fmt.Sprint(r.Revision), fmt.Sprint(r.Seen)
 		}
-		fmt.Fprintf(t, "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", r.Node, yesNo(r.Live), dash(r.Lease), applied, seen, updated,
+		fmt.Fprintf(t, "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s", r.Node, yesNo(r.Live), dash(r.Lease), applied, seen, updated,
 			dash(summarize(r.Components)), dash(errorsLine(r.Errors)))
+		if wide {
+			fmt.Fprintf(t, "\t%s", dash(registry.Printable(r.Version)))
+		}
+		fmt.Fprintln(t)
 	}
 	if err := t.Flush(); err != nil {
 		return err

@@ -31,6 +31,10 @@ type NodeOptions struct {
 	// BeforeStart, if set, runs once the namespace is up and before meshd
 	// starts (to start what the node's instances check, like ServeDemo).
 	BeforeStart func(*Node) error
+	// NoStart leaves meshd stopped: the namespace, link and config are
+	// ready and Start runs it later (a node that runs something else
+	// first, like a migration test's legacy node).
+	NoStart bool
 }
 
 // Node is one sandbox node: a network namespace with a veth into the hub
@@ -82,6 +86,9 @@ func (c *Cluster) AddNode(ctx context.Context, o NodeOptions) (*Node, error) {
 		if err := o.BeforeStart(n); err != nil {
 			return n, fmt.Errorf("node %s: %w", n.Name, err)
 		}
+	}
+	if o.NoStart {
+		return n, nil
 	}
 	if err := n.Start(ctx); err != nil {
 		return n, fmt.Errorf("node %s: %w", n.Name, err)

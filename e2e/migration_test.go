@@ -2,10 +2,12 @@ package e2e
 
 import (
 	"context"
+	"encoding/json"
 	"fmt"
 	"net/netip"
 	"os"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -74,8 +76,14 @@ func TestMigration(t *testing.T) {
 			l.stopHAProxy()
 		}
 	})
-	// nix-infra's units register each instance, unleased, at the node's
-	// overlay address.
+	// nix-infra's CLI wrote each node's entry, and its units register
+	// each instance, unleased, at the node's overlay address.
+	for _, l := range legacy {
+		v := fmt.Sprintf(`{"name":%q,"ipv4":%q,"services":[%q]}`, l.n.Name, l.n.Addr, sandbox.DemoGroup)
+		if _, err := c.Client().Put(ctx, registry.NodeKey(l.n.Name), v); err != nil {
+			t.Fatal(err)
+		}
+	}
 	for _, l := range legacy {
 		v := fmt.Sprintf(`{"ipv4":%q,"node":%q,"port":%d}`, l.subnet.Addr(), l.n.Name, sandbox.DemoPort)
 		if _, err := c.Client().Put(ctx, registry.InstanceKey(sandbox.DemoGroup, sandbox.DemoApp, l.n.Name), v); err != nil {
@@ -165,11 +173,61 @@ func TestMigration(t *testing.T) {
 		l.stopOverlay(ctx)
 		l.stopHAProxy()
 		check(step)
-		out, err := meshctl(ctx, b, c, "migrate", "status")
-		t.Logf("meshctl migrate status:\n%s", out)
+		migrateStatusClear(ctx, t, b, c, step)
+	}
+
+	// Roll n1 back to the legacy overlay and HAProxy, as docs/migration.md
+	// says: flanneld gets meshd's key and comes up next to meshd, confd's
+	// HAProxy next to meshd's; then meshd stops and its keys (not the
+	// flannel lease) are removed.
+	{
+		l := legacy[0]
+		step := "roll back " + l.n.Name
+		key, err := os.ReadFile(l.n.Config.StateDir + "/wireguard.key")
 		if err != nil {
-			t.Errorf("migrate status: %v", err)
+			t.Fatal(err)
 		}
+		os.Remove(l.keyFile)
+		if err := os.WriteFile(l.keyFile, []byte(strings.TrimSpace(string(key))), 0o400); err != nil {
+			t.Fatal(err)
+		}
+		if err := l.startOverlay(ctx); err != nil {
+			t.Fatalf("%s: %v", step, err)
+		}
+		if err := l.startHAProxy(ctx, groups); err != nil {
+			t.Fatalf("%s: %v", step, err)
+		}
+		hapPid, hapErr := l.n.HAProxyMasterPID()
+		if err := l.n.StopMeshd(ctx, 10*time.Second); err != nil {
+			t.Fatal(err)
+		}
+		// The app unit registers its instance again (meshd's leased one
+		// went with meshd's lease); meshd's device and HAProxy go.
+		v := fmt.Sprintf(`{"ipv4":%q,"node":%q,"port":%d}`, l.subnet.Addr(), l.n.Name, sandbox.DemoPort)
+		if _, err := c.Client().Put(ctx, registry.InstanceKey(sandbox.DemoGroup, sandbox.DemoApp, l.n.Name), v); err != nil {
+			t.Fatal(err)
+		}
+		nv := fmt.Sprintf(`{"name":%q,"ipv4":%q,"services":[%q]}`, l.n.Name, l.n.Addr, sandbox.DemoGroup)
+		if _, err := c.Client().Put(ctx, registry.NodeKey(l.n.Name), nv); err != nil {
+			t.Fatal(err)
+		}
+		time.Sleep(time.Second) // every HAProxy has the re-registered instance
+		if out, err := l.n.Exec(ctx, "ip", "link", "del", l.n.Config.Overlay.Interface); err != nil {
+			t.Logf("delete meshd's device: %v %s", err, out)
+		}
+		if hapErr == nil {
+			syscall.Kill(hapPid, syscall.SIGUSR1) //nolint:errcheck // soft stop
+		}
+		if out, err := meshctl(ctx, b, c, "node", "remove", l.n.Name, "--keep-flannel-lease"); err != nil {
+			t.Fatalf("%s: node remove: %v\n%s", step, err, out)
+		}
+		nv2, _ := c.Client().Get(ctx, registry.NodeKey(l.n.Name))
+		if len(nv2.Kvs) == 0 {
+			// node remove took nix-infra's entry too; nix-infra's CLI has it.
+			c.Client().Put(ctx, registry.NodeKey(l.n.Name), nv) //nolint:errcheck // checked by migrate status
+		}
+		check(step)
+		migrateStatusClear(ctx, t, b, c, step)
 	}
 
 	results := map[string]loadResult{}
@@ -177,6 +235,34 @@ func TestMigration(t *testing.T) {
 		results[name] = ld.stop()
 		t.Logf("%s: %v", name, results[name])
 	}
+}
+
+// migrateStatusClear waits until `meshctl migrate status -o json` names
+// no blocker.
+func migrateStatusClear(ctx context.Context, t *testing.T, b bins, c *sandbox.Cluster, step string) {
+	t.Helper()
+	var last string
+	if _, err := eventually(60*time.Second, 500*time.Millisecond, func() error {
+		out, err := meshctl(ctx, b, c, "migrate", "status", "-o", "json")
+		last = out
+		if err != nil {
+			return err
+		}
+		var rep struct {
+			Blockers []string `json:"blockers"`
+		}
+		if err := json.Unmarshal([]byte(out), &rep); err != nil {
+			return err
+		}
+		if len(rep.Blockers) > 0 {
+			return fmt.Errorf("blocked: %v", rep.Blockers)
+		}
+		return nil
+	}); err != nil {
+		t.Errorf("%s: migrate status: %v\n%s", step, err, last)
+	}
+	out, _ := meshctl(ctx, b, c, "migrate", "status")
+	t.Logf("%s: meshctl migrate status:\n%s", step, out)
 }
 
 func wgPublic(t *testing.T, private string) string {

@@ -292,6 +292,34 @@ func (n *Node) Stop(ctx context.Context, grace time.Duration) error {
 	return n.Kill(ctx)
 }
 
+// StopMeshd stops only meshd (SIGTERM, then SIGKILL after grace) and
+// leaves everything else in the namespace running: its detached
+// WireGuard device and its haproxy, and whatever else a test started
+// there (a node rolled back to another overlay).
+func (n *Node) StopMeshd(ctx context.Context, grace time.Duration) error {
+	n.mu.Lock()
+	cmd, exited := n.cmd, n.exited
+	n.cmd = nil
+	n.mu.Unlock()
+	if cmd == nil {
+		return nil
+	}
+	_ = cmd.Process.Signal(syscall.SIGTERM)
+	select {
+	case <-exited:
+		return nil
+	case <-time.After(grace):
+	case <-ctx.Done():
+	}
+	_ = cmd.Process.Kill()
+	select {
+	case <-exited:
+		return nil
+	case <-ctx.Done():
+		return fmt.Errorf("node %s: meshd did not exit: %w", n.Name, ctx.Err())
+	}
+}
+
 // Restart kills the node's meshd and starts it again with the same state.
 func (n *Node) Restart(ctx context.Context) error {
 	if err := n.Kill(ctx); err != nil {

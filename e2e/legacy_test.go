@@ -13,7 +13,6 @@ import (
 	"strings"
 	"sync"
 	"syscall"
-	"testing"
 	"time"
 
 	clientv3 "go.etcd.io/etcd/client/v3"
@@ -32,7 +31,6 @@ import (
 // does (../shared/NIX-INFRA.md). The sandbox node's meshd stays stopped
 // while the fixture runs.
 type legacyFlannelNode struct {
-	t     *testing.T
 	n     *sandbox.Node
 	cli   *clientv3.Client
 	meshd string // binary hosting the userspace device
@@ -50,8 +48,8 @@ type legacyFlannelNode struct {
 // flannelNetworkConfig is nix-infra's /coreos.com/network/config.
 const flannelNetworkConfig = `{"Backend":{"PersistentKeepaliveInterval":60,"Type":"wireguard"},"Network":"10.0.0.0/8","SubnetLen":24,"SubnetMin":"10.10.0.0","SubnetMax":"10.99.0.0"}`
 
-func newLegacyFlannelNode(t *testing.T, c *sandbox.Cluster, n *sandbox.Node, meshdBin string) *legacyFlannelNode {
-	return &legacyFlannelNode{t: t, n: n, cli: c.Client(), meshd: meshdBin,
+func newLegacyFlannelNode(c *sandbox.Cluster, n *sandbox.Node, meshdBin string) *legacyFlannelNode {
+	return &legacyFlannelNode{n: n, cli: c.Client(), meshd: meshdBin,
 		iface: c.Name() + "fl", keyFile: legacyKeyFile(n.Dir)}
 }
 
@@ -95,7 +93,7 @@ func (l *legacyFlannelNode) startOverlay(ctx context.Context) error {
 	if err := l.dev.Start(); err != nil {
 		return err
 	}
-	go l.dev.Wait() //nolint:errcheck // reaped; stopOverlay waits on the interface
+	go l.dev.Wait() // reaped; stopOverlay waits on the interface
 	if _, err := eventually(10*time.Second, 50*time.Millisecond, func() error {
 		_, err := l.n.Exec(ctx, "wg", "show", l.iface)
 		return err
@@ -215,7 +213,7 @@ func (l *legacyFlannelNode) watchLeases(ctx context.Context) {
 		}
 		for p, k := range have {
 			if _, ok := want[p]; !ok {
-				l.n.Exec(ctx, "wg", "set", l.iface, "peer", k[:44], "remove") //nolint:errcheck // retried next round
+				l.n.Exec(ctx, "wg", "set", l.iface, "peer", k[:44], "remove") // retried next round
 				delete(have, p)
 			}
 		}
@@ -236,11 +234,11 @@ func (l *legacyFlannelNode) stopOverlay(ctx context.Context) {
 		l.cancel()
 		l.wg.Wait()
 	}
-	exec.CommandContext(ctx, "ip", "-n", l.n.NS, "link", "del", l.iface).Run() //nolint:errcheck // gone already is fine
+	exec.CommandContext(ctx, "ip", "-n", l.n.NS, "link", "del", l.iface).Run() // gone already is fine
 	if l.dev != nil && l.dev.Process != nil {
-		l.dev.Process.Signal(syscall.SIGTERM) //nolint:errcheck // exits when its link goes
+		l.dev.Process.Signal(syscall.SIGTERM) // exits when its link goes
 	}
-	eventually(5*time.Second, 20*time.Millisecond, func() error { //nolint:errcheck // best effort
+	eventually(5*time.Second, 20*time.Millisecond, func() error { // best effort
 		if _, err := l.n.Exec(ctx, "wg", "show", l.iface); err == nil {
 			return fmt.Errorf("still there")
 		}
@@ -303,7 +301,7 @@ func (l *legacyFlannelNode) startHAProxy(ctx context.Context, groups []registry.
 	if err := l.hap.Start(); err != nil {
 		return err
 	}
-	go l.hap.Wait() //nolint:errcheck // reaped
+	go l.hap.Wait() // reaped
 	if _, err := eventually(10*time.Second, 50*time.Millisecond, func() error {
 		c, err := net.Dial("unix", sock)
 		if err == nil {
@@ -321,11 +319,11 @@ func (l *legacyFlannelNode) startHAProxy(ctx context.Context, groups []registry.
 		for range w {
 			if changed, err := render(); err == nil && changed {
 				if c, err := net.Dial("unix", sock); err == nil {
-					c.Write([]byte("reload\n")) //nolint:errcheck // the next change retries
+					c.Write([]byte("reload\n")) // the next change retries
 					c.(*net.UnixConn).CloseWrite()
 					buf := make([]byte, 512)
 					c.SetReadDeadline(time.Now().Add(5 * time.Second))
-					c.Read(buf) //nolint:errcheck // 2.6 prints nothing
+					c.Read(buf) // 2.6 prints nothing
 					c.Close()
 				}
 			}
@@ -345,7 +343,7 @@ func (l *legacyFlannelNode) startHAProxy(ctx context.Context, groups []registry.
 // workers finish their connections, then exit).
 func (l *legacyFlannelNode) stopHAProxy() {
 	if l.hap != nil && l.hap.Process != nil {
-		syscall.Kill(-l.hap.Process.Pid, syscall.SIGUSR1) //nolint:errcheck // gone already is fine
+		syscall.Kill(-l.hap.Process.Pid, syscall.SIGUSR1) // gone already is fine
 	}
 }
 

@@ -64,7 +64,7 @@ func TestMigration(t *testing.T) {
 		if err := n.ServeDemo(sandbox.DemoPort); err != nil {
 			t.Fatal(err)
 		}
-		l := newLegacyFlannelNode(t, c, n, b.meshd)
+		l := newLegacyFlannelNode(c, n, b.meshd)
 		if err := l.startOverlay(ctx); err != nil {
 			t.Fatalf("%s: legacy overlay: %v", n.Name, err)
 		}
@@ -216,7 +216,7 @@ func TestMigration(t *testing.T) {
 			t.Logf("delete meshd's device: %v %s", err, out)
 		}
 		if hapErr == nil {
-			syscall.Kill(hapPid, syscall.SIGUSR1) //nolint:errcheck // soft stop
+			syscall.Kill(hapPid, syscall.SIGUSR1) // soft stop
 		}
 		if out, err := meshctl(ctx, b, c, "node", "remove", l.n.Name, "--keep-flannel-lease"); err != nil {
 			t.Fatalf("%s: node remove: %v\n%s", step, err, out)
@@ -224,7 +224,7 @@ func TestMigration(t *testing.T) {
 		nv2, _ := c.Client().Get(ctx, registry.NodeKey(l.n.Name))
 		if len(nv2.Kvs) == 0 {
 			// node remove took nix-infra's entry too; nix-infra's CLI has it.
-			c.Client().Put(ctx, registry.NodeKey(l.n.Name), nv) //nolint:errcheck // checked by migrate status
+			c.Client().Put(ctx, registry.NodeKey(l.n.Name), nv) // checked by migrate status
 		}
 		check(step)
 		migrateStatusClear(ctx, t, b, c, step)

@@ -172,7 +172,7 @@ func (k *flannelKeeper) write(ctx context.Context, subnet netip.Prefix, value []
 	}
 	resp, err := k.a.o.Client.Put(wctx, registry.FlannelSubnetKey(subnet), string(value), clientv3.WithLease(g.ID))
 	if err != nil {
-		k.a.o.Client.Revoke(wctx, g.ID) //nolint:errcheck // best effort, it expires anyway
+		k.a.o.Client.Revoke(wctx, g.ID) // best effort, it expires anyway
 		return fmt.Errorf("write flannel lease: %w", err)
 	}
 	k.lease, k.value, k.writeRev = g.ID, value, resp.Header.Revision

@@ -126,7 +126,14 @@ func (k *flannelKeeper) step(ctx context.Context) (time.Duration, error) {
 		snap := k.a.store.Snapshot()
 		if snap.Revision >= k.writeRev {
 			l, ok := snap.FlannelLeases[subnet]
-			stale = !ok || l.Lease != int64(k.lease) || !sameFlannelLease(l, value)
+			if !ok || l.Lease != int64(k.lease) || !sameFlannelLease(l, value) {
+				// The snapshot's revision may come from another prefix's
+				// watch, ahead of the flannel one: ask etcd before writing.
+				var err error
+				if stale, err = k.changed(ctx, subnet, value); err != nil {
+					return k.o.retry(), err
+				}
+			}
 		}
 	}
 	if !stale {
@@ -136,6 +143,17 @@ func (k *flannelKeeper) step(ctx context.Context) (time.Duration, error) {
 		return k.o.retry(), err
 	}
 	return time.Until(k.expires.Add(-k.o.RenewMargin)), nil
+}
+
+// changed reports whether the key no longer holds value on our lease.
+func (k *flannelKeeper) changed(ctx context.Context, subnet netip.Prefix, value []byte) (bool, error) {
+	rctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	defer cancel()
+	resp, err := k.a.o.Client.Get(rctx, registry.FlannelSubnetKey(subnet))
+	if err != nil {
+		return false, fmt.Errorf("read flannel lease: %w", err)
+	}
+	return len(resp.Kvs) != 1 || clientv3.LeaseID(resp.Kvs[0].Lease) != k.lease || !bytes.Equal(resp.Kvs[0].Value, value), nil
 }
 
 // resume adopts the lease the key is on when it holds exactly value and

@@ -2,6 +2,7 @@ package agent_test
 
 import (
 	"context"
+	"fmt"
 	"net/netip"
 	"testing"
 	"time"
@@ -58,6 +59,16 @@ func TestFlannelLeaseKeptRenewedAndRemoved(t *testing.T) {
 	// nix-infra's overlay-IP lookup: the lease whose PublicIP is the node's.
 	if got := lookupOverlayIP(t, cli, "198.51.100.1"); got != "10.10.42.0" {
 		t.Errorf("nix-infra lookup = %q, want 10.10.42.0", got)
+	}
+	// Changes elsewhere in the registry wake the keeper but cause no write.
+	before, _ := cli.Get(ctx, key)
+	for i := range 20 {
+		cli.Put(ctx, "/cluster/backends/churn/meta_data", fmt.Sprintf(`{"publish":{"port":%d}}`, 1000+i))
+	}
+	time.Sleep(300 * time.Millisecond)
+	after, _ := cli.Get(ctx, key)
+	if after.Kvs[0].Lease == before.Kvs[0].Lease && after.Kvs[0].ModRevision != before.Kvs[0].ModRevision {
+		t.Errorf("flannel lease rewritten on unrelated changes (mod revision %d -> %d)", before.Kvs[0].ModRevision, after.Kvs[0].ModRevision)
 	}
 	// Renewed before the 8 s lease runs out: a new lease, the key never gone.
 	deadline := time.Now().Add(20 * time.Second)

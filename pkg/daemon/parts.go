@@ -21,6 +21,7 @@ type parts struct {
 	components []agent.Component
 	member     *agent.MemberOptions
 	flannel    *agent.FlannelLeaseOptions
+	overlay    *overlay.Component // nil when the overlay is disabled
 	closers    []func() error
 }
 
@@ -74,6 +75,7 @@ func buildParts(ctx context.Context, cfg config.Config, log *slog.Logger, reg pr
 		}
 		p.components = append(p.components, ov)
 		p.flannel = &agent.FlannelLeaseOptions{Port: flannelPort(cfg)}
+		p.overlay = ov
 	}
 	if h := cfg.HAProxy; h.Enable {
 		c, err := haproxycfg.New(haproxycfg.Options{

@@ -127,6 +127,13 @@ func TestSnapshotHoldsFlannelLeases(t *testing.T) {
 	var keys []string
 	for _, p := range snap.Problems {
 		keys = append(keys, p.Key)
+		want := ReasonBadValue
+		if strings.HasSuffix(p.Key, "nonsense") {
+			want = ReasonBadKey
+		}
+		if p.Reason != want {
+			t.Errorf("%s: reason %q, want %q", p.Key, p.Reason, want)
+		}
 	}
 	if diff := cmp.Diff([]string{"/coreos.com/network/subnets/10.10.94.0-24", "/coreos.com/network/subnets/nonsense"}, keys); diff != "" {
 		t.Errorf("problems (-want +got):\n%s", diff)

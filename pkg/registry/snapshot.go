@@ -404,7 +404,7 @@ func (s *Store) Snapshot() *Snapshot {
 		s.problems[partFlannel] = s.problems[partFlannel][:0:0]
 		for k, e := range s.entries[partFlannel] {
 			if e.err != nil {
-				s.problems[partFlannel] = append(s.problems[partFlannel], Problem{Key: k, Err: e.err.Error()})
+				s.problems[partFlannel] = append(s.problems[partFlannel], problemOf(k, e))
 				continue
 			}
 			switch v := e.val.(type) {

@@ -24,6 +24,8 @@ func OptionsFromConfig(c config.Config) Options {
 		Network:      o.Network,
 		Pool:         registry.Pool{Min: o.SubnetMin, Max: o.SubnetMax, Bits: o.SubnetLen},
 
+		ImportKeyFile: o.ImportKeyFile,
+
 		DetachUserspace: true,
 	}
 }

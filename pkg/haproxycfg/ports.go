@@ -3,11 +3,16 @@ package haproxycfg
 import (
 	"bufio"
 	"bytes"
+	"cmp"
+	"context"
 	"fmt"
 	"net"
 	"os"
 	"strconv"
 	"strings"
+	"syscall"
+
+	"golang.org/x/sys/unix"
 )
 
 // MinUnprivilegedPort is the first port an app may publish without being
@@ -19,13 +24,26 @@ const MinUnprivilegedPort = 1024
 // or why not.
 type PortProbe func(port int) error
 
-// ProbeLoopback binds 127.0.0.1:port and closes it at once: a port some
-// other process listens on (etcd's 2379, sshd's 22 on 0.0.0.0, meshd's
-// own metrics) fails with "address already in use". `haproxy -c` does
-// not bind, so without this check such a listener passes validation and
-// fails the reload, and every later change of the node fails with it.
+// ProbeLoopback binds 127.0.0.1:port the way HAProxy does (SO_REUSEADDR
+// and SO_REUSEPORT) and closes it at once: a port some other process
+// listens on (etcd's 2379, sshd's 22 on 0.0.0.0, meshd's own metrics)
+// fails with "address already in use", while a port another HAProxy
+// holds (the legacy one a migrating node is handing over from) binds, as
+// it would for HAProxy. `haproxy -c` does not bind, so without this check
+// a busy port passes validation and fails the reload, and every later
+// change of the node fails with it.
 func ProbeLoopback(port int) error {
-	ln, err := net.Listen("tcp4", "127.0.0.1:"+strconv.Itoa(port))
+	lc := net.ListenConfig{Control: func(_, _ string, c syscall.RawConn) error {
+		var serr error
+		err := c.Control(func(fd uintptr) {
+			serr = syscall.SetsockoptInt(int(fd), syscall.SOL_SOCKET, syscall.SO_REUSEADDR, 1)
+			if serr == nil {
+				serr = syscall.SetsockoptInt(int(fd), syscall.SOL_SOCKET, unix.SO_REUSEPORT, 1)
+			}
+		})
+		return cmp.Or(err, serr)
+	}}
+	ln, err := lc.Listen(context.Background(), "tcp4", "127.0.0.1:"+strconv.Itoa(port))
 	if err != nil {
 		return err
 	}

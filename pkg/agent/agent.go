@@ -83,9 +83,15 @@ type Instance struct {
 	Group registry.Group
 	App   string
 	Port  int
-	// Check reports whether the instance is healthy; nil means always.
-	Check    func(ctx context.Context) error
+	// Check reports whether the instance is healthy; nil means always. It
+	// is given the address the instance is advertised with (the node's
+	// overlay IP, or AdvertiseIP, and Port); that address is not valid
+	// while the node has none yet.
+	Check Check
+	// Interval is how often Check runs (0: 1s).
 	Interval time.Duration
+	// Timeout bounds one run of Check (0: the interval, at most 2s).
+	Timeout time.Duration
 }
 
 // ErrNodeOwned is returned when another live meshd holds this node's name.
@@ -113,6 +119,9 @@ type Agent struct {
 	// registering again (see holdRemovalsUntil).
 	leaseLost bool
 	healthy   map[int]bool
+	// checkNow[i] wakes instance i's check loop (the advertised address
+	// changed).
+	checkNow  []chan struct{}
 	instChg   chan struct{}
 	statusChg chan struct{}
 }
@@ -138,8 +147,13 @@ func New(o Options) (*Agent, error) {
 	if err != nil {
 		return nil, err
 	}
+	checkNow := make([]chan struct{}, len(o.Instances))
+	for i := range checkNow {
+		checkNow[i] = make(chan struct{}, 1)
+	}
 	return &Agent{
 		o:         o,
+		checkNow:  checkNow,
 		log:       o.Log.With("component", "agent", "node", o.Node),
 		store:     registry.NewStore(),
 		metrics:   m,

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"log/slog"
+	"net/netip"
 	"os"
 	"strings"
 	"sync"
@@ -239,7 +240,7 @@ func TestFailingCheckWithdrawsInstance(t *testing.T) {
 	healthy := true
 	startNode(t, srv, "node-a", id1, t.TempDir(), func(o *agent.Options) {
 		withInstance(o)
-		o.Instances[0].Check = func(context.Context) error {
+		o.Instances[0].Check = func(context.Context, netip.AddrPort) error {
 			mu.Lock()
 			defer mu.Unlock()
 			if !healthy {

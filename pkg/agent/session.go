@@ -86,8 +86,14 @@ func (a *Agent) establish(ctx context.Context) (clientv3.LeaseID, error) {
 			return 0, err
 		}
 		a.mu.Lock()
+		moved := a.member == nil || a.member.OverlayIP != m.OverlayIP
 		a.member = &m
 		a.mu.Unlock()
+		if moved {
+			for _, ch := range a.checkNow {
+				signal(ch)
+			}
+		}
 	}
 	lease, err := a.acquireLease(rctx)
 	if err != nil {

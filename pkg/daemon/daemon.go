@@ -96,18 +96,25 @@ func advertiseIP(cfg config.Config) netip.Addr {
 	return a
 }
 
+// buildInstances maps the configured instances to the agent's, with their
+// checks: unit (if set) and a TCP connect, to check.tcp or else to the
+// advertised address, must both pass.
 func buildInstances(cfg config.Config, units agent.UnitStater) ([]agent.Instance, error) {
 	var out []agent.Instance
 	for _, in := range cfg.Instances {
-		ai := agent.Instance{Group: in.Group, App: in.App, Port: in.Port, Interval: in.Check.Interval.D()}
-		switch {
-		case in.Check.Disable:
-		case in.Check.Unit != "":
-			ai.Check = agent.UnitCheck(units, in.Check.Unit)
-		case in.Check.TCP != "":
-			ai.Check = agent.TCPCheck(in.Check.TCP)
-		default:
-			ai.Check = agent.TCPCheck(net.JoinHostPort("127.0.0.1", fmt.Sprint(in.Port)))
+		c := in.Check
+		ai := agent.Instance{Group: in.Group, App: in.App, Port: in.Port, Interval: c.Interval.D(), Timeout: c.Timeout.D()}
+		if !c.Disable {
+			var checks []agent.Check
+			if c.Unit != "" {
+				checks = append(checks, agent.UnitCheck(units, c.Unit))
+			}
+			if c.TCP != "" {
+				checks = append(checks, agent.TCPCheck(c.TCP))
+			} else {
+				checks = append(checks, agent.AdvertisedTCPCheck())
+			}
+			ai.Check = agent.AllChecks(checks...)
 		}
 		out = append(out, ai)
 	}

@@ -119,6 +119,8 @@ type Agent struct {
 	// registering again (see holdRemovalsUntil).
 	leaseLost bool
 	healthy   map[int]bool
+	// lastApply is when a reconcile pass last applied a revision fully.
+	lastApply time.Time
 	// checkNow[i] wakes instance i's check loop (the advertised address
 	// changed).
 	checkNow  []chan struct{}
@@ -172,6 +174,14 @@ func (a *Agent) Status() registry.Status {
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	return a.status
+}
+
+// LastApply is when a reconcile pass last applied a snapshot without
+// error (zero before the first).
+func (a *Agent) LastApply() time.Time {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	return a.lastApply
 }
 
 // Run runs the agent until ctx ends or the node name turns out to belong to

@@ -7,6 +7,7 @@ import (
 	"context"
 	"crypto/rand"
 	"encoding/hex"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -25,6 +26,7 @@ import (
 	"github.com/meshd/meshd/pkg/atomicfile"
 	"github.com/meshd/meshd/pkg/config"
 	"github.com/meshd/meshd/pkg/etcdclient"
+	"github.com/meshd/meshd/pkg/registry"
 )
 
 // Run runs meshd with cfg until ctx ends. It returns an error only for
@@ -79,7 +81,7 @@ func Run(ctx context.Context, cfg config.Config, log *slog.Logger, version strin
 		return err
 	}
 	if cfg.MetricsAddr != "" {
-		srv, err := serveHTTP(cfg.MetricsAddr, reg, a)
+		srv, err := serveHTTP(cfg.MetricsAddr, reg, a, cfg.NodeName, version)
 		if err != nil {
 			return err
 		}
@@ -150,8 +152,37 @@ func LoadOrCreateNodeID(stateDir string) (string, error) {
 	return id, nil
 }
 
-// serveHTTP serves /metrics and /healthz on a local address.
-func serveHTTP(addr string, reg *prometheus.Registry, a *agent.Agent) (*http.Server, error) {
+// health is what /healthz answers: the node's own view, from memory.
+type health struct {
+	Node    string `json:"node"`
+	Version string `json:"version,omitempty"`
+	// Revision is the newest revision applied without error; Seen the
+	// newest received.
+	Revision int64 `json:"revision"`
+	Seen     int64 `json:"seen"`
+	// LastApply is when a revision was last applied without error (null
+	// before the first).
+	LastApply  *time.Time                 `json:"lastApply"`
+	Errors     map[string]string          `json:"errors,omitempty"`
+	Problems   int                        `json:"problems,omitempty"`
+	Components map[string]json.RawMessage `json:"components,omitempty"`
+}
+
+func healthOf(node, version string, st registry.Status, lastApply time.Time) health {
+	h := health{
+		Node: node, Version: version, Revision: st.Revision, Seen: st.Seen,
+		Errors: st.Errors, Problems: st.Problems, Components: st.Components,
+	}
+	if !lastApply.IsZero() {
+		t := lastApply.UTC()
+		h.LastApply = &t
+	}
+	return h
+}
+
+// serveHTTP serves /metrics and /healthz on a local address. /healthz
+// answers 503 until the first full apply and while a component fails.
+func serveHTTP(addr string, reg *prometheus.Registry, a *agent.Agent, node, version string) (*http.Server, error) {
 	ln, err := net.Listen("tcp", addr)
 	if err != nil {
 		return nil, fmt.Errorf("metrics listener: %w", err)
@@ -164,7 +195,7 @@ func serveHTTP(addr string, reg *prometheus.Registry, a *agent.Agent) (*http.Ser
 		if len(st.Errors) > 0 || st.Revision == 0 {
 			w.WriteHeader(http.StatusServiceUnavailable)
 		}
-		writeJSON(w, st)
+		writeJSON(w, healthOf(node, version, st, a.LastApply()))
 	})
 	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}
 	go srv.Serve(ln)

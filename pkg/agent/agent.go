@@ -119,6 +119,8 @@ type Agent struct {
 	// registering again (see holdRemovalsUntil).
 	leaseLost bool
 	healthy   map[int]bool
+	// seen is the presence record last written (registry.Seen).
+	seen registry.Seen
 	// lastApply is when a reconcile pass last applied a revision fully.
 	lastApply time.Time
 	// checkNow[i] wakes instance i's check loop (the advertised address
@@ -207,6 +209,9 @@ func (a *Agent) Run(ctx context.Context) error {
 		g.Go(func() error { a.checkLoop(gctx, i); return nil })
 	}
 	err := g.Wait()
+	if ctx.Err() != nil && a.registered() {
+		a.writeSeen(context.Background(), func(s *registry.Seen) { s.StoppedAt = time.Now().UTC() })
+	}
 	if ctx.Err() != nil && a.o.KeepLeaseOnStop != nil && a.o.KeepLeaseOnStop() {
 		a.log.Info("stopping, lease kept for the next meshd to resume", "ttl", a.o.LeaseTTL)
 	} else {
@@ -216,6 +221,13 @@ func (a *Agent) Run(ctx context.Context) error {
 		return err
 	}
 	return nil
+}
+
+// registered reports whether the node holds a lease.
+func (a *Agent) registered() bool {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	return a.lease != 0
 }
 
 // kick wakes the reconcile loop.

@@ -53,9 +53,11 @@ func (a *Agent) session(ctx context.Context) error {
 		failures = 0
 		a.log.Info("registered", "lease", fmt.Sprintf("%x", int64(lease)))
 		a.metrics.registered.Set(1)
+		now := time.Now()
 		a.mu.Lock()
-		a.registeredAt = time.Now()
+		a.registeredAt = now
 		a.mu.Unlock()
+		a.writeSeen(ctx, func(s *registry.Seen) { s.RegisteredAt = now.UTC() })
 		a.kick() // the loop may be holding instance removals until now
 		a.hold(ctx, lease)
 		if ctx.Err() != nil {
@@ -326,6 +328,26 @@ func (a *Agent) publishStatus(ctx context.Context, lease clientv3.LeaseID, force
 	a.published = b
 	a.mu.Unlock()
 	return true
+}
+
+// writeSeen updates the node's durable presence record (registry.Seen):
+// only at registration and on a clean stop, never periodically. A failed
+// write is logged and costs only the accuracy of meshctl status's "last
+// seen" for this node.
+func (a *Agent) writeSeen(ctx context.Context, set func(*registry.Seen)) {
+	a.mu.Lock()
+	s := a.seen
+	set(&s)
+	a.seen = s
+	a.mu.Unlock()
+	s.Node = a.o.Node
+	s.LeaseTTLSeconds = int64((a.o.LeaseTTL + time.Second - 1) / time.Second)
+	b, _ := json.Marshal(s)
+	wctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+	defer cancel()
+	if _, err := a.o.Client.Put(wctx, registry.SeenKey(a.o.Node), string(b)); err != nil {
+		a.log.Warn("write presence record", "key", registry.SeenKey(a.o.Node), "err", err)
+	}
 }
 
 func (a *Agent) setLease(l clientv3.LeaseID) {

@@ -8,9 +8,9 @@ import (
 )
 
 // RemoveNode deletes every key of a node: its entry, its instances in
-// every app, its member record and subnet claim, its status and its
-// secrets. nix-infra leaves these behind; here the subnet is released only
-// by this call. It returns how many keys were deleted.
+// every app, its member record and subnet claim, its status, its
+// presence record and its secrets. nix-infra leaves these behind; here the
+// subnet is released only by this call. It returns how many keys were deleted.
 func RemoveNode(ctx context.Context, cli *clientv3.Client, name string) (int64, error) {
 	if err := ValidName(name); err != nil {
 		return 0, err
@@ -23,6 +23,7 @@ func RemoveNode(ctx context.Context, cli *clientv3.Client, name string) (int64, 
 		clientv3.OpDelete(NodeKey(name)),
 		clientv3.OpDelete(MemberKey(name)),
 		clientv3.OpDelete(StatusKey(name)),
+		clientv3.OpDelete(SeenKey(name)),
 		clientv3.OpDelete(SecretsNodePrefix(name), clientv3.WithPrefix()),
 	}
 	for p, owner := range snap.Subnets {

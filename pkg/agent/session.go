@@ -248,6 +248,9 @@ func (a *Agent) advertiseIP() netip.Addr {
 	if a.member != nil {
 		return a.member.OverlayIP
 	}
+	if a.o.Member != nil {
+		return netip.Addr{} // the overlay IP is not known yet
+	}
 	return a.o.AdvertiseIP
 }
 

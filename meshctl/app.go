@@ -13,21 +13,6 @@ import (
 	"github.com/meshd/meshd/pkg/registry"
 )
 
-func cmdApp(ctx context.Context, e *env, args []string) error {
-	if len(args) == 0 {
-		return usagef("usage: meshctl app register|unregister|list")
-	}
-	switch args[0] {
-	case "register":
-		return appRegister(ctx, e, args[1:])
-	case "unregister":
-		return appUnregister(ctx, e, args[1:])
-	case "list", "ls":
-		return appList(ctx, e, args[1:])
-	}
-	return usagef("unknown app command %q (want register, unregister or list)", args[0])
-}
-
 // defaultEnvPrefix follows nix-infra's naming: APP_<NAME>.
 func defaultEnvPrefix(app string) string {
 	var b strings.Builder
@@ -198,11 +183,16 @@ func appList(ctx context.Context, e *env, args []string) error {
 		}
 		rows = append(rows, r)
 	}
-	if *out == "json" {
-		return printJSON(e.Stdout, rows)
+	if isData(*out) {
+		return printData(e.Stdout, *out, rows)
 	}
+	wide := *out == "wide"
 	t := newTable(e.Stdout)
-	fmt.Fprintln(t, "GROUP\tAPP\tPORT\tPROTOCOL\tINSTANCES")
+	fmt.Fprint(t, "GROUP\tAPP\tPORT\tPROTOCOL\tINSTANCES")
+	if wide {
+		fmt.Fprint(t, "\tENV PREFIX")
+	}
+	fmt.Fprintln(t)
 	for _, r := range rows {
 		var ins []string
 		for _, in := range r.Instances {
@@ -214,7 +204,11 @@ func appList(ctx context.Context, e *env, args []string) error {
 		} else {
 			port = "(no meta_data)"
 		}
-		fmt.Fprintf(t, "%s\t%s\t%s\t%s\t%s\n", r.Group, r.Name, port, dash(r.Protocol), dash(strings.Join(ins, " ")))
+		fmt.Fprintf(t, "%s\t%s\t%s\t%s\t%s", r.Group, r.Name, port, dash(r.Protocol), dash(strings.Join(ins, " ")))
+		if wide {
+			fmt.Fprintf(t, "\t%s", dash(r.EnvPrefix))
+		}
+		fmt.Fprintln(t)
 	}
 	return t.Flush()
 }

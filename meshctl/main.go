@@ -9,13 +9,14 @@ import (
 	"io"
 	"os"
 	"os/signal"
-	"sort"
 	"strings"
 	"syscall"
 	"time"
 
 	"github.com/spf13/pflag"
 	clientv3 "go.etcd.io/etcd/client/v3"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
 
 	"github.com/meshd/meshd/pkg/etcdclient"
 )
@@ -45,13 +46,20 @@ type env struct {
 	CAFile    string
 	CertFile  string
 	KeyFile   string
-	Timeout   time.Duration
-	Stdout    io.Writer
-	Stderr    io.Writer
-	Stdin     io.Reader
-	Getenv    func(string) string
+	Timeout   time.Duration // of each etcd request
+	// DialTimeout is the etcd client's (it connects in the background;
+	// Timeout bounds each request).
+	DialTimeout time.Duration
+	Stdout      io.Writer
+	Stderr      io.Writer
+	Stdin       io.Reader
+	Getenv      func(string) string
 
 	cli *clientv3.Client
+
+	declaring *pflag.FlagSet // newLeaf collects a command's flags here
+	parsed    *pflag.FlagSet // the flags cobra parsed for the running command
+	ran       bool           // a command's function ran: its errors are its own
 }
 
 // etcd returns the process's one etcd client, creating it on first use.
@@ -61,7 +69,7 @@ func (e *env) etcd() (*clientv3.Client, error) {
 	}
 	cli, err := etcdclient.New(etcdclient.Options{
 		Endpoints: e.Endpoints, CAFile: e.CAFile, CertFile: e.CertFile, KeyFile: e.KeyFile,
-		DialTimeout: 5 * time.Second,
+		DialTimeout: e.DialTimeout,
 	})
 	if err != nil {
 		return nil, err
@@ -70,31 +78,42 @@ func (e *env) etcd() (*clientv3.Client, error) {
 	return cli, nil
 }
 
+// explain names the etcd endpoints and what to check when an error says
+// etcd did not answer (etcd down, a wrong address, a TLS mismatch: the
+// client only sees requests time out).
+func (e *env) explain(err error) error {
+	if e.cli == nil || errors.Is(err, errTimeout) {
+		return err
+	}
+	code := status.Code(err)
+	if !errors.Is(err, context.DeadlineExceeded) && code != codes.DeadlineExceeded && code != codes.Unavailable {
+		return err
+	}
+	return fmt.Errorf("etcd at %s did not answer within %v: is etcd running, are --endpoints and --cacert/--cert/--key right? (%w)",
+		strings.Join(e.Endpoints, ", "), e.Timeout, err)
+}
+
 func (e *env) close() {
 	if e.cli != nil {
 		e.cli.Close()
 	}
 }
 
-type command struct {
-	summary string
-	run     func(ctx context.Context, e *env, args []string) error
-}
-
-// commands is the table of subcommands; each group lives in its own file.
-func commands() map[string]command {
-	return map[string]command{
-		"node":      {"list and remove nodes", cmdNode},
-		"app":       {"register, unregister and list apps", cmdApp},
-		"status":    {"show every node's lease, applied revision and health", cmdStatus},
-		"secret":    {"put, list, remove and import sealed secrets", cmdSecret},
-		"provision": {"create Hetzner Cloud servers for the cluster", cmdProvision},
-		"destroy":   {"delete Hetzner Cloud servers and their registry keys", cmdDestroy},
-		"cloud":     {"list the cluster's Hetzner servers next to their registry state", cmdCloud},
-		"pki":       {"create the cluster CA and node certificates", cmdPKI},
-		"etcd":      {"set up etcd roles (least privilege per node)", cmdEtcd},
-		"sandbox":   {"run a local meshd cluster in network namespaces", cmdSandbox},
+// globalFlags are etcdctl's connection flags, accepted anywhere on the line.
+func globalFlags(fs *pflag.FlagSet, e *env) {
+	defEndpoints := []string{"http://127.0.0.1:2379"}
+	if v := e.Getenv("ETCDCTL_ENDPOINTS"); v != "" {
+		defEndpoints = strings.Split(v, ",")
 	}
+	if v := e.Getenv("MESHCTL_ENDPOINTS"); v != "" {
+		defEndpoints = strings.Split(v, ",")
+	}
+	fs.StringSliceVar(&e.Endpoints, "endpoints", defEndpoints, "etcd endpoints (env MESHCTL_ENDPOINTS or ETCDCTL_ENDPOINTS)")
+	fs.StringVar(&e.CAFile, "cacert", e.Getenv("ETCDCTL_CACERT"), "etcd CA certificate (env ETCDCTL_CACERT)")
+	fs.StringVar(&e.CertFile, "cert", e.Getenv("ETCDCTL_CERT"), "etcd client certificate (env ETCDCTL_CERT)")
+	fs.StringVar(&e.KeyFile, "key", e.Getenv("ETCDCTL_KEY"), "etcd client key (env ETCDCTL_KEY)")
+	fs.DurationVar(&e.Timeout, "command-timeout", 5*time.Second, "timeout of each etcd request")
+	fs.DurationVar(&e.DialTimeout, "dial-timeout", 5*time.Second, "the etcd client's dial timeout, as etcdctl's (the client connects in the background; --command-timeout bounds each request)")
 }
 
 func main() {
@@ -108,83 +127,25 @@ func main() {
 func run(ctx context.Context, args []string, stdin io.Reader, stdout, stderr io.Writer, getenv func(string) string) int {
 	e := &env{Stdout: stdout, Stderr: stderr, Stdin: stdin, Getenv: getenv}
 	defer e.close()
-	fs := pflag.NewFlagSet("meshctl", pflag.ContinueOnError)
-	fs.SetInterspersed(false)
-	fs.SetOutput(stderr)
-	defEndpoints := []string{"http://127.0.0.1:2379"}
-	if v := getenv("ETCDCTL_ENDPOINTS"); v != "" {
-		defEndpoints = strings.Split(v, ",")
-	}
-	if v := getenv("MESHCTL_ENDPOINTS"); v != "" {
-		defEndpoints = strings.Split(v, ",")
-	}
-	fs.StringSliceVar(&e.Endpoints, "endpoints", defEndpoints, "etcd endpoints (env MESHCTL_ENDPOINTS or ETCDCTL_ENDPOINTS)")
-	fs.StringVar(&e.CAFile, "cacert", getenv("ETCDCTL_CACERT"), "etcd CA certificate (env ETCDCTL_CACERT)")
-	fs.StringVar(&e.CertFile, "cert", getenv("ETCDCTL_CERT"), "etcd client certificate (env ETCDCTL_CERT)")
-	fs.StringVar(&e.KeyFile, "key", getenv("ETCDCTL_KEY"), "etcd client key (env ETCDCTL_KEY)")
-	fs.DurationVar(&e.Timeout, "command-timeout", 30*time.Second, "timeout of each etcd request")
-	fs.Usage = func() {
-		fmt.Fprintf(stderr, "usage: meshctl [global flags] COMMAND [args]\n\ncommands:\n")
-		cmds := commands()
-		names := make([]string, 0, len(cmds))
-		for n := range cmds {
-			names = append(names, n)
-		}
-		sort.Strings(names)
-		for _, n := range names {
-			fmt.Fprintf(stderr, "  %-10s %s\n", n, cmds[n].summary)
-		}
-		fmt.Fprintf(stderr, "\nglobal flags:\n%s", fs.FlagUsages())
-	}
-	if err := fs.Parse(args); err != nil {
-		if errors.Is(err, pflag.ErrHelp) {
-			return exitOK
-		}
-		return exitUsage
-	}
-	if fs.NArg() == 0 {
-		fs.Usage()
-		return exitUsage
-	}
-	cmd, ok := commands()[fs.Arg(0)]
-	if !ok {
-		fmt.Fprintf(stderr, "meshctl: unknown command %q (see meshctl --help)\n", fs.Arg(0))
-		return exitUsage
-	}
-	err := cmd.run(ctx, e, fs.Args()[1:])
-	switch {
-	case err == nil:
-		return exitOK
-	case errors.Is(err, pflag.ErrHelp):
+	root := newRoot(e)
+	root.SetArgs(args)
+	root.SetIn(stdin)
+	root.SetOut(stdout)
+	root.SetErr(stderr)
+	cmd, err := root.ExecuteContextC(ctx)
+	if err == nil {
 		return exitOK
 	}
-	fmt.Fprintf(stderr, "meshctl %s: %v\n", fs.Arg(0), err)
+	name := cmd.CommandPath()
+	err = e.explain(err)
 	var ue usageError
-	switch {
-	case errors.As(err, &ue):
+	if !e.ran || errors.As(err, &ue) {
+		fmt.Fprintf(stderr, "%s: %v\n\n%s\n", name, err, hint(cmd))
 		return exitUsage
-	case errors.Is(err, errTimeout):
+	}
+	fmt.Fprintf(stderr, "%s: %v\n", name, err)
+	if errors.Is(err, errTimeout) {
 		return exitTimeout
 	}
 	return exitFailed
-}
-
-// flags returns a flag set for a subcommand that reports errors as usage
-// errors.
-func flags(e *env, name string) *pflag.FlagSet {
-	fs := pflag.NewFlagSet("meshctl "+name, pflag.ContinueOnError)
-	fs.SetOutput(e.Stderr)
-	return fs
-}
-
-// parse parses a subcommand's flags, turning a parse error into a usage
-// error.
-func parse(fs *pflag.FlagSet, args []string) error {
-	if err := fs.Parse(args); err != nil {
-		if errors.Is(err, pflag.ErrHelp) {
-			return err
-		}
-		return usageError{err}
-	}
-	return nil
 }

@@ -8,19 +8,6 @@ import (
 	"github.com/meshd/meshd/pkg/registry"
 )
 
-func cmdNode(ctx context.Context, e *env, args []string) error {
-	if len(args) == 0 {
-		return usagef("usage: meshctl node list|remove")
-	}
-	switch args[0] {
-	case "list", "ls":
-		return nodeList(ctx, e, args[1:])
-	case "remove", "rm":
-		return nodeRemove(ctx, e, args[1:])
-	}
-	return usagef("unknown node command %q (want list or remove)", args[0])
-}
-
 // nodeRow is one node as `node list` shows it.
 type nodeRow struct {
 	Name      string           `json:"name"`
@@ -71,18 +58,27 @@ func nodeList(ctx context.Context, e *env, args []string) error {
 		return err
 	}
 	rows := nodeRows(snap)
-	if *out == "json" {
-		return printJSON(e.Stdout, rows)
+	if isData(*out) {
+		return printData(e.Stdout, *out, rows)
 	}
+	wide := *out == "wide"
 	t := newTable(e.Stdout)
-	fmt.Fprintln(t, "NAME\tLIVE\tIPV4\tSERVICES\tSUBNET\tOVERLAY IP\tENDPOINT")
+	fmt.Fprint(t, "NAME\tLIVE\tIPV4\tSERVICES\tSUBNET\tOVERLAY IP\tENDPOINT")
+	if wide {
+		fmt.Fprint(t, "\tMESHD\tPUBLIC KEY")
+	}
+	fmt.Fprintln(t)
 	for _, r := range rows {
 		svc := make([]string, len(r.Services))
 		for i, s := range r.Services {
 			svc[i] = string(s)
 		}
-		fmt.Fprintf(t, "%s\t%s\t%s\t%s\t%s\t%s\t%s\n", r.Name, yesNo(r.Live), dash(r.IPv4), dash(strings.Join(svc, ",")),
+		fmt.Fprintf(t, "%s\t%s\t%s\t%s\t%s\t%s\t%s", r.Name, yesNo(r.Live), dash(r.IPv4), dash(strings.Join(svc, ",")),
 			dash(r.Subnet), dash(r.OverlayIP), dash(r.Endpoint))
+		if wide {
+			fmt.Fprintf(t, "\t%s\t%s", yesNo(r.Meshd), dash(r.PublicKey))
+		}
+		fmt.Fprintln(t)
 	}
 	return t.Flush()
 }

@@ -6,25 +6,51 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"slices"
 	"text/tabwriter"
 	"time"
 
 	"github.com/spf13/pflag"
 	clientv3 "go.etcd.io/etcd/client/v3"
+	"sigs.k8s.io/yaml"
 
 	"github.com/meshd/meshd/pkg/registry"
 )
 
+// Output formats of -o/--output, kubectl's names: table (the default),
+// wide (the table with more columns), json and yaml (every field, for
+// scripts; yaml is the json document in YAML, same field names).
+var outputFormats = []string{"table", "wide", "json", "yaml"}
+
+const outputUsage = "output format: table, wide, json or yaml"
+
 // outputFlag adds -o/--output to a command that prints data.
 func outputFlag(fs *pflag.FlagSet) *string {
-	return fs.StringP("output", "o", "table", "output format: table or json")
+	return fs.StringP("output", "o", "table", outputUsage)
 }
 
 func checkOutput(o string) error {
-	if o != "table" && o != "json" {
-		return usagef("--output %q: want table or json", o)
+	if !slices.Contains(outputFormats, o) {
+		return usagef("--output %q: want table, wide, json or yaml", o)
 	}
 	return nil
+}
+
+// isData reports whether o prints the data itself (json, yaml) rather
+// than a table.
+func isData(o string) bool { return o == "json" || o == "yaml" }
+
+// printData prints v as json or yaml.
+func printData(w io.Writer, o string, v any) error {
+	if o == "yaml" {
+		b, err := yaml.Marshal(v)
+		if err != nil {
+			return err
+		}
+		_, err = w.Write(b)
+		return err
+	}
+	return printJSON(w, v)
 }
 
 func printJSON(w io.Writer, v any) error {

@@ -16,30 +16,6 @@ import (
 	"github.com/meshd/meshd/pkg/registry"
 )
 
-const pkiUsage = `usage: meshctl pki init --dir D [--cluster NAME] [--key-type ecdsa-p256|ed25519] [--days N] [--force]
-       meshctl pki issue NAME --dir D [--days N] [--key-type T] [--force]      (node client cert; NAME root = operator)
-       meshctl pki issue-server NAME --dir D --ip IP... --dns NAME... [--days N] [--force]
-       meshctl pki list --dir D [--expiring DAYS]`
-
-// cmdPKI creates the cluster CA and certificates. It works on files only;
-// it never talks to etcd and never prints a key.
-func cmdPKI(ctx context.Context, e *env, args []string) error {
-	if len(args) == 0 {
-		return usagef("%s", pkiUsage)
-	}
-	switch args[0] {
-	case "init":
-		return pkiInit(e, args[1:])
-	case "issue":
-		return pkiIssue(e, args[1:], pki.Client)
-	case "issue-server":
-		return pkiIssue(e, args[1:], pki.Server)
-	case "list", "ls":
-		return pkiList(e, args[1:])
-	}
-	return usagef("unknown pki command %q\n%s", args[0], pkiUsage)
-}
-
 func lifetime(days int) (time.Duration, error) {
 	if days < 0 {
 		return 0, usagef("--days %d: must be positive", days)
@@ -191,22 +167,6 @@ func pkiList(e *env, args []string) error {
 const etcdUsage = `usage: meshctl etcd roles apply [--node N...] [--operator NAME...] [--open-subnets] [--subnet-min A --subnet-max A --subnet-len N] [--no-enable] [--dry-run]
        meshctl etcd roles show [--node N...]
        meshctl etcd roles revoke NODE`
-
-// cmdEtcd sets up etcd's users and roles (least privilege per node).
-func cmdEtcd(ctx context.Context, e *env, args []string) error {
-	if len(args) < 2 || args[0] != "roles" {
-		return usagef("%s", etcdUsage)
-	}
-	switch args[1] {
-	case "apply":
-		return rolesApply(ctx, e, args[2:])
-	case "show":
-		return rolesShow(ctx, e, args[2:])
-	case "revoke":
-		return rolesRevoke(ctx, e, args[2:])
-	}
-	return usagef("unknown etcd roles command %q\n%s", args[1], etcdUsage)
-}
 
 func rolesApply(ctx context.Context, e *env, args []string) error {
 	fs := flags(e, "etcd roles apply")

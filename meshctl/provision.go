@@ -32,7 +32,7 @@ func addHzFlags(e *env, fs *pflag.FlagSet, timeout time.Duration) *hzFlags {
 	f := &hzFlags{}
 	fs.StringVar(&f.cluster, "cluster", e.Getenv("MESHCTL_CLUSTER"), "cluster name, the value of the meshd/cluster label (env MESHCTL_CLUSTER)")
 	fs.StringVar(&f.tokenFile, "token-file", "", "file holding the Hetzner Cloud API token (default: env HCLOUD_TOKEN)")
-	fs.StringVarP(&f.output, "output", "o", "table", "output format: table or json")
+	fs.StringVarP(&f.output, "output", "o", "table", outputUsage)
 	fs.DurationVar(&f.pollInterval, "poll-interval", time.Second, "how often running actions are polled; also the first retry backoff")
 	fs.DurationVar(&f.timeout, "timeout", timeout, "give up after this long")
 	return f
@@ -93,8 +93,8 @@ func (f *hzFlags) session(e *env) (*hzSession, error) {
 	if err := hetzner.ValidateCluster(f.cluster); err != nil {
 		return nil, usageError{err}
 	}
-	if f.output != "table" && f.output != "json" {
-		return nil, usagef("--output %q: want table or json", f.output)
+	if err := checkOutput(f.output); err != nil {
+		return nil, err
 	}
 	token := strings.TrimSpace(e.Getenv("HCLOUD_TOKEN"))
 	if f.tokenFile != "" {
@@ -203,8 +203,8 @@ func cmdProvision(ctx context.Context, e *env, args []string) error {
 }
 
 func hzWrite[T any](w io.Writer, format string, v T, table func(io.Writer, T) error) error {
-	if format == "json" {
-		return hetzner.WriteJSON(w, v)
+	if isData(format) {
+		return printData(w, format, v)
 	}
 	return table(w, v)
 }

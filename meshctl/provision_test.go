@@ -13,6 +13,7 @@ import (
 
 	"github.com/google/go-cmp/cmp"
 	clientv3 "go.etcd.io/etcd/client/v3"
+	"sigs.k8s.io/yaml"
 
 	"github.com/meshd/meshd/pkg/etcdtest"
 	"github.com/meshd/meshd/pkg/hetzner"
@@ -140,6 +141,12 @@ func TestMeshctlProvisionRerunDestroyAndCloud(t *testing.T) {
 	want := map[string]string{"node1": "joined", "node2": "joined", "node3": "joined", "node4": "never joined", "ghost": "no server"}
 	if diff := cmp.Diff(want, states); diff != "" {
 		t.Errorf("cloud states (-want +got):\n%s", diff)
+	}
+	// -o yaml is the same document, and list is optional.
+	code, out, stderr = h.run("", "cloud", "list", "-o", "yaml")
+	var yrows []hetzner.InventoryRow
+	if err := yaml.Unmarshal([]byte(out), &yrows); err != nil || code != exitOK || !cmp.Equal(rows, yrows) {
+		t.Errorf("cloud list -o yaml: exit %d, %v, stderr %q, rows differ from -o json:\n%s", code, err, stderr, out)
 	}
 
 	// Refusals change nothing: a name outside the cluster, and "no".

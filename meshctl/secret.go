@@ -16,23 +16,6 @@ import (
 	"github.com/meshd/meshd/pkg/registry"
 )
 
-func cmdSecret(ctx context.Context, e *env, args []string) error {
-	if len(args) == 0 {
-		return usagef("usage: meshctl secret put|list|rm|import")
-	}
-	switch args[0] {
-	case "put":
-		return secretPut(ctx, e, args[1:])
-	case "list", "ls":
-		return secretList(ctx, e, args[1:])
-	case "rm", "remove":
-		return secretRemove(ctx, e, args[1:])
-	case "import":
-		return secretImport(ctx, e, args[1:])
-	}
-	return usagef("unknown secret command %q (want put, list, rm or import)", args[0])
-}
-
 // targetFlags adds --node, --group and --all.
 type targetFlags struct {
 	nodes []string
@@ -188,11 +171,11 @@ func secretList(ctx context.Context, e *env, args []string) error {
 	if err != nil {
 		return err
 	}
-	if *out == "json" {
+	if isData(*out) {
 		if infos == nil {
 			infos = []creds.SecretInfo{}
 		}
-		return printJSON(e.Stdout, infos)
+		return printData(e.Stdout, *out, infos)
 	}
 	tw := newTable(e.Stdout)
 	fmt.Fprintln(tw, "NAME\tNODE\tVERSION\tDELIVERED\tSTATE\tERROR")

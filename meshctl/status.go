@@ -38,10 +38,10 @@ func cmdStatus(ctx context.Context, e *env, args []string) error {
 		return err
 	}
 	so := buildStatus(in)
-	if *out == "json" {
-		err = printJSON(e.Stdout, so)
+	if isData(*out) {
+		err = printData(e.Stdout, *out, so)
 	} else {
-		err = printStatusTable(e.Stdout, so, time.Now())
+		err = printStatusTable(e.Stdout, so, time.Now(), *out == "wide")
 	}
 	if err != nil {
 		return err

@@ -270,12 +270,17 @@ func ago(now, t time.Time) string {
 	return d.Round(time.Second).String() + " ago"
 }
 
-// printStatusTable writes the table. Every string that comes from etcd
+// printStatusTable writes the table; wide adds the lease, the newest
+// revision seen and the meshd version. Every string that comes from etcd
 // goes through registry.Printable.
-func printStatusTable(w io.Writer, so statusOut, now time.Time) error {
+func printStatusTable(w io.Writer, so statusOut, now time.Time, wide bool) error {
 	fmt.Fprintf(w, "cluster revision %d\n", so.Revision)
 	t := newTable(w)
-	fmt.Fprintln(t, "NODE\tSTATE\tAPPLIED\tBEHIND\tUPDATED\tLAST SEEN\tPROBLEMS")
+	fmt.Fprint(t, "NODE\tSTATE\tAPPLIED\tBEHIND\tUPDATED\tLAST SEEN")
+	if wide {
+		fmt.Fprint(t, "\tLEASE\tSEEN\tVERSION")
+	}
+	fmt.Fprintln(t, "\tPROBLEMS")
 	for _, r := range so.Nodes {
 		applied, behindS, updated, seen := "-", "-", "-", "-"
 		if r.UpdatedAt != nil {
@@ -286,8 +291,15 @@ func printStatusTable(w io.Writer, so statusOut, now time.Time) error {
 		} else if r.State == stateDown {
 			seen = "unknown"
 		}
-		fmt.Fprintf(t, "%s\t%s\t%s\t%s\t%s\t%s\t%s\n", registry.Printable(r.Node), r.State, applied, behindS, updated, seen,
-			dash(registry.Printable(strings.Join(r.Issues, "; "))))
+		fmt.Fprintf(t, "%s\t%s\t%s\t%s\t%s\t%s", registry.Printable(r.Node), r.State, applied, behindS, updated, seen)
+		if wide {
+			seenRev := "-"
+			if r.UpdatedAt != nil {
+				seenRev = fmt.Sprint(r.Seen)
+			}
+			fmt.Fprintf(t, "\t%s\t%s\t%s", dash(r.Lease), seenRev, dash(registry.Printable(r.Version)))
+		}
+		fmt.Fprintf(t, "\t%s\n", dash(registry.Printable(strings.Join(r.Issues, "; "))))
 	}
 	if err := t.Flush(); err != nil {
 		return err

@@ -142,10 +142,15 @@ func statusFixture(t *testing.T) statusInput {
 func TestStatusViewGolden(t *testing.T) {
 	so := buildStatus(statusFixture(t))
 	var table bytes.Buffer
-	if err := printStatusTable(&table, so, statusNow); err != nil {
+	if err := printStatusTable(&table, so, statusNow, false); err != nil {
 		t.Fatal(err)
 	}
 	golden(t, "status.txt", table.Bytes())
+	var wide bytes.Buffer
+	if err := printStatusTable(&wide, so, statusNow, true); err != nil {
+		t.Fatal(err)
+	}
+	golden(t, "status-wide.txt", wide.Bytes())
 	var js bytes.Buffer
 	if err := printJSON(&js, so); err != nil {
 		t.Fatal(err)

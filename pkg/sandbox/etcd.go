@@ -16,7 +16,7 @@ import (
 	"go.uber.org/zap"
 	"google.golang.org/grpc"
 
-	"github.com/meshd/meshd/pkg/etcdtest"
+	"github.com/meshd/meshd/pkg/etcdembed"
 )
 
 // startEtcd starts the in-process etcd with its listeners inside the hub
@@ -24,7 +24,7 @@ import (
 // thread).
 func (c *Cluster) startEtcd() error {
 	return inNetns(c.HubNS(), func() error {
-		s, err := etcdtest.Start(etcdtest.Options{
+		s, err := etcdembed.Start(etcdembed.Options{
 			Dir:       filepath.Join(c.workDir, "etcd"),
 			ClientURL: "http://" + netip.AddrPortFrom(hubAddr, EtcdPort).String(),
 			PeerURL:   "http://127.0.0.1:2380",

@@ -29,7 +29,7 @@ import (
 
 	clientv3 "go.etcd.io/etcd/client/v3"
 
-	"github.com/meshd/meshd/pkg/etcdtest"
+	"github.com/meshd/meshd/pkg/etcdembed"
 )
 
 // The sandbox's private addressing, chosen so it overlaps neither the
@@ -80,7 +80,7 @@ type Cluster struct {
 	ownDir  bool
 
 	mu      sync.Mutex
-	etcd    *etcdtest.Server
+	etcd    *etcdembed.Server
 	cli     *clientv3.Client
 	fwd     *forwarder
 	nodes   map[string]*Node

@@ -209,13 +209,23 @@ func (a *Agent) Run(ctx context.Context) error {
 		g.Go(func() error { a.checkLoop(gctx, i); return nil })
 	}
 	err := g.Wait()
+	// A clean stop records when it happened, alongside (not before) the
+	// lease's fate: with etcd away, stopping waits for one timeout, not two.
+	var seenDone chan struct{}
 	if ctx.Err() != nil && a.registered() {
-		a.writeSeen(context.Background(), func(s *registry.Seen) { s.StoppedAt = time.Now().UTC() })
+		seenDone = make(chan struct{})
+		go func() {
+			defer close(seenDone)
+			a.writeSeen(context.Background(), func(s *registry.Seen) { s.StoppedAt = time.Now().UTC() })
+		}()
 	}
 	if ctx.Err() != nil && a.o.KeepLeaseOnStop != nil && a.o.KeepLeaseOnStop() {
 		a.log.Info("stopping, lease kept for the next meshd to resume", "ttl", a.o.LeaseTTL)
 	} else {
 		a.revoke()
+	}
+	if seenDone != nil {
+		<-seenDone
 	}
 	if errors.Is(err, ErrNodeOwned) {
 		return err

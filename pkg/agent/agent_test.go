@@ -225,8 +225,16 @@ func TestGracefulStopRevokes(t *testing.T) {
 	if err := a.stop(); err != nil {
 		t.Fatal(err)
 	}
-	r, _ := cli.Get(context.Background(), "/", clientv3.WithPrefix(), clientv3.WithKeysOnly())
+	r, _ := cli.Get(context.Background(), "/", clientv3.WithPrefix())
 	for _, kv := range r.Kvs {
+		if string(kv.Key) == registry.SeenKey("node-a") {
+			// The durable presence record stays, saying when it stopped.
+			s, err := registry.DecodeSeen("node-a", kv.Value)
+			if err != nil || kv.Lease != 0 || !s.StoppedAt.After(s.RegisteredAt) || time.Since(s.StoppedAt) > time.Minute {
+				t.Errorf("presence record after a graceful stop: %+v (lease %x) %v", s, kv.Lease, err)
+			}
+			continue
+		}
 		if strings.Contains(string(kv.Key), "node-a") {
 			t.Errorf("%s still there right after a graceful stop", kv.Key)
 		}

@@ -328,6 +328,9 @@ func (c *Config) Validate() error {
 			bad("instances[%d].check: interval and timeout must not be negative", i)
 		}
 	}
+	if len(c.Instances) > 0 && !c.Overlay.Enable && c.PublicIPv4 == "" {
+		bad("instances: without overlay.enable they are advertised with publicIPv4, which is not set")
+	}
 	if o := c.Overlay; o.Enable {
 		if !o.Network.IsValid() || !o.Network.Addr().Is4() {
 			bad("overlay.network: want an IPv4 prefix")

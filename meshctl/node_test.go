@@ -151,6 +151,7 @@ func TestNodeListAndRemove(t *testing.T) {
 	cli.Put(ctx, registry.InstanceKey("backends", "web", "worker003"), `{"ipv4":"`+m.OverlayIP.String()+`","node":"worker003","port":8080}`)
 	cli.Put(ctx, registry.InstanceKey("backends", "web", "worker004"), `{"ipv4":"10.10.4.0","node":"worker004","port":8080}`)
 	cli.Put(ctx, registry.SecretKey("worker003", "db"), `{"version":1,"ciphertext":"x"}`)
+	cli.Put(ctx, registry.SeenKey("worker003"), `{"node":"worker003","registeredAt":"2026-12-03T12:00:00Z"}`)
 
 	code, out, _ := ctlRun(t, srv.Endpoint(), "node", "list")
 	if code != 0 || !strings.Contains(out, "worker003") || !strings.Contains(out, m.Subnet.String()) {

@@ -39,6 +39,9 @@ func waitFor(t *testing.T, within time.Duration, what string, cond func() bool) 
 // app on the node's advertised address. When the app dies the instance
 // must be withdrawn within about one check interval, although HAProxy
 // still answers on 127.0.0.1. /healthz names the node and its last apply.
+// (The registry refuses a loopback instance address, so this HAProxy gets
+// no server for the app; e2e's TestDeadAppOnConsumingNode serves it
+// through HAProxy over the overlay.)
 func TestDeadAppWithdrawnOnConsumingNode(t *testing.T) {
 	if _, err := exec.LookPath("haproxy"); err != nil {
 		t.Skip("haproxy not installed")

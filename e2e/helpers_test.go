@@ -85,7 +85,7 @@ func startCluster(t *testing.T, letter string, ttl time.Duration) (*sandbox.Clus
 	return startClusterNamed(t, tag(letter), ttl)
 }
 
-// startClusterNamed is startCluster with the sandbox name given.
+// startClusterNamed is startCluster with the sandbox's name given.
 func startClusterNamed(t *testing.T, name string, ttl time.Duration) (*sandbox.Cluster, bins) {
 	t.Helper()
 	b := need(t)

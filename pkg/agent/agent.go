@@ -151,6 +151,7 @@ func New(o Options) (*Agent, error) {
 	if err != nil {
 		return nil, err
 	}
+	m.components(o.Components)
 	checkNow := make([]chan struct{}, len(o.Instances))
 	for i := range checkNow {
 		checkNow[i] = make(chan struct{}, 1)

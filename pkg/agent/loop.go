@@ -123,6 +123,7 @@ func (a *Agent) loop(ctx context.Context) {
 				nextRetry = earliest(nextRetry, st.next)
 				allOK = false
 				a.metrics.reconciles.WithLabelValues(c.Name(), "error").Inc()
+				a.metrics.failures.WithLabelValues(c.Name()).Set(float64(st.failures))
 				a.log.Warn("apply failed, will retry", "part", c.Name(), "rev", snap.Revision, "attempt", st.failures, "err", err)
 				continue
 			}
@@ -131,6 +132,8 @@ func (a *Agent) loop(ctx context.Context) {
 			}
 			st.failures, st.lastErr, st.next = 0, nil, time.Time{}
 			a.metrics.reconciles.WithLabelValues(c.Name(), "ok").Inc()
+			a.metrics.failures.WithLabelValues(c.Name()).Set(0)
+			a.metrics.lastSuccess.WithLabelValues(c.Name()).Set(float64(time.Now().UnixMilli()) / 1e3)
 			if g, ok := c.(Gate); ok && !g.Ready() {
 				allOK = false
 				nextRetry = earliest(nextRetry, time.Now().Add(gateRetry))
@@ -152,6 +155,7 @@ func (a *Agent) loop(ctx context.Context) {
 			}
 		}
 		a.metrics.seen.Set(float64(snap.Revision))
+		a.metrics.nodes.Set(float64(len(snap.Nodes)))
 		if !nextRetry.IsZero() {
 			retry.Reset(time.Until(nextRetry))
 		}
@@ -221,6 +225,7 @@ func (a *Agent) reportProblems(snap *registry.Snapshot, last map[string]string) 
 		last[k] = v
 	}
 	a.metrics.problems.Set(float64(len(snap.Problems)))
+	a.metrics.rejectedKeys(snap.Problems)
 }
 
 // gateRetry is how soon a pass stopped at a Gate is tried again.

@@ -54,8 +54,7 @@ func Run(ctx context.Context, cfg config.Config, log *slog.Logger, version strin
 		return err
 	}
 
-	reg := prometheus.NewRegistry()
-	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	reg := newRegistry(version)
 
 	parts, err := buildParts(ctx, cfg, log, reg)
 	if err != nil {
@@ -150,6 +149,14 @@ func LoadOrCreateNodeID(stateDir string) (string, error) {
 		return "", fmt.Errorf("node id: %w", err)
 	}
 	return id, nil
+}
+
+// newRegistry is the process's metrics registry with the collectors that
+// belong to no component: Go runtime, process, build info.
+func newRegistry(version string) *prometheus.Registry {
+	reg := prometheus.NewRegistry()
+	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}), buildInfo(version))
+	return reg
 }
 
 // health is what /healthz answers: the node's own view, from memory.

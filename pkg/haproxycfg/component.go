@@ -159,6 +159,11 @@ func New(opts Options, log *slog.Logger, reg prometheus.Registerer) (*Component,
 		Log:        log,
 		Hooks:      m.hooks(),
 	}
+	if reg != nil {
+		if err := reg.Register(newServersCollector(c)); err != nil {
+			return nil, fmt.Errorf("haproxy metrics: %w", err)
+		}
+	}
 	ctx, cancel := context.WithCancel(context.Background())
 	c.cancel = cancel
 	if opts.Supervise {

@@ -29,7 +29,7 @@ build {
     inherit (source) root fileset;
   };
 
-  vendorHash = "sha256-lLDAM7Fh8fj9zgxiryzmbHL0WP0AHbrdwsYIs2L916o=";
+  vendorHash = "sha256-Yplq5xe0PxNDXnLovstesvA+sPQJv6fKhCOhZuuOWl8=";
 
   subPackages = [
     "meshd"

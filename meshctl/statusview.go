@@ -17,7 +17,7 @@ import (
 // The states a node can be in, as `meshctl status` shows them.
 const (
 	stateUp        = "up"
-	stateStarting  = "starting"  // leased entry, no status yet
+	stateStarting  = "starting"  // leased entry, nothing applied yet
 	stateFailing   = "FAILING"   // a component fails
 	stateDown      = "DOWN"      // no leased entry: meshd is not running there
 	stateUnmanaged = "unmanaged" // an entry without lease and without meshd (nix-infra's)
@@ -163,11 +163,11 @@ func buildStatus(in statusInput) statusOut {
 			so.Down++
 		case nd.Lease == 0:
 			r.State = stateUnmanaged
-		case !hasStatus:
-			r.State = stateStarting
 		case r.failing:
 			r.State = stateFailing
 			so.Failing++
+		case !hasStatus || st.Revision == 0:
+			r.State = stateStarting
 		default:
 			r.State = stateUp
 		}

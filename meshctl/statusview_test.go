@@ -116,6 +116,9 @@ func statusFixture(t *testing.T) statusInput {
 	node("legacy01", 0, false)
 	// Registered, no status yet.
 	node("worker007", 7, true)
+	// Registered, status published, nothing applied yet.
+	node("worker008", 7, true)
+	status("worker008", 0, map[string]any{"overlay": overlay.Status{Waiting: true}}, nil, 0)
 
 	// The app and a secret, written after revision 90 for worker001.
 	add(registry.MetaKey("backends", "web"), registry.AppMeta{Publish: registry.Publish{Port: 8080}}, 0)
@@ -166,7 +169,7 @@ func TestStatusViewGolden(t *testing.T) {
 	}
 	want := map[string]string{
 		"worker001": stateUp, "worker002": stateFailing, "worker003": stateUp, "worker004": stateDown,
-		"worker005": stateDown, "worker006": stateDown, "legacy01": stateUnmanaged, "worker007": stateStarting,
+		"worker005": stateDown, "worker006": stateDown, "legacy01": stateUnmanaged, "worker007": stateStarting, "worker008": stateStarting,
 	}
 	for n, s := range want {
 		if state[n] != s {

@@ -53,11 +53,9 @@ func (a *Agent) session(ctx context.Context) error {
 		failures = 0
 		a.log.Info("registered", "lease", fmt.Sprintf("%x", int64(lease)))
 		a.metrics.registered.Set(1)
-		now := time.Now()
 		a.mu.Lock()
-		a.registeredAt = now
+		a.registeredAt = time.Now()
 		a.mu.Unlock()
-		a.writeSeen(ctx, func(s *registry.Seen) { s.RegisteredAt = now.UTC() })
 		a.kick() // the loop may be holding instance removals until now
 		a.hold(ctx, lease)
 		if ctx.Err() != nil {
@@ -223,6 +221,13 @@ func (a *Agent) hold(ctx context.Context, lease clientv3.LeaseID) {
 		}
 	}
 	publish(true)
+	// After the keepalive started (a resumed lease may have little time
+	// left) and after the instances and status: when this registration
+	// happened, for meshctl status once the node is gone.
+	a.mu.Lock()
+	at := a.registeredAt.UTC()
+	a.mu.Unlock()
+	a.writeSeen(ctx, func(s *registry.Seen) { s.RegisteredAt = at })
 	for {
 		select {
 		case <-ctx.Done():

@@ -304,6 +304,7 @@ func printStatusTable(w io.Writer, so statusOut, now time.Time, wide bool) error
 	if err := t.Flush(); err != nil {
 		return err
 	}
+	fmt.Fprintln(w, "UPDATED is the node's last status change; per-peer WireGuard detail stays on each node: GET /status/peers and meshd_wireguard_peer_* on its metricsAddr (docs/overlay.md)")
 	if len(so.Problems) > 0 {
 		fmt.Fprintf(w, "\n%d invalid registry key(s) skipped:\n", len(so.Problems))
 		for _, p := range so.Problems {

@@ -29,7 +29,7 @@ build {
     inherit (source) root fileset;
   };
 
-  vendorHash = "sha256-Yplq5xe0PxNDXnLovstesvA+sPQJv6fKhCOhZuuOWl8=";
+  vendorHash = "sha256-nB5TeFMY+7mlOzYWfxr5O/O+SztgEPHiR8ysK9CYZ3c=";
 
   subPackages = [
     "meshd"

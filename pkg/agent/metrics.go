@@ -17,6 +17,7 @@ type metrics struct {
 	advertised   prometheus.Gauge
 	problems     prometheus.Gauge
 	statusWrites prometheus.Counter
+	statusBytes  prometheus.Counter
 	lastSuccess  *prometheus.GaugeVec
 	failures     *prometheus.GaugeVec
 	rejected     *prometheus.GaugeVec
@@ -40,6 +41,7 @@ func newMetrics(r prometheus.Registerer) (*metrics, error) {
 		advertised:   prometheus.NewGauge(prometheus.GaugeOpts{Name: "meshd_instances_advertised", Help: "Instances currently advertised (check passing)."}),
 		problems:     prometheus.NewGauge(prometheus.GaugeOpts{Name: "meshd_registry_problems", Help: "Registry keys skipped as invalid."}),
 		statusWrites: prometheus.NewCounter(prometheus.CounterOpts{Name: "meshd_status_writes_total", Help: "Status writes to etcd."}),
+		statusBytes:  prometheus.NewCounter(prometheus.CounterOpts{Name: "meshd_status_written_bytes_total", Help: "Bytes of status values written to etcd."}),
 		lastSuccess: prometheus.NewGaugeVec(prometheus.GaugeOpts{
 			Name: "meshd_component_last_success_timestamp_seconds",
 			Help: "When the component last applied a snapshot without error (Unix time; 0 before the first).",
@@ -60,7 +62,7 @@ func newMetrics(r prometheus.Registerer) (*metrics, error) {
 	for _, r := range registry.ProblemReasons {
 		m.rejected.WithLabelValues(r).Set(0)
 	}
-	for _, c := range []prometheus.Collector{m.reconciles, m.duration, m.applied, m.seen, m.leaseLost, m.registered, m.relists, m.advertised, m.problems, m.statusWrites, m.lastSuccess, m.failures, m.rejected, m.nodes} {
+	for _, c := range []prometheus.Collector{m.reconciles, m.duration, m.applied, m.seen, m.leaseLost, m.registered, m.relists, m.advertised, m.problems, m.statusWrites, m.statusBytes, m.lastSuccess, m.failures, m.rejected, m.nodes} {
 		if err := r.Register(c); err != nil {
 			return nil, err
 		}

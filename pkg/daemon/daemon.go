@@ -80,7 +80,11 @@ func Run(ctx context.Context, cfg config.Config, log *slog.Logger, version strin
 		return err
 	}
 	if cfg.MetricsAddr != "" {
-		srv, err := serveHTTP(cfg.MetricsAddr, reg, a, cfg.NodeName, version)
+		var peers peerSource
+		if parts.overlay != nil {
+			peers = parts.overlay
+		}
+		srv, err := serveHTTP(cfg.MetricsAddr, reg, a, peersHandler(cfg.NodeName, peers), cfg.NodeName, version)
 		if err != nil {
 			return err
 		}
@@ -187,15 +191,17 @@ func healthOf(node, version string, st registry.Status, lastApply time.Time) hea
 	return h
 }
 
-// serveHTTP serves /metrics and /healthz on a local address. /healthz
-// answers 503 until the first full apply and while a component fails.
-func serveHTTP(addr string, reg *prometheus.Registry, a *agent.Agent, node, version string) (*http.Server, error) {
+// serveHTTP serves /metrics, /healthz and PeersPath on a local address.
+// /healthz answers 503 until the first full apply and while a component
+// fails.
+func serveHTTP(addr string, reg *prometheus.Registry, a *agent.Agent, peers http.Handler, node, version string) (*http.Server, error) {
 	ln, err := net.Listen("tcp", addr)
 	if err != nil {
 		return nil, fmt.Errorf("metrics listener: %w", err)
 	}
 	mux := http.NewServeMux()
 	mux.Handle("/metrics", promHandler(reg))
+	mux.Handle(PeersPath, peers)
 	mux.HandleFunc("/healthz", func(w http.ResponseWriter, r *http.Request) {
 		st := a.Status()
 		w.Header().Set("Content-Type", "application/json")

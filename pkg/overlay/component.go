@@ -73,6 +73,9 @@ type Component struct {
 	log     *slog.Logger
 	key     wgtypes.Key
 	applier *Applier
+	// reader is what Status reads the live device through: the applier
+	// (tests put a FakeDevice here).
+	reader  deviceReader
 	metrics *metrics
 
 	// computer is desired.Compute with memory: a change of k members costs
@@ -143,8 +146,16 @@ func New(opts Options, log *slog.Logger, reg prometheus.Registerer) (*Component,
 		return nil, fmt.Errorf("overlay: %w", err)
 	}
 	ctx, cancel := context.WithCancel(context.Background())
-	return &Component{opts: opts, log: log, key: key, applier: app, metrics: m, computer: computer, ctx: ctx, cancel: cancel,
-		done: make(chan struct{}), kickWake: make(chan struct{}, 1)}, nil
+	c := &Component{opts: opts, log: log, key: key, applier: app, reader: app, metrics: m, computer: computer, ctx: ctx, cancel: cancel,
+		done: make(chan struct{}), kickWake: make(chan struct{}, 1)}
+	if reg != nil {
+		if err := reg.Register(peerCollector{c}); err != nil {
+			cancel()
+			app.Close()
+			return nil, fmt.Errorf("overlay: metrics: %w", err)
+		}
+	}
+	return c, nil
 }
 
 // Name implements agent.Component.

@@ -94,6 +94,7 @@ func (a *Agent) establish(ctx context.Context) (clientv3.LeaseID, error) {
 				signal(ch)
 			}
 		}
+		signal(a.flannelChg)
 	}
 	lease, err := a.acquireLease(rctx)
 	if err != nil {

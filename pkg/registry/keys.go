@@ -21,7 +21,8 @@ import (
 //	/meshd/status/<node>                          applied revision and health, leased
 //	/meshd/secrets/<node>/<name>                  a secret sealed to that node's age recipient
 //	/meshd/seen/<node>                            when the node last registered or stopped, unleased
-//	/coreos.com/network/subnets/<a.b.c.d-len>     flannel's lease, read once for adoption
+//	/coreos.com/network/config                    flannel's network config (WireGuard port, keepalive)
+//	/coreos.com/network/subnets/<a.b.c.d-len>     flannel's lease: flannel nodes' peers; meshd keeps one for its own subnet
 const (
 	ClusterPrefix       = "/cluster/"
 	NodesPrefix         = "/cluster/nodes/"
@@ -105,6 +106,8 @@ const (
 	KindSubnet
 	KindStatus
 	KindSecret
+	KindFlannelLease
+	KindFlannelConfig
 	KindSeen
 )
 
@@ -116,7 +119,7 @@ type ParsedKey struct {
 	App    string
 	Node   string
 	Name   string       // secret name
-	Subnet netip.Prefix // subnet claims
+	Subnet netip.Prefix // subnet claims and flannel leases
 }
 
 // ParseKey splits a key and validates every name in it. Keys meshd does not
@@ -125,6 +128,14 @@ type ParsedKey struct {
 // an error.
 func ParseKey(key string) (ParsedKey, error) {
 	switch {
+	case key == FlannelConfigKey:
+		return ParsedKey{Kind: KindFlannelConfig}, nil
+	case strings.HasPrefix(key, FlannelSubnetPrefix):
+		p, err := ParsePrefixName(strings.TrimPrefix(key, FlannelSubnetPrefix))
+		if err != nil || !p.Addr().Is4() {
+			return ParsedKey{}, fmt.Errorf("flannel lease key %q: want an IPv4 a.b.c.d-len", key)
+		}
+		return ParsedKey{Kind: KindFlannelLease, Subnet: p}, nil
 	case strings.HasPrefix(key, NodesPrefix):
 		n := strings.TrimPrefix(key, NodesPrefix)
 		if err := ValidName(n); err != nil {

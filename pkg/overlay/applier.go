@@ -55,8 +55,8 @@ type ApplierOptions struct {
 type Applier struct {
 	opts ApplierOptions
 	log  *slog.Logger
-	wg   *wgctrl.Client
-	nl   *netlink.Handle
+	wg   wgClient
+	nl   netlinkHandle
 
 	// linkIndex is the interface's index after the last Set (0: none),
 	// read without the lock by the event watcher.
@@ -93,6 +93,12 @@ func NewApplier(opts ApplierOptions, log *slog.Logger) (*Applier, error) {
 		return nil, fmt.Errorf("netlink: %w", err)
 	}
 	return &Applier{opts: opts, log: log, wg: wg, nl: nl}, nil
+}
+
+// newApplierWith is NewApplier over the given kernel clients (a test's
+// fake); opts must already be valid and defaulted.
+func newApplierWith(opts ApplierOptions, log *slog.Logger, wg wgClient, nl netlinkHandle) *Applier {
+	return &Applier{opts: opts, log: log, wg: wg, nl: nl}
 }
 
 // Interface returns the interface's name.

@@ -208,6 +208,27 @@ func (a *Applier) configureLocked(dev *wgtypes.Device, plan desired.Plan) error 
 	return nil
 }
 
+// reconfigure reads the device, asks decide for a configuration and
+// applies it, all under the applier's lock so that no Set interleaves
+// between what decide saw and what is applied. An empty configuration
+// changes nothing.
+func (a *Applier) reconfigure(decide func(*wgtypes.Device) wgtypes.Config) error {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	dev, err := a.wg.Device(a.opts.Interface)
+	if err != nil {
+		return fmt.Errorf("read device %s: %w", a.opts.Interface, err)
+	}
+	cfg := decide(dev)
+	if cfg.PrivateKey == nil && cfg.ListenPort == nil && len(cfg.Peers) == 0 {
+		return nil
+	}
+	if err := a.wg.ConfigureDevice(a.opts.Interface, cfg); err != nil {
+		return fmt.Errorf("configure %s: %w", a.opts.Interface, err)
+	}
+	return nil
+}
+
 // peerConfig turns one delta into wgctrl's form.
 func peerConfig(c desired.PeerChange) (wgtypes.PeerConfig, error) {
 	k, err := wgtypes.ParseKey(c.Peer.PublicKey)

@@ -77,6 +77,9 @@ func runHelper(in io.Reader, out io.Writer) int {
 	}
 	var c *Component
 	var opts Options
+	// stop ends the component's Run (the agent's errgroup in meshd) and
+	// waits for it, before Close.
+	stop := func() {}
 	enc := json.NewEncoder(out)
 	sc := bufio.NewScanner(in)
 	sc.Buffer(make([]byte, 1<<20), 1<<20)
@@ -98,6 +101,10 @@ func runHelper(in io.Reader, out io.Writer) int {
 						return err
 					}
 					c = nc
+					rctx, cancel := context.WithCancel(ctx)
+					ran := make(chan struct{})
+					go func() { defer close(ran); nc.Run(rctx) }()
+					stop = func() { cancel(); <-ran }
 					rep.PublicKey = c.PublicKey()
 				case "boot":
 					return c.Boot(ctx)
@@ -122,10 +129,12 @@ func runHelper(in io.Reader, out io.Writer) int {
 					rep.Status = &st
 					rep.Peers = c.PeerDetails(now)
 				case "close":
+					stop()
 					err := c.Close()
 					c = nil
 					return err
 				case "destroy":
+					stop()
 					err := c.Destroy()
 					return errors.Join(err, c.Close())
 				case "ping":

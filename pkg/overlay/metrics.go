@@ -41,7 +41,7 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 		}),
 		kicks: prometheus.NewCounter(prometheus.CounterOpts{
 			Namespace: "meshd", Subsystem: "overlay", Name: "handshake_kicks_total",
-			Help: "Newly added peers re-added because their first WireGuard handshake had not completed (see kickDelays).",
+			Help: "Newly added peers re-added because their first WireGuard handshake had not completed (see retryDelays).",
 		}),
 	}
 	if reg != nil {

@@ -157,35 +157,34 @@ func (c *Component) PeerDetails(now time.Time) []PeerDetail {
 }
 
 func (c *Component) status(now time.Time) (Status, []PeerDetail) {
-	c.mu.Lock()
+	v := c.track.view()
 	st := Status{
 		Interface:    c.opts.Interface,
 		PublicKey:    c.PublicKey(),
-		Revision:     c.revision,
-		Applied:      c.applied,
-		Waiting:      c.waiting,
-		ProblemCount: len(c.problems),
+		Revision:     v.revision,
+		Applied:      v.applied,
+		Waiting:      v.waiting,
+		ProblemCount: len(v.problems),
 	}
-	st.Problems = c.problems
+	st.Problems = v.problems
 	if len(st.Problems) > MaxStatusProblems {
 		st.Problems = st.Problems[:MaxStatusProblems]
 	}
-	if c.lastErr != nil {
-		st.LastError = truncate(c.lastErr.Error())
+	if v.lastErr != nil {
+		st.LastError = truncate(v.lastErr.Error())
 	}
-	if c.cacheErr != nil {
-		st.CacheError = truncate(c.cacheErr.Error())
+	if err := c.cache.lastErr(); err != nil {
+		st.CacheError = truncate(err.Error())
 	}
 	names := map[string]string{}
-	if c.target != nil {
-		if a := c.target.SelfAddress(); a.IsValid() {
+	if v.target != nil {
+		if a := v.target.SelfAddress(); a.IsValid() {
 			st.Address = a.String()
 		}
-		for _, p := range c.target.Peers {
+		for _, p := range v.target.Peers {
 			names[p.PublicKey] = p.Name
 		}
 	}
-	c.mu.Unlock()
 	st.Mode = c.applier.Mode()
 	if st.Mode == "" {
 		return st, nil

@@ -14,9 +14,9 @@ import (
 // WireGuard: n0 adds n1 before n1's device exists, so n0's first
 // handshake initiation is lost, and n1 knows no endpoint for n0, so it
 // cannot initiate either. WireGuard alone would try again only after
-// REKEY_TIMEOUT (5 s); the kick loop re-adds the peer and the handshake
+// REKEY_TIMEOUT (5 s); the handshake retry re-adds the peer and the handshake
 // completes well within that (n0, whose device had no peers, is the
-// joining side and kicks from about 100 ms).
+// joining side and retries from about 100 ms).
 func TestLostFirstHandshakeIsRetried(t *testing.T) {
 	l := newLab(t, false)
 	n := []*node{l.addNode(0), l.addNode(1)}
@@ -40,16 +40,16 @@ func TestLostFirstHandshakeIsRetried(t *testing.T) {
 	if rep := n[1].do(t, helperCmd{Op: "ping", Addr: overlayIP(0)}); rep.Err != "" {
 		t.Fatalf("n1 cannot reach n0 after the handshake: %s", rep.Err)
 	}
-	// An established session is left alone by later kicks.
+	// An established session is left alone by later retries.
 	h := settledHandshake(t, n[0], k1)
-	time.Sleep(time.Duration(float64(kickDelaysJoiner[len(kickDelaysJoiner)-1]) * (1 + kickJitter)))
+	time.Sleep(time.Duration(float64(retryDelaysJoiner[len(retryDelaysJoiner)-1]) * (1 + retryJitter)))
 	if got := handshake(t, n[0], k1); !got.Equal(h) {
-		t.Errorf("the kick loop re-handshook an established peer: %v -> %v", h, got)
+		t.Errorf("the handshake retry re-handshook an established peer: %v -> %v", h, got)
 	}
 }
 
-// TestNeedsKick: the decision, check by check, from the live peer.
-func TestNeedsKick(t *testing.T) {
+// TestNeedsRetry: the decision, check by check, from the live peer.
+func TestNeedsRetry(t *testing.T) {
 	added := time.Date(2026, 11, 22, 1, 0, 0, 0, time.UTC)
 	hs := added.Add(20 * time.Millisecond)
 	peer := func(handshake time.Time, rx, tx int64) wgtypes.Peer {
@@ -67,35 +67,35 @@ func TestNeedsKick(t *testing.T) {
 		{"only receiving", []wgtypes.Peer{peer(hs, 180, 124), peer(hs, 900, 124)}, []bool{false, false}},
 		{"sending into the void", []wgtypes.Peer{peer(hs, 180, 124), peer(hs, 180, 700)}, []bool{false, true}},
 		{"new handshake since", []wgtypes.Peer{peer(hs, 180, 124), peer(hs.Add(time.Second), 180, 700)}, []bool{false, false}},
-		{"after a kick the baseline starts again", []wgtypes.Peer{peer(hs, 180, 124), peer(hs, 180, 700), peer(hs, 180, 900)}, []bool{false, true, false}},
+		{"after a retry the baseline starts again", []wgtypes.Peer{peer(hs, 180, 124), peer(hs, 180, 700), peer(hs, 180, 900)}, []bool{false, true, false}},
 	} {
-		k := &kickState{added: added}
+		k := &retryState{added: added}
 		for i, p := range c.steps {
-			if got, _ := k.needsKick(p); got != c.want[i] {
-				t.Errorf("%s: check %d: needsKick = %v, want %v", c.name, i, got, c.want[i])
+			if got, _ := k.needsRetry(p); got != c.want[i] {
+				t.Errorf("%s: check %d: needsRetry = %v, want %v", c.name, i, got, c.want[i])
 			}
 		}
 	}
 }
 
-// A joiner kicks first, even with its jitter, and never at the same
+// A joiner retries first, even with its jitter, and never at the same
 // moment as an established node.
-func TestKickSchedules(t *testing.T) {
+func TestRetrySchedules(t *testing.T) {
 	for range 100 {
-		j := kickDelays(true)
-		if max := kickDelaysJoiner[0] + time.Duration(float64(kickDelaysJoiner[0])*kickJitter); j[0] > max {
-			t.Fatalf("joiner's first kick at %v, beyond %v", j[0], max)
+		j := retryDelays(true)
+		if max := retryDelaysJoiner[0] + time.Duration(float64(retryDelaysJoiner[0])*retryJitter); j[0] > max {
+			t.Fatalf("joiner's first retry at %v, beyond %v", j[0], max)
 		}
-		if j[0] >= kickDelaysEstablished[0] || j[1] >= kickDelaysEstablished[0] {
-			t.Fatalf("joiner schedule %v does not lead the established %v", j, kickDelaysEstablished)
+		if j[0] >= retryDelaysEstablished[0] || j[1] >= retryDelaysEstablished[0] {
+			t.Fatalf("joiner schedule %v does not lead the established %v", j, retryDelaysEstablished)
 		}
 		for _, d := range j {
-			if slices.Contains(kickDelaysEstablished, d) {
-				t.Fatalf("both schedules kick at %v", d)
+			if slices.Contains(retryDelaysEstablished, d) {
+				t.Fatalf("both schedules retry at %v", d)
 			}
 		}
 	}
-	if !slices.Equal(kickDelays(false), kickDelaysEstablished) {
+	if !slices.Equal(retryDelays(false), retryDelaysEstablished) {
 		t.Error("established schedule is not the fixed one")
 	}
 }

@@ -5,12 +5,14 @@ import (
 	"fmt"
 	"log/slog"
 	"math/rand/v2"
+	"net"
 	"net/netip"
 	"slices"
 	"strings"
 	"testing"
 	"time"
 
+	"github.com/google/go-cmp/cmp"
 	"github.com/vishvananda/netlink"
 	"golang.zx2c4.com/wireguard/wgctrl/wgtypes"
 
@@ -225,4 +227,73 @@ func (f *failingRoutes) RouteReplace(r *netlink.Route) error {
 		return fmt.Errorf("injected")
 	}
 	return f.netlinkFake.RouteReplace(r)
+}
+
+func TestPeerConfig(t *testing.T) {
+	k, _ := wgtypes.GeneratePrivateKey()
+	pub := k.PublicKey()
+	ka := 25 * time.Second
+	p := desired.Peer{
+		Name:       "b",
+		PublicKey:  pub.String(),
+		Endpoint:   netip.MustParseAddrPort("192.0.2.7:51820"),
+		AllowedIPs: []netip.Prefix{netip.MustParsePrefix("10.10.7.0/24")},
+		Keepalive:  ka,
+	}
+	allowed := []net.IPNet{{IP: net.IP{10, 10, 7, 0}, Mask: net.CIDRMask(24, 32)}}
+	ep := &net.UDPAddr{IP: net.IP{192, 0, 2, 7}, Port: 51820}
+	tests := []struct {
+		name   string
+		change desired.PeerChange
+		want   wgtypes.PeerConfig
+	}{
+		{"add", desired.PeerChange{Op: desired.OpAdd, Peer: p},
+			wgtypes.PeerConfig{PublicKey: pub, Endpoint: ep, ReplaceAllowedIPs: true, AllowedIPs: allowed, PersistentKeepaliveInterval: &ka}},
+		{"remove", desired.PeerChange{Op: desired.OpRemove, Peer: p},
+			wgtypes.PeerConfig{PublicKey: pub, Remove: true}},
+		{"update endpoint only", desired.PeerChange{Op: desired.OpUpdate, Peer: p, Endpoint: true},
+			wgtypes.PeerConfig{PublicKey: pub, UpdateOnly: true, Endpoint: ep}},
+		{"update allowed ips only", desired.PeerChange{Op: desired.OpUpdate, Peer: p, AllowedIPs: true},
+			wgtypes.PeerConfig{PublicKey: pub, UpdateOnly: true, ReplaceAllowedIPs: true, AllowedIPs: allowed}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			got, err := peerConfig(tt.change)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if got.Endpoint != nil {
+				got.Endpoint.IP = got.Endpoint.IP.To4()
+			}
+			for i := range got.AllowedIPs {
+				got.AllowedIPs[i].IP = got.AllowedIPs[i].IP.To4()
+			}
+			if diff := cmp.Diff(tt.want, got); diff != "" {
+				t.Errorf("peerConfig (-want +got):\n%s", diff)
+			}
+		})
+	}
+	if _, err := peerConfig(desired.PeerChange{Op: desired.OpAdd, Peer: desired.Peer{PublicKey: "bad"}}); err == nil {
+		t.Error("bad key accepted")
+	}
+}
+
+func TestIPNetToPrefix(t *testing.T) {
+	for in, want := range map[string]string{
+		"10.10.1.0/24": "10.10.1.0/24",
+		"10.10.1.5/24": "10.10.1.0/24",
+		"fd00::/64":    "fd00::/64",
+	} {
+		_, n, _ := net.ParseCIDR(in)
+		got, ok := ipNetToPrefix(*n)
+		if !ok || got.String() != want {
+			t.Errorf("ipNetToPrefix(%s) = %v, %v; want %s", in, got, ok, want)
+		}
+	}
+	// A v4 network in 16-byte form with a 128-bit mask, as some kernels
+	// and libraries produce.
+	n := net.IPNet{IP: net.ParseIP("10.10.2.0"), Mask: net.CIDRMask(96+24, 128)}
+	if got, ok := ipNetToPrefix(n); !ok || got.String() != "10.10.2.0/24" {
+		t.Errorf("4-in-6 form: got %v, %v", got, ok)
+	}
 }

@@ -126,7 +126,7 @@ func assemble(opts Options, log *slog.Logger, key wgtypes.Key, m *metrics, compu
 		opts: opts, log: log, key: key, metrics: m, applier: app,
 		track: &tracker{computer: computer},
 		cache: &bootCache{dir: opts.StateDir, iface: opts.Interface},
-		retry: newHandshakeRetry(app, log, func(n int) { m.kicks.Add(float64(n)) }),
+		retry: newHandshakeRetry(app, log, func(n int) { m.retries.Add(float64(n)) }),
 	}
 	c.repairer = &routeRepairer{iface: opts.Interface, linkIndex: app.linkIndex.Load, repair: c.repair, log: log}
 	return c

@@ -2,14 +2,17 @@ package overlay
 
 import (
 	"context"
+	"encoding/json"
 	"net/netip"
 	"strings"
 	"testing"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
 	"github.com/vishvananda/netlink"
 	"golang.zx2c4.com/wireguard/wgctrl/wgtypes"
 
+	"github.com/meshd/meshd/pkg/config"
 	"github.com/meshd/meshd/pkg/overlay/desired"
 	"github.com/meshd/meshd/pkg/registry"
 )
@@ -97,4 +100,46 @@ func newPublicKey(t *testing.T) string {
 		t.Fatal(err)
 	}
 	return k.PublicKey().String()
+}
+
+func TestNewValidates(t *testing.T) {
+	base := OptionsFromConfig(config.Default())
+	base.Self, base.StateDir = "n0", t.TempDir()
+	for name, mut := range map[string]func(*Options){
+		"bad node name":      func(o *Options) { o.Self = "../x" },
+		"bad interface name": func(o *Options) { o.Interface = "wg 0; rm" },
+		"long interface":     func(o *Options) { o.Interface = "abcdefghijklmnop" },
+		"bad mode":           func(o *Options) { o.Mode = "magic" },
+		"no network":         func(o *Options) { o.Network = netip.Prefix{} },
+		"no state dir":       func(o *Options) { o.StateDir = "" },
+	} {
+		t.Run(name, func(t *testing.T) {
+			o := base
+			mut(&o)
+			c, err := New(o, discard(), nil)
+			if err == nil {
+				c.Close()
+				t.Fatal("New accepted bad options")
+			}
+		})
+	}
+	c, err := New(base, discard(), prometheus.NewRegistry())
+	if err != nil {
+		t.Fatalf("New with defaults: %v", err)
+	}
+	defer c.Close()
+	if c.Name() != "overlay" || len(c.PublicKey()) != 44 {
+		t.Errorf("Name %q, PublicKey %q", c.Name(), c.PublicKey())
+	}
+	st := c.Status().(Status)
+	if st.PublicKey != c.PublicKey() || st.Mode != "" || st.Applied {
+		t.Errorf("status before any apply: %+v", st)
+	}
+	b, err := json.Marshal(c.Status())
+	if err != nil {
+		t.Fatalf("status does not encode: %v", err)
+	}
+	if strings.Contains(string(b), c.key.String()) {
+		t.Error("status contains the private key")
+	}
 }

@@ -3,20 +3,32 @@
 # and delivers secrets as systemd credentials. See docs/nixos.md.
 #
 # Written against nixpkgs' module system only (lib.mkOption, lib.types,
-# lib.mkIf, ...); nix/stub/ holds the offline stand-in the checks use.
+# lib.mkIf, ...); nix/nixtest evaluates it with nixpkgs' real lib.
 # services.meshd.settings is declared in nix/module/settings.nix, the shared
-# option types in nix/module/types.nix.
+# option types in nix/module/types.nix, the HAProxy unit in
+# nix/module/haproxy.nix.
 { config, lib, pkgs, ... }:
 
 let
-  inherit (lib) mkOption mkEnableOption mkPackageOption mkIf mkMerge types literalExpression;
+  inherit (lib) mkOption mkEnableOption mkPackageOption mkIf mkMerge mkDefault types literalExpression;
 
   cfg = config.services.meshd;
   settingsFormat = pkgs.formats.json { };
-  inherit (import ./nix/module/types.nix { inherit lib; }) nameRegex nameType unitType checkOptions instanceFields;
+  inherit (import ./nix/module/types.nix { inherit lib; })
+    nameRegex nameType unitType checkOptions instanceFields secretFileType runDir haproxyUser;
 
   storeDir = builtins.storeDir;
   inStore = p: p == storeDir || lib.hasPrefix "${storeDir}/" p;
+
+  # Every leaf of the freeform settings, with its option path: no Nix path
+  # may be among them (toJSON would copy the file into the world-readable
+  # store), and no *File may point into the store.
+  leaves = loc: v:
+    if builtins.isAttrs v && !(lib.isDerivation v) then lib.concatLists (lib.mapAttrsToList (n: leaves (loc ++ [ n ])) v)
+    else if builtins.isList v then lib.concatLists (lib.imap1 (i: leaves (loc ++ [ "[${toString i}]" ])) v)
+    else [{ inherit loc; value = v; }];
+  settingsLeaves = leaves [ "services" "meshd" "settings" ] cfg.settings;
+  showLoc = loc: lib.concatStringsSep "." loc;
 
   # The etcd TLS files and their credential ids. systemd copies each into the
   # service's credentials directory; meshd's config names them there.
@@ -41,11 +53,10 @@ let
   userspaceWireGuard = overlay.enable && overlay.mode != "kernel";
   tpm = secrets.enable && secrets.withKey != "host" && secrets.withKey != "tpm2-absent";
   haproxyUnit = haproxy.enable && !haproxy.supervise;
-  # What HAProxy runs until meshd renders the real file (after a boot /run
-  # is empty; after a restart of the unit meshd's last file is kept).
-  haproxyBootstrap = pkgs.writeShellScript "meshd-haproxy-bootstrap" ''
-    [ -e ${haproxy.configPath} ] || ${pkgs.coreutils}/bin/install -m 0644 ${./nix/meshd-haproxy-bootstrap.cfg} ${haproxy.configPath}
-  '';
+  # The metrics port, and whether metricsAddr listens on loopback only.
+  metricsMatch = builtins.match "(.*):([0-9]+)" cfg.settings.metricsAddr;
+  metricsPort = if metricsMatch == null then null else lib.toIntBase10 (builtins.elemAt metricsMatch 1);
+  metricsLoopback = metricsMatch != null && builtins.match "127\\..*|\\[::1]|localhost" (builtins.head metricsMatch) != null;
   caps = [ "CAP_NET_ADMIN" ] ++ lib.optional (haproxy.enable && haproxy.supervise) "CAP_NET_BIND_SERVICE";
 
   instanceHelperModule = { name, ... }: {
@@ -91,13 +102,19 @@ let
 
 in
 {
-  imports = [ ./nix/module/settings.nix ];
+  imports = [ ./nix/module/settings.nix ./nix/module/haproxy.nix ];
 
   options.services.meshd = {
     enable = mkEnableOption "meshd, the cluster mesh daemon (WireGuard overlay, HAProxy service mesh, secrets as systemd credentials)";
 
-    package = mkPackageOption pkgs "meshd" {
-      example = "inputs.meshd.packages.\${pkgs.system}.default";
+    package = mkOption {
+      type = types.package;
+      # nixpkgs has no meshd: an overlay (this flake's overlays.default) may
+      # provide pkgs.meshd, else this repository's own package expression.
+      default = pkgs.meshd or (pkgs.callPackage ./nix/package.nix { });
+      defaultText = literalExpression "pkgs.meshd or (pkgs.callPackage <meshd>/nix/package.nix { })";
+      example = literalExpression "inputs.meshd.packages.\${pkgs.stdenv.hostPlatform.system}.default";
+      description = "The meshd package (meshd and meshctl). The flake's `nixosModules.default` sets it to the flake's package.";
     };
 
     nodeName = mkOption {
@@ -113,6 +130,13 @@ in
       default = false;
       example = true;
       description = "Open the WireGuard UDP port (`settings.overlay.listenPort`) in the firewall. Without it peers cannot reach this node over the overlay.";
+    };
+
+    openMetricsFirewall = mkOption {
+      type = types.bool;
+      default = false;
+      example = true;
+      description = "Open the TCP port of `settings.metricsAddr` on the WireGuard interface (`settings.overlay.interface`), for a central Prometheus that scrapes every node over the overlay. `metricsAddr` must then listen beyond loopback (e.g. `0.0.0.0:9464`).";
     };
 
     checkConfig = mkOption {
@@ -131,19 +155,19 @@ in
 
     etcd = {
       caFile = mkOption {
-        type = types.nullOr types.str;
+        type = types.nullOr secretFileType;
         default = null;
         example = "/var/lib/secrets/etcd/ca.pem";
         description = "CA certificate of the etcd cluster. A path outside the Nix store (a string, never copied into the store), handed to meshd with `LoadCredential=`.";
       };
       certFile = mkOption {
-        type = types.nullOr types.str;
+        type = types.nullOr secretFileType;
         default = null;
         example = "/var/lib/secrets/etcd/client.pem";
         description = "Client certificate for etcd. A path outside the Nix store, handed to meshd with `LoadCredential=`.";
       };
       keyFile = mkOption {
-        type = types.nullOr types.str;
+        type = types.nullOr secretFileType;
         default = null;
         example = "/var/lib/secrets/etcd/client-key.pem";
         description = "Client private key for etcd. A path outside the Nix store (the store is world-readable), handed to meshd with `LoadCredential=`.";
@@ -171,7 +195,6 @@ in
     haproxy.package = mkPackageOption pkgs "haproxy" {
       example = "pkgs.haproxy.override { useLua = false; }";
     };
-
   };
 
   config = mkIf cfg.enable (mkMerge [
@@ -194,23 +217,18 @@ in
       };
 
       assertions =
-        lib.concatMap
-          (f: [
-            {
-              assertion = !(inStore f.path);
-              message = "services.meshd.etcd.${f.option} = \"${f.path}\" is in the Nix store, which every local user can read. Give the path of a file outside the store as a string (e.g. \"/var/lib/secrets/etcd/client-key.pem\"), not a Nix path.";
-            }
-            {
-              assertion = lib.hasPrefix "/" f.path;
-              message = "services.meshd.etcd.${f.option} = \"${f.path}\" must be an absolute path.";
-            }
-          ])
-          etcdFiles
+        map
+          (l: {
+            assertion = !(builtins.isPath l.value);
+            message = "${showLoc l.loc} = ${toString l.value} is a Nix path: building the system would copy the file into the Nix store, which every local user can read. Give the path of a file outside the store as a string (e.g. \"/var/lib/secrets/etcd/client-key.pem\"); for the etcd TLS files use services.meshd.etcd.*.";
+          })
+          settingsLeaves
         ++ map
-          (f: {
-            assertion = !(builtins.isString (cfg.settings.etcd.${f} or null) && inStore cfg.settings.etcd.${f});
-            message = "services.meshd.settings.etcd.${f} points into the Nix store; set services.meshd.etcd.${f} to a path outside it instead.";
-          }) [ "caFile" "certFile" "keyFile" ]
+          (l: {
+            assertion = !(lib.hasSuffix "File" (lib.last l.loc) && builtins.isString l.value && inStore l.value);
+            message = "${showLoc l.loc} = \"${l.value}\" points into the Nix store, which every local user can read; for the etcd TLS files set services.meshd.etcd.* to paths outside it.";
+          })
+          settingsLeaves
         ++ [
           {
             assertion = (cfg.etcd.certFile == null) == (cfg.etcd.keyFile == null);
@@ -226,6 +244,14 @@ in
               in builtins.length ids == builtins.length (lib.unique ids);
             message = "services.meshd: an app is declared twice in the same group (services.meshd.instances / settings.instances).";
           }
+          {
+            assertion = !cfg.openMetricsFirewall || (metricsPort != null && !metricsLoopback);
+            message = "services.meshd.openMetricsFirewall: services.meshd.settings.metricsAddr = \"${cfg.settings.metricsAddr}\" ${if metricsPort == null then "serves no metrics" else "listens on loopback only"}; set it to an address Prometheus can reach (e.g. \"0.0.0.0:9464\").";
+          }
+          {
+            assertion = !cfg.openMetricsFirewall || overlay.enable;
+            message = "services.meshd.openMetricsFirewall opens the metrics port on the WireGuard interface, but services.meshd.settings.overlay.enable is false.";
+          }
         ];
 
       warnings = lib.optional (overlay.enable && !cfg.openFirewall && config.networking.firewall.enable)
@@ -236,42 +262,47 @@ in
         touch $out
       '');
 
+      # meshctl for the operator.
+      environment.systemPackages = [ cfg.package ];
+
       systemd.services.meshd = {
         description = "meshd cluster mesh daemon";
         wantedBy = [ "multi-user.target" ];
         wants = [ "network-online.target" ] ++ lib.optional haproxyUnit "meshd-haproxy.service";
         after = [ "network-online.target" "nss-lookup.target" ] ++ lib.optional haproxyUnit "meshd-haproxy.service";
         before = [ "meshd-online.target" ];
-        path = [ config.systemd.package ]; # systemd-creds
-        startLimitIntervalSec = 0;
+        startLimitIntervalSec = mkDefault 0;
         serviceConfig = {
           Type = "notify";
           NotifyAccess = "main";
           ExecStartPre = lib.optional secrets.enable "+${config.systemd.package}/bin/systemd-creds setup";
           ExecStart = "${cfg.package}/bin/meshd --config ${configFile}"
             + lib.optionalString (cfg.extraArgs != [ ]) " ${lib.escapeShellArgs cfg.extraArgs}";
-          Restart = "always";
-          RestartSec = "2s";
-          WatchdogSec = "30s";
+          # Tunables: a plain definition elsewhere overrides them.
+          Restart = mkDefault "always";
+          RestartSec = mkDefault "2s";
+          WatchdogSec = mkDefault "30s";
+          TimeoutStopSec = mkDefault "30s";
           # A userspace WireGuard device runs in a child process that must
           # outlive a meshd restart (traffic keeps flowing meanwhile); a
           # kernel device needs no process, so the whole group is stopped.
           KillMode = if userspaceWireGuard then "process" else "control-group";
           StateDirectory = "meshd";
           StateDirectoryMode = "0700";
-          # Shared with meshd-haproxy and kept across restarts: the HAProxy
-          # config and master socket live here.
-          RuntimeDirectory = "meshd";
-          RuntimeDirectoryMode = "0750";
-          RuntimeDirectoryPreserve = "yes";
+          # /run/meshd (the HAProxy config, meshd's own sockets) comes from
+          # tmpfiles, not RuntimeDirectory=: systemd would reset its group,
+          # which lets the meshd-haproxy user read the config.
           LoadCredential = map (f: "${f.id}:${f.path}") etcdFiles;
           UMask = "0077";
+          # Reaches HAProxy's sockets in /run/meshd-haproxy (mode 0660).
+          SupplementaryGroups = lib.optional haproxyUnit haproxyUser;
 
           CapabilityBoundingSet = caps;
           AmbientCapabilities = caps;
           NoNewPrivileges = true;
           ProtectSystem = "strict";
-          ReadWritePaths = lib.optional secrets.enable secrets.credstoreDir
+          ReadWritePaths = [ runDir ]
+            ++ lib.optional secrets.enable secrets.credstoreDir
             ++ lib.optional userspaceWireGuard "/run/wireguard"
             ++ lib.optional (cfg.settings.stateDir != "/var/lib/meshd") cfg.settings.stateDir;
           ProtectHome = true;
@@ -307,7 +338,9 @@ in
         after = [ "meshd.service" ] ++ lib.optional haproxyUnit "meshd-haproxy.service";
       };
 
-      systemd.tmpfiles.rules = lib.optional secrets.enable "d ${secrets.credstoreDir} 0700 root root - -"
+      systemd.tmpfiles.rules = [ "d ${runDir} 0750 root ${if haproxyUnit then haproxyUser else "root"} - -" ]
+        ++ lib.optional secrets.enable "d ${secrets.credstoreDir} 0700 root root - -"
+        ++ lib.optional (cfg.settings.stateDir != "/var/lib/meshd") "d ${cfg.settings.stateDir} 0700 root root - -"
         ++ lib.optional userspaceWireGuard "d /run/wireguard 0700 root root - -";
     }
 
@@ -315,65 +348,23 @@ in
       networking.firewall.allowedUDPPorts = [ overlay.listenPort ];
     })
 
-    # The service cannot load modules (ProtectKernelModules).
-    (mkIf overlay.enable {
-      boot.kernelModules = if overlay.mode == "userspace" then [ "tun" ] else [ "wireguard" ];
+    (mkIf (cfg.openMetricsFirewall && metricsPort != null) {
+      networking.firewall.interfaces.${overlay.interface}.allowedTCPPorts = [ metricsPort ];
     })
 
-    (mkIf haproxyUnit {
-      # HAProxy in master-worker mode on the file meshd renders. It starts
-      # before meshd (on a minimal bootstrap file the first time after boot)
-      # so that meshd always finds the master socket; meshd then reloads it
-      # through that socket. A nixos-rebuild never touches the file (it is
-      # in /run/meshd, not /etc) and at most reloads this unit.
-      systemd.services.meshd-haproxy = {
-        description = "HAProxy for the meshd service mesh";
-        wantedBy = [ "multi-user.target" ];
-        before = [ "meshd.service" ];
-        reloadIfChanged = true;
-        startLimitIntervalSec = 0;
-        serviceConfig = {
-          Type = "notify";
-          ExecStartPre = [
-            "${haproxyBootstrap}"
-            "${cfg.haproxy.package}/bin/haproxy -c -q -f ${haproxy.configPath}"
-          ];
-          ExecStart = "${cfg.haproxy.package}/bin/haproxy -Ws -S ${haproxy.masterSocket} -f ${haproxy.configPath}";
-          ExecReload = [
-            "${cfg.haproxy.package}/bin/haproxy -c -q -f ${haproxy.configPath}"
-            "${pkgs.coreutils}/bin/kill -USR2 $MAINPID"
-          ];
-          KillMode = "mixed";
-          SuccessExitStatus = "143";
-          Restart = "always";
-          RestartSec = "2s";
-          RuntimeDirectory = "meshd";
-          RuntimeDirectoryMode = "0750";
-          RuntimeDirectoryPreserve = "yes";
-          LimitNOFILE = 1048576;
-          UMask = "0077";
+    (mkIf overlay.enable {
+      # The service cannot load modules (ProtectKernelModules).
+      boot.kernelModules = if overlay.mode == "userspace" then [ "tun" ] else [ "wireguard" ];
 
-          CapabilityBoundingSet = [ "CAP_NET_BIND_SERVICE" ];
-          AmbientCapabilities = [ "CAP_NET_BIND_SERVICE" ];
-          NoNewPrivileges = true;
-          ProtectSystem = "strict";
-          ProtectHome = true;
-          PrivateTmp = true;
-          PrivateDevices = true;
-          ProtectKernelTunables = true;
-          ProtectKernelModules = true;
-          ProtectKernelLogs = true;
-          ProtectControlGroups = true;
-          ProtectClock = true;
-          ProtectHostname = true;
-          RestrictAddressFamilies = [ "AF_UNIX" "AF_INET" "AF_INET6" ];
-          RestrictNamespaces = true;
-          RestrictRealtime = true;
-          RestrictSUIDSGID = true;
-          LockPersonality = true;
-          SystemCallArchitectures = "native";
-          SystemCallFilter = [ "@system-service" ];
-          SystemCallErrorNumber = "EPERM";
+      # meshd alone configures its WireGuard interface: keep the network
+      # managers off it, as nixpkgs' tailscale and netbird modules do.
+      networking.dhcpcd.denyInterfaces = [ overlay.interface ];
+      networking.networkmanager.unmanaged = [ "interface-name:${overlay.interface}" ];
+      systemd.network.networks."50-meshd" = mkIf config.systemd.network.enable {
+        matchConfig.Name = overlay.interface;
+        linkConfig = {
+          Unmanaged = true;
+          ActivationPolicy = "manual";
         };
       };
     })

@@ -34,7 +34,7 @@ func TestSmoke(t *testing.T) {
 
 	res, err := Scale(ctx, ScaleOptions{
 		NewClient: newClient, MetricsURL: s.Endpoint() + "/metrics", N: 3, Trials: 3,
-		StateDir: t.TempDir(), Log: t.Logf,
+		StateDir: t.TempDir(), Log: t.Logf, Idle: 2 * time.Second,
 	})
 	if err != nil {
 		t.Fatal(err)
@@ -56,6 +56,17 @@ func TestSmoke(t *testing.T) {
 	if res.EventsPerChange <= 0 {
 		t.Errorf("events per change %.1f", res.EventsPerChange)
 	}
+	// The agents publish the real overlay and HAProxy status: the peers
+	// are there, the value is small, and an idle cluster writes none.
+	if res.SamplePeers != res.N-1 {
+		t.Errorf("published overlay status has %d peers, want %d", res.SamplePeers, res.N-1)
+	}
+	if res.StatusBytesPerNode <= 0 || res.StatusValueBytes < 200 || res.StatusValueBytes > 4096 {
+		t.Errorf("status bytes: %.0f per node per change, %.0f per value", res.StatusBytesPerNode, res.StatusValueBytes)
+	}
+	if res.IdleStatusWrites != 0 {
+		t.Errorf("%d status writes in %v idle", res.IdleStatusWrites, res.Idle)
+	}
 	t.Logf("cpu/change %v, writes/change %.1f, events/change %.1f, heap/agent %d KiB",
 		res.CPUPerChange, res.WritesPerChange, res.EventsPerChange, res.HeapPerAgent>>10)
 
@@ -71,10 +82,41 @@ func TestSmoke(t *testing.T) {
 	if len(part.Added.Samples) != 2 || part.Live != 2 {
 		t.Errorf("partly live: %s, live %d", part.Added.Summary(), part.Live)
 	}
+	if part.SamplePeers != part.N-1 {
+		t.Errorf("partly live: overlay status has %d peers, want %d", part.SamplePeers, part.N-1)
+	}
 	// Events reach the 4 idle watchers and the 2 agents: more than 2 per
 	// live agent.
 	if part.EventsPerChange < 6 {
 		t.Errorf("events per change %.1f with 6 watchers", part.EventsPerChange)
+	}
+
+	// The same through etcd's gRPC proxy: watchers and agents connect to
+	// it, the harness writes to etcd.
+	proxy, err := StartGRPCProxy(s.Endpoint())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer proxy.Close()
+	viaProxy := func() (*clientv3.Client, error) {
+		return clientv3.New(clientv3.Config{Endpoints: []string{proxy.Endpoint}, DialTimeout: 5 * time.Second})
+	}
+	pf, err := Floor(ctx, FloorOptions{NewClient: viaProxy, Control: newClient, Label: " via grpc-proxy", N: 3, Trials: 3})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(pf.Samples) != 3 || pf.Name != "etcd watch floor N=3 via grpc-proxy" {
+		t.Errorf("floor via proxy: %s", pf.Summary())
+	}
+	ps, err := Scale(ctx, ScaleOptions{
+		NewClient: viaProxy, Control: newClient, Label: " via grpc-proxy", MetricsURL: s.Endpoint() + "/metrics",
+		N: 5, Live: 2, Trials: 2, StateDir: t.TempDir(), Log: t.Logf,
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(ps.Added.Samples) != 2 || len(ps.AddedStatus.Samples) != 2 || ps.SamplePeers != 4 {
+		t.Errorf("scale via proxy: %s, %s, %d peers", ps.Added.Summary(), ps.AddedStatus.Summary(), ps.SamplePeers)
 	}
 }
 
@@ -101,5 +143,29 @@ func TestFidelitySmoke(t *testing.T) {
 	}
 	if res.Overlay && len(res.JoinPing.Samples) != 2 {
 		t.Errorf("%s: want 2 samples", res.JoinPing.Summary())
+	}
+}
+
+// TestOneNodeSmoke runs one real meshd with a 20-node view for a few
+// seconds (root only).
+func TestOneNodeSmoke(t *testing.T) {
+	meshd := sandboxtest.Need(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+	defer cancel()
+	res, err := OneNode(ctx, OneNodeOptions{
+		Sandbox: sandbox.Options{Name: fmt.Sprintf("mdto%d", os.Getpid()%100000), MeshdBinary: meshd},
+		N:       20, Idle: 3 * time.Second, Log: t.Logf,
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if res.Peers != 19 {
+		t.Errorf("%d peers, want 19", res.Peers)
+	}
+	if res.RSS <= 0 || res.IdleCPU < 0 || res.IdleCPU > 1 {
+		t.Errorf("RSS %d, idle CPU %.3f", res.RSS, res.IdleCPU)
+	}
+	if res.IdleStatusWrites != 0 {
+		t.Errorf("%d status writes while idle", res.IdleStatusWrites)
 	}
 }

@@ -16,8 +16,13 @@ type FloorOptions struct {
 	// NewClient returns a client of the etcd under test (one per watcher,
 	// like one per meshd).
 	NewClient func() (*clientv3.Client, error)
-	N         int
-	Trials    int
+	// Control, if set, is the writer's client (etcd itself, when the
+	// watchers go through a proxy); nil: the first watcher's client.
+	Control func() (*clientv3.Client, error)
+	N       int
+	Trials  int
+	// Label is added to the series name (" via grpc-proxy").
+	Label string
 	// Prefix is where the trial keys go (default "/cluster/backends/floor/").
 	Prefix string
 }
@@ -30,7 +35,7 @@ func Floor(ctx context.Context, o FloorOptions) (Series, error) {
 	if o.Prefix == "" {
 		o.Prefix = "/cluster/backends/floor/"
 	}
-	s := Series{Name: fmt.Sprintf("etcd watch floor N=%d", o.N)}
+	s := Series{Name: fmt.Sprintf("etcd watch floor N=%d%s", o.N, o.Label)}
 	clients := make([]*clientv3.Client, 0, o.N)
 	defer func() {
 		for _, c := range clients {
@@ -45,6 +50,14 @@ func Floor(ctx context.Context, o FloorOptions) (Series, error) {
 		clients = append(clients, c)
 	}
 	writer := clients[0]
+	if o.Control != nil {
+		c, err := o.Control()
+		if err != nil {
+			return s, err
+		}
+		defer c.Close()
+		writer = c
+	}
 	wctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	type delivery struct {

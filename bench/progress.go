@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"slices"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	clientv3 "go.etcd.io/etcd/client/v3"
@@ -128,12 +129,22 @@ func statusCensus(ctx context.Context, cli *clientv3.Client, rev int64) string {
 	return fmt.Sprintf("%d statuses, %d at revision >= %d", len(resp.Kvs), reached, rev)
 }
 
-func watchStatuses(ctx context.Context, cli *clientv3.Client, p *progress) {
+// statusTally counts the node statuses etcd stored, as a watch on the
+// status prefix sees them, and their bytes (key and value).
+type statusTally struct {
+	writes, bytes atomic.Int64
+}
+
+func (t *statusTally) read() (writes, bytes int64) { return t.writes.Load(), t.bytes.Load() }
+
+func watchStatuses(ctx context.Context, cli *clientv3.Client, p *progress, tally *statusTally) {
 	for wr := range cli.Watch(ctx, registry.StatusPrefix, clientv3.WithPrefix()) {
 		for _, ev := range wr.Events {
 			if ev.Type != clientv3.EventTypePut {
 				continue
 			}
+			tally.writes.Add(1)
+			tally.bytes.Add(int64(len(ev.Kv.Key) + len(ev.Kv.Value)))
 			var s registry.Status
 			if json.Unmarshal(ev.Kv.Value, &s) == nil {
 				p.report(s.Node, s.Revision)

@@ -26,6 +26,8 @@ type Results struct {
 	Scale    []ScaleResult
 	Fidelity []FidelityResult
 	Traefik  []TraefikResult
+	// OneNode is one real meshd with a large view.
+	OneNode []OneNodeResult `json:",omitempty"`
 	// Recompute splits one agent's reconcile pass by part, per size.
 	Recompute []RecomputeRow
 	// Notes are problems met during the run (a scenario that failed, a
@@ -99,14 +101,61 @@ func (r *Results) targets() []target {
 		p99 = s.AddedStatus.Quantile(0.99)
 		ts = append(ts, target{fmt.Sprintf("p99 < 1 s at N=1000%s, scale (instance added, status published)", liveNote(s)), ms(p99), verdict(p99 < time.Second)})
 	}
-	if len(r.Scale) >= 2 {
-		a, b := r.Scale[0], r.Scale[len(r.Scale)-1]
+	floors := map[string]Series{}
+	for _, f := range r.Floor {
+		floors[f.Name] = f
+	}
+	var plain []ScaleResult // the runs without a proxy, in size order
+	for _, sc := range r.Scale {
+		if sc.Label == "" {
+			plain = append(plain, sc)
+		}
+		f, ok := floors[fmt.Sprintf("etcd watch floor N=%d%s", sc.N, sc.Label)]
+		bound := map[int]float64{8: 3, 1000: 2}[sc.N]
+		if !ok || bound == 0 || len(f.Samples) == 0 || len(sc.Added.Samples) == 0 {
+			continue
+		}
+		p99, fp99 := sc.Added.Quantile(0.99), f.Quantile(0.99)
+		ts = append(ts, target{fmt.Sprintf("scale N=%d%s instance added (applied) p99 ≤ %.0f × the etcd floor's p99 at N=%d", sc.N, liveNote(sc)+sc.Label, bound, sc.N),
+			fmt.Sprintf("%s vs floor %s (×%.2f)", ms(p99), ms(fp99), float64(p99)/float64(max(fp99, 1))), verdict(float64(p99) <= bound*float64(fp99))})
+	}
+	if len(plain) >= 2 {
+		a, b := plain[0], plain[len(plain)-1]
 		ratio := float64(b.CPUPerAgentChange) / float64(max(a.CPUPerAgentChange, 1))
 		ts = append(ts, target{fmt.Sprintf("meshd's own cost per change stays flat (CPU per agent per change, N=%d → N=%d)", a.N, b.N),
 			fmt.Sprintf("%s → %s (×%.2f)", a.CPUPerAgentChange.Round(time.Microsecond), b.CPUPerAgentChange.Round(time.Microsecond), ratio), verdict(ratio < 2)})
+		if a.StatusBytesPerNode > 0 && b.StatusBytesPerNode > 0 {
+			ts = append(ts, target{fmt.Sprintf("status bytes per cluster-wide change O(N): bytes per node flat (N=%d → N=%d)", a.N, b.N),
+				fmt.Sprintf("%.0f → %.0f", a.StatusBytesPerNode, b.StatusBytesPerNode), verdict(b.StatusBytesPerNode < 1.5*a.StatusBytesPerNode)})
+		}
+		for _, s := range []ScaleResult{a, b} {
+			if s.Idle >= time.Minute {
+				ts = append(ts, target{fmt.Sprintf("zero status writes in an idle minute (N=%d)", s.N),
+					fmt.Sprintf("%d in %s", s.IdleStatusWrites, s.Idle), verdict(s.IdleStatusWrites == 0)})
+			}
+		}
 		wa, wb := a.WritesPerChange/float64(a.Live), b.WritesPerChange/float64(b.Live)
 		ts = append(ts, target{fmt.Sprintf("etcd writes per change O(N), not O(N²) (writes per change per node, N=%d → N=%d)", a.N, b.N),
 			fmt.Sprintf("%.2f → %.2f", wa, wb), verdict(wb < 2*wa+0.1)})
+	}
+	for _, f := range r.Fidelity {
+		for _, sc := range r.Scale {
+			if f.N != 8 || sc.N != 8 || sc.Label != "" || len(f.AddedServes.Samples) == 0 || len(sc.Added.Samples) == 0 {
+				continue
+			}
+			fp, sp := f.AddedServes.Quantile(0.99), sc.Added.Quantile(0.99)
+			ts = append(ts, target{"full fidelity N=8 instance added (served by all) p99 ≤ 2.5 × the scale run's N=8 p99",
+				fmt.Sprintf("%s vs %s (×%.2f)", ms(fp), ms(sp), float64(fp)/float64(max(sp, 1))), verdict(float64(fp) <= 2.5*float64(sp))})
+		}
+	}
+	for _, x := range r.OneNode {
+		if x.N != 1000 {
+			continue
+		}
+		ts = append(ts, target{"one meshd with a 1,000-node view: RSS < 40 MB (meshd's process; the userspace device apart)",
+			fmt.Sprintf("%.1f MiB (device %.1f MiB)", float64(x.RSS)/(1<<20), float64(x.DeviceRSS)/(1<<20)), verdict(x.RSS < 40<<20)})
+		ts = append(ts, target{"one meshd with a 1,000-node view: idle CPU < 0.5 % of a core",
+			fmt.Sprintf("%.2f %% (device %.2f %%)", 100*x.IdleCPU, 100*x.DeviceIdleCPU), verdict(x.IdleCPU < 0.005)})
 	}
 	return ts
 }
@@ -173,7 +222,9 @@ func (r *Results) Markdown() string {
 		w("## Scale: N meshd agents in one process, one etcd\n\n")
 		w("The real `pkg/agent` (lease session, member claim, watch, reconcile loop, status publishing), each with its own\n")
 		w("etcd client; the kernel and HAProxy are replaced by a component that runs the real pure desired-state\n")
-		w("computations (`haproxycfg.Compute`, the overlay's incremental `desired.Computer`) and records the result. etcd runs in\n")
+		w("computations (`haproxycfg.Compute`, the overlay's incremental `desired.Computer`) and records the result: the overlay's\n")
+		w("per-peer deltas go to an in-memory WireGuard device (`overlay.FakeDevice`), and the status each agent publishes is\n")
+		w("what a real node's is (`overlay.StatusOf` over that device, `haproxycfg.StatusOf` over the rendered config). etcd runs in\n")
 		w("a separate process, and so do the harness's idle nodes (below), so the CPU below is the live agents' (and the harness's)\n")
 		w("alone. The change is one instance put, then its delete.\n")
 		w("Every agent of a row is live unless the row says \"(K live)\": then K nodes run a real agent here and the other N-K\n")
@@ -191,7 +242,7 @@ func (r *Results) Markdown() string {
 		w("\n### Cost per change\n\n")
 		w("| N | live agents | start-up (all registered) | CPU per change (all agents) | CPU per agent per change | heap per agent | RSS per agent | etcd writes per change | per node | watch events per change | per node |\n|---|---|---|---|---|---|---|---|---|---|---|\n")
 		for _, s := range r.Scale {
-			w("| %d | %d | %s | %s | %s | %d KiB | %d KiB | %.1f | %.2f | %.1f | %.2f |\n", s.N, s.Live, s.Startup.Round(time.Millisecond),
+			w("| %d%s | %d | %s | %s | %s | %d KiB | %d KiB | %.1f | %.2f | %.1f | %.2f |\n", s.N, s.Label, s.Live, s.Startup.Round(time.Millisecond),
 				s.CPUPerChange.Round(time.Microsecond), s.CPUPerAgentChange.Round(time.Microsecond), s.HeapPerAgent>>10, s.RSSPerAgent>>10,
 				s.WritesPerChange, s.WritesPerChange/float64(s.Live), s.EventsPerChange, s.EventsPerChange/float64(s.N))
 		}
@@ -201,9 +252,46 @@ func (r *Results) Markdown() string {
 				w("%d settle rounds had to be repeated and %d trials have no status-published sample.\n", s.StatusResends, s.StatusLost)
 			}
 		}
+		for _, s := range r.Scale {
+			if s.Label != "" {
+				w("\nRows \"via grpc-proxy\": every agent and every idle watcher connects to etcd's gRPC proxy instead of etcd (the\n")
+				w("servers `etcd grpc-proxy start` runs, embedded in a child process: bench/grpcproxy.go), which merges identical\n")
+				w("watches into one upstream watch; the harness writes to etcd directly. The floor rows of the same label measure\n")
+				w("watchers behind the same proxy. docs/grpc-proxy.md says how a large cluster deploys it.\n")
+				break
+			}
+		}
+		w("\n### Status bytes in etcd\n\n")
+		w("What the agents' statuses cost etcd per change (key and value, as a watch on `/meshd/status/` receives them), the mean\n")
+		w("size of one status value, etcd's database growth (Maintenance `Status` DbSize, which grows in bbolt pages and is coarse\n")
+		w("over a few trials) per 100 changes, and the status writes counted while the cluster stayed idle after the trials.\n\n")
+		w("| N | live agents | status bytes per change | per live node | one status value | DB growth per 100 changes | DB size after | status writes while idle |\n|---|---|---|---|---|---|---|---|\n")
+		for _, s := range r.Scale {
+			idle := "not measured"
+			if s.Idle > 0 {
+				idle = fmt.Sprintf("%d in %s", s.IdleStatusWrites, s.Idle)
+			}
+			w("| %d%s | %d | %.0f | %.0f | %.0f | %d KiB | %d MiB | %s |\n", s.N, s.Label, s.Live, s.StatusBytesPerChange, s.StatusBytesPerNode,
+				s.StatusValueBytes, s.DBGrowthPer100>>10, s.DBSize>>20, idle)
+		}
 		w("\nWrites per change are the change itself plus one status write per live agent (the status revision is how\n")
 		w("`meshctl --wait` knows a change is applied), \"per node\" divides by the live agents; watch events are what etcd\n")
 		w("delivered for them (agents, idle watchers and the harness's status watch), \"per node\" divides by N.\n\n")
+	}
+
+	if len(r.OneNode) > 0 {
+		w("## One real meshd with a large view\n\n")
+		w("One sandbox node (a real meshd process in its namespace: userspace WireGuard, supervised HAProxy) in a registry of N\n")
+		w("nodes, the other N-1 registered by the harness as their agents would register, without WireGuard endpoints: the node's\n")
+		w("device holds N-1 peers that send nothing, so the idle figures are meshd's own, without keepalive or handshake traffic.\n")
+		w("RSS is VmRSS after the idle period; CPU is user+system time over it, as a share of one core. The userspace device\n")
+		w("runs in a process of its own (it outlives meshd restarts) and is shown apart; with kernel WireGuard it does not exist.\n\n")
+		w("| N | peers | converged after start | meshd RSS | meshd idle CPU | device RSS | device idle CPU | status writes while idle |\n|---|---|---|---|---|---|---|---|\n")
+		for _, x := range r.OneNode {
+			w("| %d | %d | %s | %.1f MiB | %.2f %% | %.1f MiB | %.2f %% | %d in %s |\n", x.N, x.Peers, ms(x.Converged),
+				float64(x.RSS)/(1<<20), 100*x.IdleCPU, float64(x.DeviceRSS)/(1<<20), 100*x.DeviceIdleCPU, x.IdleStatusWrites, x.Idle)
+		}
+		w("\n")
 	}
 
 	if len(r.Recompute) > 0 {
@@ -254,17 +342,18 @@ func (r *Results) Markdown() string {
 				w("| %s | %d | %s | %s | %s | %s | %s |\n", ser.Name, len(ser.Samples), ms(ser.Quantile(0.5)), ms(ser.Quantile(0.99)), ms(ser.Max()), cmpTxt, ratio)
 			}
 		}
-		w("\nTraefik coalesces provider events for `providers.providersThrottleDuration` (default 2 s); the run sets it as shown\n")
-		w("(0 s: every event applied at once, Traefik at its fastest; meshd coalesces for 5 ms), so the comparison is of the\n")
-		w("machinery and not of a default. Both ran against the same etcd process, one after the other.\n\n")
+		w("\nTraefik coalesces provider events for `providers.providersThrottleDuration`. The run measures it at each throttle\n")
+		w("shown: 2 s is Traefik's default, as users run it; 0 s applies every event at once, Traefik at its fastest, so that\n")
+		w("row compares the machinery and not a default (meshd applies an isolated change at once and batches what arrives\n")
+		w("within 5 ms of a pass). All ran against the same etcd process, one after the other.\n\n")
 	} else {
 		w("**Traefik** was not run: no binary was given (`-traefik` or `TRAEFIK_BIN`). See below for how to build one.\n\n")
 	}
 	w("**flannel** (vxlan, for the overlay) does not build from the module proxy here (found by hand on 2026-11-21, not by this\n")
 	w("harness): both versions the proxy lists fail the same way (`go mod download github.com/flannel-io/flannel@VERSION`, then\n")
 	w("`go build .` in the module directory):\n\n")
-	w("- v0.28.10: `github.com/tencentcloud/tencentcloud-sdk-go/tencentcloud/common@v1.3.190: reading https://proxy.golang.org/...: 403 Forbidden`\n")
-	w("- v0.28.4: `github.com/tencentcloud/tencentcloud-sdk-go/tencentcloud/common@v1.3.79: reading https://proxy.golang.org/...: 403 Forbidden`\n\n")
+	w("- v0.28.10: the module proxy answers 403 for `github.com/tencentcloud/tencentcloud-sdk-go/tencentcloud/common@v1.3.190`\n")
+	w("- v0.28.4: the module proxy answers 403 for `github.com/tencentcloud/tencentcloud-sdk-go/tencentcloud/common@v1.3.79`\n\n")
 	w("flannel's `main.go` imports its Tencent VPC backend (`_ \"github.com/flannel-io/flannel/pkg/backend/tencentvpc\"`), whose only\n")
 	w("build constraint is `!windows`, so no build tag avoids that dependency. The overlay comparison is therefore missing rather\n")
 	w("than stood in for by an imitation.\n\n")

@@ -12,9 +12,11 @@ import (
 	"time"
 
 	clientv3 "go.etcd.io/etcd/client/v3"
+	"golang.zx2c4.com/wireguard/wgctrl/wgtypes"
 
 	"github.com/meshd/meshd/pkg/agent"
 	"github.com/meshd/meshd/pkg/haproxycfg"
+	"github.com/meshd/meshd/pkg/overlay"
 	"github.com/meshd/meshd/pkg/overlay/desired"
 	"github.com/meshd/meshd/pkg/registry"
 )
@@ -26,6 +28,9 @@ type ScaleOptions struct {
 	// NewClient returns a client of the etcd under test; every agent gets
 	// its own, as every meshd has its own.
 	NewClient func() (*clientv3.Client, error)
+	// Control, if set, is the harness's own client (etcd itself, when the
+	// agents and watchers go through a proxy); nil: NewClient.
+	Control func() (*clientv3.Client, error)
 	// MetricsURL is etcd's /metrics (for watch events per change); empty
 	// skips that count.
 	MetricsURL string
@@ -54,11 +59,18 @@ type ScaleOptions struct {
 	Log func(format string, a ...any)
 	// AgentLog receives the agents' own logs (nil: discarded).
 	AgentLog *slog.Logger
+	// Label is added to the series names and the result (" via grpc-proxy").
+	Label string
+	// Idle is how long the cluster is left alone after the trials while
+	// status writes are counted (0: not measured).
+	Idle time.Duration
 }
 
 // ScaleResult is what the scale benchmark measured.
 type ScaleResult struct {
 	N, Live int
+	// Label says how the run differs (" via grpc-proxy"), or is empty.
+	Label string `json:",omitempty"`
 	// Startup is how long all N agents took to register and apply.
 	Startup time.Duration
 	// Added and Removed are the times from an instance put (delete) until
@@ -82,37 +94,82 @@ type ScaleResult struct {
 	// only retried on the agent's next change); StatusLost counts trials
 	// whose status convergence was not measured for that reason.
 	StatusResends, StatusLost int
+	// StatusBytesPerChange is the node status etcd stored per change,
+	// key and value, over every agent; StatusBytesPerNode is that per
+	// live agent, StatusValueBytes the mean size of one status.
+	StatusBytesPerChange, StatusBytesPerNode, StatusValueBytes float64
+	// DBGrowthPer100 is how much etcd's database (Maintenance Status
+	// DbSize) grew per 100 changes during the trials; DBSize is its size
+	// after them.
+	DBGrowthPer100, DBSize int64
+	// IdleStatusWrites is how many statuses were written while nothing
+	// changed for Idle after the trials.
+	IdleStatusWrites int64
+	Idle             time.Duration
+	// SamplePeers is the peer count in the overlay status one agent
+	// published last (N-1 when the status carries the real overlay's).
+	SamplePeers int
 }
 
 // recorder is the scale benchmark's component: it computes the real
 // desired state of HAProxy and the overlay (the pure functions meshd
-// uses) and records it instead of applying it.
+// uses), applies the overlay's per-peer deltas to a FakeDevice instead
+// of a kernel device, and records the HAProxy configuration instead of
+// loading it. Its status is what a real node publishes: the overlay's
+// (overlay.StatusOf over the device, every peer with a recent handshake)
+// and HAProxy's (haproxycfg.StatusOf, with the applier's counters kept
+// the way the applier counts: a slot-only change is a runtime update,
+// any other change a reload).
 type recorder struct {
 	self    string
 	consume []registry.Group
 	onApply func(node string, rev int64)
 
 	overlay *desired.Computer // what meshd's overlay component runs
+	dev     *overlay.FakeDevice
 
 	mu         sync.Mutex
 	rev        int64
-	servers    int
-	peers      int
+	ov         desired.State
+	ovRev      int64
+	hd         haproxycfg.Desired
+	hash       string
+	structure  string
+	counters   haproxycfg.Counters
 	membersGen uint64
 }
 
-func (r *recorder) Name() string { return "record" }
+func (r *recorder) Name() string { return "haproxy" }
 
 func (r *recorder) Apply(ctx context.Context, snap *registry.Snapshot) error {
 	hd := haproxycfg.Compute(snap, haproxycfg.Params{Self: r.self, Consume: r.consume})
+	hash, structure := haproxycfg.Hash(hd), haproxycfg.StructureHash(hd)
 	r.mu.Lock()
 	// Like the real overlay component: recompute only when the members
 	// part of the snapshot changed.
 	if snap.Gen.Members != r.membersGen {
-		od, _ := r.overlay.Compute(snap)
-		r.peers, r.membersGen = len(od.Peers), snap.Gen.Members
+		if od, err := r.overlay.Compute(snap); err == nil {
+			plan, _ := r.dev.Set(od)
+			now := time.Now()
+			for _, c := range plan.Peers {
+				if c.Op == desired.OpAdd {
+					r.dev.Traffic(c.Peer.PublicKey, now, 0, 0)
+				}
+			}
+			r.ov = od
+		}
+		r.membersGen = snap.Gen.Members
 	}
-	r.rev, r.servers = snap.Revision, hd.Servers()
+	r.ovRev = snap.Revision
+	switch {
+	case r.hash == "":
+		r.counters.Reloads++ // the first configuration is loaded
+	case structure != r.structure:
+		r.counters.Reloads++
+	case hash != r.hash:
+		r.counters.RuntimeUpdates++
+	}
+	r.rev, r.hd, r.hash, r.structure = snap.Revision, hd, hash, structure
 	r.mu.Unlock()
 	r.onApply(r.self, snap.Revision)
 	return nil
@@ -121,14 +178,29 @@ func (r *recorder) Apply(ctx context.Context, snap *registry.Snapshot) error {
 func (r *recorder) Status() any {
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	return map[string]any{"revision": r.rev, "servers": r.servers, "peers": r.peers}
+	st := haproxycfg.StatusOf(r.hd, "/run/meshd/haproxy.cfg", r.counters)
+	st.AppliedHash, st.Supervised = r.hash, true
+	return st
+}
+
+// overlayStatus is the recorder's overlay as a component of its own, so
+// that the node status carries "overlay" and "haproxy" as a real node's
+// does. The recorder (after it in the list) does the work.
+type overlayStatus struct{ r *recorder }
+
+func (o overlayStatus) Name() string                                    { return "overlay" }
+func (o overlayStatus) Apply(context.Context, *registry.Snapshot) error { return nil }
+func (o overlayStatus) Status() any {
+	o.r.mu.Lock()
+	defer o.r.mu.Unlock()
+	return overlay.StatusOf("meshd-wg", o.r.ov, o.r.ovRev, o.r.dev, time.Now())
 }
 
 func liveTag(o ScaleOptions) string {
 	if o.Live < o.N {
-		return fmt.Sprintf(" (%d live)", o.Live)
+		return fmt.Sprintf(" (%d live)%s", o.Live, o.Label)
 	}
-	return ""
+	return o.Label
 }
 
 // Scale runs the scale benchmark.
@@ -136,7 +208,7 @@ func Scale(ctx context.Context, o ScaleOptions) (ScaleResult, error) {
 	if o.Live <= 0 || o.Live > o.N {
 		o.Live = o.N
 	}
-	res := ScaleResult{N: o.N, Live: o.Live,
+	res := ScaleResult{N: o.N, Live: o.Live, Label: o.Label,
 		Added:       Series{Name: fmt.Sprintf("meshd scale N=%d%s instance added", o.N, liveTag(o))},
 		Removed:     Series{Name: fmt.Sprintf("meshd scale N=%d%s instance removed", o.N, liveTag(o))},
 		AddedStatus: Series{Name: fmt.Sprintf("meshd scale N=%d%s instance added (status published)", o.N, liveTag(o))},
@@ -150,7 +222,11 @@ func Scale(ctx context.Context, o ScaleOptions) (ScaleResult, error) {
 	if o.Coalesce == 0 {
 		o.Coalesce = 5 * time.Millisecond
 	}
-	ctl, err := o.NewClient()
+	control := o.Control
+	if control == nil {
+		control = o.NewClient
+	}
+	ctl, err := control()
 	if err != nil {
 		return res, err
 	}
@@ -194,7 +270,8 @@ func Scale(ctx context.Context, o ScaleOptions) (ScaleResult, error) {
 			c.Close()
 		}
 	}()
-	go watchStatuses(actx, ctl, published)
+	tally := &statusTally{}
+	go watchStatuses(actx, ctl, published, tally)
 
 	runtime.GC()
 	var m0 runtime.MemStats
@@ -256,6 +333,8 @@ func Scale(ctx context.Context, o ScaleOptions) (ScaleResult, error) {
 	if err := settle(ctx, ctl, names, applied, published, &res.StatusResends); err != nil {
 		return res, err
 	}
+	w0, b0 := tally.read()
+	db0 := dbSize(ctx, ctl)
 	for t := range o.Trials {
 		for _, add := range []bool{true, false} {
 			start := time.Now()
@@ -300,6 +379,16 @@ func Scale(ctx context.Context, o ScaleOptions) (ScaleResult, error) {
 			}
 		}
 	}
+	// Every trial waited for every status of its revision: what the
+	// tally holds now is the trials' statuses.
+	if w1, b1 := tally.read(); changes > 0 && w1 > w0 {
+		res.StatusBytesPerChange = float64(b1-b0) / float64(changes)
+		res.StatusBytesPerNode = res.StatusBytesPerChange / float64(o.Live)
+		res.StatusValueBytes = float64(b1-b0) / float64(w1-w0)
+	}
+	if db1 := dbSize(ctx, ctl); db0 > 0 && db1 > 0 && changes > 0 {
+		res.DBGrowthPer100, res.DBSize = (db1-db0)*100/int64(changes), db1
+	}
 	// Let the last statuses land before counting writes.
 	before := res.StatusResends
 	if err := settle(ctx, ctl, names, applied, published, &res.StatusResends); err != nil {
@@ -317,8 +406,42 @@ func Scale(ctx context.Context, o ScaleOptions) (ScaleResult, error) {
 	if ev1, err := etcdCounter(ctx, o.MetricsURL, "etcd_debugging_mvcc_events_total"); err == nil && o.MetricsURL != "" {
 		res.EventsPerChange = (ev1 - ev0) / float64(changes)
 	}
-	o.Log("%s\n%s\n%s", res.Added.Summary(), res.AddedStatus.Summary(), res.Removed.Summary())
+	if r, err := ctl.Get(ctx, registry.StatusKey(names[0])); err == nil && len(r.Kvs) == 1 {
+		if st, err := registry.DecodeStatus(names[0], r.Kvs[0].Value); err == nil {
+			var ov overlay.Status
+			if json.Unmarshal(st.Components["overlay"], &ov) == nil {
+				res.SamplePeers = ov.Peers.Count
+			}
+		}
+	}
+	if o.Idle > 0 {
+		w0, _ := tally.read()
+		select {
+		case <-ctx.Done():
+			return res, ctx.Err()
+		case <-time.After(o.Idle):
+		}
+		w1, _ := tally.read()
+		res.IdleStatusWrites, res.Idle = w1-w0, o.Idle
+	}
+	o.Log("%s\n%s\n%s\nstatus: %.0f bytes/change (%.0f per node, %.0f per value), etcd db +%d bytes per 100 changes, %d status writes idle for %v",
+		res.Added.Summary(), res.AddedStatus.Summary(), res.Removed.Summary(),
+		res.StatusBytesPerChange, res.StatusBytesPerNode, res.StatusValueBytes, res.DBGrowthPer100, res.IdleStatusWrites, res.Idle)
 	return res, nil
+}
+
+// dbSize is the etcd database's size as its first endpoint reports it
+// (0: unknown).
+func dbSize(ctx context.Context, cli *clientv3.Client) int64 {
+	eps := cli.Endpoints()
+	if len(eps) == 0 {
+		return 0
+	}
+	st, err := cli.Status(ctx, eps[0])
+	if err != nil {
+		return 0
+	}
+	return st.DbSize
 }
 
 // RegisterPassive registers n nodes the way their agents would (subnet
@@ -346,16 +469,7 @@ func RegisterPassive(ctx context.Context, newClient func() (*clientv3.Client, er
 		cli.Close()
 	}
 	for i := range n {
-		name := fmt.Sprintf("p%04d", i)
-		ip := fmt.Sprintf("198.51.100.%d", i%250+1)
-		m, err := registry.ClaimMember(ctx, cli, registry.Member{Name: name, PublicKey: randomKey(), Endpoint: ip + ":51820"}, registry.DefaultPool, ip)
-		if err != nil {
-			stop()
-			return nil, fmt.Errorf("register %s: %w", name, err)
-		}
-		node, _ := json.Marshal(registry.Node{Name: name, IPv4: ip, Services: []registry.Group{registry.GroupBackends},
-			Meshd: &registry.NodeMeshd{ID: randomHex(16), PublicKey: m.PublicKey, OverlayIP: m.OverlayIP.String(), Version: "bench-passive"}})
-		if _, err := cli.Put(ctx, registry.NodeKey(name), string(node), clientv3.WithLease(lease.ID)); err != nil {
+		if err := registerNode(ctx, cli, lease.ID, i, true); err != nil {
 			stop()
 			return nil, err
 		}
@@ -374,6 +488,29 @@ func RegisterPassive(ctx context.Context, newClient func() (*clientv3.Client, er
 	return stop, nil
 }
 
+// registerNode registers harness node i (p0000, p0001, ...) as its agent
+// would: subnet claim and member record through registry.ClaimMember, and
+// its node entry on lease. Without endpoint its member record names no
+// WireGuard endpoint (a peer others cannot dial, which sends nothing).
+func registerNode(ctx context.Context, cli *clientv3.Client, lease clientv3.LeaseID, i int, endpoint bool) error {
+	name := fmt.Sprintf("p%04d", i)
+	ip := fmt.Sprintf("198.51.100.%d", i%250+1)
+	ep := ""
+	if endpoint {
+		ep = ip + ":51820"
+	}
+	m, err := registry.ClaimMember(ctx, cli, registry.Member{Name: name, PublicKey: randomKey(), Endpoint: ep}, registry.DefaultPool, ip)
+	if err != nil {
+		return fmt.Errorf("register %s: %w", name, err)
+	}
+	node, _ := json.Marshal(registry.Node{Name: name, IPv4: ip, Services: []registry.Group{registry.GroupBackends},
+		Meshd: &registry.NodeMeshd{ID: randomHex(16), PublicKey: m.PublicKey, OverlayIP: m.OverlayIP.String(), Version: "bench-passive"}})
+	if _, err := cli.Put(ctx, registry.NodeKey(name), string(node), clientv3.WithLease(lease)); err != nil {
+		return fmt.Errorf("register %s: %w", name, err)
+	}
+	return nil
+}
+
 // startAgent starts agent i with its own client and state directory.
 func startAgent(actx context.Context, o ScaleOptions, name string, i int, applied *progress, clients *[]*clientv3.Client, wg *sync.WaitGroup, errs chan<- error) error {
 	cli, err := o.NewClient()
@@ -389,13 +526,18 @@ func startAgent(actx context.Context, o ScaleOptions, name string, i int, applie
 	if err != nil {
 		return err
 	}
-	rec := &recorder{self: name, consume: []registry.Group{registry.GroupBackends}, onApply: applied.report, overlay: oc}
+	key, err := wgtypes.GeneratePrivateKey()
+	if err != nil {
+		return err
+	}
+	rec := &recorder{self: name, consume: []registry.Group{registry.GroupBackends}, onApply: applied.report, overlay: oc,
+		dev: overlay.NewFakeDevice(key)}
 	ip := fmt.Sprintf("192.0.2.%d", i%250+1)
 	a, err := agent.New(agent.Options{
 		Client: cli, Node: name, ID: randomHex(16), PublicIPv4: ip,
 		Consume: rec.consume, LeaseTTL: o.LeaseTTL, Coalesce: o.Coalesce, StateDir: dir, Version: "bench",
-		Member:     &agent.MemberOptions{PublicKey: randomKey(), Endpoint: ip + ":51820", Pool: registry.DefaultPool},
-		Components: []agent.Component{rec}, Log: o.AgentLog,
+		Member:     &agent.MemberOptions{PublicKey: rec.dev.PublicKey(), Endpoint: ip + ":51820", Pool: registry.DefaultPool},
+		Components: []agent.Component{overlayStatus{rec}, rec}, Log: o.AgentLog,
 	})
 	if err != nil {
 		return err

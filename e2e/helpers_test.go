@@ -82,8 +82,13 @@ func tag(letter string) string { return fmt.Sprintf("mde2e%s%d", letter, os.Getp
 // leave no namespace behind.
 func startCluster(t *testing.T, letter string, ttl time.Duration) (*sandbox.Cluster, bins) {
 	t.Helper()
+	return startClusterNamed(t, tag(letter), ttl)
+}
+
+// startClusterNamed is startCluster with the sandbox's name given.
+func startClusterNamed(t *testing.T, name string, ttl time.Duration) (*sandbox.Cluster, bins) {
+	t.Helper()
 	b := need(t)
-	name := tag(letter)
 	if _, err := sandbox.Clean(context.Background(), name); err != nil {
 		t.Logf("cleaning leftovers of %s: %v", name, err)
 	}

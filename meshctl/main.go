@@ -144,8 +144,11 @@ func run(ctx context.Context, args []string, stdin io.Reader, stdout, stderr io.
 		return exitUsage
 	}
 	fmt.Fprintf(stderr, "%s: %v\n", name, err)
-	if errors.Is(err, errTimeout) {
+	switch {
+	case errors.Is(err, errTimeout):
 		return exitTimeout
+	case errors.Is(err, errRegistryUnreachable):
+		return exitRegistry
 	}
 	return exitFailed
 }

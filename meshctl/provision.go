@@ -123,9 +123,9 @@ func cmdProvision(ctx context.Context, e *env, args []string) error {
 	var sshFiles, labels []string
 	var network, ipRange, subnet, userData string
 	var noPG bool
-	fs.StringVar(&o.ServerType, "type", "cpx21", "server type")
-	fs.StringVar(&o.Location, "location", "hel1", "location")
-	fs.StringVar(&o.Image, "image", "debian-12", "image name or ID the cloud-config converts to NixOS")
+	fs.StringVar(&o.ServerType, "type", hetzner.DefaultServerType, "server type (looked up: a deprecated or unorderable one is refused)")
+	fs.StringVar(&o.Location, "location", hetzner.DefaultLocation, "location")
+	fs.StringVar(&o.Image, "image", hetzner.DefaultImage, "image name or ID the cloud-config converts to NixOS (a deprecated one is refused)")
 	fs.StringVar(&o.Role, "role", "worker", "node role: worker, ingress, service or control")
 	fs.StringArrayVar(&o.SSHKeys, "ssh-key", nil, "name of an SSH key in the project (repeatable)")
 	fs.StringArrayVar(&sshFiles, "ssh-key-file", nil, "public key file, uploaded unless a key with its fingerprint exists (repeatable)")
@@ -139,14 +139,18 @@ func cmdProvision(ctx context.Context, e *env, args []string) error {
 	fs.IntVar(&o.WireGuardPort, "wireguard-port", 51820, "WireGuard UDP port the firewall opens")
 	fs.StringVar(&userData, "user-data", "", "cloud-init user data file used instead of the generated cloud-config")
 	fs.StringVar(&o.NixChannel, "nix-channel", hetzner.DefaultNixChannel, "NixOS channel the cloud-config installs")
-	fs.StringVar(&o.InfectURL, "nixos-infect-url", hetzner.DefaultInfectURL, "nixos-infect script URL (pin a reviewed commit)")
+	fs.StringVar(&o.InfectURL, "nixos-infect-url", hetzner.DefaultInfectURL, "nixos-infect script URL, pinned to a reviewed commit")
+	fs.StringVar(&o.InfectSHA256, "nixos-infect-sha256", hetzner.DefaultInfectSHA256, "sha256 the script must have to run (required with --nixos-infect-url)")
 	fs.IntVar(&o.Parallel, "parallel", 5, "servers created at once")
 	if err := parse(fs, args); err != nil {
 		return err
 	}
-	o.Cluster, o.Names = hf.cluster, fs.Args()
+	o.Cluster, o.Names, o.PollInterval = hf.cluster, fs.Args(), hf.pollInterval
 	if len(o.Names) == 0 {
 		return usagef("usage: meshctl provision NAME... --cluster C [flags]")
+	}
+	if fs.Changed("nixos-infect-url") && !fs.Changed("nixos-infect-sha256") {
+		return usagef("--nixos-infect-url needs --nixos-infect-sha256: the script runs as root only if its sha256 matches")
 	}
 	if o.PlacementGroup == "" && !noPG {
 		o.PlacementGroup = hf.cluster + "-spread"
@@ -217,6 +221,36 @@ func (r etcdRegistry) RemoveNode(ctx context.Context, name string) (int64, error
 	return registry.RemoveNode(ctx, r.cli, name)
 }
 
+// exitRegistry is the exit code of destroy and cloud when the Hetzner
+// part was done but the registry could not be reached: destroy deleted
+// the servers and left their registry keys (it says which, and the
+// command that removes them later); cloud showed the servers without
+// their registry state.
+const exitRegistry = 4
+
+// errRegistryUnreachable marks an error that exits with exitRegistry.
+var errRegistryUnreachable = errors.New("registry unreachable")
+
+// registryError is an error that wraps errRegistryUnreachable and keeps
+// its own message.
+type registryError struct{ err error }
+
+func (r registryError) Error() string { return r.err.Error() }
+func (r registryError) Unwrap() []error {
+	return []error{r.err, errRegistryUnreachable}
+}
+
+// snapshotOrWarn reads the registry; when it cannot, it says so on stderr
+// and returns nils: destroy and cloud go on with the servers.
+func (e *env) snapshotOrWarn(ctx context.Context) (*clientv3.Client, *registry.Snapshot, error) {
+	cli, snap, err := e.readSnapshot(ctx)
+	if err != nil {
+		fmt.Fprintf(e.Stderr, "warning: the registry (etcd) cannot be read: %v\n", err)
+		return nil, nil, err
+	}
+	return cli, snap, nil
+}
+
 func cmdDestroy(ctx context.Context, e *env, args []string) error {
 	fs := flags(e, "destroy")
 	hf := addHzFlags(e, fs, 10*time.Minute)
@@ -228,6 +262,11 @@ func cmdDestroy(ctx context.Context, e *env, args []string) error {
 	if fs.NArg() == 0 {
 		return usagef("usage: meshctl destroy NAME... --cluster C [--yes]")
 	}
+	for _, n := range fs.Args() {
+		if err := registry.ValidName(n); err != nil {
+			return usagef("%v", err)
+		}
+	}
 	s, err := hf.session(e)
 	if err != nil {
 		return err
@@ -238,16 +277,16 @@ func cmdDestroy(ctx context.Context, e *env, args []string) error {
 	if err != nil {
 		return s.redact(err)
 	}
-	cli, snap, err := e.readSnapshot(ctx)
-	if err != nil {
-		return err
-	}
+	// The registry is read but not required: after a failed bootstrap,
+	// or when the etcd node is among the servers, the servers must still
+	// be deletable. Their keys are then left, and reported.
+	cli, snap, snapErr := e.snapshotOrWarn(ctx)
 	plan, err := hetzner.PlanDestroy(hf.cluster, fs.Args(), servers, snap)
 	if err != nil {
 		return hzError(err)
 	}
 	if !*yes {
-		ok, err := hzConfirm(e, plan)
+		ok, err := hzConfirm(ctx, e, plan, snapErr != nil)
 		if err != nil {
 			return err
 		}
@@ -255,29 +294,57 @@ func cmdDestroy(ctx context.Context, e *env, args []string) error {
 			return errors.New("aborted, nothing deleted")
 		}
 	}
-	res, derr := s.prov.Destroy(ctx, plan, etcdRegistry{cli}, *parallel)
+	var reg hetzner.NodeRemover
+	if cli != nil {
+		reg = etcdRegistry{cli}
+	}
+	res, derr := s.prov.Destroy(ctx, plan, reg, *parallel)
 	if err := hzWrite(s.stdout, hf.output, res, hetzner.WriteDestroyTable); err != nil {
 		return err
+	}
+	if errors.Is(derr, hetzner.ErrKeysLeft) {
+		return registryError{s.redact(derr)}
 	}
 	return s.redact(derr)
 }
 
 // hzConfirm shows what will be deleted and reads the answer from stdin.
-func hzConfirm(e *env, plan hetzner.DestroyPlan) (bool, error) {
+// It returns at once when ctx ends (Ctrl-C), whatever stdin does.
+func hzConfirm(ctx context.Context, e *env, plan hetzner.DestroyPlan, noRegistry bool) (bool, error) {
 	fmt.Fprintf(e.Stderr, "This deletes, in cluster %s:\n", plan.Cluster)
 	for _, srv := range plan.Servers {
-		fmt.Fprintf(e.Stderr, "  server %s (id %d, %s) and its registry keys\n", srv.Name, srv.ID, hzIPv4(srv))
+		what := "and its registry keys"
+		if noRegistry {
+			what = "(its registry keys stay: the registry cannot be reached)"
+		}
+		fmt.Fprintf(e.Stderr, "  server %s (id %d, %s) %s\n", srv.Name, srv.ID, hzIPv4(srv), what)
 	}
 	for _, n := range plan.RegistryOnly {
 		fmt.Fprintf(e.Stderr, "  registry keys of %s (no server)\n", n)
 	}
 	fmt.Fprint(e.Stderr, "Continue? [y/N] ")
-	line, err := bufio.NewReader(e.Stdin).ReadString('\n')
-	if err != nil && !errors.Is(err, io.EOF) {
-		return false, fmt.Errorf("read confirmation: %w", err)
+	type answer struct {
+		line string
+		err  error
 	}
-	answer := strings.ToLower(strings.TrimSpace(line))
-	return answer == "y" || answer == "yes", nil
+	ch := make(chan answer, 1)
+	go func() {
+		// This reader may outlive the prompt when ctx ends first; it
+		// only ever sends to a buffered channel, and the process exits.
+		line, err := bufio.NewReader(e.Stdin).ReadString('\n')
+		ch <- answer{line, err}
+	}()
+	select {
+	case <-ctx.Done():
+		fmt.Fprintln(e.Stderr)
+		return false, fmt.Errorf("interrupted at the prompt, nothing deleted: %w", ctx.Err())
+	case a := <-ch:
+		if a.err != nil && !errors.Is(a.err, io.EOF) {
+			return false, fmt.Errorf("read confirmation: %w", a.err)
+		}
+		answer := strings.ToLower(strings.TrimSpace(a.line))
+		return answer == "y" || answer == "yes", nil
+	}
 }
 
 func hzIPv4(s *hcloud.Server) string {
@@ -309,9 +376,12 @@ func cmdCloud(ctx context.Context, e *env, args []string) error {
 	if err != nil {
 		return s.redact(err)
 	}
-	_, snap, err := e.readSnapshot(ctx)
-	if err != nil {
+	_, snap, snapErr := e.snapshotOrWarn(ctx)
+	if err := hzWrite(s.stdout, hf.output, hetzner.Inventory(servers, snap), hetzner.WriteInventoryTable); err != nil {
 		return err
 	}
-	return hzWrite(s.stdout, hf.output, hetzner.Inventory(servers, snap), hetzner.WriteInventoryTable)
+	if snapErr != nil {
+		return registryError{fmt.Errorf("servers listed without their registry state (STATE unknown): %w", snapErr)}
+	}
+	return nil
 }

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"io"
 	"net/http"
 	"os"
 	"path/filepath"
@@ -49,11 +50,16 @@ func newHzHarness(t *testing.T) *hzHarness {
 // run runs meshctl and returns its exit code, stdout and stderr.
 func (h *hzHarness) run(stdin string, args ...string) (int, string, string) {
 	h.t.Helper()
+	return h.runCtx(context.Background(), strings.NewReader(stdin), args...)
+}
+
+func (h *hzHarness) runCtx(ctx context.Context, stdin io.Reader, args ...string) (int, string, string) {
+	h.t.Helper()
 	var out, errb bytes.Buffer
 	if h.etcd != "" {
 		args = append([]string{"--endpoints", h.etcd}, args...)
 	}
-	code := run(context.Background(), args, strings.NewReader(stdin), &out, &errb, func(k string) string { return h.env[k] })
+	code := run(ctx, args, stdin, &out, &errb, func(k string) string { return h.env[k] })
 	for _, s := range []string{out.String(), errb.String()} {
 		if strings.Contains(s, hzTestToken) {
 			h.t.Errorf("meshctl %v printed the API token:\n%s", args, s)
@@ -68,9 +74,10 @@ func (h *hzHarness) provisionArgs(names ...string) []string {
 
 func TestMeshctlProvisionRerunDestroyAndCloud(t *testing.T) {
 	h := newHzHarness(t)
-	// One 429 (honoured after its Retry-After of 1s) and one 502.
+	// One 429 (waited out by its RateLimit-Reset, at most a second and a
+	// half with jitter) and one 502.
 	h.fake.Inject(hcloudfake.Fault{Method: "GET", Path: "/servers", Status: http.StatusTooManyRequests,
-		Code: "rate_limit_exceeded", Message: "slow down", RetryAfter: "1"})
+		Code: "rate_limit_exceeded", Message: "slow down"})
 	h.fake.Inject(hcloudfake.Fault{Method: "GET", Path: "/ssh_keys", Status: http.StatusBadGateway,
 		Code: "bad_gateway", Message: "upstream"})
 
@@ -91,7 +98,7 @@ func TestMeshctlProvisionRerunDestroyAndCloud(t *testing.T) {
 		}
 	}
 	for _, n := range []string{"node1", "node2", "node3"} {
-		if !strings.Contains(stderr, n+": created, running") {
+		if !strings.Contains(stderr, n+": created (id") {
 			t.Errorf("progress lacks %s:\n%s", n, stderr)
 		}
 	}
@@ -188,12 +195,12 @@ func TestMeshctlProvisionRerunDestroyAndCloud(t *testing.T) {
 func TestMeshctlProvisionFailureMidwayThenRerun(t *testing.T) {
 	h := newHzHarness(t)
 	h.fake.Inject(hcloudfake.Fault{Method: "POST", Path: "/servers", BodyContains: `"name":"node2"`,
-		Status: http.StatusUnprocessableEntity, Code: "resource_unavailable", Message: "cpx21 is sold out in hel1"})
+		Status: http.StatusServiceUnavailable, Code: "resource_unavailable", Message: "cpx22 is sold out in hel1"})
 	code, out, stderr := h.run("", h.provisionArgs("node1", "node2", "node3")...)
 	if code != exitFailed {
 		t.Fatalf("exit %d, want %d\n%s", code, exitFailed, stderr)
 	}
-	for _, want := range []string{"server node2", "cpx21 is sold out in hel1 (resource_unavailable)"} {
+	for _, want := range []string{"server node2", "cpx22 is sold out in hel1 (resource_unavailable)"} {
 		if !strings.Contains(stderr, want) {
 			t.Errorf("stderr lacks %q:\n%s", want, stderr)
 		}

@@ -99,6 +99,7 @@ func cmdStatus(ctx context.Context, e *env, args []string) error {
 	if err := t.Flush(); err != nil {
 		return err
 	}
+	fmt.Fprintln(e.Stdout, "UPDATED is the last change; per-peer WireGuard detail stays on each node: GET /status/peers and meshd_wireguard_peer_* on its metricsAddr (docs/overlay.md)")
 	if len(snap.Problems) > 0 {
 		fmt.Fprintf(e.Stdout, "\n%d invalid registry key(s) skipped by every node:\n", len(snap.Problems))
 		for _, p := range snap.Problems {

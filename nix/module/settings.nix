@@ -4,7 +4,9 @@
 
 let
   inherit (lib) mkOption types literalExpression;
-  inherit (import ./types.nix { inherit lib; }) nameType groupType durationType interfaceType pathType checkOptions instanceFields;
+  inherit (import ./types.nix { inherit lib; }) nameType groupType durationType interfaceType pathType listenAddrType checkOptions instanceFields runDir haproxyRunDir;
+  supervise = cfg.settings.haproxy.supervise;
+  socketDir = if supervise then runDir else haproxyRunDir;
   cfg = config.services.meshd;
   settingsFormat = pkgs.formats.json { };
 
@@ -55,6 +57,12 @@ in
           default = "10s";
           example = "15s";
           description = "The presence lease: a node that stops renewing it vanishes from every other node's view after this long.";
+        };
+        metricsAddr = mkOption {
+          type = listenAddrType;
+          default = "127.0.0.1:9464";
+          example = "0.0.0.0:9464";
+          description = "Where meshd serves Prometheus metrics (`/metrics`) and `/healthz`; `\"\"` turns it off. For a central Prometheus listen beyond loopback and set `openMetricsFirewall`.";
         };
         stateDir = mkOption {
           type = pathType;
@@ -131,15 +139,23 @@ in
             };
             configPath = mkOption {
               type = pathType;
-              default = "/run/meshd/haproxy.cfg";
-              example = "/run/meshd/haproxy.cfg";
-              description = "The file meshd renders and HAProxy runs; in /run/meshd, owned by meshd, never under /etc.";
+              default = "${runDir}/haproxy.cfg";
+              example = "${runDir}/haproxy.cfg";
+              description = "The file meshd renders and HAProxy runs: a file in ${runDir} (the only place meshd may write it; owned by meshd, readable by the meshd-haproxy user), never under /etc.";
             };
             masterSocket = mkOption {
               type = pathType;
-              default = "/run/meshd/haproxy-master.sock";
-              example = "/run/meshd/haproxy-master.sock";
-              description = "HAProxy's master CLI socket, through which meshd reloads it.";
+              default = "${socketDir}/master.sock";
+              defaultText = literalExpression ''if supervise then "${runDir}/master.sock" else "${haproxyRunDir}/master.sock"'';
+              example = "${haproxyRunDir}/master.sock";
+              description = "HAProxy's master CLI socket, through which meshd reloads it: in ${haproxyRunDir} (the meshd-haproxy unit's runtime directory), or in ${runDir} when meshd supervises HAProxy.";
+            };
+            statsSocket = mkOption {
+              type = pathType;
+              default = "${socketDir}/stats.sock";
+              defaultText = literalExpression ''if supervise then "${runDir}/stats.sock" else "${haproxyRunDir}/stats.sock"'';
+              example = "${haproxyRunDir}/stats.sock";
+              description = "HAProxy's runtime API socket, through which meshd fills server slots: in the same directory as `masterSocket`.";
             };
             binary = mkOption {
               type = types.str;

@@ -15,6 +15,18 @@ rec {
   interfaceType = types.strMatching "[A-Za-z0-9][A-Za-z0-9._-]{0,14}";
   # Paths that reach unit lines and shell commands unquoted.
   pathType = types.strMatching "/[A-Za-z0-9/._-]*";
+  # A key or certificate: an absolute path as a string, outside the Nix
+  # store (a Nix path literal would be copied into the world-readable store).
+  secretFileType = types.pathWith { inStore = false; absolute = true; };
+  # host:port, [v6]:port or :port; "" turns the endpoint off.
+  listenAddrType = types.strMatching "|[A-Za-z0-9.-]*:[0-9]{1,5}|\\[[0-9A-Fa-f:.]+]:[0-9]{1,5}";
+
+  # meshd's runtime directory (root, group meshd-haproxy, 0750): the HAProxy
+  # config meshd renders. The meshd-haproxy unit's own runtime directory
+  # holds HAProxy's sockets (mode 0660, group meshd-haproxy).
+  runDir = "/run/meshd";
+  haproxyRunDir = "/run/meshd-haproxy";
+  haproxyUser = "meshd-haproxy";
 
   checkOptions = {
     options = {

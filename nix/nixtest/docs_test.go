@@ -56,7 +56,7 @@ func TestDocsUpToDate(t *testing.T) {
 	}
 	r := evalExample(t, "worker")
 	sections := map[string]string{"options": optionsMarkdown(r.Options)}
-	for _, name := range []string{"worker", "ingress", "service", "app-pod"} {
+	for _, name := range []string{"worker", "ingress", "service", "monitoring", "app-pod"} {
 		b, err := os.ReadFile(filepath.Join(root, "nix", "examples", name+".nix"))
 		if err != nil {
 			t.Fatal(err)

@@ -28,6 +28,8 @@ type exampleWant struct {
 	secrets   map[string]config.SecretUse
 	// appUnits maps a consumer unit to the credential directive it uses.
 	appUnits map[string]string
+	// metrics is the TCP port opened on the overlay (0: none).
+	metrics int
 }
 
 var examples = []exampleWant{
@@ -55,7 +57,7 @@ var examples = []exampleWant{
 	},
 	{
 		name: "service", node: "service001", consume: []registry.Group{"services"}, udpPort: 51821, userspace: true, tpm: true,
-		extraArgs: " '--log-level' 'debug'",
+		extraArgs: " --log-level debug",
 		creds: map[string]string{
 			"etcd-ca.pem":   "/var/lib/secrets/etcd/ca.pem",
 			"etcd-cert.pem": "/var/lib/secrets/etcd/service001.pem",
@@ -67,20 +69,46 @@ var examples = []exampleWant{
 		secrets:  map[string]config.SecretUse{"mongodb-root-password": {Units: []string{"podman-mongodb.service"}, Action: "restart"}},
 		appUnits: map[string]string{"podman-mongodb": "LoadCredentialEncrypted"},
 	},
+	{
+		name: "monitoring", node: "monitor001", consume: []registry.Group{"services"}, udpPort: 51820, userspace: true,
+		creds: map[string]string{
+			"etcd-ca.pem":   "/var/lib/secrets/etcd/ca.pem",
+			"etcd-cert.pem": "/var/lib/secrets/etcd/monitor001.pem",
+			"etcd-key.pem":  "/var/lib/secrets/etcd/monitor001-key.pem",
+		},
+		metrics: 9464,
+	},
 }
 
-func TestModuleParses(t *testing.T) {
-	root := repoRoot(t)
-	files, err := filepath.Glob(filepath.Join(root, "nix", "*", "*.nix"))
-	if err != nil {
-		t.Fatal(err)
+// The monitoring example's Prometheus scrapes every node on the port the
+// nodes open on the overlay, and meshd serves there beyond loopback.
+func TestPrometheusScrapesEveryNode(t *testing.T) {
+	r := evalExample(t, "monitoring")
+	if len(r.Prometheus) != 1 || r.Prometheus[0].JobName != "meshd" {
+		t.Fatalf("scrapeConfigs %+v", r.Prometheus)
 	}
-	more, _ := filepath.Glob(filepath.Join(root, "nix", "examples", "invalid", "*.nix"))
-	files = append(append([]string{filepath.Join(root, "nixos-module.nix"), filepath.Join(root, "nix", "harness.nix")}, files...), more...)
-	for _, f := range files {
-		if _, err := nixInstantiate(t, "--parse", f); err != nil {
-			t.Errorf("parse %s: %v", f, err)
+	nodes := map[string]string{}
+	for _, sc := range r.Prometheus[0].StaticConfigs {
+		if len(sc.Targets) != 1 {
+			t.Fatalf("static config %+v", sc)
 		}
+		nodes[sc.Labels["node"]] = sc.Targets[0]
+	}
+	for _, want := range examples {
+		target, ok := nodes[want.node]
+		if !ok {
+			t.Errorf("node %s is not scraped (targets %v)", want.node, nodes)
+			continue
+		}
+		if !strings.HasSuffix(target, ":9464") {
+			t.Errorf("%s scraped at %s, not the metrics port", want.node, target)
+		}
+	}
+	if got := r.Firewall.Interfaces["meshd-wg"].AllowedTCPPorts; len(got) != 1 || got[0] != 9464 {
+		t.Errorf("metrics port on the overlay: %v", got)
+	}
+	if !strings.Contains(r.Meshd.SettingsJSON, `"metricsAddr":"0.0.0.0:9464"`) {
+		t.Errorf("metricsAddr: %s", r.Meshd.SettingsJSON)
 	}
 }
 
@@ -101,6 +129,13 @@ func TestExamples(t *testing.T) {
 			checkRenderedConfig(t, want, r)
 			if !contains(r.Firewall.AllowedUDPPorts, want.udpPort) {
 				t.Errorf("firewall UDP ports %v: WireGuard port %d not open", r.Firewall.AllowedUDPPorts, want.udpPort)
+			}
+			if got := r.Firewall.Interfaces["meshd-wg"].AllowedTCPPorts; (want.metrics == 0 && len(got) != 0) || (want.metrics != 0 && !contains(got, want.metrics)) {
+				t.Errorf("TCP ports open on the overlay %v, want metrics port %d", got, want.metrics)
+			}
+			// The WireGuard interface is meshd's alone.
+			if !contains(r.DHCPCDDenyInterfaces, "meshd-wg") || !contains(r.NetworkManagerUnmanaged, "interface-name:meshd-wg") {
+				t.Errorf("dhcpcd denyInterfaces %q, NetworkManager unmanaged %q: want meshd-wg kept out", r.DHCPCDDenyInterfaces, r.NetworkManagerUnmanaged)
 			}
 			target := r.Targets["meshd-online"]
 			if !contains(target.Wants, "meshd.service") || !contains(target.After, "meshd.service") || !contains(target.WantedBy, "multi-user.target") {
@@ -129,8 +164,8 @@ func checkMeshdUnit(t *testing.T, want exampleWant, r *evalResult, u unit) {
 		t.Errorf("ExecStart:\n got %s\nwant %s", got, wantExec)
 	}
 	exact := map[string]string{
-		"Type": "notify", "Restart": "always", "StateDirectory": "meshd", "RuntimeDirectory": "meshd",
-		"RuntimeDirectoryPreserve": "yes", "NoNewPrivileges": "true", "ProtectSystem": "strict",
+		"Type": "notify", "Restart": "always", "StateDirectory": "meshd", "RuntimeDirectory": "",
+		"SupplementaryGroups": "meshd-haproxy", "NoNewPrivileges": "true", "ProtectSystem": "strict",
 		"ProtectHome": "true", "PrivateTmp": "true", "CapabilityBoundingSet": "CAP_NET_ADMIN",
 		"AmbientCapabilities": "CAP_NET_ADMIN", "SystemCallFilter": "@system-service",
 		"RestrictAddressFamilies": "AF_UNIX AF_INET AF_INET6 AF_NETLINK", "ProtectKernelModules": "true",
@@ -156,8 +191,19 @@ func checkMeshdUnit(t *testing.T, want exampleWant, r *evalResult, u unit) {
 	if got, wantPD := u.value("PrivateDevices"), !(want.userspace || want.tpm); got != map[bool]string{true: "true", false: "false"}[wantPD] {
 		t.Errorf("PrivateDevices=%s with userspace=%v tpm=%v", got, want.userspace, want.tpm)
 	}
-	if rw := u.values("ReadWritePaths"); !contains(rw, "/etc/credstore.encrypted") || contains(rw, "/run/wireguard") != want.userspace {
+	if rw := u.values("ReadWritePaths"); !contains(rw, "/run/meshd") || !contains(rw, "/etc/credstore.encrypted") || contains(rw, "/run/wireguard") != want.userspace {
 		t.Errorf("ReadWritePaths %q", rw)
+	}
+	// /run/meshd comes from tmpfiles with the group that lets HAProxy read
+	// the config (RuntimeDirectory= would reset it to root).
+	if !contains(r.Tmpfiles, "d /run/meshd 0750 root meshd-haproxy - -") {
+		t.Errorf("tmpfiles %q: no /run/meshd for meshd-haproxy", r.Tmpfiles)
+	}
+	if strings.Contains(u.UnitText, "systemd-256.8/bin\n") || strings.Contains(u.UnitText, "PATH=") {
+		t.Errorf("unit sets PATH (NixOS already puts systemd on it):\n%s", u.UnitText)
+	}
+	if !contains(r.SystemPackages, r.Meshd.Package) {
+		t.Errorf("environment.systemPackages %q lacks the meshd package (meshctl)", r.SystemPackages)
 	}
 	if !contains(u.Before, "meshd-online.target") || !contains(u.After, "meshd-haproxy.service") || !contains(u.Wants, "meshd-haproxy.service") {
 		t.Errorf("ordering: before %v after %v wants %v", u.Before, u.After, u.Wants)
@@ -205,8 +251,23 @@ func checkHAProxyUnit(t *testing.T, r *evalResult) {
 	if !ok {
 		t.Fatal("no meshd-haproxy service")
 	}
-	if got := u.value("ExecStart"); !strings.HasSuffix(got, "/bin/haproxy -Ws -S /run/meshd/haproxy-master.sock -f /run/meshd/haproxy.cfg") {
+	if got := u.value("ExecStart"); !strings.HasSuffix(got, "/bin/haproxy -Ws -S /run/meshd-haproxy/master.sock,mode,660 -f /run/meshd/haproxy.cfg") {
 		t.Errorf("meshd-haproxy ExecStart=%s", got)
+	}
+	// A dedicated user with CAP_NET_BIND_SERVICE only, as nixpkgs'
+	// haproxy module runs as `haproxy`.
+	for k, v := range map[string]string{"User": "meshd-haproxy", "Group": "meshd-haproxy", "AmbientCapabilities": "CAP_NET_BIND_SERVICE",
+		"RuntimeDirectory": "meshd-haproxy", "RuntimeDirectoryMode": "0750", "NoNewPrivileges": "true", "ProtectSystem": "strict"} {
+		if got := u.value(k); got != v {
+			t.Errorf("meshd-haproxy %s=%q, want %q", k, got, v)
+		}
+	}
+	if user := r.Users["meshd-haproxy"]; !user.IsSystemUser || user.Group != "meshd-haproxy" || !contains(r.Groups, "meshd-haproxy") {
+		t.Errorf("users.users.meshd-haproxy %+v, groups %q", user, r.Groups)
+	}
+	// Only the bootstrap runs as root: it writes /run/meshd.
+	if pre := u.values("ExecStartPre"); len(pre) != 2 || !strings.HasPrefix(pre[0], "+/nix/store/") || strings.HasPrefix(pre[1], "+") {
+		t.Errorf("meshd-haproxy ExecStartPre %q", pre)
 	}
 	if u.value("Type") != "notify" || !contains(u.Before, "meshd.service") || !u.ReloadIfChanged {
 		t.Errorf("meshd-haproxy: Type=%s before %v reloadIfChanged %v", u.value("Type"), u.Before, u.ReloadIfChanged)
@@ -247,8 +308,10 @@ func checkRenderedConfig(t *testing.T, want exampleWant, r *evalResult) {
 	if c.Overlay.ListenPort != want.udpPort {
 		t.Errorf("overlay.listenPort %d, want %d", c.Overlay.ListenPort, want.udpPort)
 	}
-	if c.HAProxy.Supervise || c.HAProxy.ConfigPath != "/run/meshd/haproxy.cfg" || c.HAProxy.MasterSocket != "/run/meshd/haproxy-master.sock" {
-		t.Errorf("haproxy: supervise %v config %s master %s: must match the meshd-haproxy unit", c.HAProxy.Supervise, c.HAProxy.ConfigPath, c.HAProxy.MasterSocket)
+	if c.HAProxy.Supervise || c.HAProxy.ConfigPath != "/run/meshd/haproxy.cfg" || c.HAProxy.MasterSocket != "/run/meshd-haproxy/master.sock" ||
+		c.HAProxy.StatsSocket != "/run/meshd-haproxy/stats.sock" {
+		t.Errorf("haproxy: supervise %v config %s master %s stats %s: must match the meshd-haproxy unit",
+			c.HAProxy.Supervise, c.HAProxy.ConfigPath, c.HAProxy.MasterSocket, c.HAProxy.StatsSocket)
 	}
 	if !strings.HasSuffix(c.HAProxy.Binary, "/bin/haproxy") || !strings.HasPrefix(c.HAProxy.Binary, "/nix/store/") {
 		t.Errorf("haproxy.binary %q: want the package's binary", c.HAProxy.Binary)

@@ -13,7 +13,7 @@ import (
 	"testing"
 )
 
-// evalResult is what nix/harness.nix returns.
+// evalResult is what nix/nixtest/harness.nix returns.
 type evalResult struct {
 	Services map[string]unit `json:"services"`
 	Targets  map[string]unit `json:"targets"`
@@ -21,11 +21,34 @@ type evalResult struct {
 		Enable          bool  `json:"enable"`
 		AllowedUDPPorts []int `json:"allowedUDPPorts"`
 		AllowedTCPPorts []int `json:"allowedTCPPorts"`
+		Interfaces      map[string]struct {
+			AllowedTCPPorts []int `json:"allowedTCPPorts"`
+			AllowedUDPPorts []int `json:"allowedUDPPorts"`
+		} `json:"interfaces"`
 	} `json:"firewall"`
-	KernelModules []string `json:"kernelModules"`
-	Tmpfiles      []string `json:"tmpfiles"`
-	Warnings      []string `json:"warnings"`
-	Checks        []struct {
+	DHCPCDDenyInterfaces    []string `json:"dhcpcdDenyInterfaces"`
+	NetworkManagerUnmanaged []string `json:"networkmanagerUnmanaged"`
+	NetworkdNetworks        map[string]struct {
+		MatchConfig map[string]any `json:"matchConfig"`
+		LinkConfig  map[string]any `json:"linkConfig"`
+	} `json:"networkdNetworks"`
+	Users map[string]struct {
+		IsSystemUser bool   `json:"isSystemUser"`
+		Group        string `json:"group"`
+	} `json:"users"`
+	Groups     []string `json:"groups"`
+	Prometheus []struct {
+		JobName       string `json:"job_name"`
+		StaticConfigs []struct {
+			Targets []string          `json:"targets"`
+			Labels  map[string]string `json:"labels"`
+		} `json:"static_configs"`
+	} `json:"prometheusScrapeConfigs"`
+	SystemPackages []string `json:"systemPackages"`
+	KernelModules  []string `json:"kernelModules"`
+	Tmpfiles       []string `json:"tmpfiles"`
+	Warnings       []string `json:"warnings"`
+	Checks         []struct {
 		Name string `json:"name"`
 		Text string `json:"text"`
 	} `json:"checks"`
@@ -33,6 +56,9 @@ type evalResult struct {
 		SettingsJSON string `json:"settingsJSON"`
 		ConfigFile   string `json:"configFile"`
 		Package      string `json:"package"`
+		// BuildGoModuleArgs: what the default package passed to
+		// buildGoModule (nil when the package came from elsewhere).
+		BuildGoModuleArgs map[string]any `json:"buildGoModuleArgs"`
 	} `json:"meshd"`
 	Options []optionDoc `json:"options"`
 }
@@ -110,7 +136,7 @@ func nixInstantiate(t testing.TB, args ...string) ([]byte, error) {
 	t.Helper()
 	bin, err := exec.LookPath("nix-instantiate")
 	if err != nil {
-		t.Skip("nix-instantiate not installed (apt-get install -y --no-install-recommends nix-bin)")
+		needNix(t, "nix-instantiate not installed (apt-get install -y --no-install-recommends nix-bin)")
 	}
 	cmd := exec.Command(bin, append([]string{"--store", "dummy://"}, args...)...)
 	cmd.Env = append(os.Environ(),
@@ -125,13 +151,42 @@ func nixInstantiate(t testing.TB, args ...string) ([]byte, error) {
 	return stdout.Bytes(), nil
 }
 
-// evalConfiguration evaluates a configuration through nix/harness.nix. conf
-// is a Nix expression: a path to a module file or an inline module.
+// needNix skips a test that needs Nix tooling which is missing, or fails
+// it when MESHD_REQUIRE_NIX is set (CI: these tests must run there).
+func needNix(t testing.TB, why string) {
+	t.Helper()
+	if os.Getenv("MESHD_REQUIRE_NIX") != "" {
+		t.Fatalf("%s, and MESHD_REQUIRE_NIX is set", why)
+	}
+	t.Skip(why)
+}
+
+// nixpkgsLib is the directory of nixpkgs' real lib (see
+// ../shared/nixpkgs-lib/README.md); MESHD_NIXPKGS_LIB overrides it.
+func nixpkgsLib(t testing.TB) string {
+	t.Helper()
+	dir := os.Getenv("MESHD_NIXPKGS_LIB")
+	if dir == "" {
+		dir = filepath.Join(repoRoot(t), "..", "shared", "nixpkgs-lib", "lib")
+		if _, err := os.Stat(dir); err != nil {
+			dir = "/work/shared/nixpkgs-lib/lib"
+		}
+	}
+	if _, err := os.Stat(filepath.Join(dir, "modules.nix")); err != nil {
+		needNix(t, fmt.Sprintf("nixpkgs lib not found at %s (set MESHD_NIXPKGS_LIB to a nixpkgs checkout's lib/): %v", dir, err))
+	}
+	return dir
+}
+
+// evalConfiguration evaluates a configuration through nix/nixtest/harness.nix
+// with nixpkgs' real lib. conf is a Nix expression: a path to a module
+// file or an inline module.
 func evalConfiguration(t testing.TB, conf string) (*evalResult, error) {
 	t.Helper()
 	root := repoRoot(t)
 	out, err := nixInstantiate(t, "--eval", "--strict", "--json",
-		filepath.Join(root, "nix", "harness.nix"), "--arg", "configuration", conf)
+		filepath.Join(root, "nix", "nixtest", "harness.nix"),
+		"--arg", "lib", "import "+nixpkgsLib(t), "--arg", "configuration", conf)
 	if err != nil {
 		return nil, err
 	}

@@ -179,7 +179,7 @@ func TestNspawnModuleUnitsRun(t *testing.T) {
 	settings["overlay"].(map[string]any)["interface"] = "mdtnixwg"
 	conf, _ := json.Marshal(settings)
 	m.write(t, r.Meshd.ConfigFile[1:], string(conf), 0o444)
-	bootstrapScript := r.Services["meshd-haproxy"].values("ExecStartPre")[0]
+	bootstrapScript := strings.TrimPrefix(r.Services["meshd-haproxy"].values("ExecStartPre")[0], "+")
 	texts := r.Services["meshd"].UnitText + r.Services["meshd-haproxy"].UnitText
 	seen := map[string]bool{}
 	for _, p := range storePath.FindAllString(texts, -1) {
@@ -197,6 +197,23 @@ func TestNspawnModuleUnitsRun(t *testing.T) {
 		}
 	}
 	installBootstrap(t, m, bootstrapScript, r.Services["meshd-haproxy"].UnitText)
+
+	// The users the module declares (NixOS writes them to /etc/passwd and
+	// /etc/group at activation).
+	passwd, group := "root:x:0:0::/root:/bin/sh\nnobody:x:65534:65534::/var/empty:/bin/false\n", "root:x:0:\nnogroup:x:65534:\n"
+	id := 990
+	for _, name := range sorted(r.Groups) {
+		group += fmt.Sprintf("%s:x:%d:\n", name, id)
+		if u, ok := r.Users[name]; ok && u.Group == name && u.IsSystemUser {
+			passwd += fmt.Sprintf("%s:x:%d:%d::/var/empty:/bin/false\n", name, id, id)
+		}
+		id--
+	}
+	if !strings.Contains(passwd, "\nmeshd-haproxy:") {
+		t.Fatalf("the worker example declares no meshd-haproxy user: %+v", r.Users)
+	}
+	m.write(t, "etc/passwd", passwd, 0o644)
+	m.write(t, "etc/group", group, 0o644)
 
 	// The module's units and tmpfiles rules, verbatim.
 	for _, name := range []string{"meshd", "meshd-haproxy"} {
@@ -232,6 +249,8 @@ ExecStart=/bin/bash -c 'for i in $$(seq 200); do (exec 3<>/dev/tcp/127.0.0.1/%d)
   systemctl show -p ActiveState -p SubState -p NRestarts meshd-haproxy.service > /out/haproxy.show; \
   ip -o link show mdtnixwg > /out/link 2>&1; \
   stat -c "%%%%a %%%%U" /etc/credstore.encrypted > /out/credstore 2>&1; \
+  stat -c "%%%%n %%%%a %%%%U %%%%G" /run/meshd /run/meshd/haproxy.cfg /run/meshd-haproxy /run/meshd-haproxy/master.sock /run/meshd-haproxy/stats.sock > /out/runtime 2>&1; \
+  for p in $$(pgrep -x haproxy); do stat -c %%%%U /proc/$$p; done | sort -u > /out/haproxy.users; \
   for i in $$(seq 400); do [ -e /etc/credstore.encrypted/app-db-password ] && break; sleep 0.05; done; \
   systemd-run --quiet --wait --pipe -p LoadCredentialEncrypted=app-db-password:/etc/credstore.encrypted/app-db-password \
     /bin/sh -c "cat \\$$CREDENTIALS_DIRECTORY/app-db-password" > /out/secret 2>/out/secret.err; \
@@ -256,6 +275,18 @@ ExecStart=/bin/bash -c 'for i in $$(seq 200); do (exec 3<>/dev/tcp/127.0.0.1/%d)
 	if !regexp.MustCompile(`^\d+: mdtnixwg[:@]`).MatchString(m.read("link")) {
 		t.Errorf("no WireGuard device: %s", m.read("link"))
 	}
+	// HAProxy runs as meshd-haproxy, reads the config meshd wrote in
+	// /run/meshd, and meshd reaches its sockets through the group.
+	if got, want := strings.TrimSpace(m.read("runtime")), "/run/meshd 750 root meshd-haproxy\n"+
+		"/run/meshd/haproxy.cfg 644 root root\n"+
+		"/run/meshd-haproxy 750 meshd-haproxy meshd-haproxy\n"+
+		"/run/meshd-haproxy/master.sock 660 meshd-haproxy meshd-haproxy\n"+
+		"/run/meshd-haproxy/stats.sock 660 meshd-haproxy meshd-haproxy"; got != want {
+		t.Errorf("runtime files:\n%s\nwant\n%s", got, want)
+	}
+	if got := strings.TrimSpace(m.read("haproxy.users")); got != "meshd-haproxy" {
+		t.Errorf("haproxy processes run as %q, want meshd-haproxy only", got)
+	}
 	if got := strings.TrimSpace(m.read("credstore")); got != "700 root" {
 		t.Errorf("credential store: %q, want mode 700 owned by root (tmpfiles rule)", got)
 	}
@@ -275,7 +306,12 @@ func installBootstrap(t *testing.T, m *machine, scriptPath, unitText string) {
 	root := repoRoot(t)
 	coreutils := regexp.MustCompile(`/nix/store/[a-z0-9]{32}-coreutils-9.5`).FindString(unitText)
 	cfgFile := filepath.Join(root, "nix", "meshd-haproxy-bootstrap.cfg")
-	expr := fmt.Sprintf(`let cfg = %s; in { path = builtins.toFile "meshd-haproxy-bootstrap" "#!/bin/sh\n[ -e /run/meshd/haproxy.cfg ] || %s/bin/install -m 0644 ${cfg} /run/meshd/haproxy.cfg\n"; cfg = "${cfg}"; }`, cfgFile, coreutils)
+	script := func(cfg string) string {
+		return "#!/bin/sh\n[ -d /run/meshd ] || " + coreutils + "/bin/install -d -m 0750 -g meshd-haproxy /run/meshd\n" +
+			"[ -e /run/meshd/haproxy.cfg ] || " + coreutils + "/bin/install -m 0644 " + cfg + " /run/meshd/haproxy.cfg\n"
+	}
+	expr := fmt.Sprintf(`let cfg = %s; in { path = builtins.toFile "meshd-haproxy-bootstrap" %q; cfg = "${cfg}"; }`, cfgFile,
+		script("${cfg}"))
 	out, err := nixInstantiate(t, "--eval", "--strict", "--json", "-E", expr)
 	if err != nil {
 		t.Fatal(err)
@@ -287,7 +323,7 @@ func installBootstrap(t *testing.T, m *machine, scriptPath, unitText string) {
 	if got.Path != scriptPath {
 		t.Fatalf("ExecStartPre %s is not the script this test reproduces (%s): update installBootstrap", scriptPath, got.Path)
 	}
-	m.write(t, scriptPath[1:], "#!/bin/sh\n[ -e /run/meshd/haproxy.cfg ] || "+coreutils+"/bin/install -m 0644 "+got.Cfg+" /run/meshd/haproxy.cfg\n", 0o755)
+	m.write(t, scriptPath[1:], script(got.Cfg), 0o755)
 	m.link(t, coreutils[1:]+"/bin/install", lookPath(t, "install"))
 	b, err := os.ReadFile(cfgFile)
 	if err != nil {

@@ -8,15 +8,28 @@ import (
 
 // Bad configurations fail evaluation with a message that names the problem.
 func TestInvalidConfigurationsFail(t *testing.T) {
+	// Every invalid example is checked (freeform-typo by the test below).
+	covered := map[string]bool{"freeform-typo.nix": true}
+	defer func() {
+		files, _ := filepath.Glob(filepath.Join(repoRoot(t), "nix", "examples", "invalid", "*.nix"))
+		for _, f := range files {
+			if !covered[filepath.Base(f)] {
+				t.Errorf("%s: no test says how it fails", f)
+			}
+		}
+	}()
 	for _, tc := range []struct {
 		file    string
 		wantErr string
 	}{
-		{"store-key", `services.meshd.etcd.keyFile = "/nix/store/0123456789abcdfghijklmnpqrsvwxyz-worker002-key.pem" is in the Nix store`},
-		{"path-literal-key", "A definition for option `services.meshd.etcd.keyFile' is not of type `null or string'"},
+		{"store-key", "A definition for option `services.meshd.etcd.keyFile' is not of type `null or absolute path not in the Nix store'"},
+		{"path-literal-key", "A definition for option `services.meshd.etcd.keyFile' is not of type `null or absolute path not in the Nix store'"},
+		{"settings-path-literal", "services.meshd.settings.etcd.keyFile = " + filepath.Join(repoRoot(t), "nix", "examples", "invalid", "worker002-key.pem") + " is a Nix path"},
 		{"unknown-option", "The option `services.meshd.etcd.keyfile' does not exist."},
 		{"bad-node-name", "A definition for option `services.meshd.nodeName' is not of type `string matching the pattern"},
+		{"haproxy-path", `services.meshd.settings.haproxy.configPath = "/var/lib/haproxy/meshd.cfg": meshd may write the HAProxy config only in /run/meshd`},
 	} {
+		covered[tc.file+".nix"] = true
 		t.Run(tc.file, func(t *testing.T) {
 			_, err := evalConfiguration(t, filepath.Join(repoRoot(t), "nix", "examples", "invalid", tc.file+".nix"))
 			if err == nil || !strings.Contains(err.Error(), tc.wantErr) {
@@ -83,6 +96,18 @@ func TestOptionEffects(t *testing.T) {
 			if _, ok := r.Services["meshd-haproxy"]; ok {
 				t.Error("meshd-haproxy unit exists although meshd supervises HAProxy")
 			}
+			if _, ok := r.Users["meshd-haproxy"]; ok || r.Services["meshd"].value("SupplementaryGroups") != "" {
+				t.Error("meshd-haproxy user or group still wired although meshd supervises HAProxy")
+			}
+			// Everything in meshd's own writable directory.
+			for _, s := range []string{`"masterSocket":"/run/meshd/master.sock"`, `"statsSocket":"/run/meshd/stats.sock"`, `"configPath":"/run/meshd/haproxy.cfg"`} {
+				if !strings.Contains(r.Meshd.SettingsJSON, s) {
+					t.Errorf("config lacks %s: %s", s, r.Meshd.SettingsJSON)
+				}
+			}
+			if !contains(r.Tmpfiles, "d /run/meshd 0750 root root - -") {
+				t.Errorf("tmpfiles %q", r.Tmpfiles)
+			}
 			if got := r.Services["meshd"].value("CapabilityBoundingSet"); got != "CAP_NET_ADMIN CAP_NET_BIND_SERVICE" {
 				t.Errorf("CapabilityBoundingSet=%s: the supervised HAProxy needs CAP_NET_BIND_SERVICE", got)
 			}
@@ -96,6 +121,59 @@ func TestOptionEffects(t *testing.T) {
 			u := r.Services["meshd"]
 			if len(u.values("ExecStartPre")) != 0 || contains(u.values("ReadWritePaths"), "/etc/credstore.encrypted") {
 				t.Errorf("secrets disabled but ExecStartPre %q ReadWritePaths %q", u.values("ExecStartPre"), u.values("ReadWritePaths"))
+			}
+		}},
+		{"unit tunables are defaults a plain definition overrides", `systemd.services.meshd.serviceConfig.WatchdogSec = "60s";
+			systemd.services.meshd.serviceConfig.Restart = "on-failure"; systemd.services.meshd.startLimitIntervalSec = 60;
+			systemd.services.meshd-haproxy.serviceConfig.LimitNOFILE = 4096;`, func(t *testing.T, r *evalResult) {
+			m, h := r.Services["meshd"], r.Services["meshd-haproxy"]
+			if m.value("WatchdogSec") != "60s" || m.value("Restart") != "on-failure" || h.value("LimitNOFILE") != "4096" ||
+				!strings.Contains(m.UnitText, "StartLimitIntervalSec=60\n") {
+				t.Errorf("WatchdogSec=%s Restart=%s LimitNOFILE=%s:\n%s", m.value("WatchdogSec"), m.value("Restart"), h.value("LimitNOFILE"), m.UnitText)
+			}
+		}},
+		{"unit tunables without overrides", "", func(t *testing.T, r *evalResult) {
+			m := r.Services["meshd"]
+			if m.value("WatchdogSec") != "30s" || m.value("Restart") != "always" || !strings.Contains(m.UnitText, "StartLimitIntervalSec=0\n") {
+				t.Errorf("WatchdogSec=%s Restart=%s:\n%s", m.value("WatchdogSec"), m.value("Restart"), m.UnitText)
+			}
+		}},
+		{"metrics for a central Prometheus", `services.meshd.openMetricsFirewall = true; services.meshd.settings.metricsAddr = "0.0.0.0:9100";`, func(t *testing.T, r *evalResult) {
+			if got := r.Firewall.Interfaces["meshd-wg"].AllowedTCPPorts; len(got) != 1 || got[0] != 9100 || len(r.Firewall.AllowedTCPPorts) != 0 {
+				t.Errorf("firewall: overlay TCP %v, all interfaces TCP %v; want 9100 on meshd-wg only", got, r.Firewall.AllowedTCPPorts)
+			}
+			if !strings.Contains(r.Meshd.SettingsJSON, `"metricsAddr":"0.0.0.0:9100"`) {
+				t.Errorf("config: %s", r.Meshd.SettingsJSON)
+			}
+		}},
+		{"metrics closed by default", "", func(t *testing.T, r *evalResult) {
+			if len(r.Firewall.Interfaces) != 0 || len(r.Firewall.AllowedTCPPorts) != 0 {
+				t.Errorf("firewall %+v", r.Firewall)
+			}
+		}},
+		{"systemd-networkd leaves the interface alone", `systemd.network.enable = true; services.meshd.settings.overlay.interface = "wg-mesh";`, func(t *testing.T, r *evalResult) {
+			n := r.NetworkdNetworks["50-meshd"]
+			if n.MatchConfig["Name"] != "wg-mesh" || n.LinkConfig["Unmanaged"] != true || n.LinkConfig["ActivationPolicy"] != "manual" {
+				t.Errorf("systemd.network.networks.50-meshd %+v", n)
+			}
+			if !contains(r.DHCPCDDenyInterfaces, "wg-mesh") || !contains(r.NetworkManagerUnmanaged, "interface-name:wg-mesh") {
+				t.Errorf("dhcpcd %q NetworkManager %q", r.DHCPCDDenyInterfaces, r.NetworkManagerUnmanaged)
+			}
+		}},
+		{"networkd off: no network unit", "", func(t *testing.T, r *evalResult) {
+			if len(r.NetworkdNetworks) != 0 {
+				t.Errorf("systemd.network.networks %+v without systemd-networkd", r.NetworkdNetworks)
+			}
+		}},
+		{"custom stateDir is writable", `services.meshd.settings.stateDir = "/srv/meshd";`, func(t *testing.T, r *evalResult) {
+			if !contains(r.Services["meshd"].values("ReadWritePaths"), "/srv/meshd") || !contains(r.Tmpfiles, "d /srv/meshd 0700 root root - -") {
+				t.Errorf("ReadWritePaths %q tmpfiles %q", r.Services["meshd"].values("ReadWritePaths"), r.Tmpfiles)
+			}
+		}},
+		{"the package defaults to nix/package.nix", "", func(t *testing.T, r *evalResult) {
+			a := r.Meshd.BuildGoModuleArgs
+			if a == nil || a["pname"] != "meshd" || !strings.HasSuffix(r.Meshd.Package, "-meshd-0.1.0") {
+				t.Errorf("package %s built with %v: want nix/package.nix through pkgs.buildGoModule", r.Meshd.Package, a)
 			}
 		}},
 		{"checkConfig off", `services.meshd.checkConfig = false;`, func(t *testing.T, r *evalResult) {
@@ -130,10 +208,19 @@ func TestInvalidOptionValues(t *testing.T) {
 	const base = `services.meshd.enable = true; services.meshd.settings.etcd.endpoints = [ "http://127.0.0.1:2379" ];`
 	for _, tc := range []struct{ name, body, wantErr string }{
 		{"duplicate instance", `services.meshd.instances.a = { group = "services"; port = 1; }; services.meshd.settings.instances = [ { app = "a"; group = "services"; port = 2; } ];`, "an app is declared twice"},
-		{"unknown group", `services.meshd.settings.consume = [ "databases" ];`, "services.meshd.settings.consume.[definition 1-entry 1]' is not of type"},
+		{"unknown group", `services.meshd.settings.consume = [ "databases" ];`, "services.meshd.settings.consume.\"[definition 1-entry 1]\"' is not of type"},
 		{"cert without key", `services.meshd.etcd.certFile = "/var/lib/secrets/c.pem";`, "certFile and keyFile go together"},
-		{"relative key", `services.meshd.etcd = { certFile = "/c.pem"; keyFile = "secrets/k.pem"; };`, "must be an absolute path"},
-		{"store path through settings", `services.meshd.settings.etcd.keyFile = "/nix/store/0123456789abcdfghijklmnpqrsvwxyz-k.pem";`, "services.meshd.settings.etcd.keyFile points into the Nix store"},
+		{"relative key", `services.meshd.etcd = { certFile = "/c.pem"; keyFile = "secrets/k.pem"; };`, "A definition for option `services.meshd.etcd.keyFile' is not of type `null or absolute path not in the Nix store'"},
+		{"store path through settings", `services.meshd.settings.etcd.keyFile = "/nix/store/0123456789abcdfghijklmnpqrsvwxyz-k.pem";`, `services.meshd.settings.etcd.keyFile = "/nix/store/0123456789abcdfghijklmnpqrsvwxyz-k.pem" points into the Nix store`},
+		{"store path in another file setting", `services.meshd.settings.tls.certFile = "/nix/store/0123456789abcdfghijklmnpqrsvwxyz-c.pem";`, `services.meshd.settings.tls.certFile = "/nix/store/0123456789abcdfghijklmnpqrsvwxyz-c.pem" points into the Nix store`},
+		{"path literal deep in settings", `services.meshd.settings.extra = [ { key = /etc/hostname; } ];`, "services.meshd.settings.extra.[1].key = /etc/hostname is a Nix path"},
+		{"metrics firewall on loopback", `services.meshd.openMetricsFirewall = true;`, `services.meshd.openMetricsFirewall: services.meshd.settings.metricsAddr = "127.0.0.1:9464" listens on loopback only`},
+		{"metrics firewall without metrics", `services.meshd.openMetricsFirewall = true; services.meshd.settings.metricsAddr = "";`, `services.meshd.settings.metricsAddr = "" serves no metrics`},
+		{"metrics address without port", `services.meshd.settings.metricsAddr = "0.0.0.0";`, "services.meshd.settings.metricsAddr' is not of type"},
+		{"master socket outside the unit's directory", `services.meshd.settings.haproxy.masterSocket = "/run/meshd/master.sock";`,
+			`services.meshd.settings.haproxy.masterSocket = "/run/meshd/master.sock": HAProxy may create its sockets only in /run/meshd-haproxy`},
+		{"stats socket outside /run/meshd when supervised", `services.meshd.settings.haproxy = { supervise = true; statsSocket = "/run/haproxy/stats.sock"; };`,
+			`services.meshd.settings.haproxy.statsSocket = "/run/haproxy/stats.sock": HAProxy may create its sockets only in /run/meshd`},
 		{"bad secret name", `services.meshd.secrets."db password".units = [ "a.service" ];`, "services.meshd.secrets: names must match"},
 		{"interface too long", `services.meshd.settings.overlay.interface = "meshd-wireguard0";`, "services.meshd.settings.overlay.interface' is not of type"},
 		{"public address is no IPv4", `services.meshd.settings.publicIPv4 = "2001:db8::1";`, ""},

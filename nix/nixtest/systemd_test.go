@@ -92,7 +92,7 @@ func TestHAProxyUnitBootstrapHandover(t *testing.T) {
 	root := repoRoot(t)
 	r := evalExample(t, "worker")
 	execStart := r.Services["meshd-haproxy"].value("ExecStart")
-	if !strings.Contains(execStart, " -Ws -S /run/meshd/haproxy-master.sock -f /run/meshd/haproxy.cfg") {
+	if !strings.Contains(execStart, " -Ws -S /run/meshd-haproxy/master.sock,mode,660 -f /run/meshd/haproxy.cfg") {
 		t.Fatalf("meshd-haproxy ExecStart=%s: not the command this test runs", execStart)
 	}
 	dir, err := os.MkdirTemp("", "mdtnix") // short: socket paths are limited to 107 bytes
@@ -120,7 +120,7 @@ func TestHAProxyUnitBootstrapHandover(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer notify.Close()
-	cmd := exec.Command(bin, "-Ws", "-S", master, "-f", cfgPath)
+	cmd := exec.Command(bin, "-Ws", "-S", master+",mode,660", "-f", cfgPath)
 	cmd.Env = append(os.Environ(), "NOTIFY_SOCKET="+filepath.Join(dir, "notify.sock"))
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
 	if err := cmd.Start(); err != nil {

@@ -31,7 +31,9 @@ type Options struct {
 	Consume    []registry.Group
 	// LeaseTTL is the presence lease's TTL.
 	LeaseTTL time.Duration
-	// Coalesce is how long a burst of events may settle before a recompute.
+	// Coalesce is the window after a pass within which further events are
+	// gathered into the next pass; an event after a quiet period is
+	// applied at once (see loop).
 	Coalesce time.Duration
 	// StateDir keeps the lease ID so that a restarted meshd resumes its
 	// lease instead of churning its keys.
@@ -138,6 +140,7 @@ func New(o Options) (*Agent, error) {
 	if err != nil {
 		return nil, err
 	}
+	m.components(o.Components)
 	return &Agent{
 		o:         o,
 		log:       o.Log.With("component", "agent", "node", o.Node),

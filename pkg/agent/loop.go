@@ -22,13 +22,26 @@ type compState struct {
 // the overlay already came up from its cache).
 const readyGrace = 15 * time.Second
 
-// loop is the reconcile loop: wait for a change, let the burst settle,
-// recompute every component from the whole snapshot, record the result.
+// statusRefresh is how often the loop rebuilds the status without a
+// registry change, so that what ages on its own (handshake buckets, a
+// component's health) reaches etcd; it is written only when it changed.
+const statusRefresh = 30 * time.Second
+
+// loop is the reconcile loop: wait for a change, recompute every
+// component from the whole snapshot (one revision), record the result.
+//
+// Coalescing is leading-edge: a change after a quiet period is applied at
+// once. Changes that arrive while a pass runs, or within the Coalesce
+// window after it ends, wait for the window to close and are applied
+// together by the next pass, so a burst costs one or two passes, not one
+// per event, and an isolated change costs no wait at all.
 func (a *Agent) loop(ctx context.Context) {
 	states := make([]compState, len(a.o.Components))
 	var (
 		applied      int64
 		lastApplied  *registry.Snapshot
+		lastSnap     *registry.Snapshot // the snapshot of the last pass
+		lastPass     time.Time          // when the last pass ended
 		ready        bool
 		lastProblems = map[string]string{}
 	)
@@ -42,6 +55,8 @@ func (a *Agent) loop(ctx context.Context) {
 	}
 	heartbeat := time.NewTicker(time.Second)
 	defer heartbeat.Stop()
+	refresh := time.NewTicker(statusRefresh)
+	defer refresh.Stop()
 	readyTimer := time.NewTimer(readyGrace)
 	defer readyTimer.Stop()
 	retry := time.NewTimer(time.Hour)
@@ -63,11 +78,17 @@ func (a *Agent) loop(ctx context.Context) {
 		case <-readyTimer.C:
 			markReady()
 			continue
+		case <-refresh.C:
+			if lastSnap != nil {
+				a.setStatus(a.buildStatus(lastSnap, applied, states))
+			}
+			continue
 		case <-a.notify:
 		case <-retry.C:
 		}
-		if d := a.o.Coalesce; d > 0 {
-			t := time.NewTimer(d)
+		if wait := time.Until(lastPass.Add(a.o.Coalesce)); a.o.Coalesce > 0 && wait > 0 {
+			// Within the window after a pass: let the burst gather.
+			t := time.NewTimer(wait)
 			select {
 			case <-ctx.Done():
 				t.Stop()
@@ -75,7 +96,7 @@ func (a *Agent) loop(ctx context.Context) {
 			case <-t.C:
 			}
 		}
-		select { // the settle window absorbed these
+		select { // this pass's snapshot includes these
 		case <-a.notify:
 		default:
 		}
@@ -123,6 +144,7 @@ func (a *Agent) loop(ctx context.Context) {
 				nextRetry = earliest(nextRetry, st.next)
 				allOK = false
 				a.metrics.reconciles.WithLabelValues(c.Name(), "error").Inc()
+				a.metrics.failures.WithLabelValues(c.Name()).Set(float64(st.failures))
 				a.log.Warn("apply failed, will retry", "part", c.Name(), "rev", snap.Revision, "attempt", st.failures, "err", err)
 				continue
 			}
@@ -131,6 +153,8 @@ func (a *Agent) loop(ctx context.Context) {
 			}
 			st.failures, st.lastErr, st.next = 0, nil, time.Time{}
 			a.metrics.reconciles.WithLabelValues(c.Name(), "ok").Inc()
+			a.metrics.failures.WithLabelValues(c.Name()).Set(0)
+			a.metrics.lastSuccess.WithLabelValues(c.Name()).Set(float64(time.Now().UnixMilli()) / 1e3)
 			if g, ok := c.(Gate); ok && !g.Ready() {
 				allOK = false
 				nextRetry = earliest(nextRetry, time.Now().Add(gateRetry))
@@ -149,10 +173,12 @@ func (a *Agent) loop(ctx context.Context) {
 			}
 		}
 		a.metrics.seen.Set(float64(snap.Revision))
+		a.metrics.nodes.Set(float64(len(snap.Nodes)))
 		if !nextRetry.IsZero() {
 			retry.Reset(time.Until(nextRetry))
 		}
 		a.setStatus(a.buildStatus(snap, applied, states))
+		lastSnap, lastPass = snap, time.Now()
 		if allOK {
 			markReady()
 		}
@@ -175,7 +201,7 @@ func (a *Agent) buildStatus(snap *registry.Snapshot, applied int64, states []com
 	}
 	a.mu.Lock()
 	if a.stateErr != nil {
-		st.Errors = map[string]string{"state": a.stateErr.Error()}
+		st.Errors = map[string]string{"state": registry.StatusText(a.stateErr.Error())}
 	}
 	a.mu.Unlock()
 	for i, c := range a.o.Components {
@@ -186,7 +212,7 @@ func (a *Agent) buildStatus(snap *registry.Snapshot, applied int64, states []com
 			if st.Errors == nil {
 				st.Errors = map[string]string{}
 			}
-			st.Errors[c.Name()] = err.Error()
+			st.Errors[c.Name()] = registry.StatusText(err.Error())
 		}
 	}
 	return st
@@ -218,6 +244,7 @@ func (a *Agent) reportProblems(snap *registry.Snapshot, last map[string]string) 
 		last[k] = v
 	}
 	a.metrics.problems.Set(float64(len(snap.Problems)))
+	a.metrics.rejectedKeys(snap.Problems)
 }
 
 // gateRetry is how soon a pass stopped at a Gate is tried again.

@@ -1,6 +1,10 @@
 package agent
 
-import "github.com/prometheus/client_golang/prometheus"
+import (
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/meshd/meshd/pkg/registry"
+)
 
 type metrics struct {
 	reconciles   *prometheus.CounterVec
@@ -13,6 +17,11 @@ type metrics struct {
 	advertised   prometheus.Gauge
 	problems     prometheus.Gauge
 	statusWrites prometheus.Counter
+	statusBytes  prometheus.Counter
+	lastSuccess  *prometheus.GaugeVec
+	failures     *prometheus.GaugeVec
+	rejected     *prometheus.GaugeVec
+	nodes        prometheus.Gauge
 }
 
 func newMetrics(r prometheus.Registerer) (*metrics, error) {
@@ -32,11 +41,55 @@ func newMetrics(r prometheus.Registerer) (*metrics, error) {
 		advertised:   prometheus.NewGauge(prometheus.GaugeOpts{Name: "meshd_instances_advertised", Help: "Instances currently advertised (check passing)."}),
 		problems:     prometheus.NewGauge(prometheus.GaugeOpts{Name: "meshd_registry_problems", Help: "Registry keys skipped as invalid."}),
 		statusWrites: prometheus.NewCounter(prometheus.CounterOpts{Name: "meshd_status_writes_total", Help: "Status writes to etcd."}),
+		statusBytes:  prometheus.NewCounter(prometheus.CounterOpts{Name: "meshd_status_written_bytes_total", Help: "Bytes of status values written to etcd."}),
+		lastSuccess: prometheus.NewGaugeVec(prometheus.GaugeOpts{
+			Name: "meshd_component_last_success_timestamp_seconds",
+			Help: "When the component last applied a snapshot without error (Unix time; 0 before the first).",
+		}, []string{"component"}),
+		failures: prometheus.NewGaugeVec(prometheus.GaugeOpts{
+			Name: "meshd_component_consecutive_failures",
+			Help: "Apply calls of the component that failed in a row (0 once one succeeds).",
+		}, []string{"component"}),
+		rejected: prometheus.NewGaugeVec(prometheus.GaugeOpts{
+			Name: "meshd_registry_rejected_keys",
+			Help: "Registry keys skipped as invalid in the newest snapshot, by reason.",
+		}, []string{"reason"}),
 	}
-	for _, c := range []prometheus.Collector{m.reconciles, m.duration, m.applied, m.seen, m.leaseLost, m.registered, m.relists, m.advertised, m.problems, m.statusWrites} {
+	m.nodes = prometheus.NewGauge(prometheus.GaugeOpts{
+		Name: "meshd_cluster_nodes",
+		Help: "Nodes with a live (leased) entry under /cluster/nodes in the newest snapshot.",
+	})
+	for _, r := range registry.ProblemReasons {
+		m.rejected.WithLabelValues(r).Set(0)
+	}
+	for _, c := range []prometheus.Collector{m.reconciles, m.duration, m.applied, m.seen, m.leaseLost, m.registered, m.relists, m.advertised, m.problems, m.statusWrites, m.statusBytes, m.lastSuccess, m.failures, m.rejected, m.nodes} {
 		if err := r.Register(c); err != nil {
 			return nil, err
 		}
 	}
 	return m, nil
+}
+
+// components makes every component's series exist from the start, so a
+// component that never succeeds shows as 0 rather than as no data.
+func (m *metrics) components(cs []Component) {
+	for _, c := range cs {
+		m.lastSuccess.WithLabelValues(c.Name())
+		m.failures.WithLabelValues(c.Name())
+	}
+}
+
+// rejectedKeys sets the rejected-key gauges from a snapshot's problems.
+func (m *metrics) rejectedKeys(probs []registry.Problem) {
+	n := make(map[string]int, len(registry.ProblemReasons))
+	for _, p := range probs {
+		n[p.Reason]++
+	}
+	m.nodes = prometheus.NewGauge(prometheus.GaugeOpts{
+		Name: "meshd_cluster_nodes",
+		Help: "Nodes with a live (leased) entry under /cluster/nodes in the newest snapshot.",
+	})
+	for _, r := range registry.ProblemReasons {
+		m.rejected.WithLabelValues(r).Set(float64(n[r]))
+	}
 }

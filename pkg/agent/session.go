@@ -203,18 +203,18 @@ func (a *Agent) hold(ctx context.Context, lease clientv3.LeaseID) {
 	}
 	written := map[string]string{}
 	a.syncInstances(ctx, lease, written)
-	// A status write that fails (etcd busy or away) is retried: --wait
-	// and meshctl status must not see a stale revision until the next
-	// change happens to come along.
-	retry := time.NewTimer(time.Hour)
-	retry.Stop()
-	defer retry.Stop()
-	publish := func(force bool) {
-		if !a.publishStatus(ctx, lease, force) {
-			retry.Reset(500 * time.Millisecond)
-		}
-	}
-	publish(true)
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		a.publishLoop(kctx, func(ctx context.Context, value string) error {
+			_, err := a.o.Client.Put(ctx, registry.StatusKey(a.o.Node), value, clientv3.WithLease(lease))
+			return err
+		})
+	}()
+	defer func() {
+		cancel()
+		<-done
+	}()
 	for {
 		select {
 		case <-ctx.Done():
@@ -225,6 +225,30 @@ func (a *Agent) hold(ctx context.Context, lease clientv3.LeaseID) {
 			}
 		case <-a.instChg:
 			a.syncInstances(ctx, lease, written)
+		}
+	}
+}
+
+// publishLoop writes the node's status with put (on the current lease)
+// at start and whenever the loop sets a status that differs from the one
+// last written, until ctx ends.
+func (a *Agent) publishLoop(ctx context.Context, put func(ctx context.Context, value string) error) {
+	// A status write that fails (etcd busy or away) is retried: --wait
+	// and meshctl status must not see a stale revision until the next
+	// change happens to come along.
+	retry := time.NewTimer(time.Hour)
+	retry.Stop()
+	defer retry.Stop()
+	publish := func(force bool) {
+		if !a.publishStatus(ctx, put, force) {
+			retry.Reset(500 * time.Millisecond)
+		}
+	}
+	publish(true)
+	for {
+		select {
+		case <-ctx.Done():
+			return
 		case <-a.statusChg:
 			publish(false)
 		case <-retry.C:
@@ -287,9 +311,15 @@ func (a *Agent) syncInstances(ctx context.Context, lease clientv3.LeaseID, writt
 	}
 }
 
-// publishStatus writes the node's status on the lease when it changed. It
-// reports false when the write failed.
-func (a *Agent) publishStatus(ctx context.Context, lease clientv3.LeaseID, force bool) bool {
+// publishStatus writes the node's status with put when it changed. Only
+// UpdatedAt is volatile: it is left out of the comparison, and set when
+// the value is written. Everything else a status holds is there for a
+// reader (the revisions for --wait, the components' bounded summaries,
+// the errors), and each component's status changes only when something
+// a reader cares about changes (the overlay's leaves out byte counters
+// and exact handshake times). force writes even an unchanged status (a
+// new lease, a failed write). It reports false when the write failed.
+func (a *Agent) publishStatus(ctx context.Context, put func(ctx context.Context, value string) error, force bool) bool {
 	a.mu.Lock()
 	st := a.status
 	a.mu.Unlock()
@@ -311,11 +341,14 @@ func (a *Agent) publishStatus(ctx context.Context, lease clientv3.LeaseID, force
 	full, _ := json.Marshal(st)
 	wctx, cancel := context.WithTimeout(ctx, 5*time.Second)
 	defer cancel()
-	if _, err := a.o.Client.Put(wctx, registry.StatusKey(a.o.Node), string(full), clientv3.WithLease(lease)); err != nil {
-		a.log.Warn("publish status, will retry", "err", err)
+	if err := put(wctx, string(full)); err != nil {
+		if ctx.Err() == nil {
+			a.log.Warn("publish status, will retry", "err", err)
+		}
 		return false
 	}
 	a.metrics.statusWrites.Inc()
+	a.metrics.statusBytes.Add(float64(len(full)))
 	a.mu.Lock()
 	a.published = b
 	a.mu.Unlock()

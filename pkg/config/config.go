@@ -65,8 +65,9 @@ type Config struct {
 	// the system is shutting down, and revokes it where there is no
 	// systemd to ask.
 	OnStop string `json:"onStop"`
-	// Coalesce is how long the reconcile loop waits for a burst of etcd
-	// events to settle before recomputing.
+	// Coalesce is the reconcile loop's burst window: an event after a
+	// quiet period is applied at once; events during a pass or within
+	// this window after it are applied together by the next pass.
 	Coalesce Duration `json:"coalesce"`
 	// MetricsAddr serves /metrics and /healthz ("" disables).
 	MetricsAddr string `json:"metricsAddr"`

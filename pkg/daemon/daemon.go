@@ -52,8 +52,7 @@ func Run(ctx context.Context, cfg config.Config, log *slog.Logger, version strin
 		return err
 	}
 
-	reg := prometheus.NewRegistry()
-	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	reg := newRegistry(version)
 
 	parts, err := buildParts(ctx, cfg, log, reg)
 	if err != nil {
@@ -79,7 +78,11 @@ func Run(ctx context.Context, cfg config.Config, log *slog.Logger, version strin
 		return err
 	}
 	if cfg.MetricsAddr != "" {
-		srv, err := serveHTTP(cfg.MetricsAddr, reg, a)
+		var peers peerSource
+		if parts.overlay != nil {
+			peers = parts.overlay
+		}
+		srv, err := serveHTTP(cfg.MetricsAddr, reg, a, peersHandler(cfg.NodeName, peers))
 		if err != nil {
 			return err
 		}
@@ -143,14 +146,23 @@ func LoadOrCreateNodeID(stateDir string) (string, error) {
 	return id, nil
 }
 
-// serveHTTP serves /metrics and /healthz on a local address.
-func serveHTTP(addr string, reg *prometheus.Registry, a *agent.Agent) (*http.Server, error) {
+// newRegistry is the process's metrics registry with the collectors that
+// belong to no component: Go runtime, process, build info.
+func newRegistry(version string) *prometheus.Registry {
+	reg := prometheus.NewRegistry()
+	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}), buildInfo(version))
+	return reg
+}
+
+// serveHTTP serves /metrics, /healthz and PeersPath on a local address.
+func serveHTTP(addr string, reg *prometheus.Registry, a *agent.Agent, peers http.Handler) (*http.Server, error) {
 	ln, err := net.Listen("tcp", addr)
 	if err != nil {
 		return nil, fmt.Errorf("metrics listener: %w", err)
 	}
 	mux := http.NewServeMux()
 	mux.Handle("/metrics", promHandler(reg))
+	mux.Handle(PeersPath, peers)
 	mux.HandleFunc("/healthz", func(w http.ResponseWriter, r *http.Request) {
 		st := a.Status()
 		w.Header().Set("Content-Type", "application/json")

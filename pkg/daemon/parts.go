@@ -20,6 +20,7 @@ import (
 type parts struct {
 	components []agent.Component
 	member     *agent.MemberOptions
+	overlay    *overlay.Component // nil when the overlay is disabled
 	closers    []func() error
 }
 
@@ -72,6 +73,7 @@ func buildParts(ctx context.Context, cfg config.Config, log *slog.Logger, reg pr
 			Pool:      registry.Pool{Min: cfg.Overlay.SubnetMin, Max: cfg.Overlay.SubnetMax, Bits: cfg.Overlay.SubnetLen},
 		}
 		p.components = append(p.components, ov)
+		p.overlay = ov
 	}
 	if h := cfg.HAProxy; h.Enable {
 		c, err := haproxycfg.New(haproxycfg.Options{

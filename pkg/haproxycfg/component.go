@@ -75,7 +75,10 @@ type Status struct {
 	Servers    int         `json:"servers"`
 	Apps       []AppStatus `json:"apps,omitempty"`
 	Counters
+	// Problems lists at most MaxStatusProblems of the problems (bad
+	// instances may come from every node); ProblemCount counts them all.
 	Problems       []Problem `json:"problems,omitempty"`
+	ProblemCount   int       `json:"problemCount,omitempty"`
 	LastError      string    `json:"lastError,omitempty"`
 	RejectedConfig string    `json:"rejectedConfig,omitempty"`
 	RejectedHash   string    `json:"rejectedHash,omitempty"`
@@ -155,6 +158,11 @@ func New(opts Options, log *slog.Logger, reg prometheus.Registerer) (*Component,
 		Log:        log,
 		Hooks:      m.hooks(),
 	}
+	if reg != nil {
+		if err := reg.Register(newServersCollector(c)); err != nil {
+			return nil, fmt.Errorf("haproxy metrics: %w", err)
+		}
+	}
 	if opts.Supervise {
 		c.sup = &Supervisor{
 			Binary: opts.Binary, ConfigPath: opts.ConfigPath, MasterSocket: opts.MasterSocket,
@@ -190,14 +198,40 @@ func (c *Component) Status() any {
 	c.mu.Lock()
 	d := c.last
 	c.mu.Unlock()
+	st := StatusOf(d, c.opts.ConfigPath, c.applier.Counters())
+	st.Supervised = c.sup != nil
+	if err := c.applier.LastError(); err != nil {
+		st.LastError = registry.StatusText(err.Error())
+	}
+	if h, err := c.applier.Rejected(); err != nil {
+		st.RejectedHash, st.RejectedConfig = h, c.applier.RejectedPath()
+	}
+	st.AppliedHash = c.applier.AppliedHash()
+	if c.sup != nil {
+		st.MasterPID = c.sup.PID()
+	}
+	return st
+}
+
+// MaxStatusProblems bounds the problems listed in the published status,
+// so that its size does not grow with the number of nodes.
+const MaxStatusProblems = 8
+
+// StatusOf is the part of the status that follows from the desired
+// configuration d (rendered to configPath) and the applier's counters:
+// what Status publishes, for callers that render without a running
+// HAProxy (the scale bench's simulated nodes).
+func StatusOf(d Desired, configPath string, counters Counters) Status {
 	st := Status{
-		ConfigPath: c.opts.ConfigPath,
+		ConfigPath: configPath,
 		Listeners:  len(d.Listeners),
 		Backends:   len(d.Listeners),
 		Servers:    d.Servers(),
-		Counters:   c.applier.Counters(),
+		Counters:   counters,
 		Problems:   d.Problems,
-		Supervised: c.sup != nil,
+	}
+	if st.ProblemCount = len(d.Problems); st.ProblemCount > MaxStatusProblems {
+		st.Problems = st.Problems[:MaxStatusProblems]
 	}
 	for _, l := range d.Listeners {
 		n := 0
@@ -207,16 +241,6 @@ func (c *Component) Status() any {
 			}
 		}
 		st.Apps = append(st.Apps, AppStatus{App: l.App.String(), Port: l.Port, Servers: n})
-	}
-	if err := c.applier.LastError(); err != nil {
-		st.LastError = err.Error()
-	}
-	if h, err := c.applier.Rejected(); err != nil {
-		st.RejectedHash, st.RejectedConfig = h, c.applier.RejectedPath()
-	}
-	st.AppliedHash = c.applier.AppliedHash()
-	if c.sup != nil {
-		st.MasterPID = c.sup.PID()
 	}
 	return st
 }

@@ -15,7 +15,7 @@ var lineShapes = regexp.MustCompile(`^(` + strings.Join([]string{
 	`# structure [0-9a-f]{16}`,
 	``, `global`, `defaults`,
 	`    master-worker`,
-	`    stats socket (/[A-Za-z0-9/._-]+|unix@/[A-Za-z0-9/._-]+|ipv4@[0-9.]+:[0-9]+) mode 600 level admin expose-fd listeners`,
+	`    stats socket (/[A-Za-z0-9/._-]+|unix@/[A-Za-z0-9/._-]+|ipv4@[0-9.]+:[0-9]+) mode 660 level admin expose-fd listeners`,
 	`    hard-stop-after [0-9]+m?s`,
 	`    mworker-max-reloads [0-9]+`,
 	`    mode tcp`, `    timeout (connect 5s|client 50s|server 50s)`, `    retries 3`, `    option redispatch 1`, `    default-server inter 2s fastinter 500ms downinter 500ms rise 2 fall 3`,

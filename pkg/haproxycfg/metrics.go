@@ -1,7 +1,9 @@
 package haproxycfg
 
 import (
+	"context"
 	"fmt"
+	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 )
@@ -64,5 +66,56 @@ func (m *metrics) hooks() Hooks {
 			m.runtimeSlots.Add(float64(slots))
 		},
 		ValidationFailure: m.validationFailures.Inc,
+	}
+}
+
+// serversCollector reads HAProxy's server health through the runtime API
+// at scrape time: one series per consumed app and state, so its size is
+// bounded by the apps this node consumes, not by the cluster.
+type serversCollector struct {
+	c       *Component
+	servers *prometheus.Desc
+	up      *prometheus.Desc
+}
+
+func newServersCollector(c *Component) *serversCollector {
+	return &serversCollector{
+		c: c,
+		servers: prometheus.NewDesc("meshd_haproxy_servers",
+			"Occupied server slots of each consumed app, by health (up, down) as HAProxy's runtime API reports it.",
+			[]string{"app", "state"}, nil),
+		up: prometheus.NewDesc("meshd_haproxy_runtime_up",
+			"1 if HAProxy's runtime API answered during this scrape, else 0.", nil, nil),
+	}
+}
+
+func (s *serversCollector) Describe(ch chan<- *prometheus.Desc) {
+	ch <- s.servers
+	ch <- s.up
+}
+
+// scrapeTimeout bounds one runtime API read during a scrape.
+const scrapeTimeout = 2 * time.Second
+
+func (s *serversCollector) Collect(ch chan<- prometheus.Metric) {
+	s.c.mu.Lock()
+	listeners := s.c.last.Listeners
+	s.c.mu.Unlock()
+	ctx, cancel := context.WithTimeout(context.Background(), scrapeTimeout)
+	defer cancel()
+	health, err := s.c.applier.Runtime.Health(ctx)
+	if err != nil {
+		ch <- prometheus.MustNewConstMetric(s.up, prometheus.GaugeValue, 0)
+		return
+	}
+	ch <- prometheus.MustNewConstMetric(s.up, prometheus.GaugeValue, 1)
+	for _, l := range listeners {
+		h, ok := health[BackendName(l.App)]
+		if !ok {
+			continue // not running yet: no data rather than a false "0 up"
+		}
+		app := l.App.String()
+		ch <- prometheus.MustNewConstMetric(s.servers, prometheus.GaugeValue, float64(h.Up), app, "up")
+		ch <- prometheus.MustNewConstMetric(s.servers, prometheus.GaugeValue, float64(h.Down), app, "down")
 	}
 }

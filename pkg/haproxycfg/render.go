@@ -34,7 +34,10 @@ func Render(d Desired) []byte {
 	b.WriteString("global\n")
 	b.WriteString("    master-worker\n")
 	if safeSocket(d.StatsSocket) {
-		fmt.Fprintf(&b, "    stats socket %s mode 600 level admin expose-fd listeners\n", d.StatsSocket)
+		// 660: the socket's group is HAProxy's own group (root's when
+		// meshd supervises it; meshd-haproxy under the NixOS module,
+		// where HAProxy runs as its own user and meshd joins that group).
+		fmt.Fprintf(&b, "    stats socket %s mode 660 level admin expose-fd listeners\n", d.StatsSocket)
 	}
 	fmt.Fprintf(&b, "    hard-stop-after %s\n", haDuration(d.HardStopAfter, DefaultHardStopAfter))
 	maxReloads := d.MaxReloads

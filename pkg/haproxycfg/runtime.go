@@ -3,6 +3,7 @@ package haproxycfg
 import (
 	"bufio"
 	"context"
+	"errors"
 	"fmt"
 	"net/netip"
 	"strconv"
@@ -32,6 +33,36 @@ func (r Runtime) Live(ctx context.Context) (Live, error) {
 // second line names the columns.
 func parseServersState(s string) (Live, error) {
 	live := Live{}
+	err := eachSlot(s, func(be string, idx int, get func(string) (string, error)) error {
+		addrS, err1 := get("srv_addr")
+		portS, err2 := get("srv_port")
+		adm, err3 := adminState(get)
+		if err := errors.Join(err1, err2, err3); err != nil {
+			return err
+		}
+		slots := live[be]
+		for len(slots) < idx {
+			slots = append(slots, netip.AddrPort{})
+		}
+		if adm&adminMaintMask == 0 {
+			a, errA := netip.ParseAddr(addrS)
+			p, errP := strconv.ParseUint(portS, 10, 16)
+			if errA == nil && errP == nil {
+				slots[idx-1] = netip.AddrPortFrom(a, uint16(p))
+			}
+		}
+		live[be] = slots
+		return nil
+	})
+	if err != nil {
+		return nil, err
+	}
+	return live, nil
+}
+
+// eachSlot calls fn for every line of `show servers state` that is a slot
+// (s1, s2…) of a meshd backend (be_…); get reads a column of that line.
+func eachSlot(s string, fn func(be string, idx int, get func(string) (string, error)) error) error {
 	var cols map[string]int
 	sc := bufio.NewScanner(strings.NewReader(s))
 	sc.Buffer(make([]byte, 64<<10), 4<<20)
@@ -48,7 +79,7 @@ func parseServersState(s string) (Live, error) {
 			continue
 		}
 		if cols == nil {
-			return nil, fmt.Errorf("servers state: no header before %q", line)
+			return fmt.Errorf("servers state: no header before %q", line)
 		}
 		f := strings.Fields(line)
 		get := func(name string) (string, error) {
@@ -60,43 +91,85 @@ func parseServersState(s string) (Live, error) {
 		}
 		be, err := get("be_name")
 		if err != nil {
-			return nil, err
+			return err
 		}
 		if !strings.HasPrefix(be, "be_") {
 			continue
 		}
 		name, err := get("srv_name")
 		if err != nil {
-			return nil, err
+			return err
 		}
 		idx, err := strconv.Atoi(strings.TrimPrefix(name, "s"))
 		if !strings.HasPrefix(name, "s") || err != nil || idx < 1 || idx > MaxServerSlots {
 			continue // not a slot of ours
 		}
-		addrS, err1 := get("srv_addr")
-		portS, err2 := get("srv_port")
-		admS, err3 := get("srv_admin_state")
-		if err1 != nil || err2 != nil || err3 != nil {
-			return nil, fmt.Errorf("servers state: short line %q", line)
+		if err := fn(be, idx, get); err != nil {
+			return err
 		}
-		adm, err := strconv.Atoi(admS)
-		if err != nil {
-			return nil, fmt.Errorf("servers state: admin state %q", admS)
-		}
-		slots := live[be]
-		for len(slots) < idx {
-			slots = append(slots, netip.AddrPort{})
-		}
-		if adm&adminMaintMask == 0 {
-			a, errA := netip.ParseAddr(addrS)
-			p, errP := strconv.ParseUint(portS, 10, 16)
-			if errA == nil && errP == nil {
-				slots[idx-1] = netip.AddrPortFrom(a, uint16(p))
-			}
-		}
-		live[be] = slots
 	}
-	return live, sc.Err()
+	return sc.Err()
+}
+
+func adminState(get func(string) (string, error)) (int, error) {
+	s, err := get("srv_admin_state")
+	if err != nil {
+		return 0, err
+	}
+	adm, err := strconv.Atoi(s)
+	if err != nil {
+		return 0, fmt.Errorf("servers state: admin state %q", s)
+	}
+	return adm, nil
+}
+
+// srvRunning is HAProxy's SRV_ST_RUNNING operational state.
+const srvRunning = 2
+
+// Health counts the occupied slots of one backend by health.
+type Health struct{ Up, Down int }
+
+// Health reads every meshd backend's occupied slots (those not in
+// maintenance) and counts them as up (operational state running) or down
+// (stopped, starting or stopping: failing its health check).
+func (r Runtime) Health(ctx context.Context) (map[string]Health, error) {
+	out, err := socketCmd(ctx, r.Socket, "show servers state")
+	if err != nil {
+		return nil, fmt.Errorf("runtime: %w", err)
+	}
+	return parseHealth(out)
+}
+
+func parseHealth(s string) (map[string]Health, error) {
+	h := map[string]Health{}
+	err := eachSlot(s, func(be string, _ int, get func(string) (string, error)) error {
+		adm, err := adminState(get)
+		if err != nil {
+			return err
+		}
+		opS, err := get("srv_op_state")
+		if err != nil {
+			return err
+		}
+		op, err := strconv.Atoi(opS)
+		if err != nil {
+			return fmt.Errorf("servers state: op state %q", opS)
+		}
+		c := h[be]
+		switch {
+		case adm&adminMaintMask != 0: // a free slot
+		case op == srvRunning:
+			c.Up++
+		default:
+			c.Down++
+		}
+		h[be] = c
+		return nil
+	})
+	if err != nil {
+		return nil, err
+	}
+	return h, nil
 }
 
 // WorkerPID returns the pid of the worker answering on the socket.

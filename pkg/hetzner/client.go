@@ -4,11 +4,16 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
+	"math"
+	"math/rand/v2"
+	"net"
 	"net/http"
 	"strconv"
 	"strings"
+	"syscall"
 	"time"
 
 	"github.com/hetznercloud/hcloud-go/v2/hcloud"
@@ -34,23 +39,32 @@ type ClientOptions struct {
 
 // RetryOptions configures the retrying transport.
 //
-// hcloud-go's own retry handler is switched off: it does not honour the
-// Retry-After header of a 429 (it backs off on its own schedule), it only
-// retries a 429 whose body carries the rate_limit_exceeded code, and it
-// never retries a 503. This transport does all three and also retries
-// the API's "conflict" code, which hcloud-go retried too.
+// hcloud-go's own retry handler is switched off and replaced by this
+// transport, which follows the same policy (hcloud-go v2.52.0,
+// client_handler_retry.go retryPolicy: the error codes conflict,
+// rate_limit_exceeded, bad_gateway and timeout, the statuses 502 and 504,
+// and network timeouts; backoff as ExponentialBackoffWithOpts{Base: 1s,
+// Multiplier: 2, Cap: 1m, Jitter: true}) and adds two things: a
+// connection reset or a connection closed before the answer is retried
+// like a timeout, and a 429 waits for the API's RateLimit-Reset header
+// (the API sends no Retry-After) instead of a blind backoff.
 type RetryOptions struct {
 	// MaxRetries is how many times one request is retried (default 5).
 	MaxRetries int
-	// Base is the first backoff for 5xx and 409 conflict; it doubles on
-	// each retry up to 30s (default 1s).
+	// Base is the first backoff; it doubles on each retry up to a
+	// minute, with full jitter above Base (default 1s).
 	Base time.Duration
-	// MaxRetryAfter is the longest Retry-After honoured; a longer one
-	// fails the request with the API's error (default 2m).
+	// MaxRetryAfter is the longest a 429 waits; a longer wait fails the
+	// request with the API's error (default 2m).
 	MaxRetryAfter time.Duration
 	// Sleep waits d or until ctx ends (default: a timer). Tests record
 	// the waits through it.
 	Sleep func(ctx context.Context, d time.Duration) error
+	// Rand returns a number in [0, 1) for jitter (default math/rand/v2).
+	Rand func() float64
+	// Now is the clock RateLimit-Reset is compared with (default
+	// time.Now).
+	Now func() time.Time
 }
 
 // NewClient returns an hcloud client with the retrying transport and the
@@ -87,8 +101,8 @@ func NewClient(o ClientOptions) (*hcloud.Client, error) {
 	return hcloud.NewClient(opts...), nil
 }
 
-// NewRetryTransport wraps base (nil: http.DefaultTransport) with retries
-// of 429 (after Retry-After), 502/503/504 and 409 conflict.
+// NewRetryTransport wraps base (nil: http.DefaultTransport) with the
+// retries RetryOptions describes.
 func NewRetryTransport(base http.RoundTripper, o RetryOptions) http.RoundTripper {
 	if base == nil {
 		base = http.DefaultTransport
@@ -104,6 +118,12 @@ func NewRetryTransport(base http.RoundTripper, o RetryOptions) http.RoundTripper
 	}
 	if o.Sleep == nil {
 		o.Sleep = sleepCtx
+	}
+	if o.Rand == nil {
+		o.Rand = rand.Float64
+	}
+	if o.Now == nil {
+		o.Now = time.Now
 	}
 	return &retryTransport{base: base, o: o}
 }
@@ -125,6 +145,7 @@ func sleepCtx(ctx context.Context, d time.Duration) error {
 }
 
 func (t *retryTransport) RoundTrip(req *http.Request) (*http.Response, error) {
+	replayable := req.Body == nil || req.Body == http.NoBody || req.GetBody != nil
 	for attempt := 0; ; attempt++ {
 		r := req
 		if attempt > 0 {
@@ -139,13 +160,16 @@ func (t *retryTransport) RoundTrip(req *http.Request) (*http.Response, error) {
 		}
 		resp, err := t.base.RoundTrip(r)
 		if err != nil {
-			return nil, err
+			if req.Context().Err() != nil || attempt >= t.o.MaxRetries || !replayable || !retryableNetError(err) {
+				return nil, err
+			}
+			if err := t.o.Sleep(req.Context(), t.backoff(attempt)); err != nil {
+				return nil, err
+			}
+			continue
 		}
-		if attempt >= t.o.MaxRetries {
+		if attempt >= t.o.MaxRetries || !replayable {
 			return resp, nil
-		}
-		if req.Body != nil && req.Body != http.NoBody && req.GetBody == nil {
-			return resp, nil // cannot replay the body
 		}
 		wait, retry, err := t.decide(resp, attempt)
 		if err != nil || !retry {
@@ -159,52 +183,85 @@ func (t *retryTransport) RoundTrip(req *http.Request) (*http.Response, error) {
 	}
 }
 
+// retryableNetError reports whether a transport error is worth another
+// attempt: a timeout (hcloud-go's policy), or a connection the other end
+// reset or closed before answering.
+func retryableNetError(err error) bool {
+	var ne net.Error
+	if errors.As(err, &ne) && ne.Timeout() {
+		return true
+	}
+	return errors.Is(err, syscall.ECONNRESET) || errors.Is(err, syscall.EPIPE) ||
+		errors.Is(err, io.ErrUnexpectedEOF) || errors.Is(err, io.EOF)
+}
+
+// backoff is hcloud-go's ExponentialBackoffWithOpts{Base, Multiplier: 2,
+// Cap: 1m, Jitter: true}: Base*2^attempt capped at a minute, then a
+// uniformly random point between Base and that.
+func (t *retryTransport) backoff(attempt int) time.Duration {
+	base := t.o.Base.Seconds()
+	b := min(base*math.Pow(2, float64(attempt)), time.Minute.Seconds())
+	b = (b-base)*t.o.Rand() + base
+	return time.Duration(b * float64(time.Second))
+}
+
 // decide says whether and after how long resp should be retried. It may
 // replace resp.Body (after peeking at it) with an equivalent reader.
 func (t *retryTransport) decide(resp *http.Response, attempt int) (time.Duration, bool, error) {
-	backoff := min(t.o.Base<<attempt, 30*time.Second)
-	switch resp.StatusCode {
-	case http.StatusTooManyRequests:
-		d, ok := parseRetryAfter(resp.Header.Get("Retry-After"), time.Now())
-		if !ok {
-			return backoff, true, nil
-		}
-		if d > t.o.MaxRetryAfter {
-			return 0, false, nil // let the caller see the API's error
-		}
-		return d, true, nil
-	case http.StatusBadGateway, http.StatusServiceUnavailable, http.StatusGatewayTimeout:
-		return backoff, true, nil
-	case http.StatusConflict:
-		body, err := io.ReadAll(io.LimitReader(resp.Body, 1<<20))
-		resp.Body.Close()
-		resp.Body = io.NopCloser(bytes.NewReader(body))
-		if err != nil {
-			return 0, false, err
-		}
-		var e schema.ErrorResponse
-		if json.Unmarshal(body, &e) == nil && e.Error.Code == string(hcloud.ErrorCodeConflict) {
-			return backoff, true, nil
-		}
+	if resp.StatusCode < 400 {
+		return 0, false, nil
+	}
+	if resp.StatusCode == http.StatusTooManyRequests {
+		return t.rateLimitWait(resp.Header, attempt)
+	}
+	if resp.StatusCode == http.StatusBadGateway || resp.StatusCode == http.StatusGatewayTimeout {
+		return t.backoff(attempt), true, nil
+	}
+	body, err := io.ReadAll(io.LimitReader(resp.Body, 1<<20))
+	resp.Body.Close()
+	resp.Body = io.NopCloser(bytes.NewReader(body))
+	if err != nil {
+		return 0, false, err
+	}
+	var e schema.ErrorResponse
+	if json.Unmarshal(body, &e) != nil {
+		return 0, false, nil
+	}
+	switch hcloud.ErrorCode(e.Error.Code) {
+	case hcloud.ErrorCodeConflict, hcloud.ErrorCodeBadGateway, hcloud.ErrorCodeTimeout:
+		return t.backoff(attempt), true, nil
+	case hcloud.ErrorCodeRateLimitExceeded:
+		return t.rateLimitWait(resp.Header, attempt)
 	}
 	return 0, false, nil
 }
 
-// parseRetryAfter reads a Retry-After header: delay seconds or an HTTP
-// date.
-func parseRetryAfter(v string, now time.Time) (time.Duration, bool) {
-	v = strings.TrimSpace(v)
-	if v == "" {
-		return 0, false
+// rateLimitWait is how long a rate-limited request waits. The API sends
+// RateLimit-Limit (requests per window), RateLimit-Remaining and
+// RateLimit-Reset (the UNIX time at which the budget is full again; it
+// refills at a constant rate). Waiting for the whole budget is wasteful,
+// so the wait is the time one request takes to come back, (Reset - now) /
+// (Limit - Remaining), at least a second and at most until Reset, plus up to half of it
+// again as jitter so that parallel requests do not all return at once.
+// Without the headers it backs off exponentially.
+func (t *retryTransport) rateLimitWait(h http.Header, attempt int) (time.Duration, bool, error) {
+	reset, err := strconv.ParseInt(strings.TrimSpace(h.Get("RateLimit-Reset")), 10, 64)
+	if err != nil {
+		return t.backoff(attempt), true, nil
 	}
-	if s, err := strconv.Atoi(v); err == nil {
-		if s < 0 {
-			return 0, false
+	until := max(time.Unix(reset, 0).Sub(t.o.Now()), 0)
+	wait := until
+	if limit, err := strconv.Atoi(strings.TrimSpace(h.Get("RateLimit-Limit"))); err == nil && limit > 0 {
+		// Until Reset, Limit - Remaining requests come back.
+		missing := limit
+		if rem, err := strconv.Atoi(strings.TrimSpace(h.Get("RateLimit-Remaining"))); err == nil && rem >= 0 && rem < limit {
+			missing = limit - rem
 		}
-		return time.Duration(s) * time.Second, true
+		wait = min(max(until/time.Duration(missing), time.Second), until)
 	}
-	if at, err := http.ParseTime(v); err == nil {
-		return max(at.Sub(now), 0), true
+	wait += time.Duration(float64(wait) / 2 * t.o.Rand())
+	if wait > t.o.MaxRetryAfter {
+		return 0, false, nil // let the caller see the API's error
 	}
-	return 0, false
+	return wait, true, nil
 }

@@ -3,11 +3,17 @@ package hetzner_test
 import (
 	"bytes"
 	"context"
+	"errors"
+	"fmt"
 	"io"
+	"net"
 	"net/http"
 	"net/http/httptest"
+	"os"
+	"strconv"
 	"strings"
 	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 
@@ -50,28 +56,47 @@ func status(code int, header ...string) func(w http.ResponseWriter) {
 }
 
 func TestRetryTransport(t *testing.T) {
-	date := time.Now().Add(90 * time.Second).UTC().Format(http.TimeFormat)
+	now := time.Unix(1_800_000_000, 0)
+	reset := func(d time.Duration) string { return strconv.FormatInt(now.Add(d).Unix(), 10) }
 	tests := []struct {
 		name      string
 		answers   []func(http.ResponseWriter)
+		rand      float64
 		wantCode  int
-		wantWaits []time.Duration // exact, or -1 for "any backoff"
+		wantWaits []time.Duration
 		requests  int
 	}{
-		{"429 honours Retry-After seconds", []func(http.ResponseWriter){status(429, "Retry-After", "3"), status(200)}, 200, []time.Duration{3 * time.Second}, 2},
-		{"429 honours Retry-After date", []func(http.ResponseWriter){status(429, "Retry-After", date), status(200)}, 200, []time.Duration{-1}, 2},
-		{"429 without header backs off", []func(http.ResponseWriter){status(429), status(200)}, 200, []time.Duration{time.Second}, 2},
-		{"429 asking too long is returned", []func(http.ResponseWriter){status(429, "Retry-After", "3600")}, 429, nil, 1},
-		{"503 then 502 then ok", []func(http.ResponseWriter){status(503), status(502), status(200)}, 200, []time.Duration{time.Second, 2 * time.Second}, 3},
-		{"conflict is retried", []func(http.ResponseWriter){status(409), status(201)}, 201, []time.Duration{time.Second}, 2},
-		{"422 is not retried", []func(http.ResponseWriter){status(422), status(200)}, 422, nil, 1},
-		{"gives up after MaxRetries", []func(http.ResponseWriter){status(504)}, 504, []time.Duration{time.Second, 2 * time.Second, 4 * time.Second}, 4},
+		// 3600 requests per hour, empty: one request comes back per second.
+		{"429 waits for one request of RateLimit-Reset", []func(http.ResponseWriter){
+			status(429, "RateLimit-Limit", "3600", "RateLimit-Remaining", "0", "RateLimit-Reset", reset(time.Hour)), status(200)},
+			0, 200, []time.Duration{time.Second}, 2},
+		{"429 wait has up to half again of jitter", []func(http.ResponseWriter){
+			status(429, "RateLimit-Limit", "60", "RateLimit-Remaining", "0", "RateLimit-Reset", reset(10*time.Minute)), status(200)},
+			0.5, 200, []time.Duration{12500 * time.Millisecond}, 2},
+		{"429 counts what remains", []func(http.ResponseWriter){
+			status(429, "RateLimit-Limit", "100", "RateLimit-Remaining", "90", "RateLimit-Reset", reset(100*time.Second)), status(200)},
+			0, 200, []time.Duration{10 * time.Second}, 2},
+		{"429 never waits past the reset", []func(http.ResponseWriter){
+			status(429, "RateLimit-Limit", "1", "RateLimit-Remaining", "0", "RateLimit-Reset", reset(3*time.Second)), status(200)},
+			0, 200, []time.Duration{3 * time.Second}, 2},
+		{"429 ignores Retry-After, which the API does not send", []func(http.ResponseWriter){
+			status(429, "Retry-After", "30"), status(200)}, 0, 200, []time.Duration{time.Second}, 2},
+		{"429 asking too long is returned", []func(http.ResponseWriter){
+			status(429, "RateLimit-Limit", "1", "RateLimit-Remaining", "0", "RateLimit-Reset", reset(time.Hour))}, 0, 429, nil, 1},
+		{"502 then 504 then ok, backoff with full jitter", []func(http.ResponseWriter){status(502), status(504), status(200)},
+			1, 200, []time.Duration{time.Second, 2 * time.Second}, 3},
+		{"503 is not retried, like hcloud-go", []func(http.ResponseWriter){status(503), status(200)}, 0, 503, nil, 1},
+		{"conflict is retried", []func(http.ResponseWriter){status(409), status(201)}, 0, 201, []time.Duration{time.Second}, 2},
+		{"422 is not retried", []func(http.ResponseWriter){status(422), status(200)}, 0, 422, nil, 1},
+		{"gives up after MaxRetries", []func(http.ResponseWriter){status(504)}, 1, 504,
+			[]time.Duration{time.Second, 2 * time.Second, 4 * time.Second}, 4},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			srv, bodies := scripted(t, tt.answers...)
 			var sl sleeps
-			rt := hetzner.NewRetryTransport(nil, hetzner.RetryOptions{MaxRetries: 3, Sleep: sl.sleep})
+			rt := hetzner.NewRetryTransport(nil, hetzner.RetryOptions{MaxRetries: 3, Sleep: sl.sleep,
+				Rand: func() float64 { return tt.rand }, Now: func() time.Time { return now }})
 			req, _ := http.NewRequest("POST", srv.URL, bytes.NewReader([]byte(`{"name":"n1"}`)))
 			resp, err := rt.RoundTrip(req)
 			if err != nil {
@@ -85,18 +110,8 @@ func TestRetryTransport(t *testing.T) {
 			if tt.wantCode == 409 && !strings.Contains(string(body), "conflict") {
 				t.Errorf("peeked body not restored: %q", body)
 			}
-			got := sl.all()
-			if len(got) != len(tt.wantWaits) {
-				t.Fatalf("waits %v, want %v", got, tt.wantWaits)
-			}
-			for i, w := range tt.wantWaits {
-				if w == -1 {
-					if got[i] < 80*time.Second || got[i] > 91*time.Second {
-						t.Errorf("wait %v, want about 90s from the date", got[i])
-					}
-				} else if got[i] != w {
-					t.Errorf("wait %d = %v, want %v", i, got[i], w)
-				}
+			if diff := cmp.Diff(tt.wantWaits, sl.all()); diff != "" {
+				t.Errorf("waits (-want +got):\n%s", diff)
 			}
 			if len(*bodies) != tt.requests {
 				t.Errorf("%d requests, want %d", len(*bodies), tt.requests)
@@ -110,8 +125,65 @@ func TestRetryTransport(t *testing.T) {
 	}
 }
 
+// flaky fails its first n round trips with err, then passes them on.
+type flaky struct {
+	n   int
+	err error
+}
+
+func (f *flaky) RoundTrip(r *http.Request) (*http.Response, error) {
+	if f.n > 0 {
+		f.n--
+		return nil, f.err
+	}
+	return http.DefaultTransport.RoundTrip(r)
+}
+
+type timeoutErr struct{}
+
+func (timeoutErr) Error() string   { return "i/o timeout" }
+func (timeoutErr) Timeout() bool   { return true }
+func (timeoutErr) Temporary() bool { return true }
+
+func TestRetryTransportRetriesNetworkErrors(t *testing.T) {
+	for _, tt := range []struct {
+		name  string
+		err   error
+		retry bool
+	}{
+		{"timeout", &net.OpError{Op: "read", Net: "tcp", Err: timeoutErr{}}, true},
+		{"connection reset", &net.OpError{Op: "read", Net: "tcp", Err: os.NewSyscallError("read", syscall.ECONNRESET)}, true},
+		{"closed before the answer", fmt.Errorf("read: %w", io.ErrUnexpectedEOF), true},
+		{"certificate error is final", errors.New("x509: certificate signed by unknown authority"), false},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			srv, bodies := scripted(t, status(200))
+			var sl sleeps
+			rt := hetzner.NewRetryTransport(&flaky{n: 2, err: tt.err}, hetzner.RetryOptions{Sleep: sl.sleep, Rand: func() float64 { return 0 }})
+			req, _ := http.NewRequest("POST", srv.URL, bytes.NewReader([]byte(`{"name":"n1"}`)))
+			resp, err := rt.RoundTrip(req)
+			if !tt.retry {
+				if err == nil || len(*bodies) != 0 || len(sl.all()) != 0 {
+					t.Fatalf("err %v after %d requests and waits %v: want the error at once", err, len(*bodies), sl.all())
+				}
+				return
+			}
+			if err != nil {
+				t.Fatalf("not retried: %v", err)
+			}
+			resp.Body.Close()
+			if diff := cmp.Diff([]time.Duration{time.Second, time.Second}, sl.all()); diff != "" {
+				t.Errorf("waits (-want +got):\n%s", diff)
+			}
+			if len(*bodies) != 1 || (*bodies)[0] != `{"name":"n1"}` {
+				t.Errorf("bodies that arrived: %q", *bodies)
+			}
+		})
+	}
+}
+
 func TestRetryTransportStopsWithContext(t *testing.T) {
-	srv, _ := scripted(t, status(429, "Retry-After", "30"))
+	srv, _ := scripted(t, status(502))
 	ctx, cancel := context.WithCancel(context.Background())
 	rt := hetzner.NewRetryTransport(nil, hetzner.RetryOptions{Sleep: func(ctx context.Context, d time.Duration) error {
 		cancel()

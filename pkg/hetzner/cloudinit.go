@@ -14,10 +14,16 @@ import (
 // MaxUserData is the API's limit on user data.
 const MaxUserData = 32 << 10
 
-// Defaults of the NixOS conversion.
+// Defaults of the NixOS conversion. The channel is a release supported on
+// 2026-12-03 (NixOS 26.05, security support until 2026-12-31; 25.11 and
+// 25.05 are past their end of life). The script is nixos-infect pinned to
+// a reviewed commit (2026-01-21, "Add hostmyserver (#253)"), and the
+// cloud-config runs it only if its sha256 matches: no unpinned code runs
+// as root.
 const (
-	DefaultNixChannel = "nixos-25.11"
-	DefaultInfectURL  = "https://raw.githubusercontent.com/elitak/nixos-infect/master/nixos-infect"
+	DefaultNixChannel   = "nixos-26.05"
+	DefaultInfectURL    = "https://raw.githubusercontent.com/elitak/nixos-infect/7563801d3ae68c975e4027f4e31a3906dca95f30/nixos-infect"
+	DefaultInfectSHA256 = "4cc3b5f8e4333ab4f02906d80a836c1b36e2887a51abf4eba4d9113b33934393"
 )
 
 // CloudInit is what the generated cloud-config needs to know.
@@ -31,6 +37,9 @@ type CloudInit struct {
 	// InfectURL is where the nixos-infect script is fetched from; pin it
 	// to a commit you have reviewed.
 	InfectURL string
+	// InfectSHA256 is the script's sha256 (hex); the cloud-config runs
+	// the script only if it matches.
+	InfectSHA256 string
 }
 
 // RoleGroups maps a role to the nix-infra groups a node of that role
@@ -47,7 +56,10 @@ func RoleGroups(role string) []registry.Group {
 	return nil // control nodes run etcd only
 }
 
-var channelRE = regexp.MustCompile(`^nixos-(unstable|[0-9]{2}\.[0-9]{2})(-small)?$`)
+var (
+	channelRE = regexp.MustCompile(`^nixos-(unstable|[0-9]{2}\.[0-9]{2})(-small)?$`)
+	sha256RE  = regexp.MustCompile(`^[0-9a-f]{64}$`)
+)
 
 // Validate checks the fields that reach the rendered shell and Nix text.
 func (ci CloudInit) Validate() error {
@@ -69,6 +81,9 @@ func (ci CloudInit) Validate() error {
 	u, err := url.Parse(ci.InfectURL)
 	if err != nil || u.Scheme != "https" || u.Host == "" || strings.ContainsAny(ci.InfectURL, " '\"\\`$;|&<>\n") {
 		return fmt.Errorf("%w: nixos-infect URL %q: want a plain https URL", ErrInvalid, ci.InfectURL)
+	}
+	if !sha256RE.MatchString(ci.InfectSHA256) {
+		return fmt.Errorf("%w: nixos-infect sha256 %q: want 64 lowercase hex digits (the script runs as root only if it matches)", ErrInvalid, ci.InfectSHA256)
 	}
 	return nil
 }
@@ -144,5 +159,6 @@ write_files:
         services.meshd.settings.overlay.listenPort = lib.mkDefault {{.WireGuardPort}};
       }
 runcmd:
-  - curl -fsSL --retry 5 '{{.InfectURL}}' | PROVIDER=hetznercloud NIX_CHANNEL={{.NixChannel}} NIXOS_IMPORT=./meshd-host.nix bash 2>&1 | tee /var/log/nixos-infect.log
+  - curl -fsSL --retry 5 -o /root/nixos-infect '{{.InfectURL}}'
+  - echo '{{.InfectSHA256}}  /root/nixos-infect' | sha256sum -c - && PROVIDER=hetznercloud NIX_CHANNEL={{.NixChannel}} NIXOS_IMPORT=./meshd-host.nix bash /root/nixos-infect 2>&1 | tee /var/log/nixos-infect.log
 `))

@@ -19,7 +19,7 @@ var update = flag.Bool("update", false, "rewrite golden files")
 
 func testCloudInit(role string) hetzner.CloudInit {
 	return hetzner.CloudInit{Cluster: "prod", Name: "worker-1", Role: role, WireGuardPort: 51820,
-		NixChannel: hetzner.DefaultNixChannel, InfectURL: hetzner.DefaultInfectURL}
+		NixChannel: hetzner.DefaultNixChannel, InfectURL: hetzner.DefaultInfectURL, InfectSHA256: hetzner.DefaultInfectSHA256}
 }
 
 func TestCloudInitGolden(t *testing.T) {
@@ -79,9 +79,15 @@ func TestCloudInitIsValid(t *testing.T) {
 			t.Errorf("host.nix lacks %q:\n%s", want, nix)
 		}
 	}
-	infect := cc.Runcmd[len(cc.Runcmd)-1]
-	if !regexp.MustCompile(`NIX_CHANNEL=nixos-25\.11 NIXOS_IMPORT=\./meshd-host\.nix bash`).MatchString(infect) {
-		t.Errorf("runcmd does not run nixos-infect with the import: %q", infect)
+	// The pinned script is downloaded to a file, and run only if its
+	// sha256 matches.
+	if len(cc.Runcmd) != 2 || !strings.Contains(cc.Runcmd[0], "-o /root/nixos-infect '"+hetzner.DefaultInfectURL+"'") ||
+		!strings.Contains(hetzner.DefaultInfectURL, "/nixos-infect/7563801d3ae68c975e4027f4e31a3906dca95f30/") {
+		t.Fatalf("runcmd does not fetch the pinned script: %q", cc.Runcmd)
+	}
+	infect := cc.Runcmd[1]
+	if !regexp.MustCompile(`^echo '[0-9a-f]{64}  /root/nixos-infect' \| sha256sum -c - && PROVIDER=hetznercloud NIX_CHANNEL=nixos-26\.05 NIXOS_IMPORT=\./meshd-host\.nix bash /root/nixos-infect `).MatchString(infect) {
+		t.Errorf("runcmd does not check the sha256 before running nixos-infect with the import: %q", infect)
 	}
 
 	role := cc.WriteFiles[1].Content
@@ -129,7 +135,9 @@ func TestCloudInitRejectsUnsafeInput(t *testing.T) {
 		"quote in name":     func(c *hetzner.CloudInit) { c.Name = `a"b` },
 		"shell in URL":      func(c *hetzner.CloudInit) { c.InfectURL = "https://x/$(reboot)" },
 		"http URL":          func(c *hetzner.CloudInit) { c.InfectURL = "http://example.com/nixos-infect" },
-		"channel injection": func(c *hetzner.CloudInit) { c.NixChannel = "nixos-25.11 bash -c id;" },
+		"no sha256":         func(c *hetzner.CloudInit) { c.InfectSHA256 = "" },
+		"sha256 injection":  func(c *hetzner.CloudInit) { c.InfectSHA256 = "00' /etc/passwd; reboot; echo '" },
+		"channel injection": func(c *hetzner.CloudInit) { c.NixChannel = "nixos-26.05 bash -c id;" },
 		"cluster newline":   func(c *hetzner.CloudInit) { c.Cluster = "a\nb" },
 		"port":              func(c *hetzner.CloudInit) { c.WireGuardPort = 70000 },
 	} {

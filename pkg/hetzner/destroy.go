@@ -18,6 +18,24 @@ import (
 // is neither a server of the cluster nor a node in its registry.
 var ErrNotInCluster = errors.New("not in the cluster")
 
+// ErrKeysLeft is returned (wrapped) by Destroy when servers were deleted
+// but their registry keys could not be removed (etcd unreachable): the
+// results say which keys remain and how to remove them later.
+var ErrKeysLeft = errors.New("registry keys left behind")
+
+// RegistryKeysOf describes the registry keys a node may have, for an
+// operator who must remove them later.
+func RegistryKeysOf(node string) []string {
+	return []string{registry.NodeKey(node), registry.MemberKey(node), registry.StatusKey(node),
+		registry.SecretsNodePrefix(node) + "*", registry.SubnetsPrefix + "<its subnet>",
+		registry.ClusterPrefix + "<group>/<app>/instances/" + node}
+}
+
+// RemoveLaterHint is the command that removes a node's keys once etcd is
+// reachable again: destroy of a name with keys and no server removes
+// only the keys.
+func RemoveLaterHint(node string) string { return "meshctl destroy " + node }
+
 // NodeRemover deletes every registry key of a node. registry.RemoveNode
 // is the real one.
 type NodeRemover interface {
@@ -99,29 +117,41 @@ func PlanDestroy(cluster string, names []string, servers []*hcloud.Server, snap 
 		}
 	}
 	if len(unknown) > 0 {
-		return DestroyPlan{}, fmt.Errorf("%w: %s: no server labelled %s=%s and no registry entry; nothing deleted",
-			ErrNotInCluster, strings.Join(unknown, ", "), LabelCluster, cluster)
+		reg := "no registry entry"
+		if snap == nil {
+			reg = "the registry could not be read"
+		}
+		return DestroyPlan{}, fmt.Errorf("%w: %s: no server labelled %s=%s and %s; nothing deleted",
+			ErrNotInCluster, strings.Join(unknown, ", "), LabelCluster, cluster, reg)
 	}
 	return plan, nil
 }
 
 // DestroyResult is what happened to one name.
 type DestroyResult struct {
-	Name          string  `json:"name"`
-	ID            int64   `json:"id,omitempty"`
-	ServerDeleted bool    `json:"serverDeleted"`
-	KeysDeleted   int64   `json:"keysDeleted"`
-	Outcome       Outcome `json:"outcome"`
-	Error         string  `json:"error,omitempty"`
+	Name          string `json:"name"`
+	ID            int64  `json:"id,omitempty"`
+	ServerDeleted bool   `json:"serverDeleted"`
+	KeysDeleted   int64  `json:"keysDeleted"`
+	// KeysLeft are the registry keys that may remain because the
+	// registry could not be reached, and RemoveLater the command that
+	// removes them once it can.
+	KeysLeft    []string `json:"keysLeft,omitempty"`
+	RemoveLater string   `json:"removeLater,omitempty"`
+	Outcome     Outcome  `json:"outcome"`
+	Error       string   `json:"error,omitempty"`
 }
 
 // Destroy deletes the plan's servers (in parallel, bounded) and then the
 // registry keys of each one whose server is gone. A server that could not
-// be deleted keeps its keys: it may still be running.
+// be deleted keeps its keys: it may still be running. With reg nil (the
+// registry is unreachable) the servers are still deleted, and each result
+// lists the keys left behind; the error then wraps ErrKeysLeft.
 func (p *Provisioner) Destroy(ctx context.Context, plan DestroyPlan, reg NodeRemover, parallel int) ([]DestroyResult, error) {
 	parallel = max(parallel, 1)
 	var results []DestroyResult
 	var errs []error
+	var left []string
 	var mu sync.Mutex
 	record := func(r DestroyResult, err error) {
 		mu.Lock()
@@ -131,12 +161,20 @@ func (p *Provisioner) Destroy(ctx context.Context, plan DestroyPlan, reg NodeRem
 			errs = append(errs, err)
 		}
 	}
+	keysLeft := func(r *DestroyResult) {
+		r.KeysLeft, r.RemoveLater = RegistryKeysOf(r.Name), RemoveLaterHint(r.Name)
+		mu.Lock()
+		left = append(left, r.Name)
+		mu.Unlock()
+	}
 	removeKeys := func(r *DestroyResult) error {
 		if reg == nil {
+			keysLeft(r)
 			return nil
 		}
 		n, err := reg.RemoveNode(ctx, r.Name)
 		if err != nil {
+			keysLeft(r)
 			return fmt.Errorf("remove registry keys: %w", err)
 		}
 		r.KeysDeleted = n
@@ -155,7 +193,9 @@ func (p *Provisioner) Destroy(ctx context.Context, plan DestroyPlan, reg NodeRem
 			err := p.deleteServer(ctx, s)
 			if err == nil {
 				r.ServerDeleted = true
-				p.progress().Server(s.Name, "deleted, removing registry keys")
+				if reg != nil {
+					p.progress().Server(s.Name, "deleted, removing registry keys")
+				}
 				err = removeKeys(&r)
 			}
 			if err != nil {
@@ -165,7 +205,12 @@ func (p *Provisioner) Destroy(ctx context.Context, plan DestroyPlan, reg NodeRem
 				return
 			}
 			r.Outcome = OutcomeDeleted
-			p.progress().Server(s.Name, fmt.Sprintf("deleted (%d registry keys)", r.KeysDeleted))
+			if r.KeysLeft != nil {
+				p.progress().Server(s.Name, fmt.Sprintf("deleted; the registry is unreachable, so these keys may remain: %s; remove them later with: %s",
+					strings.Join(r.KeysLeft, " "), r.RemoveLater))
+			} else {
+				p.progress().Server(s.Name, fmt.Sprintf("deleted (%d registry keys)", r.KeysDeleted))
+			}
 			record(r, nil)
 		}()
 	}
@@ -181,6 +226,19 @@ func (p *Provisioner) Destroy(ctx context.Context, plan DestroyPlan, reg NodeRem
 		record(r, err)
 	}
 	slices.SortFunc(results, func(a, b DestroyResult) int { return strings.Compare(a.Name, b.Name) })
+	if len(left) > 0 {
+		slices.Sort(left)
+		var cmds []string
+		for _, n := range left {
+			cmds = append(cmds, RemoveLaterHint(n))
+		}
+		kerr := fmt.Errorf("%w for %s (the registry was not reachable): once etcd is back, run: %s",
+			ErrKeysLeft, strings.Join(left, ", "), strings.Join(cmds, "; "))
+		if len(errs) == 0 {
+			return results, kerr
+		}
+		errs = append(errs, kerr)
+	}
 	if len(errs) > 0 {
 		return results, fmt.Errorf("%d of %d failed: %w", len(errs), len(results), errors.Join(errs...))
 	}

@@ -52,6 +52,13 @@ func TestInventory(t *testing.T) {
 	if got := hetzner.Inventory(nil, nil); len(got) != 0 {
 		t.Errorf("empty inventory = %+v", got)
 	}
+	// Without the registry every server's state is unknown, not "never
+	// joined".
+	for _, r := range hetzner.Inventory([]*hcloud.Server{server(1, "a", "prod")}, nil) {
+		if r.State != hetzner.StateUnknown || r.ServerID != 1 {
+			t.Errorf("row without registry = %+v", r)
+		}
+	}
 }
 
 func TestPlanDestroy(t *testing.T) {
@@ -126,4 +133,37 @@ func mustServer(t *testing.T, f *hcloudfake.Server, name string) hcloud.Server {
 		t.Fatalf("no server %s", name)
 	}
 	return hcloud.Server{ID: s.ID, Name: s.Name}
+}
+
+func TestDestroyWithoutRegistryDeletesServersAndListsTheKeysLeft(t *testing.T) {
+	f := hcloudfake.New(t, testToken)
+	labels := map[string]string{hetzner.LabelCluster: "prod"}
+	f.AddServer("a", labels)
+	f.AddServer("b", labels)
+	p := &hetzner.Provisioner{Client: newClient(t, f, &sleeps{})}
+	servers, err := p.ListServers(context.Background(), "prod")
+	if err != nil {
+		t.Fatal(err)
+	}
+	// The registry cannot be read: a name without a server is refused,
+	// saying why.
+	if _, err := hetzner.PlanDestroy("prod", []string{"a", "ghost"}, servers, nil); !errors.Is(err, hetzner.ErrNotInCluster) ||
+		!strings.Contains(err.Error(), "the registry could not be read") {
+		t.Errorf("plan with an unknown name: %v", err)
+	}
+	plan, err := hetzner.PlanDestroy("prod", []string{"a"}, servers, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	res, err := p.Destroy(context.Background(), plan, nil, 2)
+	if !errors.Is(err, hetzner.ErrKeysLeft) || !strings.Contains(err.Error(), "meshctl destroy a") {
+		t.Fatalf("error = %v, want ErrKeysLeft naming the command", err)
+	}
+	if diff := cmp.Diff([]string{"b"}, f.ServerNames()); diff != "" {
+		t.Errorf("servers left (-want +got):\n%s", diff)
+	}
+	if len(res) != 1 || res[0].Outcome != hetzner.OutcomeDeleted || !res[0].ServerDeleted ||
+		!slices.Contains(res[0].KeysLeft, "/cluster/nodes/a") || res[0].RemoveLater != "meshctl destroy a" {
+		t.Errorf("result %+v", res)
+	}
 }

@@ -31,12 +31,12 @@ func FuzzParsePublicKey(f *testing.F) {
 // FuzzCloudInit: whatever names pass validation render a cloud-config
 // that is YAML with exactly the two files, and never anything else.
 func FuzzCloudInit(f *testing.F) {
-	f.Add("prod", "worker-1", "nixos-25.11")
+	f.Add("prod", "worker-1", "nixos-26.05")
 	f.Add("a\"b", "x: y", "nixos-unstable")
 	f.Add("c", "n\n- path: /etc/shadow", "nixos-24.05-small")
 	f.Fuzz(func(t *testing.T, cluster, name, channel string) {
 		ci := hetzner.CloudInit{Cluster: cluster, Name: name, Role: "worker", WireGuardPort: 51820,
-			NixChannel: channel, InfectURL: hetzner.DefaultInfectURL}
+			NixChannel: channel, InfectURL: hetzner.DefaultInfectURL, InfectSHA256: hetzner.DefaultInfectSHA256}
 		ud, err := ci.Render()
 		if err != nil {
 			return
@@ -45,7 +45,7 @@ func FuzzCloudInit(f *testing.F) {
 		if err := yaml.UnmarshalStrict([]byte(ud), &cc); err != nil {
 			t.Fatalf("rendered invalid YAML for %q/%q/%q: %v", cluster, name, channel, err)
 		}
-		if len(cc.WriteFiles) != 2 || len(cc.Runcmd) != 1 || !strings.Contains(cc.WriteFiles[0].Content, `node = "`+name+`"`) {
+		if len(cc.WriteFiles) != 2 || len(cc.Runcmd) != 2 || !strings.Contains(cc.WriteFiles[0].Content, `node = "`+name+`"`) {
 			t.Fatalf("unexpected structure for %q/%q: %+v", cluster, name, cc)
 		}
 	})

@@ -19,17 +19,29 @@ import (
 
 const testToken = "hc-test-token-5ecret"
 
-// sleeps records the waits of the retrying transport instead of waiting.
+// sleeps records the waits of the retrying transport instead of waiting,
+// and moves a clock on by them that the fake's rate limit refills by.
 type sleeps struct {
-	mu sync.Mutex
-	d  []time.Duration
+	mu    sync.Mutex
+	d     []time.Duration
+	clock time.Duration
 }
+
+// epoch is where the test clock starts.
+var epoch = time.Date(2026, 12, 3, 12, 0, 0, 0, time.UTC)
 
 func (s *sleeps) sleep(ctx context.Context, d time.Duration) error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	s.d = append(s.d, d)
+	s.clock += d
 	return ctx.Err()
+}
+
+func (s *sleeps) now() time.Time {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return epoch.Add(s.clock)
 }
 
 func (s *sleeps) all() []time.Duration {
@@ -40,9 +52,10 @@ func (s *sleeps) all() []time.Duration {
 
 func newClient(t *testing.T, f *hcloudfake.Server, sl *sleeps) *hcloud.Client {
 	t.Helper()
+	f.Now = sl.now
 	c, err := hetzner.NewClient(hetzner.ClientOptions{
 		Token: testToken, Endpoint: f.URL(), PollInterval: time.Millisecond,
-		Retry: hetzner.RetryOptions{Sleep: sl.sleep},
+		Retry: hetzner.RetryOptions{Sleep: sl.sleep, Now: sl.now, Rand: func() float64 { return 0 }},
 	})
 	if err != nil {
 		t.Fatal(err)
@@ -77,13 +90,14 @@ func baseOptions(t *testing.T, names ...string) hetzner.ProvisionOptions {
 		t.Fatal(err)
 	}
 	return hetzner.ProvisionOptions{
-		Cluster: "prod", Names: names, ServerType: "cpx21", Location: "hel1", Image: "debian-12",
+		Cluster: "prod", Names: names, ServerType: hetzner.DefaultServerType, Location: "hel1", Image: "debian-12",
 		Role: "worker", Labels: map[string]string{"team": "infra"},
 		SSHKeyFiles: []hetzner.PublicKey{pk},
 		Network: &hetzner.NetworkSpec{Name: "prod-net", IPRange: netip.MustParsePrefix("172.20.0.0/16"),
 			Subnet: netip.MustParsePrefix("172.20.1.0/24")},
 		PlacementGroup: "prod-spread", Firewall: "prod-meshd", WireGuardPort: 51820,
-		NixChannel: hetzner.DefaultNixChannel, InfectURL: hetzner.DefaultInfectURL, Parallel: 2,
+		NixChannel: hetzner.DefaultNixChannel, InfectURL: hetzner.DefaultInfectURL, InfectSHA256: hetzner.DefaultInfectSHA256,
+		Parallel: 2, PollInterval: time.Millisecond,
 	}
 }
 

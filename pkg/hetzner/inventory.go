@@ -20,6 +20,9 @@ const (
 	StateNeverJoined = "never joined"
 	// StateNoServer: registry keys and no server of this cluster.
 	StateNoServer = "no server"
+	// StateUnknown: a server whose registry state is unknown because the
+	// registry could not be read.
+	StateUnknown = "unknown"
 )
 
 // InventoryRow is one name seen by the cloud, the registry, or both.
@@ -40,8 +43,10 @@ type InventoryRow struct {
 }
 
 // Inventory joins the cluster's servers with the registry, by name. It is
-// a pure function; rows are sorted by name.
+// a pure function; rows are sorted by name. A nil snap means the registry
+// could not be read: every server's state is then StateUnknown.
 func Inventory(servers []*hcloud.Server, snap *registry.Snapshot) []InventoryRow {
+	unknown := snap == nil
 	if snap == nil {
 		snap = &registry.Snapshot{}
 	}
@@ -72,6 +77,8 @@ func Inventory(servers []*hcloud.Server, snap *registry.Snapshot) []InventoryRow
 		_, live := snap.Nodes[n]
 		_, member := snap.Members[n]
 		switch {
+		case unknown:
+			r.State = StateUnknown
 		case r.ServerID == 0:
 			r.State = StateNoServer
 		case live:

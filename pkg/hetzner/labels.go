@@ -65,17 +65,28 @@ func ValidateRole(r string) error {
 }
 
 // ValidateServerName checks a server name. It becomes the Hetzner server
-// name (an RFC 1123 hostname), the NixOS hostname and the meshd node name,
-// so it must satisfy all three.
+// name, which the API requires to be a valid hostname (RFC 1123: labels of
+// 1 to 63 letters, digits and '-', not starting or ending with '-',
+// separated by single dots), the NixOS hostname and the meshd node name,
+// so it must satisfy all three. It is checked before any API call.
 func ValidateServerName(n string) error {
 	if err := registry.ValidName(n); err != nil {
 		return fmt.Errorf("%w: server name: %v", ErrInvalid, err)
 	}
-	if strings.ContainsRune(n, '_') {
-		return fmt.Errorf("%w: server name %q: '_' is not allowed in a hostname", ErrInvalid, n)
+	if len(n) > 253 {
+		return fmt.Errorf("%w: server name %q is longer than 253 characters", ErrInvalid, n)
 	}
-	if last := n[len(n)-1]; last == '-' || last == '.' {
-		return fmt.Errorf("%w: server name %q must end with a letter or digit", ErrInvalid, n)
+	for _, label := range strings.Split(n, ".") {
+		switch {
+		case label == "":
+			return fmt.Errorf("%w: server name %q: empty label (two dots, or a dot at an end): not a hostname", ErrInvalid, n)
+		case len(label) > 63:
+			return fmt.Errorf("%w: server name %q: label %q is longer than 63 characters", ErrInvalid, n, label)
+		case strings.ContainsRune(label, '_'):
+			return fmt.Errorf("%w: server name %q: '_' is not allowed in a hostname", ErrInvalid, n)
+		case label[0] == '-' || label[len(label)-1] == '-':
+			return fmt.Errorf("%w: server name %q: label %q must start and end with a letter or digit", ErrInvalid, n, label)
+		}
 	}
 	return nil
 }

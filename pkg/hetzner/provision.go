@@ -4,9 +4,10 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"strconv"
+	"slices"
 	"strings"
 	"sync"
+	"time"
 
 	"github.com/hetznercloud/hcloud-go/v2/hcloud"
 )
@@ -37,11 +38,16 @@ type ProvisionOptions struct {
 	WireGuardPort int
 	// UserData, when set, replaces the rendered cloud-config verbatim.
 	UserData []byte
-	// NixChannel and InfectURL tune the rendered cloud-config.
-	NixChannel string
-	InfectURL  string
+	// NixChannel, InfectURL and InfectSHA256 tune the rendered
+	// cloud-config.
+	NixChannel   string
+	InfectURL    string
+	InfectSHA256 string
 	// Parallel bounds how many servers are created at once.
 	Parallel int
+	// PollInterval is how often a server in transition is looked at
+	// again (default 1s).
+	PollInterval time.Duration
 }
 
 // Outcome is what happened to one server.
@@ -51,6 +57,8 @@ type Outcome string
 const (
 	OutcomeCreated Outcome = "created"
 	OutcomeExists  Outcome = "exists"
+	// OutcomeStarted: the server existed powered off and was powered on.
+	OutcomeStarted Outcome = "started"
 	OutcomeFailed  Outcome = "failed"
 	OutcomeDeleted Outcome = "deleted"
 )
@@ -130,12 +138,15 @@ func (o *ProvisionOptions) validate() error {
 	if o.Parallel < 1 {
 		o.Parallel = 1
 	}
+	if o.PollInterval <= 0 {
+		o.PollInterval = time.Second
+	}
 	return nil
 }
 
 func (o *ProvisionOptions) cloudInit(name string) CloudInit {
 	return CloudInit{Cluster: o.Cluster, Name: name, Role: o.Role, WireGuardPort: o.WireGuardPort,
-		NixChannel: o.NixChannel, InfectURL: o.InfectURL}
+		NixChannel: o.NixChannel, InfectURL: o.InfectURL, InfectSHA256: o.InfectSHA256}
 }
 
 // ListServers returns every server carrying the cluster's label, across
@@ -152,16 +163,18 @@ func (p *Provisioner) ListServers(ctx context.Context, cluster string) ([]*hclou
 
 // shared holds the resources every new server references.
 type shared struct {
-	keys     []*hcloud.SSHKey
-	firewall *hcloud.Firewall
-	network  *hcloud.Network
-	pg       *hcloud.PlacementGroup
+	keys    []*hcloud.SSHKey
+	network *hcloud.Network
+	pg      *hcloud.PlacementGroup
+	image   *hcloud.Image
 }
 
 // Provision creates the named servers that the cluster does not have yet
 // and reports all of them. Servers that exist (same name, cluster label)
-// are left alone, so running it again after a partial failure completes
-// the rest. The error names every server that failed.
+// are kept; one that is powered off (a start that failed) is powered on,
+// so running it again after a partial failure completes the rest. No
+// server counts as done unless it is running. The error names every
+// server that failed.
 func (p *Provisioner) Provision(ctx context.Context, o ProvisionOptions) ([]ServerResult, error) {
 	if err := o.validate(); err != nil {
 		return nil, err
@@ -175,45 +188,52 @@ func (p *Provisioner) Provision(ctx context.Context, o ProvisionOptions) ([]Serv
 		byName[s.Name] = s
 	}
 	results := make([]ServerResult, len(o.Names))
-	var todo []int
-	for i, n := range o.Names {
-		if s, ok := byName[n]; ok {
-			results[i] = resultOf(s, OutcomeExists)
-			p.progress().Server(n, fmt.Sprintf("exists (id %d, %s), left alone", s.ID, s.Status))
-			continue
+	var sh *shared
+	if adding := len(slices.DeleteFunc(slices.Clone(o.Names), func(n string) bool { return byName[n] != nil })); adding > 0 {
+		// Refuse a type or image that cannot (or soon will not) be
+		// ordered before anything is created.
+		st, err := checkServerType(ctx, p.Client, o.ServerType, o.Location)
+		if err != nil {
+			return nil, err
 		}
-		todo = append(todo, i)
-	}
-	if len(todo) == 0 {
-		return results, nil
-	}
-	sh, err := p.ensureShared(ctx, &o, len(todo))
-	if err != nil {
-		var names []string
-		for _, i := range todo {
-			names = append(names, o.Names[i])
-			results[i] = ServerResult{Name: o.Names[i], Role: o.Role, Outcome: OutcomeFailed, Error: "not created: " + err.Error()}
-			p.progress().Server(o.Names[i], "not created")
+		img, err := checkImage(ctx, p.Client, o.Image, st.Architecture)
+		if err != nil {
+			return nil, err
 		}
-		return results, fmt.Errorf("server %s not created: %w", strings.Join(names, ", "), err)
+		if sh, err = p.ensureShared(ctx, &o, adding); err != nil {
+			var names []string
+			for i, n := range o.Names {
+				if byName[n] == nil {
+					names = append(names, n)
+					results[i] = ServerResult{Name: n, Role: o.Role, Outcome: OutcomeFailed, Error: "not created: " + err.Error()}
+					p.progress().Server(n, "not created")
+				}
+			}
+			return results, fmt.Errorf("server %s not created: %w", strings.Join(names, ", "), err)
+		}
+		sh.image = img
 	}
 
 	errs := make([]error, len(o.Names))
 	sem := make(chan struct{}, o.Parallel)
 	var wg sync.WaitGroup
-	for _, i := range todo {
+	for i, name := range o.Names {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
 			select {
 			case sem <- struct{}{}:
 			case <-ctx.Done():
-				errs[i] = fmt.Errorf("server %s: %w", o.Names[i], ctx.Err())
-				results[i] = ServerResult{Name: o.Names[i], Role: o.Role, Outcome: OutcomeFailed, Error: ctx.Err().Error()}
+				errs[i] = fmt.Errorf("server %s: %w", name, ctx.Err())
+				results[i] = ServerResult{Name: name, Role: o.Role, Outcome: OutcomeFailed, Error: ctx.Err().Error()}
 				return
 			}
 			defer func() { <-sem }()
-			results[i], errs[i] = p.createOne(ctx, &o, sh, o.Names[i])
+			if s := byName[name]; s != nil {
+				results[i], errs[i] = p.keepRunning(ctx, &o, s, OutcomeExists)
+				return
+			}
+			results[i], errs[i] = p.createOne(ctx, &o, sh, name)
 		}()
 	}
 	wg.Wait()
@@ -229,6 +249,24 @@ func (p *Provisioner) Provision(ctx context.Context, o ProvisionOptions) ([]Serv
 	return results, nil
 }
 
+// keepRunning reports an existing server of the cluster as out (exists
+// or created) once it is running, powering it on if it is off; a server
+// that cannot be brought to running is a failure, never done.
+func (p *Provisioner) keepRunning(ctx context.Context, o *ProvisionOptions, s *hcloud.Server, out Outcome) (ServerResult, error) {
+	s, started, err := p.ensureRunning(ctx, s, o.PollInterval)
+	if err != nil {
+		p.progress().Server(s.Name, "failed: "+err.Error())
+		r := resultOf(s, OutcomeFailed)
+		r.Error = err.Error()
+		return r, fmt.Errorf("server %s: %w", s.Name, err)
+	}
+	if started && out == OutcomeExists {
+		out = OutcomeStarted
+	}
+	p.progress().Server(s.Name, fmt.Sprintf("%s (id %d, %s)", out, s.ID, s.Status))
+	return resultOf(s, out), nil
+}
+
 func (p *Provisioner) ensureShared(ctx context.Context, o *ProvisionOptions, adding int) (*shared, error) {
 	note := p.progress().Note
 	var sh shared
@@ -236,7 +274,7 @@ func (p *Provisioner) ensureShared(ctx context.Context, o *ProvisionOptions, add
 	if sh.keys, err = ensureSSHKeys(ctx, p.Client, o.Cluster, o.SSHKeys, o.SSHKeyFiles, note); err != nil {
 		return nil, err
 	}
-	if sh.firewall, err = ensureFirewall(ctx, p.Client, o.Cluster, o.Firewall, o.WireGuardPort, note); err != nil {
+	if _, err = ensureFirewall(ctx, p.Client, o.Cluster, o.Firewall, o.WireGuardPort, note); err != nil {
 		return nil, err
 	}
 	if o.Network != nil {
@@ -264,22 +302,19 @@ func (p *Provisioner) createOne(ctx context.Context, o *ProvisionOptions, sh *sh
 			return fail(err)
 		}
 	}
-	image := &hcloud.Image{Name: o.Image}
-	if id, err := strconv.ParseInt(o.Image, 10, 64); err == nil {
-		image = &hcloud.Image{ID: id}
-	}
 	start := true
 	opts := hcloud.ServerCreateOpts{
 		Name:             name,
 		ServerType:       &hcloud.ServerType{Name: o.ServerType},
-		Image:            image,
+		Image:            &hcloud.Image{ID: sh.image.ID},
 		Location:         &hcloud.Location{Name: o.Location},
 		SSHKeys:          sh.keys,
 		UserData:         userData,
 		StartAfterCreate: &start,
-		Labels:           ResourceLabels(o.Cluster, o.Role, o.Labels),
-		Firewalls:        []*hcloud.ServerCreateFirewall{{Firewall: *sh.firewall}},
-		PlacementGroup:   sh.pg,
+		// The cluster firewall reaches the server through its label
+		// selector (ensureFirewall), not through a direct attachment.
+		Labels:         ResourceLabels(o.Cluster, o.Role, o.Labels),
+		PlacementGroup: sh.pg,
 	}
 	if sh.network != nil {
 		opts.Networks = []*hcloud.Network{sh.network}
@@ -294,8 +329,7 @@ func (p *Provisioner) createOne(ctx context.Context, o *ProvisionOptions, sh *sh
 		case gerr != nil:
 			return fail(fmt.Errorf("create: %w (and looking it up: %w)", err, gerr))
 		case s != nil && s.Labels[LabelCluster] == o.Cluster:
-			p.progress().Server(name, fmt.Sprintf("exists (id %d, %s), left alone", s.ID, s.Status))
-			return resultOf(s, OutcomeExists), nil
+			return p.keepRunning(ctx, o, s, OutcomeExists)
 		case s != nil:
 			return fail(notOurs("server", name, o.Cluster, s.Labels))
 		}
@@ -323,8 +357,7 @@ func (p *Provisioner) createOne(ctx context.Context, o *ProvisionOptions, sh *sh
 		}
 		return fail(fmt.Errorf("read server %d: %w", res.Server.ID, err))
 	}
-	p.progress().Server(name, "created, "+string(s.Status))
-	return resultOf(s, OutcomeCreated), nil
+	return p.keepRunning(ctx, o, s, OutcomeCreated)
 }
 
 // resultOf describes a server as the API returned it.

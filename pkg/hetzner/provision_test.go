@@ -18,36 +18,54 @@ import (
 	"github.com/meshd/meshd/pkg/hetzner/hcloudfake"
 )
 
+// served is RequestsTo without the requests the rate limit turned away.
+func served(f *hcloudfake.Server, method, path string) []hcloudfake.Request {
+	return slices.DeleteFunc(f.RequestsTo(method, path), func(r hcloudfake.Request) bool { return r.Status == http.StatusTooManyRequests })
+}
+
 func TestProvisionCreatesAndRerunCreatesNothing(t *testing.T) {
 	f := hcloudfake.New(t, testToken)
-	// One 429 with Retry-After on the first listing and one 503 on the
-	// firewall lookup: both must be retried, the 429 after exactly the
-	// time the API asked for.
-	f.Inject(hcloudfake.Fault{Method: "GET", Path: "/servers", Status: http.StatusTooManyRequests,
-		Code: "rate_limit_exceeded", Message: "limit reached", RetryAfter: "7"})
-	f.Inject(hcloudfake.Fault{Method: "GET", Path: "/firewalls", Status: http.StatusServiceUnavailable,
-		Code: "unavailable", Message: "try again"})
 	var sl sleeps
 	var progress bytes.Buffer
 	p := &hetzner.Provisioner{Client: newClient(t, f, &sl), Progress: hetzner.NewProgress(&progress, false)}
+	// The project has one request left of 3600 an hour: every further
+	// request is answered 429 until one has come back (a second later,
+	// by the fake's clock, which the recorded waits move on). A 502 on
+	// the firewall lookup and a dropped connection on the key lookup
+	// must be retried as well.
+	f.SetRateLimit(3600, 1)
+	f.Inject(hcloudfake.Fault{Method: "GET", Path: "/firewalls", Status: http.StatusBadGateway,
+		Code: "bad_gateway", Message: "try again"})
+	f.Inject(hcloudfake.Fault{Method: "GET", Path: "/ssh_keys", Reset: true})
 	opts := baseOptions(t, "node1", "node2", "node3")
 
 	res, err := p.Provision(context.Background(), opts)
 	if err != nil {
 		t.Fatalf("provision: %v\n%s", err, progress.String())
 	}
-	if got := sl.all(); len(got) != 2 || got[0] != 7*time.Second {
-		t.Errorf("retry waits = %v, want [7s, <backoff>]", got)
+	var limited int
+	for _, r := range f.Requests() {
+		if r.Status == http.StatusTooManyRequests {
+			limited++
+		}
 	}
-	for _, path := range []string{"/servers", "/firewalls"} {
-		reqs := f.RequestsTo("GET", path)
-		if len(reqs) < 2 || reqs[0].Status < 429 || reqs[1].Status != 200 {
+	if limited == 0 {
+		t.Error("the fake never answered 429")
+	}
+	for i, d := range sl.all() {
+		if d != time.Second {
+			t.Errorf("wait %d = %v, want 1s (one request of RateLimit-Reset, or the first backoff)", i, d)
+		}
+	}
+	for _, path := range []string{"/firewalls", "/ssh_keys"} {
+		reqs := slices.DeleteFunc(f.RequestsTo("GET", path), func(r hcloudfake.Request) bool { return r.Status == 429 })
+		if len(reqs) < 2 || reqs[0].Status == 200 || reqs[1].Status != 200 {
 			t.Errorf("GET %s was not retried after the injected error: %+v", path, statuses(reqs))
 		}
 	}
 
 	// Shared resources: created once, labelled, with the expected shape.
-	fwReqs := f.RequestsTo("POST", "/firewalls")
+	fwReqs := served(f, "POST", "/firewalls")
 	if len(fwReqs) != 1 {
 		t.Fatalf("firewall creates = %d, want 1", len(fwReqs))
 	}
@@ -62,7 +80,10 @@ func TestProvisionCreatesAndRerunCreatesNothing(t *testing.T) {
 	if diff := cmp.Diff([]string{"in tcp 22 0.0.0.0/0,::/0", "in udp 51820 0.0.0.0/0,::/0"}, rules); diff != "" {
 		t.Errorf("firewall rules (-want +got):\n%s", diff)
 	}
-	nwReqs := f.RequestsTo("POST", "/networks")
+	if len(fw.ApplyTo) != 1 || fw.ApplyTo[0].Type != "label_selector" || fw.ApplyTo[0].LabelSelector.Selector != "meshd/cluster=prod" {
+		t.Errorf("firewall apply_to = %+v, want the label selector meshd/cluster=prod", fw.ApplyTo)
+	}
+	nwReqs := served(f, "POST", "/networks")
 	if len(nwReqs) != 1 {
 		t.Fatalf("network creates = %d, want 1", len(nwReqs))
 	}
@@ -71,14 +92,14 @@ func TestProvisionCreatesAndRerunCreatesNothing(t *testing.T) {
 		nw.Subnets[0].NetworkZone != "eu-central" || nw.Subnets[0].Type != "cloud" || (*nw.Labels)[hetzner.LabelCluster] != "prod" {
 		t.Errorf("network create = %+v", nw)
 	}
-	pgReqs := f.RequestsTo("POST", "/placement_groups")
+	pgReqs := served(f, "POST", "/placement_groups")
 	if len(pgReqs) != 1 {
 		t.Fatalf("placement group creates = %d, want 1", len(pgReqs))
 	}
 	if pg := decodeBody[schema.PlacementGroupCreateRequest](t, pgReqs[0]); pg.Type != "spread" || (*pg.Labels)[hetzner.LabelCluster] != "prod" {
 		t.Errorf("placement group create = %+v", pg)
 	}
-	keyReqs := f.RequestsTo("POST", "/ssh_keys")
+	keyReqs := served(f, "POST", "/ssh_keys")
 	if len(keyReqs) != 1 {
 		t.Fatalf("ssh key uploads = %d, want 1", len(keyReqs))
 	}
@@ -91,7 +112,7 @@ func TestProvisionCreatesAndRerunCreatesNothing(t *testing.T) {
 	pg, _ := f.PlacementGroup("prod-spread")
 	fwState, _ := f.Firewall("prod-meshd")
 	nwState, _ := f.Network("prod-net")
-	srvReqs := f.RequestsTo("POST", "/servers")
+	srvReqs := served(f, "POST", "/servers")
 	if len(srvReqs) != 3 {
 		t.Fatalf("server creates = %d, want 3", len(srvReqs))
 	}
@@ -111,14 +132,17 @@ func TestProvisionCreatesAndRerunCreatesNothing(t *testing.T) {
 		if diff := cmp.Diff(wantLabels, *req.Labels); diff != "" {
 			t.Errorf("%s labels (-want +got):\n%s", req.Name, diff)
 		}
-		if len(req.Firewalls) != 1 || req.Firewalls[0].Firewall != fwState.ID {
-			t.Errorf("%s firewalls = %+v, want [%d]", req.Name, req.Firewalls, fwState.ID)
+		if len(req.Firewalls) != 0 {
+			t.Errorf("%s firewalls = %+v, want none: the label selector applies it", req.Name, req.Firewalls)
+		}
+		if srv, _ := f.ServerByName(req.Name); len(srv.PublicNet.Firewalls) != 1 || srv.PublicNet.Firewalls[0].ID != fwState.ID {
+			t.Errorf("%s has firewalls %+v, want [%d] through the selector", req.Name, srv.PublicNet.Firewalls, fwState.ID)
 		}
 		if !slices.Equal(req.Networks, []int64{nwState.ID}) || len(req.SSHKeys) != 1 {
 			t.Errorf("%s networks %v ssh keys %v", req.Name, req.Networks, req.SSHKeys)
 		}
 		want, _ := hetzner.CloudInit{Cluster: "prod", Name: req.Name, Role: "worker", WireGuardPort: 51820,
-			NixChannel: hetzner.DefaultNixChannel, InfectURL: hetzner.DefaultInfectURL}.Render()
+			NixChannel: hetzner.DefaultNixChannel, InfectURL: hetzner.DefaultInfectURL, InfectSHA256: hetzner.DefaultInfectSHA256}.Render()
 		if req.UserData != want {
 			t.Errorf("%s user data is not the rendered cloud-config:\n%s", req.Name, req.UserData)
 		}
@@ -135,7 +159,7 @@ func TestProvisionCreatesAndRerunCreatesNothing(t *testing.T) {
 			t.Errorf("%s private ip %q not in the subnet", r.Name, r.PrivateIP)
 		}
 	}
-	if !strings.Contains(progress.String(), "node2: created, running") {
+	if !strings.Contains(progress.String(), "node2: created (id") {
 		t.Errorf("progress lacks per-server lines:\n%s", progress.String())
 	}
 
@@ -150,7 +174,7 @@ func TestProvisionCreatesAndRerunCreatesNothing(t *testing.T) {
 		if r.Method != "GET" {
 			t.Errorf("re-run sent %s %s", r.Method, r.Path)
 		}
-		if r.Path == "/servers" {
+		if r.Path == "/servers" && r.Status == http.StatusOK {
 			lists++
 		}
 	}
@@ -278,7 +302,7 @@ func TestProvisionRefusesWhatIsNotOurs(t *testing.T) {
 			if err == nil || !strings.Contains(err.Error(), tt.want) {
 				t.Fatalf("error = %v, want it to contain %q", err, tt.want)
 			}
-			if !strings.Contains(err.Error(), "node1") {
+			if tt.name != "bad server type" && !strings.Contains(err.Error(), "node1") {
 				t.Errorf("error %q does not name the server", err)
 			}
 		})
@@ -291,6 +315,11 @@ func TestProvisionValidatesBeforeCallingTheAPI(t *testing.T) {
 	for name, mutate := range map[string]func(*hetzner.ProvisionOptions){
 		"no cluster":      func(o *hetzner.ProvisionOptions) { o.Cluster = "" },
 		"bad name":        func(o *hetzner.ProvisionOptions) { o.Names = []string{"bad_name"} },
+		"two dots":        func(o *hetzner.ProvisionOptions) { o.Names = []string{"a..b"} },
+		"label with -":    func(o *hetzner.ProvisionOptions) { o.Names = []string{"web.-1"} },
+		"trailing dot":    func(o *hetzner.ProvisionOptions) { o.Names = []string{"web1."} },
+		"label too long":  func(o *hetzner.ProvisionOptions) { o.Names = []string{strings.Repeat("a", 64) + ".b"} },
+		"no sha256":       func(o *hetzner.ProvisionOptions) { o.InfectSHA256 = "" },
 		"duplicate name":  func(o *hetzner.ProvisionOptions) { o.Names = []string{"a", "a"} },
 		"bad role":        func(o *hetzner.ProvisionOptions) { o.Role = "boss" },
 		"no ssh key":      func(o *hetzner.ProvisionOptions) { o.SSHKeyFiles = nil },
@@ -361,8 +390,12 @@ func TestProvisionBoundsParallelismAndReportsFailedActions(t *testing.T) {
 			t.Errorf("%s: %s %s", r.Name, r.Outcome, r.Error)
 		}
 	}
-	// The server exists (it did not start): a re-run reports it and
-	// leaves it alone rather than creating it twice.
+	if s, _ := f.ServerByName("n3"); s.Status != "off" {
+		t.Fatalf("n3 is %s after the failed start, want off", s.Status)
+	}
+	// The server exists but is off, so cloud-init never ran: a re-run
+	// powers it on (not a second create) and reports it only once it
+	// runs.
 	before := len(f.RequestsTo("POST", "/servers"))
 	res, err = p.Provision(context.Background(), opts)
 	if err != nil {
@@ -371,7 +404,70 @@ func TestProvisionBoundsParallelismAndReportsFailedActions(t *testing.T) {
 	if n := len(f.RequestsTo("POST", "/servers")) - before; n != 0 {
 		t.Errorf("re-run created %d servers", n)
 	}
-	if res[2].Name != "n3" || res[2].Outcome != hetzner.OutcomeExists || res[2].Status != "off" {
+	if s, _ := f.ServerByName("n3"); len(f.RequestsTo("POST", "/servers/"+itoa(s.ID)+"/actions/poweron")) != 1 {
+		t.Errorf("n3 was not powered on once")
+	}
+	if res[2].Name != "n3" || res[2].Outcome != hetzner.OutcomeStarted || res[2].Status != "running" {
 		t.Errorf("n3 on re-run: %+v", res[2])
+	}
+	for _, r := range res[:2] {
+		if r.Outcome != hetzner.OutcomeExists || r.Status != "running" {
+			t.Errorf("%s on re-run: %+v", r.Name, r)
+		}
+	}
+}
+
+func TestProvisionRerunNeverReportsAServerThatDoesNotRun(t *testing.T) {
+	f := hcloudfake.New(t, testToken)
+	p := &hetzner.Provisioner{Client: newClient(t, f, &sleeps{})}
+	opts := baseOptions(t, "n1")
+	if _, err := p.Provision(context.Background(), opts); err != nil {
+		t.Fatal(err)
+	}
+	// Powered off, and powering on fails again: the re-run must fail.
+	f.SetServerStatus("n1", "off")
+	f.FailAction("start_server", "n1", "server_error", "host unavailable")
+	res, err := p.Provision(context.Background(), opts)
+	if err == nil || !strings.Contains(err.Error(), "power on server") {
+		t.Fatalf("re-run error = %v, want the failed power on", err)
+	}
+	if res[0].Outcome != hetzner.OutcomeFailed || res[0].Status != "off" {
+		t.Errorf("result %+v, want failed and off", res[0])
+	}
+	// A server in a state it cannot leave by itself is a failure too.
+	f.SetServerStatus("n1", "unknown")
+	if res, err := p.Provision(context.Background(), opts); err == nil || res[0].Outcome != hetzner.OutcomeFailed {
+		t.Errorf("server in status unknown reported %+v, %v", res[0], err)
+	}
+}
+
+func TestProvisionWaitsForAStartingServer(t *testing.T) {
+	f := hcloudfake.New(t, testToken)
+	p := &hetzner.Provisioner{Client: newClient(t, f, &sleeps{})}
+	opts := baseOptions(t, "n1")
+	if _, err := p.Provision(context.Background(), opts); err != nil {
+		t.Fatal(err)
+	}
+	s, _ := f.ServerByName("n1")
+	f.SetServerStatus("n1", "starting")
+	// The server becomes running after meshctl has looked at it a few
+	// times; until then the re-run must neither report it nor power it on.
+	go func() {
+		for len(f.RequestsTo("GET", "/servers/"+itoa(s.ID))) < 3 {
+			time.Sleep(time.Millisecond)
+		}
+		f.SetServerStatus("n1", "running")
+	}()
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	res, err := p.Provision(ctx, opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if res[0].Outcome != hetzner.OutcomeExists || res[0].Status != "running" {
+		t.Errorf("result %+v", res[0])
+	}
+	if n := len(f.RequestsTo("POST", "/servers/"+itoa(s.ID)+"/actions/poweron")); n != 0 {
+		t.Errorf("powered on a starting server %d times", n)
 	}
 }

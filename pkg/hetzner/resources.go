@@ -84,17 +84,30 @@ func notOurs(kind, name, cluster string, labels map[string]string) error {
 		kind, name, LabelCluster, cluster, labels[LabelCluster])
 }
 
-// ensureFirewall returns the cluster firewall, creating it, or resetting
-// its rules when someone changed them.
+// appliedBySelector reports whether fw is applied through sel.
+func appliedBySelector(fw *hcloud.Firewall, sel string) bool {
+	return slices.ContainsFunc(fw.AppliedTo, func(r hcloud.FirewallResource) bool {
+		return r.Type == hcloud.FirewallResourceTypeLabelSelector && r.LabelSelector != nil && r.LabelSelector.Selector == sel
+	})
+}
+
+// ensureFirewall returns the cluster firewall, creating it, resetting its
+// rules when someone changed them, and applying it through the cluster's
+// label selector (as the hcloud CLI's and terraform's users do), so every
+// server of the cluster has it, including servers added later by hand or
+// detached from it directly.
 func ensureFirewall(ctx context.Context, c *hcloud.Client, cluster, name string, wgPort int, progress func(string)) (*hcloud.Firewall, error) {
 	want := FirewallRules(wgPort)
+	sel := ClusterSelector(cluster)
+	applyTo := []hcloud.FirewallResource{{Type: hcloud.FirewallResourceTypeLabelSelector,
+		LabelSelector: &hcloud.FirewallResourceLabelSelector{Selector: sel}}}
 	fw, _, err := c.Firewall.GetByName(ctx, name)
 	if err != nil {
 		return nil, fmt.Errorf("firewall %q: %w", name, err)
 	}
 	if fw == nil {
 		res, _, err := c.Firewall.Create(ctx, hcloud.FirewallCreateOpts{
-			Name: name, Labels: ResourceLabels(cluster, "", nil), Rules: want,
+			Name: name, Labels: ResourceLabels(cluster, "", nil), Rules: want, ApplyTo: applyTo,
 		})
 		if hcloud.IsError(err, hcloud.ErrorCodeUniquenessError) {
 			fw, _, err = c.Firewall.GetByName(ctx, name)
@@ -103,7 +116,7 @@ func ensureFirewall(ctx context.Context, c *hcloud.Client, cluster, name string,
 			if err := c.Action.WaitFor(ctx, res.Actions...); err != nil {
 				return nil, fmt.Errorf("firewall %q: %w", name, err)
 			}
-			progress(fmt.Sprintf("created firewall %q (tcp/%d, udp/%d)", name, SSHPort, wgPort))
+			progress(fmt.Sprintf("created firewall %q (tcp/%d, udp/%d) for servers labelled %s", name, SSHPort, wgPort, sel))
 		}
 		if err != nil {
 			return nil, fmt.Errorf("create firewall %q: %w", name, err)
@@ -121,6 +134,16 @@ func ensureFirewall(ctx context.Context, c *hcloud.Client, cluster, name string,
 			return nil, fmt.Errorf("reset rules of firewall %q: %w", name, err)
 		}
 		progress(fmt.Sprintf("reset the rules of firewall %q", name))
+	}
+	if !appliedBySelector(fw, sel) {
+		actions, _, err := c.Firewall.ApplyResources(ctx, fw, applyTo)
+		if err == nil {
+			err = c.Action.WaitFor(ctx, actions...)
+		}
+		if err != nil {
+			return nil, fmt.Errorf("apply firewall %q to %s: %w", name, sel, err)
+		}
+		progress(fmt.Sprintf("applied firewall %q to servers labelled %s", name, sel))
 	}
 	return fw, nil
 }
@@ -200,6 +223,22 @@ func ensureNetwork(ctx context.Context, c *hcloud.Client, cluster string, spec N
 		return nil, fmt.Errorf("network %q has no subnet in network zone %s and is not labelled %s=%s, so meshctl will not add one",
 			spec.Name, zone, LabelCluster, cluster)
 	}
+	var taken []netip.Prefix
+	for _, s := range nw.Subnets {
+		if p, ok := prefixOf(s.IPRange); ok {
+			taken = append(taken, p)
+		}
+	}
+	rng, ok := prefixOf(nw.IPRange)
+	if !ok {
+		return nil, fmt.Errorf("network %q has no IP range", spec.Name)
+	}
+	free, ok := FreeSubnet(rng, spec.Subnet, taken)
+	if !ok {
+		return nil, fmt.Errorf("network %q (%s) has no free /%d for a subnet in %s", spec.Name, rng, spec.Subnet.Bits(), zone)
+	}
+	spec.Subnet = free
+	subnet.IPRange = ipNet(free)
 	a, _, err := c.Network.AddSubnet(ctx, nw, hcloud.NetworkAddSubnetOpts{Subnet: subnet})
 	if err == nil {
 		err = c.Action.WaitFor(ctx, a)
@@ -209,6 +248,45 @@ func ensureNetwork(ctx context.Context, c *hcloud.Client, cluster string, spec N
 	}
 	progress(fmt.Sprintf("added subnet %s in %s to network %q", spec.Subnet, zone, spec.Name))
 	return nw, nil
+}
+
+// FreeSubnet returns want if it lies in rng and overlaps none of taken,
+// else the first prefix of want's size in rng that overlaps none: each
+// network zone gets its own subnet of the private network.
+func FreeSubnet(rng, want netip.Prefix, taken []netip.Prefix) (netip.Prefix, bool) {
+	free := func(p netip.Prefix) bool {
+		return rng.Contains(p.Addr()) && p.Bits() >= rng.Bits() &&
+			!slices.ContainsFunc(taken, func(t netip.Prefix) bool { return t.Overlaps(p) })
+	}
+	if free(want) {
+		return want, true
+	}
+	size := uint64(1) << (want.Addr().BitLen() - want.Bits())
+	if want.Bits() < rng.Bits() || !rng.Addr().Is4() {
+		return netip.Prefix{}, false
+	}
+	base := rng.Masked().Addr().As4()
+	start := uint64(base[0])<<24 | uint64(base[1])<<16 | uint64(base[2])<<8 | uint64(base[3])
+	end := start + (uint64(1) << (32 - rng.Bits()))
+	for a := start; a+size <= end; a += size {
+		p := netip.PrefixFrom(netip.AddrFrom4([4]byte{byte(a >> 24), byte(a >> 16), byte(a >> 8), byte(a)}), want.Bits())
+		if free(p) {
+			return p, true
+		}
+	}
+	return netip.Prefix{}, false
+}
+
+func prefixOf(n *net.IPNet) (netip.Prefix, bool) {
+	if n == nil {
+		return netip.Prefix{}, false
+	}
+	a, ok := netip.AddrFromSlice(n.IP)
+	if !ok {
+		return netip.Prefix{}, false
+	}
+	ones, _ := n.Mask.Size()
+	return netip.PrefixFrom(a.Unmap(), ones).Masked(), true
 }
 
 func ipNet(p netip.Prefix) *net.IPNet {

@@ -79,8 +79,11 @@ type Component struct {
 	key     wgtypes.Key
 	metrics *metrics
 
-	track    *tracker
-	applier  *Applier
+	track   *tracker
+	applier *Applier
+	// reader is what Status reads the live device through: the applier
+	// (tests put a FakeDevice here).
+	reader   deviceReader
 	cache    *bootCache
 	retry    *handshakeRetry
 	repairer *routeRepairer
@@ -117,13 +120,20 @@ func New(opts Options, log *slog.Logger, reg prometheus.Registerer) (*Component,
 	if err != nil {
 		return nil, fmt.Errorf("overlay: %w", err)
 	}
-	return assemble(opts, log, key, m, computer, app), nil
+	c := assemble(opts, log, key, m, computer, app)
+	if reg != nil {
+		if err := reg.Register(peerCollector{c}); err != nil {
+			app.Close()
+			return nil, fmt.Errorf("overlay: metrics: %w", err)
+		}
+	}
+	return c, nil
 }
 
 // assemble wires the rooms together around app.
 func assemble(opts Options, log *slog.Logger, key wgtypes.Key, m *metrics, computer *desired.Computer, app *Applier) *Component {
 	c := &Component{
-		opts: opts, log: log, key: key, metrics: m, applier: app,
+		opts: opts, log: log, key: key, metrics: m, applier: app, reader: app,
 		track: &tracker{computer: computer},
 		cache: &bootCache{dir: opts.StateDir, iface: opts.Interface},
 		retry: newHandshakeRetry(app, log, func(n int) { m.retries.Add(float64(n)) }),

@@ -21,6 +21,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
 	"golang.org/x/net/icmp"
 	"golang.org/x/net/ipv4"
 	"golang.org/x/sys/unix"
@@ -65,6 +66,8 @@ type helperReply struct {
 	Status    *Status      `json:"status,omitempty"`
 	Peers     []PeerDetail `json:"peers,omitempty"`
 	Plan      string       `json:"plan,omitempty"`
+	// Metrics are the per-peer series a scrape returns: name -> peer -> value.
+	Metrics map[string]map[string]float64 `json:"metrics,omitempty"`
 }
 
 func runHelper(in io.Reader, out io.Writer) int {
@@ -128,6 +131,16 @@ func runHelper(in io.Reader, out io.Writer) int {
 					st := c.StatusNow(now)
 					rep.Status = &st
 					rep.Peers = c.PeerDetails(now)
+				case "metrics": // scrape the per-peer collector
+					reg := prometheus.NewRegistry()
+					if err := reg.Register(peerCollector{c}); err != nil {
+						return err
+					}
+					m, err := gatherPeers(reg)
+					if err != nil {
+						return err
+					}
+					rep.Metrics = m
 				case "close":
 					stop()
 					err := c.Close()

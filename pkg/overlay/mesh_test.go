@@ -70,6 +70,15 @@ func testMesh(t *testing.T, detached bool) {
 	if h01.IsZero() || h10.IsZero() {
 		t.Fatalf("no handshake after ping: %v %v", h01, h10)
 	}
+	// The per-peer series, scraped from the live device: the handshake
+	// just seen and the ping's bytes, labelled with the peer's name.
+	met := n[0].must(t, helperCmd{Op: "metrics"}).Metrics
+	if hs := met["meshd_wireguard_peer_last_handshake_timestamp_seconds"]["n1"]; hs < float64(h01.Unix())-1 || hs > float64(h01.Unix())+1 {
+		t.Errorf("handshake metric for n1 = %v, device says %v", hs, h01)
+	}
+	if rx, tx := met["meshd_wireguard_peer_receive_bytes_total"]["n1"], met["meshd_wireguard_peer_transmit_bytes_total"]["n1"]; rx <= 0 || tx <= 0 {
+		t.Errorf("byte counters for n1: rx %v tx %v, want both > 0 after pings", rx, tx)
+	}
 
 	t.Run("third node joins without re-handshake", func(t *testing.T) {
 		for _, nd := range n {

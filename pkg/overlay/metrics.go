@@ -1,6 +1,8 @@
 package overlay
 
 import (
+	"time"
+
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/meshd/meshd/pkg/overlay/desired"
@@ -61,5 +63,43 @@ func (m *metrics) observe(plan desired.Plan, err error) {
 	}
 	for _, c := range plan.Peers {
 		m.changes.WithLabelValues(c.Op.String()).Inc()
+	}
+}
+
+// Per-peer series, read from the device at scrape time (peerCollector).
+var (
+	peerHandshakeDesc = prometheus.NewDesc("meshd_wireguard_peer_last_handshake_timestamp_seconds",
+		"Time of the peer's last WireGuard handshake, seconds since the epoch (0: none yet).", []string{"peer"}, nil)
+	peerRxDesc = prometheus.NewDesc("meshd_wireguard_peer_receive_bytes_total",
+		"Bytes received from the peer, as the WireGuard device counts them.", []string{"peer"}, nil)
+	peerTxDesc = prometheus.NewDesc("meshd_wireguard_peer_transmit_bytes_total",
+		"Bytes sent to the peer, as the WireGuard device counts them.", []string{"peer"}, nil)
+)
+
+// peerCollector reports one series per peer of the live device. It reads
+// the device at each scrape, so a removed peer's series vanish with it.
+// A peer is labelled with its node name, or its public key when the
+// desired state does not name it.
+type peerCollector struct{ c *Component }
+
+func (p peerCollector) Describe(ch chan<- *prometheus.Desc) {
+	ch <- peerHandshakeDesc
+	ch <- peerRxDesc
+	ch <- peerTxDesc
+}
+
+func (p peerCollector) Collect(ch chan<- prometheus.Metric) {
+	for _, d := range p.c.PeerDetails(time.Now()) {
+		peer := d.Name
+		if peer == "" {
+			peer = d.PublicKey
+		}
+		var hs float64
+		if !d.LastHandshake.IsZero() {
+			hs = float64(d.LastHandshake.UnixNano()) / 1e9
+		}
+		ch <- prometheus.MustNewConstMetric(peerHandshakeDesc, prometheus.GaugeValue, hs, peer)
+		ch <- prometheus.MustNewConstMetric(peerRxDesc, prometheus.CounterValue, float64(d.RxBytes), peer)
+		ch <- prometheus.MustNewConstMetric(peerTxDesc, prometheus.CounterValue, float64(d.TxBytes), peer)
 	}
 }

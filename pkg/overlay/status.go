@@ -3,9 +3,13 @@ package overlay
 import (
 	"net/netip"
 	"slices"
+	"strings"
 	"time"
 
+	"golang.zx2c4.com/wireguard/wgctrl/wgtypes"
+
 	"github.com/meshd/meshd/pkg/overlay/desired"
+	"github.com/meshd/meshd/pkg/registry"
 )
 
 // RecentHandshake is how old a peer's last handshake may be for the peer
@@ -20,9 +24,6 @@ const MaxStaleNames = 16
 
 // MaxStatusProblems bounds the problems listed in Status.Problems.
 const MaxStatusProblems = 8
-
-// maxStatusError bounds the length of an error text in the status.
-const maxStatusError = 256
 
 // Status is what the overlay publishes in the node's status (under
 // "components"."overlay"). Its size does not depend on the number of
@@ -130,14 +131,6 @@ func Summarize(peers []PeerDetail, now time.Time) PeerSummary {
 	return s
 }
 
-// truncate shortens an error text for the status.
-func truncate(s string) string {
-	if len(s) <= maxStatusError {
-		return s
-	}
-	return s[:maxStatusError] + "…"
-}
-
 // Status implements agent.Component. It reads the live device for
 // handshake times; it never includes the private key.
 func (c *Component) Status() any { return c.StatusNow(time.Now()) }
@@ -159,45 +152,64 @@ func (c *Component) PeerDetails(now time.Time) []PeerDetail {
 func (c *Component) status(now time.Time) (Status, []PeerDetail) {
 	v := c.track.view()
 	st := Status{
-		Interface:    c.opts.Interface,
-		PublicKey:    c.PublicKey(),
-		Revision:     v.revision,
-		Applied:      v.applied,
-		Waiting:      v.waiting,
-		ProblemCount: len(v.problems),
+		Interface: c.opts.Interface,
+		PublicKey: c.PublicKey(),
+		Revision:  v.revision,
+		Applied:   v.applied,
+		Waiting:   v.waiting,
 	}
-	st.Problems = v.problems
+	setProblems(&st, v.problems)
+	if v.lastErr != nil {
+		st.LastError = registry.StatusText(v.lastErr.Error())
+	}
+	if err := c.cache.lastErr(); err != nil {
+		st.CacheError = registry.StatusText(err.Error())
+	}
+	peers := readDevice(&st, v.target, c.reader, now)
+	return st, peers
+}
+
+// setProblems puts at most MaxStatusProblems of problems in st.
+func setProblems(st *Status, problems []desired.Problem) {
+	st.ProblemCount = len(problems)
+	st.Problems = problems
 	if len(st.Problems) > MaxStatusProblems {
 		st.Problems = st.Problems[:MaxStatusProblems]
 	}
-	if v.lastErr != nil {
-		st.LastError = truncate(v.lastErr.Error())
-	}
-	if err := c.cache.lastErr(); err != nil {
-		st.CacheError = truncate(err.Error())
-	}
+}
+
+// deviceReader is what the status reads of the live device: the Applier,
+// or a FakeDevice in tests and the scale bench.
+type deviceReader interface {
+	Mode() string
+	Device() (*wgtypes.Device, error)
+}
+
+// readDevice fills st's address and mode from target and dev, and returns
+// dev's peers, named after target's, sorted by name (then key).
+func readDevice(st *Status, target *desired.State, dev deviceReader, now time.Time) []PeerDetail {
 	names := map[string]string{}
-	if v.target != nil {
-		if a := v.target.SelfAddress(); a.IsValid() {
+	if target != nil {
+		if a := target.SelfAddress(); a.IsValid() {
 			st.Address = a.String()
 		}
-		for _, p := range v.target.Peers {
+		for _, p := range target.Peers {
 			names[p.PublicKey] = p.Name
 		}
 	}
-	st.Mode = c.applier.Mode()
+	st.Mode = dev.Mode()
 	if st.Mode == "" {
-		return st, nil
+		return nil
 	}
-	dev, err := c.applier.Device()
+	d, err := dev.Device()
 	if err != nil {
 		if st.LastError == "" {
-			st.LastError = truncate(err.Error())
+			st.LastError = registry.StatusText(err.Error())
 		}
-		return st, nil
+		return nil
 	}
-	peers := make([]PeerDetail, 0, len(dev.Peers))
-	for _, p := range dev.Peers {
+	peers := make([]PeerDetail, 0, len(d.Peers))
+	for _, p := range d.Peers {
 		ps := PeerDetail{
 			Name:                names[p.PublicKey.String()],
 			PublicKey:           p.PublicKey.String(),
@@ -216,19 +228,21 @@ func (c *Component) status(now time.Time) (Status, []PeerDetail) {
 		peers = append(peers, ps)
 	}
 	slices.SortFunc(peers, func(a, b PeerDetail) int {
-		if a.Name != b.Name {
-			if a.Name < b.Name {
-				return -1
-			}
-			return 1
+		if c := strings.Compare(a.Name, b.Name); c != 0 {
+			return c
 		}
-		if a.PublicKey < b.PublicKey {
-			return -1
-		}
-		if a.PublicKey > b.PublicKey {
-			return 1
-		}
-		return 0
+		return strings.Compare(a.PublicKey, b.PublicKey)
 	})
-	return st, peers
+	return peers
+}
+
+// StatusOf is the status a node publishes whose desired overlay is want
+// (computed from the snapshot at revision) and whose device is dev: the
+// code Component.Status runs, for callers that keep a device of their own
+// (the scale bench's simulated nodes).
+func StatusOf(iface string, want desired.State, revision int64, dev *FakeDevice, now time.Time) Status {
+	st := Status{Interface: iface, PublicKey: dev.PublicKey(), Revision: revision, Applied: true}
+	setProblems(&st, want.Problems)
+	st.Peers = Summarize(readDevice(&st, &want, dev, now), now)
+	return st
 }

@@ -56,3 +56,21 @@ func Quoted(b []byte) string {
 	}
 	return strconv.Quote(string(b[:cut])) + "…(" + strconv.Itoa(len(b)) + " bytes)"
 }
+
+// MaxStatusText bounds an error text in a node's published status.
+const MaxStatusText = 512
+
+// StatusText returns s cut to at most MaxStatusText bytes on a rune
+// boundary, with "…" added when it was cut: an error joined over every
+// peer or route of a large cluster must not make a node's status grow
+// with the cluster (the log has the whole text).
+func StatusText(s string) string {
+	if len(s) <= MaxStatusText {
+		return s
+	}
+	cut := MaxStatusText
+	for cut > 0 && !utf8.RuneStart(s[cut]) {
+		cut--
+	}
+	return s[:cut] + "…"
+}

@@ -3,6 +3,7 @@ package registry
 import (
 	"strings"
 	"testing"
+	"unicode/utf8"
 )
 
 func TestPrintable(t *testing.T) {
@@ -32,5 +33,16 @@ func TestQuotedBounded(t *testing.T) {
 	}
 	if !strings.Contains(got, "(200000 bytes)") {
 		t.Errorf("Quoted does not say the full length: %s", got)
+	}
+}
+
+func TestStatusText(t *testing.T) {
+	if got := StatusText("short"); got != "short" {
+		t.Errorf("short text changed: %q", got)
+	}
+	long := strings.Repeat("é", MaxStatusText) // 2 bytes each
+	got := StatusText(long)
+	if len(got) > MaxStatusText+len("…") || !strings.HasSuffix(got, "…") || !utf8.ValidString(got) {
+		t.Errorf("cut text: %d bytes, valid %v", len(got), utf8.ValidString(got))
 	}
 }

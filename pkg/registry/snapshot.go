@@ -40,6 +40,33 @@ func (a *App) SortedInstances() []Instance {
 type Problem struct {
 	Key string `json:"key"`
 	Err string `json:"error"`
+	// Reason is one of ProblemReasons: a short fixed word, safe as a
+	// metric label (Err is free text from etcd and is not).
+	Reason string `json:"reason,omitempty"`
+}
+
+// Why a key was skipped (Problem.Reason).
+const (
+	// ReasonBadKey: the key's path does not parse (a bad node, group or app name).
+	ReasonBadKey = "bad_key"
+	// ReasonBadValue: the value does not decode or fails validation.
+	ReasonBadValue = "bad_value"
+	// ReasonSubnetConflict: a member record holds a subnet claimed for another node.
+	ReasonSubnetConflict = "subnet_conflict"
+	// ReasonForeignAddress: an instance points away from its node's overlay address.
+	ReasonForeignAddress = "foreign_address"
+)
+
+// ProblemReasons lists every Problem.Reason, in a fixed order.
+var ProblemReasons = []string{ReasonBadKey, ReasonBadValue, ReasonSubnetConflict, ReasonForeignAddress}
+
+// problemOf is the Problem for a key whose entry did not decode.
+func problemOf(key string, e entry) Problem {
+	r := ReasonBadValue
+	if e.pk.Kind == KindUnknown {
+		r = ReasonBadKey
+	}
+	return Problem{Key: key, Err: e.err.Error(), Reason: r}
 }
 
 // Snapshot is the cluster as one node sees it at one etcd revision. It is
@@ -287,7 +314,7 @@ func (s *Store) Snapshot() *Snapshot {
 		s.problems[partNodes] = s.problems[partNodes][:0:0]
 		for k, e := range s.entries[partNodes] {
 			if e.err != nil {
-				s.problems[partNodes] = append(s.problems[partNodes], Problem{Key: k, Err: e.err.Error()})
+				s.problems[partNodes] = append(s.problems[partNodes], problemOf(k, e))
 			} else if v, ok := e.val.(Node); ok {
 				snap.Nodes[e.pk.Node] = v
 			}
@@ -298,7 +325,7 @@ func (s *Store) Snapshot() *Snapshot {
 		var probs []Problem
 		for k, e := range s.entries[partMembers] {
 			if e.err != nil {
-				probs = append(probs, Problem{Key: k, Err: e.err.Error()})
+				probs = append(probs, problemOf(k, e))
 				continue
 			}
 			switch v := e.val.(type) {
@@ -323,7 +350,7 @@ func (s *Store) Snapshot() *Snapshot {
 		}
 		for k, e := range s.entries[partApps] {
 			if e.err != nil {
-				probs = append(probs, Problem{Key: k, Err: e.err.Error()})
+				probs = append(probs, problemOf(k, e))
 				continue
 			}
 			switch v := e.val.(type) {
@@ -340,7 +367,7 @@ func (s *Store) Snapshot() *Snapshot {
 		s.problems[partStatus] = s.problems[partStatus][:0:0]
 		for k, e := range s.entries[partStatus] {
 			if e.err != nil {
-				s.problems[partStatus] = append(s.problems[partStatus], Problem{Key: k, Err: e.err.Error()})
+				s.problems[partStatus] = append(s.problems[partStatus], problemOf(k, e))
 			} else if v, ok := e.val.(Status); ok {
 				snap.Statuses[e.pk.Node] = v
 			}
@@ -351,7 +378,7 @@ func (s *Store) Snapshot() *Snapshot {
 		s.problems[partSecrets] = s.problems[partSecrets][:0:0]
 		for k, e := range s.entries[partSecrets] {
 			if e.err != nil {
-				s.problems[partSecrets] = append(s.problems[partSecrets], Problem{Key: k, Err: e.err.Error()})
+				s.problems[partSecrets] = append(s.problems[partSecrets], problemOf(k, e))
 			} else if v, ok := e.val.(SealedSecret); ok {
 				snap.Secrets[e.pk.Name] = v
 			}
@@ -397,7 +424,8 @@ func checkMembers(snap *Snapshot) []Problem {
 		if owner := snap.Subnets[m.Subnet]; owner != name {
 			delete(snap.Members, name)
 			probs = append(probs, Problem{Key: MemberKey(name),
-				Err: fmt.Sprintf("subnet %v is claimed by %q, not by this node", m.Subnet, owner)})
+				Err:    fmt.Sprintf("subnet %v is claimed by %q, not by this node", m.Subnet, owner),
+				Reason: ReasonSubnetConflict})
 		}
 	}
 	return probs
@@ -416,7 +444,8 @@ func checkInstances(snap *Snapshot) []Problem {
 			}
 			delete(app.Instances, node)
 			probs = append(probs, Problem{Key: InstanceKey(id.Group, id.Name, node),
-				Err: fmt.Sprintf("ipv4 %s is not node %s's overlay address %v", in.IPv4, node, m.OverlayIP)})
+				Err:    fmt.Sprintf("ipv4 %s is not node %s's overlay address %v", in.IPv4, node, m.OverlayIP),
+				Reason: ReasonForeignAddress})
 		}
 	}
 	return probs

@@ -38,6 +38,11 @@ func main() {
 				log.Fatal(err)
 			}
 			return
+		case "grpc-proxy":
+			if err := serveGRPCProxy(os.Args[2:]); err != nil {
+				log.Fatal(err)
+			}
+			return
 		case "passive-nodes":
 			if err := servePassive(os.Args[2:]); err != nil {
 				log.Fatal(err)
@@ -73,11 +78,14 @@ func run(ctx context.Context) error {
 		out        = flag.String("out", "bench", "directory for RESULTS.md, convergence.png and results.json")
 		trials     = flag.Int("trials", 20, "trials per scenario")
 		killTrials = flag.Int("kill-trials", 5, "node-kill trials per sandbox size (each lasts about the 3 s lease TTL)")
-		scaleN     = flag.String("scale", "8,100,1000", "scale benchmark sizes, N or N:LIVE (N nodes of which LIVE run a real agent in this process; the floor runs at each N)")
+		scaleN     = flag.String("scale", "8,100,1000,10000:100", "scale benchmark sizes, N or N:LIVE (N nodes of which LIVE run a real agent in this process; the floor runs at each N)")
+		proxyN     = flag.String("grpc-proxy", "10000:100", "sizes (N or N:LIVE, as -scale) run again with every agent and watcher connected through etcd's gRPC proxy (its watch coalescing); empty: none")
+		oneNode    = flag.Int("one-node", 1000, "run one real meshd (a sandbox node, needs root) with a view of this many nodes and measure its RSS and idle CPU over -idle (0: skip)")
+		idle       = flag.Duration("idle", time.Minute, "after each scale run's trials, count the status writes of an idle cluster for this long (0: skip)")
 		fidN       = flag.String("fidelity", "3,8", "sandbox sizes for the full-fidelity benchmark (needs root)")
 		traefikBin = flag.String("traefik", os.Getenv("TRAEFIK_BIN"), "Traefik v3 binary for the peer comparison (env TRAEFIK_BIN); empty skips it")
 		traefikN   = flag.String("traefik-n", "8", "Traefik instance counts (each must also be in -scale for the ratio)")
-		throttle   = flag.Duration("traefik-throttle", 0, "Traefik providers.providersThrottleDuration (0: apply every event at once, Traefik at its fastest)")
+		throttles  = flag.String("traefik-throttle", "0s,2s", "Traefik providers.providersThrottleDuration values, each run in turn (0s: every event applied at once, Traefik at its fastest; 2s: Traefik's default)")
 		traefikVer = flag.String("traefik-version", os.Getenv("TRAEFIK_VERSION"), "label for the Traefik binary (env TRAEFIK_VERSION; default: what `traefik version` says)")
 		meshd      = flag.String("meshd", "bin/meshd", "meshd binary for the sandbox")
 		agentLog   = flag.String("agent-log", "", "write the scale agents' warnings to this file")
@@ -95,22 +103,23 @@ func run(ctx context.Context) error {
 		}
 		return write(&res, *out)
 	}
-	var scales, lives []int
-	for _, f := range strings.Split(*scaleN, ",") {
-		n, l, _ := strings.Cut(f, ":")
-		ns, err := ints(n)
-		if err != nil || len(ns) != 1 {
-			return fmt.Errorf("-scale %q: want N or N:LIVE", f)
+	scales, lives, err := sizes("-scale", *scaleN)
+	if err != nil {
+		return err
+	}
+	var pscales, plives []int
+	if *proxyN != "" {
+		if pscales, plives, err = sizes("-grpc-proxy", *proxyN); err != nil {
+			return err
 		}
-		live := ns[0]
-		if l != "" {
-			ls, err := ints(l)
-			if err != nil || len(ls) != 1 || ls[0] > ns[0] {
-				return fmt.Errorf("-scale %q: want N or N:LIVE with LIVE <= N", f)
-			}
-			live = ls[0]
+	}
+	var tthrottles []time.Duration
+	for _, f := range strings.Split(*throttles, ",") {
+		d, err := time.ParseDuration(strings.TrimSpace(f))
+		if err != nil || d < 0 {
+			return fmt.Errorf("-traefik-throttle %q: want durations like 0s,2s", f)
 		}
-		scales, lives = append(scales, ns[0]), append(lives, live)
+		tthrottles = append(tthrottles, d)
 	}
 	fids, err := ints(*fidN)
 	if err != nil {
@@ -151,20 +160,49 @@ func run(ctx context.Context) error {
 		defer f.Close()
 		alog = slog.New(slog.NewTextHandler(f, &slog.HandlerOptions{Level: slog.LevelWarn}))
 	}
+	type run struct {
+		n, live int
+		proxy   bool
+	}
+	var runs []run
 	for i, n := range scales {
-		logf("floor N=%d ...", n)
-		f, err := bench.Floor(ctx, bench.FloorOptions{NewClient: newClient, N: n, Trials: *trials})
+		runs = append(runs, run{n, lives[i], false})
+	}
+	for i, n := range pscales {
+		runs = append(runs, run{n, plives[i], true})
+	}
+	for _, rn := range runs {
+		n := rn.n
+		// The agents and watchers connect to endpoint: etcd, or a gRPC
+		// proxy in front of it; the harness's control client to etcd.
+		endpoint, label := etcd.endpoint, ""
+		stopProxy := func() {}
+		if rn.proxy {
+			p, pe, err := startChild("grpc-proxy", etcd.endpoint)
+			if err != nil {
+				res.Notes = append(res.Notes, fmt.Sprintf("grpc-proxy N=%d: %v", n, err))
+				continue
+			}
+			stopProxy, endpoint, label = p.stop, pe, " via grpc-proxy"
+		}
+		clientOf := func() (*clientv3.Client, error) {
+			return clientv3.New(clientv3.Config{Endpoints: []string{endpoint}, DialTimeout: 5 * time.Second, Logger: zap.NewNop()})
+		}
+		control := newClient
+		logf("floor N=%d%s ...", n, label)
+		f, err := bench.Floor(ctx, bench.FloorOptions{NewClient: clientOf, Control: control, Label: label, N: n, Trials: *trials})
 		if err != nil {
-			res.Notes = append(res.Notes, fmt.Sprintf("floor N=%d: %v", n, err))
+			res.Notes = append(res.Notes, fmt.Sprintf("floor N=%d%s: %v", n, label, err))
 		} else {
 			logf("%s", f.Summary())
 			res.Floor = append(res.Floor, f)
 		}
-		logf("scale N=%d ...", n)
+		logf("scale N=%d%s ...", n, label)
 		s, err := bench.Scale(ctx, bench.ScaleOptions{
-			NewClient: newClient, MetricsURL: etcd.endpoint + "/metrics", N: n, Live: lives[i], Trials: *trials,
+			NewClient: clientOf, Control: control, Label: label, MetricsURL: etcd.endpoint + "/metrics", N: n, Live: rn.live, Trials: *trials,
+			Idle: *idle,
 			Passive: func(ctx context.Context, n int) (func(), error) {
-				p, _, err := startChild("passive-nodes", etcd.endpoint, strconv.Itoa(n))
+				p, _, err := startChild("passive-nodes", endpoint, strconv.Itoa(n))
 				if err != nil {
 					return nil, fmt.Errorf("passive nodes: %w", err)
 				}
@@ -172,8 +210,9 @@ func run(ctx context.Context) error {
 			},
 			StateDir: filepath.Join(work, fmt.Sprintf("scale-%d", n)), Log: logf, AgentLog: alog,
 		})
+		stopProxy()
 		if err != nil {
-			res.Notes = append(res.Notes, fmt.Sprintf("scale N=%d: %v", n, err))
+			res.Notes = append(res.Notes, fmt.Sprintf("scale N=%d%s: %v", n, label, err))
 		} else {
 			res.Scale = append(res.Scale, s)
 		}
@@ -189,19 +228,21 @@ func run(ctx context.Context) error {
 			return err
 		}
 		for _, n := range tns {
-			logf("traefik N=%d ...", n)
-			t, err := bench.Traefik(ctx, bench.TraefikOptions{
-				Binary: *traefikBin, EtcdAddr: strings.TrimPrefix(etcd.endpoint, "http://"), Client: cli,
-				N: n, Trials: *trials, Throttle: *throttle, Dir: work, Log: logf,
-			})
-			if err != nil {
-				res.Notes = append(res.Notes, fmt.Sprintf("traefik N=%d: %v", n, err))
-				continue
+			for _, throttle := range tthrottles {
+				logf("traefik N=%d throttle=%s ...", n, throttle)
+				t, err := bench.Traefik(ctx, bench.TraefikOptions{
+					Binary: *traefikBin, EtcdAddr: strings.TrimPrefix(etcd.endpoint, "http://"), Client: cli,
+					N: n, Trials: *trials, Throttle: throttle, Dir: work, Log: logf,
+				})
+				if err != nil {
+					res.Notes = append(res.Notes, fmt.Sprintf("traefik N=%d throttle=%s: %v", n, throttle, err))
+					continue
+				}
+				if *traefikVer != "" {
+					t.Version = *traefikVer
+				}
+				res.Traefik = append(res.Traefik, t)
 			}
-			if *traefikVer != "" {
-				t.Version = *traefikVer
-			}
-			res.Traefik = append(res.Traefik, t)
 		}
 		cli.Close()
 		if len(res.Traefik) > 0 {
@@ -209,6 +250,18 @@ func run(ctx context.Context) error {
 		}
 	} else {
 		res.Notes = append(res.Notes, "Traefik not run: no binary given (-traefik or TRAEFIK_BIN)")
+	}
+	if *oneNode > 0 {
+		logf("one node N=%d ...", *oneNode)
+		o, err := bench.OneNode(ctx, bench.OneNodeOptions{
+			Sandbox: sandbox.Options{Name: "mdbench1", MeshdBinary: *meshd},
+			N:       *oneNode, Idle: max(*idle, 10*time.Second), Log: logf,
+		})
+		if err != nil {
+			res.Notes = append(res.Notes, fmt.Sprintf("one node N=%d: %v", *oneNode, err))
+		} else {
+			res.OneNode = append(res.OneNode, o)
+		}
 	}
 	for _, n := range fids {
 		logf("full fidelity N=%d ...", n)
@@ -313,6 +366,44 @@ func startEtcd(ctx context.Context, dir string) (*etcdProc, error) {
 		return nil, err
 	}
 	return &etcdProc{childProc: p, endpoint: endpoint}, nil
+}
+
+// sizes parses a list of N or N:LIVE.
+func sizes(flagName, list string) (ns, lives []int, err error) {
+	for _, f := range strings.Split(list, ",") {
+		n, l, _ := strings.Cut(f, ":")
+		v, err := ints(n)
+		if err != nil || len(v) != 1 {
+			return nil, nil, fmt.Errorf("%s %q: want N or N:LIVE", flagName, f)
+		}
+		live := v[0]
+		if l != "" {
+			ls, err := ints(l)
+			if err != nil || len(ls) != 1 || ls[0] > v[0] {
+				return nil, nil, fmt.Errorf("%s %q: want N or N:LIVE with LIVE <= N", flagName, f)
+			}
+			live = ls[0]
+		}
+		ns, lives = append(ns, v[0]), append(lives, live)
+	}
+	return ns, lives, nil
+}
+
+// serveGRPCProxy is the grpc-proxy child: etcd's gRPC proxy in front of
+// the etcd at ENDPOINT; it prints its own endpoint and serves until stdin
+// closes.
+func serveGRPCProxy(args []string) error {
+	if len(args) != 1 {
+		return errors.New("usage: bench grpc-proxy ENDPOINT")
+	}
+	p, err := bench.StartGRPCProxy(args[0])
+	if err != nil {
+		return err
+	}
+	defer p.Close()
+	fmt.Println(p.Endpoint)
+	_, _ = io.Copy(io.Discard, os.Stdin)
+	return nil
 }
 
 // servePassive is the passive-nodes child: it registers N idle nodes

@@ -1,11 +1,14 @@
 // Package hcloudfake is an in-memory HTTP fake of the Hetzner Cloud API for
-// tests. Request and response bodies are hcloud-go's own schema types,
-// decoded strictly (an unknown or mistyped field is a 400, as a field the
-// real API does not know would be ignored or rejected). It keeps state —
-// servers, actions that finish after a few polls, SSH keys, networks,
-// firewalls and placement groups — paginates lists with a small page size,
-// records every request, and injects faults (429 with Retry-After, 5xx,
-// API errors) on demand.
+// tests. It is a fake, not the API: it serves the few endpoints meshctl
+// uses, keeps their state, and checks requests against the rules the API
+// reference (docs.hetzner.cloud, "Hetzner Cloud API") documents, each rule
+// citing its section (see rules.go). Requests are decoded into the fake's
+// own request types, written from the reference's request bodies, not into
+// hcloud-go's schema types, so a request hcloud-go can encode but the API
+// rejects is rejected here too. Errors carry the documented codes, status
+// codes and invalid_input details; every answer carries the RateLimit-*
+// headers. It paginates with a small page size, finishes actions after a
+// few polls, records every request, and injects faults on demand.
 package hcloudfake
 
 import (
@@ -15,6 +18,7 @@ import (
 	"io"
 	"net/http"
 	"net/http/httptest"
+	"net/netip"
 	"net/url"
 	"slices"
 	"strconv"
@@ -44,11 +48,13 @@ type Fault struct {
 	// BodyContains, when set, must occur in the request body (e.g. a
 	// server's name) for the fault to match.
 	BodyContains string
-	Status       int
-	Code         string
-	Message      string
-	// RetryAfter is sent as the Retry-After header when set.
-	RetryAfter string
+	// Status, Code and Message are the error answer.
+	Status  int
+	Code    string
+	Message string
+	// Reset, when set, drops the connection without an answer, as a
+	// reset or a proxy timeout looks to the client.
+	Reset bool
 	// Times is how often the fault fires (default 1; -1: always).
 	Times int
 }
@@ -64,6 +70,9 @@ type Server struct {
 	// CreateDelay holds each server create this long before answering,
 	// so that tests can observe how many run at once.
 	CreateDelay time.Duration
+	// Now is the fake's clock: the rate limit refills by it and
+	// deprecations are judged by it (default time.Now).
+	Now func() time.Time
 
 	srv *httptest.Server
 	mux *http.ServeMux
@@ -74,13 +83,14 @@ type Server struct {
 	userData  map[int64]string
 	actions   map[int64]*action
 	sshKeys   map[int64]*schema.SSHKey
-	networks  map[int64]*schema.Network
-	firewalls map[int64]*schema.Firewall
+	networks  map[int64]*network
+	firewalls map[int64]*firewall
 	pgs       map[int64]*schema.PlacementGroup
 	faults    []*Fault
 	requests  []Request
-	// failActions maps "command/server name" to the error the action
-	// of that command on that server ends with.
+	limit     rateLimit
+	// failActions maps "command/server name" to the error the next
+	// action of that command on that server ends with.
 	failActions map[string]schema.ActionError
 	creating    int // server creates being answered now
 	maxCreating int
@@ -91,6 +101,7 @@ type action struct {
 	pollsLeft int
 	fail      *schema.ActionError
 	onDone    func()
+	onFail    func()
 }
 
 // created is the fixed creation time of every resource: output stays
@@ -101,11 +112,12 @@ var created = time.Date(2026, 1, 2, 3, 4, 5, 0, time.UTC)
 func New(t testing.TB, token string) *Server {
 	t.Helper()
 	s := &Server{
-		Token: token, PageSize: 2, ActionPolls: 2, nextID: 100,
+		Token: token, PageSize: 2, ActionPolls: 2, nextID: 100, Now: time.Now,
 		servers: map[int64]*schema.Server{}, userData: map[int64]string{}, actions: map[int64]*action{},
-		sshKeys: map[int64]*schema.SSHKey{}, networks: map[int64]*schema.Network{},
-		firewalls: map[int64]*schema.Firewall{}, pgs: map[int64]*schema.PlacementGroup{},
+		sshKeys: map[int64]*schema.SSHKey{}, networks: map[int64]*network{},
+		firewalls: map[int64]*firewall{}, pgs: map[int64]*schema.PlacementGroup{},
 		failActions: map[string]schema.ActionError{},
+		limit:       rateLimit{limit: defaultRateLimit, remaining: defaultRateLimit},
 	}
 	s.mux = http.NewServeMux()
 	s.routes()
@@ -127,7 +139,7 @@ func (s *Server) Inject(f Fault) {
 	s.faults = append(s.faults, &f)
 }
 
-// FailAction makes the action command (create_server, start_server,
+// FailAction makes the next action command (create_server, start_server,
 // delete_server) of the named server end in an error.
 func (s *Server) FailAction(command, server, code, message string) {
 	s.mu.Lock()
@@ -180,17 +192,29 @@ func (s *Server) serve(w http.ResponseWriter, r *http.Request) {
 		s.requests = append(s.requests, Request{Method: r.Method, Path: r.URL.Path, Query: r.URL.Query(), Body: body, Status: rec.status})
 		s.mu.Unlock()
 	}()
+	if f := s.fault(r.Method, r.URL.Path, body); f != nil && f.Reset {
+		rec.status = 0
+		if hj, ok := w.(http.Hijacker); ok {
+			if c, _, err := hj.Hijack(); err == nil {
+				c.Close()
+				return
+			}
+		}
+		panic(http.ErrAbortHandler)
+	} else if f != nil {
+		s.rateLimitHeaders(rec, true)
+		writeError(rec, f.Status, f.Code, f.Message, nil)
+		return
+	}
+	// Rate Limiting: every request, authenticated or not, counts.
+	if !s.rateLimitHeaders(rec, true) {
+		writeError(rec, http.StatusTooManyRequests, "rate_limit_exceeded", "limit of requests per hour reached", nil)
+		return
+	}
 	if r.Header.Get("Authorization") != "Bearer "+s.Token {
 		// Like a careless proxy, echo what was sent: callers must never
 		// pass this message on with the token in it.
-		writeError(rec, http.StatusUnauthorized, "unauthorized", "unable to authenticate with "+r.Header.Get("Authorization"))
-		return
-	}
-	if f := s.fault(r.Method, r.URL.Path, body); f != nil {
-		if f.RetryAfter != "" {
-			rec.Header().Set("Retry-After", f.RetryAfter)
-		}
-		writeError(rec, f.Status, f.Code, f.Message)
+		writeError(rec, http.StatusUnauthorized, "unauthorized", "unable to authenticate with "+r.Header.Get("Authorization"), nil)
 		return
 	}
 	s.mux.ServeHTTP(rec, r)
@@ -217,31 +241,95 @@ func writeJSON(w http.ResponseWriter, status int, v any) {
 	_ = json.NewEncoder(w).Encode(v)
 }
 
-func writeError(w http.ResponseWriter, status int, code, msg string) {
-	writeJSON(w, status, schema.ErrorResponse{Error: schema.Error{Code: code, Message: msg}})
+// apiError is the error body of "Errors": code, message and details,
+// which is null unless the code has details.
+type apiError struct {
+	Error struct {
+		Code    string `json:"code"`
+		Message string `json:"message"`
+		Details any    `json:"details"`
+	} `json:"error"`
 }
 
-// decode reads a request body strictly into v.
+func writeError(w http.ResponseWriter, status int, code, msg string, details any) {
+	var e apiError
+	e.Error.Code, e.Error.Message, e.Error.Details = code, msg, details
+	writeJSON(w, status, e)
+}
+
+// fieldError is one entry of invalid_input's details.fields.
+type fieldError struct {
+	Name     string   `json:"name"`
+	Messages []string `json:"messages"`
+}
+
+// invalid answers invalid_input as "Errors" shows it: status 400, the
+// message "invalid input in field 'f': m", and details.fields naming the
+// field and its messages.
+func invalid(w http.ResponseWriter, field, msg string) {
+	writeError(w, http.StatusBadRequest, "invalid_input", fmt.Sprintf("invalid input in field '%s': %s", field, msg),
+		map[string]any{"fields": []fieldError{{Name: field, Messages: []string{msg}}}})
+}
+
+// notFound answers not_found (404).
+func notFound(w http.ResponseWriter, what string) {
+	writeError(w, http.StatusNotFound, "not_found", what+" not found", nil)
+}
+
+// uniqueness answers uniqueness_error (409) with details.fields naming
+// the field, as "Errors" shows it.
+func uniqueness(w http.ResponseWriter, field, msg string) {
+	writeError(w, http.StatusConflict, "uniqueness_error", msg, map[string]any{"fields": []map[string]string{{"name": field}}})
+}
+
+// decode reads a request body into v, one of the fake's request types.
+// Malformed JSON is json_error; a field the request type does not have,
+// or a value of the wrong JSON type, is invalid_input naming the field.
 func decode(w http.ResponseWriter, r *http.Request, v any) bool {
-	dec := json.NewDecoder(r.Body)
+	body, _ := io.ReadAll(r.Body)
+	if len(bytes.TrimSpace(body)) == 0 {
+		body = []byte("{}")
+	}
+	if !json.Valid(body) {
+		writeError(w, http.StatusBadRequest, "json_error", "invalid JSON in request body", nil)
+		return false
+	}
+	dec := json.NewDecoder(bytes.NewReader(body))
 	dec.DisallowUnknownFields()
 	if err := dec.Decode(v); err != nil {
-		writeError(w, http.StatusBadRequest, "invalid_input", "invalid request body: "+err.Error())
+		field := "body"
+		var te *json.UnmarshalTypeError
+		switch {
+		case asTypeError(err, &te):
+			field = te.Field
+		case strings.HasPrefix(err.Error(), "json: unknown field "):
+			field = strings.Trim(strings.TrimPrefix(err.Error(), "json: unknown field "), `"`)
+		}
+		invalid(w, field, err.Error())
 		return false
 	}
 	return true
 }
 
+func asTypeError(err error, te **json.UnmarshalTypeError) bool {
+	t, ok := err.(*json.UnmarshalTypeError)
+	if ok {
+		*te = t
+	}
+	return ok
+}
+
 func pathID(w http.ResponseWriter, r *http.Request) (int64, bool) {
 	id, err := strconv.ParseInt(r.PathValue("id"), 10, 64)
 	if err != nil {
-		writeError(w, http.StatusNotFound, "not_found", "not found")
+		notFound(w, "resource")
 		return 0, false
 	}
 	return id, true
 }
 
-// page cuts a sorted list into the requested page and adds the meta.
+// page cuts a sorted list into the requested page and adds the meta, as
+// "Pagination" describes (previous/next page null at the ends).
 func (s *Server) page(w http.ResponseWriter, r *http.Request, key string, items []any) {
 	per := s.PageSize
 	if p, err := strconv.Atoi(r.URL.Query().Get("per_page")); err == nil && p > 0 && p < per {
@@ -253,55 +341,20 @@ func (s *Server) page(w http.ResponseWriter, r *http.Request, key string, items 
 	}
 	last := max((len(items)+per-1)/per, 1)
 	lo, hi := min((pg-1)*per, len(items)), min(pg*per, len(items))
-	meta := schema.MetaPagination{Page: pg, PerPage: per, LastPage: last, TotalEntries: len(items)}
+	var prev, next any
 	if pg > 1 {
-		meta.PreviousPage = pg - 1
+		prev = pg - 1
 	}
 	if pg < last {
-		meta.NextPage = pg + 1
+		next = pg + 1
 	}
-	writeJSON(w, http.StatusOK, map[string]any{key: append([]any{}, items[lo:hi]...), "meta": schema.Meta{Pagination: &meta}})
-}
-
-// matchLabels evaluates a label selector: comma-separated terms of k=v,
-// k==v, k!=v, k and !k.
-func matchLabels(sel string, labels map[string]string) bool {
-	if sel == "" {
-		return true
-	}
-	for _, term := range strings.Split(sel, ",") {
-		term = strings.TrimSpace(term)
-		switch {
-		case strings.Contains(term, "!="):
-			k, v, _ := strings.Cut(term, "!=")
-			if labels[k] == v {
-				return false
-			}
-		case strings.Contains(term, "=="):
-			k, v, _ := strings.Cut(term, "==")
-			if got, ok := labels[k]; !ok || got != v {
-				return false
-			}
-		case strings.Contains(term, "="):
-			k, v, _ := strings.Cut(term, "=")
-			if got, ok := labels[k]; !ok || got != v {
-				return false
-			}
-		case strings.HasPrefix(term, "!"):
-			if _, ok := labels[term[1:]]; ok {
-				return false
-			}
-		default:
-			if _, ok := labels[term]; !ok {
-				return false
-			}
-		}
-	}
-	return true
+	meta := map[string]any{"pagination": map[string]any{"page": pg, "per_page": per, "previous_page": prev,
+		"next_page": next, "last_page": last, "total_entries": len(items)}}
+	writeJSON(w, http.StatusOK, map[string]any{key: append([]any{}, items[lo:hi]...), "meta": meta})
 }
 
 // filter keeps the items whose name and labels match the query.
-func filter[T any](r *http.Request, m map[int64]*T, name func(*T) string, labels func(*T) map[string]string) []any {
+func filter[T any](r *http.Request, m map[int64]*T, name func(*T) string, labels func(*T) map[string]string, view func(*T) any) []any {
 	q := r.URL.Query()
 	ids := make([]int64, 0, len(m))
 	for id := range m {
@@ -317,7 +370,7 @@ func filter[T any](r *http.Request, m map[int64]*T, name func(*T) string, labels
 		if !matchLabels(q.Get("label_selector"), labels(it)) {
 			continue
 		}
-		out = append(out, *it)
+		out = append(out, view(it))
 	}
 	return out
 }
@@ -328,16 +381,20 @@ func (s *Server) id() int64 {
 }
 
 // newActionLocked starts an action that finishes after ActionPolls polls
-// and then runs onDone (under the lock). name is the resource's name, for
-// FailAction.
-func (s *Server) newActionLocked(command, resType string, resID int64, name string, onDone func()) schema.Action {
+// and then runs onDone (under the lock), or onFail[0] if FailAction made
+// it fail. name is the resource's name, for FailAction.
+func (s *Server) newActionLocked(command, resType string, resID int64, name string, onDone func(), onFail ...func()) schema.Action {
 	a := &action{
 		a: schema.Action{ID: s.id(), Command: command, Status: "running", Started: created,
 			Resources: []schema.ActionResourceReference{{ID: resID, Type: resType}}},
 		pollsLeft: s.ActionPolls, onDone: onDone,
 	}
 	if e, ok := s.failActions[command+"/"+name]; ok {
+		delete(s.failActions, command+"/"+name)
 		a.fail, a.onDone = &e, nil
+		if len(onFail) > 0 {
+			a.onDone = onFail[0]
+		}
 	}
 	s.actions[a.a.ID] = a
 	if a.pollsLeft <= 0 {
@@ -394,7 +451,7 @@ func (s *Server) getAction(w http.ResponseWriter, r *http.Request) {
 	defer s.mu.Unlock()
 	a, found := s.actions[id]
 	if !found {
-		writeError(w, http.StatusNotFound, "not_found", fmt.Sprintf("action %d not found", id))
+		notFound(w, fmt.Sprintf("action %d", id))
 		return
 	}
 	writeJSON(w, http.StatusOK, schema.ActionGetResponse{Action: s.pollLocked(a)})
@@ -408,6 +465,12 @@ func (s *Server) routes() {
 	m.HandleFunc("POST /servers", s.createServer)
 	m.HandleFunc("GET /servers/{id}", s.getServer)
 	m.HandleFunc("DELETE /servers/{id}", s.deleteServer)
+	m.HandleFunc("POST /servers/{id}/actions/poweron", s.powerOn)
+	m.HandleFunc("GET /server_types", s.listServerTypes)
+	m.HandleFunc("GET /server_types/{id}", s.getServerType)
+	m.HandleFunc("GET /images", s.listImages)
+	m.HandleFunc("GET /images/{id}", s.getImage)
+	m.HandleFunc("GET /locations", s.listLocations)
 	m.HandleFunc("GET /ssh_keys", s.listSSHKeys)
 	m.HandleFunc("POST /ssh_keys", s.createSSHKey)
 	m.HandleFunc("GET /networks", s.listNetworks)
@@ -416,10 +479,13 @@ func (s *Server) routes() {
 	m.HandleFunc("GET /firewalls", s.listFirewalls)
 	m.HandleFunc("POST /firewalls", s.createFirewall)
 	m.HandleFunc("POST /firewalls/{id}/actions/set_rules", s.setRules)
+	m.HandleFunc("POST /firewalls/{id}/actions/apply_to_resources", s.applyToResources)
 	m.HandleFunc("GET /placement_groups", s.listPlacementGroups)
 	m.HandleFunc("POST /placement_groups", s.createPlacementGroup)
-	m.HandleFunc("GET /locations", s.listLocations)
 	m.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
-		writeError(w, http.StatusNotFound, "not_found", "the fake does not serve "+r.Method+" "+r.URL.Path)
+		notFound(w, "the fake does not serve "+r.Method+" "+r.URL.Path+":")
 	})
 }
+
+// mustPrefix parses a prefix the fake stored after validating it.
+func mustPrefix(s string) netip.Prefix { return netip.MustParsePrefix(s) }

@@ -2,6 +2,7 @@ package hcloudfake
 
 import (
 	"fmt"
+	"maps"
 	"net/http"
 	"net/netip"
 	"slices"
@@ -11,45 +12,42 @@ import (
 	"github.com/hetznercloud/hcloud-go/v2/hcloud/schema"
 )
 
-// Locations the fake knows, with their network zones.
-var locations = []schema.Location{
-	{ID: 1, Name: "fsn1", NetworkZone: "eu-central", City: "Falkenstein"},
-	{ID: 2, Name: "nbg1", NetworkZone: "eu-central", City: "Nuremberg"},
-	{ID: 3, Name: "hel1", NetworkZone: "eu-central", City: "Helsinki"},
-	{ID: 4, Name: "ash", NetworkZone: "us-east", City: "Ashburn, VA"},
-	{ID: 5, Name: "hil", NetworkZone: "us-west", City: "Hillsboro, OR"},
-	{ID: 6, Name: "sin", NetworkZone: "ap-southeast", City: "Singapore"},
+func (s *Server) sortedServerIDsLocked() []int64 {
+	ids := make([]int64, 0, len(s.servers))
+	for id := range s.servers {
+		ids = append(ids, id)
+	}
+	slices.Sort(ids)
+	return ids
 }
 
-// Server types and images the fake accepts.
-var (
-	serverTypes = []string{"cx22", "cx32", "cpx11", "cpx21", "cpx31", "cax11"}
-	images      = map[string]int64{"debian-12": 114690387, "ubuntu-24.04": 161547269}
-)
-
-func locationByName(n string) (schema.Location, bool) {
-	for _, l := range locations {
-		if l.Name == n || strconv.FormatInt(l.ID, 10) == n {
-			return l, true
+// serverViewLocked is the server as the API shows it: public_net.firewalls
+// lists every firewall applied to it, directly or through a label
+// selector.
+func (s *Server) serverViewLocked(srv *schema.Server) schema.Server {
+	out := *srv
+	out.PublicNet.Firewalls = []schema.ServerFirewall{}
+	ids := make([]int64, 0, len(s.firewalls))
+	for id := range s.firewalls {
+		ids = append(ids, id)
+	}
+	slices.Sort(ids)
+	for _, id := range ids {
+		for _, a := range s.firewalls[id].applyTo {
+			if (a.Type == "server" && a.Server.ID == srv.ID) || (a.Type == "label_selector" && matchLabels(a.LabelSelector.Selector, srv.Labels)) {
+				out.PublicNet.Firewalls = append(out.PublicNet.Firewalls, schema.ServerFirewall{ID: id, Status: "applied"})
+				break
+			}
 		}
 	}
-	return schema.Location{}, false
-}
-
-func (s *Server) listLocations(w http.ResponseWriter, r *http.Request) {
-	m := map[int64]*schema.Location{}
-	for i := range locations {
-		m[locations[i].ID] = &locations[i]
-	}
-	s.page(w, r, "locations", filter(r, m, func(l *schema.Location) string { return l.Name },
-		func(*schema.Location) map[string]string { return nil }))
+	return out
 }
 
 func (s *Server) listServers(w http.ResponseWriter, r *http.Request) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	s.page(w, r, "servers", filter(r, s.servers, func(x *schema.Server) string { return x.Name },
-		func(x *schema.Server) map[string]string { return x.Labels }))
+		func(x *schema.Server) map[string]string { return x.Labels }, func(x *schema.Server) any { return s.serverViewLocked(x) }))
 }
 
 func (s *Server) getServer(w http.ResponseWriter, r *http.Request) {
@@ -61,14 +59,32 @@ func (s *Server) getServer(w http.ResponseWriter, r *http.Request) {
 	defer s.mu.Unlock()
 	srv, found := s.servers[id]
 	if !found {
-		writeError(w, http.StatusNotFound, "not_found", fmt.Sprintf("server with ID %d not found", id))
+		notFound(w, fmt.Sprintf("server with ID %d", id))
 		return
 	}
-	writeJSON(w, http.StatusOK, schema.ServerGetResponse{Server: *srv})
+	writeJSON(w, http.StatusOK, schema.ServerGetResponse{Server: s.serverViewLocked(srv)})
+}
+
+// imageFor resolves "image" of "Create a Server" for a server type's
+// architecture: a name picks the image of that architecture; an ID must
+// be of it. Images past their unavailable_after cannot be ordered.
+func imageFor(ref *idOrName, arch string, now time.Time) (schema.Image, string) {
+	for _, i := range images {
+		if (ref.ID != 0 && i.ID == ref.ID) || (ref.ID == 0 && *i.Name == ref.Name && i.Architecture == arch) {
+			if i.Architecture != arch {
+				return i, fmt.Sprintf("image %d is for architecture %s, server type is %s", i.ID, i.Architecture, arch)
+			}
+			if i.Deprecation != nil && !now.Before(i.Deprecation.UnavailableAfter) {
+				return i, fmt.Sprintf("image %s is deprecated and no longer available", *i.Name)
+			}
+			return i, ""
+		}
+	}
+	return schema.Image{}, fmt.Sprintf("image %q not found for architecture %s", ref.key(), arch)
 }
 
 func (s *Server) createServer(w http.ResponseWriter, r *http.Request) {
-	var req schema.ServerCreateRequest
+	var req serverCreateRequest
 	if !decode(w, r, &req) {
 		return
 	}
@@ -80,122 +96,179 @@ func (s *Server) createServer(w http.ResponseWriter, r *http.Request) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	defer func() { s.creating-- }()
-	invalid := func(field, msg string) {
-		writeError(w, http.StatusUnprocessableEntity, "invalid_input", fmt.Sprintf("invalid input in field '%s': %s", field, msg))
+	now := s.Now()
+	if err := validHostname(req.Name); err != nil {
+		invalid(w, "name", err.Error())
+		return
 	}
-	if req.Name == "" {
-		invalid("name", "is required")
+	if err := validLabels(req.Labels); err != nil {
+		invalid(w, "labels", err.Error())
+		return
+	}
+	if req.ServerType == nil {
+		invalid(w, "server_type", "is required")
+		return
+	}
+	if req.Image == nil {
+		invalid(w, "image", "is required")
+		return
+	}
+	if req.Location != nil && req.Datacenter != nil {
+		invalid(w, "location", "must not be used together with datacenter")
+		return
+	}
+	if req.Datacenter != nil {
+		invalid(w, "datacenter", "the fake takes location only")
+		return
+	}
+	loc := locations[0]
+	if req.Location != nil {
+		var ok bool
+		if loc, ok = locationByName(req.Location.key()); !ok {
+			invalid(w, "location", fmt.Sprintf("location %q not found", req.Location.key()))
+			return
+		}
+	}
+	st, ok := serverTypeBy(req.ServerType.key())
+	if !ok {
+		invalid(w, "server_type", fmt.Sprintf("server type %q not found", req.ServerType.key()))
+		return
+	}
+	if !orderable(st, loc.Name, now) {
+		// "resource_unavailable: The requested resource is currently
+		// unavailable (e.g. not available for order)".
+		writeError(w, http.StatusServiceUnavailable, "resource_unavailable",
+			fmt.Sprintf("server type %s is not available for order in %s", st.Name, loc.Name), nil)
+		return
+	}
+	img, bad := imageFor(req.Image, st.Architecture, now)
+	if bad != "" {
+		invalid(w, "image", bad)
+		return
+	}
+	if req.UserData != nil && len(*req.UserData) > 32<<10 {
+		invalid(w, "user_data", "is limited to 32KiB")
 		return
 	}
 	for _, x := range s.servers {
 		if x.Name == req.Name {
-			writeError(w, http.StatusConflict, "uniqueness_error", "server name is already used")
+			uniqueness(w, "name", "server name is already used")
 			return
 		}
 	}
-	if !slices.Contains(serverTypes, req.ServerType.Name) {
-		invalid("server_type", fmt.Sprintf("server type %q not found", req.ServerType.Name))
-		return
-	}
-	imgID, ok := images[req.Image.Name]
-	if req.Image.ID != 0 {
-		imgID, ok = req.Image.ID, slices.Contains([]int64{114690387, 161547269}, req.Image.ID)
-	}
-	if !ok {
-		invalid("image", "image not found")
-		return
-	}
-	loc, ok := locationByName(req.Location)
-	if !ok {
-		invalid("location", fmt.Sprintf("location %q not found", req.Location))
-		return
-	}
-	if len(req.UserData) > 32<<10 {
-		invalid("user_data", "too long")
-		return
-	}
 	for _, k := range req.SSHKeys {
-		if s.sshKeys[k] == nil {
-			invalid("ssh_keys", fmt.Sprintf("ssh key %d not found", k))
+		if !slices.ContainsFunc(slices.Collect(maps.Values(s.sshKeys)), func(x *schema.SSHKey) bool {
+			return x.ID == k.ID || (k.ID == 0 && x.Name == k.Name)
+		}) {
+			invalid(w, "ssh_keys", fmt.Sprintf("ssh key %q not found", k.key()))
 			return
 		}
 	}
 	for _, fw := range req.Firewalls {
 		if s.firewalls[fw.Firewall] == nil {
-			invalid("firewalls", fmt.Sprintf("firewall %d not found", fw.Firewall))
+			invalid(w, "firewalls", fmt.Sprintf("firewall %d not found", fw.Firewall))
 			return
 		}
 	}
 	var pg *schema.PlacementGroup
-	if req.PlacementGroup != 0 {
-		if pg = s.pgs[req.PlacementGroup]; pg == nil {
-			invalid("placement_group", fmt.Sprintf("placement group %d not found", req.PlacementGroup))
+	if req.PlacementGroup != nil {
+		if pg = s.pgs[*req.PlacementGroup]; pg == nil {
+			invalid(w, "placement_group", fmt.Sprintf("placement group %d not found", *req.PlacementGroup))
 			return
 		}
 		if len(pg.Servers) >= 10 {
-			writeError(w, http.StatusUnprocessableEntity, "placement_error", "spread placement group is full")
+			writeError(w, http.StatusUnprocessableEntity, "placement_error", "spread placement group is full", nil)
 			return
 		}
 	}
 	id := s.id()
-	var private []schema.ServerPrivateNet
+	private := []schema.ServerPrivateNet{}
+	var joins []func()
 	for _, nid := range req.Networks {
 		nw := s.networks[nid]
 		if nw == nil {
-			invalid("networks", fmt.Sprintf("network %d not found", nid))
+			invalid(w, "networks", fmt.Sprintf("network %d not found", nid))
 			return
 		}
-		var ip string
-		for _, sub := range nw.Subnets {
-			if sub.NetworkZone == loc.NetworkZone {
-				p := netip.MustParsePrefix(sub.IPRange)
-				a := p.Addr()
-				for range 2 + len(nw.Servers) {
-					a = a.Next()
-				}
-				ip = a.String()
-				break
-			}
-		}
-		if ip == "" {
-			invalid("networks", fmt.Sprintf("network %d has no subnet in %s", nid, loc.NetworkZone))
+		ip, ok := nw.freeIPLocked(loc.NetworkZone)
+		if !ok {
+			writeError(w, http.StatusUnprocessableEntity, "no_subnet_available",
+				fmt.Sprintf("network %d has no subnet with free addresses in %s", nid, loc.NetworkZone), nil)
 			return
 		}
-		nw.Servers = append(nw.Servers, id)
-		private = append(private, schema.ServerPrivateNet{Network: nid, IP: ip, MACAddress: fmt.Sprintf("86:00:00:00:00:%02x", id%256)})
+		joins = append(joins, func() { nw.handed[ip] = true; nw.n.Servers = append(nw.n.Servers, id) })
+		private = append(private, schema.ServerPrivateNet{Network: nid, IP: ip.String(), AliasIPs: []string{},
+			MACAddress: fmt.Sprintf("86:00:00:00:%02x:%02x", id/256%256, id%256)})
 	}
-	labels := map[string]string{}
-	if req.Labels != nil {
-		labels = *req.Labels
+	for _, j := range joins {
+		j()
 	}
 	n := id % 250
 	srv := &schema.Server{
-		ID: id, Name: req.Name, Status: "initializing", Created: created, Labels: labels,
-		ServerType: schema.ServerType{Name: req.ServerType.Name}, Location: loc,
-		Image: &schema.Image{ID: imgID, Type: "system"},
+		ID: id, Name: req.Name, Status: "initializing", Created: created, Labels: nonNil(req.Labels),
+		ServerType: st, Location: loc, Image: &img,
 		PublicNet: schema.ServerPublicNet{
-			IPv4: schema.ServerPublicNetIPv4{ID: id, IP: fmt.Sprintf("203.0.113.%d", n)},
-			IPv6: schema.ServerPublicNetIPv6{ID: id + 10000, IP: fmt.Sprintf("2001:db8:%x::/64", n)},
+			IPv4:        schema.ServerPublicNetIPv4{ID: id, IP: fmt.Sprintf("203.0.113.%d", n)},
+			IPv6:        schema.ServerPublicNetIPv6{ID: id + 10000, IP: fmt.Sprintf("2001:db8:%x::/64", n)},
+			FloatingIPs: []int64{},
 		},
-		PrivateNet: private,
+		PrivateNet: private, Volumes: []int64{}, LoadBalancers: []int64{},
 	}
 	for _, fw := range req.Firewalls {
 		f := s.firewalls[fw.Firewall]
-		srv.PublicNet.Firewalls = append(srv.PublicNet.Firewalls, schema.ServerFirewall{ID: f.ID, Status: "applied"})
-		f.AppliedTo = append(f.AppliedTo, schema.FirewallResource{Type: "server", Server: &schema.FirewallResourceServer{ID: id}})
+		f.applyTo = append(f.applyTo, firewallResource{Type: "server", Server: &struct {
+			ID int64 `json:"id"`
+		}{id}})
 	}
 	if pg != nil {
 		pg.Servers = append(pg.Servers, id)
 		srv.PlacementGroup = pg
 	}
 	s.servers[id] = srv
-	s.userData[id] = req.UserData
-	resp := schema.ServerCreateResponse{Server: *srv}
+	if req.UserData != nil {
+		s.userData[id] = *req.UserData
+	}
+	resp := schema.ServerCreateResponse{Server: s.serverViewLocked(srv), NextActions: []schema.Action{}}
 	resp.Action = s.newActionLocked("create_server", "server", id, srv.Name, func() { srv.Status = "off" })
 	if req.StartAfterCreate == nil || *req.StartAfterCreate {
-		resp.NextActions = []schema.Action{s.newActionLocked("start_server", "server", id, srv.Name, func() { srv.Status = "running" })}
+		resp.NextActions = append(resp.NextActions, s.newActionLocked("start_server", "server", id, srv.Name, func() { srv.Status = "running" }))
 	}
 	writeJSON(w, http.StatusCreated, resp)
+}
+
+// freeIPLocked is the next address of the network's subnet in zone that
+// was never handed out: "Networks" reserves the network's first address
+// for the gateway; the fake starts servers at the subnet's second.
+func (n *network) freeIPLocked(zone string) (netip.Addr, bool) {
+	for _, sub := range n.n.Subnets {
+		if sub.NetworkZone != zone || sub.Type == "vswitch" {
+			continue
+		}
+		p := mustPrefix(sub.IPRange)
+		for a := p.Addr().Next().Next(); p.Contains(a); a = a.Next() {
+			if !n.handed[a] && p.Contains(a.Next()) { // the last address is broadcast
+				return a, true
+			}
+		}
+	}
+	return netip.Addr{}, false
+}
+
+func (s *Server) powerOn(w http.ResponseWriter, r *http.Request) {
+	id, ok := pathID(w, r)
+	if !ok {
+		return
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	srv := s.servers[id]
+	if srv == nil {
+		notFound(w, fmt.Sprintf("server with ID %d", id))
+		return
+	}
+	srv.Status = "starting"
+	a := s.newActionLocked("start_server", "server", id, srv.Name, func() { srv.Status = "running" }, func() { srv.Status = "off" })
+	writeJSON(w, http.StatusCreated, schema.ServerActionPoweronResponse{Action: a})
 }
 
 func (s *Server) deleteServer(w http.ResponseWriter, r *http.Request) {
@@ -207,7 +280,7 @@ func (s *Server) deleteServer(w http.ResponseWriter, r *http.Request) {
 	defer s.mu.Unlock()
 	srv, found := s.servers[id]
 	if !found {
-		writeError(w, http.StatusNotFound, "not_found", fmt.Sprintf("server with ID %d not found", id))
+		notFound(w, fmt.Sprintf("server with ID %d", id))
 		return
 	}
 	srv.Status = "deleting"
@@ -217,11 +290,12 @@ func (s *Server) deleteServer(w http.ResponseWriter, r *http.Request) {
 			pg.Servers = slices.DeleteFunc(pg.Servers, func(x int64) bool { return x == id })
 		}
 		for _, nw := range s.networks {
-			nw.Servers = slices.DeleteFunc(nw.Servers, func(x int64) bool { return x == id })
+			// The server's address stays in handed: it is never reused.
+			nw.n.Servers = slices.DeleteFunc(nw.n.Servers, func(x int64) bool { return x == id })
 		}
 		for _, fw := range s.firewalls {
-			fw.AppliedTo = slices.DeleteFunc(fw.AppliedTo, func(x schema.FirewallResource) bool {
-				return x.Server != nil && x.Server.ID == id
+			fw.applyTo = slices.DeleteFunc(fw.applyTo, func(x firewallResource) bool {
+				return x.Type == "server" && x.Server.ID == id
 			})
 		}
 	})
@@ -234,7 +308,7 @@ func (s *Server) ServerByName(name string) (schema.Server, bool) {
 	defer s.mu.Unlock()
 	for _, x := range s.servers {
 		if x.Name == name {
-			return *x, true
+			return s.serverViewLocked(x), true
 		}
 	}
 	return schema.Server{}, false
@@ -250,6 +324,18 @@ func (s *Server) ServerNames() []string {
 	}
 	slices.Sort(out)
 	return out
+}
+
+// SetServerStatus sets a server's status directly (a server someone
+// powered off in the console).
+func (s *Server) SetServerStatus(name, status string) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for _, x := range s.servers {
+		if x.Name == name {
+			x.Status = status
+		}
+	}
 }
 
 // UserData returns the user data a server was created with.
@@ -269,7 +355,9 @@ func (s *Server) AddServer(name string, labels map[string]string) int64 {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	id := s.id()
-	s.servers[id] = &schema.Server{ID: id, Name: name, Status: "running", Created: created, Labels: labels,
-		Location: locations[0], PublicNet: schema.ServerPublicNet{IPv4: schema.ServerPublicNetIPv4{IP: fmt.Sprintf("198.51.100.%d", id%250)}}}
+	st, _ := serverTypeBy("cpx22")
+	s.servers[id] = &schema.Server{ID: id, Name: name, Status: "running", Created: created, Labels: nonNil(labels), ServerType: st,
+		Location: locations[0], PrivateNet: []schema.ServerPrivateNet{}, Volumes: []int64{}, LoadBalancers: []int64{},
+		PublicNet: schema.ServerPublicNet{IPv4: schema.ServerPublicNetIPv4{IP: "198.51.100." + strconv.FormatInt(id%250, 10)}, FloatingIPs: []int64{}}}
 	return id
 }

@@ -1,28 +1,30 @@
 # Evaluates one NixOS configuration (e.g. nix/examples/worker.nix, which
-# imports ../../nixos-module.nix) against the stub lib and the NixOS option
-# stubs, the way a system build would: unknown options and failed
-# assertions abort the evaluation with NixOS' messages. Returns, as JSON,
-# what the Go checks in nix/nixtest look at.
+# imports ../../nixos-module.nix) with nixpkgs' real lib.evalModules, the
+# NixOS option declarations of ./nixos.nix and the test pkgs of ./pkgs.nix,
+# the way a system build would: unknown options and failed assertions abort
+# the evaluation with NixOS' messages. Returns, as JSON, what the Go checks
+# in nix/nixtest look at.
 #
-#   nix-instantiate --store dummy:// --eval --strict --json nix/harness.nix \
-#     --arg configuration ./nix/examples/worker.nix
-{ configuration }:
+#   nix-instantiate --store dummy:// --eval --strict --json nix/nixtest/harness.nix \
+#     --arg lib 'import ../shared/nixpkgs-lib/lib' --arg configuration ./nix/examples/worker.nix
+{ lib, configuration }:
 let
-  lib = import ./stub/lib.nix;
-  pkgs = import ./stub/pkgs.nix { inherit lib; };
+  pkgs = import ./pkgs.nix { inherit lib; };
   inherit (builtins) attrNames concatStringsSep filter isAttrs isList length mapAttrs toJSON;
 
   eval = lib.evalModules {
-    modules = [ ./stub/nixos.nix configuration ];
+    modules = [ ./nixos.nix configuration ];
     specialArgs = { inherit pkgs; };
   };
   config = eval.config;
 
   failed = map (a: a.message) (filter (a: !a.assertion) config.assertions);
+  # NixOS' top-level: failed assertions abort the build (misc/assertions.nix).
   checked =
-    if eval.unmatched != [ ] then throw "The option `${lib.showOption (builtins.head eval.unmatched)}' does not exist."
-    else if failed != [ ] then throw "\nFailed assertions:\n${concatStringsSep "\n" (map (m: "- ${m}") failed)}"
+    if failed != [ ] then throw "\nFailed assertions:\n${concatStringsSep "\n" (map (m: "- ${m}") failed)}"
     else true;
+  # An option without a default that nobody set (startLimitIntervalSec).
+  defined = v: (builtins.tryEval v).success;
 
   # NixOS' attrsToSection: one Key=value line per value, lists repeated.
   toOption = x: if x == true then "true" else if x == false then "false" else toString x;
@@ -39,7 +41,7 @@ let
     "[Unit]\n"
     + lib.optionalString (u.description != "") "Description=${u.description}\n"
     + section (builtins.mapAttrs (_: concatStringsSep " ") deps)
-    + lib.optionalString ((u.startLimitIntervalSec or null) != null) "StartLimitIntervalSec=${toString u.startLimitIntervalSec}\n"
+    + lib.optionalString (defined u.startLimitIntervalSec) "StartLimitIntervalSec=${toString u.startLimitIntervalSec}\n"
     + section u.unitConfig;
   renderService = s:
     let
@@ -64,9 +66,11 @@ let
     else "<${builtins.typeOf v}>";
   attrName = n: if builtins.match "[A-Za-z_][A-Za-z0-9_'-]*" n != null then n else toNix n;
 
-  # Every option under services.meshd, submodule options included.
+  # Every option under services.meshd, submodule options included; like
+  # nixpkgs' option docs, without internal or invisible ones (_module.*).
   optionDocs = node:
-    if lib.isOption node then
+    if lib.isOption node && ((node.internal or false) || !(node.visible or true)) then [ ]
+    else if lib.isOption node then
       [{
         name = lib.showOption node.loc;
         description = node.description or null;
@@ -100,7 +104,17 @@ assert checked;
     })
     config.systemd.services;
   targets = mapAttrs (_: t: { inherit (t) wantedBy wants after before; unitText = unitSection t; }) config.systemd.targets;
-  firewall = { inherit (config.networking.firewall) enable allowedUDPPorts allowedTCPPorts; };
+  firewall = {
+    inherit (config.networking.firewall) enable allowedUDPPorts allowedTCPPorts;
+    interfaces = mapAttrs (_: i: { inherit (i) allowedTCPPorts allowedUDPPorts; }) config.networking.firewall.interfaces;
+  };
+  dhcpcdDenyInterfaces = config.networking.dhcpcd.denyInterfaces;
+  networkmanagerUnmanaged = config.networking.networkmanager.unmanaged;
+  networkdNetworks = mapAttrs (_: n: { inherit (n) matchConfig linkConfig; }) config.systemd.network.networks;
+  users = mapAttrs (_: u: { inherit (u) isSystemUser group; }) config.users.users;
+  groups = attrNames config.users.groups;
+  prometheusScrapeConfigs = config.services.prometheus.scrapeConfigs;
+  systemPackages = map (p: "${p}") config.environment.systemPackages;
   kernelModules = config.boot.kernelModules;
   tmpfiles = config.systemd.tmpfiles.rules;
   inherit (config) warnings;
@@ -110,6 +124,10 @@ assert checked;
     # Where pkgs.formats.json puts exactly this text: the unit must name it.
     configFile = (pkgs.formats.json { }).generate "meshd.json" (dropNulls meshd.settings);
     package = "${meshd.package}";
+    # What the default package passed to buildGoModule (null: not ours).
+    buildGoModuleArgs =
+      let a = meshd.package.buildGoModuleArgs or null; in
+      if a == null then null else removeAttrs a [ "src" ] // { src = "${a.src}"; };
   };
   options = optionDocs eval.options.services.meshd;
 }

@@ -1,0 +1,246 @@
+package agent
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"strings"
+	"sync"
+	"testing"
+	"testing/synctest"
+	"time"
+
+	clientv3 "go.etcd.io/etcd/client/v3"
+
+	"github.com/meshd/meshd/pkg/registry"
+)
+
+// These tests run the reconcile loop and the status publisher in a
+// synctest bubble: time is fake, so they measure waits exactly and can
+// idle for minutes in no time. etcd cannot run in a bubble (its network
+// I/O is not durable blocking), so the store is fed directly, as the
+// Watcher does, and the status goes to a put function instead of a Put on
+// the lease (session.go's hold passes the real one).
+
+// pass is one Apply call as a component saw it.
+type pass struct {
+	at  time.Time
+	rev int64
+}
+
+// timedComponent records its passes; each Apply takes took (fake time).
+// Its status is "young" for the first three minutes of its life and
+// "old" after, like a handshake bucket.
+type timedComponent struct {
+	took time.Duration
+	born time.Time
+
+	mu     sync.Mutex
+	passes []pass
+}
+
+func (c *timedComponent) Name() string { return "timed" }
+func (c *timedComponent) Apply(_ context.Context, s *registry.Snapshot) error {
+	c.mu.Lock()
+	c.passes = append(c.passes, pass{time.Now(), s.Revision})
+	c.mu.Unlock()
+	time.Sleep(c.took)
+	return nil
+}
+func (c *timedComponent) Status() any {
+	if time.Since(c.born) < 3*time.Minute {
+		return "young"
+	}
+	return "old"
+}
+func (c *timedComponent) got() []pass {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return append([]pass(nil), c.passes...)
+}
+
+// loopRig is an agent whose loop (and, with publish, status publisher)
+// runs in the current bubble.
+type loopRig struct {
+	a    *Agent
+	c    *timedComponent
+	rev  int64
+	mu   sync.Mutex
+	puts []string
+}
+
+func newLoopRig(t *testing.T, took time.Duration, publish bool) *loopRig {
+	t.Helper()
+	c := &timedComponent{took: took, born: time.Now()}
+	a, err := New(Options{Client: &clientv3.Client{}, Node: "node-a", ID: "0123456789abcdef0123456789abcdef",
+		LeaseTTL: 10 * time.Second, Coalesce: 5 * time.Millisecond, Components: []Component{c}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	r := &loopRig{a: a, c: c, rev: 1}
+	a.store.Replace(registry.ClusterPrefix, nil, r.rev)
+	ctx, cancel := context.WithCancel(t.Context())
+	t.Cleanup(cancel)
+	go a.loop(ctx)
+	if publish {
+		go a.publishLoop(ctx, func(_ context.Context, v string) error {
+			r.mu.Lock()
+			r.puts = append(r.puts, v)
+			r.mu.Unlock()
+			return nil
+		})
+	}
+	a.kick() // the watcher's first list
+	synctest.Wait()
+	return r
+}
+
+// event puts one instance into the store at the next revision and wakes
+// the loop, as the Watcher does for one watch response.
+func (r *loopRig) event() {
+	r.rev++
+	b, _ := json.Marshal(registry.Instance{IPv4: "10.10.1.0", Node: fmt.Sprintf("n%d", r.rev), Port: 8080})
+	r.a.store.Put(registry.KV{Key: registry.InstanceKey("backends", "web", fmt.Sprintf("n%d", r.rev)), Value: b}, r.rev)
+	r.a.kick()
+}
+
+func (r *loopRig) writes() []string {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return append([]string(nil), r.puts...)
+}
+
+// TestIsolatedEventNoWait: a change after a quiet period is applied at
+// once, without waiting for the coalesce window.
+func TestIsolatedEventNoWait(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		r := newLoopRig(t, 0, false)
+		if p := r.c.got(); len(p) != 1 || p[0].rev != 1 {
+			t.Fatalf("first list: passes %v, want one at revision 1", p)
+		}
+		time.Sleep(time.Second) // quiet
+		start := time.Now()
+		r.event()
+		synctest.Wait()
+		p := r.c.got()
+		if len(p) != 2 || p[1].rev != 2 {
+			t.Fatalf("passes %v, want a second one at revision 2", p)
+		}
+		if wait := p[1].at.Sub(start); wait != 0 {
+			t.Fatalf("an isolated event waited %v before its pass, want none", wait)
+		}
+	})
+}
+
+// TestBurstCoalesced: a burst of 100 events costs one or two passes, the
+// last of them at the burst's final revision.
+func TestBurstCoalesced(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		r := newLoopRig(t, 0, false)
+		time.Sleep(time.Second)
+		for range 100 {
+			r.event()
+		}
+		time.Sleep(time.Second)
+		p := r.c.got()[1:]
+		if len(p) < 1 || len(p) > 2 {
+			t.Fatalf("a burst of 100 events cost %d passes, want 1 or 2: %v", len(p), p)
+		}
+		if last := p[len(p)-1].rev; last != r.rev {
+			t.Fatalf("last pass at revision %d, want %d", last, r.rev)
+		}
+	})
+}
+
+// TestEventsDuringPassBatched: events that arrive while a pass runs are
+// applied together by one pass, when the window after it has closed.
+func TestEventsDuringPassBatched(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		r := newLoopRig(t, 20*time.Millisecond, false)
+		time.Sleep(time.Second)
+		start := time.Now()
+		r.event()
+		time.Sleep(10 * time.Millisecond) // the pass is running
+		for range 10 {
+			r.event()
+		}
+		time.Sleep(time.Second)
+		p := r.c.got()[1:]
+		if len(p) != 2 {
+			t.Fatalf("%d passes, want 2 (the event, then the batch): %v", len(p), p)
+		}
+		if p[0].at != start || p[0].rev != 2 {
+			t.Errorf("first pass %v, want at once at revision 2", p[0])
+		}
+		// The pass ends at +20ms; the window after it at +25ms.
+		if got := p[1].at.Sub(start); got != 25*time.Millisecond || p[1].rev != r.rev {
+			t.Errorf("second pass at +%v revision %d, want +25ms revision %d", got, p[1].rev, r.rev)
+		}
+	})
+}
+
+// TestIdleNodeWritesNoStatus: a node with nothing changing writes no
+// status for a minute (the periodic re-evaluation finds it unchanged);
+// a status that ages on its own is written once when it changes; a
+// registry change is written.
+func TestIdleNodeWritesNoStatus(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		r := newLoopRig(t, 0, true)
+		base := len(r.writes())
+		if base == 0 {
+			t.Fatal("no status written at start")
+		}
+		var st registry.Status
+		if err := json.Unmarshal([]byte(r.writes()[base-1]), &st); err != nil || st.Revision != 1 {
+			t.Fatalf("status %s (%v), want revision 1", r.writes()[base-1], err)
+		}
+		time.Sleep(time.Minute)
+		if w := r.writes()[base:]; len(w) != 0 {
+			t.Fatalf("an idle node wrote %d statuses in a minute: %q", len(w), w)
+		}
+		// The component's status ages at 3 minutes: the next periodic
+		// re-evaluation (at most statusRefresh later) writes it, once.
+		time.Sleep(3*time.Minute + statusRefresh)
+		w := r.writes()[base:]
+		if len(w) != 1 {
+			t.Fatalf("%d writes after the status aged, want 1: %q", len(w), w)
+		}
+		if err := json.Unmarshal([]byte(w[0]), &st); err != nil || string(st.Components["timed"]) != `"old"` {
+			t.Fatalf("aged status %s (%v)", w[0], err)
+		}
+		r.event()
+		synctest.Wait()
+		w = r.writes()[base:]
+		if len(w) != 2 {
+			t.Fatalf("%d writes after a change, want 2", len(w))
+		}
+		if err := json.Unmarshal([]byte(w[1]), &st); err != nil || st.Revision != r.rev {
+			t.Fatalf("status after a change %s (%v), want revision %d", w[1], err, r.rev)
+		}
+	})
+}
+
+// failing is a component whose Apply fails with a long error, as an
+// error joined over every peer of a large cluster would be.
+type failing struct{}
+
+func (failing) Name() string { return "failing" }
+func (failing) Apply(context.Context, *registry.Snapshot) error {
+	return errors.New(strings.Repeat("route 10.10.1.0/24: file exists; ", 5000))
+}
+func (failing) Status() any { return nil }
+
+// TestStatusErrorBounded: a component's error is cut in the status.
+func TestStatusErrorBounded(t *testing.T) {
+	a, err := New(Options{Client: &clientv3.Client{}, Node: "node-a", ID: "0123456789abcdef0123456789abcdef",
+		LeaseTTL: 10 * time.Second, Components: []Component{failing{}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	states := []compState{{lastErr: failing{}.Apply(context.Background(), nil)}}
+	st := a.buildStatus(&registry.Snapshot{Revision: 3}, 0, states)
+	if got := len(st.Errors["failing"]); got == 0 || got > registry.MaxStatusText+len("…") {
+		t.Fatalf("error in status is %d bytes, want at most %d", got, registry.MaxStatusText+len("…"))
+	}
+}

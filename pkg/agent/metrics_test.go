@@ -1,0 +1,86 @@
+package agent_test
+
+import (
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/meshd/meshd/pkg/agent"
+	"github.com/meshd/meshd/pkg/etcdtest"
+	"github.com/meshd/meshd/pkg/registry"
+)
+
+// gaugeValue reads one gauge series (-1: none) from reg.
+func gaugeValue(t *testing.T, reg *prometheus.Registry, name, label, value string) float64 {
+	t.Helper()
+	mfs, err := reg.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, mf := range mfs {
+		if mf.GetName() != name {
+			continue
+		}
+		for _, m := range mf.GetMetric() {
+			for _, l := range m.GetLabel() {
+				if l.GetName() == label && l.GetValue() == value {
+					return m.GetGauge().GetValue()
+				}
+			}
+		}
+	}
+	return -1
+}
+
+// TestComponentAndRejectedKeyMetrics: a failing component counts its
+// failures in a row and keeps its last success time; success resets the
+// count; an invalid key shows under its reason and goes when it is fixed.
+func TestComponentAndRejectedKeyMetrics(t *testing.T) {
+	srv := etcdtest.New(t)
+	var failing atomic.Bool
+	rec := &recorder{fail: func(*registry.Snapshot) bool { return failing.Load() }}
+	reg := prometheus.NewRegistry()
+	n := startNode(t, srv, "n1", id1, t.TempDir(), func(o *agent.Options) {
+		o.Components = []agent.Component{rec}
+		o.Registerer = reg
+	})
+	failures := func() float64 {
+		return gaugeValue(t, reg, "meshd_component_consecutive_failures", "component", "recorder")
+	}
+	lastOK := func() float64 {
+		return gaugeValue(t, reg, "meshd_component_last_success_timestamp_seconds", "component", "recorder")
+	}
+	rejected := func(reason string) float64 {
+		return gaugeValue(t, reg, "meshd_registry_rejected_keys", "reason", reason)
+	}
+	before := float64(time.Now().Add(-time.Second).Unix())
+	eventually(t, 10*time.Second, "a first successful apply", func() bool { return lastOK() >= before })
+	if f := failures(); f != 0 {
+		t.Errorf("failures after a success = %v, want 0", f)
+	}
+	ok := lastOK()
+
+	failing.Store(true)
+	if _, err := n.cli.Put(t.Context(), "/cluster/backends/bad/meta_data", `{"publish":`); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, 10*time.Second, "two failures in a row", func() bool { return failures() >= 2 })
+	if got := lastOK(); got != ok {
+		t.Errorf("last success moved while failing: %v -> %v", ok, got)
+	}
+	if got := rejected(registry.ReasonBadValue); got != 1 {
+		t.Errorf("rejected bad_value = %v, want 1", got)
+	}
+	if got := rejected(registry.ReasonBadKey); got != 0 {
+		t.Errorf("rejected bad_key = %v, want 0", got)
+	}
+
+	failing.Store(false)
+	if _, err := n.cli.Put(t.Context(), "/cluster/backends/bad/meta_data", `{"publish":{"port":8081}}`); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, 10*time.Second, "recovery", func() bool { return failures() == 0 && lastOK() > ok })
+	eventually(t, 5*time.Second, "the fixed key no longer rejected", func() bool { return rejected(registry.ReasonBadValue) == 0 })
+}

@@ -1,0 +1,167 @@
+package overlay
+
+import (
+	"fmt"
+	"net/netip"
+	"slices"
+	"sync"
+	"time"
+
+	"golang.zx2c4.com/wireguard/wgctrl/wgtypes"
+
+	"github.com/meshd/meshd/pkg/overlay/desired"
+)
+
+// FakeDevice is a WireGuard device kept in memory, a fake for where a
+// real device cannot be had in numbers: the scale bench's thousands of
+// simulated nodes, and unit tests of the status and metrics. Set sends it
+// the same per-peer deltas the Applier sends a real device (desired.Diff,
+// peerConfig), and ConfigureDevice follows wgctrl's documented semantics
+// for the fields meshd uses (wgtypes.PeerConfig: Remove, UpdateOnly,
+// Endpoint, ReplaceAllowedIPs, PersistentKeepaliveInterval). It has no
+// addresses, routes or MTU: those are netlink's, not the device's.
+type FakeDevice struct {
+	mu      sync.Mutex
+	key     wgtypes.Key
+	port    int
+	peers   map[wgtypes.Key]*wgtypes.Peer
+	configs int
+}
+
+// NewFakeDevice returns an empty device with private key key.
+func NewFakeDevice(key wgtypes.Key) *FakeDevice {
+	return &FakeDevice{key: key, peers: map[wgtypes.Key]*wgtypes.Peer{}}
+}
+
+// PublicKey is the device's public key, base64.
+func (d *FakeDevice) PublicKey() string { return d.key.PublicKey().String() }
+
+// Mode names the device kind, as Applier.Mode does.
+func (d *FakeDevice) Mode() string { return "fake" }
+
+// Configs counts the ConfigureDevice calls that changed something.
+func (d *FakeDevice) Configs() int {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return d.configs
+}
+
+// Device returns a copy of the device as wgctrl would report it.
+func (d *FakeDevice) Device() (*wgtypes.Device, error) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	dev := &wgtypes.Device{Name: "fake", Type: wgtypes.Userspace, PrivateKey: d.key, PublicKey: d.key.PublicKey(), ListenPort: d.port}
+	for _, p := range d.peers {
+		c := *p
+		c.AllowedIPs = slices.Clone(p.AllowedIPs)
+		dev.Peers = append(dev.Peers, c)
+	}
+	slices.SortFunc(dev.Peers, func(a, b wgtypes.Peer) int { return compareKeys(a.PublicKey, b.PublicKey) })
+	return dev, nil
+}
+
+func compareKeys(a, b wgtypes.Key) int {
+	for i := range a {
+		if a[i] != b[i] {
+			return int(a[i]) - int(b[i])
+		}
+	}
+	return 0
+}
+
+// Set makes the device's peers and port match want with the Applier's
+// own diff and per-peer configs, and returns the plan it applied.
+func (d *FakeDevice) Set(want desired.State) (desired.Plan, error) {
+	dev, _ := d.Device()
+	live := desired.State{ListenPort: dev.ListenPort, MTU: want.MTU, RouteTable: want.RouteTable,
+		Addresses: want.Addresses, Routes: want.Routes}
+	for _, p := range dev.Peers {
+		lp := desired.Peer{PublicKey: p.PublicKey.String(), Keepalive: p.PersistentKeepaliveInterval}
+		if p.Endpoint != nil {
+			ap := p.Endpoint.AddrPort()
+			lp.Endpoint = netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port())
+		}
+		for _, n := range p.AllowedIPs {
+			if pf, ok := ipNetToPrefix(n); ok {
+				lp.AllowedIPs = append(lp.AllowedIPs, pf)
+			}
+		}
+		live.Peers = append(live.Peers, lp)
+	}
+	plan := desired.Diff(live, want)
+	var cfg wgtypes.Config
+	if plan.ListenPort != 0 {
+		port := plan.ListenPort
+		cfg.ListenPort = &port
+	}
+	for _, c := range plan.Peers {
+		pc, err := peerConfig(c)
+		if err != nil {
+			return plan, err
+		}
+		cfg.Peers = append(cfg.Peers, pc)
+	}
+	if cfg.ListenPort == nil && len(cfg.Peers) == 0 {
+		return plan, nil
+	}
+	return plan, d.ConfigureDevice(cfg)
+}
+
+// ConfigureDevice applies cfg as wgctrl.Client.ConfigureDevice does.
+func (d *FakeDevice) ConfigureDevice(cfg wgtypes.Config) error {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if cfg.ReplacePeers {
+		return fmt.Errorf("fake device: ReplacePeers is not used by meshd")
+	}
+	if cfg.PrivateKey != nil {
+		d.key = *cfg.PrivateKey
+	}
+	if cfg.ListenPort != nil {
+		d.port = *cfg.ListenPort
+	}
+	for _, pc := range cfg.Peers {
+		p, ok := d.peers[pc.PublicKey]
+		switch {
+		case pc.Remove:
+			delete(d.peers, pc.PublicKey)
+			continue
+		case !ok && pc.UpdateOnly:
+			continue // wgctrl: only update an existing peer
+		case !ok:
+			p = &wgtypes.Peer{PublicKey: pc.PublicKey, ProtocolVersion: 1}
+			d.peers[pc.PublicKey] = p
+		}
+		if pc.Endpoint != nil {
+			ep := *pc.Endpoint
+			p.Endpoint = &ep
+		}
+		if pc.PersistentKeepaliveInterval != nil {
+			p.PersistentKeepaliveInterval = *pc.PersistentKeepaliveInterval
+		}
+		if pc.ReplaceAllowedIPs {
+			p.AllowedIPs = nil
+		}
+		p.AllowedIPs = append(p.AllowedIPs, slices.Clone(pc.AllowedIPs)...)
+	}
+	d.configs++
+	return nil
+}
+
+// Traffic records a handshake at t (zero: none yet) and the byte
+// counters of the peer with public key pub, as traffic on a real device
+// would. It reports whether the device has that peer.
+func (d *FakeDevice) Traffic(pub string, t time.Time, rx, tx int64) bool {
+	k, err := wgtypes.ParseKey(pub)
+	if err != nil {
+		return false
+	}
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	p, ok := d.peers[k]
+	if !ok {
+		return false
+	}
+	p.LastHandshakeTime, p.ReceiveBytes, p.TransmitBytes = t, rx, tx
+	return true
+}

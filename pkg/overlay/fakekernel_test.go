@@ -17,11 +17,8 @@ import (
 // to: it implements wgClient and netlinkHandle (kernel.go), so the
 // applier's state logic runs without root. It follows the real things
 // point by point where the applier depends on them:
-//   - wgctrl's ConfigureDevice (wgtypes.Config/PeerConfig docs): Remove,
-//     UpdateOnly (no-op for an absent peer), ReplaceAllowedIPs (else
-//     append), nil fields left as they are; and the kernel's allowedips
-//     trie, where an allowed IP belongs to one peer only (adding it to a
-//     peer takes it from another);
+//   - the WireGuard device of each link is a FakeDevice (fakedevice.go),
+//     which follows wgctrl's ConfigureDevice semantics;
 //   - netlink's LinkByName (LinkNotFoundError), LinkAdd of a
 //     *netlink.Wireguard (creates the link and its device), LinkDel
 //     (takes the link's addresses and routes with it);
@@ -46,7 +43,7 @@ type fakeKernel struct {
 type fakeLink struct {
 	attrs netlink.LinkAttrs
 	addrs []net.IPNet
-	dev   wgtypes.Device
+	dev   *FakeDevice
 }
 
 func newFakeKernel() *fakeKernel {
@@ -66,79 +63,35 @@ func (fl *fakeLink) netlinkLink() netlink.Link {
 	return &netlink.Wireguard{LinkAttrs: fl.attrs}
 }
 
-// Device implements wgClient.
+// Device implements wgClient: the link's FakeDevice (fakedevice.go, the
+// one in-memory WireGuard device), named after the link.
 func (k *fakeKernel) Device(name string) (*wgtypes.Device, error) {
 	k.mu.Lock()
-	defer k.mu.Unlock()
 	fl, ok := k.links[name]
+	k.mu.Unlock()
 	if !ok {
 		return nil, fmt.Errorf("device %s: %w", name, unix.ENODEV)
 	}
-	d := fl.dev
-	d.Peers = slices.Clone(d.Peers)
-	for i := range d.Peers {
-		d.Peers[i].AllowedIPs = slices.Clone(d.Peers[i].AllowedIPs)
+	d, err := fl.dev.Device()
+	if err != nil {
+		return nil, err
 	}
-	return &d, nil
+	d.Name = name
+	return d, nil
 }
 
-// ConfigureDevice implements wgClient.
+// ConfigureDevice implements wgClient with the link's FakeDevice.
 func (k *fakeKernel) ConfigureDevice(name string, cfg wgtypes.Config) error {
 	k.mu.Lock()
-	defer k.mu.Unlock()
 	fl, ok := k.links[name]
+	if ok {
+		k.writes++
+	}
+	k.mu.Unlock()
 	if !ok {
 		return fmt.Errorf("configure %s: %w", name, unix.ENODEV)
 	}
-	k.writes++
-	d := &fl.dev
-	if cfg.PrivateKey != nil {
-		d.PrivateKey, d.PublicKey = *cfg.PrivateKey, cfg.PrivateKey.PublicKey()
-	}
-	if cfg.ListenPort != nil {
-		d.ListenPort = *cfg.ListenPort
-	}
-	if cfg.ReplacePeers {
-		d.Peers = nil
-	}
-	for _, pc := range cfg.Peers {
-		i := slices.IndexFunc(d.Peers, func(p wgtypes.Peer) bool { return p.PublicKey == pc.PublicKey })
-		if pc.Remove {
-			if i >= 0 {
-				d.Peers = slices.Delete(d.Peers, i, i+1)
-			}
-			continue
-		}
-		if i < 0 {
-			if pc.UpdateOnly {
-				continue
-			}
-			d.Peers = append(d.Peers, wgtypes.Peer{PublicKey: pc.PublicKey})
-			i = len(d.Peers) - 1
-		}
-		p := &d.Peers[i]
-		if pc.Endpoint != nil {
-			e := *pc.Endpoint
-			p.Endpoint = &e
-		}
-		if pc.PersistentKeepaliveInterval != nil {
-			p.PersistentKeepaliveInterval = *pc.PersistentKeepaliveInterval
-		}
-		if pc.ReplaceAllowedIPs {
-			p.AllowedIPs = nil
-		}
-		for _, n := range pc.AllowedIPs {
-			for j := range d.Peers { // one owner per allowed IP
-				if j != i {
-					d.Peers[j].AllowedIPs = slices.DeleteFunc(d.Peers[j].AllowedIPs, func(o net.IPNet) bool { return o.String() == n.String() })
-				}
-			}
-			if !slices.ContainsFunc(p.AllowedIPs, func(o net.IPNet) bool { return o.String() == n.String() }) {
-				p.AllowedIPs = append(p.AllowedIPs, n)
-			}
-		}
-	}
-	return nil
+	return fl.dev.ConfigureDevice(cfg)
 }
 
 // Close implements wgClient and netlinkHandle.
@@ -187,7 +140,7 @@ func (k *fakeKernel) LinkAdd(l netlink.Link) error {
 	if attrs.MTU == 0 {
 		attrs.MTU = 1420
 	}
-	k.links[name] = &fakeLink{attrs: attrs, dev: wgtypes.Device{Name: name, Type: wgtypes.LinuxKernel}}
+	k.links[name] = &fakeLink{attrs: attrs, dev: NewFakeDevice(wgtypes.Key{})}
 	return nil
 }
 
@@ -372,8 +325,9 @@ func (k *fakeKernel) String() string {
 		for _, a := range fl.addrs {
 			lines = append(lines, fmt.Sprintf("addr %s dev %s", a.String(), fl.attrs.Name))
 		}
-		lines = append(lines, fmt.Sprintf("wg %s listen-port %d public-key %s", fl.attrs.Name, fl.dev.ListenPort, fl.dev.PublicKey))
-		for _, p := range fl.dev.Peers {
+		dev, _ := fl.dev.Device()
+		lines = append(lines, fmt.Sprintf("wg %s listen-port %d public-key %s", fl.attrs.Name, dev.ListenPort, dev.PublicKey))
+		for _, p := range dev.Peers {
 			lines = append(lines, "peer "+peerLine(p))
 		}
 	}

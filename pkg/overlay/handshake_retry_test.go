@@ -1,12 +1,14 @@
 package overlay
 
 import (
+	"net"
 	"slices"
 	"testing"
 	"time"
 
 	"golang.zx2c4.com/wireguard/wgctrl/wgtypes"
 
+	"github.com/meshd/meshd/pkg/overlay/desired"
 	"github.com/meshd/meshd/pkg/registry"
 )
 
@@ -97,5 +99,46 @@ func TestRetrySchedules(t *testing.T) {
 	}
 	if !slices.Equal(retryDelays(false), retryDelaysEstablished) {
 		t.Error("established schedule is not the fixed one")
+	}
+}
+
+// TestRetryConfig: the decision, from the device's live peers, of which
+// due peers to re-add and how: remove and add back exactly as the device
+// has them; peers with a fresh handshake, gone from the device or without
+// an endpoint are left alone.
+func TestRetryConfig(t *testing.T) {
+	added := time.Unix(1000, 0)
+	key := func() wgtypes.Key {
+		k, err := wgtypes.GeneratePrivateKey()
+		if err != nil {
+			t.Fatal(err)
+		}
+		return k.PublicKey()
+	}
+	ka, kb, kc, kd := key(), key(), key(), key()
+	allowed := []net.IPNet{{IP: net.IPv4(10, 10, 1, 0).To4(), Mask: net.CIDRMask(24, 32)}}
+	ep := &net.UDPAddr{IP: net.IPv4(192, 0, 2, 1), Port: 51820}
+	due := []*retryState{
+		{peer: desired.Peer{Name: "a", PublicKey: ka.String()}, added: added},
+		{peer: desired.Peer{Name: "b", PublicKey: kb.String()}, added: added},
+		{peer: desired.Peer{Name: "c", PublicKey: kc.String()}, added: added},
+		{peer: desired.Peer{Name: "d", PublicKey: kd.String()}, added: added},
+	}
+	live := []wgtypes.Peer{
+		{PublicKey: ka, Endpoint: ep, AllowedIPs: allowed, PersistentKeepaliveInterval: 25 * time.Second},
+		{PublicKey: kb, Endpoint: ep, LastHandshakeTime: added.Add(time.Second)},
+		{PublicKey: kd}, // no endpoint to initiate to
+	}
+	cfg, names := retryConfig(due, live)
+	if !slices.Equal(names, []string{"a (no handshake)"}) {
+		t.Fatalf("re-added %v, want only a (no handshake)", names)
+	}
+	if len(cfg.Peers) != 2 || !cfg.Peers[0].Remove || cfg.Peers[0].PublicKey != ka || cfg.Peers[1].Remove || cfg.Peers[1].PublicKey != ka {
+		t.Fatalf("config %+v, want remove a then add a", cfg.Peers)
+	}
+	add := cfg.Peers[1]
+	if add.Endpoint.String() != ep.String() || !add.ReplaceAllowedIPs || len(add.AllowedIPs) != 1 || add.AllowedIPs[0].String() != "10.10.1.0/24" ||
+		add.PersistentKeepaliveInterval == nil || *add.PersistentKeepaliveInterval != 25*time.Second {
+		t.Fatalf("re-add %+v, want the peer as the device has it", add)
 	}
 }

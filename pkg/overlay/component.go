@@ -9,7 +9,9 @@
 // state, through kernel.go's small interfaces; route_repair.go watches
 // netlink for what others remove; handshake_retry.go re-adds new peers
 // whose first handshake stalls; bootcache.go keeps the last applied state
-// on disk for a boot without etcd; status.go reports.
+// on disk for a boot without etcd; status.go and metrics.go report;
+// key.go keeps the private key; fakedevice.go is an in-memory WireGuard
+// device for the scale bench and tests.
 package overlay
 
 import (

@@ -111,7 +111,7 @@ func tree() []groupSpec {
 		leaves: []leafSpec{
 			{use: "list", aliases: []string{"ls"}, short: "List nodes: entry, subnet, overlay IP, endpoint",
 				example: "meshctl node list\nmeshctl node list -o wide", run: nodeList},
-			{use: "remove NAME", aliases: []string{"rm"}, short: "Remove every key of a node: entry, instances, subnet, member, status, secrets",
+			{use: "remove NAME", aliases: []string{"rm"}, short: "Remove every key of a node: entry, instances, subnet, member, flannel lease, status, secrets",
 				long:    "Refuses a node whose meshd still holds a lease unless --force (it would register again).",
 				example: "meshctl node remove worker003 --wait", run: nodeRemove},
 		},
@@ -136,6 +136,13 @@ func tree() []groupSpec {
 				example: "meshctl secret rm db-password --node worker003 --wait", run: secretRemove},
 			{use: "import DIR", short: "Import nix-infra's secret files from DIR",
 				example: "meshctl secret import ./secrets --all", run: secretImport},
+		},
+	}, {
+		use: "migrate", short: "Follow a live migration from flanneld + confd to meshd",
+		long: "See docs/migration.md for the runbook.",
+		leaves: []leafSpec{
+			{use: "status", short: "Each node's mode, meshd nodes' handshakes with flannel peers, stale flannel leases, what blocks the next step",
+				example: "meshctl migrate status\nmeshctl migrate status -o json", run: migrateStatus},
 		},
 	}, {
 		use: "pki", short: "Create the cluster CA and node certificates (files only, never etcd)",

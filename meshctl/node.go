@@ -86,12 +86,13 @@ func nodeList(ctx context.Context, e *env, args []string) error {
 func nodeRemove(ctx context.Context, e *env, args []string) error {
 	fs := flags(e, "node remove")
 	force := fs.Bool("force", false, "remove a node whose meshd is still running (it will register again unless stopped)")
+	keepFlannel := fs.Bool("keep-flannel-lease", false, "leave the flannel lease of the node's subnet (a node rolled back to flanneld holds it)")
 	wf := addWaitFlags(fs)
 	if err := parse(fs, args); err != nil {
 		return err
 	}
 	if fs.NArg() != 1 {
-		return usagef("usage: meshctl node remove NAME [--force] [--wait]")
+		return usagef("usage: meshctl node remove NAME [--force] [--keep-flannel-lease] [--wait]")
 	}
 	name := fs.Arg(0)
 	if err := registry.ValidName(name); err != nil {
@@ -111,7 +112,7 @@ func nodeRemove(ctx context.Context, e *env, args []string) error {
 	}
 	rctx, cancel := e.reqCtx(ctx)
 	defer cancel()
-	deleted, err := registry.RemoveNode(rctx, cli, name)
+	deleted, err := registry.RemoveNodeWith(rctx, cli, name, registry.RemoveOptions{KeepFlannelLease: *keepFlannel})
 	if err != nil {
 		return err
 	}

@@ -45,6 +45,9 @@ type Options struct {
 	// the durable member record (WireGuard key, endpoint, age recipient)
 	// before it registers. Nil runs without overlay.
 	Member *MemberOptions
+	// FlannelLease, with Member, makes the agent keep a flannel-format
+	// lease for its subnet (flannel.go). Nil writes none.
+	FlannelLease *FlannelLeaseOptions
 	// AdvertiseIP is the address instances are published with when there is
 	// no overlay (with an overlay, the node's overlay IP is used).
 	AdvertiseIP netip.Addr
@@ -117,6 +120,9 @@ type Agent struct {
 	healthy   map[int]bool
 	instChg   chan struct{}
 	statusChg chan struct{}
+	// flannelChg wakes the flannel lease keeper (member record known,
+	// flannel keys changed).
+	flannelChg chan struct{}
 }
 
 // New checks options and builds an agent.
@@ -150,6 +156,8 @@ func New(o Options) (*Agent, error) {
 		healthy:   map[int]bool{},
 		instChg:   make(chan struct{}, 1),
 		statusChg: make(chan struct{}, 1),
+
+		flannelChg: make(chan struct{}, 1),
 	}, nil
 }
 
@@ -179,6 +187,15 @@ func (a *Agent) Run(ctx context.Context) error {
 	watch(registry.ClusterPrefix)
 	if a.o.Secrets {
 		watch(registry.SecretsNodePrefix(a.o.Node))
+	}
+	if a.o.Member != nil {
+		// Nodes still on flanneld are peers (overlay/desired/flannel.go).
+		watch(registry.FlannelSubnetPrefix)
+		watch(registry.FlannelConfigKey)
+		if a.o.FlannelLease != nil {
+			k := &flannelKeeper{a: a, o: a.o.FlannelLease.withDefaults()}
+			g.Go(func() error { return k.run(gctx) })
+		}
 	}
 	g.Go(func() error { return a.session(gctx) })
 	for _, c := range a.o.Components {

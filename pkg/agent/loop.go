@@ -66,6 +66,13 @@ func (a *Agent) loop(ctx context.Context) {
 	if a.o.Secrets {
 		prefixes = append(prefixes, registry.SecretsNodePrefix(a.o.Node))
 	}
+	if a.o.Member != nil {
+		// Without the flannel leases a snapshot would drop every
+		// flannel peer. flannel's network config is not waited for: it
+		// only tunes those peers, and a role from before meshd read it
+		// may not grant it.
+		prefixes = append(prefixes, registry.FlannelSubnetPrefix)
+	}
 	for {
 		if a.o.Heartbeat != nil {
 			a.o.Heartbeat()
@@ -108,6 +115,7 @@ func (a *Agent) loop(ctx context.Context) {
 			continue // an empty view would tear the node down
 		}
 		snap := a.store.Snapshot()
+		signal(a.flannelChg)
 		a.reportProblems(snap, lastProblems)
 		holdUntil := a.holdRemovalsUntil()
 		held := false

@@ -88,6 +88,7 @@ func (a *Agent) establish(ctx context.Context) (clientv3.LeaseID, error) {
 		a.mu.Lock()
 		a.member = &m
 		a.mu.Unlock()
+		signal(a.flannelChg)
 	}
 	lease, err := a.acquireLease(rctx)
 	if err != nil {

@@ -10,6 +10,7 @@ import (
 	"fmt"
 	"net/netip"
 	"os"
+	"path/filepath"
 	"reflect"
 	"strings"
 	"time"
@@ -140,6 +141,12 @@ type Overlay struct {
 	// RouteTable holds meshd's routes, away from the main table that
 	// systemd-networkd manages.
 	RouteTable int `json:"routeTable"`
+	// ImportKeyFile is flanneld's WireGuard private key file (flannel's
+	// WIREGUARD_KEY_FILE, default /run/flannel/wgkey). On meshd's first
+	// start, when the state directory has no key yet, the key is taken
+	// from there so a migrating node keeps its public key. Empty: a new
+	// key.
+	ImportKeyFile string `json:"importKeyFile,omitempty"`
 }
 
 // HAProxy configures the service mesh proxy.
@@ -331,6 +338,9 @@ func (c *Config) Validate() error {
 		}
 		if !o.Network.Contains(o.SubnetMin) || !o.Network.Contains(o.SubnetMax) || o.SubnetMax.Less(o.SubnetMin) {
 			bad("overlay.subnetMin/subnetMax: want an ordered range inside %v", o.Network)
+		}
+		if o.ImportKeyFile != "" && (!filepath.IsAbs(o.ImportKeyFile) || strings.ContainsAny(o.ImportKeyFile, "\n\x00")) {
+			bad("overlay.importKeyFile %q: want an absolute path", o.ImportKeyFile)
 		}
 		if len(o.Interface) == 0 || len(o.Interface) > 15 {
 			bad("overlay.interface %q: want 1 to 15 characters", o.Interface)

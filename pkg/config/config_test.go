@@ -53,12 +53,13 @@ func TestValidateNamesEveryProblem(t *testing.T) {
 	c.Overlay.Interface = "much-too-long-interface"
 	c.Overlay.Mode = "fast"
 	c.Overlay.RouteTable = 254
+	c.Overlay.ImportKeyFile = "run/flannel/wgkey"
 	c.HAProxy.ConfigPath = "/etc/haproxy.cfg"
 	c.Secrets.WithKey = "null"
 	c.Secrets.Units = map[string]SecretUse{"db": {Action: "kill"}}
 	err := c.Validate()
 	for _, want := range []string{"nodeName", "leaseTTL", "onStop", "etcd.endpoints", "certFile and keyFile", "declared twice",
-		"overlay.interface", "overlay.mode", "overlay.routeTable", "haproxy.configPath", "secrets.withKey", "action"} {
+		"overlay.interface", "overlay.mode", "overlay.routeTable", "overlay.importKeyFile", "haproxy.configPath", "secrets.withKey", "action"} {
 		if err == nil || !strings.Contains(err.Error(), want) {
 			t.Errorf("error %v does not mention %s", err, want)
 		}

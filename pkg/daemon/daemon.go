@@ -69,7 +69,7 @@ func Run(ctx context.Context, cfg config.Config, log *slog.Logger, version strin
 	a, err := agent.New(agent.Options{
 		Client: cli, Node: cfg.NodeName, ID: id, PublicIPv4: cfg.PublicIPv4, Consume: cfg.Consume,
 		LeaseTTL: cfg.LeaseTTL.D(), Coalesce: cfg.Coalesce.D(), StateDir: cfg.StateDir, Version: version,
-		Member: parts.member, AdvertiseIP: advertiseIP(cfg),
+		Member: parts.member, FlannelLease: parts.flannel, AdvertiseIP: advertiseIP(cfg),
 		Instances: instances, Components: parts.components, Secrets: cfg.Secrets.Enable,
 		Log: log, Registerer: reg, Ready: notify.ready, Heartbeat: notify.heartbeat,
 		KeepLeaseOnStop: keepLeaseOnStop(cfg.OnStop, systemd.SystemState, log),

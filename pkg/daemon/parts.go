@@ -20,6 +20,7 @@ import (
 type parts struct {
 	components []agent.Component
 	member     *agent.MemberOptions
+	flannel    *agent.FlannelLeaseOptions
 	overlay    *overlay.Component // nil when the overlay is disabled
 	closers    []func() error
 }
@@ -73,6 +74,7 @@ func buildParts(ctx context.Context, cfg config.Config, log *slog.Logger, reg pr
 			Pool:      registry.Pool{Min: cfg.Overlay.SubnetMin, Max: cfg.Overlay.SubnetMax, Bits: cfg.Overlay.SubnetLen},
 		}
 		p.components = append(p.components, ov)
+		p.flannel = &agent.FlannelLeaseOptions{Port: flannelPort(cfg)}
 		p.overlay = ov
 	}
 	if h := cfg.HAProxy; h.Enable {
@@ -92,6 +94,15 @@ func buildParts(ctx context.Context, cfg config.Config, log *slog.Logger, reg pr
 		p.components = append(p.components, secrets)
 	}
 	return p, nil
+}
+
+// flannelPort is the WireGuard port the node's flannel lease announces:
+// the endpoint's, which peers dial.
+func flannelPort(cfg config.Config) uint16 {
+	if ap, err := netip.ParseAddrPort(overlayEndpoint(cfg)); err == nil {
+		return ap.Port()
+	}
+	return uint16(cfg.Overlay.ListenPort)
 }
 
 // overlayEndpoint is the host:port peers dial: the configured endpoint, or

@@ -129,14 +129,14 @@ const (
 
 // NodePerms is the complete permission set of node's role, sorted:
 //
-//   - read the cluster view (/cluster/*) and flannel's subnet leases
-//     (read once when a migrating node adopts its flannel subnet);
+//   - read the cluster view (/cluster/*), flannel's subnet leases and
+//     network config (flannel nodes are peers during a migration);
 //   - write its own node entry, member record and instance of every app
 //     that has metadata (etcd ranges cannot say "any app, this node", so
 //     this list grows with the apps: re-apply after registering one),
 //     and of every instance key it already has;
-//   - write its own subnet claim(s), or the whole claim prefix while it
-//     has none and mode is OpenSubnets;
+//   - write its own subnet claim(s) and the flannel lease of each, or
+//     the whole claim prefix while it has none and mode is OpenSubnets;
 //   - read and write its own status;
 //   - read its own sealed secrets.
 //
@@ -146,6 +146,7 @@ func NodePerms(node string, v View, mode SubnetMode) []Perm {
 	perms := []Perm{
 		Prefix(registry.ClusterPrefix, Read),
 		Prefix(registry.FlannelSubnetPrefix, Read),
+		Prefix(registry.FlannelConfigKey, Read),
 		Exact(registry.NodeKey(node), Write),
 		Exact(registry.MemberKey(node), Write),
 		Exact(registry.StatusKey(node), ReadWrite),
@@ -159,7 +160,7 @@ func NodePerms(node string, v View, mode SubnetMode) []Perm {
 	}
 	claims := v.Claims[node]
 	for _, p := range claims {
-		perms = append(perms, Exact(registry.SubnetKey(p), Write))
+		perms = append(perms, Exact(registry.SubnetKey(p), Write), Exact(registry.FlannelSubnetKey(p), Write))
 	}
 	if len(claims) == 0 && mode == OpenSubnets {
 		perms = append(perms, Prefix(registry.SubnetsPrefix, Write))

@@ -84,7 +84,7 @@ func TestNodePermsStayInsideOwnKeys(t *testing.T) {
 				if p.Type != Read {
 					pk, err := registry.ParseKey(p.Key)
 					own := err == nil && pk.Node == n && p.RangeEnd == ""
-					if pk.Kind == registry.KindSubnet && err == nil {
+					if (pk.Kind == registry.KindSubnet || pk.Kind == registry.KindFlannelLease) && err == nil {
 						own = p.RangeEnd == "" && slicesContains(v.Claims[n], pk.Subnet)
 					}
 					bootstrap := mode == OpenSubnets && len(v.Claims[n]) == 0 && p == Prefix(registry.SubnetsPrefix, Write)
@@ -189,7 +189,7 @@ func FuzzNodePerms(f *testing.F) {
 						t.Fatalf("node %q may write %s (%v)", n, p, err)
 					}
 					switch pk.Kind {
-					case registry.KindSubnet:
+					case registry.KindSubnet, registry.KindFlannelLease:
 						if !slicesContains(v.Claims[n], pk.Subnet) {
 							t.Fatalf("node %q may write claim %s it does not hold", n, p)
 						}

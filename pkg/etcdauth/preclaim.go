@@ -11,11 +11,6 @@ import (
 	"github.com/meshd/meshd/pkg/registry"
 )
 
-// flannelLease is the part of flannel's subnet lease a pre-claim reads.
-type flannelLease struct {
-	PublicIP string `json:"PublicIP"`
-}
-
 // preclaim claims a subnet for node as the operator, following the same
 // rules as registry.ClaimMember (keep a claim the node holds, adopt the
 // flannel lease of the node's public IPv4, else the lowest free subnet;
@@ -50,12 +45,12 @@ func preclaim(ctx context.Context, cli *clientv3.Client, node, publicIPv4 string
 		}
 		var prefer netip.Prefix
 		for _, kv := range resp.Responses[1].GetResponseRange().Kvs {
-			p, err := registry.ParsePrefixName(string(kv.Key[len(registry.FlannelSubnetPrefix):]))
-			if err != nil {
+			pk, err := registry.ParseKey(string(kv.Key))
+			if err != nil || pk.Kind != registry.KindFlannelLease {
 				continue
 			}
-			var fl flannelLease
-			if json.Unmarshal(kv.Value, &fl) == nil && publicIPv4 != "" && fl.PublicIP == publicIPv4 && !claimed[p] {
+			p := pk.Subnet
+			if registry.AdoptsFlannelLease(p, kv.Value, publicIPv4) && !claimed[p] {
 				prefer = p
 				continue
 			}

@@ -54,6 +54,10 @@ type Options struct {
 	Network netip.Prefix
 	// RulePriority of the policy rule (0: DefaultRulePriority).
 	RulePriority int
+	// ImportKeyFile is flanneld's WireGuard private key file, imported on
+	// first start so a migrating node keeps its public key
+	// (LoadOrImportKey). Empty: no import.
+	ImportKeyFile string
 	// DetachUserspace runs a userspace device in its own process so that
 	// it survives meshd restarts; main must call MaybeRunDevice (see
 	// DeviceFlag). Without it the device lives and dies with meshd.
@@ -103,11 +107,14 @@ func New(opts Options, log *slog.Logger, reg prometheus.Registerer) (*Component,
 	if err != nil {
 		return nil, fmt.Errorf("overlay: %w", err)
 	}
-	key, err := LoadOrCreateKey(opts.StateDir)
+	key, imported, err := LoadOrImportKey(opts.StateDir, opts.ImportKeyFile)
 	if err != nil {
 		return nil, fmt.Errorf("overlay: %w", err)
 	}
 	log = log.With("component", "overlay")
+	if imported {
+		log.Info("imported flanneld's WireGuard key: the node keeps its public key", "file", opts.ImportKeyFile, "publicKey", key.PublicKey().String())
+	}
 	m, err := newMetrics(reg)
 	if err != nil {
 		return nil, fmt.Errorf("overlay: metrics: %w", err)

@@ -4,7 +4,10 @@ import (
 	"errors"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
+
+	"golang.zx2c4.com/wireguard/wgctrl/wgtypes"
 )
 
 func TestLoadOrCreateKey(t *testing.T) {
@@ -83,4 +86,47 @@ func containsStr(s, sub string) bool {
 		}
 	}
 	return false
+}
+
+// TestImportFlannelKey: on first start the key flanneld kept (its
+// WIREGUARD_KEY_FILE, base64 without a newline, mode 0400, as
+// device.go writePrivateKey writes it) becomes meshd's, so the public
+// key peers know does not change; afterwards the state directory's key
+// wins. Without the file meshd makes a new key; a malformed file is an
+// error naming the file, never its content.
+func TestImportFlannelKey(t *testing.T) {
+	flannelDir := t.TempDir()
+	wgkey := filepath.Join(flannelDir, "wgkey")
+	fk, err := wgtypes.GeneratePrivateKey()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(wgkey, []byte(fk.String()), 0o400); err != nil {
+		t.Fatal(err)
+	}
+	dir := filepath.Join(t.TempDir(), "state")
+	k, imported, err := LoadOrImportKey(dir, wgkey)
+	if err != nil || !imported || k != fk {
+		t.Fatalf("import: imported=%v err=%v same=%v", imported, err, k == fk)
+	}
+	// flanneld later rotates its file (a restart): meshd keeps its own.
+	fk2, _ := wgtypes.GeneratePrivateKey()
+	os.Chmod(wgkey, 0o600)
+	os.WriteFile(wgkey, []byte(fk2.String()), 0o400)
+	k, imported, err = LoadOrImportKey(dir, wgkey)
+	if err != nil || imported || k != fk {
+		t.Fatalf("second start: imported=%v err=%v kept=%v", imported, err, k == fk)
+	}
+	// No file: a new key.
+	k, imported, err = LoadOrImportKey(filepath.Join(t.TempDir(), "s"), filepath.Join(flannelDir, "absent"))
+	if err != nil || imported || k == fk || k == fk2 {
+		t.Fatalf("missing file: imported=%v err=%v", imported, err)
+	}
+	// Malformed: an error that does not quote the content.
+	bad := filepath.Join(flannelDir, "bad")
+	os.WriteFile(bad, []byte("secret-looking-garbage"), 0o600)
+	_, _, err = LoadOrImportKey(filepath.Join(t.TempDir(), "s"), bad)
+	if !errors.Is(err, ErrBadKeyFile) || strings.Contains(err.Error(), "garbage") {
+		t.Fatalf("malformed import: %v", err)
+	}
 }

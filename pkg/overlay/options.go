@@ -20,6 +20,8 @@ func OptionsFromConfig(c config.Config) Options {
 		RouteNetwork: o.RouteNetwork,
 		Network:      o.Network,
 
+		ImportKeyFile: o.ImportKeyFile,
+
 		DetachUserspace: true,
 	}
 }

@@ -87,11 +87,6 @@ func addrOf(v uint32) netip.Addr {
 	return netip.AddrFrom4([4]byte{byte(v >> 24), byte(v >> 16), byte(v >> 8), byte(v)})
 }
 
-// flannelLease is the part of flannel's subnet lease meshd reads.
-type flannelLease struct {
-	PublicIP string `json:"PublicIP"`
-}
-
 // ClaimMember makes sure the node has a subnet and an up-to-date member
 // record, and returns it. A node keeps the subnet it has (across restarts
 // and etcd outages: the claim has no lease); a new node adopts the subnet
@@ -143,12 +138,12 @@ func claimOnce(ctx context.Context, cli *clientv3.Client, want Member, pool Pool
 	}
 	var prefer netip.Prefix
 	for _, kv := range resp.Responses[2].GetResponseRange().Kvs {
-		p, err := ParsePrefixName(string(kv.Key[len(FlannelSubnetPrefix):]))
-		if err != nil {
+		pk, err := ParseKey(string(kv.Key))
+		if err != nil || pk.Kind != KindFlannelLease {
 			continue
 		}
-		var fl flannelLease
-		if json.Unmarshal(kv.Value, &fl) == nil && publicIPv4 != "" && fl.PublicIP == publicIPv4 && claims[p] == "" {
+		p := pk.Subnet
+		if AdoptsFlannelLease(p, kv.Value, publicIPv4) && claims[p] == "" {
 			prefer = p
 			continue
 		}
@@ -197,6 +192,16 @@ func claimOnce(ctx context.Context, cli *clientv3.Client, want Member, pool Pool
 		return Member{}, false, fmt.Errorf("claim subnet %v for %s: %w", p, want.Name, err)
 	}
 	return want, tr.Succeeded, nil
+}
+
+// AdoptsFlannelLease reports whether the flannel lease for p (value b)
+// belongs to the node with public IPv4 publicIPv4, so that the node may
+// adopt its subnet: flannel's own rule for reusing a lease
+// (pkg/subnet/etcd/local_manager.go, tryAcquireLease: the lease whose
+// PublicIP is the node's, whatever its backend).
+func AdoptsFlannelLease(p netip.Prefix, b []byte, publicIPv4 string) bool {
+	l, err := decodeFlannelAttrs(p, b)
+	return err == nil && publicIPv4 != "" && l.PublicIP == publicIPv4
 }
 
 func putMember(ctx context.Context, cli *clientv3.Client, m Member, cmp clientv3.Cmp) (bool, error) {

@@ -120,6 +120,7 @@ func FuzzDecode(f *testing.F) {
 	f.Add("/cluster/meshd/subnets/10.10.1.0-24", []byte(`{"node":"n1"}`))
 	f.Add("/meshd/secrets/n1/db", []byte(`{"version":1,"ciphertext":"x"}`))
 	f.Add("/meshd/status/n1", []byte(`{"node":"n1","revision":3}`))
+	f.Add("/coreos.com/network/subnets/10.10.7.0-24", []byte(`{"PublicIP":"198.51.100.7","PublicIPv6":null,"BackendType":"wireguard","BackendData":{"PublicKey":"AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=","Port":51820}}`))
 	f.Fuzz(func(t *testing.T, key string, value []byte) {
 		snap := SnapshotOf([]KV{{Key: key, Value: value, Lease: 1}}, 1)
 		for id, a := range snap.Apps {
@@ -145,6 +146,17 @@ func FuzzDecode(f *testing.F) {
 		}
 		for n := range snap.Secrets {
 			mustSafe(t, n)
+		}
+		for p, l := range snap.FlannelLeases {
+			if !p.Addr().Is4() || p != p.Masked() || !l.Addr().Is4() {
+				t.Fatalf("flannel lease %v %q accepted", p, l.PublicIP)
+			}
+			if l.BackendType == FlannelBackendWireGuard && (l.WireGuard == nil || validKey(l.WireGuard.PublicKey) != nil) {
+				t.Fatalf("wireguard lease without a valid key accepted: %+v", l)
+			}
+		}
+		if c := snap.FlannelConfig; c != nil && (c.ListenPort < 1 || c.ListenPort > 65535 || c.Keepalive < 0) {
+			t.Fatalf("flannel config %+v accepted", c)
 		}
 	})
 }

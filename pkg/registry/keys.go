@@ -20,7 +20,8 @@ import (
 //	/cluster/meshd/subnets/<a.b.c.d-len>          subnet claim, created once in a transaction
 //	/meshd/status/<node>                          applied revision and health, leased
 //	/meshd/secrets/<node>/<name>                  a secret sealed to that node's age recipient
-//	/coreos.com/network/subnets/<a.b.c.d-len>     flannel's lease, read once for adoption
+//	/coreos.com/network/config                    flannel's network config (WireGuard port, keepalive)
+//	/coreos.com/network/subnets/<a.b.c.d-len>     flannel's lease: flannel nodes' peers; meshd keeps one for its own subnet
 const (
 	ClusterPrefix       = "/cluster/"
 	NodesPrefix         = "/cluster/nodes/"
@@ -100,6 +101,8 @@ const (
 	KindSubnet
 	KindStatus
 	KindSecret
+	KindFlannelLease
+	KindFlannelConfig
 )
 
 // ParsedKey is a key split into its parts. Only the fields that the kind
@@ -110,7 +113,7 @@ type ParsedKey struct {
 	App    string
 	Node   string
 	Name   string       // secret name
-	Subnet netip.Prefix // subnet claims
+	Subnet netip.Prefix // subnet claims and flannel leases
 }
 
 // ParseKey splits a key and validates every name in it. Keys meshd does not
@@ -119,6 +122,14 @@ type ParsedKey struct {
 // an error.
 func ParseKey(key string) (ParsedKey, error) {
 	switch {
+	case key == FlannelConfigKey:
+		return ParsedKey{Kind: KindFlannelConfig}, nil
+	case strings.HasPrefix(key, FlannelSubnetPrefix):
+		p, err := ParsePrefixName(strings.TrimPrefix(key, FlannelSubnetPrefix))
+		if err != nil || !p.Addr().Is4() {
+			return ParsedKey{}, fmt.Errorf("flannel lease key %q: want an IPv4 a.b.c.d-len", key)
+		}
+		return ParsedKey{Kind: KindFlannelLease, Subnet: p}, nil
 	case strings.HasPrefix(key, NodesPrefix):
 		n := strings.TrimPrefix(key, NodesPrefix)
 		if err := ValidName(n); err != nil {

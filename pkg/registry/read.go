@@ -16,13 +16,15 @@ func kvsOf(resp *clientv3.GetResponse) []KV {
 	return out
 }
 
-// ReadSnapshot reads the cluster view and every node's status at one
-// revision (one transaction), for one-shot readers such as meshctl.
-// Secrets are not read.
+// ReadSnapshot reads the cluster view, every node's status and flannel's
+// keys at one revision (one transaction), for one-shot readers such as
+// meshctl. Secrets are not read.
 func ReadSnapshot(ctx context.Context, cli *clientv3.Client) (*Snapshot, error) {
 	resp, err := cli.Txn(ctx).Then(
 		clientv3.OpGet(ClusterPrefix, clientv3.WithPrefix()),
 		clientv3.OpGet(StatusPrefix, clientv3.WithPrefix()),
+		clientv3.OpGet(FlannelSubnetPrefix, clientv3.WithPrefix()),
+		clientv3.OpGet(FlannelConfigKey),
 	).Commit()
 	if err != nil {
 		return nil, fmt.Errorf("read cluster: %w", err)

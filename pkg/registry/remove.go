@@ -8,10 +8,23 @@ import (
 )
 
 // RemoveNode deletes every key of a node: its entry, its instances in
-// every app, its member record and subnet claim, its status and its
-// secrets. nix-infra leaves these behind; here the subnet is released only
+// every app, its member record, subnet claim and flannel lease, its
+// status and its secrets. nix-infra leaves these behind; here the subnet is released only
 // by this call. It returns how many keys were deleted.
 func RemoveNode(ctx context.Context, cli *clientv3.Client, name string) (int64, error) {
+	return RemoveNodeWith(ctx, cli, name, RemoveOptions{})
+}
+
+// RemoveOptions tune RemoveNode.
+type RemoveOptions struct {
+	// KeepFlannelLease leaves the flannel lease of the node's subnet: a
+	// node rolled back to flanneld has taken it over, and flanneld
+	// rewrites it only at its next renewal.
+	KeepFlannelLease bool
+}
+
+// RemoveNodeWith is RemoveNode with options.
+func RemoveNodeWith(ctx context.Context, cli *clientv3.Client, name string, o RemoveOptions) (int64, error) {
 	if err := ValidName(name); err != nil {
 		return 0, err
 	}
@@ -27,7 +40,13 @@ func RemoveNode(ctx context.Context, cli *clientv3.Client, name string) (int64, 
 	}
 	for p, owner := range snap.Subnets {
 		if owner == name {
+			// The flannel-format lease meshd keeps for the subnet goes
+			// with it: flannel nodes drop the peer at once instead of
+			// when its 24 h lease expires.
 			ops = append(ops, clientv3.OpDelete(SubnetKey(p)))
+			if !o.KeepFlannelLease {
+				ops = append(ops, clientv3.OpDelete(FlannelSubnetKey(p)))
+			}
 		}
 	}
 	for id, app := range snap.Apps {

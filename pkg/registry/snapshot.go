@@ -79,8 +79,13 @@ type Snapshot struct {
 	Apps     map[AppID]*App
 	Statuses map[string]Status
 	// Secrets holds the secrets sealed to this node, by name.
-	Secrets  map[string]SealedSecret
-	Problems []Problem
+	Secrets map[string]SealedSecret
+	// FlannelLeases are flannel's subnet leases, by subnet (meshd's own
+	// included); FlannelConfig is flannel's network config, nil if absent
+	// or invalid.
+	FlannelLeases map[netip.Prefix]FlannelLease
+	FlannelConfig *FlannelConfig
+	Problems      []Problem
 	// Gen identifies each part's content: a component may skip work when
 	// the parts it reads have the same generation as last time.
 	Gen Generations
@@ -121,7 +126,7 @@ func (s *Snapshot) SortedNodeNames() []string {
 // entry is one decoded key: exactly one of the value fields is set, or err.
 type entry struct {
 	pk  ParsedKey
-	val any // Node, Member, SubnetClaim, AppMeta, Instance, Status, SealedSecret
+	val any // Node, Member, SubnetClaim, AppMeta, Instance, Status, SealedSecret, FlannelLease, FlannelConfig
 	err error
 }
 
@@ -151,6 +156,13 @@ func decodeEntry(key string, value []byte, lease int64) (e entry, ok bool) {
 		e.val, e.err = DecodeStatus(pk.Node, value)
 	case KindSecret:
 		e.val, e.err = DecodeSealedSecret(value)
+	case KindFlannelLease:
+		var l FlannelLease
+		l, e.err = DecodeFlannelLease(pk.Subnet, value)
+		l.Lease = lease
+		e.val = l
+	case KindFlannelConfig:
+		e.val, e.err = DecodeFlannelConfig(value)
 	default:
 		return entry{}, false
 	}
@@ -170,6 +182,7 @@ const (
 	partApps         // meta_data and instances (cross-checked against members)
 	partStatus
 	partSecrets
+	partFlannel // flannel's config and subnet leases
 	numParts
 )
 
@@ -183,6 +196,8 @@ func partOfKey(key string) part {
 		return partStatus
 	case strings.HasPrefix(key, SecretsPrefix):
 		return partSecrets
+	case strings.HasPrefix(key, FlannelPrefix):
+		return partFlannel
 	}
 	return partApps
 }
@@ -190,7 +205,7 @@ func partOfKey(key string) part {
 // Generations identify the content of each part of a snapshot: equal
 // generations mean the very same (shared, read-only) maps.
 type Generations struct {
-	Nodes, Members, Apps, Statuses, Secrets uint64
+	Nodes, Members, Apps, Statuses, Secrets, Flannel uint64
 }
 
 // Store holds the decoded keys of one or more watched prefixes and builds
@@ -384,6 +399,22 @@ func (s *Store) Snapshot() *Snapshot {
 			}
 		}
 	}
+	if s.dirty[partFlannel] {
+		snap.FlannelLeases, snap.FlannelConfig = map[netip.Prefix]FlannelLease{}, nil
+		s.problems[partFlannel] = s.problems[partFlannel][:0:0]
+		for k, e := range s.entries[partFlannel] {
+			if e.err != nil {
+				s.problems[partFlannel] = append(s.problems[partFlannel], problemOf(k, e))
+				continue
+			}
+			switch v := e.val.(type) {
+			case FlannelLease:
+				snap.FlannelLeases[v.Subnet] = v
+			case FlannelConfig:
+				snap.FlannelConfig = &v
+			}
+		}
+	}
 	changed := false
 	for p := range s.dirty {
 		if s.dirty[p] {
@@ -396,7 +427,7 @@ func (s *Store) Snapshot() *Snapshot {
 		return s.last
 	}
 	snap.Gen = Generations{Nodes: s.gen[partNodes], Members: s.gen[partMembers], Apps: s.gen[partApps],
-		Statuses: s.gen[partStatus], Secrets: s.gen[partSecrets]}
+		Statuses: s.gen[partStatus], Secrets: s.gen[partSecrets], Flannel: s.gen[partFlannel]}
 	snap.Problems = nil
 	for _, ps := range s.problems {
 		snap.Problems = append(snap.Problems, ps...)

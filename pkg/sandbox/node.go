@@ -31,6 +31,10 @@ type NodeOptions struct {
 	// BeforeStart, if set, runs once the namespace is up and before meshd
 	// starts (to start what the node's instances check, like ServeDemo).
 	BeforeStart func(*Node) error
+	// NoStart leaves meshd stopped: the namespace, link and config are
+	// ready and Start runs it later (a node that runs something else
+	// first, like a migration test's legacy node).
+	NoStart bool
 }
 
 // Node is one sandbox node: a network namespace with a veth into the hub
@@ -82,6 +86,9 @@ func (c *Cluster) AddNode(ctx context.Context, o NodeOptions) (*Node, error) {
 		if err := o.BeforeStart(n); err != nil {
 			return n, fmt.Errorf("node %s: %w", n.Name, err)
 		}
+	}
+	if o.NoStart {
+		return n, nil
 	}
 	if err := n.Start(ctx); err != nil {
 		return n, fmt.Errorf("node %s: %w", n.Name, err)
@@ -283,6 +290,34 @@ func (n *Node) Stop(ctx context.Context, grace time.Duration) error {
 		}
 	}
 	return n.Kill(ctx)
+}
+
+// StopMeshd stops only meshd (SIGTERM, then SIGKILL after grace) and
+// leaves everything else in the namespace running: its detached
+// WireGuard device and its haproxy, and whatever else a test started
+// there (a node rolled back to another overlay).
+func (n *Node) StopMeshd(ctx context.Context, grace time.Duration) error {
+	n.mu.Lock()
+	cmd, exited := n.cmd, n.exited
+	n.cmd = nil
+	n.mu.Unlock()
+	if cmd == nil {
+		return nil
+	}
+	_ = cmd.Process.Signal(syscall.SIGTERM)
+	select {
+	case <-exited:
+		return nil
+	case <-time.After(grace):
+	case <-ctx.Done():
+	}
+	_ = cmd.Process.Kill()
+	select {
+	case <-exited:
+		return nil
+	case <-ctx.Done():
+		return fmt.Errorf("node %s: meshd did not exit: %w", n.Name, ctx.Err())
+	}
 }
 
 // Restart kills the node's meshd and starts it again with the same state.

@@ -22,8 +22,10 @@ import (
 // nothing is re-sorted. Where incremental work would be intricate it
 // does more for that call: when this node's own key or subnet changed it
 // reclassifies every cached member and sorts the output afresh; while
-// candidate subnets of different lengths are in play, or a member's Name
-// differs from its key in the snapshot, it returns Compute's result.
+// candidate subnets of different lengths are in play, a member's Name
+// differs from its key in the snapshot, or a flannel lease that no member
+// holds is present (a cluster in the middle of a migration), it returns
+// Compute's result.
 //
 // Every returned State owns its slices: the Computer never modifies them
 // afterwards and never hands their backing arrays out again, so callers
@@ -163,7 +165,7 @@ func (c *Computer) Compute(snap *registry.Snapshot) (State, error) {
 	if reclassify {
 		c.classifyAll()
 	}
-	if c.mixed > 0 || c.misnamed > 0 {
+	if c.mixed > 0 || c.misnamed > 0 || len(flannelCandidates(snap)) > 0 {
 		c.outValid = false
 		c.stats.full++
 		return Compute(snap, c.self, c.p)

@@ -177,11 +177,55 @@ func (w *world) op(ch choices) (string, bool) {
 		w.markOdd(target)
 		return set("misname")
 	case 15:
-		w.snap = &registry.Snapshot{Members: maps.Clone(ms)}
+		w.snap = &registry.Snapshot{Members: maps.Clone(ms), FlannelLeases: maps.Clone(w.snap.FlannelLeases)}
 		return "new snapshot", true
+	case 16:
+		return w.flannelOp(ch)
 	default:
 		return "no change", true
 	}
+}
+
+// flannelOp edits the flannel leases: a flannel-only node, a lease at a
+// member's subnet (the member wins), hostile leases (a member's key, a
+// subnet outside the network or overlapping self), an expiry. Leases
+// that are not a member's make the Computer fall back to Compute, so
+// they are cleared often.
+func (w *world) flannelOp(ch choices) (string, bool) {
+	if w.snap.FlannelLeases == nil {
+		w.snap.FlannelLeases = map[netip.Prefix]registry.FlannelLease{}
+	}
+	fl := w.snap.FlannelLeases
+	what, ok := ch.intn(7)
+	if !ok {
+		return "", false
+	}
+	var l registry.FlannelLease
+	switch what {
+	case 0: // a node still on flannel
+		l = lease(200 + w.fresh%50)
+	case 1: // a lease for a member's subnet, with another key
+		m := w.snap.Members[w.pick(ch, true)]
+		l = lease(300 + w.fresh%50)
+		l.Subnet = m.Subnet
+	case 2: // a member's key
+		l = lease(200 + w.fresh%50)
+		l.WireGuard = &registry.FlannelWireGuard{PublicKey: w.snap.Members[w.pick(ch, true)].PublicKey}
+	case 3: // outside the network, or over self
+		l = lease(200 + w.fresh%50)
+		l.Subnet = []netip.Prefix{netip.MustParsePrefix("192.168.0.0/24"), netip.MustParsePrefix("10.10.0.0/25")}[w.fresh%2]
+	case 4: // one expires
+		for _, s := range slices.SortedFunc(maps.Keys(fl), comparePrefix) {
+			delete(fl, s)
+			return "flannel lease expired " + s.String(), true
+		}
+		return "no flannel lease to expire", true
+	default: // every flannel node migrated or gone
+		w.snap.FlannelLeases = nil
+		return "flannel leases cleared", true
+	}
+	fl[l.Subnet] = l
+	return "flannel lease " + l.Subnet.String(), true
 }
 
 // markOdd remembers that member name was edited into a fallback case.
@@ -265,6 +309,11 @@ func walk(t *testing.T, ch choices, n, steps int, p Params) (seen map[string]int
 			continue
 		}
 		prev, prevCopy = got, deepCopy(got)
+		for _, pe := range got.Peers {
+			if strings.HasPrefix(pe.Name, "flannel:") {
+				seen["flannel peer"]++
+			}
+		}
 		for _, pr := range got.Problems {
 			switch {
 			case strings.Contains(pr.Err, "shared by"):
@@ -295,7 +344,7 @@ func TestComputerMatchesCompute(t *testing.T) {
 				}
 				// The walk must exercise what it claims to: conflicts,
 				// errors, and every path of the Computer.
-				for _, what := range []string{"shared key", "overlap", "error"} {
+				for _, what := range []string{"shared key", "overlap", "error", "flannel peer"} {
 					if seen[what] == 0 {
 						t.Errorf("seed %d: no step saw a %s", seed, what)
 					}

@@ -122,6 +122,8 @@ func (s State) SelfAddress() netip.Addr {
 // Members with an invalid or duplicate key, or a subnet outside
 // p.Network or overlapping another member's, are skipped and listed in
 // State.Problems; they never prevent the rest from being configured.
+// Flannel leases of nodes that have no member record become peers too
+// (flannel.go), under the same rules.
 // The error is ErrNoSelf when self has no (valid) member record, or a
 // description of unusable Params.
 func Compute(snap *registry.Snapshot, self string, p Params) (State, error) {
@@ -257,6 +259,7 @@ func Compute(snap *registry.Snapshot, self string, p Params) (State, error) {
 	for _, k := range routeKeys {
 		st.Routes = append(st.Routes, unpackPrefix4(k))
 	}
+	addFlannelPeers(&st, snap, me, p)
 	if len(st.Peers) == 0 {
 		st.Peers = nil
 	}

@@ -15,7 +15,7 @@ import (
 	"github.com/meshd/meshd/pkg/sandbox"
 )
 
-// TestEtcdMembers is fault 5 of issue 9 at the meshd level: three real
+// TestEtcdMembers is fault 5 of docs/faults.md at the meshd level: three real
 // meshd nodes (userspace WireGuard, haproxy) against a three-member etcd
 // in the hub namespace (sandbox.StartEtcdCluster). A follower restarts,
 // the leader is stopped (leader change) and comes back, and finally every

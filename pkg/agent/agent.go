@@ -224,6 +224,17 @@ func (a *Agent) Run(ctx context.Context) error {
 		}
 	}
 	g.Go(func() error { return a.session(gctx) })
+	for _, c := range a.o.Components {
+		if r, ok := c.(Runner); ok {
+			g.Go(func() error {
+				if err := r.Run(gctx); err != nil && gctx.Err() == nil {
+					a.log.Error("component stopped", "component", c.Name(), "err", err)
+					return fmt.Errorf("%s: %w", c.Name(), err)
+				}
+				return nil
+			})
+		}
+	}
 	g.Go(func() error { a.loop(gctx); return nil })
 	for i := range a.o.Instances {
 		g.Go(func() error { a.checkLoop(gctx, i); return nil })

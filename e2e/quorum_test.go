@@ -42,7 +42,7 @@ func TestEtcdMembers(t *testing.T) {
 		no := sandbox.NodeOptions{Consume: []registry.Group{sandbox.DemoGroup}, Edit: edit}
 		if i == 0 {
 			no = sandbox.NodeOptions{
-				Instances: []config.Instance{{App: sandbox.DemoApp, Group: sandbox.DemoGroup, Port: sandbox.DemoPort, Protocol: "http",
+				Instances: []config.Instance{{App: sandbox.DemoApp, Group: sandbox.DemoGroup, Port: sandbox.DemoPort,
 					Check: config.Check{TCP: fmt.Sprintf("127.0.0.1:%d", sandbox.DemoPort)}}},
 				BeforeStart: func(n *sandbox.Node) error { return n.ServeDemo(sandbox.DemoPort) },
 				Edit:        edit,

@@ -20,6 +20,7 @@ import (
 //	/cluster/meshd/subnets/<a.b.c.d-len>          subnet claim, created once in a transaction
 //	/meshd/status/<node>                          applied revision and health, leased
 //	/meshd/secrets/<node>/<name>                  a secret sealed to that node's age recipient
+//	/meshd/seen/<node>                            when the node last registered or stopped, unleased
 //	/coreos.com/network/config                    flannel's network config (WireGuard port, keepalive)
 //	/coreos.com/network/subnets/<a.b.c.d-len>     flannel's lease: flannel nodes' peers; meshd keeps one for its own subnet
 const (
@@ -30,6 +31,7 @@ const (
 	MeshdPrefix         = "/meshd/"
 	StatusPrefix        = "/meshd/status/"
 	SecretsPrefix       = "/meshd/secrets/"
+	SeenPrefix          = "/meshd/seen/"
 	FlannelSubnetPrefix = "/coreos.com/network/subnets/"
 	FlannelConfigKey    = "/coreos.com/network/config"
 )
@@ -42,6 +44,9 @@ func MemberKey(node string) string { return MembersPrefix + node }
 
 // StatusKey is the key under which a node publishes what it has applied.
 func StatusKey(node string) string { return StatusPrefix + node }
+
+// SeenKey is the key of a node's durable presence record (Seen).
+func SeenKey(node string) string { return SeenPrefix + node }
 
 // SecretsNodePrefix is the prefix holding every secret sealed to node.
 func SecretsNodePrefix(node string) string { return SecretsPrefix + node + "/" }
@@ -103,6 +108,7 @@ const (
 	KindSecret
 	KindFlannelLease
 	KindFlannelConfig
+	KindSeen
 )
 
 // ParsedKey is a key split into its parts. Only the fields that the kind
@@ -154,6 +160,12 @@ func ParseKey(key string) (ParsedKey, error) {
 			return ParsedKey{}, fmt.Errorf("status key %q: %w", key, err)
 		}
 		return ParsedKey{Kind: KindStatus, Node: n}, nil
+	case strings.HasPrefix(key, SeenPrefix):
+		n := strings.TrimPrefix(key, SeenPrefix)
+		if err := ValidName(n); err != nil {
+			return ParsedKey{}, fmt.Errorf("presence key %q: %w", key, err)
+		}
+		return ParsedKey{Kind: KindSeen, Node: n}, nil
 	case strings.HasPrefix(key, SecretsPrefix):
 		rest := strings.TrimPrefix(key, SecretsPrefix)
 		n, name, ok := strings.Cut(rest, "/")

@@ -33,8 +33,8 @@ rec {
       tcp = mkOption {
         type = types.nullOr types.str;
         default = null;
-        example = "127.0.0.1:27017";
-        description = "Address (`ip:port`) to connect to instead of the address the instance is advertised with (the node's overlay IP and `port`).";
+        example = "127.0.0.1:9216";
+        description = "Address (`ip:port`) to connect to instead of the address the instance is advertised with (the node's overlay IP and `port`), e.g. a health or exporter port of the app. Never the app's published port on 127.0.0.1: on a node that consumes the group, HAProxy answers there.";
       };
       unit = mkOption {
         type = types.nullOr unitType;

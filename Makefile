@@ -43,13 +43,17 @@ test: vet
 	$(GO) test -p 1 -count=1 -timeout 45m ./...
 	$(MAKE) fuzz
 
-# fuzz is the short fuzz run kept in CI; fuzz-long is for a developer's
-# afternoon (FUZZTIME=30m make fuzz-long).
+# fuzz runs every fuzz target in the repository (each `func Fuzz...` in a
+# _test.go file) for FUZZTIME: the short run kept in CI; fuzz-long is for
+# a developer's afternoon (FUZZTIME=30m make fuzz-long).
 fuzz:
-	$(GO) test -run '^$$' -fuzz '^FuzzDecode$$' -fuzztime $(FUZZTIME) ./pkg/registry
-	@for f in $$(grep -ho '^func Fuzz[A-Za-z0-9_]*' pkg/haproxycfg/*_test.go 2>/dev/null | sed 's/func //'); do \
-		$(GO) test -run '^$$' -fuzz "^$$f$$" -fuzztime $(FUZZTIME) ./pkg/haproxycfg || exit 1; done
-	$(GO) test -run '^$$' -fuzz '^FuzzNodePerms$$' -fuzztime $(FUZZTIME) ./pkg/etcdauth
+	@for f in $$(grep -rl --include='*_test.go' '^func Fuzz' . | sort); do \
+		dir=$$(dirname $$f); \
+		for t in $$(grep -ho '^func Fuzz[A-Za-z0-9_]*' $$f | sed 's/func //'); do \
+			echo "fuzz $$dir $$t"; \
+			$(GO) test -run '^$$' -fuzz "^$$t$$" -fuzztime $(FUZZTIME) ./$$dir || exit 1; \
+		done; \
+	done
 
 fuzz-long:
 	$(MAKE) fuzz FUZZTIME=$(FUZZTIME)

@@ -179,7 +179,7 @@ in
       default = { };
       example = literalExpression ''
         {
-          mongodb = { group = "services"; port = 27017; protocol = "tcp"; unit = "podman-mongodb.service"; };
+          mongodb = { group = "services"; port = 27017; unit = "podman-mongodb.service"; };
         }
       '';
       description = "Apps this node serves, for app modules to declare (\"this unit serves app X in group G on port P\"). meshd advertises each on its lease while the check passes; this replaces nix-infra's ExecStartPre/postStart etcdctl calls. Appended to `settings.instances`.";
@@ -203,7 +203,7 @@ in
         nodeName = cfg.nodeName;
         instances = lib.mapAttrsToList
           (_: i: {
-            inherit (i) app group port protocol envPrefix;
+            inherit (i) app group port;
             check = i.check // lib.optionalAttrs (i.unit != null) { inherit (i) unit; };
           })
           cfg.instances;

@@ -66,7 +66,7 @@ func HAProxyVersion() string {
 	return strings.SplitN(string(out), "\n", 2)[0]
 }
 
-// target is one goal of issue 6 and where the run stands against it.
+// target is one of the benchmark's goals and where the run stands against it.
 type target struct{ goal, measured, verdict string }
 
 func verdict(ok bool) string {

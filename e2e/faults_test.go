@@ -18,7 +18,7 @@ import (
 )
 
 // outageDuration is how long TestFaults keeps etcd away from the nodes:
-// 60 s (issue 9) unless MESHD_E2E_OUTAGE says otherwise (e.g. "10s" for a
+// 60 s (docs/faults.md) unless MESHD_E2E_OUTAGE says otherwise (e.g. "10s" for a
 // quick local run).
 func outageDuration(t *testing.T) time.Duration {
 	if s := os.Getenv("MESHD_E2E_OUTAGE"); s != "" {
@@ -34,7 +34,7 @@ func outageDuration(t *testing.T) time.Duration {
 // faultTTL is the nodes' lease TTL in TestFaults.
 const faultTTL = 3 * time.Second
 
-// TestFaults runs issue 9's faults 1, 3, 4 and 6 and the hostile-input
+// TestFaults runs faults 1, 3, 4 and 6 of docs/faults.md and the hostile-input
 // checks on one four-node cluster: n1 and n2 serve the demo app, n3 and n4
 // consume it. Faults that leave the cluster as it was come first; the
 // power-off is last.

@@ -14,8 +14,8 @@ import (
 	"github.com/meshd/meshd/pkg/sandbox"
 )
 
-// TestOverlay is issue 3's meshd-level end-to-end test, plus fault 2 of
-// issue 9 (meshd SIGKILLed mid-traffic). One cluster carries every step:
+// TestOverlay is the overlay's meshd-level end-to-end test, plus fault 2
+// of docs/faults.md (meshd SIGKILLed mid-traffic). One cluster carries every step:
 // three nodes ping each other through WireGuard; a fourth joins without
 // re-handshaking the others; a route deleted by hand comes back within a
 // second; meshd SIGKILLed and restarted keeps its key, subnet, peers and
@@ -125,7 +125,7 @@ func TestOverlay(t *testing.T) {
 		}
 	})
 
-	// Fault 2 of issue 9 and the restart step of issue 3: SIGKILL a
+	// Fault 2 and the overlay's restart step: SIGKILL a
 	// consumer's meshd (the load goes through its HAProxy) and then the
 	// serving node's meshd, each mid-traffic.
 	for _, victim := range []string{"n2", "n1"} {

@@ -15,7 +15,7 @@ import (
 	"github.com/meshd/meshd/pkg/sandbox"
 )
 
-// TestEtcdMembers is fault 5 of issue 9 at the meshd level: three real
+// TestEtcdMembers is fault 5 of docs/faults.md at the meshd level: three real
 // meshd nodes (userspace WireGuard, haproxy) against a three-member etcd
 // in the hub namespace (sandbox.StartEtcdCluster). A follower restarts,
 // the leader is stopped (leader change) and comes back, and finally every
@@ -42,7 +42,7 @@ func TestEtcdMembers(t *testing.T) {
 		no := sandbox.NodeOptions{Consume: []registry.Group{sandbox.DemoGroup}, Edit: edit}
 		if i == 0 {
 			no = sandbox.NodeOptions{
-				Instances: []config.Instance{{App: sandbox.DemoApp, Group: sandbox.DemoGroup, Port: sandbox.DemoPort, Protocol: "http",
+				Instances: []config.Instance{{App: sandbox.DemoApp, Group: sandbox.DemoGroup, Port: sandbox.DemoPort,
 					Check: config.Check{TCP: fmt.Sprintf("127.0.0.1:%d", sandbox.DemoPort)}}},
 				BeforeStart: func(n *sandbox.Node) error { return n.ServeDemo(sandbox.DemoPort) },
 				Edit:        edit,

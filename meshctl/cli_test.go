@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"github.com/spf13/cobra"
+	clientv3 "go.etcd.io/etcd/client/v3"
 	"sigs.k8s.io/yaml"
 
 	"github.com/meshd/meshd/pkg/etcdtest"
@@ -112,7 +113,16 @@ func TestGlobalFlagsAnywhereAndOutputFormats(t *testing.T) {
 	cli := etcdtest.NewClient(t, srv)
 	ctx := t.Context()
 	st, _ := json.Marshal(registry.Status{Node: "worker001", Revision: 1, Seen: 1, UpdatedAt: time.Now(), Version: "1.4.2"})
-	if _, err := cli.Put(ctx, registry.StatusKey("worker001"), string(st)); err != nil {
+	// A live node: its entry and status on its lease (status exits 1 for
+	// a node without a leased entry).
+	lease, err := cli.Grant(ctx, 60)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := cli.Put(ctx, registry.NodeKey("worker001"), `{"name":"worker001","ipv4":"","services":[]}`, clientv3.WithLease(lease.ID)); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := cli.Put(ctx, registry.StatusKey("worker001"), string(st), clientv3.WithLease(lease.ID)); err != nil {
 		t.Fatal(err)
 	}
 	ep := srv.Endpoint()

@@ -9,6 +9,7 @@ import (
 	"slices"
 	"strings"
 
+	"github.com/meshd/meshd/pkg/overlay"
 	"github.com/meshd/meshd/pkg/overlay/desired"
 	"github.com/meshd/meshd/pkg/registry"
 )
@@ -83,18 +84,6 @@ type migrateReport struct {
 	Blockers []string `json:"blockers,omitempty"`
 	// Next is the suggested next step.
 	Next string `json:"next"`
-}
-
-// overlayPeerView is the part of the overlay component's status
-// (overlay.Status) this command reads: meshctl must not link pkg/overlay,
-// which pulls in wgctrl and netlink. TestMigrateReadsOverlayStatus keeps
-// the two in step.
-type overlayPeerView struct {
-	Peers struct {
-		Count      int      `json:"count"`
-		Stale      []string `json:"stale"`
-		StaleCount int      `json:"staleCount"`
-	} `json:"peers"`
 }
 
 // migrationReport computes the report from a snapshot, purely.
@@ -177,8 +166,8 @@ func migrationReport(snap *registry.Snapshot) migrateReport {
 
 // overlayView decodes node's overlay status; ok is false when the node
 // publishes none (not running, or no overlay).
-func overlayView(snap *registry.Snapshot, node string) (overlayPeerView, bool) {
-	var v overlayPeerView
+func overlayView(snap *registry.Snapshot, node string) (overlay.Status, bool) {
+	var v overlay.Status
 	st, ok := snap.Statuses[node]
 	if !ok {
 		return v, false

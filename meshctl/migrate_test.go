@@ -100,20 +100,6 @@ func TestMigrationReport(t *testing.T) {
 	}
 }
 
-// TestMigrateReadsOverlayStatus keeps overlayPeerView in step with
-// overlay.Status, which meshctl does not link.
-func TestMigrateReadsOverlayStatus(t *testing.T) {
-	ov := overlay.Status{Peers: overlay.PeerSummary{Count: 20, Stale: []string{"a", "flannel:10.10.2.0-24"}, StaleCount: 17}}
-	b, _ := json.Marshal(ov)
-	var v overlayPeerView
-	if err := json.Unmarshal(b, &v); err != nil {
-		t.Fatal(err)
-	}
-	if v.Peers.Count != 20 || v.Peers.StaleCount != 17 || !cmp.Equal(v.Peers.Stale, ov.Peers.Stale) {
-		t.Errorf("view %+v of %+v", v, ov.Peers)
-	}
-}
-
 func TestMigrateStatusCommand(t *testing.T) {
 	srv := etcdtest.New(t)
 	cli := etcdtest.NewClient(t, srv)

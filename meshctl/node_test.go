@@ -29,8 +29,8 @@ func ctlRun(t *testing.T, endpoint string, args ...string) (int, string, string)
 }
 
 // startAgent runs an in-process meshd agent (no kernel parts) so that
-// --wait has a node to wait for.
-func startAgent(t *testing.T, srv *etcdtest.Server, name, id string, comps ...agent.Component) {
+// --wait has a node to wait for. stop stops it cleanly (lease revoked).
+func startAgent(t *testing.T, srv *etcdtest.Server, name, id string, comps ...agent.Component) (stop func()) {
 	t.Helper()
 	cli := etcdtest.NewClient(t, srv)
 	a, err := agent.New(agent.Options{Client: cli, Node: name, ID: id, LeaseTTL: 3 * time.Second,
@@ -41,7 +41,9 @@ func startAgent(t *testing.T, srv *etcdtest.Server, name, id string, comps ...ag
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan struct{})
 	go func() { a.Run(ctx); close(done) }()
-	t.Cleanup(func() { cancel(); <-done })
+	stop = func() { cancel(); <-done }
+	t.Cleanup(stop)
+	return stop
 }
 
 func TestAppRegisterListUnregisterWait(t *testing.T) {
@@ -132,8 +134,8 @@ func TestWaitTimesOutNamingLaggard(t *testing.T) {
 		t.Fatalf("code %d, stderr %q: want exit 3 naming only node-stuck and its error", code, errs)
 	}
 	code, out, _ := ctlRun(t, srv.Endpoint(), "status")
-	if code != 0 || !strings.Contains(out, "node-stuck") || !strings.Contains(out, "stuck: cannot apply") {
-		t.Errorf("status does not show the failing component:\n%s", out)
+	if code != exitFailed || !strings.Contains(out, "node-stuck") || !strings.Contains(out, "stuck failing: cannot apply") {
+		t.Errorf("status exit %d, want %d showing the failing component:\n%s", code, exitFailed, out)
 	}
 }
 
@@ -149,6 +151,7 @@ func TestNodeListAndRemove(t *testing.T) {
 	cli.Put(ctx, registry.InstanceKey("backends", "web", "worker003"), `{"ipv4":"`+m.OverlayIP.String()+`","node":"worker003","port":8080}`)
 	cli.Put(ctx, registry.InstanceKey("backends", "web", "worker004"), `{"ipv4":"10.10.4.0","node":"worker004","port":8080}`)
 	cli.Put(ctx, registry.SecretKey("worker003", "db"), `{"version":1,"ciphertext":"x"}`)
+	cli.Put(ctx, registry.SeenKey("worker003"), `{"node":"worker003","registeredAt":"2026-12-03T12:00:00Z"}`)
 
 	code, out, _ := ctlRun(t, srv.Endpoint(), "node", "list")
 	if code != 0 || !strings.Contains(out, "worker003") || !strings.Contains(out, m.Subnet.String()) {

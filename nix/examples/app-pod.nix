@@ -7,8 +7,6 @@
   services.meshd.instances.app-pod = {
     group = "backends";
     port = 11311;
-    protocol = "http";
-    envPrefix = "APP_POD";
     unit = "podman-app-pod.service";
   };
 

@@ -33,10 +33,10 @@
     instances.mongodb = {
       group = "services";
       port = 27017;
-      protocol = "tcp";
-      envPrefix = "APP_MONGODB_POD";
       unit = "podman-mongodb.service";
-      check = { tcp = "127.0.0.1:27017"; interval = "2s"; timeout = "1s"; };
+      # The unit must be active and mongodb answer on the node's overlay
+      # address (where it binds) at port 27017.
+      check = { interval = "2s"; timeout = "1s"; };
     };
     secrets.mongodb-root-password.units = [ "podman-mongodb.service" ];
   };

@@ -21,7 +21,7 @@ let
         type = types.submodule checkOptions;
         default = { };
         example = { unit = "podman-mongodb.service"; interval = "2s"; };
-        description = "The local health check that decides whether this instance is advertised. With neither `tcp` nor `unit` set it is a TCP connect to `127.0.0.1:<port>`.";
+        description = "The local health check that decides whether this instance is advertised. The instance is advertised while `unit` (if set) is active and a TCP connect succeeds to `tcp`, or else to the address the instance is advertised with (the node's overlay IP and `port`: the app itself, not the node's HAProxy on 127.0.0.1).";
       };
     };
   };

@@ -33,14 +33,14 @@ rec {
       tcp = mkOption {
         type = types.nullOr types.str;
         default = null;
-        example = "127.0.0.1:27017";
-        description = "Address (`ip:port`) to connect to instead of `127.0.0.1:<port>`.";
+        example = "127.0.0.1:9216";
+        description = "Address (`ip:port`) to connect to instead of the address the instance is advertised with (the node's overlay IP and `port`), e.g. a health or exporter port of the app. Never the app's published port on 127.0.0.1: on a node that consumes the group, HAProxy answers there.";
       };
       unit = mkOption {
         type = types.nullOr unitType;
         default = null;
         example = "podman-mongodb.service";
-        description = "A systemd unit that must be active for the instance to be advertised.";
+        description = "A systemd unit that must be active for the instance to be advertised, in addition to the TCP connect.";
       };
       disable = mkOption {
         type = types.bool;
@@ -74,18 +74,6 @@ rec {
       type = types.port;
       example = 27017;
       description = "The port the app listens on, on this node, and publishes to the mesh.";
-    };
-    protocol = mkOption {
-      type = types.nullOr types.str;
-      default = null;
-      example = "http";
-      description = "The app's protocol, published as `PROTOCOL` in its metadata (null: meshd's default).";
-    };
-    envPrefix = mkOption {
-      type = types.nullOr types.str;
-      default = null;
-      example = "APP_MONGODB_POD";
-      description = "Prefix of the environment variables consumers get for this app (nix-infra's `env_prefix`).";
     };
   };
 

@@ -88,9 +88,15 @@ type Instance struct {
 	Group registry.Group
 	App   string
 	Port  int
-	// Check reports whether the instance is healthy; nil means always.
-	Check    func(ctx context.Context) error
+	// Check reports whether the instance is healthy; nil means always. It
+	// is given the address the instance is advertised with (the node's
+	// overlay IP, or AdvertiseIP, and Port); that address is not valid
+	// while the node has none yet.
+	Check Check
+	// Interval is how often Check runs (0: 1s).
 	Interval time.Duration
+	// Timeout bounds one run of Check (0: the interval, at most 2s).
+	Timeout time.Duration
 }
 
 // ErrNodeOwned is returned when another live meshd holds this node's name.
@@ -118,6 +124,13 @@ type Agent struct {
 	// registering again (see holdRemovalsUntil).
 	leaseLost bool
 	healthy   map[int]bool
+	// seen is the presence record last written (registry.Seen).
+	seen registry.Seen
+	// lastApply is when a reconcile pass last applied a revision fully.
+	lastApply time.Time
+	// checkNow[i] wakes instance i's check loop (the advertised address
+	// changed).
+	checkNow  []chan struct{}
 	instChg   chan struct{}
 	statusChg chan struct{}
 	// flannelChg wakes the flannel lease keeper (member record known,
@@ -147,12 +160,17 @@ func New(o Options) (*Agent, error) {
 		return nil, err
 	}
 	m.components(o.Components)
+	checkNow := make([]chan struct{}, len(o.Instances))
+	for i := range checkNow {
+		checkNow[i] = make(chan struct{}, 1)
+	}
 	store := registry.NewStore()
 	if o.Member != nil && o.Member.Pool.Bits != 0 {
 		store = registry.NewOverlayStore(o.Member.Pool)
 	}
 	return &Agent{
 		o:         o,
+		checkNow:  checkNow,
 		log:       o.Log.With("component", "agent", "node", o.Node),
 		store:     store,
 		metrics:   m,
@@ -173,6 +191,14 @@ func (a *Agent) Status() registry.Status {
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	return a.status
+}
+
+// LastApply is when a reconcile pass last applied a snapshot without
+// error (zero before the first).
+func (a *Agent) LastApply() time.Time {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	return a.lastApply
 }
 
 // Run runs the agent until ctx ends or the node name turns out to belong to
@@ -202,20 +228,51 @@ func (a *Agent) Run(ctx context.Context) error {
 		}
 	}
 	g.Go(func() error { return a.session(gctx) })
+	for _, c := range a.o.Components {
+		if r, ok := c.(Runner); ok {
+			g.Go(func() error {
+				if err := r.Run(gctx); err != nil && gctx.Err() == nil {
+					a.log.Error("component stopped", "component", c.Name(), "err", err)
+					return fmt.Errorf("%s: %w", c.Name(), err)
+				}
+				return nil
+			})
+		}
+	}
 	g.Go(func() error { a.loop(gctx); return nil })
 	for i := range a.o.Instances {
 		g.Go(func() error { a.checkLoop(gctx, i); return nil })
 	}
 	err := g.Wait()
+	// A clean stop records when it happened, alongside (not before) the
+	// lease's fate: with etcd away, stopping waits for one timeout, not two.
+	var seenDone chan struct{}
+	if ctx.Err() != nil && a.registered() {
+		seenDone = make(chan struct{})
+		go func() {
+			defer close(seenDone)
+			a.writeSeen(context.Background(), func(s *registry.Seen) { s.StoppedAt = time.Now().UTC() })
+		}()
+	}
 	if ctx.Err() != nil && a.o.KeepLeaseOnStop != nil && a.o.KeepLeaseOnStop() {
 		a.log.Info("stopping, lease kept for the next meshd to resume", "ttl", a.o.LeaseTTL)
 	} else {
 		a.revoke()
 	}
+	if seenDone != nil {
+		<-seenDone
+	}
 	if errors.Is(err, ErrNodeOwned) {
 		return err
 	}
 	return nil
+}
+
+// registered reports whether the node holds a lease.
+func (a *Agent) registered() bool {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	return a.lease != 0
 }
 
 // kick wakes the reconcile loop.

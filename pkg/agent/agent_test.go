@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"log/slog"
+	"net/netip"
 	"os"
 	"strings"
 	"sync"
@@ -224,8 +225,16 @@ func TestGracefulStopRevokes(t *testing.T) {
 	if err := a.stop(); err != nil {
 		t.Fatal(err)
 	}
-	r, _ := cli.Get(context.Background(), "/", clientv3.WithPrefix(), clientv3.WithKeysOnly())
+	r, _ := cli.Get(context.Background(), "/", clientv3.WithPrefix())
 	for _, kv := range r.Kvs {
+		if string(kv.Key) == registry.SeenKey("node-a") {
+			// The durable presence record stays, saying when it stopped.
+			s, err := registry.DecodeSeen("node-a", kv.Value)
+			if err != nil || kv.Lease != 0 || !s.StoppedAt.After(s.RegisteredAt) || time.Since(s.StoppedAt) > time.Minute {
+				t.Errorf("presence record after a graceful stop: %+v (lease %x) %v", s, kv.Lease, err)
+			}
+			continue
+		}
 		if strings.Contains(string(kv.Key), "node-a") {
 			t.Errorf("%s still there right after a graceful stop", kv.Key)
 		}
@@ -239,7 +248,7 @@ func TestFailingCheckWithdrawsInstance(t *testing.T) {
 	healthy := true
 	startNode(t, srv, "node-a", id1, t.TempDir(), func(o *agent.Options) {
 		withInstance(o)
-		o.Instances[0].Check = func(context.Context) error {
+		o.Instances[0].Check = func(context.Context, netip.AddrPort) error {
 			mu.Lock()
 			defer mu.Unlock()
 			if !healthy {

@@ -25,6 +25,15 @@ type Component interface {
 	Status() any
 }
 
+// Runner is implemented by a component with long-running parts (the
+// overlay's route repairer, the HAProxy supervisor). The agent runs Run in
+// its errgroup next to the loop, so start, stop and errors have one owner:
+// Run must return when ctx ends (nil then); an error it returns before
+// stops the agent. The component's Close is called after Run returned.
+type Runner interface {
+	Run(ctx context.Context) error
+}
+
 // Gate is implemented by a component that the components after it depend
 // on: while Ready is false after an Apply, the rest of the pass waits (and
 // is retried shortly). The overlay is one: HAProxy health checks sent

@@ -177,6 +177,9 @@ func (a *Agent) loop(ctx context.Context) {
 			if !held {
 				applied = snap.Revision
 				a.metrics.applied.Set(float64(applied))
+				a.mu.Lock()
+				a.lastApply = time.Now()
+				a.mu.Unlock()
 			}
 		}
 		a.metrics.seen.Set(float64(snap.Revision))

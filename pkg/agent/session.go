@@ -87,8 +87,14 @@ func (a *Agent) establish(ctx context.Context) (clientv3.LeaseID, error) {
 			return 0, err
 		}
 		a.mu.Lock()
+		moved := a.member == nil || a.member.OverlayIP != m.OverlayIP
 		a.member = &m
 		a.mu.Unlock()
+		if moved {
+			for _, ch := range a.checkNow {
+				signal(ch)
+			}
+		}
 		signal(a.flannelChg)
 	}
 	lease, err := a.acquireLease(rctx)
@@ -217,6 +223,13 @@ func (a *Agent) hold(ctx context.Context, lease clientv3.LeaseID) {
 		cancel()
 		<-done
 	}()
+	// After the keepalive started (a resumed lease may have little time
+	// left) and after the instances: when this registration happened, for
+	// meshctl status once the node is gone.
+	a.mu.Lock()
+	at := a.registeredAt.UTC()
+	a.mu.Unlock()
+	a.writeSeen(ctx, func(s *registry.Seen) { s.RegisteredAt = at })
 	for {
 		select {
 		case <-ctx.Done():
@@ -265,6 +278,9 @@ func (a *Agent) advertiseIP() netip.Addr {
 	defer a.mu.Unlock()
 	if a.member != nil {
 		return a.member.OverlayIP
+	}
+	if a.o.Member != nil {
+		return netip.Addr{} // the overlay IP is not known yet
 	}
 	return a.o.AdvertiseIP
 }
@@ -355,6 +371,26 @@ func (a *Agent) publishStatus(ctx context.Context, put func(ctx context.Context,
 	a.published = b
 	a.mu.Unlock()
 	return true
+}
+
+// writeSeen updates the node's durable presence record (registry.Seen):
+// only at registration and on a clean stop, never periodically. A failed
+// write is logged and costs only the accuracy of meshctl status's "last
+// seen" for this node.
+func (a *Agent) writeSeen(ctx context.Context, set func(*registry.Seen)) {
+	a.mu.Lock()
+	s := a.seen
+	set(&s)
+	a.seen = s
+	a.mu.Unlock()
+	s.Node = a.o.Node
+	s.LeaseTTLSeconds = int64((a.o.LeaseTTL + time.Second - 1) / time.Second)
+	b, _ := json.Marshal(s)
+	wctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+	defer cancel()
+	if _, err := a.o.Client.Put(wctx, registry.SeenKey(a.o.Node), string(b)); err != nil {
+		a.log.Warn("write presence record", "key", registry.SeenKey(a.o.Node), "err", err)
+	}
 }
 
 func (a *Agent) setLease(l clientv3.LeaseID) {

@@ -92,26 +92,30 @@ type Etcd struct {
 // Instance is an app instance this node serves. meshd advertises it, on
 // its lease, while its check passes.
 type Instance struct {
-	App       string         `json:"app"`
-	Group     registry.Group `json:"group"`
-	Port      int            `json:"port"`
-	Protocol  string         `json:"protocol,omitempty"`
-	EnvPrefix string         `json:"envPrefix,omitempty"`
+	App   string         `json:"app"`
+	Group registry.Group `json:"group"`
+	Port  int            `json:"port"`
 	// Check decides whether the instance is advertised.
 	Check Check `json:"check"`
 }
 
-// Check is an instance's local health check. With neither field set the
-// check is a TCP connect to 127.0.0.1:<port>.
+// Check is an instance's local health check. The instance is advertised
+// while every part passes: Unit (when set) is active, and a TCP connect
+// succeeds to TCP when set, otherwise to the address the instance is
+// advertised with (the node's overlay IP, or publicIPv4 without overlay,
+// and Port), so that the app itself answers, not the node's HAProxy on
+// 127.0.0.1.
 type Check struct {
-	// TCP is an address to connect to instead of 127.0.0.1:<port>.
+	// TCP is an address to connect to instead of the advertised address.
 	TCP string `json:"tcp,omitempty"`
 	// Unit is a systemd unit that must be active.
 	Unit string `json:"unit,omitempty"`
 	// Disable advertises the instance unconditionally.
-	Disable  bool     `json:"disable,omitempty"`
+	Disable bool `json:"disable,omitempty"`
+	// Interval is how often the check runs (0: 1s).
 	Interval Duration `json:"interval,omitempty"`
-	Timeout  Duration `json:"timeout,omitempty"`
+	// Timeout bounds one run of the check (0: the interval, at most 2s).
+	Timeout Duration `json:"timeout,omitempty"`
 }
 
 // Overlay configures the WireGuard mesh.
@@ -337,6 +341,12 @@ func (c *Config) Validate() error {
 				bad("instances[%d].check.tcp: %w", i, err)
 			}
 		}
+		if in.Check.Interval < 0 || in.Check.Timeout < 0 {
+			bad("instances[%d].check: interval and timeout must not be negative", i)
+		}
+	}
+	if len(c.Instances) > 0 && !c.Overlay.Enable && c.PublicIPv4 == "" {
+		bad("instances: without overlay.enable they are advertised with publicIPv4, which is not set")
 	}
 	if o := c.Overlay; o.Enable {
 		if !o.Network.IsValid() || !o.Network.Addr().Is4() {

@@ -70,4 +70,17 @@ func TestValidateNamesEveryProblem(t *testing.T) {
 	if err := c.Validate(); err == nil || !strings.Contains(err.Error(), "secrets.enable needs overlay.enable") {
 		t.Errorf("secrets without overlay: %v", err)
 	}
+	c.Secrets.Enable = false
+	c.Instances = []Instance{{App: "web", Group: "backends", Port: 8080, Check: Check{Timeout: Duration(-time.Second)}}}
+	err = c.Validate()
+	for _, want := range []string{"advertised with publicIPv4", "must not be negative"} {
+		if err == nil || !strings.Contains(err.Error(), want) {
+			t.Errorf("instances without an address, negative timeout: %v lacks %q", err, want)
+		}
+	}
+	c.PublicIPv4 = "192.0.2.1"
+	c.Instances[0].Check.Timeout = Duration(time.Second)
+	if err := c.Validate(); err != nil {
+		t.Errorf("instances advertised with publicIPv4: %v", err)
+	}
 }

@@ -312,46 +312,23 @@ func (c *Component) deliverLocked(ctx context.Context, name string, s registry.S
 	return nil
 }
 
-// writeCredential has the encrypter write a temporary file in the
-// credential store, makes it 0600 and durable, and renames it over the
-// credential: a unit starting meanwhile sees the old or the new one.
+// writeCredential has the encrypter write a pending file in the
+// credential store (atomicfile), which is made 0600 and durable and
+// renamed over the credential: a unit starting meanwhile sees the old or
+// the new one.
 func (c *Component) writeCredential(ctx context.Context, name string, value []byte) error {
-	dir := c.opts.CredstoreDir
-	f, err := os.CreateTemp(dir, "."+name+".meshd-*")
+	p, err := atomicfile.NewPending(filepath.Join(c.opts.CredstoreDir, name), 0o600)
 	if err != nil {
 		return fmt.Errorf("credential store: %w", err)
 	}
-	tmp := f.Name()
-	f.Close()
-	done := false
-	defer func() {
-		if !done {
-			os.Remove(tmp)
-		}
-	}()
-	if err := c.opts.Creds.Encrypt(ctx, name, value, tmp); err != nil {
+	defer p.Abort()
+	if err := c.opts.Creds.Encrypt(ctx, name, value, p.Name()); err != nil {
 		return err
 	}
-	if err := os.Chmod(tmp, 0o600); err != nil {
+	if err := p.Commit(); err != nil {
 		return fmt.Errorf("credential %s: %w", name, err)
 	}
-	if err := syncFile(tmp); err != nil {
-		return fmt.Errorf("credential %s: %w", name, err)
-	}
-	if err := os.Rename(tmp, filepath.Join(dir, name)); err != nil {
-		return fmt.Errorf("credential %s: %w", name, err)
-	}
-	done = true
-	return atomicfile.SyncDir(dir)
-}
-
-func syncFile(path string) error {
-	f, err := os.Open(path)
-	if err != nil {
-		return err
-	}
-	defer f.Close()
-	return f.Sync()
+	return nil
 }
 
 // removeLocked deletes a credential meshd wrote whose secret is gone.

@@ -7,6 +7,7 @@ import (
 	"context"
 	"crypto/rand"
 	"encoding/hex"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -25,6 +26,7 @@ import (
 	"github.com/meshd/meshd/pkg/atomicfile"
 	"github.com/meshd/meshd/pkg/config"
 	"github.com/meshd/meshd/pkg/etcdclient"
+	"github.com/meshd/meshd/pkg/registry"
 )
 
 // Run runs meshd with cfg until ctx ends. It returns an error only for
@@ -82,7 +84,7 @@ func Run(ctx context.Context, cfg config.Config, log *slog.Logger, version strin
 		if parts.overlay != nil {
 			peers = parts.overlay
 		}
-		srv, err := serveHTTP(cfg.MetricsAddr, reg, a, peersHandler(cfg.NodeName, peers))
+		srv, err := serveHTTP(cfg.MetricsAddr, reg, a, peersHandler(cfg.NodeName, peers), cfg.NodeName, version)
 		if err != nil {
 			return err
 		}
@@ -97,24 +99,6 @@ func Run(ctx context.Context, cfg config.Config, log *slog.Logger, version strin
 func advertiseIP(cfg config.Config) netip.Addr {
 	a, _ := netip.ParseAddr(cfg.PublicIPv4)
 	return a
-}
-
-func buildInstances(cfg config.Config, units agent.UnitStater) ([]agent.Instance, error) {
-	var out []agent.Instance
-	for _, in := range cfg.Instances {
-		ai := agent.Instance{Group: in.Group, App: in.App, Port: in.Port, Interval: in.Check.Interval.D()}
-		switch {
-		case in.Check.Disable:
-		case in.Check.Unit != "":
-			ai.Check = agent.UnitCheck(units, in.Check.Unit)
-		case in.Check.TCP != "":
-			ai.Check = agent.TCPCheck(in.Check.TCP)
-		default:
-			ai.Check = agent.TCPCheck(net.JoinHostPort("127.0.0.1", fmt.Sprint(in.Port)))
-		}
-		out = append(out, ai)
-	}
-	return out, nil
 }
 
 // LoadOrCreateNodeID returns the node's stable identity, creating it on
@@ -154,8 +138,38 @@ func newRegistry(version string) *prometheus.Registry {
 	return reg
 }
 
+// health is what /healthz answers: the node's own view, from memory.
+type health struct {
+	Node    string `json:"node"`
+	Version string `json:"version,omitempty"`
+	// Revision is the newest revision applied without error; Seen the
+	// newest received.
+	Revision int64 `json:"revision"`
+	Seen     int64 `json:"seen"`
+	// LastApply is when a revision was last applied without error (null
+	// before the first).
+	LastApply  *time.Time                 `json:"lastApply"`
+	Errors     map[string]string          `json:"errors,omitempty"`
+	Problems   int                        `json:"problems,omitempty"`
+	Components map[string]json.RawMessage `json:"components,omitempty"`
+}
+
+func healthOf(node, version string, st registry.Status, lastApply time.Time) health {
+	h := health{
+		Node: node, Version: version, Revision: st.Revision, Seen: st.Seen,
+		Errors: st.Errors, Problems: st.Problems, Components: st.Components,
+	}
+	if !lastApply.IsZero() {
+		t := lastApply.UTC()
+		h.LastApply = &t
+	}
+	return h
+}
+
 // serveHTTP serves /metrics, /healthz and PeersPath on a local address.
-func serveHTTP(addr string, reg *prometheus.Registry, a *agent.Agent, peers http.Handler) (*http.Server, error) {
+// /healthz answers 503 until the first full apply and while a component
+// fails.
+func serveHTTP(addr string, reg *prometheus.Registry, a *agent.Agent, peers http.Handler, node, version string) (*http.Server, error) {
 	ln, err := net.Listen("tcp", addr)
 	if err != nil {
 		return nil, fmt.Errorf("metrics listener: %w", err)
@@ -169,7 +183,7 @@ func serveHTTP(addr string, reg *prometheus.Registry, a *agent.Agent, peers http
 		if len(st.Errors) > 0 || st.Revision == 0 {
 			w.WriteHeader(http.StatusServiceUnavailable)
 		}
-		writeJSON(w, st)
+		writeJSON(w, healthOf(node, version, st, a.LastApply()))
 	})
 	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}
 	go srv.Serve(ln)

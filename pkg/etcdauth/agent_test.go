@@ -71,7 +71,7 @@ func TestMeshdAgentUnderNodeRole(t *testing.T) {
 	if err := registry.WaitApplied(wctx, f.root, rev.Header.Revision, []string{nodeA}); err != nil {
 		t.Fatalf("agent under its role did not converge: %v\nlogs:\n%s", err, logs.String())
 	}
-	for _, k := range []string{registry.NodeKey(nodeA), registry.MemberKey(nodeA), registry.InstanceKey(testApp.Group, testApp.Name, nodeA)} {
+	for _, k := range []string{registry.NodeKey(nodeA), registry.MemberKey(nodeA), registry.InstanceKey(testApp.Group, testApp.Name, nodeA), registry.SeenKey(nodeA)} {
 		if get(t, f.root, k) == "" {
 			t.Errorf("agent did not write %s", k)
 		}
@@ -91,6 +91,9 @@ func TestMeshdAgentUnderNodeRole(t *testing.T) {
 	done <- nil
 	if get(t, f.root, registry.NodeKey(nodeA)) != "" {
 		t.Error("agent's entry survived its exit (lease revoke refused?)")
+	}
+	if seen, err := registry.DecodeSeen(nodeA, []byte(get(t, f.root, registry.SeenKey(nodeA)))); err != nil || !seen.StoppedAt.After(seen.RegisteredAt) {
+		t.Errorf("presence record after a clean stop: %+v %v", seen, err)
 	}
 	if strings.Contains(logs.String(), "permission denied") {
 		t.Errorf("agent hit permission errors:\n%s", logs.String())

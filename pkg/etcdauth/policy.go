@@ -154,6 +154,7 @@ func NodePerms(node string, v View, mode SubnetMode) []Perm {
 		Exact(registry.NodeKey(node), Write),
 		Exact(registry.MemberKey(node), Write),
 		Exact(registry.StatusKey(node), ReadWrite),
+		Exact(registry.SeenKey(node), Write),
 		Prefix(registry.SecretsNodePrefix(node), Read),
 	}
 	for _, a := range v.Apps {

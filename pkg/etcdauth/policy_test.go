@@ -92,7 +92,7 @@ func TestNodePermsStayInsideOwnKeys(t *testing.T) {
 						t.Errorf("mode %d node %s may write %s", mode, n, p)
 					}
 				}
-				if strings.HasPrefix(p.Key, registry.MeshdPrefix) && !strings.HasPrefix(p.Key, registry.StatusKey(n)) && !strings.HasPrefix(p.Key, registry.SecretsNodePrefix(n)) {
+				if strings.HasPrefix(p.Key, registry.MeshdPrefix) && !strings.HasPrefix(p.Key, registry.StatusKey(n)) && p.Key != registry.SeenKey(n) && !strings.HasPrefix(p.Key, registry.SecretsNodePrefix(n)) {
 					t.Errorf("node %s has %s", n, p)
 				}
 				if p.Key == registry.StatusKey(n) && p.RangeEnd != "" {
@@ -193,7 +193,7 @@ func FuzzNodePerms(f *testing.F) {
 						if !slicesContains(v.Claims[n], pk.Subnet) {
 							t.Fatalf("node %q may write claim %s it does not hold", n, p)
 						}
-					case registry.KindNode, registry.KindMember, registry.KindInstance, registry.KindStatus:
+					case registry.KindNode, registry.KindMember, registry.KindInstance, registry.KindStatus, registry.KindSeen:
 						if pk.Node != n {
 							t.Fatalf("node %q may write %s", n, p)
 						}

@@ -12,6 +12,8 @@ import (
 	"strings"
 	"sync"
 	"time"
+
+	"github.com/meshd/meshd/pkg/atomicfile"
 )
 
 // ErrRejected is returned (wrapped) when `haproxy -c` rejects a rendered
@@ -144,7 +146,7 @@ func (a *Applier) applyRuntime(ctx context.Context, placed Desired, changes []Sl
 	}
 	content := Render(placed)
 	if !bytes.Equal(content, a.lastGood) {
-		if err := writeAtomic(a.ConfigPath, content, 0o644); err != nil {
+		if err := atomicfile.WriteFile(a.ConfigPath, content, 0o644); err != nil {
 			return fmt.Errorf("rewrite config: %w", err)
 		}
 		a.lastGood = content
@@ -164,12 +166,12 @@ func (a *Applier) applyRuntime(ctx context.Context, placed Desired, changes []Sl
 // the master. On any failure the file HAProxy runs is put back.
 func (a *Applier) reload(ctx context.Context, d, placed Desired, h string, running bool) error {
 	content := Render(placed)
-	tmp, err := writeTemp(a.ConfigPath, content, 0o644)
+	tmp, err := atomicfile.Create(a.ConfigPath, content, 0o644)
 	if err != nil {
 		return err
 	}
-	if err := a.validate(ctx, tmp); err != nil {
-		if rerr := renameSync(tmp, a.RejectedPath()); rerr != nil {
+	if err := a.validate(ctx, tmp.Name()); err != nil {
+		if rerr := tmp.CommitTo(a.RejectedPath()); rerr != nil {
 			a.Log.Error("keep rejected config", "err", rerr)
 		}
 		err = fmt.Errorf("%w (kept at %s): %v", ErrRejected, a.RejectedPath(), err)
@@ -183,7 +185,7 @@ func (a *Applier) reload(ctx context.Context, d, placed Desired, h string, runni
 		a.Log.Error("rendered config rejected; haproxy keeps the running one", "hash", h[:12], "path", a.RejectedPath(), "err", err)
 		return err
 	}
-	if err := renameSync(tmp, a.ConfigPath); err != nil {
+	if err := tmp.Commit(); err != nil {
 		return err
 	}
 	if !running && a.Supervisor == nil {
@@ -216,7 +218,7 @@ func (a *Applier) reload(ctx context.Context, d, placed Desired, h string, runni
 	}
 	if err != nil {
 		if a.lastGood != nil {
-			if rerr := writeAtomic(a.ConfigPath, a.lastGood, 0o644); rerr != nil {
+			if rerr := atomicfile.WriteFile(a.ConfigPath, a.lastGood, 0o644); rerr != nil {
 				a.Log.Error("restore previous config", "err", rerr)
 			}
 		}

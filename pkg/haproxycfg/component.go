@@ -70,8 +70,6 @@ type Component struct {
 	log     *slog.Logger
 	applier *Applier
 	sup     *Supervisor
-	cancel  context.CancelFunc
-	done    chan struct{}
 
 	mu   sync.Mutex
 	last Desired
@@ -104,9 +102,8 @@ type AppStatus struct {
 	Servers int    `json:"servers"`
 }
 
-// New checks opts and builds the component. In supervise mode it starts a
-// goroutine that restarts the HAProxy master if it dies (Close stops the
-// goroutine, not HAProxy).
+// New checks opts and builds the component. It starts nothing: in
+// supervise mode Run restarts the HAProxy master if it dies.
 func New(opts Options, log *slog.Logger, reg prometheus.Registerer) (*Component, error) {
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
@@ -169,7 +166,6 @@ func New(opts Options, log *slog.Logger, reg prometheus.Registerer) (*Component,
 			HardStopAfter: opts.HardStopAfter, MaxReloads: opts.MaxReloads, GlobalExtra: opts.GlobalExtra,
 			User: opts.User, Group: opts.Group,
 		},
-		done: make(chan struct{}),
 	}
 	c.applier = &Applier{
 		ConfigPath: opts.ConfigPath,
@@ -184,8 +180,6 @@ func New(opts Options, log *slog.Logger, reg prometheus.Registerer) (*Component,
 			return nil, fmt.Errorf("haproxy metrics: %w", err)
 		}
 	}
-	ctx, cancel := context.WithCancel(context.Background())
-	c.cancel = cancel
 	if opts.Supervise {
 		c.sup = &Supervisor{
 			Binary: opts.Binary, ConfigPath: opts.ConfigPath, MasterSocket: opts.MasterSocket,
@@ -193,12 +187,6 @@ func New(opts Options, log *slog.Logger, reg prometheus.Registerer) (*Component,
 			Log: log, OnStart: m.masterStarts.Inc,
 		}
 		c.applier.Supervisor = c.sup
-		go func() {
-			defer close(c.done)
-			c.sup.Run(ctx, opts.SuperviseEvery)
-		}()
-	} else {
-		close(c.done)
 	}
 	return c, nil
 }
@@ -277,13 +265,19 @@ func StatusOf(d Desired, configPath string, counters Counters) Status {
 	return st
 }
 
-// Close stops the supervisor goroutine. HAProxy keeps running: a meshd
+// Run supervises the HAProxy master (in supervise mode) until ctx ends;
+// the agent runs it in its errgroup. It never stops HAProxy: a meshd
 // restart must not interrupt the mesh; the next meshd adopts the master.
-func (c *Component) Close() error {
-	c.cancel()
-	<-c.done
+func (c *Component) Run(ctx context.Context) error {
+	if c.sup != nil {
+		c.sup.Run(ctx, c.opts.SuperviseEvery)
+	}
 	return nil
 }
+
+// Close releases nothing today (Run owns the supervisor); it is kept so
+// that every component closes the same way.
+func (c *Component) Close() error { return nil }
 
 // StopHAProxy terminates a supervised master (tests, explicit shutdown).
 func (c *Component) StopHAProxy(timeout time.Duration) error {

@@ -189,7 +189,7 @@ func TestRejectedConfigKeepsServing(t *testing.T) {
 	}
 	good, _ := os.ReadFile(opts.ConfigPath)
 	pid := procs(t, c).Master.PID
-	c.Close()
+	stopMeshd(c)
 
 	// meshd restarts with a typo in an operator-supplied global option:
 	// the renderer passes it through, haproxy -c rejects it.
@@ -242,7 +242,7 @@ func TestRejectedConfigKeepsServing(t *testing.T) {
 	}
 	// The operator fixes the option (meshd restarts with it): applies, and
 	// the status no longer points at a rejected file.
-	c2.Close()
+	stopMeshd(c2)
 	opts.GlobalExtra = []string{"maxconn 2000"}
 	c3 := newComponent(t, opts)
 	if err := c3.Apply(ctx, snap2); err != nil {
@@ -309,7 +309,7 @@ func TestMasterSurvivesMeshdRestart(t *testing.T) {
 		t.Fatal(err)
 	}
 	before := procs(t, c)
-	c.Close() // meshd exits (or dies): haproxy stays
+	stopMeshd(c) // meshd exits (or dies): haproxy stays
 
 	c2 := newComponent(t, opts)
 	if err := c2.Apply(ctx, snap); err != nil {

@@ -106,7 +106,13 @@ func newComponentReg(tb testing.TB, opts Options, reg prometheus.Registerer) *Co
 	if err != nil {
 		tb.Fatal(err)
 	}
+	// Run as the agent would; stopMeshd(c) ends it as meshd exiting does.
+	ctx, cancel := context.WithCancel(context.Background())
+	ran := make(chan struct{})
+	go func() { defer close(ran); c.Run(ctx) }()
+	running.Store(c, func() { cancel(); <-ran })
 	tb.Cleanup(func() {
+		stopMeshd(c)
 		c.Close()
 		// Stop whatever master runs on this socket, adopted or not.
 		if p, err := (Master{Socket: opts.MasterSocket}).Procs(context.Background()); err == nil {
@@ -115,6 +121,19 @@ func newComponentReg(tb testing.TB, opts Options, reg prometheus.Registerer) *Co
 		}
 	})
 	return c
+}
+
+// running maps a component of newComponentReg to the function that ends
+// its Run.
+var running sync.Map
+
+// stopMeshd ends c's Run and closes it, as meshd exiting does: HAProxy
+// keeps running.
+func stopMeshd(c *Component) {
+	if stop, ok := running.LoadAndDelete(c); ok {
+		stop.(func())()
+	}
+	c.Close()
 }
 
 // freePort returns a currently free high loopback port.

@@ -55,8 +55,8 @@ type ApplierOptions struct {
 type Applier struct {
 	opts ApplierOptions
 	log  *slog.Logger
-	wg   *wgctrl.Client
-	nl   *netlink.Handle
+	wg   wgClient
+	nl   netlinkHandle
 
 	// linkIndex is the interface's index after the last Set (0: none),
 	// read without the lock by the event watcher.
@@ -93,6 +93,12 @@ func NewApplier(opts ApplierOptions, log *slog.Logger) (*Applier, error) {
 		return nil, fmt.Errorf("netlink: %w", err)
 	}
 	return &Applier{opts: opts, log: log, wg: wg, nl: nl}, nil
+}
+
+// newApplierWith is NewApplier over the given kernel clients (a test's
+// fake); opts must already be valid and defaulted.
+func newApplierWith(opts ApplierOptions, log *slog.Logger, wg wgClient, nl netlinkHandle) *Applier {
+	return &Applier{opts: opts, log: log, wg: wg, nl: nl}
 }
 
 // Interface returns the interface's name.
@@ -198,6 +204,27 @@ func (a *Applier) configureLocked(dev *wgtypes.Device, plan desired.Plan) error 
 	}
 	if err := a.wg.ConfigureDevice(a.opts.Interface, cfg); err != nil {
 		return fmt.Errorf("configure %s (%d peer changes): %w", a.opts.Interface, len(cfg.Peers), err)
+	}
+	return nil
+}
+
+// reconfigure reads the device, asks decide for a configuration and
+// applies it, all under the applier's lock so that no Set interleaves
+// between what decide saw and what is applied. An empty configuration
+// changes nothing.
+func (a *Applier) reconfigure(decide func(*wgtypes.Device) wgtypes.Config) error {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	dev, err := a.wg.Device(a.opts.Interface)
+	if err != nil {
+		return fmt.Errorf("read device %s: %w", a.opts.Interface, err)
+	}
+	cfg := decide(dev)
+	if cfg.PrivateKey == nil && cfg.ListenPort == nil && len(cfg.Peers) == 0 {
+		return nil
+	}
+	if err := a.wg.ConfigureDevice(a.opts.Interface, cfg); err != nil {
+		return fmt.Errorf("configure %s: %w", a.opts.Interface, err)
 	}
 	return nil
 }

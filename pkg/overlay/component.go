@@ -2,21 +2,28 @@
 // desired interface, peers and routes from the registry (package
 // desired, pure) and makes the kernel match (Applier: wgctrl + netlink,
 // kernel WireGuard or embedded wireguard-go). It replaces flanneld.
+//
+// The rooms, one file each: component.go wires them as an agent
+// component; tracker.go is the desired-state tracker (snapshot -> target,
+// no I/O); applier.go (with device.go, routes.go) makes the kernel match a
+// state, through kernel.go's small interfaces; route_repair.go watches
+// netlink for what others remove; handshake_retry.go re-adds new peers
+// whose first handshake stalls; bootcache.go keeps the last applied state
+// on disk for a boot without etcd; status.go and metrics.go report;
+// key.go keeps the private key; fakedevice.go is an in-memory WireGuard
+// device for the scale bench and tests.
 package overlay
 
 import (
-	"bytes"
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"log/slog"
 	"net/netip"
-	"slices"
-	"sync"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
+	"golang.org/x/sync/errgroup"
 	"golang.zx2c4.com/wireguard/wgctrl/wgtypes"
 
 	"github.com/meshd/meshd/pkg/overlay/desired"
@@ -72,60 +79,30 @@ func (o Options) params() desired.Params {
 	}
 }
 
-// Component is the overlay as an agent component: Apply computes the
-// desired state from each snapshot and hands it to the Applier; a
-// background watcher puts back routes, addresses or the interface when
-// something else removes them.
+// Component is the overlay as an agent component. Apply hands each
+// snapshot to the tracker, which computes the target, and the target to
+// the applier; Run owns the long-running parts (the route repairer and
+// the handshake retry) until its context ends.
 type Component struct {
 	opts    Options
 	log     *slog.Logger
 	key     wgtypes.Key
+	metrics *metrics
+
+	track   *tracker
 	applier *Applier
 	// reader is what Status reads the live device through: the applier
 	// (tests put a FakeDevice here).
-	reader  deviceReader
-	metrics *metrics
-
-	// computer is desired.Compute with memory: a change of k members costs
-	// O(k log N) plus one cheap pass, not a full recomputation. cmu
-	// serialises it (the agent calls Apply from one goroutine; cmu keeps
-	// that an implementation detail).
-	cmu      sync.Mutex
-	computer *desired.Computer
-
-	mu       sync.Mutex
-	target   *desired.State // newest desired state (applied or being retried)
-	gen      uint64         // bumped whenever target is replaced
-	applied  bool           // target is fully applied
-	revision int64          // snapshot revision of target
-	cached   []byte         // JSON of the state last written to the cache
-	cacheGen uint64         // gen whose state the cache is known to hold
-	lastErr  error
-	cacheErr error // last failure to write the boot cache, nil once it works
-	waiting  bool  // no member record for Self yet
-	// membersGen is the snapshot member generation target was computed
-	// from: the overlay reads nothing else, so an unchanged generation
-	// with target applied means there is nothing to do (an app or status
-	// change costs the overlay nothing, however large the cluster).
-	membersGen uint64
-	problems   []desired.Problem
-
-	// kicks are newly added peers awaiting their first handshake (see
-	// kickDelays); kickWake wakes the kick loop.
-	kmu      sync.Mutex
-	kicks    map[string]*kickState
-	kickWake chan struct{}
-
-	ctx      context.Context // ends at Close; bounds the watcher
-	cancel   context.CancelFunc
-	watching bool // the repair watcher runs; done closes when it ends
-	closed   bool
-	done     chan struct{}
+	reader   deviceReader
+	cache    *bootCache
+	retry    *handshakeRetry
+	repairer *routeRepairer
 }
 
 // New loads (or creates) the node's WireGuard key and opens the applier.
-// It does not touch the interface: Boot or the first Apply does. Metrics
-// are registered on reg when it is not nil.
+// It does not touch the interface: Boot or the first Apply does, and it
+// starts nothing: Run does. Metrics are registered on reg when it is not
+// nil.
 func New(opts Options, log *slog.Logger, reg prometheus.Registerer) (*Component, error) {
 	if err := registry.ValidName(opts.Self); err != nil {
 		return nil, fmt.Errorf("overlay: node name: %w", err)
@@ -156,17 +133,26 @@ func New(opts Options, log *slog.Logger, reg prometheus.Registerer) (*Component,
 	if err != nil {
 		return nil, fmt.Errorf("overlay: %w", err)
 	}
-	ctx, cancel := context.WithCancel(context.Background())
-	c := &Component{opts: opts, log: log, key: key, applier: app, reader: app, metrics: m, computer: computer, ctx: ctx, cancel: cancel,
-		done: make(chan struct{}), kickWake: make(chan struct{}, 1)}
+	c := assemble(opts, log, key, m, computer, app)
 	if reg != nil {
 		if err := reg.Register(peerCollector{c}); err != nil {
-			cancel()
 			app.Close()
 			return nil, fmt.Errorf("overlay: metrics: %w", err)
 		}
 	}
 	return c, nil
+}
+
+// assemble wires the rooms together around app.
+func assemble(opts Options, log *slog.Logger, key wgtypes.Key, m *metrics, computer *desired.Computer, app *Applier) *Component {
+	c := &Component{
+		opts: opts, log: log, key: key, metrics: m, applier: app, reader: app,
+		track: &tracker{computer: computer},
+		cache: &bootCache{dir: opts.StateDir, iface: opts.Interface},
+		retry: newHandshakeRetry(app, log, func(n int) { m.retries.Add(float64(n)) }),
+	}
+	c.repairer = &routeRepairer{iface: opts.Interface, linkIndex: app.linkIndex.Load, repair: c.repair, log: log}
+	return c
 }
 
 // Name implements agent.Component.
@@ -186,7 +172,7 @@ func (c *Component) Applier() *Applier { return c.applier }
 // (a corrupt cache, a device failure) leaves the node waiting for etcd;
 // the caller logs it and carries on.
 func (c *Component) Boot(ctx context.Context) error {
-	cf, err := loadCache(c.opts.StateDir)
+	cf, err := c.cache.load()
 	if errors.Is(err, ErrNoCache) {
 		c.log.Info("no overlay cache, waiting for the registry")
 		return nil
@@ -194,17 +180,12 @@ func (c *Component) Boot(ctx context.Context) error {
 	if err != nil {
 		return fmt.Errorf("overlay boot: %w", err)
 	}
-	c.mu.Lock()
-	if c.target != nil { // Apply got there first: the registry wins
-		c.mu.Unlock()
+	st := cf.State
+	gen, ok := c.track.adopt(st, cf.Revision)
+	if !ok { // Apply got there first: the registry wins
 		return nil
 	}
-	st := cf.State
-	c.gen++
-	c.target, c.revision = &st, cf.Revision
-	c.cached, c.cacheGen = stateJSON(st), c.gen
-	gen := c.gen
-	c.mu.Unlock()
+	c.cache.loaded(st, gen)
 	if err := c.set(ctx, st, gen, "boot"); err != nil {
 		return fmt.Errorf("overlay boot: %w", err)
 	}
@@ -218,38 +199,21 @@ func (c *Component) Boot(ctx context.Context) error {
 // the record disappears while the node runs, the overlay stays as it was
 // until the node claims a new one.
 func (c *Component) Apply(ctx context.Context, snap *registry.Snapshot) error {
-	c.mu.Lock()
-	if snap.Gen.Members != 0 && snap.Gen.Members == c.membersGen && c.applied && c.lastErr == nil {
-		c.revision = snap.Revision
-		c.mu.Unlock()
+	if c.track.upToDate(snap) {
 		return nil
 	}
-	c.mu.Unlock()
-	c.cmu.Lock()
-	st, err := c.computer.Compute(snap)
-	c.cmu.Unlock()
-	c.mu.Lock()
-	c.membersGen = snap.Gen.Members
-	if errors.Is(err, desired.ErrNoSelf) {
-		c.waiting = true
-		c.mu.Unlock()
-		return nil
-	}
+	st, gen, newProblems, ok, err := c.track.compute(snap)
 	if err != nil {
-		c.lastErr = err
-		c.mu.Unlock()
 		return fmt.Errorf("overlay: %w", err)
 	}
-	if !slices.Equal(st.Problems, c.problems) { // log changes, not every pass
+	if !ok {
+		return nil
+	}
+	if newProblems { // log changes, not every pass
 		for _, p := range st.Problems {
 			c.log.Warn("skipping member", "node", p.Member, "err", p.Err)
 		}
 	}
-	c.waiting, c.problems = false, st.Problems
-	c.gen++
-	c.target, c.revision = &st, snap.Revision
-	gen := c.gen
-	c.mu.Unlock()
 	return c.set(ctx, st, gen, "apply")
 }
 
@@ -257,77 +221,74 @@ func (c *Component) Apply(ctx context.Context, snap *registry.Snapshot) error {
 // (HAProxy) wait until this node has its overlay, from the registry or
 // from the boot cache. Otherwise their first health checks would go out
 // before the routes exist and mark every server down.
-func (c *Component) Ready() bool {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	return c.target != nil && !c.waiting
-}
+func (c *Component) Ready() bool { return c.track.ready() }
 
 // set applies st (generation gen of the target), records the outcome
-// and, on success, caches st and starts the repair watcher.
+// and, on success, notes the new peers for the handshake retry and
+// caches st.
 func (c *Component) set(ctx context.Context, st desired.State, gen uint64, why string) error {
 	plan, err := c.applier.set(ctx, st)
 	c.metrics.observe(plan, err)
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	current := gen == c.gen // no newer target arrived meanwhile
-	c.lastErr = err
-	if current {
-		c.applied = err == nil
-	}
+	current, revision := c.track.record(gen, err)
 	if err != nil {
 		c.log.Warn("overlay apply failed", "why", why, "err", err)
 		return fmt.Errorf("overlay: %w", err)
 	}
-	c.noteAdded(plan, len(st.Peers), time.Now())
+	c.retry.note(plan, len(st.Peers), time.Now())
 	if !plan.Empty() {
 		c.log.Info("overlay changed", "why", why, "peerChanges", len(plan.Peers),
 			"routesAdded", len(plan.AddRoutes), "routesDeleted", len(plan.DelRoutes))
 	}
 	c.metrics.peers.Set(float64(len(st.Peers)))
-	// The cache is rewritten only when the applied state changed, not on
-	// every registry revision.
-	if current && c.cacheGen != gen {
-		if b := stateJSON(st); !bytes.Equal(b, c.cached) {
-			if err := saveCache(c.opts.StateDir, cacheFile{Interface: c.opts.Interface, Revision: c.revision, State: st}); err != nil {
-				// The overlay is up; only the next boot without etcd suffers.
-				c.log.Warn("cannot write overlay cache", "err", err)
-				c.cacheErr = err
-			} else {
-				c.cached, c.cacheGen, c.cacheErr = b, gen, nil
-			}
-		} else {
-			c.cacheGen = gen
+	if current {
+		if err := c.cache.save(st, gen, revision); err != nil {
+			// The overlay is up; only the next boot without etcd suffers.
+			c.log.Warn("cannot write overlay cache", "err", err)
 		}
-	}
-	if !c.watching && !c.closed {
-		c.watching = true
-		go c.watch(c.ctx)
 	}
 	return nil
 }
 
-// stateJSON is the applied part of st, encoded, for change detection.
-func stateJSON(st desired.State) []byte {
-	st.Problems = nil
-	b, _ := json.Marshal(st)
-	return b
+// repair re-applies the newest target for the route repairer and records
+// the outcome like any apply, so the status shows a repair that fails. A
+// non-empty plan means something had been removed behind meshd's back.
+func (c *Component) repair(ctx context.Context, why string) {
+	t, gen := c.track.newest()
+	if t == nil {
+		return
+	}
+	plan, err := c.applier.set(ctx, *t)
+	if ctx.Err() != nil {
+		return // stopping: not a failure of the overlay
+	}
+	c.metrics.observe(plan, err)
+	c.track.record(gen, err)
+	if err != nil {
+		c.log.Warn("overlay repair failed", "why", why, "err", err)
+		return
+	}
+	c.retry.note(plan, len(t.Peers), time.Now())
+	if !plan.Empty() {
+		c.metrics.repairs.Inc()
+		c.log.Info("overlay repaired", "why", why, "plan", plan.String())
+	}
 }
 
-// Close stops the repair watcher and releases the netlink and wgctrl
-// handles. It deliberately leaves the interface, peers and routes up: a
+// Run runs the route repairer and the handshake retry until ctx ends (the
+// agent runs it next to its loop). It returns nil when ctx ends.
+func (c *Component) Run(ctx context.Context) error {
+	g, ctx := errgroup.WithContext(ctx)
+	g.Go(func() error { c.repairer.run(ctx); return nil })
+	g.Go(func() error { c.retry.run(ctx); return nil })
+	return g.Wait()
+}
+
+// Close releases the netlink and wgctrl handles; call it after Run has
+// returned. It deliberately leaves the interface, peers and routes up: a
 // meshd restart must not flap the data plane, and the next meshd adopts
 // the running device. (A userspace device lives in meshd's process and
 // ends with it; the next meshd's Boot recreates it from the cache.)
 func (c *Component) Close() error {
-	c.mu.Lock()
-	c.closed = true
-	watching := c.watching
-	c.mu.Unlock()
-	c.cancel()
-	if watching {
-		<-c.done
-	}
 	return c.applier.Close()
 }
 
@@ -335,9 +296,6 @@ func (c *Component) Close() error {
 // overlay (the cache stays, so a later Boot can bring it back). Not part
 // of a normal stop; call Close afterwards.
 func (c *Component) Destroy() error {
-	c.mu.Lock()
-	c.target = nil
-	c.gen++
-	c.mu.Unlock()
+	c.track.drop()
 	return c.applier.Destroy()
 }

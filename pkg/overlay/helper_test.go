@@ -80,6 +80,9 @@ func runHelper(in io.Reader, out io.Writer) int {
 	}
 	var c *Component
 	var opts Options
+	// stop ends the component's Run (the agent's errgroup in meshd) and
+	// waits for it, before Close.
+	stop := func() {}
 	enc := json.NewEncoder(out)
 	sc := bufio.NewScanner(in)
 	sc.Buffer(make([]byte, 1<<20), 1<<20)
@@ -101,6 +104,10 @@ func runHelper(in io.Reader, out io.Writer) int {
 						return err
 					}
 					c = nc
+					rctx, cancel := context.WithCancel(ctx)
+					ran := make(chan struct{})
+					go func() { defer close(ran); nc.Run(rctx) }()
+					stop = func() { cancel(); <-ran }
 					rep.PublicKey = c.PublicKey()
 				case "boot":
 					return c.Boot(ctx)
@@ -135,10 +142,12 @@ func runHelper(in io.Reader, out io.Writer) int {
 					}
 					rep.Metrics = m
 				case "close":
+					stop()
 					err := c.Close()
 					c = nil
 					return err
 				case "destroy":
+					stop()
 					err := c.Destroy()
 					return errors.Join(err, c.Close())
 				case "ping":

@@ -16,7 +16,7 @@ type metrics struct {
 	errors  prometheus.Counter
 	changes *prometheus.CounterVec
 	repairs prometheus.Counter
-	kicks   prometheus.Counter
+	retries prometheus.Counter
 }
 
 func newMetrics(reg prometheus.Registerer) (*metrics, error) {
@@ -41,13 +41,13 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 			Namespace: "meshd", Subsystem: "overlay", Name: "repairs_total",
 			Help: "Times the overlay put back something another program removed (a route, an address, the interface).",
 		}),
-		kicks: prometheus.NewCounter(prometheus.CounterOpts{
+		retries: prometheus.NewCounter(prometheus.CounterOpts{
 			Namespace: "meshd", Subsystem: "overlay", Name: "handshake_kicks_total",
-			Help: "Newly added peers re-added because their first WireGuard handshake had not completed (see kickDelays).",
+			Help: "Newly added peers re-added because their first WireGuard handshake had not completed (see retryDelays).",
 		}),
 	}
 	if reg != nil {
-		for _, c := range []prometheus.Collector{m.peers, m.applies, m.errors, m.changes, m.repairs, m.kicks} {
+		for _, c := range []prometheus.Collector{m.peers, m.applies, m.errors, m.changes, m.repairs, m.retries} {
 			if err := reg.Register(c); err != nil {
 				return nil, err
 			}

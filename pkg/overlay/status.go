@@ -150,24 +150,22 @@ func (c *Component) PeerDetails(now time.Time) []PeerDetail {
 }
 
 func (c *Component) status(now time.Time) (Status, []PeerDetail) {
-	c.mu.Lock()
+	v := c.track.view()
 	st := Status{
 		Interface: c.opts.Interface,
 		PublicKey: c.PublicKey(),
-		Revision:  c.revision,
-		Applied:   c.applied,
-		Waiting:   c.waiting,
+		Revision:  v.revision,
+		Applied:   v.applied,
+		Waiting:   v.waiting,
 	}
-	setProblems(&st, c.problems)
-	if c.lastErr != nil {
-		st.LastError = registry.StatusText(c.lastErr.Error())
+	setProblems(&st, v.problems)
+	if v.lastErr != nil {
+		st.LastError = registry.StatusText(v.lastErr.Error())
 	}
-	if c.cacheErr != nil {
-		st.CacheError = registry.StatusText(c.cacheErr.Error())
+	if err := c.cache.lastErr(); err != nil {
+		st.CacheError = registry.StatusText(err.Error())
 	}
-	target := c.target
-	c.mu.Unlock()
-	peers := readDevice(&st, target, c.reader, now)
+	peers := readDevice(&st, v.target, c.reader, now)
 	return st, peers
 }
 

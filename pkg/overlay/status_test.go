@@ -60,7 +60,7 @@ func fakeCluster(t testing.TB, n int) (*Component, *FakeDevice, desired.State) {
 		t.Fatal(err)
 	}
 	c := &Component{opts: Options{Self: "worker-00000", Interface: "meshd-wg"}, key: self, reader: dev,
-		target: &want, applied: true, revision: snap.Revision}
+		track: &tracker{target: &want, applied: true, revision: snap.Revision}, cache: &bootCache{}}
 	return c, dev, want
 }
 
@@ -187,7 +187,7 @@ func TestPeerMetrics(t *testing.T) {
 	if _, err := dev.Set(next); err != nil {
 		t.Fatal(err)
 	}
-	c.target = &next
+	c.track.target = &next
 	for name, vals := range gather() {
 		if _, ok := vals[p0]; ok || len(vals) != 2 {
 			t.Errorf("after removing %s, %s has %v", p0, name, vals)

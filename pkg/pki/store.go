@@ -11,6 +11,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/meshd/meshd/pkg/atomicfile"
 	"github.com/meshd/meshd/pkg/registry"
 )
 
@@ -180,47 +181,18 @@ func checkFree(w WriteOptions, paths ...string) error {
 	return nil
 }
 
-// writeFile writes atomically: a temporary file in the same directory,
-// created with its final mode (never briefly world-readable), synced, then
-// renamed over the target (Force) or hard-linked to it, which fails if the
-// target appeared meanwhile.
+// writeFile writes atomically (atomicfile): created with its final mode
+// (never briefly world-readable), synced, then renamed over the target
+// (Force) or hard-linked to it, which fails if the target appeared
+// meanwhile.
 func writeFile(path string, data []byte, mode fs.FileMode, w WriteOptions) error {
-	dir := filepath.Dir(path)
-	f, err := os.CreateTemp(dir, "."+filepath.Base(path)+".tmp*")
-	if err != nil {
-		return fmt.Errorf("write %s: %w", path, err)
-	}
-	tmp := f.Name()
-	defer os.Remove(tmp)
-	if err := f.Chmod(mode); err != nil {
-		f.Close()
-		return fmt.Errorf("write %s: %w", path, err)
-	}
-	if _, err := f.Write(data); err != nil {
-		f.Close()
-		return fmt.Errorf("write %s: %w", path, err)
-	}
-	if err := f.Sync(); err != nil {
-		f.Close()
-		return fmt.Errorf("write %s: %w", path, err)
-	}
-	if err := f.Close(); err != nil {
-		return fmt.Errorf("write %s: %w", path, err)
-	}
 	if w.Force {
-		err = os.Rename(tmp, path)
-	} else {
-		err = os.Link(tmp, path)
-		if errors.Is(err, fs.ErrExist) {
-			return fmt.Errorf("%s: %w", path, ErrExists)
-		}
+		return atomicfile.WriteFile(path, data, mode)
 	}
-	if err != nil {
-		return fmt.Errorf("write %s: %w", path, err)
-	}
-	if d, err := os.Open(dir); err == nil {
-		d.Sync()
-		d.Close()
+	if err := atomicfile.WriteNew(path, data, mode); errors.Is(err, fs.ErrExist) {
+		return fmt.Errorf("%s: %w", path, ErrExists)
+	} else if err != nil {
+		return err
 	}
 	return nil
 }

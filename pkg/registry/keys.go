@@ -23,6 +23,7 @@ import (
 //	/meshd/revoked/<node>                         the operator revoked the node (operator only)
 //	/meshd/identity/<node>                        the CN of the node's current certificate (operator only)
 //	/meshd/groups/<node>                          the groups the operator assigned the node (operator only)
+//	/meshd/seen/<node>                            when the node last registered or stopped, unleased
 //	/coreos.com/network/config                    flannel's network config (WireGuard port, keepalive)
 //	/coreos.com/network/subnets/<a.b.c.d-len>     flannel's lease: flannel nodes' peers; meshd keeps one for its own subnet
 const (
@@ -36,6 +37,7 @@ const (
 	RevokedPrefix       = "/meshd/revoked/"
 	IdentityPrefix      = "/meshd/identity/"
 	GroupsPrefix        = "/meshd/groups/"
+	SeenPrefix          = "/meshd/seen/"
 	FlannelSubnetPrefix = "/coreos.com/network/subnets/"
 	FlannelConfigKey    = "/coreos.com/network/config"
 )
@@ -61,6 +63,9 @@ func IdentityKey(node string) string { return IdentityPrefix + node }
 // Nodes cannot write it: it is what group secrets are sealed by, never
 // the groups a node's own entry claims.
 func GroupsKey(node string) string { return GroupsPrefix + node }
+
+// SeenKey is the key of a node's durable presence record (Seen).
+func SeenKey(node string) string { return SeenPrefix + node }
 
 // SecretsNodePrefix is the prefix holding every secret sealed to node.
 func SecretsNodePrefix(node string) string { return SecretsPrefix + node + "/" }
@@ -122,6 +127,7 @@ const (
 	KindSecret
 	KindFlannelLease
 	KindFlannelConfig
+	KindSeen
 )
 
 // ParsedKey is a key split into its parts. Only the fields that the kind
@@ -173,6 +179,12 @@ func ParseKey(key string) (ParsedKey, error) {
 			return ParsedKey{}, fmt.Errorf("status key %s: %w", Quoted([]byte(key)), err)
 		}
 		return ParsedKey{Kind: KindStatus, Node: n}, nil
+	case strings.HasPrefix(key, SeenPrefix):
+		n := strings.TrimPrefix(key, SeenPrefix)
+		if err := ValidName(n); err != nil {
+			return ParsedKey{}, fmt.Errorf("presence key %q: %w", key, err)
+		}
+		return ParsedKey{Kind: KindSeen, Node: n}, nil
 	case strings.HasPrefix(key, SecretsPrefix):
 		rest := strings.TrimPrefix(key, SecretsPrefix)
 		n, name, ok := strings.Cut(rest, "/")

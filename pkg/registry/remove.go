@@ -9,8 +9,9 @@ import (
 
 // RemoveNode deletes every key of a node: its entry, its instances in
 // every app, its member record, subnet claim and flannel lease, its
-// status and its secrets. nix-infra leaves these behind; here the subnet is released only
-// by this call. It returns how many keys were deleted.
+// status, its presence record and its secrets. nix-infra leaves these
+// behind; here the subnet is released only by this call. It returns how
+// many keys were deleted.
 func RemoveNode(ctx context.Context, cli *clientv3.Client, name string) (int64, error) {
 	return RemoveNodeWith(ctx, cli, name, RemoveOptions{})
 }
@@ -36,6 +37,7 @@ func RemoveNodeWith(ctx context.Context, cli *clientv3.Client, name string, o Re
 		clientv3.OpDelete(NodeKey(name)),
 		clientv3.OpDelete(MemberKey(name)),
 		clientv3.OpDelete(StatusKey(name)),
+		clientv3.OpDelete(SeenKey(name)),
 		clientv3.OpDelete(SecretsNodePrefix(name), clientv3.WithPrefix()),
 	}
 	for p, owner := range snap.Subnets {

@@ -124,6 +124,35 @@ type Status struct {
 	Problems int `json:"problems,omitempty"`
 }
 
+// Seen is a node's durable presence record at /meshd/seen/<name>. It has
+// no lease, so it outlives the node's entry: when the lease is gone it
+// tells when the node was last known to be up. meshd writes it only when
+// it registers (a new or resumed lease) and when it stops cleanly, never
+// periodically, so an idle cluster writes nothing.
+type Seen struct {
+	Node string `json:"node"`
+	// RegisteredAt is when the node last registered.
+	RegisteredAt time.Time `json:"registeredAt"`
+	// StoppedAt is when meshd last stopped cleanly; it is older than
+	// RegisteredAt (or zero) while the node runs.
+	StoppedAt time.Time `json:"stoppedAt,omitzero"`
+	// LeaseTTLSeconds is the node's lease TTL: a node that crashed was up
+	// until at most this long before its entry vanished.
+	LeaseTTLSeconds int64 `json:"leaseTTLSeconds,omitempty"`
+}
+
+// DecodeSeen decodes a presence record; its name must match the key's.
+func DecodeSeen(name string, b []byte) (Seen, error) {
+	var s Seen
+	if err := decodeStrict(b, &s); err != nil {
+		return Seen{}, err
+	}
+	if s.Node != name {
+		return Seen{}, fmt.Errorf("%w: node %q does not match key %q", ErrBadValue, s.Node, name)
+	}
+	return s, nil
+}
+
 // SealedSecret is a secret sealed to one node at /meshd/secrets/<node>/<name>.
 type SealedSecret struct {
 	Version int64 `json:"version"`

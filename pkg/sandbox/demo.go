@@ -74,7 +74,7 @@ func (c *Cluster) BringUp(ctx context.Context, o DemoOptions) ([]Step, error) {
 		if i <= o.Servers {
 			no = NodeOptions{
 				Instances: []config.Instance{{
-					App: DemoApp, Group: DemoGroup, Port: DemoPort, Protocol: "http",
+					App: DemoApp, Group: DemoGroup, Port: DemoPort,
 					Check: config.Check{TCP: fmt.Sprintf("127.0.0.1:%d", DemoPort)},
 				}},
 				BeforeStart: func(n *Node) error { return n.ServeDemo(DemoPort) },

@@ -20,9 +20,17 @@ import (
 // 0.0.0.0:port: an HTTP server answering "demo from <node>". The listener
 // lives in the namespace; the server runs in this process until teardown.
 func (n *Node) ServeDemo(port int) error {
-	l, err := listenIn(n.NS, net.JoinHostPort("0.0.0.0", strconv.Itoa(port)))
+	_, err := n.ServeDemoAt(netip.AddrPortFrom(netip.IPv4Unspecified(), uint16(port)))
+	return err
+}
+
+// ServeDemoAt serves the demo app inside the node's namespace on addr
+// only (its overlay address, say, as an app in nix-infra's layout binds),
+// until stop (the app dying) or teardown.
+func (n *Node) ServeDemoAt(addr netip.AddrPort) (stop func(), err error) {
+	l, err := listenIn(n.NS, addr.String())
 	if err != nil {
-		return fmt.Errorf("demo server on %s: %w", n.Name, err)
+		return nil, fmt.Errorf("demo server on %s: %w", n.Name, err)
 	}
 	srv := &http.Server{
 		Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
@@ -31,8 +39,9 @@ func (n *Node) ServeDemo(port int) error {
 		ReadHeaderTimeout: 5 * time.Second,
 	}
 	go func() { _ = srv.Serve(l) }()
-	n.addCloser(func() { srv.Close() })
-	return nil
+	stop = func() { srv.Close() }
+	n.addCloser(stop)
+	return stop, nil
 }
 
 // DemoBody is what the demo server on node answers.

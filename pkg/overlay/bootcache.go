@@ -1,16 +1,77 @@
 package overlay
 
 import (
+	"bytes"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"io/fs"
 	"os"
 	"path/filepath"
+	"sync"
 
 	"github.com/meshd/meshd/pkg/atomicfile"
 	"github.com/meshd/meshd/pkg/overlay/desired"
 )
+
+// bootCache is the overlay's boot cache: the last applied state on disk,
+// from which Boot brings the overlay up before etcd is reachable. It is
+// rewritten only when the applied state changed, not on every registry
+// revision.
+type bootCache struct {
+	dir, iface string
+
+	mu     sync.Mutex
+	cached []byte // JSON of the state last written (or read)
+	gen    uint64 // target generation the file is known to hold
+	err    error  // last failure to write, nil once it works
+}
+
+// load reads the file (ErrNoCache when there is none).
+func (b *bootCache) load() (cacheFile, error) { return loadCache(b.dir) }
+
+// loaded records that the file holds st, target generation gen.
+func (b *bootCache) loaded(st desired.State, gen uint64) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	b.cached, b.gen = stateJSON(st), gen
+}
+
+// save writes st (target generation gen, registry revision rev) unless
+// the file already holds it. A failure is kept for the status: the
+// overlay is up, only the next boot without etcd suffers.
+func (b *bootCache) save(st desired.State, gen uint64, rev int64) error {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if b.gen == gen {
+		return nil
+	}
+	enc := stateJSON(st)
+	if bytes.Equal(enc, b.cached) {
+		b.gen = gen
+		return nil
+	}
+	if err := saveCache(b.dir, cacheFile{Interface: b.iface, Revision: rev, State: st}); err != nil {
+		b.err = err
+		return err
+	}
+	b.cached, b.gen, b.err = enc, gen, nil
+	return nil
+}
+
+// lastErr is the last write failure (nil once a write worked).
+func (b *bootCache) lastErr() error {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.err
+}
+
+// stateJSON is the applied part of st, encoded, for change detection.
+func stateJSON(st desired.State) []byte {
+	st.Problems = nil
+	b, _ := json.Marshal(st)
+	return b
+}
 
 // CacheFile is the name of the last applied overlay state in the state
 // directory.

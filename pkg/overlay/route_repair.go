@@ -2,6 +2,7 @@ package overlay
 
 import (
 	"context"
+	"log/slog"
 	"time"
 
 	"github.com/vishvananda/netlink"
@@ -21,23 +22,27 @@ const (
 	resubscribeDelay = time.Second
 )
 
-// watch keeps the applied state in place: it subscribes to route,
-// address and link events and, when something meshd owns is deleted
-// (systemd-networkd flushing foreign routes, an operator's `ip route
-// del`, the interface vanishing), re-applies the newest desired state.
-// Routes are back within repairDelay plus one Set. It also re-applies
-// every resyncInterval, and runs the kick loop (kick.go). It runs until
-// ctx ends.
-func (c *Component) watch(ctx context.Context) {
-	defer close(c.done)
-	kicked := make(chan struct{})
-	go func() {
-		defer close(kicked)
-		c.kickLoop(ctx)
-	}()
-	defer func() { <-kicked }()
+// routeRepairer keeps the applied state in place: it subscribes to
+// route, address, link and rule events and, when something meshd owns is
+// deleted (systemd-networkd flushing foreign routes, an operator's `ip
+// route del`, the interface vanishing), asks for the newest desired
+// state to be applied again (repair). Routes are back within repairDelay
+// plus one Set. It also asks every resyncInterval. The decision (does
+// this event concern meshd?) reads only the event and the interface's
+// name and index; the repair itself is the component's, which records
+// its outcome in the status.
+type routeRepairer struct {
+	iface string
+	// linkIndex is the interface's index as the applier last saw it.
+	linkIndex func() int32
+	repair    func(ctx context.Context, why string)
+	log       *slog.Logger
+}
+
+// run watches until ctx ends, subscribing again after a failure.
+func (r *routeRepairer) run(ctx context.Context) {
 	for ctx.Err() == nil {
-		c.watchOnce(ctx)
+		r.watchOnce(ctx)
 		select {
 		case <-ctx.Done():
 		case <-time.After(resubscribeDelay):
@@ -47,7 +52,7 @@ func (c *Component) watch(ctx context.Context) {
 
 // watchOnce runs one set of subscriptions until ctx ends or one of them
 // fails.
-func (c *Component) watchOnce(ctx context.Context) {
+func (r *routeRepairer) watchOnce(ctx context.Context) {
 	done := make(chan struct{})
 	defer close(done)
 	failed := make(chan error, 3)
@@ -61,24 +66,24 @@ func (c *Component) watchOnce(ctx context.Context) {
 	addrs := make(chan netlink.AddrUpdate, 64)
 	links := make(chan netlink.LinkUpdate, 64)
 	if err := netlink.RouteSubscribeWithOptions(routes, done, netlink.RouteSubscribeOptions{ErrorCallback: onErr}); err != nil {
-		c.log.Warn("route subscription failed", "err", err)
+		r.log.Warn("route subscription failed", "err", err)
 		return
 	}
 	if err := netlink.AddrSubscribeWithOptions(addrs, done, netlink.AddrSubscribeOptions{ErrorCallback: onErr}); err != nil {
-		c.log.Warn("address subscription failed", "err", err)
+		r.log.Warn("address subscription failed", "err", err)
 		return
 	}
 	if err := netlink.LinkSubscribeWithOptions(links, done, netlink.LinkSubscribeOptions{ErrorCallback: onErr}); err != nil {
-		c.log.Warn("link subscription failed", "err", err)
+		r.log.Warn("link subscription failed", "err", err)
 		return
 	}
 	rules, err := subscribeRuleDeletions(done, onErr)
 	if err != nil {
-		c.log.Warn("rule subscription failed", "err", err)
+		r.log.Warn("rule subscription failed", "err", err)
 		return
 	}
 	// Something may have changed while we were not subscribed.
-	c.repair(ctx, "resubscribed")
+	r.repair(ctx, "resubscribed")
 
 	timer := time.NewTimer(time.Hour)
 	timer.Stop()
@@ -96,27 +101,27 @@ func (c *Component) watchOnce(ctx context.Context) {
 		case <-ctx.Done():
 			return
 		case err := <-failed:
-			c.log.Warn("netlink subscription failed, resubscribing", "err", err)
+			r.log.Warn("netlink subscription failed, resubscribing", "err", err)
 			return
 		case u, ok := <-routes:
 			if !ok {
 				return
 			}
-			if u.Type == unix.RTM_DELROUTE && c.ownsRoute(u.Route) {
+			if u.Type == unix.RTM_DELROUTE && r.ownsRoute(u.Route) {
 				schedule()
 			}
 		case u, ok := <-addrs:
 			if !ok {
 				return
 			}
-			if !u.NewAddr && c.ownsLinkIndex(u.LinkIndex) {
+			if !u.NewAddr && r.ownsLinkIndex(u.LinkIndex) {
 				schedule()
 			}
 		case u, ok := <-links:
 			if !ok {
 				return
 			}
-			if u.Link != nil && u.Attrs() != nil && u.Attrs().Name == c.opts.Interface &&
+			if u.Link != nil && u.Attrs() != nil && u.Attrs().Name == r.iface &&
 				(u.Header.Type == unix.RTM_DELLINK || u.Attrs().Flags&unix.IFF_UP == 0) {
 				schedule()
 			}
@@ -127,9 +132,9 @@ func (c *Component) watchOnce(ctx context.Context) {
 			schedule()
 		case <-timer.C:
 			pending = false
-			c.repair(ctx, "netlink event")
+			r.repair(ctx, "netlink event")
 		case <-tick.C:
-			c.repair(ctx, "periodic resync")
+			r.repair(ctx, "periodic resync")
 		}
 	}
 }
@@ -169,38 +174,14 @@ func subscribeRuleDeletions(done <-chan struct{}, onErr func(error)) (<-chan str
 	return ch, nil
 }
 
-// ownsRoute reports whether r is (was) one of meshd's routes.
-func (c *Component) ownsRoute(r netlink.Route) bool {
-	if r.Protocol == RouteProtocol {
+// ownsRoute reports whether rt is (was) one of meshd's routes.
+func (r *routeRepairer) ownsRoute(rt netlink.Route) bool {
+	if rt.Protocol == RouteProtocol {
 		return true
 	}
-	return c.ownsLinkIndex(r.LinkIndex)
+	return r.ownsLinkIndex(rt.LinkIndex)
 }
 
-func (c *Component) ownsLinkIndex(idx int) bool {
-	return idx != 0 && int32(idx) == c.applier.linkIndex.Load()
-}
-
-// repair re-applies the newest desired state; a non-empty plan means
-// something had been removed behind meshd's back.
-func (c *Component) repair(ctx context.Context, why string) {
-	c.mu.Lock()
-	t := c.target
-	c.mu.Unlock()
-	if t == nil {
-		return
-	}
-	plan, err := c.applier.set(ctx, *t)
-	c.metrics.observe(plan, err)
-	if err != nil {
-		if ctx.Err() == nil {
-			c.log.Warn("overlay repair failed", "why", why, "err", err)
-		}
-		return
-	}
-	c.noteAdded(plan, len(t.Peers), time.Now())
-	if !plan.Empty() {
-		c.metrics.repairs.Inc()
-		c.log.Info("overlay repaired", "why", why, "plan", plan.String())
-	}
+func (r *routeRepairer) ownsLinkIndex(idx int) bool {
+	return idx != 0 && int32(idx) == r.linkIndex()
 }

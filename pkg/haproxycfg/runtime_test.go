@@ -1,0 +1,26 @@
+package haproxycfg
+
+import (
+	"net/netip"
+	"testing"
+
+	"github.com/google/go-cmp/cmp"
+)
+
+func TestParseServersState(t *testing.T) {
+	out := `1
+# be_id be_name srv_id srv_name srv_addr srv_op_state srv_admin_state srv_uweight srv_iweight srv_time_since_last_change srv_check_status srv_check_result srv_check_health srv_check_state srv_agent_state bk_f_forced_id srv_f_forced_id srv_fqdn srv_port srvrecord srv_use_ssl srv_check_port srv_check_addr srv_agent_addr srv_agent_port
+3 be_x 1 s1 127.0.0.1 0 0 1 1 1 8 2 0 6 0 0 0 - 39101 - 0 0 - - 0
+3 be_x 2 s2 127.0.0.1 2 4 1 1 0 1 0 2 6 0 0 0 - 39102 - 0 0 - - 0
+3 be_x 3 s3 127.0.0.1 0 5 1 1 1 1 0 0 14 0 0 0 - 39103 - 0 0 - - 0
+4 other 1 web1 10.0.0.1 2 0 1 1 1 1 0 2 6 0 0 0 - 80 - 0 0 - - 0
+`
+	live, err := parseServersState(out)
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := Live{"be_x": {ap("127.0.0.1:39101"), ap("127.0.0.1:39102"), {}}}
+	if diff := cmp.Diff(want, live, cmp.Comparer(func(a, b netip.AddrPort) bool { return a == b })); diff != "" {
+		t.Errorf("(-want +got):\n%s", diff)
+	}
+}

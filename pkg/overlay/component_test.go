@@ -1,0 +1,145 @@
+package overlay
+
+import (
+	"context"
+	"encoding/json"
+	"net/netip"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/vishvananda/netlink"
+	"golang.zx2c4.com/wireguard/wgctrl/wgtypes"
+
+	"github.com/meshd/meshd/pkg/config"
+	"github.com/meshd/meshd/pkg/overlay/desired"
+	"github.com/meshd/meshd/pkg/registry"
+)
+
+// fakeComponent is a Component whose applier drives a fakeKernel through
+// nl (which may wrap the fake to inject failures).
+func fakeComponent(t *testing.T, wrap func(netlinkHandle) netlinkHandle) (*Component, *fakeKernel) {
+	t.Helper()
+	a, k := fakeApplier(t)
+	if wrap != nil {
+		a.nl = wrap(a.nl)
+	}
+	opts := Options{Self: "n0", StateDir: t.TempDir(), Interface: a.opts.Interface, Network: netip.MustParsePrefix("10.0.0.0/8")}
+	computer, err := desired.NewComputer(opts.Self, opts.params())
+	if err != nil {
+		t.Fatal(err)
+	}
+	m, err := newMetrics(nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return assemble(opts, a.log, a.opts.PrivateKey, m, computer, a), k
+}
+
+// TestRepairRecordsErrors: a repair that fails shows in the status (not
+// applied, with the error), and the next repair that works clears it.
+func TestRepairRecordsErrors(t *testing.T) {
+	var fr *failingRoutes
+	c, k := fakeComponent(t, func(nl netlinkHandle) netlinkHandle {
+		fr = &failingRoutes{netlinkFake: nl.(netlinkFake)}
+		return fr
+	})
+	ctx := context.Background()
+	ms := []registry.Member{memberOf(0, c.PublicKey()), memberOf(1, newPublicKey(t))}
+	if err := c.Apply(ctx, snapshotOf(ms, 1)); err != nil {
+		t.Fatal(err)
+	}
+	if st := c.StatusNow(time.Now()); !st.Applied || st.LastError != "" {
+		t.Fatalf("after Apply: applied %v, error %q", st.Applied, st.LastError)
+	}
+	// Someone deletes the route, and putting it back fails.
+	n := prefixToIPNet(ms[1].Subnet)
+	if err := k.RouteDel(&netlink.Route{Dst: &n, Table: 51820}); err != nil {
+		t.Fatal(err)
+	}
+	fr.fail = true
+	c.repair(ctx, "test")
+	st := c.StatusNow(time.Now())
+	if st.Applied || !strings.Contains(st.LastError, "add route 10.10.1.0/24") {
+		t.Fatalf("after a failed repair: applied %v, error %q; want not applied and the route's error", st.Applied, st.LastError)
+	}
+	// The same snapshot again is not skipped while the error stands.
+	if err := c.Apply(ctx, snapshotOf(ms, 2)); err == nil {
+		t.Fatal("Apply while routes fail: no error")
+	}
+	fr.fail = false
+	c.repair(ctx, "test")
+	if st := c.StatusNow(time.Now()); !st.Applied || st.LastError != "" {
+		t.Fatalf("after a repair that works: applied %v, error %q", st.Applied, st.LastError)
+	}
+}
+
+// TestRunStopsWithContext: Run owns the long-running parts and returns
+// nil once its context ends.
+func TestRunStopsWithContext(t *testing.T) {
+	c, _ := fakeComponent(t, nil)
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- c.Run(ctx) }()
+	cancel()
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Fatalf("Run: %v", err)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("Run did not return after its context ended")
+	}
+}
+
+func newPublicKey(t *testing.T) string {
+	t.Helper()
+	k, err := wgtypes.GeneratePrivateKey()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return k.PublicKey().String()
+}
+
+func TestNewValidates(t *testing.T) {
+	base := OptionsFromConfig(config.Default())
+	base.Self, base.StateDir = "n0", t.TempDir()
+	for name, mut := range map[string]func(*Options){
+		"bad node name":      func(o *Options) { o.Self = "../x" },
+		"bad interface name": func(o *Options) { o.Interface = "wg 0; rm" },
+		"long interface":     func(o *Options) { o.Interface = "abcdefghijklmnop" },
+		"bad mode":           func(o *Options) { o.Mode = "magic" },
+		"no network":         func(o *Options) { o.Network = netip.Prefix{} },
+		"no state dir":       func(o *Options) { o.StateDir = "" },
+	} {
+		t.Run(name, func(t *testing.T) {
+			o := base
+			mut(&o)
+			c, err := New(o, discard(), nil)
+			if err == nil {
+				c.Close()
+				t.Fatal("New accepted bad options")
+			}
+		})
+	}
+	c, err := New(base, discard(), prometheus.NewRegistry())
+	if err != nil {
+		t.Fatalf("New with defaults: %v", err)
+	}
+	defer c.Close()
+	if c.Name() != "overlay" || len(c.PublicKey()) != 44 {
+		t.Errorf("Name %q, PublicKey %q", c.Name(), c.PublicKey())
+	}
+	st := c.Status().(Status)
+	if st.PublicKey != c.PublicKey() || st.Mode != "" || st.Applied {
+		t.Errorf("status before any apply: %+v", st)
+	}
+	b, err := json.Marshal(c.Status())
+	if err != nil {
+		t.Fatalf("status does not encode: %v", err)
+	}
+	if strings.Contains(string(b), c.key.String()) {
+		t.Error("status contains the private key")
+	}
+}

@@ -13,7 +13,7 @@ import (
 // 1.5 s; with every retry towards etcd capped at 250 ms the nodes that do
 // not reload HAProxy measure 0.2-0.35 s, but a consumer that must reload
 // HAProxy for the new app needs about 1 s more under this load, and one
-// node sometimes registers about 1 s after the others: 1.0-2.0 s
+// node sometimes registers about 1 s after the others: 1.0-2.4 s
 // measured on a two-core machine shared with other test runs. The bound
 // keeps a margin over that until those tails are gone.
 const reconvergeBound = 3 * time.Second

@@ -7,14 +7,21 @@ import (
 	"maps"
 	"time"
 
+	"github.com/meshd/meshd/pkg/backoff"
 	"github.com/meshd/meshd/pkg/registry"
 )
 
 // compState is the loop's memory of one component.
 type compState struct {
-	failures int
-	next     time.Time // no retry before this
-	lastErr  error
+	retry   backoff.Backoff // the failures in a row and the delay after each
+	next    time.Time       // no retry before this
+	lastErr error
+}
+
+// applyBackoff is how long the loop waits before it applies a component
+// again after failures in a row.
+func applyBackoff() backoff.Backoff {
+	return backoff.Backoff{Base: 100 * time.Millisecond, Max: 30 * time.Second}
 }
 
 // readyGrace is how long the agent waits for a first reconcile before it
@@ -37,6 +44,9 @@ const statusRefresh = 30 * time.Second
 // per event, and an isolated change costs no wait at all.
 func (a *Agent) loop(ctx context.Context) {
 	states := make([]compState, len(a.o.Components))
+	for i := range states {
+		states[i].retry = applyBackoff()
+	}
 	var (
 		applied      int64
 		lastApplied  *registry.Snapshot
@@ -146,20 +156,20 @@ func (a *Agent) loop(ctx context.Context) {
 				if ctx.Err() != nil {
 					return
 				}
-				st.failures++
 				st.lastErr = err
-				st.next = time.Now().Add(min(30*time.Second, 100*time.Millisecond<<min(st.failures-1, 9)))
+				st.next = time.Now().Add(st.retry.Fail())
 				nextRetry = earliest(nextRetry, st.next)
 				allOK = false
 				a.metrics.reconciles.WithLabelValues(c.Name(), "error").Inc()
-				a.metrics.failures.WithLabelValues(c.Name()).Set(float64(st.failures))
-				a.log.Warn("apply failed, will retry", "part", c.Name(), "rev", snap.Revision, "attempt", st.failures, "err", err)
+				a.metrics.failures.WithLabelValues(c.Name()).Set(float64(st.retry.Failures()))
+				a.log.Warn("apply failed, will retry", "part", c.Name(), "rev", snap.Revision, "attempt", st.retry.Failures(), "err", err)
 				continue
 			}
-			if st.failures > 0 {
+			if st.retry.Failures() > 0 {
 				a.log.Info("apply recovered", "part", c.Name(), "rev", snap.Revision)
 			}
-			st.failures, st.lastErr, st.next = 0, nil, time.Time{}
+			st.retry.Reset()
+			st.lastErr, st.next = nil, time.Time{}
 			a.metrics.reconciles.WithLabelValues(c.Name(), "ok").Inc()
 			a.metrics.failures.WithLabelValues(c.Name()).Set(0)
 			a.metrics.lastSuccess.WithLabelValues(c.Name()).Set(float64(time.Now().UnixMilli()) / 1e3)

@@ -16,7 +16,6 @@ import (
 
 	"github.com/google/go-cmp/cmp"
 
-	"github.com/meshd/meshd/pkg/config"
 	"github.com/meshd/meshd/pkg/etcdtest"
 	"github.com/meshd/meshd/pkg/registry"
 )
@@ -70,7 +69,7 @@ func TestDeliveryWithEtcdAndSystemdCreds(t *testing.T) {
 	srv := etcdtest.New(t)
 	cli := etcdtest.NewClient(t, srv)
 
-	units := map[string]config.SecretUse{
+	units := map[string]SecretUse{
 		"db-password": {Units: []string{"app.service", "worker.service"}},
 		"api-token":   {Units: []string{"proxy.service"}, Action: "reload"},
 	}
@@ -278,7 +277,7 @@ func TestSystemdCredsFailureKeepsPreviousCredential(t *testing.T) {
 	ctx := context.Background()
 	srv := etcdtest.New(t)
 	cli := etcdtest.NewClient(t, srv)
-	n := newTestNode(t, "node-a", map[string]config.SecretUse{"tls-key": {Units: []string{"app.service"}}})
+	n := newTestNode(t, "node-a", map[string]SecretUse{"tls-key": {Units: []string{"app.service"}}})
 	addMember(t, cli, "node-a", 1, n.comp.Recipient())
 	v1, v2 := secretValue("v1"), secretValue("v2")
 	if _, err := PutSecret(ctx, cli, "tls-key", v1, Targets{All: true}); err != nil {
@@ -346,7 +345,7 @@ func TestUnitFailureIsRetried(t *testing.T) {
 	ctx := context.Background()
 	srv := etcdtest.New(t)
 	cli := etcdtest.NewClient(t, srv)
-	n := newTestNode(t, "node-a", map[string]config.SecretUse{"s": {Units: []string{"a.service", "b.service"}}})
+	n := newTestNode(t, "node-a", map[string]SecretUse{"s": {Units: []string{"a.service", "b.service"}}})
 	addMember(t, cli, "node-a", 1, n.comp.Recipient())
 	if _, err := PutSecret(ctx, cli, "s", secretValue("s"), Targets{Nodes: []string{"node-a"}}); err != nil {
 		t.Fatal(err)
@@ -472,7 +471,7 @@ func TestSlowUnitJobIsNotRepeated(t *testing.T) {
 	ctx := context.Background()
 	srv := etcdtest.New(t)
 	cli := etcdtest.NewClient(t, srv)
-	n := newTestNode(t, "node-a", map[string]config.SecretUse{"s": {Units: []string{"slow.service"}}})
+	n := newTestNode(t, "node-a", map[string]SecretUse{"s": {Units: []string{"slow.service"}}})
 	addMember(t, cli, "node-a", 1, n.comp.Recipient())
 	if _, err := PutSecret(ctx, cli, "s", secretValue("s"), Targets{Nodes: []string{"node-a"}}); err != nil {
 		t.Fatal(err)

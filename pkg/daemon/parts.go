@@ -47,10 +47,7 @@ func buildParts(ctx context.Context, cfg config.Config, log *slog.Logger, reg pr
 		recipient string
 	)
 	if cfg.Secrets.Enable {
-		secrets, err = creds.New(creds.Options{
-			Self: cfg.NodeName, StateDir: cfg.StateDir, CredstoreDir: cfg.Secrets.CredstoreDir,
-			WithKey: cfg.Secrets.WithKey, Units: cfg.Secrets.Units,
-		}, log, reg)
+		secrets, err = creds.New(cfg.SecretsOptions(), log, reg)
 		if err != nil {
 			return nil, fmt.Errorf("secrets: %w", err)
 		}
@@ -77,13 +74,8 @@ func buildParts(ctx context.Context, cfg config.Config, log *slog.Logger, reg pr
 		p.flannel = &agent.FlannelLeaseOptions{Port: flannelPort(cfg)}
 		p.overlay = ov
 	}
-	if h := cfg.HAProxy; h.Enable {
-		c, err := haproxycfg.New(haproxycfg.Options{
-			Self: cfg.NodeName, Consume: cfg.Consume, ConfigPath: h.ConfigPath, MasterSocket: h.MasterSocket,
-			StatsSocket: h.StatsSocket, Binary: h.Binary, Supervise: h.Supervise,
-			ReservedPorts: h.ReservedPorts, ServerSlots: h.ServerSlots,
-			HardStopAfter: h.HardStopAfter.D(), MaxReloads: h.MaxReloads,
-		}, log, reg)
+	if cfg.HAProxy.Enable {
+		c, err := haproxycfg.New(cfg.HAProxyOptions(), log, reg)
 		if err != nil {
 			return nil, fmt.Errorf("haproxy: %w", err)
 		}

@@ -191,4 +191,3 @@ func TestCrossChecksStopHijacks(t *testing.T) {
 		t.Errorf("problems = %v, want 3", snap.Problems)
 	}
 }
-

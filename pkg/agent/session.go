@@ -45,7 +45,7 @@ func (a *Agent) session(ctx context.Context) error {
 		a.mu.Lock()
 		a.registeredAt = time.Now()
 		a.mu.Unlock()
-		a.kick() // the loop may be holding instance removals until now
+		a.kick() // the loop may be keeping removed instances (removal grace) until now
 		a.hold(ctx, lease)
 		if ctx.Err() != nil {
 			return nil // Run revokes the lease on the way out

@@ -120,13 +120,25 @@ func NewStore() *Store {
 	return s
 }
 
-// Listed reports whether prefix has been listed at least once. A snapshot
-// taken before that lacks the prefix's keys and must not be applied: an
-// empty view would tear down a working node.
+// Listed reports whether prefix has been listed and is not being
+// re-listed. A snapshot taken before the first list lacks the prefix's
+// keys and must not be applied: an empty view would tear down a working
+// node. One taken while the prefix is re-listed after a compaction lacks
+// the changes the compaction hid, while another prefix's newer list has
+// already moved the store's revision past them: applying it would publish
+// that revision as applied without them.
 func (s *Store) Listed(prefix string) bool {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	return s.listed[prefix]
+}
+
+// Relisting marks prefix as being re-listed: Listed reports false for it
+// until the next Replace of that prefix.
+func (s *Store) Relisting(prefix string) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.listed[prefix] = false
 }
 
 // KV is a key-value pair as read from etcd.

@@ -73,6 +73,7 @@ func (w *Watcher) Run(ctx context.Context) error {
 		case ctx.Err() != nil:
 		case errors.Is(err, rpctypes.ErrCompacted):
 			log.Warn("watch revision compacted, re-listing", "prefix", w.Prefix, "rev", rev+1)
+			w.Store.Relisting(w.Prefix)
 			listed = false
 		case err != nil:
 			log.Warn("watch interrupted, resuming", "prefix", w.Prefix, "rev", rev+1, "err", err)

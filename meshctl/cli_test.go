@@ -72,7 +72,7 @@ func TestUnknownCommandOrFlagIsUsageErrorWithHint(t *testing.T) {
 		{[]string{"status", "--bogus"}, []string{"unknown flag: --bogus", "See 'meshctl status --help'"}},
 		{[]string{"node", "remove", "-x", "w1"}, []string{"unknown shorthand flag: 'x'", "See 'meshctl node remove --help'"}},
 		{[]string{"status", "-o", "xml"}, []string{`--output "xml": want table, wide, json or yaml`, "See 'meshctl status --help'"}},
-		{[]string{"node"}, []string{"missing command: want list, remove"}},
+		{[]string{"node"}, []string{"missing command: want groups, list, remove"}},
 		{nil, []string{"missing command"}},
 	} {
 		code, out, errs := ctlRun(t, "http://127.0.0.1:1", tc.args...)

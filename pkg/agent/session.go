@@ -16,6 +16,7 @@ import (
 
 	"github.com/meshd/meshd/pkg/atomicfile"
 	"github.com/meshd/meshd/pkg/backoff"
+	"github.com/meshd/meshd/pkg/etcdclient"
 	"github.com/meshd/meshd/pkg/registry"
 )
 
@@ -25,7 +26,7 @@ import (
 // keeps the advertised instances and the status on that lease, and starts
 // over when the lease is lost.
 func (a *Agent) session(ctx context.Context) error {
-	retry := backoff.Backoff{Base: 200 * time.Millisecond, Max: time.Second, Jitter: true}
+	retry := backoff.Backoff{Base: 100 * time.Millisecond, Max: etcdclient.RetryMax, Jitter: true}
 	for ctx.Err() == nil {
 		lease, err := a.establish(ctx)
 		if errors.Is(err, ErrNodeOwned) {
@@ -244,7 +245,7 @@ func (a *Agent) publishLoop(ctx context.Context, put func(ctx context.Context, v
 	defer retry.Stop()
 	publish := func(force bool) {
 		if !a.publishStatus(ctx, put, force) {
-			retry.Reset(500 * time.Millisecond)
+			retry.Reset(etcdclient.RetryMax)
 		}
 	}
 	publish(true)

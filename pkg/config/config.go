@@ -171,6 +171,15 @@ type HAProxy struct {
 	// ReservedPorts are loopback ports this node's own services use; an app
 	// publishing one of them is reported and skipped.
 	ReservedPorts []int `json:"reservedPorts,omitempty"`
+	// AllowLowPorts are ports below 1024 apps may publish on this node
+	// (80 and 443 on an ingress node); any other port below 1024 is
+	// refused. meshd's own metrics port is always reserved.
+	AllowLowPorts []int `json:"allowLowPorts,omitempty"`
+	// User and Group are what HAProxy's worker runs as (rendered as its
+	// user/group directives; it drops root after binding). The NixOS
+	// module sets them to its meshd-haproxy user.
+	User  string `json:"user,omitempty"`
+	Group string `json:"group,omitempty"`
 	// ServerSlots is how many server slots each backend pre-allocates so
 	// that instance changes need no reload.
 	ServerSlots int `json:"serverSlots"`
@@ -426,8 +435,8 @@ func (c *Config) HAProxyOptions() haproxycfg.Options {
 	return haproxycfg.Options{
 		Self: c.NodeName, Consume: c.Consume, ConfigPath: h.ConfigPath, MasterSocket: h.MasterSocket,
 		StatsSocket: h.StatsSocket, Binary: h.Binary, Supervise: h.Supervise,
-		ReservedPorts: h.ReservedPorts, ServerSlots: h.ServerSlots,
-		HardStopAfter: h.HardStopAfter.D(), MaxReloads: h.MaxReloads,
+		ReservedPorts: h.ReservedPorts, AllowLowPorts: h.AllowLowPorts, ServerSlots: h.ServerSlots,
+		HardStopAfter: h.HardStopAfter.D(), MaxReloads: h.MaxReloads, User: h.User, Group: h.Group,
 	}
 }
 

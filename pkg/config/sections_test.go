@@ -40,6 +40,13 @@ func TestSectionsAgreeWithComponents(t *testing.T) {
 	for p, valid := range map[int]bool{0: false, 1: true, 65535: true, 65536: false} {
 		haproxy("reservedPorts "+strconv.Itoa(p), valid, func(h *HAProxy) { h.ReservedPorts = []int{p} })
 	}
+	for p, valid := range map[int]bool{0: false, 1: true, 1023: true, 1024: false} {
+		haproxy("allowLowPorts "+strconv.Itoa(p), valid, func(h *HAProxy) { h.AllowLowPorts = []int{p} })
+	}
+	for u, valid := range map[string]bool{"meshd-haproxy": true, "bad user": false, "-x": false} {
+		haproxy("user "+u, valid, func(h *HAProxy) { h.User = u })
+		haproxy("group "+u, valid, func(h *HAProxy) { h.Group = u })
+	}
 	for p, valid := range map[string]bool{"/etc/haproxy.cfg": false, "run/haproxy.cfg": false, "": false} {
 		haproxy("configPath "+p, valid, func(h *HAProxy) { h.ConfigPath = p })
 	}

@@ -4,7 +4,10 @@ import (
 	"context"
 	"fmt"
 	"log/slog"
+	"net"
 	"net/netip"
+	"slices"
+	"strconv"
 
 	"github.com/prometheus/client_golang/prometheus"
 
@@ -74,8 +77,8 @@ func buildParts(ctx context.Context, cfg config.Config, log *slog.Logger, reg pr
 		p.flannel = &agent.FlannelLeaseOptions{Port: flannelPort(cfg)}
 		p.overlay = ov
 	}
-	if cfg.HAProxy.Enable {
-		c, err := haproxycfg.New(cfg.HAProxyOptions(), log, reg)
+	if h := cfg.HAProxy; h.Enable {
+		c, err := haproxycfg.New(haproxyOptions(cfg), log, reg)
 		if err != nil {
 			return nil, fmt.Errorf("haproxy: %w", err)
 		}
@@ -107,4 +110,18 @@ func overlayEndpoint(cfg config.Config) string {
 		return netip.AddrPortFrom(netip.MustParseAddr(cfg.PublicIPv4), uint16(cfg.Overlay.ListenPort)).String()
 	}
 	return ""
+}
+
+// haproxyOptions maps the config onto the HAProxy component. meshd's own
+// metrics port is reserved: an app publishing it would fail the reload.
+func haproxyOptions(cfg config.Config) haproxycfg.Options {
+	o := cfg.HAProxyOptions()
+	reserved := slices.Clone(o.ReservedPorts)
+	if _, port, err := net.SplitHostPort(cfg.MetricsAddr); err == nil {
+		if p, err := strconv.Atoi(port); err == nil && p > 0 && !slices.Contains(reserved, p) {
+			reserved = append(reserved, p)
+		}
+	}
+	o.ReservedPorts = reserved
+	return o
 }

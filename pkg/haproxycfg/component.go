@@ -38,6 +38,14 @@ type Options struct {
 	Supervise bool
 	// ReservedPorts are loopback ports no app may publish.
 	ReservedPorts []int
+	// AllowLowPorts are ports below 1024 apps may publish.
+	AllowLowPorts []int
+	// User and Group are rendered as HAProxy's user/group: the worker
+	// drops root after binding (empty: as started).
+	User, Group string
+	// Probe checks that a port not yet held by HAProxy can be bound
+	// (default ProbeLoopback).
+	Probe PortProbe
 	// ServerSlots is the per-backend slot granularity (default 8).
 	ServerSlots int
 	// PidFile is the supervised master's pid file (default: ConfigPath
@@ -132,6 +140,16 @@ func (o Options) Validate() error {
 			bad("reservedPorts: %d out of range", p)
 		}
 	}
+	for _, p := range o.AllowLowPorts {
+		if p < 1 || p > 1023 {
+			bad("allowLowPorts: %d: want 1-1023", p)
+		}
+	}
+	for _, u := range []struct{ name, value string }{{"user", o.User}, {"group", o.Group}} {
+		if u.value != "" && !ValidUnixName(u.value) {
+			bad("%s %s: want a user or group name", u.name, registry.Quoted([]byte(u.value)))
+		}
+	}
 	for _, l := range o.GlobalExtra {
 		if !safeLine(l) {
 			bad("globalExtra %q: want one line of printable ASCII", l)
@@ -161,6 +179,9 @@ func New(opts Options, log *slog.Logger, reg prometheus.Registerer) (*Component,
 	if opts.PidFile == "" {
 		opts.PidFile = strings.TrimSuffix(opts.ConfigPath, ".cfg") + ".pid"
 	}
+	if opts.Probe == nil {
+		opts.Probe = ProbeLoopback
+	}
 	if opts.SuperviseEvery <= 0 {
 		opts.SuperviseEvery = time.Second
 	}
@@ -175,9 +196,10 @@ func New(opts Options, log *slog.Logger, reg prometheus.Registerer) (*Component,
 		opts: opts,
 		log:  log,
 		params: Params{
-			Self: opts.Self, Consume: opts.Consume, ReservedPorts: opts.ReservedPorts,
+			Self: opts.Self, Consume: opts.Consume, ReservedPorts: opts.ReservedPorts, AllowLowPorts: opts.AllowLowPorts,
 			ServerSlots: opts.ServerSlots, StatsSocket: opts.StatsSocket, MasterSocket: opts.MasterSocket,
 			HardStopAfter: opts.HardStopAfter, MaxReloads: opts.MaxReloads, GlobalExtra: opts.GlobalExtra,
+			User: opts.User, Group: opts.Group,
 		},
 	}
 	c.applier = &Applier{
@@ -211,10 +233,13 @@ func (c *Component) Name() string { return "haproxy" }
 // that meshctl can render what this node would run.
 func (c *Component) Params() Params { return c.params }
 
-// Apply computes the desired configuration from snap and applies it.
+// Apply computes the desired configuration from snap and applies it. A
+// listener whose port something else on the node holds is left out and
+// reported, so one busy port cannot stop every other change.
 func (c *Component) Apply(ctx context.Context, snap *registry.Snapshot) error {
-	d := Compute(snap, c.params)
+	d := LeaveOutBusy(Compute(snap, c.params), c.applier.HeldPorts(), c.opts.Probe)
 	c.mu.Lock()
+	d = Hysteresis(d, c.last, c.params.withDefaults().ServerSlots)
 	c.last = d
 	c.mu.Unlock()
 	if err := c.applier.Set(ctx, d); err != nil {

@@ -2,7 +2,6 @@ package registry
 
 import (
 	"cmp"
-	"fmt"
 	"net/netip"
 	"slices"
 )
@@ -53,10 +52,13 @@ const (
 	ReasonSubnetConflict = "subnet_conflict"
 	// ReasonForeignAddress: an instance points away from its node's overlay address.
 	ReasonForeignAddress = "foreign_address"
+	// ReasonKeyClash: a member record holds another member's WireGuard key
+	// and its subnet claim is not the older one.
+	ReasonKeyClash = "key_clash"
 )
 
 // ProblemReasons lists every Problem.Reason, in a fixed order.
-var ProblemReasons = []string{ReasonBadKey, ReasonBadValue, ReasonSubnetConflict, ReasonForeignAddress}
+var ProblemReasons = []string{ReasonBadKey, ReasonBadValue, ReasonSubnetConflict, ReasonForeignAddress, ReasonKeyClash}
 
 // Snapshot is the cluster as one node sees it at one etcd revision. It is
 // a value: components compute their desired state from it without I/O.
@@ -124,41 +126,4 @@ func SnapshotOf(kvs []KV, rev int64) *Snapshot {
 	s := NewStore()
 	s.Replace("", kvs, rev)
 	return s.Snapshot()
-}
-
-// checkMembers drops member records that contradict the subnet claims, so
-// that one node's keys cannot hijack another's traffic: a member record
-// must hold the subnet claimed for it (a node copying another node's
-// subnet or key into its own record is skipped, not the victim).
-func checkMembers(snap *Snapshot) []Problem {
-	var probs []Problem
-	for name, m := range snap.Members {
-		if owner := snap.Subnets[m.Subnet]; owner != name {
-			delete(snap.Members, name)
-			probs = append(probs, Problem{Key: MemberKey(name),
-				Err:    fmt.Sprintf("subnet %v is claimed by %q, not by this node", m.Subnet, owner),
-				Reason: ReasonSubnetConflict})
-		}
-	}
-	return probs
-}
-
-// checkInstances drops instances of a node that has a member record but
-// that do not point at that node's overlay address: a node cannot send
-// consumers of an app to an address of its choosing.
-func checkInstances(snap *Snapshot) []Problem {
-	var probs []Problem
-	for id, app := range snap.Apps {
-		for node, in := range app.Instances {
-			m, ok := snap.Members[node]
-			if !ok || in.Addr().Addr() == m.OverlayIP {
-				continue
-			}
-			delete(app.Instances, node)
-			probs = append(probs, Problem{Key: InstanceKey(id.Group, id.Name, node),
-				Err:    fmt.Sprintf("ipv4 %s is not node %s's overlay address %v", in.IPv4, node, m.OverlayIP),
-				Reason: ReasonForeignAddress})
-		}
-	}
-	return probs
 }

@@ -11,9 +11,10 @@ import (
 
 // entry is one decoded key: exactly one of the value fields is set, or err.
 type entry struct {
-	pk  ParsedKey
-	val any // Node, Member, SubnetClaim, AppMeta, Instance, Status, SealedSecret, FlannelLease, FlannelConfig
-	err error
+	pk      ParsedKey
+	val     any // Node, Member, SubnetClaim, AppMeta, Instance, Status, SealedSecret, FlannelLease, FlannelConfig
+	err     error
+	created int64
 }
 
 // decodeEntry parses and decodes one key/value. ok is false for keys meshd
@@ -108,6 +109,7 @@ type Store struct {
 	last     *Snapshot
 	revision int64
 	listed   map[string]bool
+	pool     Pool
 }
 
 // NewStore returns an empty store.
@@ -117,6 +119,16 @@ func NewStore() *Store {
 		s.entries[i] = map[string]entry{}
 		s.dirty[i] = true
 	}
+	return s
+}
+
+// NewOverlayStore returns an empty store for a node whose overlay
+// carves subnets from pool: an instance of a node without a member record
+// must then point into the pool, outside every subnet claimed by another
+// node (see checkInstances).
+func NewOverlayStore(pool Pool) *Store {
+	s := NewStore()
+	s.pool = pool
 	return s
 }
 
@@ -146,6 +158,9 @@ type KV struct {
 	Key   string
 	Value []byte
 	Lease int64
+	// Created is the key's create revision (0: unknown). For subnet
+	// claims it says which of two clashing members came first.
+	Created int64
 }
 
 // Put records one key's new value.
@@ -159,6 +174,7 @@ func (s *Store) Put(kv KV, rev int64) {
 func (s *Store) putLocked(kv KV) {
 	p := partOfKey(kv.Key)
 	e, ok := decodeEntry(kv.Key, kv.Value, kv.Lease)
+	e.created = kv.Created
 	if !ok {
 		if _, had := s.entries[p][kv.Key]; had {
 			delete(s.entries[p], kv.Key)
@@ -257,7 +273,7 @@ func (s *Store) Snapshot() *Snapshot {
 // not decode is a problem, and the part's cross-check with the parts
 // before it runs last.
 func (s *Store) rebuildLocked(p part, snap *Snapshot) {
-	add, check := snap.resetPart(p)
+	add, check := snap.resetPart(p, s.pool)
 	var probs []Problem
 	for k, e := range s.entries[p] {
 		if e.err != nil {
@@ -275,8 +291,8 @@ func (s *Store) rebuildLocked(p part, snap *Snapshot) {
 // resetPart gives snap fresh, empty maps for part p (the previous ones
 // stay untouched: older snapshots share them) and returns how one of the
 // part's decoded entries goes into them and the part's cross-check, if it
-// has one.
-func (snap *Snapshot) resetPart(p part) (add func(entry), check func() []Problem) {
+// has one (pool: see NewOverlayStore).
+func (snap *Snapshot) resetPart(p part, pool Pool) (add func(entry), check func() []Problem) {
 	switch p {
 	case partNodes:
 		snap.Nodes = map[string]Node{}
@@ -287,14 +303,18 @@ func (snap *Snapshot) resetPart(p part) (add func(entry), check func() []Problem
 		}, nil
 	case partMembers:
 		snap.Members, snap.Subnets = map[string]Member{}, map[netip.Prefix]string{}
+		claimed := map[netip.Prefix]int64{} // each claim's create revision
 		return func(e entry) {
-			switch v := e.val.(type) {
-			case Member:
-				snap.Members[e.pk.Node] = v
-			case SubnetClaim:
-				snap.Subnets[e.pk.Subnet] = v.Node
+				switch v := e.val.(type) {
+				case Member:
+					snap.Members[e.pk.Node] = v
+				case SubnetClaim:
+					snap.Subnets[e.pk.Subnet] = v.Node
+					claimed[e.pk.Subnet] = e.created
+				}
+			}, func() []Problem {
+				return append(checkMembers(snap), checkKeyClash(snap, claimed)...)
 			}
-		}, func() []Problem { return checkMembers(snap) }
 	case partApps:
 		snap.Apps = map[AppID]*App{}
 		app := func(id AppID) *App {
@@ -312,7 +332,7 @@ func (snap *Snapshot) resetPart(p part) (add func(entry), check func() []Problem
 			case Instance:
 				app(AppID{e.pk.Group, e.pk.App}).Instances[e.pk.Node] = v
 			}
-		}, func() []Problem { return checkInstances(snap) }
+		}, func() []Problem { return checkInstances(snap, pool) }
 	case partStatus:
 		snap.Statuses = map[string]Status{}
 		return func(e entry) {

@@ -17,11 +17,12 @@ func TestDelay(t *testing.T) {
 		// The agent's reconcile loop: per component, 100ms doubling to 30s.
 		{"reconcile", Backoff{Base: 100 * ms, Max: 30 * time.Second},
 			[]time.Duration{100 * ms, 200 * ms, 400 * ms, 800 * ms, 1600 * ms, 3200 * ms, 6400 * ms, 12800 * ms, 25600 * ms, 30 * time.Second, 30 * time.Second}},
-		// Registration: 200ms doubling to 1s.
-		{"registration", Backoff{Base: 200 * ms, Max: time.Second},
-			[]time.Duration{200 * ms, 400 * ms, 800 * ms, time.Second, time.Second}},
-		// The registry watcher's default: 100ms doubling to 1s.
-		{"watch", Backoff{Base: 100 * ms, Max: time.Second},
+		// Registration and the registry watcher's default: 100ms doubling
+		// to 250ms (etcdclient.RetryMax).
+		{"registration", Backoff{Base: 100 * ms, Max: 250 * ms},
+			[]time.Duration{100 * ms, 200 * ms, 250 * ms, 250 * ms}},
+		// A longer cap.
+		{"one second cap", Backoff{Base: 100 * ms, Max: time.Second},
 			[]time.Duration{100 * ms, 200 * ms, 400 * ms, 800 * ms, time.Second}},
 		{"max below base", Backoff{Base: 100 * ms, Max: 10 * ms},
 			[]time.Duration{10 * ms, 10 * ms}},

@@ -1,9 +1,11 @@
 package main
 
 import (
+	"debug/elf"
 	"encoding/json"
 	"net"
 	"os/exec"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -242,5 +244,36 @@ func TestMeshctlDoesNotLinkTesting(t *testing.T) {
 	}
 	if pkgs < 50 {
 		t.Fatalf("go list found only %d packages:\n%s", pkgs, out)
+	}
+
+	// hcloud-go ships hcloud/testing.go, an ordinary file of package
+	// hcloud that imports testing for a test helper meshctl never calls.
+	// The linker drops what nothing reaches: the binary must hold no
+	// function of package testing but its initializer.
+	bin := filepath.Join(t.TempDir(), "meshctl")
+	if out, err := exec.Command(gobin, "build", "-o", bin, ".").CombinedOutput(); err != nil {
+		t.Fatalf("go build: %v\n%s", err, out)
+	}
+	f, err := elf.Open(bin)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	syms, err := f.Symbols()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var funcs int
+	for _, s := range syms {
+		if elf.ST_TYPE(s.Info) != elf.STT_FUNC {
+			continue
+		}
+		funcs++
+		if strings.HasPrefix(s.Name, "testing.") && s.Name != "testing.init" {
+			t.Errorf("meshctl's binary holds %s", s.Name)
+		}
+	}
+	if funcs < 1000 {
+		t.Fatalf("only %d function symbols in %s: is the symbol table stripped?", funcs, bin)
 	}
 }

@@ -11,13 +11,13 @@ import (
 	"fmt"
 	"net/netip"
 	"os"
-	"path/filepath"
 	"reflect"
 	"strings"
 	"time"
 
 	"github.com/meshd/meshd/pkg/creds"
 	"github.com/meshd/meshd/pkg/haproxycfg"
+	"github.com/meshd/meshd/pkg/overlay"
 	"github.com/meshd/meshd/pkg/registry"
 )
 
@@ -348,42 +348,18 @@ func (c *Config) Validate() error {
 		bad("instances: without overlay.enable they are advertised with publicIPv4, which is not set")
 	}
 	if o := c.Overlay; o.Enable {
-		if !o.Network.IsValid() || !o.Network.Addr().Is4() {
-			bad("overlay.network: want an IPv4 prefix")
-		}
 		if o.SubnetLen < o.Network.Bits() || o.SubnetLen > 30 {
 			bad("overlay.subnetLen %d: want between the network's %d bits and 30", o.SubnetLen, o.Network.Bits())
 		}
 		if !o.Network.Contains(o.SubnetMin) || !o.Network.Contains(o.SubnetMax) || o.SubnetMax.Less(o.SubnetMin) {
 			bad("overlay.subnetMin/subnetMax: want an ordered range inside %v", o.Network)
 		}
-		if o.ImportKeyFile != "" && (!filepath.IsAbs(o.ImportKeyFile) || strings.ContainsAny(o.ImportKeyFile, "\n\x00")) {
-			bad("overlay.importKeyFile %q: want an absolute path", o.ImportKeyFile)
-		}
-		if len(o.Interface) == 0 || len(o.Interface) > 15 {
-			bad("overlay.interface %q: want 1 to 15 characters", o.Interface)
-		} else if err := registry.ValidName(o.Interface); err != nil {
-			bad("overlay.interface: %w", err)
-		}
-		if o.ListenPort < 1 || o.ListenPort > 65535 {
-			bad("overlay.listenPort %d: out of range", o.ListenPort)
-		}
 		if o.Endpoint != "" {
 			if _, err := netip.ParseAddrPort(o.Endpoint); err != nil {
 				bad("overlay.endpoint: %w", err)
 			}
 		}
-		if o.MTU != 0 && (o.MTU < 1280 || o.MTU > 9000) {
-			bad("overlay.mtu %d: want 0 (auto) or 1280-9000", o.MTU)
-		}
-		switch o.Mode {
-		case "auto", "kernel", "userspace":
-		default:
-			bad("overlay.mode %q: want auto, kernel or userspace", o.Mode)
-		}
-		if o.RouteTable < 1 || o.RouteTable > 1<<31-1 || o.RouteTable == 253 || o.RouteTable == 254 || o.RouteTable == 255 {
-			bad("overlay.routeTable %d: want a table id other than default/main/local", o.RouteTable)
-		}
+		section(&errs, "overlay", c.OverlayOptions().Validate())
 	}
 	if c.HAProxy.Enable {
 		o := c.HAProxyOptions()
@@ -426,6 +402,29 @@ func (c *Config) validNodeName() string {
 		return "node"
 	}
 	return c.NodeName
+}
+
+// OverlayOptions maps the overlay section onto the overlay component's
+// options. It asks for detached userspace devices, which needs
+// overlay.MaybeRunDevice(os.Args[1:]) at the top of main.
+func (c *Config) OverlayOptions() overlay.Options {
+	o := c.Overlay
+	return overlay.Options{
+		Self:          c.NodeName,
+		StateDir:      c.StateDir,
+		Interface:     o.Interface,
+		ListenPort:    o.ListenPort,
+		MTU:           o.MTU,
+		Keepalive:     o.Keepalive.D(),
+		Mode:          o.Mode,
+		RouteTable:    o.RouteTable,
+		RouteNetwork:  o.RouteNetwork,
+		Network:       o.Network,
+		Pool:          registry.Pool{Min: o.SubnetMin, Max: o.SubnetMax, Bits: o.SubnetLen},
+		ImportKeyFile: o.ImportKeyFile,
+
+		DetachUserspace: true,
+	}
 }
 
 // HAProxyOptions maps the "haproxy" section (and the node's name and

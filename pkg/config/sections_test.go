@@ -1,6 +1,7 @@
 package config
 
 import (
+	"log/slog"
 	"path/filepath"
 	"strconv"
 	"strings"
@@ -9,10 +10,11 @@ import (
 
 	"github.com/meshd/meshd/pkg/creds"
 	"github.com/meshd/meshd/pkg/haproxycfg"
+	"github.com/meshd/meshd/pkg/overlay"
 )
 
-// TestSectionsAgreeWithComponents sets one field of the haproxy and
-// secrets sections at and just past each limit: the config check accepts
+// TestSectionsAgreeWithComponents sets one field of the overlay, haproxy
+// and secrets sections at and just past each limit: the config check accepts
 // exactly what the component's New accepts, and names the field.
 func TestSectionsAgreeWithComponents(t *testing.T) {
 	type tc struct {
@@ -24,6 +26,9 @@ func TestSectionsAgreeWithComponents(t *testing.T) {
 	var cases []tc
 	haproxy := func(name string, valid bool, set func(h *HAProxy)) {
 		cases = append(cases, tc{"haproxy " + name, func(c *Config) { set(&c.HAProxy) }, valid, "haproxy." + strings.Fields(name)[0]})
+	}
+	overlayCase := func(name string, valid bool, set func(o *Overlay)) {
+		cases = append(cases, tc{"overlay " + name, func(c *Config) { set(&c.Overlay) }, valid, "overlay." + strings.Fields(name)[0]})
 	}
 	secrets := func(name string, valid bool, set func(s *Secrets)) {
 		cases = append(cases, tc{"secrets " + name, func(c *Config) { set(&c.Secrets) }, valid, "secrets." + strings.Fields(name)[0]})
@@ -53,6 +58,24 @@ func TestSectionsAgreeWithComponents(t *testing.T) {
 	for p, valid := range map[string]bool{"": false, "/run/meshd/master sock": false, "ipv4@127.0.0.1:9999": true} {
 		haproxy("masterSocket "+p, valid, func(h *HAProxy) { h.MasterSocket = p })
 	}
+	for n, valid := range map[int]bool{0: true, 1279: false, 1280: true, overlay.MaxMTU: true, overlay.MaxMTU + 1: false} {
+		overlayCase("mtu "+strconv.Itoa(n), valid, func(o *Overlay) { o.MTU = n })
+	}
+	for n, valid := range map[int]bool{-1: false, 1: true, 65535: true, 65536: false} {
+		overlayCase("listenPort "+strconv.Itoa(n), valid, func(o *Overlay) { o.ListenPort = n })
+	}
+	for n, valid := range map[int]bool{-1: false, 1: true, 253: false, 254: false, 255: false, 51820: true} {
+		overlayCase("routeTable "+strconv.Itoa(n), valid, func(o *Overlay) { o.RouteTable = n })
+	}
+	for n, valid := range map[string]bool{"meshd-wg": true, "wg0": true, "abcdefghijklmno": true, "abcdefghijklmnop": false, "": false, "wg 0": false, "../x": false} {
+		overlayCase("interface "+n, valid, func(o *Overlay) { o.Interface = n })
+	}
+	for m, valid := range map[string]bool{"auto": true, "kernel": true, "userspace": true, "magic": false} {
+		overlayCase("mode "+m, valid, func(o *Overlay) { o.Mode = m })
+	}
+	for f, valid := range map[string]bool{"": true, "/var/lib/flannel/key": true, "flannel.key": false} {
+		overlayCase("importKeyFile "+f, valid, func(o *Overlay) { o.ImportKeyFile = f })
+	}
 	for _, k := range creds.WithKeys {
 		secrets("withKey "+k, true, func(s *Secrets) { s.WithKey = k })
 	}
@@ -77,7 +100,14 @@ func TestSectionsAgreeWithComponents(t *testing.T) {
 			tt.set(&c)
 			cfgErr := c.Validate()
 			var newErr error
-			if strings.HasPrefix(tt.name, "haproxy") {
+			if strings.HasPrefix(tt.name, "overlay") {
+				o := c.OverlayOptions()
+				o.DetachUserspace = false
+				var ov *overlay.Component
+				if ov, newErr = overlay.New(o, slog.New(slog.DiscardHandler), nil); newErr == nil {
+					ov.Close()
+				}
+			} else if strings.HasPrefix(tt.name, "haproxy") {
 				var h *haproxycfg.Component
 				if h, newErr = haproxycfg.New(c.HAProxyOptions(), nil, nil); newErr == nil {
 					h.Close()

@@ -58,7 +58,7 @@ func buildParts(ctx context.Context, cfg config.Config, log *slog.Logger, reg pr
 		recipient = secrets.Recipient()
 	}
 	if cfg.Overlay.Enable {
-		ov, err := overlay.New(overlay.OptionsFromConfig(cfg), log, reg)
+		ov, err := overlay.New(cfg.OverlayOptions(), log, reg)
 		if err != nil {
 			return nil, fmt.Errorf("overlay: %w", err)
 		}

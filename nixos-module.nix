@@ -283,10 +283,11 @@ in
           RestartSec = mkDefault "2s";
           WatchdogSec = mkDefault "30s";
           TimeoutStopSec = mkDefault "30s";
-          # A userspace WireGuard device runs in a child process that must
-          # outlive a meshd restart (traffic keeps flowing meanwhile); a
-          # kernel device needs no process, so the whole group is stopped.
-          KillMode = if userspaceWireGuard then "process" else "control-group";
+          # A userspace WireGuard device and a supervised HAProxy master
+          # run in child processes that must outlive a meshd restart
+          # (traffic keeps flowing meanwhile); with a kernel device and
+          # HAProxy in its own unit nothing must, so the whole group stops.
+          KillMode = if userspaceWireGuard || (haproxy.enable && haproxy.supervise) then "process" else "control-group";
           StateDirectory = "meshd";
           StateDirectoryMode = "0700";
           # /run/meshd (the HAProxy config, meshd's own sockets) comes from

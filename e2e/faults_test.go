@@ -5,7 +5,9 @@ import (
 	"encoding/json"
 	"fmt"
 	"os"
+	"path/filepath"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -65,7 +67,8 @@ func meshdPids(c *sandbox.Cluster) map[string]int {
 // route to etcd's address; WireGuard between nodes keeps flowing) for d.
 // Meanwhile a load through n3's HAProxy must see no failure and meshd must
 // idle; an app registered during the outage must be applied, and every
-// node re-registered, within 2 s of etcd's return.
+// node re-registered, within reconvergeBound of etcd's return, with a CPU
+// hog busy on one core from just before the return.
 func etcdUnreachable(ctx context.Context, t *testing.T, c *sandbox.Cluster, d time.Duration) {
 	pids := meshdPids(c)
 	cpuNow := func() map[string]time.Duration {
@@ -123,25 +126,51 @@ func etcdUnreachable(ctx context.Context, t *testing.T, c *sandbox.Cluster, d ti
 		t.Errorf("load failed while etcd was unreachable: %d ok, %d failed", okOut, failOut)
 	}
 
+	stopHog := startHog(t, 20*time.Second)
+	// Every node's link comes back at once (one goroutine each): on a
+	// loaded machine running the `ip` commands one node after the other
+	// took up to a second, which counted against the last nodes.
 	back := time.Now()
+	restored := map[string]time.Duration{}
+	var mu sync.Mutex
+	var wg sync.WaitGroup
 	for _, n := range c.Nodes() {
-		if err := n.CutEtcd(ctx, false); err != nil {
-			t.Fatal(err)
-		}
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			err := n.CutEtcd(ctx, false)
+			mu.Lock()
+			defer mu.Unlock()
+			restored[n.Name] = time.Since(back)
+			if err != nil {
+				t.Error(err)
+			}
+		}()
+	}
+	wg.Wait()
+	if t.Failed() {
+		t.FailNow()
 	}
 	wctx, wcancel := context.WithTimeout(ctx, 30*time.Second)
 	cv, err := c.WaitApplied(wctx, lateRev, back, c.NodeNames())
 	wcancel()
+	var slowest time.Duration
 	for _, n := range c.NodeNames() {
 		if dd, ok := cv.PerNode[n]; ok {
-			t.Logf("%s applied the change made during the outage %v after etcd came back", n, dd.Round(time.Millisecond))
+			own := dd - restored[n]
+			slowest = max(slowest, own)
+			t.Logf("%s applied the change made during the outage %v after its link came back (%v after the first restore started)",
+				n, own.Round(time.Millisecond), dd.Round(time.Millisecond))
 		}
 	}
 	if err != nil {
 		t.Fatalf("after etcd came back: %v", err)
 	}
-	if m := cv.Max(); m > 2*time.Second {
-		t.Errorf("re-convergence took %v after etcd's return, want <= 2s", m.Round(time.Millisecond))
+	if slowest > reconvergeBound {
+		t.Errorf("re-convergence took %v after etcd's return (one core busy with a CPU hog), want <= %v", slowest.Round(time.Millisecond), reconvergeBound)
+		for _, n := range c.Nodes() {
+			t.Logf("%s's log since etcd's return:\n%s", n.Name, logSince(n, back))
+		}
 	}
 	// Re-registered: every node entry and both instances exist again.
 	for _, n := range c.Nodes() {
@@ -150,7 +179,7 @@ func etcdUnreachable(ctx context.Context, t *testing.T, c *sandbox.Cluster, d ti
 			keys = append(keys, registry.InstanceKey(sandbox.DemoGroup, sandbox.DemoApp, n.Name))
 		}
 		for _, k := range keys {
-			_, err := eventually(2*time.Second-time.Since(back), 20*time.Millisecond, func() error {
+			_, err := eventually(reconvergeBound-time.Since(back), 20*time.Millisecond, func() error {
 				resp, err := c.Client().Get(ctx, k)
 				if err == nil && len(resp.Kvs) == 0 {
 					err = fmt.Errorf("%s missing", k)
@@ -158,7 +187,7 @@ func etcdUnreachable(ctx context.Context, t *testing.T, c *sandbox.Cluster, d ti
 				return err
 			})
 			if err != nil {
-				t.Errorf("not re-registered within 2s of etcd's return: %v", err)
+				t.Errorf("not re-registered within %v of etcd's return: %v", reconvergeBound, err)
 			} else {
 				t.Logf("%s present %v after etcd came back", k, time.Since(back).Round(time.Millisecond))
 			}
@@ -170,6 +199,7 @@ func etcdUnreachable(ctx context.Context, t *testing.T, c *sandbox.Cluster, d ti
 			t.Errorf("%s's haproxy.cfg has no listener for the app registered during the outage", n.Name)
 		}
 	}
+	stopHog()
 	time.Sleep(2 * time.Second)
 	r := l.stop()
 	t.Logf("load through n3, outage and return: %s", r)
@@ -185,13 +215,16 @@ func etcdUnreachable(ctx context.Context, t *testing.T, c *sandbox.Cluster, d ti
 
 // etcdRestart stops the etcd server itself for a few seconds (connections
 // refused rather than dropped) and checks that every node applies a change
-// made right after etcd's return within 2 s of that return. The change is
+// made right after etcd's return within reconvergeBound of that return,
+// with a CPU hog busy on one core meanwhile. The change is
 // written through a fresh client, so that the harness's own reconnection
 // does not count.
 func etcdRestart(ctx context.Context, t *testing.T, c *sandbox.Cluster) {
 	l := startLoad(c.Node("n4"), demoURL, 2, 20*time.Millisecond, 15*time.Second)
 	c.StopEtcd()
 	time.Sleep(8 * time.Second)
+	stopHog := startHog(t, 20*time.Second)
+	defer stopHog()
 	if err := c.StartEtcd(); err != nil {
 		t.Fatal(err)
 	}
@@ -209,6 +242,7 @@ func etcdRestart(ctx context.Context, t *testing.T, c *sandbox.Cluster) {
 	written := time.Since(back)
 	// The harness's tracker watches through a client that reconnects on
 	// its own schedule: poll the statuses through the fresh client instead.
+	firstSeen := map[string]time.Duration{}
 	took, err := eventually(30*time.Second, 20*time.Millisecond, func() error {
 		sresp, err := cli.Get(ctx, registry.StatusPrefix, clientv3.WithPrefix())
 		if err != nil {
@@ -221,21 +255,28 @@ func etcdRestart(ctx context.Context, t *testing.T, c *sandbox.Cluster) {
 				seen[name] = st.Revision
 			}
 		}
+		var missing error
 		for _, n := range c.NodeNames() {
 			if seen[n] < resp.Header.Revision {
-				return fmt.Errorf("%s applied %d, want %d", n, seen[n], resp.Header.Revision)
+				missing = fmt.Errorf("%s applied %d, want %d", n, seen[n], resp.Header.Revision)
+			} else if _, ok := firstSeen[n]; !ok {
+				firstSeen[n] = time.Since(back)
 			}
 		}
-		return nil
+		return missing
 	})
+	for _, n := range c.NodeNames() {
+		t.Logf("%s applied the change %v after etcd's return", n, firstSeen[n].Round(time.Millisecond))
+	}
 	if err != nil {
 		t.Fatalf("after etcd's return: %v", err)
 	}
 	conv := written + took
 	t.Logf("after an 8s etcd stop: a change written %v after etcd's return was applied by every node %v after the return",
 		written.Round(time.Millisecond), conv.Round(time.Millisecond))
-	if conv > 2*time.Second {
-		t.Errorf("re-convergence took %v after etcd restarted, want <= 2s", conv.Round(time.Millisecond))
+	stopHog()
+	if conv > reconvergeBound {
+		t.Errorf("re-convergence took %v after etcd restarted (one core busy with a CPU hog), want <= %v", conv.Round(time.Millisecond), reconvergeBound)
 	}
 	time.Sleep(time.Second)
 	r := l.stop()
@@ -243,4 +284,17 @@ func etcdRestart(ctx context.Context, t *testing.T, c *sandbox.Cluster) {
 	if r.Failed > 0 {
 		t.Errorf("load failed across the etcd restart: %s %v", r, r.Errors)
 	}
+}
+
+// logSince returns the lines of n's meshd log stamped at or after since.
+func logSince(n *sandbox.Node, since time.Time) string {
+	b, _ := os.ReadFile(filepath.Join(n.Dir, "meshd.log"))
+	var out []string
+	for _, line := range strings.Split(string(b), "\n") {
+		ts, _, ok := strings.Cut(strings.TrimPrefix(line, "time="), " ")
+		if t, err := time.Parse(time.RFC3339Nano, ts); ok && err == nil && !t.Before(since) {
+			out = append(out, "        "+line)
+		}
+	}
+	return strings.Join(out, "\n")
 }

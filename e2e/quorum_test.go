@@ -103,8 +103,21 @@ func TestEtcdMembers(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		if len(resp.Leases) != len(leases) {
-			t.Errorf("after %s: %d leases in etcd, want one per node (%d)", what, len(resp.Leases), len(leases))
+		// Besides its session lease each node holds the 24 h lease of its
+		// flannel-format subnet lease, which it keeps across etcd outages.
+		fl, err := cli.Get(ctx, registry.FlannelSubnetPrefix, clientv3.WithPrefix())
+		if err != nil {
+			t.Fatal(err)
+		}
+		flannelLeases := map[int64]bool{}
+		for _, kv := range fl.Kvs {
+			flannelLeases[kv.Lease] = true
+		}
+		if len(flannelLeases) != len(leases) {
+			t.Errorf("after %s: %d flannel-format subnet leases, want one per node (%d)", what, len(flannelLeases), len(leases))
+		}
+		if len(resp.Leases) != len(leases)+len(flannelLeases) {
+			t.Errorf("after %s: %d leases in etcd, want one session lease and one flannel lease per node (%d)", what, len(resp.Leases), 2*len(leases))
 		}
 	}
 	t.Run("follower restart", func(t *testing.T) {

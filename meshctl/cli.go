@@ -106,7 +106,7 @@ func parse(fs *pflag.FlagSet, args []string) error {
 // tree is meshctl's commands; each command's logic lives in its group's file.
 func tree() []groupSpec {
 	return []groupSpec{{
-		use: "node", short: "List and remove nodes",
+		use: "node", short: "List and remove nodes, assign their secret groups",
 		long: "Nodes are the entries under /cluster/nodes/ (written by meshd or nix-infra) and meshd's member records.",
 		leaves: []leafSpec{
 			{use: "list", aliases: []string{"ls"}, short: "List nodes: entry, subnet, overlay IP, endpoint",
@@ -114,6 +114,9 @@ func tree() []groupSpec {
 			{use: "remove NAME", aliases: []string{"rm"}, short: "Remove every key of a node: entry, instances, subnet, member, flannel lease, status, secrets",
 				long:    "Refuses a node whose meshd still holds a lease unless --force (it would register again).",
 				example: "meshctl node remove worker003 --wait", run: nodeRemove},
+			{use: "groups NODE [GROUP...]", short: "Assign the groups whose secrets a node receives (operator-only data; none: clear)",
+				long:    "secret put --group G seals to the nodes assigned to G here, never to a node because its own entry says it consumes G.",
+				example: "meshctl node groups worker001 backends services\nmeshctl node groups worker001", run: nodeGroups},
 		},
 	}, {
 		use: "app", short: "Register, unregister and list apps",
@@ -150,7 +153,7 @@ func tree() []groupSpec {
 			{use: "init", short: "Create the cluster CA in --dir",
 				example: "meshctl pki init --dir ./pki --cluster prod", run: withoutCtx(pkiInit)},
 			{use: "issue NAME", short: "Issue a client certificate (a node's, or root: the operator's)",
-				example: "meshctl pki issue worker001 --dir ./pki\nmeshctl pki issue root --dir ./pki", run: pkiIssueAs(pki.Client)},
+				example: "meshctl pki issue worker001 --dir ./pki\nmeshctl pki issue root --dir ./pki\nmeshctl pki issue worker001@2 --dir ./pki", run: pkiIssueAs(pki.Client)},
 			{use: "issue-server NAME", short: "Issue an etcd server certificate",
 				example: "meshctl pki issue-server etcd1 --dir ./pki --ip 10.0.0.2 --dns etcd1.internal", run: pkiIssueAs(pki.Server)},
 			{use: "list", aliases: []string{"ls"}, short: "List certificates and when they expire",
@@ -159,14 +162,20 @@ func tree() []groupSpec {
 	}, {
 		use: "etcd", short: "Set up etcd users and roles (least privilege per node)",
 		groups: []groupSpec{{
-			use: "roles", short: "Apply, show and revoke the per-node etcd roles",
+			use: "roles", short: "Apply, show, revoke, admit and rotate the per-node etcd roles",
 			leaves: []leafSpec{
 				{use: "apply", short: "Create or update a user and role per node and enable auth",
 					example: "meshctl etcd roles apply --dry-run\nmeshctl etcd roles apply", run: rolesApply},
 				{use: "show", short: "Show the nodes' roles",
 					example: "meshctl etcd roles show --node worker001", run: rolesShow},
-				{use: "revoke NODE", short: "Delete a node's etcd user and role",
+				{use: "revoke NODE", short: "Cut a node off for good: delete its users and role, its registry keys, and mark it revoked",
+					long:    "No later roles apply (nor the refresh after app register) sets the node up again until roles admit.",
 					example: "meshctl etcd roles revoke worker003", run: rolesRevoke},
+				{use: "admit NODE", short: "Lift a revocation, so that roles apply sets the node up again",
+					example: "meshctl etcd roles admit worker003\nmeshctl etcd roles apply --node worker003", run: rolesAdmit},
+				{use: "rotate NODE@GEN", short: "Move a node's role to its new certificate's CN and delete the old user",
+					long:    "etcd knows a certificate only by its CN: issue the new one as NODE@GEN (meshctl pki issue worker001@2), install it, then rotate; the old certificate authenticates as nobody.",
+					example: "meshctl pki issue worker001@2 --dir ./pki\nmeshctl etcd roles rotate worker001@2", run: rolesRotate},
 			},
 		}},
 	}}

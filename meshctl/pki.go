@@ -79,7 +79,7 @@ func pkiIssue(e *env, args []string, usage pki.Usage) error {
 		return usagef("usage: meshctl pki issue NAME --dir D [--days N] [--key-type T] [--force]")
 	}
 	cn := fs.Arg(0)
-	if err := registry.ValidName(cn); err != nil {
+	if _, _, err := pki.ParseNodeCN(cn); err != nil {
 		return usagef("name: %v", err)
 	}
 	kt, err := pki.ParseKeyType(*keyType)
@@ -166,7 +166,9 @@ func pkiList(e *env, args []string) error {
 
 const etcdUsage = `usage: meshctl etcd roles apply [--node N...] [--operator NAME...] [--open-subnets] [--subnet-min A --subnet-max A --subnet-len N] [--no-enable] [--dry-run]
        meshctl etcd roles show [--node N...]
-       meshctl etcd roles revoke NODE`
+       meshctl etcd roles revoke NODE
+       meshctl etcd roles admit NODE
+       meshctl etcd roles rotate NODE@GEN`
 
 func rolesApply(ctx context.Context, e *env, args []string) error {
 	fs := flags(e, "etcd roles apply")
@@ -223,6 +225,9 @@ func rolesApply(ctx context.Context, e *env, args []string) error {
 	}
 	for _, c := range res.Changes {
 		fmt.Fprintf(e.Stdout, "%s%s\n", prefix, c)
+	}
+	for _, p := range res.Problems {
+		fmt.Fprintf(e.Stderr, "warning: %s\n", p)
 	}
 	if err != nil {
 		return err
@@ -302,8 +307,69 @@ func rolesRevoke(ctx context.Context, e *env, args []string) error {
 		return err
 	}
 	if len(done) == 0 {
-		return errors.New("no user or role for " + fs.Arg(0))
+		return errors.New("no user, role or key for " + fs.Arg(0))
 	}
-	fmt.Fprintf(e.Stdout, "%s's certificate no longer authenticates; remove its keys with meshctl node remove %s\n", fs.Arg(0), fs.Arg(0))
+	fmt.Fprintf(e.Stdout, "%s's certificates no longer authenticate and its keys are gone; it stays revoked until meshctl etcd roles admit %s\n", fs.Arg(0), fs.Arg(0))
+	return nil
+}
+
+// rolesAdmit lifts a revocation so that the next roles apply sets the
+// node up again.
+func rolesAdmit(ctx context.Context, e *env, args []string) error {
+	fs := flags(e, "etcd roles admit")
+	if err := parse(fs, args); err != nil {
+		return err
+	}
+	if fs.NArg() != 1 {
+		return usagef("usage: meshctl etcd roles admit NODE")
+	}
+	if err := etcdauth.CheckNodeName(fs.Arg(0), nil); err != nil {
+		return usageError{err}
+	}
+	cli, err := e.etcd()
+	if err != nil {
+		return err
+	}
+	actx, cancel := context.WithTimeout(ctx, e.Timeout)
+	defer cancel()
+	was, err := etcdauth.AdmitNode(actx, cli, fs.Arg(0))
+	if err != nil {
+		return err
+	}
+	if !was {
+		return errors.New(fs.Arg(0) + " is not revoked")
+	}
+	fmt.Fprintf(e.Stdout, "%s re-admitted; set it up with meshctl etcd roles apply --node %s\n", fs.Arg(0), fs.Arg(0))
+	return nil
+}
+
+// rolesRotate moves a node's role to the user of its new certificate
+// (CN NODE@GEN, issued with meshctl pki issue NODE@GEN) and deletes the
+// old user: etcd knows a certificate only by its CN.
+func rolesRotate(ctx context.Context, e *env, args []string) error {
+	fs := flags(e, "etcd roles rotate")
+	if err := parse(fs, args); err != nil {
+		return err
+	}
+	if fs.NArg() != 1 {
+		return usagef("usage: meshctl etcd roles rotate NODE@GEN")
+	}
+	if _, _, err := pki.ParseNodeCN(fs.Arg(0)); err != nil {
+		return usageError{err}
+	}
+	cli, err := e.etcd()
+	if err != nil {
+		return err
+	}
+	actx, cancel := context.WithTimeout(ctx, e.Timeout)
+	defer cancel()
+	done, err := etcdauth.RotateNode(actx, cli, fs.Arg(0))
+	for _, d := range done {
+		fmt.Fprintln(e.Stdout, d)
+	}
+	if err != nil {
+		return err
+	}
+	fmt.Fprintf(e.Stdout, "only the certificate with CN %s authenticates for its node now\n", fs.Arg(0))
 	return nil
 }

@@ -26,7 +26,7 @@ type targetFlags struct {
 func addTargetFlags(fs *pflag.FlagSet) *targetFlags {
 	t := &targetFlags{}
 	fs.StringSliceVar(&t.nodes, "node", nil, "seal to this node (repeatable, or comma-separated)")
-	fs.StringVar(&t.group, "group", "", "seal to every node whose entry consumes this group (frontends, backends, services)")
+	fs.StringVar(&t.group, "group", "", "seal to every node the operator assigned to this group with meshctl node groups (frontends, backends, services)")
 	fs.BoolVar(&t.all, "all", false, "seal to every meshd member")
 	return t
 }
@@ -39,10 +39,26 @@ func (t *targetFlags) targets() (creds.Targets, error) {
 	return tg, nil
 }
 
+// errDryRun stops a put after the recipients were shown.
+var errDryRun = errors.New("dry run: nothing sealed")
+
+// showRecipients prints who a secret is about to be sealed to, before
+// anything is sealed; with dry set it then stops the put.
+func showRecipients(e *env, name string, dry bool) func([]string) error {
+	return func(nodes []string) error {
+		fmt.Fprintf(e.Stderr, "sealing %s to %d node(s): %s\n", name, len(nodes), strings.Join(nodes, ", "))
+		if dry {
+			return errDryRun
+		}
+		return nil
+	}
+}
+
 func secretPut(ctx context.Context, e *env, args []string) error {
 	fs := flags(e, "secret put")
 	tf := addTargetFlags(fs)
 	from := fs.String("from-file", "", "read the value from this file (default: standard input, byte for byte)")
+	dry := fs.Bool("dry-run", false, "show the recipients and stop without sealing")
 	wf := addWaitFlags(fs)
 	if err := parse(fs, args); err != nil {
 		return err
@@ -58,6 +74,7 @@ func secretPut(ctx context.Context, e *env, args []string) error {
 	if err != nil {
 		return err
 	}
+	tg.Confirm = showRecipients(e, name, *dry)
 	value, err := readValue(e, *from)
 	if err != nil {
 		return err
@@ -75,10 +92,18 @@ func putOne(ctx context.Context, e *env, cli *clientv3.Client, name string, valu
 	rctx, cancel := e.reqCtx(ctx)
 	res, err := creds.PutSecret(rctx, cli, name, value, tg)
 	cancel()
+	if errors.Is(err, errDryRun) {
+		fmt.Fprintln(e.Stdout, "dry run: nothing sealed")
+		return nil
+	}
 	if err != nil {
 		return err
 	}
 	fmt.Fprintf(e.Stdout, "secret %s version %d sealed to %s (revision %d)\n", name, res.Version, strings.Join(res.Nodes, ", "), res.Revision)
+	if len(res.Unassigned) > 0 {
+		fmt.Fprintf(e.Stderr, "warning: not sealed to %s: their entries claim group %s but the operator never assigned it (meshctl node groups NODE %s)\n",
+			strings.Join(res.Unassigned, ", "), tg.Group, tg.Group)
+	}
 	if len(res.Skipped) > 0 {
 		fmt.Fprintf(e.Stderr, "warning: skipped nodes without a sealing recipient: %s\n", strings.Join(res.Skipped, ", "))
 	}
@@ -185,18 +210,22 @@ func secretList(ctx context.Context, e *env, args []string) error {
 			if c.Reported {
 				delivered = fmt.Sprint(c.Delivered)
 			}
-			fmt.Fprintf(tw, "%s\t%s\t%d\t%s\t%s\t%s\n", s.Name, c.Node, c.Version, delivered, c.State(), oneLine(c.Error))
+			fmt.Fprintf(tw, "%s\t%s\t%d\t%s\t%s\t%s\n", registry.Printable(s.Name), registry.Printable(c.Node), c.Version, delivered, c.State(), oneLine(c.Error))
 		}
 	}
 	return tw.Flush()
 }
 
+// oneLine makes text a node reported fit one table cell: whitespace
+// runs become one space, it is cut to about 120 bytes and every control
+// character or escape is written out (registry.Printable), so a node
+// cannot fake rows or send escape sequences to the operator's terminal.
 func oneLine(s string) string {
 	s = strings.Join(strings.Fields(s), " ")
 	if len(s) > 120 {
 		s = s[:117] + "..."
 	}
-	return s
+	return registry.Printable(s)
 }
 
 func secretRemove(ctx context.Context, e *env, args []string) error {
@@ -270,6 +299,7 @@ func secretImport(ctx context.Context, e *env, args []string) error {
 	start := time.Now()
 	var errs []error
 	for _, v := range values {
+		tg.Confirm = showRecipients(e, v.Name, false)
 		if err := putOne(ctx, e, cli, v.Name, v.Value, tg, wf); err != nil {
 			if errors.Is(err, errTimeout) {
 				return err

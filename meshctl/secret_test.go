@@ -317,3 +317,35 @@ func assertNotInEtcd(t *testing.T, cli *clientv3.Client, values ...string) {
 		}
 	}
 }
+
+// TestSecretListEscapesNodeText: the error a node reports for a secret is
+// its own text; `secret list` prints it on one line of the table, cut
+// short, with escape sequences and control characters written out, so
+// the node can neither fake table rows nor drive the operator's terminal.
+func TestSecretListEscapesNodeText(t *testing.T) {
+	srv := etcdtest.New(t)
+	cli := etcdtest.NewClient(t, srv)
+	ctx := context.Background()
+	if _, err := cli.Put(ctx, registry.SecretKey("node1", "db"), `{"version":1,"ciphertext":"x"}`); err != nil {
+		t.Fatal(err)
+	}
+	hostile := "\x1b[2J\x1b]0;owned\x07bad\rnode9\tdb\t7\t7\tdelivered\t" + strings.Repeat("A", 3000)
+	st, _ := json.Marshal(map[string]any{"node": "node1", "revision": 1, "components": map[string]any{
+		"creds": map[string]any{"delivered": map[string]int{}, "errors": map[string]string{"db": hostile}}}})
+	if _, err := cli.Put(ctx, registry.StatusKey("node1"), string(st)); err != nil {
+		t.Fatal(err)
+	}
+	code, out, errOut := ctlRun(t, srv.Endpoint(), "secret", "list")
+	if code != exitOK {
+		t.Fatalf("exit %d: %s", code, errOut)
+	}
+	if strings.ContainsAny(out, "\x1b\x07\r") {
+		t.Errorf("raw control characters reach the terminal: %q", out)
+	}
+	if lines := strings.Split(strings.TrimSpace(out), "\n"); len(lines) != 2 || len(out) > 1000 {
+		t.Errorf("want a header and one row of bounded size, got %d lines, %d bytes", len(lines), len(out))
+	}
+	if !strings.Contains(out, `\x1b[2J`) {
+		t.Errorf("escape not written out: %q", out)
+	}
+}

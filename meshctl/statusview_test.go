@@ -2,6 +2,8 @@ package main
 
 import (
 	"bytes"
+	"crypto/sha256"
+	"encoding/base64"
 	"encoding/json"
 	"errors"
 	"flag"
@@ -71,7 +73,10 @@ func statusFixture(t *testing.T) statusInput {
 		add(registry.NodeKey(name), n, lease)
 	}
 	member := func(name, subnet string) {
-		add(registry.MemberKey(name), map[string]any{"name": name, "publicKey": "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=",
+		// Each member its own WireGuard key: members sharing one are
+		// dropped by the registry (a key clash).
+		sum := sha256.Sum256([]byte(name))
+		add(registry.MemberKey(name), map[string]any{"name": name, "publicKey": base64.StdEncoding.EncodeToString(sum[:]),
 			"subnet": subnet, "overlayIp": strings.TrimSuffix(subnet, "/24")}, 0)
 		add(registry.SubnetKey(netip.MustParsePrefix(subnet)), registry.SubnetClaim{Node: name}, 0)
 	}

@@ -112,6 +112,16 @@ func TestOptionEffects(t *testing.T) {
 				t.Errorf("CapabilityBoundingSet=%s: the supervised HAProxy needs CAP_NET_BIND_SERVICE", got)
 			}
 		}},
+		{"meshd supervises haproxy over kernel WireGuard", `services.meshd.settings.haproxy.supervise = true; services.meshd.settings.overlay.mode = "kernel";`, func(t *testing.T, r *evalResult) {
+			if got := r.Services["meshd"].value("KillMode"); got != "process" {
+				t.Errorf("KillMode=%s: a meshd restart would kill the HAProxy master it supervises", got)
+			}
+		}},
+		{"kernel WireGuard, HAProxy in its own unit", `services.meshd.settings.overlay.mode = "kernel";`, func(t *testing.T, r *evalResult) {
+			if got := r.Services["meshd"].value("KillMode"); got != "control-group" {
+				t.Errorf("KillMode=%s: nothing of meshd's must outlive it", got)
+			}
+		}},
 		{"haproxy off", `services.meshd.settings.haproxy.enable = false;`, func(t *testing.T, r *evalResult) {
 			if _, ok := r.Services["meshd-haproxy"]; ok || contains(r.Targets["meshd-online"].Wants, "meshd-haproxy.service") {
 				t.Error("meshd-haproxy still wired although haproxy is disabled")

@@ -164,11 +164,15 @@ func New(o Options) (*Agent, error) {
 	for i := range checkNow {
 		checkNow[i] = make(chan struct{}, 1)
 	}
+	store := registry.NewStore()
+	if o.Member != nil && o.Member.Pool.Bits != 0 {
+		store = registry.NewOverlayStore(o.Member.Pool)
+	}
 	return &Agent{
 		o:         o,
 		checkNow:  checkNow,
 		log:       o.Log.With("component", "agent", "node", o.Node),
-		store:     registry.NewStore(),
+		store:     store,
 		metrics:   m,
 		notify:    make(chan struct{}, 1),
 		healthy:   map[int]bool{},

@@ -3,7 +3,6 @@ package agent
 import (
 	"context"
 	"encoding/json"
-	"fmt"
 	"maps"
 	"time"
 
@@ -242,12 +241,12 @@ func (a *Agent) reportProblems(snap *registry.Snapshot, last map[string]string) 
 	for _, p := range snap.Problems {
 		now[p.Key] = p.Err
 		if last[p.Key] != p.Err {
-			a.log.Warn("skipping invalid registry key", "key", fmt.Sprintf("%q", p.Key), "err", p.Err)
+			a.log.Warn("skipping invalid registry key", "key", registry.Quoted([]byte(p.Key)), "err", p.Err)
 		}
 	}
 	for k := range last {
 		if _, ok := now[k]; !ok {
-			a.log.Info("registry key no longer invalid", "key", fmt.Sprintf("%q", k))
+			a.log.Info("registry key no longer invalid", "key", registry.Quoted([]byte(k)))
 		}
 	}
 	clear(last)

@@ -16,6 +16,7 @@ import (
 	clientv3 "go.etcd.io/etcd/client/v3"
 
 	"github.com/meshd/meshd/pkg/atomicfile"
+	"github.com/meshd/meshd/pkg/etcdclient"
 	"github.com/meshd/meshd/pkg/registry"
 )
 
@@ -28,7 +29,7 @@ func (a *Agent) session(ctx context.Context) error {
 	failures := 0
 	backoff := func() {
 		failures++
-		d := min(time.Second, 100*time.Millisecond<<min(failures, 6))
+		d := min(etcdclient.RetryMax, 50*time.Millisecond<<min(failures, 6))
 		d = d/2 + rand.N(d/2+1)
 		t := time.NewTimer(d)
 		defer t.Stop()
@@ -255,7 +256,7 @@ func (a *Agent) publishLoop(ctx context.Context, put func(ctx context.Context, v
 	defer retry.Stop()
 	publish := func(force bool) {
 		if !a.publishStatus(ctx, put, force) {
-			retry.Reset(500 * time.Millisecond)
+			retry.Reset(etcdclient.RetryMax)
 		}
 	}
 	publish(true)

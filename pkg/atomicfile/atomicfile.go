@@ -164,3 +164,19 @@ func SyncDir(dir string) error {
 	}
 	return nil
 }
+
+// TightenPrivate makes an existing secret file (a private key) readable by
+// its owner only: mode 0600 when any group or other bit is set.
+func TightenPrivate(path string) error {
+	fi, err := os.Stat(path)
+	if err != nil {
+		return err
+	}
+	if fi.Mode().Perm()&0o077 == 0 {
+		return nil
+	}
+	if err := os.Chmod(path, 0o600); err != nil {
+		return fmt.Errorf("%s: tighten mode: %w", path, err)
+	}
+	return nil
+}

@@ -168,6 +168,15 @@ type HAProxy struct {
 	// ReservedPorts are loopback ports this node's own services use; an app
 	// publishing one of them is reported and skipped.
 	ReservedPorts []int `json:"reservedPorts,omitempty"`
+	// AllowLowPorts are ports below 1024 apps may publish on this node
+	// (80 and 443 on an ingress node); any other port below 1024 is
+	// refused. meshd's own metrics port is always reserved.
+	AllowLowPorts []int `json:"allowLowPorts,omitempty"`
+	// User and Group are what HAProxy's worker runs as (rendered as its
+	// user/group directives; it drops root after binding). The NixOS
+	// module sets them to its meshd-haproxy user.
+	User  string `json:"user,omitempty"`
+	Group string `json:"group,omitempty"`
 	// ServerSlots is how many server slots each backend pre-allocates so
 	// that instance changes need no reload.
 	ServerSlots int `json:"serverSlots"`
@@ -396,6 +405,11 @@ func (c *Config) Validate() error {
 		for _, p := range h.ReservedPorts {
 			if p < 1 || p > 65535 {
 				bad("haproxy.reservedPorts: %d out of range", p)
+			}
+		}
+		for _, p := range h.AllowLowPorts {
+			if p < 1 || p > 1023 {
+				bad("haproxy.allowLowPorts: %d: want 1-1023", p)
 			}
 		}
 	}

@@ -15,6 +15,8 @@ import (
 	"testing"
 
 	"github.com/google/go-cmp/cmp"
+	"go.etcd.io/etcd/api/v3/mvccpb"
+	clientv3 "go.etcd.io/etcd/client/v3"
 
 	"github.com/meshd/meshd/pkg/config"
 	"github.com/meshd/meshd/pkg/etcdtest"
@@ -392,6 +394,11 @@ func TestPutTargetsAndVersions(t *testing.T) {
 	addNodeEntry(t, cli, "worker2", registry.GroupBackends, registry.GroupServices)
 	addNodeEntry(t, cli, "legacy1", registry.GroupServices) // nix-infra only: no member
 	addMember(t, cli, "norecip", 9, "")
+	for _, n := range []string{"worker1", "worker2", "legacy1"} {
+		if err := SetGroups(ctx, cli, n, []registry.Group{registry.GroupServices, registry.GroupBackends}); err != nil {
+			t.Fatal(err)
+		}
+	}
 
 	res, err := PutSecret(ctx, cli, "s", []byte("v"), Targets{Group: registry.GroupServices})
 	if err != nil {
@@ -486,5 +493,51 @@ func TestSlowUnitJobIsNotRepeated(t *testing.T) {
 	}
 	if diff := cmp.Diff([]string{"restart slow.service"}, n.mgr.take()); diff != "" {
 		t.Errorf("(-want +got):\n%s", diff)
+	}
+}
+
+// TestGroupSecretsFollowOperatorAssignment: a group secret is sealed to
+// the nodes the operator assigned to the group, never to a node whose own
+// entry claims it; the recipients are shown before anything is sealed,
+// and a refusal writes nothing.
+func TestGroupSecretsFollowOperatorAssignment(t *testing.T) {
+	ctx := context.Background()
+	srv := etcdtest.New(t)
+	cli := etcdtest.NewClient(t, srv)
+	for i, name := range []string{"ingress1", "worker2"} {
+		id, err := LoadOrCreateIdentity(t.TempDir())
+		if err != nil {
+			t.Fatal(err)
+		}
+		addMember(t, cli, name, i+1, Recipient(id))
+	}
+	addNodeEntry(t, cli, "ingress1", registry.GroupFrontends)
+	var err error
+	var res PutResult
+	// A worker that adds frontends to its own entry gets no frontends
+	// secret: only the operator's assignment counts, and the recipients
+	// are shown before anything is sealed.
+	addNodeEntry(t, cli, "worker2", registry.GroupBackends, registry.GroupServices, registry.GroupFrontends)
+	if _, err := PutSecret(ctx, cli, "tls", []byte("k"), Targets{Group: registry.GroupFrontends}); err == nil || !strings.Contains(err.Error(), "assign") {
+		t.Errorf("frontends put with no assignment: %v", err)
+	}
+	if err := SetGroups(ctx, cli, "ingress1", []registry.Group{registry.GroupFrontends}); err != nil {
+		t.Fatal(err)
+	}
+	var shown []string
+	stop := errors.New("operator said no")
+	_, err = PutSecret(ctx, cli, "tls", []byte("k"), Targets{Group: registry.GroupFrontends, Confirm: func(n []string) error { shown = n; return stop }})
+	if !errors.Is(err, stop) || !slices.Equal(shown, []string{"ingress1"}) {
+		t.Errorf("confirm: shown %v, err %v", shown, err)
+	}
+	if r, _ := cli.Get(ctx, registry.SecretsPrefix, clientv3.WithPrefix(), clientv3.WithKeysOnly()); slices.ContainsFunc(r.Kvs, func(kv *mvccpb.KeyValue) bool { return strings.HasSuffix(string(kv.Key), "/tls") }) {
+		t.Error("a refused confirmation sealed the secret")
+	}
+	res, err = PutSecret(ctx, cli, "tls", []byte("k"), Targets{Group: registry.GroupFrontends})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !slices.Equal(res.Nodes, []string{"ingress1"}) || !slices.Equal(res.Unassigned, []string{"worker2"}) {
+		t.Errorf("frontends put: sealed to %v, unassigned %v; want ingress1 only, worker2 reported", res.Nodes, res.Unassigned)
 	}
 }

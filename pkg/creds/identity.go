@@ -11,6 +11,7 @@ import (
 	"filippo.io/age"
 
 	"github.com/meshd/meshd/pkg/atomicfile"
+	"github.com/meshd/meshd/pkg/registry"
 )
 
 // IdentityFile is the name of the node's age identity inside the state
@@ -30,6 +31,11 @@ func LoadOrCreateIdentity(stateDir string) (*age.X25519Identity, error) {
 	b, err := os.ReadFile(path)
 	switch {
 	case err == nil:
+		// Same rule as the WireGuard key: a private key readable by
+		// anyone else is made 0600 before use.
+		if err := atomicfile.TightenPrivate(path); err != nil {
+			return nil, fmt.Errorf("age identity: %w", err)
+		}
 		return parseIdentityFile(path, b)
 	case !errors.Is(err, fs.ErrNotExist):
 		return nil, fmt.Errorf("age identity: %w", err)
@@ -80,7 +86,7 @@ func Recipient(id *age.X25519Identity) string { return id.Recipient().String() }
 func ParseRecipient(s string) (*age.X25519Recipient, error) {
 	r, err := age.ParseX25519Recipient(s)
 	if err != nil {
-		return nil, fmt.Errorf("recipient %q: %w", s, err)
+		return nil, fmt.Errorf("recipient %s: %w", registry.Quoted([]byte(s)), err)
 	}
 	return r, nil
 }

@@ -59,3 +59,25 @@ func TestIdentityBadFile(t *testing.T) {
 		})
 	}
 }
+
+// TestIdentityLoosenedModeIsTightened: an age.key someone made readable
+// by others (0644) is back to 0600 after the next load, like the
+// WireGuard key.
+func TestIdentityLoosenedModeIsTightened(t *testing.T) {
+	dir := filepath.Join(t.TempDir(), "state")
+	id1, err := LoadOrCreateIdentity(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	path := filepath.Join(dir, IdentityFile)
+	if err := os.Chmod(path, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	id2, err := LoadOrCreateIdentity(dir)
+	if err != nil || id2.String() != id1.String() {
+		t.Fatalf("reload: %v (same key: %v)", err, err == nil && id2.String() == id1.String())
+	}
+	if fi, _ := os.Stat(path); fi.Mode().Perm() != 0o600 {
+		t.Errorf("age.key mode %v after load, want 0600", fi.Mode().Perm())
+	}
+}

@@ -20,10 +20,15 @@ import (
 type Targets struct {
 	// Nodes names nodes explicitly; each must have a recipient.
 	Nodes []string
-	// Group selects the nodes whose entry consumes this group.
+	// Group selects the nodes the operator assigned to this group
+	// (registry.GroupsKey), never the nodes whose own entry says so.
 	Group registry.Group
 	// All selects every member.
 	All bool
+	// Confirm, when set, is shown the recipients (sorted) before
+	// anything is sealed; an error from it stops the put, writing
+	// nothing.
+	Confirm func(nodes []string) error
 }
 
 // Validate checks that exactly one selector is set and every name is valid.
@@ -66,6 +71,9 @@ type PutResult struct {
 	// Others still hold an older version of the secret: they were not
 	// targeted this time.
 	Others []string
+	// Unassigned are nodes whose own entry says they consume the group
+	// but that the operator never assigned to it: not sealed to.
+	Unassigned []string
 }
 
 // maxPutAttempts bounds the retries when another writer changes the same
@@ -107,6 +115,7 @@ func putOnce(ctx context.Context, cli *clientv3.Client, name string, value []byt
 		// record that copies another node's subnet is not trusted.
 		clientv3.OpGet(registry.SubnetsPrefix, clientv3.WithPrefix()),
 		clientv3.OpGet(registry.SecretsPrefix, clientv3.WithPrefix()),
+		clientv3.OpGet(registry.GroupsPrefix, clientv3.WithPrefix()),
 	).Commit()
 	if err != nil {
 		return PutResult{}, false, fmt.Errorf("read registry: %w", err)
@@ -114,21 +123,30 @@ func putOnce(ctx context.Context, cli *clientv3.Client, name string, value []byt
 	var kvs []registry.KV
 	for _, r := range resp.Responses[:3] {
 		for _, kv := range r.GetResponseRange().Kvs {
-			kvs = append(kvs, registry.KV{Key: string(kv.Key), Value: kv.Value, Lease: kv.Lease})
+			kvs = append(kvs, registry.KV{Key: string(kv.Key), Value: kv.Value, Lease: kv.Lease, Created: kv.CreateRevision})
 		}
 	}
 	snap := registry.SnapshotOf(kvs, resp.Header.Revision)
 	existing := secretCopies(resp.Responses[3].GetResponseRange().Kvs, name)
-	recipients, skipped, err := resolveTargets(snap, t)
+	assigned, err := decodeGroups(resp.Responses[4].GetResponseRange().Kvs)
 	if err != nil {
 		return PutResult{}, false, err
+	}
+	recipients, skipped, unassigned, err := resolveTargets(snap, assigned, t)
+	if err != nil {
+		return PutResult{}, false, err
+	}
+	if t.Confirm != nil {
+		if err := t.Confirm(slices.Sorted(maps.Keys(recipients))); err != nil {
+			return PutResult{}, false, err
+		}
 	}
 	var version int64
 	for _, c := range existing {
 		version = max(version, c.Version)
 	}
 	version++
-	res := PutResult{Version: version, Skipped: skipped}
+	res := PutResult{Version: version, Skipped: skipped, Unassigned: unassigned}
 	var cmps []clientv3.Cmp
 	var ops []clientv3.Op
 	for _, c := range existing {
@@ -169,10 +187,12 @@ func putOnce(ctx context.Context, cli *clientv3.Client, name string, value []byt
 
 // resolveTargets maps each selected node to its recipient. Nodes named
 // explicitly must have one; nodes selected by group or --all without one
-// are returned as skipped.
-func resolveTargets(snap *registry.Snapshot, t Targets) (map[string]string, []string, error) {
+// are returned as skipped. A group selects the nodes assigned to it by
+// the operator (assigned, node -> groups); nodes whose own entry claims
+// the group without that assignment are returned as unassigned.
+func resolveTargets(snap *registry.Snapshot, assigned map[string][]registry.Group, t Targets) (map[string]string, []string, []string, error) {
 	out := map[string]string{}
-	var skipped, missing []string
+	var skipped, missing, unassigned []string
 	add := func(node string, explicit bool) {
 		m, ok := snap.Members[node]
 		switch {
@@ -194,9 +214,14 @@ func resolveTargets(snap *registry.Snapshot, t Targets) (map[string]string, []st
 			add(n, true)
 		}
 	case t.Group != "":
-		for _, n := range snap.SortedNodeNames() {
-			if slices.Contains(snap.Nodes[n].Services, t.Group) {
+		for _, n := range slices.Sorted(maps.Keys(assigned)) {
+			if slices.Contains(assigned[n], t.Group) {
 				add(n, false)
+			}
+		}
+		for _, n := range snap.SortedNodeNames() {
+			if slices.Contains(snap.Nodes[n].Services, t.Group) && !slices.Contains(assigned[n], t.Group) {
+				unassigned = append(unassigned, n)
 			}
 		}
 	case t.All:
@@ -205,16 +230,68 @@ func resolveTargets(snap *registry.Snapshot, t Targets) (map[string]string, []st
 		}
 	}
 	if len(missing) > 0 {
-		return nil, nil, fmt.Errorf("no sealing recipient for %s: is meshd running there with secrets enabled?", strings.Join(missing, ", "))
+		return nil, nil, nil, fmt.Errorf("no sealing recipient for %s: is meshd running there with secrets enabled?", strings.Join(missing, ", "))
 	}
 	if len(out) == 0 {
 		if len(skipped) > 0 {
-			return nil, nil, fmt.Errorf("no selected node has a sealing recipient (without one: %s)", strings.Join(skipped, ", "))
+			return nil, nil, nil, fmt.Errorf("no selected node has a sealing recipient (without one: %s)", strings.Join(skipped, ", "))
 		}
-		return nil, nil, errors.New("no node matches the targets")
+		if len(unassigned) > 0 {
+			return nil, nil, nil, fmt.Errorf("no node is assigned to group %s by the operator (%s say they consume it: assign with meshctl node groups NODE %s)", t.Group, strings.Join(unassigned, ", "), t.Group)
+		}
+		return nil, nil, nil, errors.New("no node matches the targets")
 	}
 	slices.Sort(skipped)
-	return out, slices.Compact(skipped), nil
+	return out, slices.Compact(skipped), unassigned, nil
+}
+
+// decodeGroups reads the operator's group assignments (registry.GroupsKey).
+// A malformed assignment is an error: sealing by a guess is worse than not
+// sealing.
+func decodeGroups(kvs []*mvccpb.KeyValue) (map[string][]registry.Group, error) {
+	out := map[string][]registry.Group{}
+	for _, kv := range kvs {
+		node := strings.TrimPrefix(string(kv.Key), registry.GroupsPrefix)
+		if err := registry.ValidName(node); err != nil {
+			return nil, fmt.Errorf("group assignment %s: %w", registry.Quoted(kv.Key), err)
+		}
+		var gs []registry.Group
+		if err := json.Unmarshal(kv.Value, &gs); err != nil {
+			return nil, fmt.Errorf("group assignment of %s: %s: %w", node, registry.Quoted(kv.Value), err)
+		}
+		for _, g := range gs {
+			if _, err := registry.ParseGroup(string(g)); err != nil {
+				return nil, fmt.Errorf("group assignment of %s: %w", node, err)
+			}
+		}
+		out[node] = gs
+	}
+	return out, nil
+}
+
+// SetGroups records (as the operator) the groups node belongs to for
+// group secrets. An empty list deletes the assignment.
+func SetGroups(ctx context.Context, cli *clientv3.Client, node string, groups []registry.Group) error {
+	if err := registry.ValidName(node); err != nil {
+		return fmt.Errorf("node: %w", err)
+	}
+	for _, g := range groups {
+		if _, err := registry.ParseGroup(string(g)); err != nil {
+			return err
+		}
+	}
+	if len(groups) == 0 {
+		_, err := cli.Delete(ctx, registry.GroupsKey(node))
+		return err
+	}
+	gs := slices.Clone(groups)
+	slices.Sort(gs)
+	b, err := json.Marshal(slices.Compact(gs))
+	if err != nil {
+		return err
+	}
+	_, err = cli.Put(ctx, registry.GroupsKey(node), string(b))
+	return err
 }
 
 // secretCopy is one node's copy of a secret as read from etcd.

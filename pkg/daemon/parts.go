@@ -4,7 +4,10 @@ import (
 	"context"
 	"fmt"
 	"log/slog"
+	"net"
 	"net/netip"
+	"slices"
+	"strconv"
 
 	"github.com/prometheus/client_golang/prometheus"
 
@@ -78,12 +81,7 @@ func buildParts(ctx context.Context, cfg config.Config, log *slog.Logger, reg pr
 		p.overlay = ov
 	}
 	if h := cfg.HAProxy; h.Enable {
-		c, err := haproxycfg.New(haproxycfg.Options{
-			Self: cfg.NodeName, Consume: cfg.Consume, ConfigPath: h.ConfigPath, MasterSocket: h.MasterSocket,
-			StatsSocket: h.StatsSocket, Binary: h.Binary, Supervise: h.Supervise,
-			ReservedPorts: h.ReservedPorts, ServerSlots: h.ServerSlots,
-			HardStopAfter: h.HardStopAfter.D(), MaxReloads: h.MaxReloads,
-		}, log, reg)
+		c, err := haproxycfg.New(haproxyOptions(cfg), log, reg)
 		if err != nil {
 			return nil, fmt.Errorf("haproxy: %w", err)
 		}
@@ -115,4 +113,22 @@ func overlayEndpoint(cfg config.Config) string {
 		return netip.AddrPortFrom(netip.MustParseAddr(cfg.PublicIPv4), uint16(cfg.Overlay.ListenPort)).String()
 	}
 	return ""
+}
+
+// haproxyOptions maps the config onto the HAProxy component. meshd's own
+// metrics port is reserved: an app publishing it would fail the reload.
+func haproxyOptions(cfg config.Config) haproxycfg.Options {
+	h := cfg.HAProxy
+	reserved := slices.Clone(h.ReservedPorts)
+	if _, port, err := net.SplitHostPort(cfg.MetricsAddr); err == nil {
+		if p, err := strconv.Atoi(port); err == nil && p > 0 && !slices.Contains(reserved, p) {
+			reserved = append(reserved, p)
+		}
+	}
+	return haproxycfg.Options{
+		Self: cfg.NodeName, Consume: cfg.Consume, ConfigPath: h.ConfigPath, MasterSocket: h.MasterSocket,
+		StatsSocket: h.StatsSocket, Binary: h.Binary, Supervise: h.Supervise,
+		ReservedPorts: reserved, AllowLowPorts: h.AllowLowPorts, ServerSlots: h.ServerSlots,
+		HardStopAfter: h.HardStopAfter.D(), MaxReloads: h.MaxReloads, User: h.User, Group: h.Group,
+	}
 }

@@ -45,16 +45,38 @@ type Result struct {
 	Nodes []string
 	// AuthEnabled reports whether auth is on at the end.
 	AuthEnabled bool
+	// Problems are things Apply refused or left alone and the operator
+	// should look at: a name that holds root, a revoked node, a subnet
+	// claim whose value names another node than the one holding it.
+	Problems []string
 }
 
 type applier struct {
-	ctx  context.Context
-	cli  *clientv3.Client
-	o    Options
-	log  *slog.Logger
-	res  *Result
-	user map[string][]string // existing users and their roles
-	role map[string]bool     // existing roles
+	ctx   context.Context
+	cli   *clientv3.Client
+	o     Options
+	log   *slog.Logger
+	res   *Result
+	user  map[string][]string // existing users and their roles
+	role  map[string]bool     // existing roles
+	held  map[string][]Perm   // existing node roles' permissions, by node
+	ident map[string]string   // node -> CN of its current certificate, when rotated
+	revok map[string]bool     // revoked nodes
+}
+
+// problem records something Apply refused or left alone.
+func (a *applier) problem(format string, args ...any) {
+	msg := fmt.Sprintf(format, args...)
+	a.res.Problems = append(a.res.Problems, msg)
+	a.log.Warn(msg)
+}
+
+// userOf is the etcd user of node: the CN of its current certificate.
+func (a *applier) userOf(node string) string {
+	if cn, ok := a.ident[node]; ok {
+		return cn
+	}
+	return node
 }
 
 // do records a change and makes it unless this is a dry run.
@@ -103,12 +125,23 @@ func Apply(ctx context.Context, cli *clientv3.Client, o Options) (Result, error)
 	if err := a.load(); err != nil {
 		return res, err
 	}
+	if a.revok, a.ident, err = readMarks(ctx, cli); err != nil {
+		return res, err
+	}
 	view, err := ReadView(ctx, cli)
 	if err != nil {
 		return res, err
 	}
-	nodes := a.nodes(view)
+	nodes, err := a.nodes(view)
+	if err != nil {
+		return res, err
+	}
 	res.Nodes = nodes
+	var owners []string
+	view.Claims, owners = AssignClaims(view.ClaimNode, heldClaims(a.held), nodes)
+	for _, o := range owners {
+		a.problem("%s", o)
+	}
 
 	if err := a.operator(RootUser); err != nil {
 		return res, err
@@ -134,6 +167,13 @@ func Apply(ctx context.Context, cli *clientv3.Client, o Options) (Result, error)
 			}
 		}
 		if err := a.node(n, NodePerms(n, view, a.o.Subnets)); err != nil {
+			return res, err
+		}
+	}
+	if !o.DryRun {
+		// The pool, the subnet mode and the operators are the cluster's:
+		// keep them for refreshes.
+		if err := storeSettings(ctx, cli, a.o); err != nil {
 			return res, err
 		}
 	}
@@ -166,20 +206,40 @@ func (a *applier) load() error {
 		return fmt.Errorf("list roles: %w", err)
 	}
 	a.role = map[string]bool{}
+	a.held = map[string][]Perm{}
 	for _, r := range rl.Roles {
 		a.role[r] = true
+		n, ok := strings.CutPrefix(r, RolePrefix)
+		if !ok {
+			continue
+		}
+		rg, err := a.cli.RoleGet(a.ctx, r)
+		if err != nil {
+			return fmt.Errorf("get role %s: %w", r, err)
+		}
+		for _, p := range rg.Perm {
+			a.held[n] = append(a.held[n], Perm{Key: string(p.Key), RangeEnd: string(p.RangeEnd), Type: PermType(p.PermType)})
+		}
 	}
 	return nil
 }
 
 // nodes returns the nodes to set up: the ones asked for, or every node
-// the registry mentions and every node with a role already. Discovered
-// names that cannot be node users are logged and skipped.
-func (a *applier) nodes(v View) []string {
+// named by a node entry's or member record's key and every node with a
+// role already. Values are never read for this: a node controls its own
+// values. A name whose user holds root, or that the operator revoked, is
+// refused when asked for and skipped (and reported) when discovered.
+func (a *applier) nodes(v View) ([]string, error) {
 	if len(a.o.Nodes) > 0 {
 		out := slices.Clone(a.o.Nodes)
 		slices.Sort(out)
-		return slices.Compact(out)
+		out = slices.Compact(out)
+		for _, n := range out {
+			if err := a.admissible(n); err != nil {
+				return nil, err
+			}
+		}
+		return out, nil
 	}
 	set := map[string]bool{}
 	for _, n := range v.Nodes {
@@ -193,13 +253,28 @@ func (a *applier) nodes(v View) []string {
 	var out []string
 	for n := range set {
 		if err := CheckNodeName(n, a.o.Operators); err != nil {
-			a.log.Warn("skipping node", "node", n, "err", err)
+			a.problem("skipping node %s: %v", registry.Printable(n), err)
+			continue
+		}
+		if err := a.admissible(n); err != nil {
+			a.problem("skipping %v", err)
 			continue
 		}
 		out = append(out, n)
 	}
 	slices.Sort(out)
-	return out
+	return out, nil
+}
+
+// admissible refuses a node that was revoked or whose user holds root.
+func (a *applier) admissible(n string) error {
+	if a.revok[n] {
+		return fmt.Errorf("node %s: revoked (re-admit it with meshctl etcd roles admit %s)", n, n)
+	}
+	if slices.Contains(a.user[a.userOf(n)], RootRole) {
+		return fmt.Errorf("node %s: user %s holds the %s role, it cannot become a node", n, a.userOf(n), RootRole)
+	}
+	return nil
 }
 
 func (a *applier) ensureUser(name string) error {
@@ -229,18 +304,10 @@ func (a *applier) operator(name string) error {
 
 func (a *applier) node(n string, want []Perm) error {
 	role := NodeRole(n)
-	var have []Perm
+	have := a.held[n]
 	if !a.role[role] {
 		if err := a.do("add role "+role, func() error { _, err := a.cli.RoleAdd(a.ctx, role); return err }); err != nil {
 			return err
-		}
-	} else {
-		rg, err := a.cli.RoleGet(a.ctx, role)
-		if err != nil {
-			return fmt.Errorf("get role %s: %w", role, err)
-		}
-		for _, p := range rg.Perm {
-			have = append(have, Perm{Key: string(p.Key), RangeEnd: string(p.RangeEnd), Type: PermType(p.PermType)})
 		}
 	}
 	grant, revoke := Diff(want, have)
@@ -260,70 +327,61 @@ func (a *applier) node(n string, want []Perm) error {
 			return err
 		}
 	}
-	if err := a.ensureUser(n); err != nil {
+	u := a.userOf(n)
+	if err := a.ensureUser(u); err != nil {
 		return err
 	}
-	if !slices.Contains(a.user[n], role) {
-		if err := a.do(fmt.Sprintf("grant role %s to user %s", role, n), func() error {
-			_, err := a.cli.UserGrantRole(a.ctx, n, role)
+	if !slices.Contains(a.user[u], role) {
+		if err := a.do(fmt.Sprintf("grant role %s to user %s", role, u), func() error {
+			_, err := a.cli.UserGrantRole(a.ctx, u, role)
 			return err
 		}); err != nil {
 			return err
 		}
 	}
-	// A node user holds its own role and nothing else: a stray root or
-	// another node's role would undo the whole policy.
-	for _, r := range a.user[n] {
+	// A node user holds its own role and nothing else: another node's
+	// role would undo the whole policy. (A user holding root is never
+	// made a node: admissible refused it.)
+	for _, r := range slices.Clone(a.user[u]) {
 		if r == role {
 			continue
 		}
-		if err := a.do(fmt.Sprintf("revoke role %s from user %s", r, n), func() error {
-			_, err := a.cli.UserRevokeRole(a.ctx, n, r)
+		if err := a.revokeRole(u, r); err != nil {
 			return err
-		}); err != nil {
+		}
+	}
+	// The node's role belongs to its current certificate's user only.
+	for other, roles := range a.user {
+		if other == u || !slices.Contains(roles, role) {
+			continue
+		}
+		if err := a.revokeRole(other, role); err != nil {
 			return err
 		}
 	}
 	return nil
 }
 
-// RevokeNode deletes a node's etcd user and role, so that its certificate
-// no longer authenticates as anything (etcd rejects a CN that is not a
-// user). This is how a lost or compromised node is cut off before its
-// certificate expires. It does not touch the node's registry keys (see
-// registry.RemoveNode). Missing users or roles are not an error.
-func RevokeNode(ctx context.Context, cli *clientv3.Client, node string) ([]string, error) {
-	if err := CheckNodeName(node, nil); err != nil {
-		return nil, err
+// revokeRole takes role r from user u and forgets it, so that a later
+// node's pass does not revoke it twice.
+func (a *applier) revokeRole(u, r string) error {
+	if err := a.do(fmt.Sprintf("revoke role %s from user %s", r, u), func() error {
+		_, err := a.cli.UserRevokeRole(a.ctx, u, r)
+		return err
+	}); err != nil {
+		return err
 	}
-	var done []string
-	ul, err := cli.UserList(ctx)
-	if err != nil {
-		return nil, fmt.Errorf("list users: %w", err)
-	}
-	if slices.Contains(ul.Users, node) {
-		if _, err := cli.UserDelete(ctx, node); err != nil {
-			return done, fmt.Errorf("delete user %s: %w", node, err)
-		}
-		done = append(done, "delete user "+node)
-	}
-	rl, err := cli.RoleList(ctx)
-	if err != nil {
-		return done, fmt.Errorf("list roles: %w", err)
-	}
-	if slices.Contains(rl.Roles, NodeRole(node)) {
-		if _, err := cli.RoleDelete(ctx, NodeRole(node)); err != nil {
-			return done, fmt.Errorf("delete role %s: %w", NodeRole(node), err)
-		}
-		done = append(done, "delete role "+NodeRole(node))
-	}
-	return done, nil
+	a.user[u] = slices.DeleteFunc(slices.Clone(a.user[u]), func(x string) bool { return x == r })
+	return nil
 }
 
 // RefreshIfEnabled re-applies every node's role when auth is enabled, and
 // does nothing otherwise. Commands that change what the policy depends
 // on (registering an app adds an instance key per node) call it so that
-// nodes may advertise the new app at once.
+// nodes may advertise the new app at once. It uses the settings the last
+// whole-cluster Apply stored (pool, subnet mode, operators), never
+// defaults, and fails with ErrNoSettings when there are none; only
+// Logger is taken from o.
 func RefreshIfEnabled(ctx context.Context, cli *clientv3.Client, o Options) (Result, error) {
 	st, err := cli.AuthStatus(ctx)
 	if err != nil {
@@ -332,6 +390,11 @@ func RefreshIfEnabled(ctx context.Context, cli *clientv3.Client, o Options) (Res
 	if !st.Enabled {
 		return Result{}, nil
 	}
-	o.KeepAuthState = true
-	return Apply(ctx, cli, o)
+	stored, err := LoadSettings(ctx, cli)
+	if err != nil {
+		return Result{}, err
+	}
+	stored.Logger = o.Logger
+	stored.KeepAuthState = true
+	return Apply(ctx, cli, stored)
 }

@@ -116,7 +116,7 @@ func TestRevokeNodeCutsOffCertificate(t *testing.T) {
 	f, b := setup(t)
 	a := join(t, f, nodeA, "192.0.2.1")
 	done, err := RevokeNode(ctxT(t), f.root, nodeA)
-	if err != nil || len(done) != 2 {
+	if err != nil || !slices.Contains(done, "delete user "+nodeA) || !slices.Contains(done, "delete role "+NodeRole(nodeA)) {
 		t.Fatalf("revoke: %v %v", done, err)
 	}
 	if _, err := a.cli.Get(ctxT(t), registry.ClusterPrefix, clientv3.WithPrefix()); err == nil {
@@ -249,14 +249,13 @@ func TestOpenSubnetsMode(t *testing.T) {
 	}
 }
 
-// TestStrayRolesRevoked: a node user that somehow holds root (or another
-// node's role) is brought back to its own role only.
+// TestStrayRolesRevoked: a node user that somehow holds another node's
+// role is brought back to its own role only; a node name whose user holds
+// root is never turned into a node (root is not taken away) and is
+// reported.
 func TestStrayRolesRevoked(t *testing.T) {
 	f, _ := setup(t)
 	ctx := ctxT(t)
-	if _, err := f.root.UserGrantRole(ctx, nodeA, RootRole); err != nil {
-		t.Fatal(err)
-	}
 	if _, err := f.root.UserGrantRole(ctx, nodeA, NodeRole(nodeB)); err != nil {
 		t.Fatal(err)
 	}
@@ -273,6 +272,23 @@ func TestStrayRolesRevoked(t *testing.T) {
 	a := f.client(t, nodeA)
 	_, err = a.Put(ctx, registry.NodeKey(nodeB), "x")
 	wantDenied(t, "put B's entry after the stray roles went", err)
+
+	if _, err := f.root.UserGrantRole(ctx, nodeA, RootRole); err != nil {
+		t.Fatal(err)
+	}
+	res, err := Apply(ctx, f.root, Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if ug, _ := f.root.UserGet(ctx, nodeA); !slices.Contains(ug.Roles, RootRole) {
+		t.Errorf("apply took root from user %s: roles %v", nodeA, ug.Roles)
+	}
+	if slices.Contains(res.Nodes, nodeA) || !strings.Contains(strings.Join(res.Problems, "\n"), "holds the root role") {
+		t.Errorf("root holder set up as a node or not reported: nodes %v problems %q", res.Nodes, res.Problems)
+	}
+	if _, err := Apply(ctx, f.root, Options{Nodes: []string{nodeA}}); err == nil || !strings.Contains(err.Error(), "holds the root role") {
+		t.Errorf("apply --node of a root holder: %v", err)
+	}
 }
 
 // TestPreclaimAdoptsFlannelSubnet: the operator's pre-claim gives a

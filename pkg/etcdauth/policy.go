@@ -102,9 +102,13 @@ type View struct {
 	// its whole lease (entry, status and every instance).
 	Instances map[string][]registry.AppID
 	// Claims are the subnet claims, by the node that holds them.
+	// ViewOf fills it from the claims' values; Apply replaces it with
+	// AssignClaims' answer.
 	Claims map[string][]netip.Prefix
-	// Nodes are the nodes the registry mentions (entries, members,
-	// claims), sorted.
+	// ClaimNode is the node each claim's value names.
+	ClaimNode map[netip.Prefix]string
+	// Nodes are the nodes named by the keys of node entries and member
+	// records, sorted. Values never add a node.
 	Nodes []string
 	// IPv4 is each node entry's public IPv4, used to adopt a node's
 	// flannel subnet when the operator pre-claims it.
@@ -207,4 +211,62 @@ func CheckNodeName(node string, operators []string) error {
 		return fmt.Errorf("node %q: that name is an operator user", node)
 	}
 	return nil
+}
+
+// AssignClaims decides which node each subnet claim belongs to. The node
+// a claim's value names is believed only when no other node already
+// holds write access to the claim key (held, from the existing roles) and
+// that node is one of nodes: a node can rewrite its own claim's value to
+// any name, and that must neither hand the claim (or a role) to someone
+// else nor take it away from the holder. Every disagreement is returned
+// as a problem to report; the claim stays with its holder.
+func AssignClaims(named map[netip.Prefix]string, held map[netip.Prefix]string, nodes []string) (map[string][]netip.Prefix, []string) {
+	out := map[string][]netip.Prefix{}
+	var problems []string
+	for p, v := range named {
+		h := held[p]
+		switch {
+		case h != "" && h != v:
+			problems = append(problems, fmt.Sprintf("subnet claim %s names node %s but is held by node %s: left with %s", p, registry.Printable(v), h, h))
+			out[h] = append(out[h], p)
+		case h != "":
+			out[h] = append(out[h], p)
+		case slices.Contains(nodes, v):
+			out[v] = append(out[v], p)
+		default:
+			problems = append(problems, fmt.Sprintf("subnet claim %s names %s, which is no node being set up: ignored", p, registry.Printable(v)))
+		}
+	}
+	for _, ps := range out {
+		slices.SortFunc(ps, func(a, b netip.Prefix) int { return a.Addr().Compare(b.Addr()) })
+	}
+	slices.Sort(problems)
+	return out, problems
+}
+
+// heldClaims returns, for each subnet claim key some node role may write
+// by exact key, the node holding it (a key held by two roles is left out:
+// Apply then goes by the claim's value).
+func heldClaims(roles map[string][]Perm) map[netip.Prefix]string {
+	out := map[netip.Prefix]string{}
+	dup := map[netip.Prefix]bool{}
+	for n, perms := range roles {
+		for _, p := range perms {
+			if p.RangeEnd != "" || (p.Type != Write && p.Type != ReadWrite) {
+				continue
+			}
+			pk, err := registry.ParseKey(p.Key)
+			if err != nil || pk.Kind != registry.KindSubnet {
+				continue
+			}
+			if o, ok := out[pk.Subnet]; ok && o != n {
+				dup[pk.Subnet] = true
+			}
+			out[pk.Subnet] = n
+		}
+	}
+	for p := range dup {
+		delete(out, p)
+	}
+	return out
 }

@@ -19,11 +19,12 @@ type KV struct {
 }
 
 // ViewOf builds the View from the keys under /cluster/ (values are needed
-// only for node entries and subnet claims). Keys that do not parse are
+// only for node entries and subnet claims). Nodes come from key names
+// only (node entries and member records). Keys that do not parse are
 // skipped: a hostile key must not widen or break anyone's role. It is
 // pure, so the policy can be tested without etcd.
 func ViewOf(kvs []KV) View {
-	v := View{Claims: map[string][]netip.Prefix{}, IPv4: map[string]string{}, Instances: map[string][]registry.AppID{}}
+	v := View{Claims: map[string][]netip.Prefix{}, ClaimNode: map[netip.Prefix]string{}, IPv4: map[string]string{}, Instances: map[string][]registry.AppID{}}
 	apps := map[registry.AppID]bool{}
 	nodes := map[string]bool{}
 	for _, kv := range kvs {
@@ -48,7 +49,10 @@ func ViewOf(kvs []KV) View {
 			if err != nil {
 				continue
 			}
-			nodes[c.Node] = true
+			// The value names a node, but the node that holds the key
+			// may have written any name into it: it says who the claim
+			// is for, never which nodes exist (see AssignClaims).
+			v.ClaimNode[pk.Subnet] = c.Node
 			v.Claims[c.Node] = append(v.Claims[c.Node], pk.Subnet)
 		}
 	}

@@ -25,6 +25,11 @@ type Options struct {
 }
 
 // TLS builds the client TLS configuration, or nil when no file is set.
+// RetryMax is the longest a meshd node waits between two attempts to
+// reach etcd (gRPC reconnects, re-registration, the registry watch), so
+// that it is back within about RetryMax of etcd's return.
+const RetryMax = 250 * time.Millisecond
+
 func (o Options) TLS() (*tls.Config, error) {
 	if o.CAFile == "" && o.CertFile == "" && o.KeyFile == "" {
 		return nil, nil
@@ -75,11 +80,13 @@ func New(o Options) (*clientv3.Client, error) {
 		DialKeepAliveTimeout: 3 * time.Second,
 		Logger:               zap.NewNop(),
 		// gRPC's default reconnect backoff grows to 120 s: after a long
-		// outage a node would stay away long after etcd is back. Retry at
-		// most once a second instead (one refused connection per second
-		// per node while etcd is down: a trickle).
+		// outage a node would stay away long after etcd is back. Retry
+		// every 250 ms at most (±20%) instead: the wait for the next
+		// attempt after etcd's return is the largest part of a node's
+		// re-convergence, and four refused connections a second per node
+		// while etcd is down are still a trickle.
 		DialOptions: []grpc.DialOption{grpc.WithConnectParams(grpc.ConnectParams{
-			Backoff:           backoff.Config{BaseDelay: 100 * time.Millisecond, Multiplier: 1.6, Jitter: 0.2, MaxDelay: time.Second},
+			Backoff:           backoff.Config{BaseDelay: 50 * time.Millisecond, Multiplier: 1.6, Jitter: 0.2, MaxDelay: RetryMax},
 			MinConnectTimeout: 2 * time.Second,
 		})},
 	})

@@ -38,6 +38,14 @@ type Options struct {
 	Supervise bool
 	// ReservedPorts are loopback ports no app may publish.
 	ReservedPorts []int
+	// AllowLowPorts are ports below 1024 apps may publish.
+	AllowLowPorts []int
+	// User and Group are rendered as HAProxy's user/group: the worker
+	// drops root after binding (empty: as started).
+	User, Group string
+	// Probe checks that a port not yet held by HAProxy can be bound
+	// (default ProbeLoopback).
+	Probe PortProbe
 	// ServerSlots is the per-backend slot granularity (default 8).
 	ServerSlots int
 	// PidFile is the supervised master's pid file (default: ConfigPath
@@ -112,6 +120,11 @@ func New(opts Options, log *slog.Logger, reg prometheus.Registerer) (*Component,
 			return nil, fmt.Errorf("haproxy: %s %q: want a path of [A-Za-z0-9/._-] (or ipv4@host:port), at most 107 bytes", name, s)
 		}
 	}
+	for name, s := range map[string]string{"user": opts.User, "group": opts.Group} {
+		if s != "" && !ValidUnixName(s) {
+			return nil, fmt.Errorf("haproxy: %s %s: want a user or group name", name, registry.Quoted([]byte(s)))
+		}
+	}
 	if opts.ServerSlots < 0 || opts.ServerSlots > MaxServerSlots {
 		return nil, fmt.Errorf("haproxy: serverSlots %d: want 0-%d", opts.ServerSlots, MaxServerSlots)
 	}
@@ -131,6 +144,9 @@ func New(opts Options, log *slog.Logger, reg prometheus.Registerer) (*Component,
 	if opts.PidFile == "" {
 		opts.PidFile = strings.TrimSuffix(opts.ConfigPath, ".cfg") + ".pid"
 	}
+	if opts.Probe == nil {
+		opts.Probe = ProbeLoopback
+	}
 	if opts.SuperviseEvery <= 0 {
 		opts.SuperviseEvery = time.Second
 	}
@@ -145,9 +161,10 @@ func New(opts Options, log *slog.Logger, reg prometheus.Registerer) (*Component,
 		opts: opts,
 		log:  log,
 		params: Params{
-			Self: opts.Self, Consume: opts.Consume, ReservedPorts: opts.ReservedPorts,
+			Self: opts.Self, Consume: opts.Consume, ReservedPorts: opts.ReservedPorts, AllowLowPorts: opts.AllowLowPorts,
 			ServerSlots: opts.ServerSlots, StatsSocket: opts.StatsSocket, MasterSocket: opts.MasterSocket,
 			HardStopAfter: opts.HardStopAfter, MaxReloads: opts.MaxReloads, GlobalExtra: opts.GlobalExtra,
+			User: opts.User, Group: opts.Group,
 		},
 	}
 	c.applier = &Applier{
@@ -181,10 +198,13 @@ func (c *Component) Name() string { return "haproxy" }
 // that meshctl can render what this node would run.
 func (c *Component) Params() Params { return c.params }
 
-// Apply computes the desired configuration from snap and applies it.
+// Apply computes the desired configuration from snap and applies it. A
+// listener whose port something else on the node holds is left out and
+// reported, so one busy port cannot stop every other change.
 func (c *Component) Apply(ctx context.Context, snap *registry.Snapshot) error {
-	d := Compute(snap, c.params)
+	d := LeaveOutBusy(Compute(snap, c.params), c.applier.HeldPorts(), c.opts.Probe)
 	c.mu.Lock()
+	d = Hysteresis(d, c.last, c.params.withDefaults().ServerSlots)
 	c.last = d
 	c.mu.Unlock()
 	if err := c.applier.Set(ctx, d); err != nil {

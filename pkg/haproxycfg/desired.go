@@ -42,6 +42,9 @@ type Params struct {
 	// ReservedPorts are loopback ports this node's own services use; an
 	// app publishing one of them is reported and skipped.
 	ReservedPorts []int
+	// AllowLowPorts are ports below MinUnprivilegedPort that apps may
+	// publish (an ingress node's 80 and 443); any other is refused.
+	AllowLowPorts []int
 	// ServerSlots is the slot granularity of a backend: a backend has the
 	// smallest multiple of ServerSlots that holds its instances.
 	ServerSlots int
@@ -56,6 +59,10 @@ type Params struct {
 	// MaxReloads is mworker-max-reloads: an old worker that survived this
 	// many reloads is terminated.
 	MaxReloads int
+	// User and Group are what HAProxy's processes that handle traffic run
+	// as (its "user"/"group" directives): the worker drops root after the
+	// listeners are bound. Empty leaves HAProxy as started.
+	User, Group string
 	// GlobalExtra are operator-supplied lines appended to the global
 	// section (tuning such as "maxconn 20000"). The renderer only checks
 	// that each is one printable line; `haproxy -c` is the judge of the rest.
@@ -83,6 +90,7 @@ type Desired struct {
 	StatsSocket   string
 	HardStopAfter time.Duration
 	MaxReloads    int
+	User, Group   string
 	GlobalExtra   []string
 	// Listeners holds one entry per rendered app, sorted by group then app.
 	Listeners []Listener
@@ -135,6 +143,8 @@ func Compute(snap *registry.Snapshot, opts Params) Desired {
 		StatsSocket:   opts.StatsSocket,
 		HardStopAfter: opts.HardStopAfter,
 		MaxReloads:    opts.MaxReloads,
+		User:          opts.User,
+		Group:         opts.Group,
 		GlobalExtra:   slices.Clone(opts.GlobalExtra),
 	}
 	problem := func(app, format string, a ...any) {
@@ -190,6 +200,10 @@ func Compute(snap *registry.Snapshot, opts Params) Desired {
 			problem(l.App.String(), "port %d collides with %s; not rendered", l.Port, why)
 			continue
 		}
+		if l.Port < MinUnprivilegedPort && !slices.Contains(opts.AllowLowPorts, l.Port) {
+			problem(l.App.String(), "publish.port %d is below %d and not in haproxy.allowLowPorts; not rendered", l.Port, MinUnprivilegedPort)
+			continue
+		}
 		if other, ok := taken[l.Port]; ok {
 			problem(l.App.String(), "port %d already used by %s; not rendered", l.Port, other)
 			continue
@@ -198,10 +212,14 @@ func Compute(snap *registry.Snapshot, opts Params) Desired {
 		l.Slots = padSlots(l.Slots, opts.ServerSlots)
 		d.Listeners = append(d.Listeners, l)
 	}
-	slices.SortFunc(d.Problems, func(a, b Problem) int {
+	sortProblems(d.Problems)
+	return d
+}
+
+func sortProblems(ps []Problem) {
+	slices.SortFunc(ps, func(a, b Problem) int {
 		return cmp.Or(cmp.Compare(a.App, b.App), cmp.Compare(a.Reason, b.Reason))
 	})
-	return d
 }
 
 // servers validates an app's instances and returns them sorted by node,
@@ -216,7 +234,7 @@ func servers(app *registry.App, id string, problem func(app, format string, a ..
 		}
 		a, err := netip.ParseAddr(in.IPv4)
 		if err != nil || !a.Is4() || a.IsUnspecified() || a.IsMulticast() {
-			problem(id, "instance %s: ipv4 %q is not a usable IPv4 address", in.Node, in.IPv4)
+			problem(id, "instance %s: ipv4 %s is not a usable IPv4 address", in.Node, registry.Quoted([]byte(in.IPv4)))
 			continue
 		}
 		if in.Port < 1 || in.Port > 65535 {
@@ -238,13 +256,52 @@ func servers(app *registry.App, id string, problem func(app, format string, a ..
 	return out
 }
 
-// padSlots extends s with free slots up to the smallest multiple of step
-// (at least one step) that holds it.
+// padSlots extends s with free slots up to slotsFor(len(s), step).
 func padSlots(s []Server, step int) []Server {
-	n := max(step, (len(s)+step-1)/step*step)
-	n = min(n, max(MaxServerSlots, len(s)))
-	out := make([]Server, n)
+	out := make([]Server, slotsFor(len(s), step))
 	copy(out, s)
+	return out
+}
+
+// slotsFor is how many slots n instances get: the smallest multiple of
+// step that holds them and one spare slot, so that one more instance (a
+// replacement starting before the old one is gone) needs no reload.
+func slotsFor(n, step int) int {
+	return min((n+1+step-1)/step*step, max(MaxServerSlots, n))
+}
+
+// Hysteresis keeps each listener's slot count from prev where the
+// instance count moved only a little, so that an app whose count flaps
+// across a multiple of step does not change the structure (and reload
+// every consuming node, cutting long connections of all apps) each time:
+// slots grow at once when the instances need more, and shrink only once
+// the instances fit with half a step to spare below the smaller size.
+// It is pure; prev is the Desired computed last time.
+func Hysteresis(d, prev Desired, step int) Desired {
+	if step <= 0 {
+		step = DefaultServerSlots
+	}
+	had := map[registry.AppID]int{}
+	for _, l := range prev.Listeners {
+		had[l.App] = len(l.Slots)
+	}
+	out := d
+	out.Listeners = slices.Clone(d.Listeners)
+	for i, l := range out.Listeners {
+		c, ok := had[l.App]
+		n := 0
+		for _, s := range l.Slots {
+			if !s.Empty() {
+				n++
+			}
+		}
+		if !ok || slotsFor(n, step) > c || slotsFor(n+max(1, step/2), step) < c || n > MaxServerSlots || c > MaxServerSlots {
+			continue // new, growing, or shrinking well below: Compute's size
+		}
+		slots := make([]Server, c)
+		copy(slots, l.Slots[:min(len(l.Slots), c)])
+		out.Listeners[i].Slots = slots
+	}
 	return out
 }
 

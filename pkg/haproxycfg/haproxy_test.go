@@ -273,7 +273,9 @@ func TestReloadFailureKeepsServing(t *testing.T) {
 	}
 	defer squat.Close()
 	busy := squat.Addr().(*net.TCPAddr).Port
-	err = c.Apply(ctx, snapshot(map[string]appSpec{"web": {port, []*backend{a}}, "db": {busy, nil}}))
+	// The applier alone (the component would leave the busy listener out,
+	// see TestBusyPortLeftOutRestApplies).
+	err = c.applier.Set(ctx, Compute(snapshot(map[string]appSpec{"web": {port, []*backend{a}}, "db": {busy, nil}}), c.params))
 	if !errors.Is(err, ErrReloadFailed) {
 		t.Fatalf("Apply: %v, want ErrReloadFailed", err)
 	}
@@ -291,7 +293,7 @@ func TestReloadFailureKeepsServing(t *testing.T) {
 	}
 	// Once the port is free the same desired state applies.
 	squat.Close()
-	if err := c.Apply(ctx, snapshot(map[string]appSpec{"web": {port, []*backend{a}}, "db": {busy, nil}})); err != nil {
+	if err := c.applier.Set(ctx, Compute(snapshot(map[string]appSpec{"web": {port, []*backend{a}}, "db": {busy, nil}}), c.params)); err != nil {
 		t.Fatalf("retry after the port was freed: %v", err)
 	}
 }

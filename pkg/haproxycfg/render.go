@@ -45,6 +45,12 @@ func Render(d Desired) []byte {
 		maxReloads = DefaultMaxReloads
 	}
 	fmt.Fprintf(&b, "    mworker-max-reloads %d\n", maxReloads)
+	if ValidUnixName(d.User) {
+		fmt.Fprintf(&b, "    user %s\n", d.User)
+	}
+	if ValidUnixName(d.Group) {
+		fmt.Fprintf(&b, "    group %s\n", d.Group)
+	}
 	for _, l := range d.GlobalExtra {
 		if safeLine(l) {
 			fmt.Fprintf(&b, "    %s\n", l)
@@ -178,6 +184,9 @@ func StructureHash(d Desired) string {
 	}
 	var b bytes.Buffer
 	fmt.Fprintf(&b, "%q %q %d %d\n", s.Self, s.StatsSocket, s.HardStopAfter, s.MaxReloads)
+	if s.User != "" || s.Group != "" {
+		fmt.Fprintf(&b, "u %q %q\n", s.User, s.Group)
+	}
 	for _, l := range s.GlobalExtra {
 		fmt.Fprintf(&b, "g %q\n", l)
 	}

@@ -52,6 +52,9 @@ type Options struct {
 	RouteNetwork bool
 	// Network is the cluster prefix (nix-infra: 10.0.0.0/8).
 	Network netip.Prefix
+	// Pool is the subnet pool: a member whose subnet is not one of its
+	// subnets is skipped (zero: only Network is checked).
+	Pool registry.Pool
 	// RulePriority of the policy rule (0: DefaultRulePriority).
 	RulePriority int
 	// ImportKeyFile is flanneld's WireGuard private key file, imported on
@@ -72,6 +75,7 @@ func (o Options) params() desired.Params {
 		RouteTable:   o.RouteTable,
 		RouteNetwork: o.RouteNetwork,
 		Network:      o.Network,
+		Pool:         o.Pool,
 	}
 }
 

@@ -50,11 +50,8 @@ func LoadOrImportKey(stateDir, importFile string) (k wgtypes.Key, imported bool,
 	b, err := os.ReadFile(path)
 	switch {
 	case err == nil:
-		fi, err := os.Stat(path)
-		if err == nil && fi.Mode().Perm()&0o077 != 0 {
-			if err := os.Chmod(path, 0o600); err != nil {
-				return wgtypes.Key{}, false, fmt.Errorf("key file %s: tighten mode: %w", path, err)
-			}
+		if err := atomicfile.TightenPrivate(path); err != nil {
+			return wgtypes.Key{}, false, fmt.Errorf("key file: %w", err)
 		}
 		// Do not wrap the parse error: it could quote the file's content.
 		k, perr := wgtypes.ParseKey(strings.TrimSpace(string(b)))

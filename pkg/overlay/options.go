@@ -1,6 +1,9 @@
 package overlay
 
-import "github.com/meshd/meshd/pkg/config"
+import (
+	"github.com/meshd/meshd/pkg/config"
+	"github.com/meshd/meshd/pkg/registry"
+)
 
 // OptionsFromConfig maps meshd's configuration file onto the component's
 // options, so meshd's main only wires: overlay.New(OptionsFromConfig(cfg),
@@ -19,6 +22,7 @@ func OptionsFromConfig(c config.Config) Options {
 		RouteTable:   o.RouteTable,
 		RouteNetwork: o.RouteNetwork,
 		Network:      o.Network,
+		Pool:         registry.Pool{Min: o.SubnetMin, Max: o.SubnetMax, Bits: o.SubnetLen},
 
 		ImportKeyFile: o.ImportKeyFile,
 

@@ -99,11 +99,11 @@ func (d Dir) LoadCA() (*CA, error) {
 }
 
 // Write stores an issued certificate and key as <name>.pem and
-// <name>-key.pem. name must be a registry.ValidName: it becomes a file
-// name.
+// <name>-key.pem. name must be a registry.ValidName, or a rotated node
+// certificate's node@gen (NodeCN): it becomes a file name.
 func (d Dir) Write(name string, is *Issued, w WriteOptions) error {
-	if err := registry.ValidName(name); err != nil {
-		return fmt.Errorf("certificate name: %w", err)
+	if _, _, err := ParseNodeCN(name); err != nil {
+		return err
 	}
 	if name == "ca" || strings.HasSuffix(name, "-key") {
 		return fmt.Errorf("certificate name %q: reserved", name)

@@ -110,6 +110,29 @@ func TestStoreReplaceDropsMissedDeletes(t *testing.T) {
 	}
 }
 
+// A prefix being re-listed after a compaction is not Listed until its new
+// list arrives, even though another prefix's newer list has moved the
+// store's revision on: a pass in between would publish that revision as
+// applied without the changes the compaction hid.
+func TestStoreRelistingHidesPrefixUntilReplaced(t *testing.T) {
+	s := NewStore()
+	s.Replace(ClusterPrefix, nixInfraKVs[:3], 10)
+	s.Replace(FlannelSubnetPrefix, nil, 10)
+	s.Relisting(ClusterPrefix)
+	s.Relisting(FlannelSubnetPrefix)
+	s.Replace(FlannelSubnetPrefix, nil, 30)
+	if s.Listed(ClusterPrefix) || !s.Listed(FlannelSubnetPrefix) {
+		t.Fatalf("during the re-list: cluster listed %v, flannel listed %v; want false, true", s.Listed(ClusterPrefix), s.Listed(FlannelSubnetPrefix))
+	}
+	s.Replace(ClusterPrefix, nixInfraKVs[:4], 30)
+	if !s.Listed(ClusterPrefix) {
+		t.Fatal("cluster prefix not listed after its re-list")
+	}
+	if n := len(s.Snapshot().Apps[AppID{GroupServices, "app-mongodb-pod"}].Instances); n == 0 {
+		t.Error("the re-listed instance is missing")
+	}
+}
+
 // FuzzDecode checks that no key or value can make the decoders panic, and
 // that whatever they accept is safe to put into a config file.
 func FuzzDecode(f *testing.F) {

@@ -20,6 +20,9 @@ import (
 //	/cluster/meshd/subnets/<a.b.c.d-len>          subnet claim, created once in a transaction
 //	/meshd/status/<node>                          applied revision and health, leased
 //	/meshd/secrets/<node>/<name>                  a secret sealed to that node's age recipient
+//	/meshd/revoked/<node>                         the operator revoked the node (operator only)
+//	/meshd/identity/<node>                        the CN of the node's current certificate (operator only)
+//	/meshd/groups/<node>                          the groups the operator assigned the node (operator only)
 //	/meshd/seen/<node>                            when the node last registered or stopped, unleased
 //	/coreos.com/network/config                    flannel's network config (WireGuard port, keepalive)
 //	/coreos.com/network/subnets/<a.b.c.d-len>     flannel's lease: flannel nodes' peers; meshd keeps one for its own subnet
@@ -31,6 +34,9 @@ const (
 	MeshdPrefix         = "/meshd/"
 	StatusPrefix        = "/meshd/status/"
 	SecretsPrefix       = "/meshd/secrets/"
+	RevokedPrefix       = "/meshd/revoked/"
+	IdentityPrefix      = "/meshd/identity/"
+	GroupsPrefix        = "/meshd/groups/"
 	SeenPrefix          = "/meshd/seen/"
 	FlannelSubnetPrefix = "/coreos.com/network/subnets/"
 	FlannelConfigKey    = "/coreos.com/network/config"
@@ -44,6 +50,19 @@ func MemberKey(node string) string { return MembersPrefix + node }
 
 // StatusKey is the key under which a node publishes what it has applied.
 func StatusKey(node string) string { return StatusPrefix + node }
+
+// RevokedKey marks a node the operator revoked: no role is set up for it
+// until the operator re-admits it.
+func RevokedKey(node string) string { return RevokedPrefix + node }
+
+// IdentityKey holds the common name of a node's current certificate when
+// it is not the node's name (after a rotation).
+func IdentityKey(node string) string { return IdentityPrefix + node }
+
+// GroupsKey holds the groups the operator assigned node, a JSON list.
+// Nodes cannot write it: it is what group secrets are sealed by, never
+// the groups a node's own entry claims.
+func GroupsKey(node string) string { return GroupsPrefix + node }
 
 // SeenKey is the key of a node's durable presence record (Seen).
 func SeenKey(node string) string { return SeenPrefix + node }
@@ -81,14 +100,14 @@ func PrefixName(p netip.Prefix) string {
 func ParsePrefixName(s string) (netip.Prefix, error) {
 	addr, bits, ok := strings.Cut(s, "-")
 	if !ok {
-		return netip.Prefix{}, fmt.Errorf("subnet %q: want a.b.c.d-len", s)
+		return netip.Prefix{}, fmt.Errorf("subnet %s: want a.b.c.d-len", Quoted([]byte(s)))
 	}
 	p, err := netip.ParsePrefix(addr + "/" + bits)
 	if err != nil {
-		return netip.Prefix{}, fmt.Errorf("subnet %q: %w", s, err)
+		return netip.Prefix{}, fmt.Errorf("subnet %s: %w", Quoted([]byte(s)), err)
 	}
 	if p != p.Masked() {
-		return netip.Prefix{}, fmt.Errorf("subnet %q: host bits set", s)
+		return netip.Prefix{}, fmt.Errorf("subnet %s: host bits set", Quoted([]byte(s)))
 	}
 	return p, nil
 }
@@ -139,25 +158,25 @@ func ParseKey(key string) (ParsedKey, error) {
 	case strings.HasPrefix(key, NodesPrefix):
 		n := strings.TrimPrefix(key, NodesPrefix)
 		if err := ValidName(n); err != nil {
-			return ParsedKey{}, fmt.Errorf("node key %q: %w", key, err)
+			return ParsedKey{}, fmt.Errorf("node key %s: %w", Quoted([]byte(key)), err)
 		}
 		return ParsedKey{Kind: KindNode, Node: n}, nil
 	case strings.HasPrefix(key, MembersPrefix):
 		n := strings.TrimPrefix(key, MembersPrefix)
 		if err := ValidName(n); err != nil {
-			return ParsedKey{}, fmt.Errorf("member key %q: %w", key, err)
+			return ParsedKey{}, fmt.Errorf("member key %s: %w", Quoted([]byte(key)), err)
 		}
 		return ParsedKey{Kind: KindMember, Node: n}, nil
 	case strings.HasPrefix(key, SubnetsPrefix):
 		p, err := ParsePrefixName(strings.TrimPrefix(key, SubnetsPrefix))
 		if err != nil {
-			return ParsedKey{}, fmt.Errorf("subnet key %q: %w", key, err)
+			return ParsedKey{}, fmt.Errorf("subnet key %s: %w", Quoted([]byte(key)), err)
 		}
 		return ParsedKey{Kind: KindSubnet, Subnet: p}, nil
 	case strings.HasPrefix(key, StatusPrefix):
 		n := strings.TrimPrefix(key, StatusPrefix)
 		if err := ValidName(n); err != nil {
-			return ParsedKey{}, fmt.Errorf("status key %q: %w", key, err)
+			return ParsedKey{}, fmt.Errorf("status key %s: %w", Quoted([]byte(key)), err)
 		}
 		return ParsedKey{Kind: KindStatus, Node: n}, nil
 	case strings.HasPrefix(key, SeenPrefix):
@@ -170,13 +189,13 @@ func ParseKey(key string) (ParsedKey, error) {
 		rest := strings.TrimPrefix(key, SecretsPrefix)
 		n, name, ok := strings.Cut(rest, "/")
 		if !ok {
-			return ParsedKey{}, fmt.Errorf("secret key %q: want %s<node>/<name>", key, SecretsPrefix)
+			return ParsedKey{}, fmt.Errorf("secret key %s: want %s<node>/<name>", Quoted([]byte(key)), SecretsPrefix)
 		}
 		if err := ValidName(n); err != nil {
-			return ParsedKey{}, fmt.Errorf("secret key %q: node: %w", key, err)
+			return ParsedKey{}, fmt.Errorf("secret key %s: node: %w", Quoted([]byte(key)), err)
 		}
 		if err := ValidName(name); err != nil {
-			return ParsedKey{}, fmt.Errorf("secret key %q: name: %w", key, err)
+			return ParsedKey{}, fmt.Errorf("secret key %s: name: %w", Quoted([]byte(key)), err)
 		}
 		return ParsedKey{Kind: KindSecret, Node: n, Name: name}, nil
 	case strings.HasPrefix(key, ClusterPrefix):
@@ -186,21 +205,21 @@ func ParseKey(key string) (ParsedKey, error) {
 			return ParsedKey{}, nil // not an app group: someone else's key
 		}
 		if len(parts) < 3 {
-			return ParsedKey{}, fmt.Errorf("app key %q: too short", key)
+			return ParsedKey{}, fmt.Errorf("app key %s: too short", Quoted([]byte(key)))
 		}
 		if err := ValidName(parts[1]); err != nil {
-			return ParsedKey{}, fmt.Errorf("app key %q: app: %w", key, err)
+			return ParsedKey{}, fmt.Errorf("app key %s: app: %w", Quoted([]byte(key)), err)
 		}
 		switch {
 		case len(parts) == 3 && parts[2] == "meta_data":
 			return ParsedKey{Kind: KindMeta, Group: g, App: parts[1]}, nil
 		case len(parts) == 4 && parts[2] == "instances":
 			if err := ValidName(parts[3]); err != nil {
-				return ParsedKey{}, fmt.Errorf("instance key %q: node: %w", key, err)
+				return ParsedKey{}, fmt.Errorf("instance key %s: node: %w", Quoted([]byte(key)), err)
 			}
 			return ParsedKey{Kind: KindInstance, Group: g, App: parts[1], Node: parts[3]}, nil
 		}
-		return ParsedKey{}, fmt.Errorf("app key %q: unknown shape", key)
+		return ParsedKey{}, fmt.Errorf("app key %s: unknown shape", Quoted([]byte(key)))
 	}
 	return ParsedKey{}, nil
 }

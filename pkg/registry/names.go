@@ -34,11 +34,11 @@ func ValidName(s string) error {
 		case c >= 'a' && c <= 'z', c >= 'A' && c <= 'Z', c >= '0' && c <= '9':
 		case (c == '-' || c == '_' || c == '.') && i > 0:
 		default:
-			return fmt.Errorf("%w: %q has forbidden character %q at byte %d", ErrBadName, s, c, i)
+			return fmt.Errorf("%w: %s has forbidden character %q at byte %d", ErrBadName, Quoted([]byte(s)), c, i)
 		}
 	}
 	if s == "." || s == ".." {
-		return fmt.Errorf("%w: %q", ErrBadName, s)
+		return fmt.Errorf("%w: %s", ErrBadName, Quoted([]byte(s)))
 	}
 	return nil
 }
@@ -69,5 +69,5 @@ func ParseGroup(s string) (Group, error) {
 			return g, nil
 		}
 	}
-	return "", fmt.Errorf("%w: %q (want frontends, backends or services)", ErrBadGroup, s)
+	return "", fmt.Errorf("%w: %s (want frontends, backends or services)", ErrBadGroup, Quoted([]byte(s)))
 }

@@ -11,7 +11,7 @@ import (
 func kvsOf(resp *clientv3.GetResponse) []KV {
 	out := make([]KV, 0, len(resp.Kvs))
 	for _, kv := range resp.Kvs {
-		out = append(out, KV{Key: string(kv.Key), Value: kv.Value, Lease: kv.Lease})
+		out = append(out, KV{Key: string(kv.Key), Value: kv.Value, Lease: kv.Lease, Created: kv.CreateRevision})
 	}
 	return out
 }

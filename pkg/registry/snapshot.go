@@ -2,7 +2,6 @@ package registry
 
 import (
 	"cmp"
-	"fmt"
 	"net/netip"
 	"slices"
 	"strings"
@@ -55,10 +54,13 @@ const (
 	ReasonSubnetConflict = "subnet_conflict"
 	// ReasonForeignAddress: an instance points away from its node's overlay address.
 	ReasonForeignAddress = "foreign_address"
+	// ReasonKeyClash: a member record holds another member's WireGuard key
+	// and its subnet claim is not the older one.
+	ReasonKeyClash = "key_clash"
 )
 
 // ProblemReasons lists every Problem.Reason, in a fixed order.
-var ProblemReasons = []string{ReasonBadKey, ReasonBadValue, ReasonSubnetConflict, ReasonForeignAddress}
+var ProblemReasons = []string{ReasonBadKey, ReasonBadValue, ReasonSubnetConflict, ReasonForeignAddress, ReasonKeyClash}
 
 // problemOf is the Problem for a key whose entry did not decode.
 func problemOf(key string, e entry) Problem {
@@ -125,9 +127,10 @@ func (s *Snapshot) SortedNodeNames() []string {
 
 // entry is one decoded key: exactly one of the value fields is set, or err.
 type entry struct {
-	pk  ParsedKey
-	val any // Node, Member, SubnetClaim, AppMeta, Instance, Status, SealedSecret, FlannelLease, FlannelConfig
-	err error
+	pk      ParsedKey
+	val     any // Node, Member, SubnetClaim, AppMeta, Instance, Status, SealedSecret, FlannelLease, FlannelConfig
+	err     error
+	created int64
 }
 
 // decodeEntry parses and decodes one key/value. ok is false for keys meshd
@@ -219,6 +222,7 @@ type Store struct {
 	last     *Snapshot
 	revision int64
 	listed   map[string]bool
+	pool     Pool
 }
 
 // NewStore returns an empty store.
@@ -231,13 +235,35 @@ func NewStore() *Store {
 	return s
 }
 
-// Listed reports whether prefix has been listed at least once. A snapshot
-// taken before that lacks the prefix's keys and must not be applied: an
-// empty view would tear down a working node.
+// NewOverlayStore returns an empty store for a node whose overlay
+// carves subnets from pool: an instance of a node without a member record
+// must then point into the pool, outside every subnet claimed by another
+// node (see checkInstances).
+func NewOverlayStore(pool Pool) *Store {
+	s := NewStore()
+	s.pool = pool
+	return s
+}
+
+// Listed reports whether prefix has been listed and is not being
+// re-listed. A snapshot taken before the first list lacks the prefix's
+// keys and must not be applied: an empty view would tear down a working
+// node. One taken while the prefix is re-listed after a compaction lacks
+// the changes the compaction hid, while another prefix's newer list has
+// already moved the store's revision past them: applying it would publish
+// that revision as applied without them.
 func (s *Store) Listed(prefix string) bool {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	return s.listed[prefix]
+}
+
+// Relisting marks prefix as being re-listed: Listed reports false for it
+// until the next Replace of that prefix.
+func (s *Store) Relisting(prefix string) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.listed[prefix] = false
 }
 
 // KV is a key-value pair as read from etcd.
@@ -245,6 +271,9 @@ type KV struct {
 	Key   string
 	Value []byte
 	Lease int64
+	// Created is the key's create revision (0: unknown). For subnet
+	// claims it says which of two clashing members came first.
+	Created int64
 }
 
 // Put records one key's new value.
@@ -258,6 +287,7 @@ func (s *Store) Put(kv KV, rev int64) {
 func (s *Store) putLocked(kv KV) {
 	p := partOfKey(kv.Key)
 	e, ok := decodeEntry(kv.Key, kv.Value, kv.Lease)
+	e.created = kv.Created
 	if !ok {
 		if _, had := s.entries[p][kv.Key]; had {
 			delete(s.entries[p], kv.Key)
@@ -337,6 +367,7 @@ func (s *Store) Snapshot() *Snapshot {
 	}
 	if s.dirty[partMembers] {
 		snap.Members, snap.Subnets = map[string]Member{}, map[netip.Prefix]string{}
+		claimed := map[netip.Prefix]int64{}
 		var probs []Problem
 		for k, e := range s.entries[partMembers] {
 			if e.err != nil {
@@ -348,9 +379,11 @@ func (s *Store) Snapshot() *Snapshot {
 				snap.Members[e.pk.Node] = v
 			case SubnetClaim:
 				snap.Subnets[e.pk.Subnet] = v.Node
+				claimed[e.pk.Subnet] = e.created
 			}
 		}
-		s.problems[partMembers] = append(probs, checkMembers(&snap)...)
+		probs = append(probs, checkMembers(&snap)...)
+		s.problems[partMembers] = append(probs, checkKeyClash(&snap, claimed)...)
 	}
 	if s.dirty[partApps] {
 		snap.Apps = map[AppID]*App{}
@@ -375,7 +408,7 @@ func (s *Store) Snapshot() *Snapshot {
 				app(AppID{e.pk.Group, e.pk.App}).Instances[e.pk.Node] = v
 			}
 		}
-		s.problems[partApps] = append(probs, checkInstances(&snap)...)
+		s.problems[partApps] = append(probs, checkInstances(&snap, s.pool)...)
 	}
 	if s.dirty[partStatus] {
 		snap.Statuses = map[string]Status{}
@@ -443,41 +476,4 @@ func SnapshotOf(kvs []KV, rev int64) *Snapshot {
 	s := NewStore()
 	s.Replace("", kvs, rev)
 	return s.Snapshot()
-}
-
-// checkMembers drops member records that contradict the subnet claims, so
-// that one node's keys cannot hijack another's traffic: a member record
-// must hold the subnet claimed for it (a node copying another node's
-// subnet or key into its own record is skipped, not the victim).
-func checkMembers(snap *Snapshot) []Problem {
-	var probs []Problem
-	for name, m := range snap.Members {
-		if owner := snap.Subnets[m.Subnet]; owner != name {
-			delete(snap.Members, name)
-			probs = append(probs, Problem{Key: MemberKey(name),
-				Err:    fmt.Sprintf("subnet %v is claimed by %q, not by this node", m.Subnet, owner),
-				Reason: ReasonSubnetConflict})
-		}
-	}
-	return probs
-}
-
-// checkInstances drops instances of a node that has a member record but
-// that do not point at that node's overlay address: a node cannot send
-// consumers of an app to an address of its choosing.
-func checkInstances(snap *Snapshot) []Problem {
-	var probs []Problem
-	for id, app := range snap.Apps {
-		for node, in := range app.Instances {
-			m, ok := snap.Members[node]
-			if !ok || in.Addr().Addr() == m.OverlayIP {
-				continue
-			}
-			delete(app.Instances, node)
-			probs = append(probs, Problem{Key: InstanceKey(id.Group, id.Name, node),
-				Err:    fmt.Sprintf("ipv4 %s is not node %s's overlay address %v", in.IPv4, node, m.OverlayIP),
-				Reason: ReasonForeignAddress})
-		}
-	}
-	return probs
 }

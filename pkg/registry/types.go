@@ -178,7 +178,7 @@ func DecodeNode(name string, b []byte) (Node, error) {
 		return Node{}, err
 	}
 	if n.Name != name {
-		return Node{}, fmt.Errorf("%w: name %q does not match key %q", ErrBadValue, n.Name, name)
+		return Node{}, fmt.Errorf("%w: name %s does not match key %s", ErrBadValue, Quoted([]byte(n.Name)), Quoted([]byte(name)))
 	}
 	if n.IPv4 != "" {
 		if _, err := netip.ParseAddr(n.IPv4); err != nil {
@@ -215,7 +215,7 @@ func DecodeMember(name string, b []byte) (Member, error) {
 		return Member{}, err
 	}
 	if m.Name != name {
-		return Member{}, fmt.Errorf("%w: name %q does not match key %q", ErrBadValue, m.Name, name)
+		return Member{}, fmt.Errorf("%w: name %s does not match key %s", ErrBadValue, Quoted([]byte(m.Name)), Quoted([]byte(name)))
 	}
 	if err := validKey(m.PublicKey); err != nil {
 		return Member{}, fmt.Errorf("%w: publicKey: %v", ErrBadValue, err)
@@ -274,11 +274,11 @@ func DecodeInstance(node string, b []byte) (Instance, error) {
 		return Instance{}, err
 	}
 	if in.Node != node {
-		return Instance{}, fmt.Errorf("%w: node %q does not match key %q", ErrBadValue, in.Node, node)
+		return Instance{}, fmt.Errorf("%w: node %s does not match key %s", ErrBadValue, Quoted([]byte(in.Node)), Quoted([]byte(node)))
 	}
 	a, err := netip.ParseAddr(in.IPv4)
 	if err != nil || !a.Is4() {
-		return Instance{}, fmt.Errorf("%w: ipv4 %q is not an IPv4 address", ErrBadValue, in.IPv4)
+		return Instance{}, fmt.Errorf("%w: ipv4 %s is not an IPv4 address", ErrBadValue, Quoted([]byte(in.IPv4)))
 	}
 	if !a.IsGlobalUnicast() {
 		// Loopback would turn a consumer's HAProxy onto its own node.
@@ -297,7 +297,7 @@ func DecodeStatus(name string, b []byte) (Status, error) {
 		return Status{}, err
 	}
 	if s.Node != name {
-		return Status{}, fmt.Errorf("%w: node %q does not match key %q", ErrBadValue, s.Node, name)
+		return Status{}, fmt.Errorf("%w: node %s does not match key %s", ErrBadValue, Quoted([]byte(s.Node)), Quoted([]byte(name)))
 	}
 	return s, nil
 }
@@ -339,7 +339,7 @@ func validEnvName(s string) error {
 	for i := 0; i < len(s); i++ {
 		c := s[i]
 		if !(c >= 'A' && c <= 'Z' || c >= 'a' && c <= 'z' || c == '_' || (i > 0 && c >= '0' && c <= '9')) {
-			return fmt.Errorf("%q is not an environment variable name", s)
+			return fmt.Errorf("%s is not an environment variable name", Quoted([]byte(s)))
 		}
 	}
 	return nil

@@ -28,8 +28,8 @@ type Watcher struct {
 	// Relisted, if set, is called after each full re-list (first list
 	// included), for metrics.
 	Relisted func()
-	// MaxBackoff bounds the retry delay (default 1s: etcd must see a
-	// returning node within about a second).
+	// MaxBackoff bounds the retry delay (default 250 ms: a node must see
+	// etcd again within a fraction of a second of its return).
 	MaxBackoff time.Duration
 }
 
@@ -41,7 +41,7 @@ func (w *Watcher) Run(ctx context.Context) error {
 	}
 	maxBackoff := w.MaxBackoff
 	if maxBackoff == 0 {
-		maxBackoff = time.Second
+		maxBackoff = 250 * time.Millisecond
 	}
 	var (
 		rev      int64 // last revision applied to the store
@@ -83,6 +83,7 @@ func (w *Watcher) Run(ctx context.Context) error {
 		case ctx.Err() != nil:
 		case errors.Is(err, rpctypes.ErrCompacted):
 			log.Warn("watch revision compacted, re-listing", "prefix", w.Prefix, "rev", rev+1)
+			w.Store.Relisting(w.Prefix)
 			listed = false
 		case err != nil:
 			log.Warn("watch interrupted, resuming", "prefix", w.Prefix, "rev", rev+1, "err", err)
@@ -112,7 +113,7 @@ func (w *Watcher) watch(ctx context.Context, rev *int64, failures *int) error {
 		for _, ev := range wr.Events {
 			switch ev.Type {
 			case clientv3.EventTypePut:
-				w.Store.Put(KV{Key: string(ev.Kv.Key), Value: ev.Kv.Value, Lease: ev.Kv.Lease}, ev.Kv.ModRevision)
+				w.Store.Put(KV{Key: string(ev.Kv.Key), Value: ev.Kv.Value, Lease: ev.Kv.Lease, Created: ev.Kv.CreateRevision}, ev.Kv.ModRevision)
 			case clientv3.EventTypeDelete:
 				w.Store.Delete(string(ev.Kv.Key), ev.Kv.ModRevision)
 			}

@@ -187,9 +187,17 @@ func (s *Server) serve(w http.ResponseWriter, r *http.Request) {
 	body, _ := io.ReadAll(r.Body)
 	r.Body = io.NopCloser(bytes.NewReader(body))
 	rec := &recorder{ResponseWriter: w, status: http.StatusOK}
+	// Requests are recorded in the order they arrive; the status is filled
+	// in once answered. Recording on the way out would let a client's
+	// retry, sent as soon as it has the answer (or the dropped
+	// connection), be recorded before the request it retries.
+	s.mu.Lock()
+	idx := len(s.requests)
+	s.requests = append(s.requests, Request{Method: r.Method, Path: r.URL.Path, Query: r.URL.Query(), Body: body})
+	s.mu.Unlock()
 	defer func() {
 		s.mu.Lock()
-		s.requests = append(s.requests, Request{Method: r.Method, Path: r.URL.Path, Query: r.URL.Query(), Body: body, Status: rec.status})
+		s.requests[idx].Status = rec.status
 		s.mu.Unlock()
 	}()
 	if f := s.fault(r.Method, r.URL.Path, body); f != nil && f.Reset {

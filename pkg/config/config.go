@@ -5,6 +5,7 @@ package config
 
 import (
 	"bytes"
+	"cmp"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -15,6 +16,8 @@ import (
 	"strings"
 	"time"
 
+	"github.com/meshd/meshd/pkg/creds"
+	"github.com/meshd/meshd/pkg/haproxycfg"
 	"github.com/meshd/meshd/pkg/registry"
 )
 
@@ -199,12 +202,8 @@ type Secrets struct {
 	Units map[string]SecretUse `json:"units,omitempty"`
 }
 
-// SecretUse lists the units that use one secret.
-type SecretUse struct {
-	Units []string `json:"units"`
-	// Action is "restart" (default), "reload" or "none".
-	Action string `json:"action,omitempty"`
-}
+// SecretUse lists the units that use one secret; pkg/creds owns it.
+type SecretUse = creds.SecretUse
 
 // The values of Config.OnStop.
 const (
@@ -386,32 +385,10 @@ func (c *Config) Validate() error {
 			bad("overlay.routeTable %d: want a table id other than default/main/local", o.RouteTable)
 		}
 	}
-	if h := c.HAProxy; h.Enable {
-		if h.ConfigPath == "" || h.ConfigPath == "/etc/haproxy.cfg" {
-			bad("haproxy.configPath %q: want a path the OS configuration does not manage", h.ConfigPath)
-		}
-		if h.MasterSocket == "" {
-			bad("haproxy.masterSocket: empty")
-		}
-		if h.HardStopAfter.D() < 0 || h.HardStopAfter.D() > 24*time.Hour {
-			bad("haproxy.hardStopAfter %v: want 0 (default) to 24h", h.HardStopAfter.D())
-		}
-		if h.MaxReloads < 0 || h.MaxReloads > 100 {
-			bad("haproxy.maxReloads %d: want 0 (default) to 100", h.MaxReloads)
-		}
-		if h.ServerSlots < 0 || h.ServerSlots > 1000 {
-			bad("haproxy.serverSlots %d: want 0-1000", h.ServerSlots)
-		}
-		for _, p := range h.ReservedPorts {
-			if p < 1 || p > 65535 {
-				bad("haproxy.reservedPorts: %d out of range", p)
-			}
-		}
-		for _, p := range h.AllowLowPorts {
-			if p < 1 || p > 1023 {
-				bad("haproxy.allowLowPorts: %d: want 1-1023", p)
-			}
-		}
+	if c.HAProxy.Enable {
+		o := c.HAProxyOptions()
+		o.Self = c.validNodeName()
+		section(&errs, "haproxy", o.Validate())
 	}
 	if c.Secrets.Enable && !c.Overlay.Enable {
 		bad("secrets.enable needs overlay.enable: a node's age recipient is published in its overlay member record")
@@ -420,21 +397,54 @@ func (c *Config) Validate() error {
 		if s.CredstoreDir == "" {
 			bad("secrets.credstoreDir: empty")
 		}
-		switch s.WithKey {
-		case "host", "tpm2", "host+tpm2", "auto", "tpm2-absent":
-		default:
-			bad("secrets.withKey %q: want host, tpm2, host+tpm2, auto or tpm2-absent", s.WithKey)
-		}
-		for name, use := range s.Units {
-			if err := registry.ValidName(name); err != nil {
-				bad("secrets.units: %w", err)
-			}
-			switch use.Action {
-			case "", "restart", "reload", "none":
-			default:
-				bad("secrets.units[%s].action %q: want restart, reload or none", name, use.Action)
-			}
-		}
+		o := c.SecretsOptions()
+		o.Self, o.StateDir = c.validNodeName(), cmp.Or(o.StateDir, "/")
+		section(&errs, "secrets", o.Validate())
 	}
 	return errors.Join(errs...)
+}
+
+// section adds the problems a component found in its section of the
+// config, each named as the config file names it ("haproxy.serverSlots").
+func section(errs *[]error, name string, err error) {
+	if err == nil {
+		return
+	}
+	all := []error{err}
+	if j, ok := err.(interface{ Unwrap() []error }); ok {
+		all = j.Unwrap()
+	}
+	for _, e := range all {
+		*errs = append(*errs, fmt.Errorf("%s.%w", name, e))
+	}
+}
+
+// validNodeName is the node name to hand a component's Validate: a bad
+// one is reported once, as nodeName, not again by every section.
+func (c *Config) validNodeName() string {
+	if registry.ValidName(c.NodeName) != nil {
+		return "node"
+	}
+	return c.NodeName
+}
+
+// HAProxyOptions maps the "haproxy" section (and the node's name and
+// consumed groups) onto the HAProxy component's options.
+func (c *Config) HAProxyOptions() haproxycfg.Options {
+	h := c.HAProxy
+	return haproxycfg.Options{
+		Self: c.NodeName, Consume: c.Consume, ConfigPath: h.ConfigPath, MasterSocket: h.MasterSocket,
+		StatsSocket: h.StatsSocket, Binary: h.Binary, Supervise: h.Supervise,
+		ReservedPorts: h.ReservedPorts, AllowLowPorts: h.AllowLowPorts, ServerSlots: h.ServerSlots,
+		HardStopAfter: h.HardStopAfter.D(), MaxReloads: h.MaxReloads, User: h.User, Group: h.Group,
+	}
+}
+
+// SecretsOptions maps the "secrets" section (and the node's name and
+// state directory) onto the credentials component's options.
+func (c *Config) SecretsOptions() creds.Options {
+	return creds.Options{
+		Self: c.NodeName, StateDir: c.StateDir, CredstoreDir: c.Secrets.CredstoreDir,
+		WithKey: c.Secrets.WithKey, Units: c.Secrets.Units,
+	}
 }

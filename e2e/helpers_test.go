@@ -204,6 +204,10 @@ func (r loadResult) String() string {
 // counts returns the requests so far.
 func (l *load) counts() (ok, failed int64) { return l.ok.Load(), l.fail.Load() }
 
+// takeMaxLatency returns the slowest successful request since the last
+// call (or the start) and starts over.
+func (l *load) takeMaxLatency() time.Duration { return time.Duration(l.maxLat.Swap(0)) }
+
 // stop ends the load and returns its totals.
 func (l *load) stop() loadResult {
 	l.cancel()

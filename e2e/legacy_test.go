@@ -124,7 +124,13 @@ func (l *legacyFlannelNode) startOverlay(ctx context.Context) error {
 	// wireguard_network.go, Run/handleSubnetEvents: watch the leases and
 	// add every other WireGuard lease as a peer.
 	wctx, cancel := context.WithCancel(context.Background())
-	l.cancel = cancel
+	prev := l.cancel // a running confd HAProxy's watch (rollback order)
+	l.cancel = func() {
+		cancel()
+		if prev != nil {
+			prev()
+		}
+	}
 	l.wg.Add(1)
 	go func() { defer l.wg.Done(); l.watchLeases(wctx) }()
 	return nil

@@ -22,6 +22,16 @@ import (
 // flanneld's 51820, so both overlays run side by side for a moment.
 const migrationPort = 51821
 
+// maxOverlayGap is the longest a node may go without a ping reply from
+// the node a migration step moves, or the other way round; a rollback
+// may take maxRollbackGap (docs/migration.md, "What to expect at each
+// step": flanneld's and meshd's devices both hold the node's key for a
+// moment, and one pair of nodes was once measured at 2.3 s).
+const (
+	maxOverlayGap  = 2 * time.Second
+	maxRollbackGap = 3 * time.Second
+)
+
 // TestMigration moves a running cluster of four legacy nodes (the
 // legacyFlannelNode test fixture: flanneld's WireGuard backend and
 // confd's HAProxy, followed step by step) to meshd one node at a time,
@@ -117,9 +127,39 @@ func TestMigration(t *testing.T) {
 	for _, l := range legacy {
 		loads[l.n.Name] = startLoad(l.n, demoURL, 2, 20*time.Millisecond, 20*time.Second)
 	}
-	check := func(step string) {
+	// probe pings, both ways, between the node a step moves and every
+	// other node, over the overlay.
+	probe := func(m *legacyFlannelNode) *gapProbe {
+		var tg []probeTarget
+		for _, o := range legacy {
+			if o != m {
+				tg = append(tg, probeTarget{o.n, m.n.Name, addrs[m.n.Name]}, probeTarget{m.n, o.n.Name, addrs[o.n.Name]})
+			}
+		}
+		return startGapProbe(tg)
+	}
+	var summary []string
+	mark := func(step, what string) { t.Logf("%s %s: %s", time.Now().Format("15:04:05.000"), step, what) }
+	check := func(step string, g *gapProbe) {
 		t.Helper()
 		time.Sleep(2 * time.Second) // steady load across the step's aftermath
+		if g != nil {
+			r := g.stop()
+			var lat []string
+			for _, l := range legacy {
+				lat = append(lat, fmt.Sprintf("%s %v", l.n.Name, loads[l.n.Name].takeMaxLatency().Round(time.Millisecond)))
+			}
+			t.Logf("%s: %v\n  slowest request per node: %s", step, r, strings.Join(lat, ", "))
+			bound := maxOverlayGap
+			if strings.HasPrefix(step, "roll back") {
+				bound = maxRollbackGap
+			}
+			if r.Max > bound {
+				t.Errorf("%s: the overlay to or from the node was cut for %v (%s), want at most %v", step, r.Max.Round(time.Millisecond), r.Pair, bound)
+			}
+			summary = append(summary, fmt.Sprintf("%s: longest overlay gap %v (%s); slowest request %s",
+				step, r.Max.Round(time.Millisecond), r.Pair, strings.Join(lat, ", ")))
+		}
 		for _, l := range legacy {
 			ok, failed := loads[l.n.Name].counts()
 			if failed != 0 {
@@ -147,11 +187,13 @@ func TestMigration(t *testing.T) {
 		}
 		t.Logf("%s: ok", step)
 	}
-	check("all legacy")
+	check("all legacy", nil)
 
 	for _, l := range legacy {
 		step := "migrate " + l.n.Name
+		g := probe(l)
 		// The rebuild starts meshd (on its own port, next to flanneld)...
+		mark(step, "start meshd")
 		if err := l.n.Start(ctx); err != nil {
 			t.Fatal(err)
 		}
@@ -170,19 +212,26 @@ func TestMigration(t *testing.T) {
 		}
 		// ...then stops flanneld (its link, address and route go; meshd's
 		// are there) and confd's HAProxy (meshd's listens on the port too).
+		mark(step, "meshd converged; stop the legacy overlay")
 		l.stopOverlay(ctx)
+		mark(step, "stop confd's HAProxy")
 		l.stopHAProxy()
-		check(step)
+		check(step, g)
 		migrateStatusClear(ctx, t, b, c, step)
 	}
 
 	// Roll n1 back to the legacy overlay and HAProxy, as docs/migration.md
-	// says: flanneld gets meshd's key and comes up next to meshd, confd's
-	// HAProxy next to meshd's; then meshd stops and its keys (not the
-	// flannel lease) are removed.
+	// says: confd's HAProxy comes up next to meshd's; then meshd stops
+	// (its device stays), flanneld starts with meshd's key and meshd's
+	// device is deleted right after; then meshd's keys (not the flannel
+	// lease) are removed. While both devices exist they hold the same key:
+	// the peers' sessions are flanneld's from its first handshake on, but
+	// the node's packets still leave through meshd's device, so the
+	// overlay to the node is cut until that device goes.
 	{
 		l := legacy[0]
 		step := "roll back " + l.n.Name
+		g := probe(l)
 		key, err := os.ReadFile(l.n.Config.StateDir + "/wireguard.key")
 		if err != nil {
 			t.Fatal(err)
@@ -191,18 +240,17 @@ func TestMigration(t *testing.T) {
 		if err := os.WriteFile(l.keyFile, []byte(strings.TrimSpace(string(key))), 0o400); err != nil {
 			t.Fatal(err)
 		}
-		if err := l.startOverlay(ctx); err != nil {
-			t.Fatalf("%s: %v", step, err)
-		}
+		mark(step, "start confd's HAProxy")
 		if err := l.startHAProxy(ctx, groups); err != nil {
 			t.Fatalf("%s: %v", step, err)
 		}
 		hapPid, hapErr := l.n.HAProxyMasterPID()
+		mark(step, "stop meshd")
 		if err := l.n.StopMeshd(ctx, 10*time.Second); err != nil {
 			t.Fatal(err)
 		}
 		// The app unit registers its instance again (meshd's leased one
-		// went with meshd's lease); meshd's device and HAProxy go.
+		// went with meshd's lease).
 		v := fmt.Sprintf(`{"ipv4":%q,"node":%q,"port":%d}`, l.subnet.Addr(), l.n.Name, sandbox.DemoPort)
 		if _, err := c.Client().Put(ctx, registry.InstanceKey(sandbox.DemoGroup, sandbox.DemoApp, l.n.Name), v); err != nil {
 			t.Fatal(err)
@@ -212,12 +260,22 @@ func TestMigration(t *testing.T) {
 			t.Fatal(err)
 		}
 		time.Sleep(time.Second) // every HAProxy has the re-registered instance
-		if out, err := l.n.Exec(ctx, "ip", "link", "del", l.n.Config.Overlay.Interface); err != nil {
-			t.Logf("delete meshd's device: %v %s", err, out)
-		}
 		if hapErr == nil {
-			syscall.Kill(hapPid, syscall.SIGUSR1) // soft stop
+			syscall.Kill(hapPid, syscall.SIGUSR1) // meshd's HAProxy goes with its unit
 		}
+		// flanneld starts (meshd's device still carries the node's
+		// packets: its routes shadow flanneld's), and meshd's device goes
+		// right after it: from flanneld's first handshakes on, the peers'
+		// sessions are flanneld's.
+		mark(step, "start the legacy overlay")
+		if err := l.startOverlay(ctx); err != nil {
+			t.Fatalf("%s: %v", step, err)
+		}
+		mark(step, "delete meshd's device")
+		if out, err := l.n.Exec(ctx, "ip", "link", "del", l.n.Config.Overlay.Interface); err != nil {
+			t.Fatalf("delete meshd's device: %v %s", err, out)
+		}
+		mark(step, "meshctl node remove")
 		if out, err := meshctl(ctx, b, c, "node", "remove", l.n.Name, "--keep-flannel-lease"); err != nil {
 			t.Fatalf("%s: node remove: %v\n%s", step, err, out)
 		}
@@ -226,9 +284,11 @@ func TestMigration(t *testing.T) {
 			// node remove took nix-infra's entry too; nix-infra's CLI has it.
 			c.Client().Put(ctx, registry.NodeKey(l.n.Name), nv) // checked by migrate status
 		}
-		check(step)
+		mark(step, "done")
+		check(step, g)
 		migrateStatusClear(ctx, t, b, c, step)
 	}
+	t.Logf("per step:\n%s", strings.Join(summary, "\n"))
 
 	results := map[string]loadResult{}
 	for name, ld := range loads {

@@ -120,8 +120,8 @@ type Agent struct {
 	// (zero while the node has no lease).
 	registeredAt time.Time
 	// leaseLost is set once a lease of this run has been lost: from then
-	// on the loop holds instance removals while unleased and just after
-	// registering again (see holdRemovalsUntil).
+	// on the loop gives instance removals a grace while unleased and just
+	// after registering again (see removalGraceUntil).
 	leaseLost bool
 	healthy   map[int]bool
 	// seen is the presence record last written (registry.Seen).

@@ -271,38 +271,3 @@ func TestFailingCheckWithdrawsInstance(t *testing.T) {
 	mu.Unlock()
 	eventually(t, 2*time.Second, "advertised again", present)
 }
-
-// gate is a component that holds back the ones after it until opened.
-type gate struct {
-	mu   sync.Mutex
-	open bool
-}
-
-func (g *gate) Name() string                                    { return "gate" }
-func (g *gate) Apply(context.Context, *registry.Snapshot) error { return nil }
-func (g *gate) Status() any                                     { return nil }
-func (g *gate) Ready() bool                                     { g.mu.Lock(); defer g.mu.Unlock(); return g.open }
-
-func TestGateHoldsLaterComponents(t *testing.T) {
-	srv := etcdtest.New(t)
-	g, rec := &gate{}, &recorder{}
-	n := startNode(t, srv, "node-a", id1, t.TempDir(), func(o *agent.Options) { o.Components = []agent.Component{g, rec} })
-	time.Sleep(500 * time.Millisecond)
-	rec.mu.Lock()
-	early := len(rec.revs)
-	rec.mu.Unlock()
-	if early != 0 {
-		t.Fatalf("component behind a closed gate applied %d times", early)
-	}
-	if st := n.a.Status(); st.Revision != 0 {
-		t.Errorf("status revision %d while a gate is closed, want 0 (not applied)", st.Revision)
-	}
-	g.mu.Lock()
-	g.open = true
-	g.mu.Unlock()
-	eventually(t, 2*time.Second, "component applied once the gate opens", func() bool {
-		rec.mu.Lock()
-		defer rec.mu.Unlock()
-		return len(rec.revs) > 0
-	})
-}

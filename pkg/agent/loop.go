@@ -3,17 +3,23 @@ package agent
 import (
 	"context"
 	"encoding/json"
-	"maps"
 	"time"
 
+	"github.com/meshd/meshd/pkg/backoff"
 	"github.com/meshd/meshd/pkg/registry"
 )
 
 // compState is the loop's memory of one component.
 type compState struct {
-	failures int
-	next     time.Time // no retry before this
-	lastErr  error
+	retry   backoff.Backoff // the failures in a row and the delay after each
+	next    time.Time       // no retry before this
+	lastErr error
+}
+
+// applyBackoff is how long the loop waits before it applies a component
+// again after failures in a row.
+func applyBackoff() backoff.Backoff {
+	return backoff.Backoff{Base: 100 * time.Millisecond, Max: 30 * time.Second}
 }
 
 // readyGrace is how long the agent waits for a first reconcile before it
@@ -36,6 +42,9 @@ const statusRefresh = 30 * time.Second
 // per event, and an isolated change costs no wait at all.
 func (a *Agent) loop(ctx context.Context) {
 	states := make([]compState, len(a.o.Components))
+	for i := range states {
+		states[i].retry = applyBackoff()
+	}
 	var (
 		applied      int64
 		lastApplied  *registry.Snapshot
@@ -116,24 +125,24 @@ func (a *Agent) loop(ctx context.Context) {
 		snap := a.store.Snapshot()
 		signal(a.flannelChg)
 		a.reportProblems(snap, lastProblems)
-		holdUntil := a.holdRemovalsUntil()
-		held := false
-		if !holdUntil.IsZero() && lastApplied != nil {
+		graceUntil := a.removalGraceUntil()
+		inGrace := false
+		if !graceUntil.IsZero() && lastApplied != nil {
 			// Back from an outage longer than the lease: every lease,
 			// ours and the serving nodes', expired meanwhile. Nodes
 			// reconnect within about a second of each other; dropping
 			// their instances in between would fail requests to servers
 			// that are fine. Keep what was applied until they had time to
 			// re-register.
-			view := withHeldInstances(snap, lastApplied)
-			held = view != snap
+			view := withInstancesInGrace(snap, lastApplied)
+			inGrace = view != snap
 			snap = view
 		} else {
-			holdUntil = time.Time{}
+			graceUntil = time.Time{}
 		}
 		start := time.Now()
 		allOK := true
-		nextRetry := holdUntil // recompute without the held instances then
+		nextRetry := graceUntil // recompute without the kept instances then
 		for i, c := range a.o.Components {
 			st := &states[i]
 			if start.Before(st.next) {
@@ -145,20 +154,20 @@ func (a *Agent) loop(ctx context.Context) {
 				if ctx.Err() != nil {
 					return
 				}
-				st.failures++
 				st.lastErr = err
-				st.next = time.Now().Add(min(30*time.Second, 100*time.Millisecond<<min(st.failures-1, 9)))
+				st.next = time.Now().Add(st.retry.Fail())
 				nextRetry = earliest(nextRetry, st.next)
 				allOK = false
 				a.metrics.reconciles.WithLabelValues(c.Name(), "error").Inc()
-				a.metrics.failures.WithLabelValues(c.Name()).Set(float64(st.failures))
-				a.log.Warn("apply failed, will retry", "part", c.Name(), "rev", snap.Revision, "attempt", st.failures, "err", err)
+				a.metrics.failures.WithLabelValues(c.Name()).Set(float64(st.retry.Failures()))
+				a.log.Warn("apply failed, will retry", "part", c.Name(), "rev", snap.Revision, "attempt", st.retry.Failures(), "err", err)
 				continue
 			}
-			if st.failures > 0 {
+			if st.retry.Failures() > 0 {
 				a.log.Info("apply recovered", "part", c.Name(), "rev", snap.Revision)
 			}
-			st.failures, st.lastErr, st.next = 0, nil, time.Time{}
+			st.retry.Reset()
+			st.lastErr, st.next = nil, time.Time{}
 			a.metrics.reconciles.WithLabelValues(c.Name(), "ok").Inc()
 			a.metrics.failures.WithLabelValues(c.Name()).Set(0)
 			a.metrics.lastSuccess.WithLabelValues(c.Name()).Set(float64(time.Now().UnixMilli()) / 1e3)
@@ -174,7 +183,7 @@ func (a *Agent) loop(ctx context.Context) {
 			lastApplied = snap
 			// A pass that kept removed instances has not applied its
 			// revision: --wait and WaitApplied must not report it done.
-			if !held {
+			if !inGrace {
 				applied = snap.Revision
 				a.metrics.applied.Set(float64(applied))
 				a.mu.Lock()
@@ -259,66 +268,3 @@ func (a *Agent) reportProblems(snap *registry.Snapshot, last map[string]string) 
 
 // gateRetry is how soon a pass stopped at a Gate is tried again.
 const gateRetry = 100 * time.Millisecond
-
-// removalSettle is how long after (re-)registering the loop keeps
-// instances it had applied but no longer sees.
-const removalSettle = 2 * time.Second
-
-// holdRemovalsUntil returns when instance removals may be applied again,
-// or zero when they may be applied now. Only after this node lost a lease:
-// while it has no lease (it is cut off from etcd, its view is stale) and
-// for removalSettle after it registers again. A node's first registration
-// holds nothing: there is no outage whose skew to ride out, and holding
-// would delay every removal just after a start.
-func (a *Agent) holdRemovalsUntil() time.Time {
-	a.mu.Lock()
-	defer a.mu.Unlock()
-	if !a.leaseLost {
-		return time.Time{}
-	}
-	if a.registeredAt.IsZero() {
-		return time.Now().Add(removalSettle)
-	}
-	if until := a.registeredAt.Add(removalSettle); time.Now().Before(until) {
-		return until
-	}
-	return time.Time{}
-}
-
-// withHeldInstances returns snap with the instances of prev that snap
-// lacks put back, for apps snap still has. It copies only what it changes:
-// snapshots are shared and read-only.
-func withHeldInstances(snap, prev *registry.Snapshot) *registry.Snapshot {
-	var out *registry.Snapshot
-	for id, old := range prev.Apps {
-		cur, ok := snap.Apps[id]
-		if !ok || cur.Meta == nil {
-			continue // the app itself was unregistered: nothing to hold
-		}
-		var missing []registry.Instance
-		for node, in := range old.Instances {
-			if _, ok := cur.Instances[node]; !ok {
-				missing = append(missing, in)
-			}
-		}
-		if len(missing) == 0 {
-			continue
-		}
-		if out == nil {
-			c := *snap
-			c.Apps = maps.Clone(snap.Apps)
-			c.Gen.Apps = 0 // a view of its own: never equal to a store generation
-			out = &c
-		}
-		app := *cur
-		app.Instances = maps.Clone(cur.Instances)
-		for _, in := range missing {
-			app.Instances[in.Node] = in
-		}
-		out.Apps[id] = &app
-	}
-	if out == nil {
-		return snap
-	}
-	return out
-}

@@ -73,8 +73,14 @@ type loopRig struct {
 func newLoopRig(t *testing.T, took time.Duration, publish bool) *loopRig {
 	t.Helper()
 	c := &timedComponent{took: took, born: time.Now()}
+	return startLoopRig(t, []Component{c}, c, publish)
+}
+
+// startLoopRig runs the loop over comps; c is the one the rig reads.
+func startLoopRig(t *testing.T, comps []Component, c *timedComponent, publish bool) *loopRig {
+	t.Helper()
 	a, err := New(Options{Client: &clientv3.Client{}, Node: "node-a", ID: "0123456789abcdef0123456789abcdef",
-		LeaseTTL: 10 * time.Second, Coalesce: 5 * time.Millisecond, Components: []Component{c}})
+		LeaseTTL: 10 * time.Second, Coalesce: 5 * time.Millisecond, Components: comps})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -109,6 +115,51 @@ func (r *loopRig) writes() []string {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	return append([]string(nil), r.puts...)
+}
+
+// testGate is a component that holds back the ones after it until opened.
+type testGate struct {
+	mu   sync.Mutex
+	open bool
+}
+
+func (g *testGate) Name() string                                    { return "gate" }
+func (g *testGate) Apply(context.Context, *registry.Snapshot) error { return nil }
+func (g *testGate) Status() any                                     { return nil }
+func (g *testGate) Ready() bool                                     { g.mu.Lock(); defer g.mu.Unlock(); return g.open }
+
+// TestGateHoldsLaterComponents: a component behind a closed gate is not
+// applied however long the gate stays closed, and the status claims no
+// revision meanwhile; once the gate opens, the next try (gateRetry later
+// at most) applies it.
+func TestGateHoldsLaterComponents(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		g, rec := &testGate{}, &timedComponent{born: time.Now()}
+		r := startLoopRig(t, []Component{g, rec}, rec, false)
+		time.Sleep(time.Minute)
+		if p := rec.got(); len(p) != 0 {
+			t.Fatalf("component behind a closed gate applied %d times", len(p))
+		}
+		if st := r.a.Status(); st.Revision != 0 {
+			t.Errorf("status revision %d while a gate is closed, want 0 (not applied)", st.Revision)
+		}
+		g.mu.Lock()
+		g.open = true
+		g.mu.Unlock()
+		opened := time.Now()
+		time.Sleep(gateRetry)
+		synctest.Wait()
+		p := rec.got()
+		if len(p) != 1 || p[0].rev != 1 {
+			t.Fatalf("passes after the gate opened: %v, want one at revision 1", p)
+		}
+		if wait := p[0].at.Sub(opened); wait > gateRetry {
+			t.Errorf("applied %v after the gate opened, want within gateRetry (%v)", wait, gateRetry)
+		}
+		if st := r.a.Status(); st.Revision != 1 {
+			t.Errorf("status revision %d once the gate opened, want 1", st.Revision)
+		}
+	})
 }
 
 // TestIsolatedEventNoWait: a change after a quiet period is applied at

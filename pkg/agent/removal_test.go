@@ -50,10 +50,10 @@ func putWebInstance(t *testing.T, cli *clientv3.Client) {
 	}
 }
 
-// The removal hold exists for the reconnect skew after an outage; a node
+// The removal grace exists for the reconnect skew after an outage; a node
 // that never lost its lease applies a removal at once, and its status
 // says so only once it has.
-func TestRemovalAfterFirstRegistrationIsNotHeld(t *testing.T) {
+func TestRemovalAfterFirstRegistrationHasNoGrace(t *testing.T) {
 	srv := etcdtest.New(t)
 	cli := etcdtest.NewClient(t, srv)
 	seer := &instanceSeer{id: webApp, node: "elsewhere"}
@@ -64,16 +64,16 @@ func TestRemovalAfterFirstRegistrationIsNotHeld(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	// Well under removalSettle (2 s): the removal is not held.
+	// Well under removalGrace (2 s): the removal has no grace.
 	eventually(t, time.Second, "removal applied right after the first registration", func() bool {
 		return !seer.has() && b.a.Status().Revision >= del.Header.Revision
 	})
 }
 
-// After a lease loss, removals seen on reconnecting are held for the
-// settle time, and the published applied revision does not claim them
+// After a lease loss, removals seen on reconnecting wait out the removal
+// grace, and the published applied revision does not claim them
 // meanwhile (meshctl --wait must not report them done).
-func TestRemovalHeldAfterLeaseLoss(t *testing.T) {
+func TestRemovalGraceAfterLeaseLoss(t *testing.T) {
 	srv := etcdtest.New(t)
 	cli := etcdtest.NewClient(t, srv)
 	proxy := etcdtest.NewProxy(t, srv.Addr())
@@ -100,17 +100,17 @@ func TestRemovalHeldAfterLeaseLoss(t *testing.T) {
 	proxy.Restore()
 
 	// Back: the node sees the deletion but keeps the instance for the
-	// settle time, and does not claim the deletion's revision.
+	// removal grace, and does not claim the deletion's revision.
 	eventually(t, 15*time.Second, "node saw the deletion", func() bool {
 		return b.a.Status().Seen >= del.Header.Revision
 	})
 	if !seer.has() {
-		t.Fatal("instance dropped at once after the lease loss; want it held")
+		t.Fatal("instance dropped at once after the lease loss; want it kept for the removal grace")
 	}
 	if rev := b.a.Status().Revision; rev >= del.Header.Revision {
-		t.Fatalf("status claims revision %d (the deletion is %d) while the removal is held", rev, del.Header.Revision)
+		t.Fatalf("status claims revision %d (the deletion is %d) while the removal grace runs", rev, del.Header.Revision)
 	}
-	eventually(t, 5*time.Second, "held removal applied after the settle time", func() bool {
+	eventually(t, 5*time.Second, "removal applied after the grace", func() bool {
 		return !seer.has() && b.a.Status().Revision >= del.Header.Revision
 	})
 }

@@ -5,7 +5,6 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"math/rand/v2"
 	"net/netip"
 	"os"
 	"path/filepath"
@@ -16,6 +15,7 @@ import (
 	clientv3 "go.etcd.io/etcd/client/v3"
 
 	"github.com/meshd/meshd/pkg/atomicfile"
+	"github.com/meshd/meshd/pkg/backoff"
 	"github.com/meshd/meshd/pkg/etcdclient"
 	"github.com/meshd/meshd/pkg/registry"
 )
@@ -26,18 +26,7 @@ import (
 // keeps the advertised instances and the status on that lease, and starts
 // over when the lease is lost.
 func (a *Agent) session(ctx context.Context) error {
-	failures := 0
-	backoff := func() {
-		failures++
-		d := min(etcdclient.RetryMax, 50*time.Millisecond<<min(failures, 6))
-		d = d/2 + rand.N(d/2+1)
-		t := time.NewTimer(d)
-		defer t.Stop()
-		select {
-		case <-ctx.Done():
-		case <-t.C:
-		}
-	}
+	retry := backoff.Backoff{Base: 100 * time.Millisecond, Max: etcdclient.RetryMax, Jitter: true}
 	for ctx.Err() == nil {
 		lease, err := a.establish(ctx)
 		if errors.Is(err, ErrNodeOwned) {
@@ -47,17 +36,17 @@ func (a *Agent) session(ctx context.Context) error {
 		if err != nil {
 			if ctx.Err() == nil {
 				a.log.Warn("registration failed, retrying", "err", err)
-				backoff()
+				retry.Wait(ctx)
 			}
 			continue
 		}
-		failures = 0
+		retry.Reset()
 		a.log.Info("registered", "lease", fmt.Sprintf("%x", int64(lease)))
 		a.metrics.registered.Set(1)
 		a.mu.Lock()
 		a.registeredAt = time.Now()
 		a.mu.Unlock()
-		a.kick() // the loop may be holding instance removals until now
+		a.kick() // the loop may be keeping removed instances (removal grace) until now
 		a.hold(ctx, lease)
 		if ctx.Err() != nil {
 			return nil // Run revokes the lease on the way out

@@ -5,16 +5,19 @@ package config
 
 import (
 	"bytes"
+	"cmp"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"net/netip"
 	"os"
-	"path/filepath"
 	"reflect"
 	"strings"
 	"time"
 
+	"github.com/meshd/meshd/pkg/creds"
+	"github.com/meshd/meshd/pkg/haproxycfg"
+	"github.com/meshd/meshd/pkg/overlay"
 	"github.com/meshd/meshd/pkg/registry"
 )
 
@@ -199,12 +202,8 @@ type Secrets struct {
 	Units map[string]SecretUse `json:"units,omitempty"`
 }
 
-// SecretUse lists the units that use one secret.
-type SecretUse struct {
-	Units []string `json:"units"`
-	// Action is "restart" (default), "reload" or "none".
-	Action string `json:"action,omitempty"`
-}
+// SecretUse lists the units that use one secret; pkg/creds owns it.
+type SecretUse = creds.SecretUse
 
 // The values of Config.OnStop.
 const (
@@ -349,69 +348,23 @@ func (c *Config) Validate() error {
 		bad("instances: without overlay.enable they are advertised with publicIPv4, which is not set")
 	}
 	if o := c.Overlay; o.Enable {
-		if !o.Network.IsValid() || !o.Network.Addr().Is4() {
-			bad("overlay.network: want an IPv4 prefix")
-		}
 		if o.SubnetLen < o.Network.Bits() || o.SubnetLen > 30 {
 			bad("overlay.subnetLen %d: want between the network's %d bits and 30", o.SubnetLen, o.Network.Bits())
 		}
 		if !o.Network.Contains(o.SubnetMin) || !o.Network.Contains(o.SubnetMax) || o.SubnetMax.Less(o.SubnetMin) {
 			bad("overlay.subnetMin/subnetMax: want an ordered range inside %v", o.Network)
 		}
-		if o.ImportKeyFile != "" && (!filepath.IsAbs(o.ImportKeyFile) || strings.ContainsAny(o.ImportKeyFile, "\n\x00")) {
-			bad("overlay.importKeyFile %q: want an absolute path", o.ImportKeyFile)
-		}
-		if len(o.Interface) == 0 || len(o.Interface) > 15 {
-			bad("overlay.interface %q: want 1 to 15 characters", o.Interface)
-		} else if err := registry.ValidName(o.Interface); err != nil {
-			bad("overlay.interface: %w", err)
-		}
-		if o.ListenPort < 1 || o.ListenPort > 65535 {
-			bad("overlay.listenPort %d: out of range", o.ListenPort)
-		}
 		if o.Endpoint != "" {
 			if _, err := netip.ParseAddrPort(o.Endpoint); err != nil {
 				bad("overlay.endpoint: %w", err)
 			}
 		}
-		if o.MTU != 0 && (o.MTU < 1280 || o.MTU > 9000) {
-			bad("overlay.mtu %d: want 0 (auto) or 1280-9000", o.MTU)
-		}
-		switch o.Mode {
-		case "auto", "kernel", "userspace":
-		default:
-			bad("overlay.mode %q: want auto, kernel or userspace", o.Mode)
-		}
-		if o.RouteTable < 1 || o.RouteTable > 1<<31-1 || o.RouteTable == 253 || o.RouteTable == 254 || o.RouteTable == 255 {
-			bad("overlay.routeTable %d: want a table id other than default/main/local", o.RouteTable)
-		}
+		section(&errs, "overlay", c.OverlayOptions().Validate())
 	}
-	if h := c.HAProxy; h.Enable {
-		if h.ConfigPath == "" || h.ConfigPath == "/etc/haproxy.cfg" {
-			bad("haproxy.configPath %q: want a path the OS configuration does not manage", h.ConfigPath)
-		}
-		if h.MasterSocket == "" {
-			bad("haproxy.masterSocket: empty")
-		}
-		if h.HardStopAfter.D() < 0 || h.HardStopAfter.D() > 24*time.Hour {
-			bad("haproxy.hardStopAfter %v: want 0 (default) to 24h", h.HardStopAfter.D())
-		}
-		if h.MaxReloads < 0 || h.MaxReloads > 100 {
-			bad("haproxy.maxReloads %d: want 0 (default) to 100", h.MaxReloads)
-		}
-		if h.ServerSlots < 0 || h.ServerSlots > 1000 {
-			bad("haproxy.serverSlots %d: want 0-1000", h.ServerSlots)
-		}
-		for _, p := range h.ReservedPorts {
-			if p < 1 || p > 65535 {
-				bad("haproxy.reservedPorts: %d out of range", p)
-			}
-		}
-		for _, p := range h.AllowLowPorts {
-			if p < 1 || p > 1023 {
-				bad("haproxy.allowLowPorts: %d: want 1-1023", p)
-			}
-		}
+	if c.HAProxy.Enable {
+		o := c.HAProxyOptions()
+		o.Self = c.validNodeName()
+		section(&errs, "haproxy", o.Validate())
 	}
 	if c.Secrets.Enable && !c.Overlay.Enable {
 		bad("secrets.enable needs overlay.enable: a node's age recipient is published in its overlay member record")
@@ -420,21 +373,77 @@ func (c *Config) Validate() error {
 		if s.CredstoreDir == "" {
 			bad("secrets.credstoreDir: empty")
 		}
-		switch s.WithKey {
-		case "host", "tpm2", "host+tpm2", "auto", "tpm2-absent":
-		default:
-			bad("secrets.withKey %q: want host, tpm2, host+tpm2, auto or tpm2-absent", s.WithKey)
-		}
-		for name, use := range s.Units {
-			if err := registry.ValidName(name); err != nil {
-				bad("secrets.units: %w", err)
-			}
-			switch use.Action {
-			case "", "restart", "reload", "none":
-			default:
-				bad("secrets.units[%s].action %q: want restart, reload or none", name, use.Action)
-			}
-		}
+		o := c.SecretsOptions()
+		o.Self, o.StateDir = c.validNodeName(), cmp.Or(o.StateDir, "/")
+		section(&errs, "secrets", o.Validate())
 	}
 	return errors.Join(errs...)
+}
+
+// section adds the problems a component found in its section of the
+// config, each named as the config file names it ("haproxy.serverSlots").
+func section(errs *[]error, name string, err error) {
+	if err == nil {
+		return
+	}
+	all := []error{err}
+	if j, ok := err.(interface{ Unwrap() []error }); ok {
+		all = j.Unwrap()
+	}
+	for _, e := range all {
+		*errs = append(*errs, fmt.Errorf("%s.%w", name, e))
+	}
+}
+
+// validNodeName is the node name to hand a component's Validate: a bad
+// one is reported once, as nodeName, not again by every section.
+func (c *Config) validNodeName() string {
+	if registry.ValidName(c.NodeName) != nil {
+		return "node"
+	}
+	return c.NodeName
+}
+
+// OverlayOptions maps the overlay section onto the overlay component's
+// options. It asks for detached userspace devices, which needs
+// overlay.MaybeRunDevice(os.Args[1:]) at the top of main.
+func (c *Config) OverlayOptions() overlay.Options {
+	o := c.Overlay
+	return overlay.Options{
+		Self:          c.NodeName,
+		StateDir:      c.StateDir,
+		Interface:     o.Interface,
+		ListenPort:    o.ListenPort,
+		MTU:           o.MTU,
+		Keepalive:     o.Keepalive.D(),
+		Mode:          o.Mode,
+		RouteTable:    o.RouteTable,
+		RouteNetwork:  o.RouteNetwork,
+		Network:       o.Network,
+		Pool:          registry.Pool{Min: o.SubnetMin, Max: o.SubnetMax, Bits: o.SubnetLen},
+		ImportKeyFile: o.ImportKeyFile,
+
+		DetachUserspace: true,
+	}
+}
+
+// HAProxyOptions maps the "haproxy" section (and the node's name and
+// consumed groups) onto the HAProxy component's options.
+func (c *Config) HAProxyOptions() haproxycfg.Options {
+	h := c.HAProxy
+	return haproxycfg.Options{
+		Self: c.NodeName, Consume: c.Consume, ConfigPath: h.ConfigPath, MasterSocket: h.MasterSocket,
+		StatsSocket: h.StatsSocket, Binary: h.Binary, Supervise: h.Supervise,
+		ReservedPorts: h.ReservedPorts, AllowLowPorts: h.AllowLowPorts, ServerSlots: h.ServerSlots,
+		HardStopAfter: h.HardStopAfter.D(), MaxReloads: h.MaxReloads, User: h.User, Group: h.Group,
+	}
+}
+
+// SecretsOptions maps the "secrets" section (and the node's name and
+// state directory) onto the credentials component's options.
+func (c *Config) SecretsOptions() creds.Options {
+	return creds.Options{
+		Self: c.NodeName, StateDir: c.StateDir, CredstoreDir: c.Secrets.CredstoreDir,
+		WithKey: c.Secrets.WithKey, Units: c.Secrets.Units,
+	}
 }

@@ -17,7 +17,6 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/meshd/meshd/pkg/atomicfile"
-	"github.com/meshd/meshd/pkg/config"
 	"github.com/meshd/meshd/pkg/registry"
 )
 
@@ -40,7 +39,7 @@ type Options struct {
 	WithKey string
 	// Units says, per secret name, which units use it and what to do when
 	// it changes.
-	Units map[string]config.SecretUse
+	Units map[string]SecretUse
 	// Creds encrypts credentials (default SystemdCreds{WithKey: WithKey}).
 	Creds Encrypter
 	// Manager restarts and reloads units (default a DBusManager, which
@@ -79,26 +78,36 @@ type Component struct {
 	unopened map[string]string // guarded by mu
 }
 
-// New builds the component: it validates opts, loads (or creates) the
-// node's age identity and reads the manifest of credentials written
-// before. It does not touch the credential store until Apply.
-func New(opts Options, log *slog.Logger, reg prometheus.Registerer) (*Component, error) {
-	if err := registry.ValidName(opts.Self); err != nil {
-		return nil, fmt.Errorf("creds: self: %w", err)
-	}
-	if opts.StateDir == "" {
-		return nil, errors.New("creds: empty state directory")
-	}
-	opts.CredstoreDir = cmp.Or(opts.CredstoreDir, DefaultCredstoreDir)
-	opts.WithKey = cmp.Or(opts.WithKey, "host")
-	switch opts.WithKey {
-	case "host", "tpm2", "host+tpm2", "auto", "tpm2-absent":
-	default:
-		return nil, fmt.Errorf("creds: withKey %q: want host, tpm2, host+tpm2, auto or tpm2-absent", opts.WithKey)
-	}
+// WithKeys are the values of Options.WithKey: systemd-creds' --with-key
+// choices that systemd 252 knows ("tpm2-absent" is 252's name for no key).
+var WithKeys = []string{"host", "tpm2", "host+tpm2", "auto", "tpm2-absent"}
+
+// SecretUse lists the units that use one secret (meshd's config file,
+// secrets.units).
+type SecretUse struct {
+	Units []string `json:"units"`
+	// Action is "restart" (default), "reload" or "none".
+	Action string `json:"action,omitempty"`
+}
+
+// Validate checks the options without touching the system and returns
+// every problem found, each naming its field as meshd's config file does.
+// New refuses what it refuses, and meshd's config check (pkg/config)
+// calls it for the "secrets" section, so the two cannot disagree. An
+// empty CredstoreDir or WithKey means the default.
+func (o Options) Validate() error {
 	var errs []error
-	for _, name := range slices.Sorted(maps.Keys(opts.Units)) {
-		use := opts.Units[name]
+	if err := registry.ValidName(o.Self); err != nil {
+		errs = append(errs, fmt.Errorf("self: %w", err))
+	}
+	if o.StateDir == "" {
+		errs = append(errs, errors.New("empty state directory"))
+	}
+	if o.WithKey != "" && !slices.Contains(WithKeys, o.WithKey) {
+		errs = append(errs, fmt.Errorf("withKey %q: want host, tpm2, host+tpm2, auto or tpm2-absent", o.WithKey))
+	}
+	for _, name := range slices.Sorted(maps.Keys(o.Units)) {
+		use := o.Units[name]
 		if err := registry.ValidName(name); err != nil {
 			errs = append(errs, fmt.Errorf("units: secret: %w", err))
 		}
@@ -113,9 +122,18 @@ func New(opts Options, log *slog.Logger, reg prometheus.Registerer) (*Component,
 			}
 		}
 	}
-	if err := errors.Join(errs...); err != nil {
+	return errors.Join(errs...)
+}
+
+// New builds the component: it validates opts, loads (or creates) the
+// node's age identity and reads the manifest of credentials written
+// before. It does not touch the credential store until Apply.
+func New(opts Options, log *slog.Logger, reg prometheus.Registerer) (*Component, error) {
+	if err := opts.Validate(); err != nil {
 		return nil, fmt.Errorf("creds: %w", err)
 	}
+	opts.CredstoreDir = cmp.Or(opts.CredstoreDir, DefaultCredstoreDir)
+	opts.WithKey = cmp.Or(opts.WithKey, "host")
 	if opts.Creds == nil {
 		opts.Creds = SystemdCreds{WithKey: opts.WithKey}
 	}

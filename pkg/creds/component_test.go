@@ -18,7 +18,6 @@ import (
 	"go.etcd.io/etcd/api/v3/mvccpb"
 	clientv3 "go.etcd.io/etcd/client/v3"
 
-	"github.com/meshd/meshd/pkg/config"
 	"github.com/meshd/meshd/pkg/etcdtest"
 	"github.com/meshd/meshd/pkg/registry"
 )
@@ -72,7 +71,7 @@ func TestDeliveryWithEtcdAndSystemdCreds(t *testing.T) {
 	srv := etcdtest.New(t)
 	cli := etcdtest.NewClient(t, srv)
 
-	units := map[string]config.SecretUse{
+	units := map[string]SecretUse{
 		"db-password": {Units: []string{"app.service", "worker.service"}},
 		"api-token":   {Units: []string{"proxy.service"}, Action: "reload"},
 	}
@@ -280,7 +279,7 @@ func TestSystemdCredsFailureKeepsPreviousCredential(t *testing.T) {
 	ctx := context.Background()
 	srv := etcdtest.New(t)
 	cli := etcdtest.NewClient(t, srv)
-	n := newTestNode(t, "node-a", map[string]config.SecretUse{"tls-key": {Units: []string{"app.service"}}})
+	n := newTestNode(t, "node-a", map[string]SecretUse{"tls-key": {Units: []string{"app.service"}}})
 	addMember(t, cli, "node-a", 1, n.comp.Recipient())
 	v1, v2 := secretValue("v1"), secretValue("v2")
 	if _, err := PutSecret(ctx, cli, "tls-key", v1, Targets{All: true}); err != nil {
@@ -348,7 +347,7 @@ func TestUnitFailureIsRetried(t *testing.T) {
 	ctx := context.Background()
 	srv := etcdtest.New(t)
 	cli := etcdtest.NewClient(t, srv)
-	n := newTestNode(t, "node-a", map[string]config.SecretUse{"s": {Units: []string{"a.service", "b.service"}}})
+	n := newTestNode(t, "node-a", map[string]SecretUse{"s": {Units: []string{"a.service", "b.service"}}})
 	addMember(t, cli, "node-a", 1, n.comp.Recipient())
 	if _, err := PutSecret(ctx, cli, "s", secretValue("s"), Targets{Nodes: []string{"node-a"}}); err != nil {
 		t.Fatal(err)
@@ -479,7 +478,7 @@ func TestSlowUnitJobIsNotRepeated(t *testing.T) {
 	ctx := context.Background()
 	srv := etcdtest.New(t)
 	cli := etcdtest.NewClient(t, srv)
-	n := newTestNode(t, "node-a", map[string]config.SecretUse{"s": {Units: []string{"slow.service"}}})
+	n := newTestNode(t, "node-a", map[string]SecretUse{"s": {Units: []string{"slow.service"}}})
 	addMember(t, cli, "node-a", 1, n.comp.Recipient())
 	if _, err := PutSecret(ctx, cli, "s", secretValue("s"), Targets{Nodes: []string{"node-a"}}); err != nil {
 		t.Fatal(err)

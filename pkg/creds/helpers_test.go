@@ -20,7 +20,6 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	clientv3 "go.etcd.io/etcd/client/v3"
 
-	"github.com/meshd/meshd/pkg/config"
 	"github.com/meshd/meshd/pkg/registry"
 )
 
@@ -119,7 +118,7 @@ type testNode struct {
 	comp      *Component
 }
 
-func newTestNode(t *testing.T, name string, units map[string]config.SecretUse) *testNode {
+func newTestNode(t *testing.T, name string, units map[string]SecretUse) *testNode {
 	t.Helper()
 	root := t.TempDir()
 	n := &testNode{

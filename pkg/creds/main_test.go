@@ -12,7 +12,6 @@ import (
 
 	clientv3 "go.etcd.io/etcd/client/v3"
 
-	"github.com/meshd/meshd/pkg/config"
 	"github.com/meshd/meshd/pkg/etcdclient"
 	"github.com/meshd/meshd/pkg/registry"
 )
@@ -45,10 +44,10 @@ func runHelper() error {
 		return err
 	}
 	defer logf.Close()
-	units := map[string]config.SecretUse{}
+	units := map[string]SecretUse{}
 	for _, kv := range strings.Fields(os.Getenv("MDT_CREDS_UNITS")) {
 		name, unit, _ := strings.Cut(kv, "=")
-		units[name] = config.SecretUse{Units: []string{unit}}
+		units[name] = SecretUse{Units: []string{unit}}
 	}
 	node := os.Getenv("MDT_CREDS_NODE")
 	comp, err := New(Options{Self: node, StateDir: os.Getenv("MDT_CREDS_STATE"), Units: units},

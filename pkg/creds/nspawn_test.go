@@ -14,7 +14,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/meshd/meshd/pkg/config"
 	"github.com/meshd/meshd/pkg/etcdtest"
 )
 
@@ -157,7 +156,7 @@ func TestNspawnUnitReadsDeliveredCredential(t *testing.T) {
 	mgr := &fakeManager{}
 	comp, err := New(Options{
 		Self: "node-a", StateDir: stateDir, CredstoreDir: credstore,
-		Units: map[string]config.SecretUse{"db-password": {Units: []string{"read-db-password.service"}}},
+		Units: map[string]SecretUse{"db-password": {Units: []string{"read-db-password.service"}}},
 		Creds: SystemdCreds{WithKey: "host", Env: env}, Manager: mgr,
 	}, newTestLogger(logs), nil)
 	if err != nil {

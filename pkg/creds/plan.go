@@ -8,7 +8,6 @@ import (
 	"slices"
 	"strings"
 
-	"github.com/meshd/meshd/pkg/config"
 	"github.com/meshd/meshd/pkg/registry"
 )
 
@@ -78,7 +77,7 @@ type unitAction struct {
 // unitActions returns, sorted by unit, what to do for the secrets whose
 // new version the units have not yet seen. A unit declared for several of
 // them is acted on once; restart wins over reload.
-func unitActions(changed []string, uses map[string]config.SecretUse) []unitAction {
+func unitActions(changed []string, uses map[string]SecretUse) []unitAction {
 	byUnit := map[string]*unitAction{}
 	for _, name := range changed {
 		use, ok := uses[name]

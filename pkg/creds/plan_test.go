@@ -5,7 +5,6 @@ import (
 
 	"github.com/google/go-cmp/cmp"
 
-	"github.com/meshd/meshd/pkg/config"
 	"github.com/meshd/meshd/pkg/registry"
 )
 
@@ -77,7 +76,7 @@ func TestPlanDelivery(t *testing.T) {
 }
 
 func TestUnitActions(t *testing.T) {
-	uses := map[string]config.SecretUse{
+	uses := map[string]SecretUse{
 		"db":    {Units: []string{"app.service", "worker.service"}},
 		"tls":   {Units: []string{"haproxy.service", "app.service"}, Action: "reload"},
 		"token": {Units: []string{"cron.service"}, Action: "none"},

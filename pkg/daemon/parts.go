@@ -50,10 +50,7 @@ func buildParts(ctx context.Context, cfg config.Config, log *slog.Logger, reg pr
 		recipient string
 	)
 	if cfg.Secrets.Enable {
-		secrets, err = creds.New(creds.Options{
-			Self: cfg.NodeName, StateDir: cfg.StateDir, CredstoreDir: cfg.Secrets.CredstoreDir,
-			WithKey: cfg.Secrets.WithKey, Units: cfg.Secrets.Units,
-		}, log, reg)
+		secrets, err = creds.New(cfg.SecretsOptions(), log, reg)
 		if err != nil {
 			return nil, fmt.Errorf("secrets: %w", err)
 		}
@@ -61,7 +58,7 @@ func buildParts(ctx context.Context, cfg config.Config, log *slog.Logger, reg pr
 		recipient = secrets.Recipient()
 	}
 	if cfg.Overlay.Enable {
-		ov, err := overlay.New(overlay.OptionsFromConfig(cfg), log, reg)
+		ov, err := overlay.New(cfg.OverlayOptions(), log, reg)
 		if err != nil {
 			return nil, fmt.Errorf("overlay: %w", err)
 		}
@@ -118,17 +115,13 @@ func overlayEndpoint(cfg config.Config) string {
 // haproxyOptions maps the config onto the HAProxy component. meshd's own
 // metrics port is reserved: an app publishing it would fail the reload.
 func haproxyOptions(cfg config.Config) haproxycfg.Options {
-	h := cfg.HAProxy
-	reserved := slices.Clone(h.ReservedPorts)
+	o := cfg.HAProxyOptions()
+	reserved := slices.Clone(o.ReservedPorts)
 	if _, port, err := net.SplitHostPort(cfg.MetricsAddr); err == nil {
 		if p, err := strconv.Atoi(port); err == nil && p > 0 && !slices.Contains(reserved, p) {
 			reserved = append(reserved, p)
 		}
 	}
-	return haproxycfg.Options{
-		Self: cfg.NodeName, Consume: cfg.Consume, ConfigPath: h.ConfigPath, MasterSocket: h.MasterSocket,
-		StatsSocket: h.StatsSocket, Binary: h.Binary, Supervise: h.Supervise,
-		ReservedPorts: reserved, AllowLowPorts: h.AllowLowPorts, ServerSlots: h.ServerSlots,
-		HardStopAfter: h.HardStopAfter.D(), MaxReloads: h.MaxReloads, User: h.User, Group: h.Group,
-	}
+	o.ReservedPorts = reserved
+	return o
 }

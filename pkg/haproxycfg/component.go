@@ -102,6 +102,62 @@ type AppStatus struct {
 	Servers int    `json:"servers"`
 }
 
+// Limits of the options (Validate).
+const (
+	MaxHardStopAfter = 24 * time.Hour
+	MaxMaxReloads    = 100
+)
+
+// Validate checks the options without touching the system and returns
+// every problem found, each naming its field as meshd's config file does.
+// New refuses what it refuses, and meshd's config check (pkg/config)
+// calls it for the "haproxy" section, so the two cannot disagree.
+func (o Options) Validate() error {
+	var errs []error
+	bad := func(format string, a ...any) { errs = append(errs, fmt.Errorf(format, a...)) }
+	if err := registry.ValidName(o.Self); err != nil {
+		bad("self: %w", err)
+	}
+	if !filepath.IsAbs(o.ConfigPath) || filepath.Clean(o.ConfigPath) == "/etc/haproxy.cfg" {
+		bad("configPath %q: want an absolute path the OS configuration does not manage", o.ConfigPath)
+	}
+	for _, s := range []struct{ name, path string }{{"masterSocket", o.MasterSocket}, {"statsSocket", o.StatsSocket}} {
+		if !safeSocket(s.path) {
+			bad("%s %q: want a path of [A-Za-z0-9/._-] (or ipv4@host:port), at most 107 bytes", s.name, s.path)
+		}
+	}
+	if o.ServerSlots < 0 || o.ServerSlots > MaxServerSlots {
+		bad("serverSlots %d: want 0 (default) to %d", o.ServerSlots, MaxServerSlots)
+	}
+	if o.HardStopAfter < 0 || o.HardStopAfter > MaxHardStopAfter {
+		bad("hardStopAfter %v: want 0 (default) to %v", o.HardStopAfter, MaxHardStopAfter)
+	}
+	if o.MaxReloads < 0 || o.MaxReloads > MaxMaxReloads {
+		bad("maxReloads %d: want 0 (default) to %d", o.MaxReloads, MaxMaxReloads)
+	}
+	for _, p := range o.ReservedPorts {
+		if p < 1 || p > 65535 {
+			bad("reservedPorts: %d out of range", p)
+		}
+	}
+	for _, p := range o.AllowLowPorts {
+		if p < 1 || p > 1023 {
+			bad("allowLowPorts: %d: want 1-1023", p)
+		}
+	}
+	for _, u := range []struct{ name, value string }{{"user", o.User}, {"group", o.Group}} {
+		if u.value != "" && !ValidUnixName(u.value) {
+			bad("%s %s: want a user or group name", u.name, registry.Quoted([]byte(u.value)))
+		}
+	}
+	for _, l := range o.GlobalExtra {
+		if !safeLine(l) {
+			bad("globalExtra %q: want one line of printable ASCII", l)
+		}
+	}
+	return errors.Join(errs...)
+}
+
 // New checks opts and builds the component. It starts nothing: in
 // supervise mode Run restarts the HAProxy master if it dies.
 func New(opts Options, log *slog.Logger, reg prometheus.Registerer) (*Component, error) {
@@ -109,29 +165,8 @@ func New(opts Options, log *slog.Logger, reg prometheus.Registerer) (*Component,
 		log = slog.New(slog.DiscardHandler)
 	}
 	log = log.With("component", "haproxy")
-	if err := registry.ValidName(opts.Self); err != nil {
-		return nil, fmt.Errorf("haproxy: self: %w", err)
-	}
-	if !filepath.IsAbs(opts.ConfigPath) || filepath.Clean(opts.ConfigPath) == "/etc/haproxy.cfg" {
-		return nil, fmt.Errorf("haproxy: configPath %q: want an absolute path the OS configuration does not manage", opts.ConfigPath)
-	}
-	for name, s := range map[string]string{"masterSocket": opts.MasterSocket, "statsSocket": opts.StatsSocket} {
-		if !safeSocket(s) {
-			return nil, fmt.Errorf("haproxy: %s %q: want a path of [A-Za-z0-9/._-] (or ipv4@host:port), at most 107 bytes", name, s)
-		}
-	}
-	for name, s := range map[string]string{"user": opts.User, "group": opts.Group} {
-		if s != "" && !ValidUnixName(s) {
-			return nil, fmt.Errorf("haproxy: %s %s: want a user or group name", name, registry.Quoted([]byte(s)))
-		}
-	}
-	if opts.ServerSlots < 0 || opts.ServerSlots > MaxServerSlots {
-		return nil, fmt.Errorf("haproxy: serverSlots %d: want 0-%d", opts.ServerSlots, MaxServerSlots)
-	}
-	for _, l := range opts.GlobalExtra {
-		if !safeLine(l) {
-			return nil, fmt.Errorf("haproxy: globalExtra %q: want one line of printable ASCII", l)
-		}
+	if err := opts.Validate(); err != nil {
+		return nil, fmt.Errorf("haproxy: %w", err)
 	}
 	if opts.Binary == "" {
 		opts.Binary = "haproxy"

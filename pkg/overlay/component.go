@@ -107,6 +107,9 @@ func New(opts Options, log *slog.Logger, reg prometheus.Registerer) (*Component,
 	if err := registry.ValidName(opts.Self); err != nil {
 		return nil, fmt.Errorf("overlay: node name: %w", err)
 	}
+	if err := opts.Validate(); err != nil {
+		return nil, fmt.Errorf("overlay: %w", err)
+	}
 	computer, err := desired.NewComputer(opts.Self, opts.params())
 	if err != nil {
 		return nil, fmt.Errorf("overlay: %w", err)

@@ -12,7 +12,6 @@ import (
 	"github.com/vishvananda/netlink"
 	"golang.zx2c4.com/wireguard/wgctrl/wgtypes"
 
-	"github.com/meshd/meshd/pkg/config"
 	"github.com/meshd/meshd/pkg/overlay/desired"
 	"github.com/meshd/meshd/pkg/registry"
 )
@@ -103,7 +102,12 @@ func newPublicKey(t *testing.T) string {
 }
 
 func TestNewValidates(t *testing.T) {
-	base := OptionsFromConfig(config.Default())
+	// As config.Default's overlay section maps (config imports overlay).
+	base := Options{
+		Interface: "meshd-wg", ListenPort: 51820, Keepalive: 25 * time.Second, Mode: "auto", RouteTable: 51820,
+		Network: netip.MustParsePrefix("10.0.0.0/8"),
+		Pool:    registry.Pool{Min: netip.MustParseAddr("10.10.0.0"), Max: netip.MustParseAddr("10.99.0.0"), Bits: 24},
+	}
 	base.Self, base.StateDir = "n0", t.TempDir()
 	for name, mut := range map[string]func(*Options){
 		"bad node name":      func(o *Options) { o.Self = "../x" },
@@ -112,6 +116,9 @@ func TestNewValidates(t *testing.T) {
 		"bad mode":           func(o *Options) { o.Mode = "magic" },
 		"no network":         func(o *Options) { o.Network = netip.Prefix{} },
 		"no state dir":       func(o *Options) { o.StateDir = "" },
+		"mtu too large":      func(o *Options) { o.MTU = MaxMTU + 1 },
+		"main route table":   func(o *Options) { o.RouteTable = 254 },
+		"relative key file":  func(o *Options) { o.ImportKeyFile = "flannel.key" },
 	} {
 		t.Run(name, func(t *testing.T) {
 			o := base

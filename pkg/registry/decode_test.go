@@ -96,43 +96,6 @@ func TestValidName(t *testing.T) {
 	}
 }
 
-func TestStoreReplaceDropsMissedDeletes(t *testing.T) {
-	s := NewStore()
-	s.Replace(ClusterPrefix, nixInfraKVs[:4], 10)
-	// A re-list after compaction no longer holds the instance: it must go.
-	s.Replace(ClusterPrefix, nixInfraKVs[:3], 20)
-	snap := s.Snapshot()
-	if n := len(snap.Apps[AppID{GroupServices, "app-mongodb-pod"}].Instances); n != 0 {
-		t.Errorf("instances after re-list = %d, want 0", n)
-	}
-	if snap.Revision != 20 || !s.Listed(ClusterPrefix) {
-		t.Errorf("revision %d listed %v", snap.Revision, s.Listed(ClusterPrefix))
-	}
-}
-
-// A prefix being re-listed after a compaction is not Listed until its new
-// list arrives, even though another prefix's newer list has moved the
-// store's revision on: a pass in between would publish that revision as
-// applied without the changes the compaction hid.
-func TestStoreRelistingHidesPrefixUntilReplaced(t *testing.T) {
-	s := NewStore()
-	s.Replace(ClusterPrefix, nixInfraKVs[:3], 10)
-	s.Replace(FlannelSubnetPrefix, nil, 10)
-	s.Relisting(ClusterPrefix)
-	s.Relisting(FlannelSubnetPrefix)
-	s.Replace(FlannelSubnetPrefix, nil, 30)
-	if s.Listed(ClusterPrefix) || !s.Listed(FlannelSubnetPrefix) {
-		t.Fatalf("during the re-list: cluster listed %v, flannel listed %v; want false, true", s.Listed(ClusterPrefix), s.Listed(FlannelSubnetPrefix))
-	}
-	s.Replace(ClusterPrefix, nixInfraKVs[:4], 30)
-	if !s.Listed(ClusterPrefix) {
-		t.Fatal("cluster prefix not listed after its re-list")
-	}
-	if n := len(s.Snapshot().Apps[AppID{GroupServices, "app-mongodb-pod"}].Instances); n == 0 {
-		t.Error("the re-listed instance is missing")
-	}
-}
-
 // FuzzDecode checks that no key or value can make the decoders panic, and
 // that whatever they accept is safe to put into a config file.
 func FuzzDecode(f *testing.F) {
@@ -226,36 +189,5 @@ func TestCrossChecksStopHijacks(t *testing.T) {
 	}
 	if len(snap.Problems) != 3 {
 		t.Errorf("problems = %v, want 3", snap.Problems)
-	}
-}
-
-func TestSnapshotRebuildsOnlyChangedParts(t *testing.T) {
-	s := NewStore()
-	s.Replace(ClusterPrefix, nixInfraKVs, 10)
-	s.Put(KV{Key: "/cluster/meshd/subnets/10.10.1.0-24", Value: []byte(`{"node":"worker001"}`)}, 11)
-	s.Put(KV{Key: "/cluster/meshd/members/worker001", Value: []byte(`{"name":"worker001","publicKey":"AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=","subnet":"10.10.1.0/24","overlayIp":"10.10.1.0"}`)}, 11)
-	a := s.Snapshot()
-	if again := s.Snapshot(); again != a {
-		t.Error("unchanged store built a new snapshot")
-	}
-	s.Put(KV{Key: "/cluster/backends/web/meta_data", Value: []byte(`{"publish":{"port":8080}}`)}, 12)
-	b := s.Snapshot()
-	if b.Gen.Members != a.Gen.Members || b.Gen.Nodes != a.Gen.Nodes || b.Gen.Apps == a.Gen.Apps {
-		t.Errorf("generations %+v -> %+v: only apps should change", a.Gen, b.Gen)
-	}
-	if len(a.Apps) != 1 || len(b.Apps) != 2 || b.Revision != 12 {
-		t.Errorf("apps %d -> %d, rev %d", len(a.Apps), len(b.Apps), b.Revision)
-	}
-	// A member change rebuilds the apps too (instances are checked against members).
-	s.Delete("/cluster/meshd/members/worker001", 13)
-	c := s.Snapshot()
-	if c.Gen.Members == b.Gen.Members || c.Gen.Apps == b.Gen.Apps || len(c.Members) != 0 || len(b.Members) != 1 {
-		t.Errorf("member delete: gen %+v -> %+v, members %d (old snapshot %d)", b.Gen, c.Gen, len(c.Members), len(b.Members))
-	}
-	// A bad subnet claim is a problem and claims nothing.
-	s.Put(KV{Key: "/cluster/meshd/subnets/10.10.2.0-24", Value: []byte(`{"node":"a b"}`)}, 14)
-	d := s.Snapshot()
-	if _, ok := d.Subnets[netip.MustParsePrefix("10.10.2.0/24")]; ok || len(d.Problems) != 1 {
-		t.Errorf("bad claim: subnets %v problems %v", d.Subnets, d.Problems)
 	}
 }

@@ -5,11 +5,12 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"math/rand/v2"
 	"time"
 
 	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
 	clientv3 "go.etcd.io/etcd/client/v3"
+
+	"github.com/meshd/meshd/pkg/backoff"
 )
 
 // Watcher keeps the keys under one prefix of a Store current: one range
@@ -44,21 +45,10 @@ func (w *Watcher) Run(ctx context.Context) error {
 		maxBackoff = 250 * time.Millisecond
 	}
 	var (
-		rev      int64 // last revision applied to the store
-		listed   bool
-		failures int
+		rev    int64 // last revision applied to the store
+		listed bool
+		retry  = backoff.Backoff{Base: 100 * time.Millisecond, Max: maxBackoff, Jitter: true}
 	)
-	backoff := func() {
-		failures++
-		d := min(maxBackoff, 50*time.Millisecond<<min(failures, 10))
-		d = d/2 + rand.N(d/2+1)
-		t := time.NewTimer(d)
-		defer t.Stop()
-		select {
-		case <-ctx.Done():
-		case <-t.C:
-		}
-	}
 	for ctx.Err() == nil {
 		if !listed {
 			lctx, cancel := context.WithTimeout(ctx, 5*time.Second)
@@ -67,7 +57,7 @@ func (w *Watcher) Run(ctx context.Context) error {
 			if err != nil {
 				if ctx.Err() == nil {
 					log.Warn("list failed, retrying", "prefix", w.Prefix, "err", err)
-					backoff()
+					retry.Wait(ctx)
 				}
 				continue
 			}
@@ -78,7 +68,7 @@ func (w *Watcher) Run(ctx context.Context) error {
 			}
 			w.notify()
 		}
-		err := w.watch(ctx, &rev, &failures)
+		err := w.watch(ctx, &rev, &retry)
 		switch {
 		case ctx.Err() != nil:
 		case errors.Is(err, rpctypes.ErrCompacted):
@@ -87,7 +77,7 @@ func (w *Watcher) Run(ctx context.Context) error {
 			listed = false
 		case err != nil:
 			log.Warn("watch interrupted, resuming", "prefix", w.Prefix, "rev", rev+1, "err", err)
-			backoff()
+			retry.Wait(ctx)
 		}
 	}
 	return ctx.Err()
@@ -95,7 +85,7 @@ func (w *Watcher) Run(ctx context.Context) error {
 
 // watch runs one watch stream from rev+1 until it fails. It advances *rev
 // only past events that reached the store.
-func (w *Watcher) watch(ctx context.Context, rev *int64, failures *int) error {
+func (w *Watcher) watch(ctx context.Context, rev *int64, retry *backoff.Backoff) error {
 	wctx, cancel := context.WithCancel(clientv3.WithRequireLeader(ctx))
 	defer cancel()
 	ch := w.Client.Watch(wctx, w.Prefix, clientv3.WithPrefix(), clientv3.WithRev(*rev+1), clientv3.WithProgressNotify())
@@ -106,7 +96,7 @@ func (w *Watcher) watch(ctx context.Context, rev *int64, failures *int) error {
 		if err := wr.Err(); err != nil {
 			return err
 		}
-		*failures = 0
+		retry.Reset()
 		if wr.IsProgressNotify() {
 			continue
 		}

@@ -6,7 +6,7 @@ import (
 	"github.com/meshd/meshd/pkg/registry"
 )
 
-func TestWithHeldInstances(t *testing.T) {
+func TestWithInstancesInGrace(t *testing.T) {
 	kv := func(k, v string) registry.KV { return registry.KV{Key: k, Value: []byte(v), Lease: 1} }
 	prev := registry.SnapshotOf([]registry.KV{
 		kv("/cluster/backends/web/meta_data", `{"publish":{"port":8080}}`),
@@ -20,10 +20,10 @@ func TestWithHeldInstances(t *testing.T) {
 		kv("/cluster/backends/web/meta_data", `{"publish":{"port":8080}}`),
 		kv("/cluster/backends/web/instances/a", `{"ipv4":"10.10.1.0","node":"a","port":90}`),
 	}, 20)
-	got := withHeldInstances(cur, prev)
+	got := withInstancesInGrace(cur, prev)
 	web := got.Apps[registry.AppID{Group: "backends", Name: "web"}]
 	if len(web.Instances) != 2 || web.Instances["b"].Port != 80 || web.Instances["a"].Port != 90 {
-		t.Errorf("held view instances = %v, want b held and a's new port", web.Instances)
+		t.Errorf("view in grace: instances = %v, want b kept and a's new port", web.Instances)
 	}
 	if _, ok := got.Apps[registry.AppID{Group: "backends", Name: "gone"}]; ok {
 		t.Error("an unregistered app came back")
@@ -34,7 +34,7 @@ func TestWithHeldInstances(t *testing.T) {
 	if n := len(cur.Apps[registry.AppID{Group: "backends", Name: "web"}].Instances); n != 1 {
 		t.Errorf("the store's snapshot was modified: %d instances", n)
 	}
-	if same := withHeldInstances(prev, prev); same != prev {
-		t.Error("nothing to hold still copied the snapshot")
+	if same := withInstancesInGrace(prev, prev); same != prev {
+		t.Error("nothing to keep still copied the snapshot")
 	}
 }

@@ -10,10 +10,11 @@ import (
 // reconvergeBound is how soon after etcd's return every node must have
 // applied a change made while it was away, on a loaded two-core machine
 // (startHog adds one busy core on top of whatever else runs). With every
-// retry towards etcd capped at 250 ms, nodes that only re-register measure
-// 0.06-0.2 s; a consumer that must reload HAProxy for the changed app
-// (haproxy -c, then the master's re-exec and a new worker) 0.5-1.0 s on a
-// two-core machine shared with other test runs.
+// retry towards etcd capped at 250 ms and CutEtcd restoring the hub's side
+// first, five runs on a two-core machine shared with other test runs
+// measured 0.05-0.7 s for nodes that only re-register and 0.3-1.1 s for a
+// consumer that must reload HAProxy for the changed app (haproxy -c, then
+// the master's re-exec and a new worker).
 const reconvergeBound = 1500 * time.Millisecond
 
 // startHog keeps one core busy (a spinning goroutine on its own thread)

@@ -19,6 +19,7 @@ import (
 
 	"github.com/meshd/meshd/pkg/registry"
 	"github.com/meshd/meshd/pkg/sandbox"
+	"github.com/meshd/meshd/pkg/sandbox/sandboxtest"
 )
 
 var updateScreenshot = flag.Bool("update", false, "rewrite docs/dashboard.png from the browser test")
@@ -38,7 +39,7 @@ func chromium(t *testing.T) string {
 			return p
 		}
 	}
-	t.Skip("no chromium (apt-get install --no-install-recommends chromium): skipping the browser test")
+	sandboxtest.Missing(t, "no chromium (apt-get install --no-install-recommends chromium): skipping the browser test")
 	return ""
 }
 

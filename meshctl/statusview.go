@@ -4,6 +4,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"maps"
 	"slices"
 	"strings"
 	"time"
@@ -115,20 +116,7 @@ func (in statusInput) nodeKeys(node string) []keyRevs {
 func buildStatus(in statusInput) statusOut {
 	snap := in.Snap
 	so := statusOut{Revision: snap.Revision, Nodes: []statusRow{}, Problems: append(slices.Clip(snap.Problems), in.Problems...)}
-	names := map[string]bool{}
-	for n := range snap.Nodes {
-		names[n] = true
-	}
-	for n := range snap.Members {
-		names[n] = true
-	}
-	for n := range snap.Statuses {
-		names[n] = true
-	}
-	for n := range in.Seen {
-		names[n] = true
-	}
-	for _, n := range sortedKeys(names) {
+	for _, n := range snap.KnownNodes(slices.Collect(maps.Keys(in.Seen))...) {
 		r := statusRow{Node: n}
 		nd, hasEntry := snap.Nodes[n]
 		st, hasStatus := snap.Statuses[n]

@@ -12,6 +12,8 @@ import (
 
 	"github.com/google/go-cmp/cmp"
 	"sigs.k8s.io/yaml"
+
+	"github.com/meshd/meshd/pkg/sandbox/sandboxtest"
 )
 
 func reference(t *testing.T) map[string]Metric {
@@ -92,7 +94,7 @@ func TestUnknownMetricIsCaught(t *testing.T) {
 func promtool(t *testing.T, args ...string) {
 	t.Helper()
 	if _, err := exec.LookPath("promtool"); err != nil {
-		t.Skip("promtool not installed (Debian's prometheus package ships it): skipping")
+		sandboxtest.Missing(t, "promtool not installed (Debian's prometheus package ships it): skipping")
 	}
 	out, err := exec.Command("promtool", args...).CombinedOutput()
 	if err != nil {

@@ -150,20 +150,7 @@ func Build(snap *registry.Snapshot, mem *memory, now time.Time) View {
 		probs = append(probs, Problem{Kind: kind, Subject: subject, Detail: detail})
 	}
 
-	names := map[string]bool{}
-	for n := range snap.Nodes {
-		names[n] = true
-	}
-	for n := range snap.Statuses {
-		names[n] = true
-	}
-	for n := range snap.Members {
-		names[n] = true
-	}
-	for n := range mem.nodes {
-		names[n] = true
-	}
-	order := slices.Sorted(maps.Keys(names))
+	order := snap.KnownNodes(slices.Collect(maps.Keys(mem.nodes))...)
 	overlays := map[string]*overlay.Status{}
 	for _, name := range order {
 		mem.nodes[name] = true

@@ -5,7 +5,6 @@ import (
 	"fmt"
 	"path/filepath"
 	"strings"
-
 )
 
 // MaxMTU is the largest interface MTU the overlay accepts (jumbo frames

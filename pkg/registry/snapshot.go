@@ -2,6 +2,7 @@ package registry
 
 import (
 	"cmp"
+	"maps"
 	"net/netip"
 	"slices"
 )
@@ -112,6 +113,26 @@ func (s *Snapshot) SortedNodeNames() []string {
 	}
 	slices.Sort(out)
 	return out
+}
+
+// KnownNodes returns the names of every node the snapshot mentions (a
+// node entry, a member record or a status), with extra names added,
+// sorted: the nodes a status table or page lists, up or down.
+func (s *Snapshot) KnownNodes(extra ...string) []string {
+	names := map[string]bool{}
+	for n := range s.Nodes {
+		names[n] = true
+	}
+	for n := range s.Members {
+		names[n] = true
+	}
+	for n := range s.Statuses {
+		names[n] = true
+	}
+	for _, n := range extra {
+		names[n] = true
+	}
+	return slices.Sorted(maps.Keys(names))
 }
 
 // Generations identify the content of each part of a snapshot: equal

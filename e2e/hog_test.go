@@ -11,7 +11,7 @@ import (
 // applied a change made while it was away, on a loaded two-core machine
 // (startHog adds one busy core on top of whatever else runs). With every
 // retry towards etcd capped at 250 ms and CutEtcd restoring the hub's side
-// first, five runs on a two-core machine shared with other test runs
+// first, seven runs on a two-core machine shared with other test runs
 // measured 0.05-0.7 s for nodes that only re-register and 0.3-1.1 s for a
 // consumer that must reload HAProxy for the changed app (haproxy -c, then
 // the master's re-exec and a new worker).

@@ -170,6 +170,7 @@ func (a *Applier) reload(ctx context.Context, d, placed Desired, h string, runni
 	if err != nil {
 		return err
 	}
+	start := time.Now()
 	if err := a.validate(ctx, tmp.Name()); err != nil {
 		if rerr := tmp.CommitTo(a.RejectedPath()); rerr != nil {
 			a.Log.Error("keep rejected config", "err", rerr)
@@ -188,6 +189,7 @@ func (a *Applier) reload(ctx context.Context, d, placed Desired, h string, runni
 	if err := tmp.Commit(); err != nil {
 		return err
 	}
+	validated := time.Now()
 	if !running && a.Supervisor == nil {
 		// The service manager starts HAProxy from this file once it exists
 		// (and restarts it); the next Set adopts it.
@@ -227,7 +229,8 @@ func (a *Applier) reload(ctx context.Context, d, placed Desired, h string, runni
 		}
 		return fmt.Errorf("reload: %w (see the haproxy unit's journal)", err)
 	}
-	a.Log.Info("reloaded haproxy", "hash", h[:12], "listeners", len(d.Listeners))
+	a.Log.Info("reloaded haproxy", "hash", h[:12], "listeners", len(d.Listeners),
+		"validate", validated.Sub(start).Round(time.Millisecond), "reload", time.Since(validated).Round(time.Millisecond))
 	a.mu.Lock()
 	a.appliedHash, a.structure, a.lastGood = h, StructureHash(d), content
 	a.rejectedHash, a.rejectedErr = "", nil // the operator fixed it

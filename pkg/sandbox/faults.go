@@ -64,15 +64,22 @@ func (n *Node) PowerOff(ctx context.Context) error {
 // nodes (bridged, hub routing not involved) keeps flowing. Both directions
 // matter: with only the node's side cut, etcd's watch events (say, the
 // expiry of other nodes' leases) would still reach the node.
+//
+// The node's side is cut first and restored last. While it is cut, the
+// node's connection attempts fail at once (the route is local), so no
+// attempt is in flight when the link returns. Restored the other way
+// round, a SYN sent in the gap between the two `ip` commands reaches etcd
+// while the answer is still dropped in the hub, and the kernel sends it
+// again only after its initial retransmission timeout (1 s): the node
+// would be back a second late for a reason of the harness's making.
 func (n *Node) CutEtcd(ctx context.Context, cut bool) error {
-	verb := "add"
-	if !cut {
-		verb = "del"
+	node := []string{"-n", n.NS, "route", "add", "blackhole", netip.PrefixFrom(hubAddr, 32).String()}
+	hub := []string{"-n", n.c.HubNS(), "route", "add", "blackhole", netip.PrefixFrom(n.Addr, 32).String()}
+	if cut {
+		return errors.Join(ip(ctx, node...), ip(ctx, hub...))
 	}
-	return errors.Join(
-		ip(ctx, "-n", n.NS, "route", verb, "blackhole", netip.PrefixFrom(hubAddr, 32).String()),
-		ip(ctx, "-n", n.c.HubNS(), "route", verb, "blackhole", netip.PrefixFrom(n.Addr, 32).String()),
-	)
+	node[3], hub[3] = "del", "del"
+	return errors.Join(ip(ctx, hub...), ip(ctx, node...))
 }
 
 // HAProxyPIDFile is where the node's supervised haproxy master writes its

@@ -1,6 +1,8 @@
 package main
 
 import (
+	clientv3 "go.etcd.io/etcd/client/v3"
+
 	"context"
 	"errors"
 	"fmt"
@@ -282,24 +284,31 @@ func rolesShow(ctx context.Context, e *env, args []string) error {
 	return nil
 }
 
-func rolesRevoke(ctx context.Context, e *env, args []string) error {
-	fs := flags(e, "etcd roles revoke")
+// oneNodeCommand is the preamble of `etcd roles VERB NODE`: its flags,
+// the one node name, checked, and the etcd client.
+func oneNodeCommand(e *env, verb string, args []string) (string, *clientv3.Client, error) {
+	fs := flags(e, "etcd roles "+verb)
 	if err := parse(fs, args); err != nil {
-		return err
+		return "", nil, err
 	}
 	if fs.NArg() != 1 {
-		return usagef("usage: meshctl etcd roles revoke NODE")
+		return "", nil, usagef("usage: meshctl etcd roles %s NODE", verb)
 	}
 	if err := etcdauth.CheckNodeName(fs.Arg(0), nil); err != nil {
-		return usageError{err}
+		return "", nil, usageError{err}
 	}
 	cli, err := e.etcd()
+	return fs.Arg(0), cli, err
+}
+
+func rolesRevoke(ctx context.Context, e *env, args []string) error {
+	node, cli, err := oneNodeCommand(e, "revoke", args)
 	if err != nil {
 		return err
 	}
 	actx, cancel := context.WithTimeout(ctx, e.Timeout)
 	defer cancel()
-	done, err := etcdauth.RevokeNode(actx, cli, fs.Arg(0))
+	done, err := etcdauth.RevokeNode(actx, cli, node)
 	for _, d := range done {
 		fmt.Fprintln(e.Stdout, d)
 	}
@@ -307,39 +316,29 @@ func rolesRevoke(ctx context.Context, e *env, args []string) error {
 		return err
 	}
 	if len(done) == 0 {
-		return errors.New("no user, role or key for " + fs.Arg(0))
+		return errors.New("no user, role or key for " + node)
 	}
-	fmt.Fprintf(e.Stdout, "%s's certificates no longer authenticate and its keys are gone; it stays revoked until meshctl etcd roles admit %s\n", fs.Arg(0), fs.Arg(0))
+	fmt.Fprintf(e.Stdout, "%s's certificates no longer authenticate and its keys are gone; it stays revoked until meshctl etcd roles admit %s\n", node, node)
 	return nil
 }
 
 // rolesAdmit lifts a revocation so that the next roles apply sets the
 // node up again.
 func rolesAdmit(ctx context.Context, e *env, args []string) error {
-	fs := flags(e, "etcd roles admit")
-	if err := parse(fs, args); err != nil {
-		return err
-	}
-	if fs.NArg() != 1 {
-		return usagef("usage: meshctl etcd roles admit NODE")
-	}
-	if err := etcdauth.CheckNodeName(fs.Arg(0), nil); err != nil {
-		return usageError{err}
-	}
-	cli, err := e.etcd()
+	node, cli, err := oneNodeCommand(e, "admit", args)
 	if err != nil {
 		return err
 	}
 	actx, cancel := context.WithTimeout(ctx, e.Timeout)
 	defer cancel()
-	was, err := etcdauth.AdmitNode(actx, cli, fs.Arg(0))
+	was, err := etcdauth.AdmitNode(actx, cli, node)
 	if err != nil {
 		return err
 	}
 	if !was {
-		return errors.New(fs.Arg(0) + " is not revoked")
+		return errors.New(node + " is not revoked")
 	}
-	fmt.Fprintf(e.Stdout, "%s re-admitted; set it up with meshctl etcd roles apply --node %s\n", fs.Arg(0), fs.Arg(0))
+	fmt.Fprintf(e.Stdout, "%s re-admitted; set it up with meshctl etcd roles apply --node %s\n", node, node)
 	return nil
 }
 

@@ -17,6 +17,7 @@ import (
 	"github.com/chromedp/chromedp"
 	clientv3 "go.etcd.io/etcd/client/v3"
 
+	"github.com/meshd/meshd/pkg/config"
 	"github.com/meshd/meshd/pkg/registry"
 	"github.com/meshd/meshd/pkg/sandbox"
 	"github.com/meshd/meshd/pkg/sandbox/sandboxtest"
@@ -82,7 +83,10 @@ func TestDashboardInBrowser(t *testing.T) {
 	c, b := startClusterNamed(t, fmt.Sprintf("h18d%d", os.Getpid()%10000), ttl)
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	defer cancel()
-	if _, err := c.BringUp(ctx, sandbox.DemoOptions{Nodes: 3, Servers: 1}); err != nil {
+	// A stopped meshd gives its lease back (what "auto" does without
+	// systemd, set here so that a host's systemd cannot change it).
+	revoke := func(cfg *config.Config) { cfg.OnStop = config.OnStopRevoke }
+	if _, err := c.BringUp(ctx, sandbox.DemoOptions{Nodes: 3, Servers: 1, Edit: revoke}); err != nil {
 		t.Fatal(err)
 	}
 	cli := c.Client()
@@ -140,9 +144,24 @@ func TestDashboardInBrowser(t *testing.T) {
 	waitJS("a peer matrix of every node", `document.querySelectorAll('#peers [data-peer-row]').length === 3`, 10*time.Second)
 	waitJS("the live connection", `document.getElementById("conn").textContent === "live"`, 5*time.Second)
 
-	// Kill (SIGKILL) the meshd of the node serving the app: once its lease
-	// expires, the page shows it and its instance down, without a reload.
 	evalBool(`window.__noReload = 1; true`)
+
+	// kill (SIGTERM, what kill(1) and systemctl stop send) n3's meshd: it
+	// revokes its lease, and the page shows n3 down within 2 s of the
+	// signal.
+	term := time.Now()
+	if err := c.Node("n3").StopMeshd(ctx, 10*time.Second); err != nil {
+		t.Fatal(err)
+	}
+	waitJS("n3 shown down", state("n3")+` === "down"`, 10*time.Second)
+	if d := time.Since(term); d > 2*time.Second {
+		t.Errorf("the page showed n3 down %v after its meshd got SIGTERM, want within 2s", d)
+	} else {
+		t.Logf("the page showed n3 down %v after its meshd got SIGTERM", d.Round(time.Millisecond))
+	}
+
+	// Kill (SIGKILL) the meshd of the node serving the app, a crash: once
+	// its lease expires, the page shows it and its instance down.
 	gone := make(chan time.Time, 1)
 	wctx, wcancel := context.WithCancel(ctx)
 	defer wcancel()

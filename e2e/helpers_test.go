@@ -236,6 +236,37 @@ func eventually(d, interval time.Duration, f func() error) (time.Duration, error
 	}
 }
 
+// steady waits, for at most d, until every GET of url from n succeeds for
+// a whole window (polled every 50 ms): one success is not enough before a
+// load starts, because HAProxy's own health checks lag the data plane (a
+// server marked down while a new WireGuard session was still settling
+// comes back only after "rise" good checks).
+func steady(ctx context.Context, n *sandbox.Node, url string, window, d time.Duration) error {
+	deadline := time.Now().Add(d)
+	var since time.Time
+	for {
+		rctx, cancel := context.WithTimeout(ctx, time.Second)
+		_, _, err := n.HTTPGet(rctx, url)
+		cancel()
+		now := time.Now()
+		switch {
+		case err != nil:
+			since = time.Time{}
+			if now.After(deadline) {
+				return fmt.Errorf("%s: %s not steady within %v: %w", n.Name, url, d, err)
+			}
+		case since.IsZero():
+			since = now
+		case now.Sub(since) >= window:
+			return nil
+		}
+		if now.After(deadline.Add(window)) {
+			return fmt.Errorf("%s: %s not steady within %v", n.Name, url, d)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
 // peerKeys returns the public keys of a node's WireGuard peers with their
 // latest handshake times.
 func peerKeys(ctx context.Context, n *sandbox.Node) (map[string]time.Time, error) {

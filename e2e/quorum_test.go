@@ -57,11 +57,8 @@ func TestEtcdMembers(t *testing.T) {
 		t.Fatal(err)
 	}
 	for _, n := range []string{"n2", "n3"} {
-		if _, err := eventually(20*time.Second, 100*time.Millisecond, func() error {
-			_, _, err := c.Node(n).HTTPGet(ctx, demoURL)
-			return err
-		}); err != nil {
-			t.Fatalf("%s does not reach the demo app: %v", n, err)
+		if err := steady(ctx, c.Node(n), demoURL, 2*time.Second, 20*time.Second); err != nil {
+			t.Fatalf("%s does not reach the demo app steadily: %v", n, err)
 		}
 	}
 

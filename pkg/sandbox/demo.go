@@ -34,6 +34,9 @@ type DemoOptions struct {
 	Out io.Writer
 	// StepTimeout bounds each step's convergence (default 60s).
 	StepTimeout time.Duration
+	// Edit, if set, changes every node's generated meshd config
+	// (NodeOptions.Edit).
+	Edit func(*config.Config)
 }
 
 // Step is one bring-up step and how long the cluster took to apply it.
@@ -81,6 +84,7 @@ func (c *Cluster) BringUp(ctx context.Context, o DemoOptions) ([]Step, error) {
 			}
 			role = fmt.Sprintf("serves %s/%s on :%d", DemoGroup, DemoApp, DemoPort)
 		}
+		no.Edit = o.Edit
 		n, err := c.AddNode(ctx, no)
 		if err != nil {
 			return steps, err

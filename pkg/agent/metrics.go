@@ -85,10 +85,6 @@ func (m *metrics) rejectedKeys(probs []registry.Problem) {
 	for _, p := range probs {
 		n[p.Reason]++
 	}
-	m.nodes = prometheus.NewGauge(prometheus.GaugeOpts{
-		Name: "meshd_cluster_nodes",
-		Help: "Nodes with a live (leased) entry under /cluster/nodes in the newest snapshot.",
-	})
 	for _, r := range registry.ProblemReasons {
 		m.rejected.WithLabelValues(r).Set(float64(n[r]))
 	}

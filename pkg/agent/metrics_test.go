@@ -12,7 +12,8 @@ import (
 	"github.com/meshd/meshd/pkg/registry"
 )
 
-// gaugeValue reads one gauge series (-1: none) from reg.
+// gaugeValue reads one gauge series (-1: none) from reg; label "" reads a
+// gauge without labels.
 func gaugeValue(t *testing.T, reg *prometheus.Registry, name, label, value string) float64 {
 	t.Helper()
 	mfs, err := reg.Gather()
@@ -24,6 +25,9 @@ func gaugeValue(t *testing.T, reg *prometheus.Registry, name, label, value strin
 			continue
 		}
 		for _, m := range mf.GetMetric() {
+			if label == "" {
+				return m.GetGauge().GetValue()
+			}
 			for _, l := range m.GetLabel() {
 				if l.GetName() == label && l.GetValue() == value {
 					return m.GetGauge().GetValue()
@@ -36,7 +40,8 @@ func gaugeValue(t *testing.T, reg *prometheus.Registry, name, label, value strin
 
 // TestComponentAndRejectedKeyMetrics: a failing component counts its
 // failures in a row and keeps its last success time; success resets the
-// count; an invalid key shows under its reason and goes when it is fixed.
+// count; an invalid key shows under its reason and goes when it is fixed;
+// the node count follows the snapshot.
 func TestComponentAndRejectedKeyMetrics(t *testing.T) {
 	srv := etcdtest.New(t)
 	var failing atomic.Bool
@@ -61,6 +66,8 @@ func TestComponentAndRejectedKeyMetrics(t *testing.T) {
 		t.Errorf("failures after a success = %v, want 0", f)
 	}
 	ok := lastOK()
+	// The node's own live entry.
+	eventually(t, 10*time.Second, "meshd_cluster_nodes 1", func() bool { return gaugeValue(t, reg, "meshd_cluster_nodes", "", "") == 1 })
 
 	failing.Store(true)
 	if _, err := n.cli.Put(t.Context(), "/cluster/backends/bad/meta_data", `{"publish":`); err != nil {

@@ -10,6 +10,7 @@ import (
 	"log/slog"
 	"net/netip"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -109,6 +110,9 @@ type Agent struct {
 	store   *registry.Store
 	metrics *metrics
 	notify  chan struct{}
+	// pendingSince is when the oldest change not yet taken by a pass
+	// arrived (Unix nanoseconds, 0: none): the reconcile wait metric.
+	pendingSince atomic.Int64
 
 	mu        sync.Mutex
 	lease     clientv3.LeaseID // current lease, 0 while unregistered
@@ -277,6 +281,7 @@ func (a *Agent) registered() bool {
 
 // kick wakes the reconcile loop.
 func (a *Agent) kick() {
+	a.pendingSince.CompareAndSwap(0, time.Now().UnixNano())
 	select {
 	case a.notify <- struct{}{}:
 	default:

@@ -122,6 +122,9 @@ func (a *Agent) loop(ctx context.Context) {
 		if !listed {
 			continue // an empty view would tear the node down
 		}
+		if since := a.pendingSince.Swap(0); since != 0 {
+			a.metrics.wait.Observe(time.Since(time.Unix(0, since)).Seconds())
+		}
 		snap := a.store.Snapshot()
 		signal(a.flannelChg)
 		a.reportProblems(snap, lastProblems)
@@ -150,7 +153,10 @@ func (a *Agent) loop(ctx context.Context) {
 				nextRetry = earliest(nextRetry, st.next)
 				continue
 			}
-			if err := c.Apply(ctx, snap); err != nil {
+			applyStart := time.Now()
+			err := c.Apply(ctx, snap)
+			a.metrics.applyTime.WithLabelValues(c.Name()).Observe(time.Since(applyStart).Seconds())
+			if err != nil {
 				if ctx.Err() != nil {
 					return
 				}

@@ -9,6 +9,8 @@ import (
 type metrics struct {
 	reconciles   *prometheus.CounterVec
 	duration     prometheus.Histogram
+	wait         prometheus.Histogram
+	applyTime    *prometheus.HistogramVec
 	applied      prometheus.Gauge
 	seen         prometheus.Gauge
 	leaseLost    prometheus.Counter
@@ -33,6 +35,14 @@ func newMetrics(r prometheus.Registerer) (*metrics, error) {
 			Name: "meshd_reconcile_seconds", Help: "Time of one reconcile pass over every component.",
 			Buckets: prometheus.ExponentialBuckets(0.0005, 2, 16),
 		}),
+		wait: prometheus.NewHistogram(prometheus.HistogramOpts{
+			Name: "meshd_reconcile_wait_seconds", Help: "Time from a registry change's arrival to the start of the pass that applies it (the coalescing delay).",
+			Buckets: prometheus.ExponentialBuckets(0.0001, 2, 16),
+		}),
+		applyTime: prometheus.NewHistogramVec(prometheus.HistogramOpts{
+			Name: "meshd_component_apply_seconds", Help: "Time of one component's apply call in a reconcile pass.",
+			Buckets: prometheus.ExponentialBuckets(0.0001, 2, 18),
+		}, []string{"component"}),
 		applied:      prometheus.NewGauge(prometheus.GaugeOpts{Name: "meshd_applied_revision", Help: "Newest etcd revision every component applied."}),
 		seen:         prometheus.NewGauge(prometheus.GaugeOpts{Name: "meshd_seen_revision", Help: "Newest etcd revision received."}),
 		leaseLost:    prometheus.NewCounter(prometheus.CounterOpts{Name: "meshd_lease_lost_total", Help: "Times the presence lease was lost and re-acquired."}),
@@ -62,7 +72,7 @@ func newMetrics(r prometheus.Registerer) (*metrics, error) {
 	for _, r := range registry.ProblemReasons {
 		m.rejected.WithLabelValues(r).Set(0)
 	}
-	for _, c := range []prometheus.Collector{m.reconciles, m.duration, m.applied, m.seen, m.leaseLost, m.registered, m.relists, m.advertised, m.problems, m.statusWrites, m.statusBytes, m.lastSuccess, m.failures, m.rejected, m.nodes} {
+	for _, c := range []prometheus.Collector{m.reconciles, m.duration, m.wait, m.applyTime, m.applied, m.seen, m.leaseLost, m.registered, m.relists, m.advertised, m.problems, m.statusWrites, m.statusBytes, m.lastSuccess, m.failures, m.rejected, m.nodes} {
 		if err := r.Register(c); err != nil {
 			return nil, err
 		}

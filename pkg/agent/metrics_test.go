@@ -38,10 +38,36 @@ func gaugeValue(t *testing.T, reg *prometheus.Registry, name, label, value strin
 	return -1
 }
 
+// histogramCount reads the sample count of one histogram series (-1:
+// none); label "" reads a histogram without labels.
+func histogramCount(t *testing.T, reg *prometheus.Registry, name, label, value string) float64 {
+	t.Helper()
+	mfs, err := reg.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, mf := range mfs {
+		if mf.GetName() != name {
+			continue
+		}
+		for _, m := range mf.GetMetric() {
+			if label == "" {
+				return float64(m.GetHistogram().GetSampleCount())
+			}
+			for _, l := range m.GetLabel() {
+				if l.GetName() == label && l.GetValue() == value {
+					return float64(m.GetHistogram().GetSampleCount())
+				}
+			}
+		}
+	}
+	return -1
+}
+
 // TestComponentAndRejectedKeyMetrics: a failing component counts its
 // failures in a row and keeps its last success time; success resets the
 // count; an invalid key shows under its reason and goes when it is fixed;
-// the node count follows the snapshot.
+// the node count follows the snapshot; applies and waits are timed.
 func TestComponentAndRejectedKeyMetrics(t *testing.T) {
 	srv := etcdtest.New(t)
 	var failing atomic.Bool
@@ -68,12 +94,24 @@ func TestComponentAndRejectedKeyMetrics(t *testing.T) {
 	ok := lastOK()
 	// The node's own live entry.
 	eventually(t, 10*time.Second, "meshd_cluster_nodes 1", func() bool { return gaugeValue(t, reg, "meshd_cluster_nodes", "", "") == 1 })
+	// Every apply is timed, and a change's wait before its pass.
+	applies := histogramCount(t, reg, "meshd_component_apply_seconds", "component", "recorder")
+	waits := histogramCount(t, reg, "meshd_reconcile_wait_seconds", "", "")
+	if applies < 1 || waits < 1 {
+		t.Errorf("after the first apply: %v apply times, %v waits; want both >= 1", applies, waits)
+	}
 
 	failing.Store(true)
 	if _, err := n.cli.Put(t.Context(), "/cluster/backends/bad/meta_data", `{"publish":`); err != nil {
 		t.Fatal(err)
 	}
 	eventually(t, 10*time.Second, "two failures in a row", func() bool { return failures() >= 2 })
+	if w := histogramCount(t, reg, "meshd_reconcile_wait_seconds", "", ""); w <= waits {
+		t.Errorf("a registry change was not timed: %v waits, was %v", w, waits)
+	}
+	if n := histogramCount(t, reg, "meshd_component_apply_seconds", "component", "recorder"); n < applies+2 {
+		t.Errorf("failed applies not timed: %v, was %v", n, applies)
+	}
 	if got := lastOK(); got != ok {
 		t.Errorf("last success moved while failing: %v -> %v", ok, got)
 	}

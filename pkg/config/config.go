@@ -75,6 +75,10 @@ type Config struct {
 	Coalesce Duration `json:"coalesce"`
 	// MetricsAddr serves /metrics and /healthz ("" disables).
 	MetricsAddr string `json:"metricsAddr"`
+	// Pprof also serves Go's profiler (/debug/pprof/) on MetricsAddr: for
+	// profiling a node, off by default (it exposes stacks and costs CPU
+	// while a profile runs).
+	Pprof bool `json:"pprof,omitempty"`
 
 	Etcd      Etcd       `json:"etcd"`
 	Instances []Instance `json:"instances,omitempty"`

@@ -13,6 +13,7 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"net/http/pprof"
 	"net/netip"
 	"os"
 	"path/filepath"
@@ -84,7 +85,7 @@ func Run(ctx context.Context, cfg config.Config, log *slog.Logger, version strin
 		if parts.overlay != nil {
 			peers = parts.overlay
 		}
-		srv, err := serveHTTP(cfg.MetricsAddr, reg, a, peersHandler(cfg.NodeName, peers), cfg.NodeName, version)
+		srv, err := serveHTTP(cfg.MetricsAddr, cfg.Pprof, reg, a, peersHandler(cfg.NodeName, peers), cfg.NodeName, version)
 		if err != nil {
 			return err
 		}
@@ -166,10 +167,10 @@ func healthOf(node, version string, st registry.Status, lastApply time.Time) hea
 	return h
 }
 
-// serveHTTP serves /metrics, /healthz and PeersPath on a local address.
-// /healthz answers 503 until the first full apply and while a component
-// fails.
-func serveHTTP(addr string, reg *prometheus.Registry, a *agent.Agent, peers http.Handler, node, version string) (*http.Server, error) {
+// serveHTTP serves /metrics, /healthz and PeersPath on a local address,
+// and with withPprof Go's profiler under /debug/pprof/. /healthz answers
+// 503 until the first full apply and while a component fails.
+func serveHTTP(addr string, withPprof bool, reg *prometheus.Registry, a *agent.Agent, peers http.Handler, node, version string) (*http.Server, error) {
 	ln, err := net.Listen("tcp", addr)
 	if err != nil {
 		return nil, fmt.Errorf("metrics listener: %w", err)
@@ -177,6 +178,13 @@ func serveHTTP(addr string, reg *prometheus.Registry, a *agent.Agent, peers http
 	mux := http.NewServeMux()
 	mux.Handle("/metrics", promHandler(reg))
 	mux.Handle(PeersPath, peers)
+	if withPprof {
+		mux.HandleFunc("/debug/pprof/", pprof.Index)
+		mux.HandleFunc("/debug/pprof/cmdline", pprof.Cmdline)
+		mux.HandleFunc("/debug/pprof/profile", pprof.Profile)
+		mux.HandleFunc("/debug/pprof/symbol", pprof.Symbol)
+		mux.HandleFunc("/debug/pprof/trace", pprof.Trace)
+	}
 	mux.HandleFunc("/healthz", func(w http.ResponseWriter, r *http.Request) {
 		st := a.Status()
 		w.Header().Set("Content-Type", "application/json")

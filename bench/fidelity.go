@@ -35,7 +35,11 @@ type FidelityOptions struct {
 	// Trials for instance add/remove and node join; KillTrials for node
 	// kill (each lasts about a lease TTL).
 	Trials, KillTrials int
-	Log                func(format string, a ...any)
+	// Profile, when set, profiles n2 (a consumer) for this long after the
+	// instance trials (PassProfile); its CPU profile goes to ProfileDir.
+	Profile    time.Duration
+	ProfileDir string
+	Log        func(format string, a ...any)
 }
 
 // FidelityResult is what the full-fidelity benchmark measured.
@@ -59,6 +63,8 @@ type FidelityResult struct {
 	// OverlayModes are the WireGuard modes the nodes reported.
 	Overlay      bool
 	OverlayModes []string
+	// Profile is n2's reconcile passes profiled (FidelityOptions.Profile).
+	Profile *PassProfile `json:",omitempty"`
 }
 
 // Fidelity runs the full-fidelity benchmark: a real sandbox of N nodes.
@@ -77,7 +83,11 @@ func Fidelity(ctx context.Context, o FidelityOptions) (FidelityResult, error) {
 		return res, err
 	}
 	defer c.Close()
-	if _, err := c.BringUp(ctx, sandbox.DemoOptions{Nodes: o.N, StepTimeout: 60 * time.Second}); err != nil {
+	var edit func(*config.Config)
+	if o.Profile > 0 {
+		edit = func(cfg *config.Config) { cfg.MetricsAddr, cfg.Pprof = profileMetricsAddr, true }
+	}
+	if _, err := c.BringUp(ctx, sandbox.DemoOptions{Nodes: o.N, StepTimeout: 60 * time.Second, Edit: edit}); err != nil {
 		return res, err
 	}
 	n1 := c.Node("n1")
@@ -161,6 +171,36 @@ func Fidelity(ctx context.Context, o FidelityOptions) (FidelityResult, error) {
 	res.Reloads, res.RuntimeUpdates = c1.Reloads-c0.Reloads, c1.RuntimeUpdates-c0.RuntimeUpdates
 	o.Log("%s\n%s\n%s\n%s\nhaproxy reloads during instance trials: %d, runtime updates: %d",
 		res.Added.Summary(), res.AddedServes.Summary(), res.Removed.Summary(), res.RemovedServes.Summary(), res.Reloads, res.RuntimeUpdates)
+
+	if o.Profile > 0 && o.N >= 2 {
+		n2 := c.Node("n2")
+		pp, err := profilePasses(ctx, n2, o.Profile, o.Sandbox.MeshdBinary, o.ProfileDir, func(i int) (time.Duration, error) {
+			tctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+			defer cancel()
+			var rev int64
+			var at time.Time
+			var err error
+			if i%2 == 0 {
+				rev, at, err = c.Put(tctx, key, string(val))
+			} else {
+				rev, at, err = c.Delete(tctx, key)
+			}
+			if err != nil {
+				return 0, err
+			}
+			cv, err := c.WaitApplied(tctx, rev, at, c.NodeNames())
+			if err != nil {
+				return 0, fmt.Errorf("profiled change %d: %w", i, err)
+			}
+			return cv.PerNode[n2.Name], nil
+		})
+		if err != nil {
+			return res, err
+		}
+		res.Profile = &pp
+		o.Log("profiled %s: %d changes, applied mean %v, wait %v, pass %v, CPU per change %v",
+			pp.Node, pp.Changes, pp.Applied, pp.Wait, pp.Pass, pp.CPUPerChange)
+	}
 
 	// Node join.
 	for t := range o.Trials {

@@ -216,6 +216,11 @@ func (r *Results) Markdown() string {
 				f.N, f.Overlay, modes, f.Reloads, f.RuntimeUpdates)
 		}
 		w("\n")
+		for _, f := range r.Fidelity {
+			if f.Profile != nil {
+				writeProfile(w, f.N, *f.Profile)
+			}
+		}
 	}
 
 	if len(r.Scale) > 0 {
@@ -497,4 +502,36 @@ func (r *Results) Table() string {
 	}
 	tw.Flush()
 	return b.String()
+}
+
+// writeProfile renders one node's profiled reconcile passes.
+func writeProfile(w func(string, ...any), n int, p PassProfile) {
+	w("### Where a change's time goes on one node (N=%d, %s profiled)\n\n", n, p.Node)
+	w("After the trials above, the harness put and deleted the instance again in a loop for %s (%d changes, each\n", p.Window, p.Changes)
+	w("waited for until every node applied it) while %s's meshd (a consumer: its HAProxy gets the change) took a CPU\n", p.Node)
+	w("profile (`pprof: true`, `/debug/pprof/profile`) and the harness read its metrics before and after. Means per change:\n\n")
+	w("| part | mean | source |\n|---|---|---|\n")
+	w("| etcd write → %s published it applied | %s | harness (as the \"applied\" rows) |\n", p.Node, us(p.Applied))
+	w("| change arrived → its pass started (coalescing) | %s | `meshd_reconcile_wait_seconds` |\n", us(p.Wait))
+	w("| the pass (%d passes) | %s | `meshd_reconcile_seconds` |\n", p.Passes, us(p.Pass))
+	comps := make([]string, 0, len(p.Components))
+	for c := range p.Components {
+		comps = append(comps, c)
+	}
+	slices.Sort(comps)
+	for _, c := range comps {
+		w("| … of which component %s | %s | `meshd_component_apply_seconds` |\n", c, us(p.Components[c]))
+	}
+	rest := p.Applied - p.Wait - p.Pass
+	w("| the rest: etcd's watch delivering the change to %s, %s's status write, the harness's watch of that | %s | difference |\n", p.Node, p.Node, us(rest))
+	w("| meshd's CPU per change (process, /proc) | %s | |\n\n", us(p.CPUPerChange))
+	w("CPU profile (`go tool pprof -top bin/meshd %s`):\n\n```\n%s```\n\n", filepath.Base(p.ProfileFile), strings.TrimLeft(p.Top, "\n"))
+}
+
+// us renders a duration in microseconds or milliseconds.
+func us(d time.Duration) string {
+	if d < time.Millisecond && d > -time.Millisecond {
+		return fmt.Sprintf("%d µs", d.Microseconds())
+	}
+	return ms(d)
 }

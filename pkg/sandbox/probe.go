@@ -51,6 +51,15 @@ func DemoBody(node string) string { return "demo from " + node + "\n" }
 // node's loopback, where its HAProxy listens) and returns the body and the
 // request's latency.
 func (n *Node) HTTPGet(ctx context.Context, url string) (string, time.Duration, error) {
+	start := time.Now()
+	b, err := n.Fetch(ctx, url, 4096)
+	return string(b), time.Since(start), err
+}
+
+// Fetch GETs url from inside the node's namespace (no keep-alive) and
+// returns at most limit bytes of the body; a status other than 200 is an
+// error (with the body).
+func (n *Node) Fetch(ctx context.Context, url string, limit int64) ([]byte, error) {
 	tr := &http.Transport{
 		DialContext: func(ctx context.Context, network, addr string) (net.Conn, error) {
 			return dialIn(ctx, n.NS, network, addr)
@@ -60,23 +69,21 @@ func (n *Node) HTTPGet(ctx context.Context, url string) (string, time.Duration, 
 	defer tr.CloseIdleConnections()
 	req, err := http.NewRequestWithContext(ctx, http.MethodGet, url, nil)
 	if err != nil {
-		return "", 0, err
+		return nil, err
 	}
-	start := time.Now()
 	resp, err := (&http.Client{Transport: tr}).Do(req)
 	if err != nil {
-		return "", 0, err
+		return nil, err
 	}
 	defer resp.Body.Close()
-	b, err := io.ReadAll(io.LimitReader(resp.Body, 4096))
-	lat := time.Since(start)
+	b, err := io.ReadAll(io.LimitReader(resp.Body, limit))
 	if err != nil {
-		return "", lat, err
+		return b, err
 	}
 	if resp.StatusCode != http.StatusOK {
-		return string(b), lat, fmt.Errorf("GET %s: %s", url, resp.Status)
+		return b, fmt.Errorf("GET %s: %s", url, resp.Status)
 	}
-	return string(b), lat, nil
+	return b, nil
 }
 
 // Ping sends one ICMP echo from inside the node's namespace and waits for

@@ -20,6 +20,7 @@ type options struct {
 	proxyLives  []int
 	oneNode     int
 	idle        time.Duration
+	profile     time.Duration
 	fidelity    []int
 	traefikBin  string
 	traefikNs   []int
@@ -45,6 +46,7 @@ func parseFlags(args []string) (options, error) {
 	fs.IntVar(&o.trials, "trials", 20, "trials per scenario")
 	fs.IntVar(&o.killTrials, "kill-trials", 5, "node-kill trials per sandbox size (each lasts about the 3 s lease TTL)")
 	fs.IntVar(&o.oneNode, "one-node", 1000, "run one real meshd (a sandbox node, needs root) with a view of this many nodes and measure its RSS and idle CPU over -idle (0: skip)")
+	fs.DurationVar(&o.profile, "profile", 30*time.Second, "at the largest -fidelity size, profile n2's reconcile passes (CPU profile and per-part times from its metrics) over this long of instance changes (0: skip)")
 	fs.DurationVar(&o.idle, "idle", time.Minute, "after each scale run's trials, count the status writes of an idle cluster for this long (0: skip)")
 	fs.StringVar(&o.traefikBin, "traefik", os.Getenv("TRAEFIK_BIN"), "Traefik v3 binary for the peer comparison (env TRAEFIK_BIN); empty skips it")
 	fs.StringVar(&o.traefikVer, "traefik-version", os.Getenv("TRAEFIK_VERSION"), "label for the Traefik binary (env TRAEFIK_VERSION; default: what `traefik version` says)")

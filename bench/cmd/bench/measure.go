@@ -137,6 +137,7 @@ func (m *measurer) sandboxes(ctx context.Context) error {
 		f, err := bench.Fidelity(ctx, bench.FidelityOptions{
 			Sandbox: sandbox.Options{Name: "mdbench", MeshdBinary: m.o.meshd},
 			N:       n, Trials: m.o.trials, KillTrials: m.o.killTrials, Log: logf,
+			Profile: profileFor(n, m.o), ProfileDir: m.o.out,
 		})
 		if err != nil {
 			m.note("full fidelity N=%d: %v", n, err)
@@ -148,4 +149,13 @@ func (m *measurer) sandboxes(ctx context.Context) error {
 		}
 	}
 	return nil
+}
+
+// profileFor is how long the full-fidelity run of size n profiles a
+// node: -profile at the largest size, nothing at the others.
+func profileFor(n int, o options) time.Duration {
+	if len(o.fidelity) == 0 || n != o.fidelity[len(o.fidelity)-1] {
+		return 0
+	}
+	return o.profile
 }

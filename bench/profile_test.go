@@ -1,0 +1,44 @@
+package bench
+
+import (
+	"testing"
+	"time"
+)
+
+// TestScrapeHistograms reads sums and counts of plain and labelled
+// histograms from a Prometheus text exposition and ignores the rest
+// (buckets, other metrics sharing a prefix).
+func TestScrapeHistograms(t *testing.T) {
+	text := []byte(`# HELP meshd_reconcile_seconds Time of one reconcile pass.
+meshd_reconcile_seconds_bucket{le="0.001"} 3
+meshd_reconcile_seconds_sum 0.012
+meshd_reconcile_seconds_count 4
+meshd_reconcile_seconds_total_other 99
+meshd_component_apply_seconds_sum{component="haproxy"} 0.5
+meshd_component_apply_seconds_count{component="haproxy"} 10
+meshd_component_apply_seconds_sum{component="overlay"} 0.001
+meshd_component_apply_seconds_count{component="overlay"} 10
+`)
+	got := scrapeHistograms(text, "meshd_reconcile_seconds", "meshd_component_apply_seconds")
+	want := map[string]histogram{
+		"meshd_reconcile_seconds":                {0.012, 4},
+		"meshd_component_apply_seconds{haproxy}": {0.5, 10},
+		"meshd_component_apply_seconds{overlay}": {0.001, 10},
+	}
+	if len(got) != len(want) {
+		t.Fatalf("got %v, want %v", got, want)
+	}
+	for k, w := range want {
+		if got[k] != w {
+			t.Errorf("%s = %v, want %v", k, got[k], w)
+		}
+	}
+	before := histogram{0.012, 4}
+	after := histogram{0.032, 8}
+	if d := meanDelta(before, after); d != 5*time.Millisecond {
+		t.Errorf("meanDelta = %v, want 5ms", d)
+	}
+	if d := meanDelta(after, after); d != 0 {
+		t.Errorf("meanDelta without samples = %v, want 0", d)
+	}
+}

@@ -6,15 +6,16 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
+	dto "github.com/prometheus/client_model/go"
 
 	"github.com/meshd/meshd/pkg/agent"
 	"github.com/meshd/meshd/pkg/etcdtest"
 	"github.com/meshd/meshd/pkg/registry"
 )
 
-// gaugeValue reads one gauge series (-1: none) from reg; label "" reads a
-// gauge without labels.
-func gaugeValue(t *testing.T, reg *prometheus.Registry, name, label, value string) float64 {
+// series finds one series of a metric in reg (nil: none); label "" takes
+// a metric without labels.
+func series(t *testing.T, reg *prometheus.Registry, name, label, value string) *dto.Metric {
 	t.Helper()
 	mfs, err := reg.Gather()
 	if err != nil {
@@ -26,40 +27,33 @@ func gaugeValue(t *testing.T, reg *prometheus.Registry, name, label, value strin
 		}
 		for _, m := range mf.GetMetric() {
 			if label == "" {
-				return m.GetGauge().GetValue()
+				return m
 			}
 			for _, l := range m.GetLabel() {
 				if l.GetName() == label && l.GetValue() == value {
-					return m.GetGauge().GetValue()
+					return m
 				}
 			}
 		}
+	}
+	return nil
+}
+
+// gaugeValue reads one gauge series (-1: none).
+func gaugeValue(t *testing.T, reg *prometheus.Registry, name, label, value string) float64 {
+	t.Helper()
+	if m := series(t, reg, name, label, value); m != nil {
+		return m.GetGauge().GetValue()
 	}
 	return -1
 }
 
 // histogramCount reads the sample count of one histogram series (-1:
-// none); label "" reads a histogram without labels.
+// none).
 func histogramCount(t *testing.T, reg *prometheus.Registry, name, label, value string) float64 {
 	t.Helper()
-	mfs, err := reg.Gather()
-	if err != nil {
-		t.Fatal(err)
-	}
-	for _, mf := range mfs {
-		if mf.GetName() != name {
-			continue
-		}
-		for _, m := range mf.GetMetric() {
-			if label == "" {
-				return float64(m.GetHistogram().GetSampleCount())
-			}
-			for _, l := range m.GetLabel() {
-				if l.GetName() == label && l.GetValue() == value {
-					return float64(m.GetHistogram().GetSampleCount())
-				}
-			}
-		}
+	if m := series(t, reg, name, label, value); m != nil {
+		return float64(m.GetHistogram().GetSampleCount())
 	}
 	return -1
 }
@@ -91,20 +85,24 @@ func TestComponentAndRejectedKeyMetrics(t *testing.T) {
 	if f := failures(); f != 0 {
 		t.Errorf("failures after a success = %v, want 0", f)
 	}
-	ok := lastOK()
 	// The node's own live entry.
 	eventually(t, 10*time.Second, "meshd_cluster_nodes 1", func() bool { return gaugeValue(t, reg, "meshd_cluster_nodes", "", "") == 1 })
 	// Every apply is timed, and a change's wait before its pass.
-	applies := histogramCount(t, reg, "meshd_component_apply_seconds", "component", "recorder")
-	waits := histogramCount(t, reg, "meshd_reconcile_wait_seconds", "", "")
-	if applies < 1 || waits < 1 {
-		t.Errorf("after the first apply: %v apply times, %v waits; want both >= 1", applies, waits)
-	}
+	var applies, waits float64
+	eventually(t, 10*time.Second, "the first apply and its wait timed", func() bool {
+		applies = histogramCount(t, reg, "meshd_component_apply_seconds", "component", "recorder")
+		waits = histogramCount(t, reg, "meshd_reconcile_wait_seconds", "", "")
+		return applies >= 1 && waits >= 1
+	})
 
 	failing.Store(true)
 	if _, err := n.cli.Put(t.Context(), "/cluster/backends/bad/meta_data", `{"publish":`); err != nil {
 		t.Fatal(err)
 	}
+	// A pass already running when failing was set may still succeed:
+	// the last success is read once the first failure is in.
+	eventually(t, 10*time.Second, "a failure", func() bool { return failures() >= 1 })
+	ok := lastOK()
 	eventually(t, 10*time.Second, "two failures in a row", func() bool { return failures() >= 2 })
 	if w := histogramCount(t, reg, "meshd_reconcile_wait_seconds", "", ""); w <= waits {
 		t.Errorf("a registry change was not timed: %v waits, was %v", w, waits)

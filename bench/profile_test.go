@@ -1,6 +1,7 @@
 package bench
 
 import (
+	"github.com/meshd/meshd/pkg/registry"
 	"testing"
 	"time"
 )
@@ -40,5 +41,19 @@ meshd_component_apply_seconds_count{component="overlay"} 10
 	}
 	if d := meanDelta(after, after); d != 0 {
 		t.Errorf("meanDelta without samples = %v, want 0", d)
+	}
+}
+
+// TestPoolSubnet: the harness's registered nodes take the pool's subnets
+// in order, and none beyond it.
+func TestPoolSubnet(t *testing.T) {
+	for i, want := range map[int]string{0: "10.10.0.0/24", 1: "10.10.1.0/24", 256: "10.11.0.0/24", 9999: "10.49.15.0/24"} {
+		p, err := poolSubnet(registry.DefaultPool, i)
+		if err != nil || p.String() != want {
+			t.Errorf("subnet %d = %v, %v; want %s", i, p, err, want)
+		}
+	}
+	if p, err := poolSubnet(registry.DefaultPool, 90*256); err == nil {
+		t.Errorf("subnet beyond the pool: %v, want an error", p)
 	}
 }

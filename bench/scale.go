@@ -2,9 +2,11 @@ package bench
 
 import (
 	"context"
+	"encoding/binary"
 	"encoding/json"
 	"fmt"
 	"log/slog"
+	"net/netip"
 	"os"
 	"path/filepath"
 	"runtime"
@@ -445,8 +447,10 @@ func dbSize(ctx context.Context, cli *clientv3.Client) int64 {
 }
 
 // RegisterPassive registers n nodes the way their agents would (subnet
-// claim and member record through registry.ClaimMember, node entry on a
-// lease) and gives each an idle watch on /cluster/ in its own client. The
+// claim, member record, node entry on a lease: registerNode), then gives
+// each an idle watch on /cluster/ in its own client. The watches start
+// after the last registration: a watcher opened per registration would
+// receive every later one, O(n²) events before the benchmark begins. The
 // returned function stops the watches and revokes the nodes' lease.
 func RegisterPassive(ctx context.Context, newClient func() (*clientv3.Client, error), n int) (func(), error) {
 	cli, err := newClient()
@@ -473,6 +477,8 @@ func RegisterPassive(ctx context.Context, newClient func() (*clientv3.Client, er
 			stop()
 			return nil, err
 		}
+	}
+	for range n {
 		wc, err := newClient()
 		if err != nil {
 			stop()
@@ -488,10 +494,13 @@ func RegisterPassive(ctx context.Context, newClient func() (*clientv3.Client, er
 	return stop, nil
 }
 
-// registerNode registers harness node i (p0000, p0001, ...) as its agent
-// would: subnet claim and member record through registry.ClaimMember, and
-// its node entry on lease. Without endpoint its member record names no
-// WireGuard endpoint (a peer others cannot dial, which sends nothing).
+// registerNode registers harness node i (p0000, p0001, ...) with the keys
+// and values its agent would write (registry.ClaimMember's subnet claim
+// and member record, the node entry on lease), in one create-only
+// transaction. Its subnet is the pool's i-th: ClaimMember would search
+// for a free one by listing every claim, O(N²) for N registrations. Without
+// endpoint its member record names no WireGuard endpoint (a peer others
+// cannot dial, which sends nothing).
 func registerNode(ctx context.Context, cli *clientv3.Client, lease clientv3.LeaseID, i int, endpoint bool) error {
 	name := fmt.Sprintf("p%04d", i)
 	ip := fmt.Sprintf("198.51.100.%d", i%250+1)
@@ -499,16 +508,45 @@ func registerNode(ctx context.Context, cli *clientv3.Client, lease clientv3.Leas
 	if endpoint {
 		ep = ip + ":51820"
 	}
-	m, err := registry.ClaimMember(ctx, cli, registry.Member{Name: name, PublicKey: randomKey(), Endpoint: ep}, registry.DefaultPool, ip)
+	subnet, err := poolSubnet(registry.DefaultPool, i)
 	if err != nil {
 		return fmt.Errorf("register %s: %w", name, err)
 	}
+	m := registry.Member{Name: name, PublicKey: randomKey(), Endpoint: ep, Subnet: subnet, OverlayIP: subnet.Addr()}
+	claim, _ := json.Marshal(registry.SubnetClaim{Node: name})
+	member, err := json.Marshal(m)
+	if err != nil {
+		return err
+	}
 	node, _ := json.Marshal(registry.Node{Name: name, IPv4: ip, Services: []registry.Group{registry.GroupBackends},
 		Meshd: &registry.NodeMeshd{ID: randomHex(16), PublicKey: m.PublicKey, OverlayIP: m.OverlayIP.String(), Version: "bench-passive"}})
-	if _, err := cli.Put(ctx, registry.NodeKey(name), string(node), clientv3.WithLease(lease)); err != nil {
+	tr, err := cli.Txn(ctx).If(
+		clientv3.Compare(clientv3.CreateRevision(registry.SubnetKey(subnet)), "=", 0),
+		clientv3.Compare(clientv3.CreateRevision(registry.MemberKey(name)), "=", 0),
+	).Then(
+		clientv3.OpPut(registry.SubnetKey(subnet), string(claim)),
+		clientv3.OpPut(registry.MemberKey(name), string(member)),
+		clientv3.OpPut(registry.NodeKey(name), string(node), clientv3.WithLease(lease)),
+	).Commit()
+	if err != nil {
 		return fmt.Errorf("register %s: %w", name, err)
 	}
+	if !tr.Succeeded {
+		return fmt.Errorf("register %s: subnet %v or its member record is taken", name, subnet)
+	}
 	return nil
+}
+
+// poolSubnet is the pool's i-th subnet.
+func poolSubnet(pool registry.Pool, i int) (netip.Prefix, error) {
+	b := pool.Min.As4()
+	v := binary.BigEndian.Uint32(b[:]) + uint32(i)<<(32-pool.Bits)
+	binary.BigEndian.PutUint32(b[:], v)
+	p := netip.PrefixFrom(netip.AddrFrom4(b), pool.Bits)
+	if !pool.Contains(p) {
+		return netip.Prefix{}, fmt.Errorf("subnet %d is beyond the pool", i)
+	}
+	return p, nil
 }
 
 // startAgent starts agent i with its own client and state directory.

@@ -36,7 +36,7 @@ func parseFlags(args []string) (options, error) {
 	fs := flag.NewFlagSet("bench", flag.ExitOnError)
 	var (
 		o         options
-		scaleN    = fs.String("scale", "8,100,1000,10000:100", "scale benchmark sizes, N or N:LIVE (N nodes of which LIVE run a real agent in this process; the floor runs at each N)")
+		scaleN    = fs.String("scale", "8,100,1000:200,10000:100", "scale benchmark sizes, N or N:LIVE (N nodes of which LIVE run a real agent in this process; the floor runs at each N)")
 		proxyN    = fs.String("grpc-proxy", "10000:100", "sizes (N or N:LIVE, as -scale) run again with every agent and watcher connected through etcd's gRPC proxy (its watch coalescing); empty: none")
 		fidN      = fs.String("fidelity", "3,8", "sandbox sizes for the full-fidelity benchmark (needs root)")
 		traefikN  = fs.String("traefik-n", "8", "Traefik instance counts (each must also be in -scale for the ratio)")

@@ -84,7 +84,12 @@ func Floor(ctx context.Context, o FloorOptions) (Series, error) {
 			}
 		}()
 	}
-	if err := waitGroup(ctx, &ready); err != nil {
+	// Bounded: a watcher whose creation is never confirmed (seen through
+	// etcd's gRPC proxy at N=10,000) must end this scenario, not the run.
+	rctx, rcancel := context.WithTimeout(ctx, 2*time.Minute+time.Duration(o.N)*10*time.Millisecond)
+	err := waitGroup(rctx, &ready)
+	rcancel()
+	if err != nil {
 		return s, fmt.Errorf("watchers did not register: %w", err)
 	}
 	for i := range o.Trials {
@@ -107,7 +112,7 @@ func Floor(ctx context.Context, o FloorOptions) (Series, error) {
 		}
 		s.Add(slowest)
 	}
-	_, err := writer.Delete(ctx, o.Prefix, clientv3.WithPrefix())
+	_, err = writer.Delete(ctx, o.Prefix, clientv3.WithPrefix())
 	return s, err
 }
 

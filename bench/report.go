@@ -310,7 +310,7 @@ func (r *Results) Markdown() string {
 		}
 		w("\nmeshd recomputes a component's whole desired state from a whole snapshot (by design: no per-event patching),\n")
 		w("but the snapshot is rebuilt only in the parts that changed, and a component whose input part did not change\n")
-		w("(the overlay reads only members) skips its pass. An instance change, the common case, therefore costs O(apps);\n")
+		w("(the overlay reads only members and flannel leases) skips its pass. An instance change, the common case, therefore costs O(apps);\n")
 		w("a member change (a node joining or leaving) costs O(N) with a small constant: meshd's overlay runs the incremental\n")
 		w("`desired.Computer` (same result as the full computation, proven by a randomized equivalence test and a fuzzer), which\n")
 		w("re-validates and re-sorts only the changed members; what is left is one pass over the members and a fresh output.\n\n")

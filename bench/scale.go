@@ -138,7 +138,7 @@ type recorder struct {
 	hash       string
 	structure  string
 	counters   haproxycfg.Counters
-	membersGen uint64
+	overlayGen [2]uint64 // the snapshot's member and flannel generations
 }
 
 func (r *recorder) Name() string { return "haproxy" }
@@ -147,9 +147,9 @@ func (r *recorder) Apply(ctx context.Context, snap *registry.Snapshot) error {
 	hd := haproxycfg.Compute(snap, haproxycfg.Params{Self: r.self, Consume: r.consume})
 	hash, structure := haproxycfg.Hash(hd), haproxycfg.StructureHash(hd)
 	r.mu.Lock()
-	// Like the real overlay component: recompute only when the members
-	// part of the snapshot changed.
-	if snap.Gen.Members != r.membersGen {
+	// Like the real overlay component: recompute only when a part of the
+	// snapshot it reads (members, flannel leases) changed.
+	if gen := [2]uint64{snap.Gen.Members, snap.Gen.Flannel}; gen != r.overlayGen {
 		if od, err := r.overlay.Compute(snap); err == nil {
 			plan, _ := r.dev.Set(od)
 			now := time.Now()
@@ -160,7 +160,7 @@ func (r *recorder) Apply(ctx context.Context, snap *registry.Snapshot) error {
 			}
 			r.ov = od
 		}
-		r.membersGen = snap.Gen.Members
+		r.overlayGen = gen
 	}
 	r.ovRev = snap.Revision
 	switch {

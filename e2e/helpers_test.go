@@ -92,14 +92,21 @@ func startClusterNamed(t *testing.T, name string, ttl time.Duration) (*sandbox.C
 	if _, err := sandbox.Clean(context.Background(), name); err != nil {
 		t.Logf("cleaning leftovers of %s: %v", name, err)
 	}
-	c, err := sandbox.Start(context.Background(), sandbox.Options{Name: name, MeshdBinary: b.meshd, LeaseTTL: ttl})
+	// MESHD_E2E_LOG_LEVEL=debug runs every meshd with --log-level debug
+	// and shows more of each log when a test fails (one reconcile pass per
+	// line: what a flaky failure needs).
+	level, tail := os.Getenv("MESHD_E2E_LOG_LEVEL"), 25
+	if level == "debug" {
+		tail = 200
+	}
+	c, err := sandbox.Start(context.Background(), sandbox.Options{Name: name, MeshdBinary: b.meshd, LeaseTTL: ttl, MeshdLogLevel: level})
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() {
 		if t.Failed() {
 			for _, n := range c.Nodes() {
-				t.Logf("%s meshd.log, last lines other than key reports:\n%s", n.Name, logTail(n, 25))
+				t.Logf("%s meshd.log, last lines other than key reports:\n%s", n.Name, logTail(n, tail))
 			}
 		}
 		if err := c.Close(); err != nil {

@@ -150,3 +150,68 @@ func TestNewValidates(t *testing.T) {
 		t.Error("status contains the private key")
 	}
 }
+
+// TestFlannelLeaseChangeAlone: the overlay reads flannel leases as well
+// as members. When a txn deletes a node's member record and its flannel
+// lease, the two prefixes' watches may deliver them in separate passes:
+// first the member (the lease left alone makes the node a flannel-only
+// peer with the same key), then the lease alone. That second pass changes
+// no member and must still remove the peer.
+func TestFlannelLeaseChangeAlone(t *testing.T) {
+	c, k := fakeComponent(t, nil)
+	ctx := context.Background()
+	self, other := memberOf(0, c.PublicKey()), memberOf(4, newPublicKey(t))
+	s := registry.NewStore()
+	put := func(key string, v any, rev int64) {
+		t.Helper()
+		b, ok := v.([]byte)
+		if !ok {
+			var err error
+			if b, err = json.Marshal(v); err != nil {
+				t.Fatal(err)
+			}
+		}
+		s.Put(registry.KV{Key: key, Value: b}, rev)
+	}
+	lease, err := registry.EncodeFlannelLease(netip.MustParseAddr("192.0.2.5"), other.PublicKey, 51820)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, m := range []registry.Member{self, other} {
+		put(registry.SubnetKey(m.Subnet), registry.SubnetClaim{Node: m.Name}, 1)
+		put(registry.MemberKey(m.Name), m, 1)
+	}
+	put(registry.FlannelSubnetKey(other.Subnet), lease, 2)
+	peers := func() []string {
+		dev, err := k.Device(c.applier.opts.Interface)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var out []string
+		for _, p := range dev.Peers {
+			out = append(out, p.PublicKey.String())
+		}
+		return out
+	}
+	if err := c.Apply(ctx, s.Snapshot()); err != nil {
+		t.Fatal(err)
+	}
+	if got := peers(); len(got) != 1 || got[0] != other.PublicKey {
+		t.Fatalf("peers with n4's member record and lease: %v", got)
+	}
+	// The deletion of the member record and claim arrives first: n4 is
+	// now a flannel-only peer, the same key.
+	s.Delete(registry.MemberKey(other.Name), 4)
+	s.Delete(registry.SubnetKey(other.Subnet), 4)
+	if err := c.Apply(ctx, s.Snapshot()); err != nil {
+		t.Fatal(err)
+	}
+	// Then the lease's, from the other prefix's watch, same revision.
+	s.Delete(registry.FlannelSubnetKey(other.Subnet), 4)
+	if err := c.Apply(ctx, s.Snapshot()); err != nil {
+		t.Fatal(err)
+	}
+	if got := peers(); len(got) != 0 {
+		t.Fatalf("peers after the member record and the flannel lease are gone: %v, want none", got)
+	}
+}

@@ -28,11 +28,15 @@ type tracker struct {
 	revision int64          // snapshot revision of target
 	lastErr  error          // of the last compute, apply or repair
 	waiting  bool           // no member record for Self yet
-	// membersGen is the snapshot member generation target was computed
-	// from: the overlay reads nothing else, so an unchanged generation
-	// with target applied means there is nothing to do (an app or status
-	// change costs the overlay nothing, however large the cluster).
-	membersGen uint64
+	// gens are the snapshot generations target was computed from. The
+	// overlay reads members and flannel's leases and config, nothing
+	// else, so unchanged generations with target applied mean there is
+	// nothing to do (an app or status change costs the overlay nothing,
+	// however large the cluster). Both parts count: one txn that deletes
+	// a node's member record and its flannel lease reaches the store
+	// through two watches, so the lease's deletion can come in a pass of
+	// its own.
+	gens overlayGens
 	problems   []desired.Problem
 }
 
@@ -41,11 +45,18 @@ type tracker struct {
 func (t *tracker) upToDate(snap *registry.Snapshot) bool {
 	t.mu.Lock()
 	defer t.mu.Unlock()
-	if snap.Gen.Members != 0 && snap.Gen.Members == t.membersGen && t.applied && t.lastErr == nil {
+	if g := gensOf(snap); g.Members != 0 && g == t.gens && t.applied && t.lastErr == nil {
 		t.revision = snap.Revision
 		return true
 	}
 	return false
+}
+
+// overlayGens are the generations of the snapshot parts the overlay reads.
+type overlayGens struct{ Members, Flannel uint64 }
+
+func gensOf(snap *registry.Snapshot) overlayGens {
+	return overlayGens{Members: snap.Gen.Members, Flannel: snap.Gen.Flannel}
 }
 
 // compute makes the state computed from snap the target and returns it
@@ -58,7 +69,7 @@ func (t *tracker) compute(snap *registry.Snapshot) (st desired.State, gen uint64
 	t.cmu.Unlock()
 	t.mu.Lock()
 	defer t.mu.Unlock()
-	t.membersGen = snap.Gen.Members
+	t.gens = gensOf(snap)
 	if errors.Is(err, desired.ErrNoSelf) {
 		t.waiting = true
 		return desired.State{}, 0, false, false, nil

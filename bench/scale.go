@@ -129,6 +129,7 @@ type recorder struct {
 
 	overlay *desired.Computer // what meshd's overlay component runs
 	dev     *overlay.FakeDevice
+	peers   overlay.PeerCache // as the overlay component keeps it
 
 	mu         sync.Mutex
 	rev        int64
@@ -152,6 +153,7 @@ func (r *recorder) Apply(ctx context.Context, snap *registry.Snapshot) error {
 	if gen := [2]uint64{snap.Gen.Members, snap.Gen.Flannel}; gen != r.overlayGen {
 		if od, err := r.overlay.Compute(snap); err == nil {
 			plan, _ := r.dev.Set(od)
+			r.peers.Invalidate() // the component does so after every set
 			now := time.Now()
 			for _, c := range plan.Peers {
 				if c.Op == desired.OpAdd {
@@ -195,7 +197,7 @@ func (o overlayStatus) Apply(context.Context, *registry.Snapshot) error { return
 func (o overlayStatus) Status() any {
 	o.r.mu.Lock()
 	defer o.r.mu.Unlock()
-	return overlay.StatusOf("meshd-wg", o.r.ov, o.r.ovRev, o.r.dev, time.Now())
+	return overlay.StatusOf("meshd-wg", o.r.ov, o.r.ovRev, o.r.dev, &o.r.peers, time.Now())
 }
 
 func liveTag(o ScaleOptions) string {
@@ -570,6 +572,10 @@ func startAgent(actx context.Context, o ScaleOptions, name string, i int, applie
 	}
 	rec := &recorder{self: name, consume: []registry.Group{registry.GroupBackends}, onApply: applied.report, overlay: oc,
 		dev: overlay.NewFakeDevice(key)}
+	// Its peers re-handshake as live ones do (25 s keepalive, sessions
+	// rekeyed after 2 minutes), so a bring-up longer than
+	// overlay.RecentHandshake does not leave every first handshake stale.
+	rec.dev.RekeyEvery(2*time.Minute + 25*time.Second)
 	ip := fmt.Sprintf("192.0.2.%d", i%250+1)
 	a, err := agent.New(agent.Options{
 		Client: cli, Node: name, ID: randomHex(16), PublicIPv4: ip,

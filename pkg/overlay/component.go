@@ -93,10 +93,12 @@ type Component struct {
 	applier *Applier
 	// reader is what Status reads the live device through: the applier
 	// (tests put a FakeDevice here).
-	reader   deviceReader
-	cache    *bootCache
-	retry    *handshakeRetry
-	repairer *routeRepairer
+	reader deviceReader
+	// peerCache keeps the status's peer summary between device reads.
+	peerCache PeerCache
+	cache     *bootCache
+	retry     *handshakeRetry
+	repairer  *routeRepairer
 }
 
 // New loads (or creates) the node's WireGuard key and opens the applier.
@@ -231,6 +233,7 @@ func (c *Component) Ready() bool { return c.track.ready() }
 // caches st.
 func (c *Component) set(ctx context.Context, st desired.State, gen uint64, why string) error {
 	plan, err := c.applier.set(ctx, st)
+	c.peerCache.Invalidate() // a new target, a changed device or an error
 	c.metrics.observe(plan, err)
 	current, revision := c.track.record(gen, err)
 	if err != nil {
@@ -272,6 +275,7 @@ func (c *Component) repair(ctx context.Context, why string) {
 	}
 	c.retry.note(plan, len(t.Peers), time.Now())
 	if !plan.Empty() {
+		c.peerCache.Invalidate()
 		c.metrics.repairs.Inc()
 		c.log.Info("overlay repaired", "why", why, "plan", plan.String())
 	}

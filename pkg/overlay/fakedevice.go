@@ -26,6 +26,20 @@ type FakeDevice struct {
 	port    int
 	peers   map[wgtypes.Key]*wgtypes.Peer
 	configs int
+	rekey   time.Duration
+}
+
+// RekeyEvery makes every peer that has had a handshake handshake again
+// each time every has passed since its last one, as seen by Device: what
+// a real device does while packets flow (WireGuard starts a new handshake
+// when it sends on a session older than REKEY_AFTER_TIME, 2 minutes, and
+// persistent keepalive sends at least every keepalive interval, so a live
+// peer's handshake is never older than 2 minutes plus that interval).
+// Zero (the default) keeps handshakes where Traffic put them.
+func (d *FakeDevice) RekeyEvery(every time.Duration) {
+	d.mu.Lock()
+	d.rekey = every
+	d.mu.Unlock()
 }
 
 // NewFakeDevice returns an empty device with private key key.
@@ -51,7 +65,11 @@ func (d *FakeDevice) Device() (*wgtypes.Device, error) {
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	dev := &wgtypes.Device{Name: "fake", Type: wgtypes.Userspace, PrivateKey: d.key, PublicKey: d.key.PublicKey(), ListenPort: d.port}
+	now := time.Now()
 	for _, p := range d.peers {
+		if hs := p.LastHandshakeTime; d.rekey > 0 && !hs.IsZero() && now.Sub(hs) >= d.rekey {
+			p.LastHandshakeTime = hs.Add(now.Sub(hs) / d.rekey * d.rekey)
+		}
 		c := *p
 		c.AllowedIPs = slices.Clone(p.AllowedIPs)
 		dev.Peers = append(dev.Peers, c)

@@ -4,6 +4,7 @@ import (
 	"net/netip"
 	"slices"
 	"strings"
+	"sync"
 	"time"
 
 	"golang.zx2c4.com/wireguard/wgctrl/wgtypes"
@@ -87,25 +88,34 @@ type PeerDetail struct {
 	TxBytes       int64     `json:"txBytes"`
 }
 
-// Summarize computes the bounded summary of a peer list at time now.
-func Summarize(peers []PeerDetail, now time.Time) PeerSummary {
+// summarize computes the bounded summary of a device's peers at time
+// now. It allocates nothing for peers with a recent handshake (the common
+// case); names, which maps public keys to node names, is called only when
+// some peer is stale.
+func summarize(peers []wgtypes.Peer, names func() map[string]string, now time.Time) PeerSummary {
 	s := PeerSummary{Count: len(peers)}
 	var oldest time.Duration
 	never := false
 	var stale []string
-	for _, p := range peers {
-		if p.LastHandshake.IsZero() {
+	var byKey map[string]string
+	for i := range peers {
+		hs := peers[i].LastHandshakeTime
+		if hs.IsZero() {
 			never = true
-		} else if age := now.Sub(p.LastHandshake); age > oldest {
+		} else if age := now.Sub(hs); age > oldest {
 			oldest = age
 		}
-		if !p.LastHandshake.IsZero() && now.Sub(p.LastHandshake) <= RecentHandshake {
+		if !hs.IsZero() && now.Sub(hs) <= RecentHandshake {
 			s.Recent++
 			continue
 		}
-		name := p.Name
+		if byKey == nil {
+			byKey = names()
+		}
+		key := peers[i].PublicKey.String()
+		name := byKey[key]
 		if name == "" {
-			name = p.PublicKey
+			name = key
 		}
 		stale = append(stale, name)
 	}
@@ -131,26 +141,79 @@ func Summarize(peers []PeerDetail, now time.Time) PeerSummary {
 	return s
 }
 
+// PeerSummaryMaxAge is how long a peer summary read off the device is
+// reused while the overlay applies nothing. Reading a device is O(peers)
+// (a netlink dump of every peer); without the reuse, every reconcile
+// pass, however small its change, would pay it for the status. What the
+// summary reports moves on a scale of minutes (RecentHandshake).
+const PeerSummaryMaxAge = time.Second
+
+// PeerCache keeps the last peer summary read off a device, for at most
+// PeerSummaryMaxAge and until Invalidate (the overlay changed the
+// device). The zero value is ready to use.
+type PeerCache struct {
+	mu    sync.Mutex
+	valid bool
+	at    time.Time
+	mode  string
+	addr  string
+	err   string
+	sum   PeerSummary
+}
+
+// Invalidate makes the next read go to the device.
+func (pc *PeerCache) Invalidate() {
+	pc.mu.Lock()
+	pc.valid = false
+	pc.mu.Unlock()
+}
+
+// read fills st's mode, address and peer summary from target and dev,
+// from the cache when it is fresh at now.
+func (pc *PeerCache) read(st *Status, target *desired.State, dev deviceReader, now time.Time) {
+	pc.mu.Lock()
+	defer pc.mu.Unlock()
+	if age := now.Sub(pc.at); !pc.valid || age < 0 || age >= PeerSummaryMaxAge {
+		var d *wgtypes.Device
+		pc.mode, pc.addr, d, pc.err = readDevice(target, dev)
+		pc.sum = PeerSummary{}
+		if d != nil {
+			pc.sum = summarize(d.Peers, func() map[string]string { return peerNames(target) }, now)
+		}
+		pc.valid, pc.at = true, now
+	}
+	st.Mode, st.Address, st.Peers = pc.mode, pc.addr, pc.sum
+	if st.LastError == "" && pc.err != "" {
+		st.LastError = pc.err
+	}
+}
+
 // Status implements agent.Component. It reads the live device for
 // handshake times; it never includes the private key.
 func (c *Component) Status() any { return c.StatusNow(time.Now()) }
 
-// StatusNow is Status with handshake ages measured from now.
+// StatusNow is Status with handshake ages measured from now. The peer
+// summary may be up to PeerSummaryMaxAge old (PeerCache).
 func (c *Component) StatusNow(now time.Time) Status {
-	st, peers := c.status(now)
-	st.Peers = Summarize(peers, now)
+	v := c.track.view()
+	st := c.status(v)
+	c.peerCache.read(&st, v.target, c.reader, now)
 	return st
 }
 
 // PeerDetails returns every peer of the device with its handshake and
-// byte counters, sorted by name (then key).
+// byte counters, sorted by name (then key), read now.
 func (c *Component) PeerDetails(now time.Time) []PeerDetail {
-	_, peers := c.status(now)
-	return peers
+	v := c.track.view()
+	_, _, d, _ := readDevice(v.target, c.reader)
+	if d == nil {
+		return nil
+	}
+	return details(d.Peers, peerNames(v.target), now)
 }
 
-func (c *Component) status(now time.Time) (Status, []PeerDetail) {
-	v := c.track.view()
+// status is the part of the status that does not read the device.
+func (c *Component) status(v trackerView) Status {
 	st := Status{
 		Interface: c.opts.Interface,
 		PublicKey: c.PublicKey(),
@@ -165,8 +228,7 @@ func (c *Component) status(now time.Time) (Status, []PeerDetail) {
 	if err := c.cache.lastErr(); err != nil {
 		st.CacheError = registry.StatusText(err.Error())
 	}
-	peers := readDevice(&st, v.target, c.reader, now)
-	return st, peers
+	return st
 }
 
 // setProblems puts at most MaxStatusProblems of problems in st.
@@ -185,31 +247,41 @@ type deviceReader interface {
 	Device() (*wgtypes.Device, error)
 }
 
-// readDevice fills st's address and mode from target and dev, and returns
-// dev's peers, named after target's, sorted by name (then key).
-func readDevice(st *Status, target *desired.State, dev deviceReader, now time.Time) []PeerDetail {
-	names := map[string]string{}
+// readDevice returns the device's mode, this node's overlay address (from
+// target) and the device as read now (nil with the reason in errText when
+// it cannot be read, or when there is no device yet: mode "").
+func readDevice(target *desired.State, dev deviceReader) (mode, address string, d *wgtypes.Device, errText string) {
 	if target != nil {
 		if a := target.SelfAddress(); a.IsValid() {
-			st.Address = a.String()
+			address = a.String()
 		}
+	}
+	mode = dev.Mode()
+	if mode == "" {
+		return mode, address, nil, ""
+	}
+	d, err := dev.Device()
+	if err != nil {
+		return mode, address, nil, registry.StatusText(err.Error())
+	}
+	return mode, address, d, ""
+}
+
+// peerNames maps the public keys of target's peers to their names.
+func peerNames(target *desired.State) map[string]string {
+	names := map[string]string{}
+	if target != nil {
 		for _, p := range target.Peers {
 			names[p.PublicKey] = p.Name
 		}
 	}
-	st.Mode = dev.Mode()
-	if st.Mode == "" {
-		return nil
-	}
-	d, err := dev.Device()
-	if err != nil {
-		if st.LastError == "" {
-			st.LastError = registry.StatusText(err.Error())
-		}
-		return nil
-	}
-	peers := make([]PeerDetail, 0, len(d.Peers))
-	for _, p := range d.Peers {
+	return names
+}
+
+// details lists peers with names from names, sorted by name (then key).
+func details(peers []wgtypes.Peer, names map[string]string, now time.Time) []PeerDetail {
+	out := make([]PeerDetail, 0, len(peers))
+	for _, p := range peers {
 		ps := PeerDetail{
 			Name:                names[p.PublicKey.String()],
 			PublicKey:           p.PublicKey.String(),
@@ -225,24 +297,25 @@ func readDevice(st *Status, target *desired.State, dev deviceReader, now time.Ti
 			ps.LastHandshake = p.LastHandshakeTime
 			ps.HandshakeAgeSeconds = int64(now.Sub(p.LastHandshakeTime) / time.Second)
 		}
-		peers = append(peers, ps)
+		out = append(out, ps)
 	}
-	slices.SortFunc(peers, func(a, b PeerDetail) int {
+	slices.SortFunc(out, func(a, b PeerDetail) int {
 		if c := strings.Compare(a.Name, b.Name); c != 0 {
 			return c
 		}
 		return strings.Compare(a.PublicKey, b.PublicKey)
 	})
-	return peers
+	return out
 }
 
 // StatusOf is the status a node publishes whose desired overlay is want
-// (computed from the snapshot at revision) and whose device is dev: the
-// code Component.Status runs, for callers that keep a device of their own
-// (the scale bench's simulated nodes).
-func StatusOf(iface string, want desired.State, revision int64, dev *FakeDevice, now time.Time) Status {
+// (computed from the snapshot at revision) and whose device is dev, with
+// the peer summary kept in pc: the code Component.Status runs, for
+// callers that keep a device of their own (the scale bench's simulated
+// nodes). The caller invalidates pc when it changes dev.
+func StatusOf(iface string, want desired.State, revision int64, dev *FakeDevice, pc *PeerCache, now time.Time) Status {
 	st := Status{Interface: iface, PublicKey: dev.PublicKey(), Revision: revision, Applied: true}
 	setProblems(&st, want.Problems)
-	st.Peers = Summarize(readDevice(&st, &want, dev, now), now)
+	pc.read(&st, &want, dev, now)
 	return st
 }

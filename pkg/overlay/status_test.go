@@ -141,9 +141,42 @@ func TestStatusUnchangedByTraffic(t *testing.T) {
 		t.Fatalf("status changed with traffic alone:\n%s\n%s", before, after)
 	}
 	dev.Traffic(want.Peers[3].PublicKey, later.Add(-10*time.Minute), 1, 1)
-	stale := c.StatusNow(later)
+	stale := c.StatusNow(later.Add(PeerSummaryMaxAge)) // the summary read at later is reused until then
 	if stale.Peers.StaleCount != 1 || stale.Peers.Stale[0] != want.Peers[3].Name || stale.Peers.Oldest != "<1h" {
 		t.Fatalf("a stale peer is not reported: %+v", stale.Peers)
+	}
+}
+
+// TestPeerSummaryCache: the status reads the device at most once per
+// PeerSummaryMaxAge, and at once after the overlay changed the device.
+func TestPeerSummaryCache(t *testing.T) {
+	now := time.Date(2026, 12, 3, 12, 0, 0, 0, time.UTC)
+	c, dev, want := fakeCluster(t, 20)
+	for _, p := range want.Peers {
+		dev.Traffic(p.PublicKey, now.Add(-time.Minute), 10, 20)
+	}
+	if st := c.StatusNow(now); st.Peers.Recent != 20 {
+		t.Fatalf("recent %d, want 20", st.Peers.Recent)
+	}
+	dev.Traffic(want.Peers[0].PublicKey, now.Add(-time.Hour), 1, 1)
+	if st := c.StatusNow(now.Add(PeerSummaryMaxAge - time.Millisecond)); st.Peers.Recent != 20 {
+		t.Errorf("within the max age: recent %d, want the cached 20", st.Peers.Recent)
+	}
+	if st := c.StatusNow(now.Add(PeerSummaryMaxAge)); st.Peers.Recent != 19 || st.Peers.StaleCount != 1 {
+		t.Errorf("after the max age: %+v, want 19 recent and 1 stale", st.Peers)
+	}
+	// The overlay removes a peer: the next status counts it gone.
+	if _, err := dev.Set(desired.State{ListenPort: want.ListenPort, Peers: want.Peers[1:]}); err != nil {
+		t.Fatal(err)
+	}
+	c.peerCache.Invalidate()
+	if st := c.StatusNow(now.Add(PeerSummaryMaxAge)); st.Peers.Count != 19 || st.Peers.Recent != 19 {
+		t.Errorf("after Invalidate: %+v, want 19 peers, all recent", st.Peers)
+	}
+	// A clock that steps back reads the device again.
+	dev.Traffic(want.Peers[1].PublicKey, now.Add(-time.Hour), 1, 1)
+	if st := c.StatusNow(now); st.Peers.StaleCount != 1 {
+		t.Errorf("after the clock stepped back: %+v, want 1 stale", st.Peers)
 	}
 }
 
@@ -253,4 +286,28 @@ func gatherPeers(reg *prometheus.Registry) (map[string]map[string]float64, error
 		out[mf.GetName()] = vals
 	}
 	return out, nil
+}
+
+// TestFakeDeviceRekey: with RekeyEvery, a peer that has had a handshake
+// reports one within the last period, on the period's grid from its
+// first; a peer that never had one still has none.
+func TestFakeDeviceRekey(t *testing.T) {
+	_, dev, want := fakeCluster(t, 2)
+	first := time.Now().Add(-5 * time.Minute)
+	dev.Traffic(want.Peers[0].PublicKey, first, 1, 1)
+	dev.RekeyEvery(2 * time.Minute)
+	d, err := dev.Device()
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := map[string]time.Time{}
+	for _, p := range d.Peers {
+		got[p.PublicKey.String()] = p.LastHandshakeTime
+	}
+	if hs := got[want.Peers[0].PublicKey]; !hs.Equal(first.Add(4 * time.Minute)) {
+		t.Errorf("handshake %v, want two periods after %v", hs, first)
+	}
+	if hs := got[want.Peers[1].PublicKey]; !hs.IsZero() {
+		t.Errorf("a peer without a handshake got one at %v", hs)
+	}
 }

@@ -36,8 +36,8 @@ type tracker struct {
 	// a node's member record and its flannel lease reaches the store
 	// through two watches, so the lease's deletion can come in a pass of
 	// its own.
-	gens overlayGens
-	problems   []desired.Problem
+	gens     overlayGens
+	problems []desired.Problem
 }
 
 // upToDate reports whether snap changes nothing the overlay reads while

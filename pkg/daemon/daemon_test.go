@@ -12,6 +12,9 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
+	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -104,6 +107,9 @@ func TestDeadAppWithdrawnOnConsumingNode(t *testing.T) {
 		case <-time.After(20 * time.Second):
 			t.Error("meshd did not stop")
 		}
+		// meshd leaves its HAProxy master running on exit (a restart must
+		// not cut traffic); the test ends it.
+		stopMaster(t, strings.TrimSuffix(cfg.HAProxy.ConfigPath, ".cfg")+".pid")
 	}()
 
 	key := registry.InstanceKey(registry.GroupBackends, "web", cfg.NodeName)
@@ -150,4 +156,30 @@ func TestDeadAppWithdrawnOnConsumingNode(t *testing.T) {
 		t.Errorf("Run: %v", err)
 	}
 	done <- nil
+}
+
+// stopMaster ends the HAProxy master whose pid file is pidFile, and its
+// workers: SIGTERM, then SIGKILL after 5 s.
+func stopMaster(t *testing.T, pidFile string) {
+	t.Helper()
+	b, err := os.ReadFile(pidFile)
+	if err != nil {
+		return // never started
+	}
+	pid, err := strconv.Atoi(strings.TrimSpace(strings.SplitN(string(b), "\n", 2)[0]))
+	if err != nil || pid <= 1 {
+		t.Errorf("haproxy pid file %s: %q", pidFile, b)
+		return
+	}
+	if syscall.Kill(pid, syscall.SIGTERM) != nil {
+		return // gone already
+	}
+	for range 250 {
+		if syscall.Kill(pid, 0) != nil {
+			return
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	syscall.Kill(pid, syscall.SIGKILL)
+	t.Errorf("haproxy master %d did not stop on SIGTERM within 5 s", pid)
 }

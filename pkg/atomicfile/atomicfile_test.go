@@ -40,21 +40,27 @@ func check(t *testing.T, path, want string, mode os.FileMode) {
 	}
 }
 
+// TestWriteFileReplaces: WriteFile and Replace (the same without the
+// fsyncs) put the new content and mode in place and leave no temp file.
 func TestWriteFileReplaces(t *testing.T) {
-	dir := t.TempDir()
-	path := filepath.Join(dir, "f")
-	if err := WriteFile(path, []byte("one"), 0o644); err != nil {
-		t.Fatal(err)
-	}
-	if err := WriteFile(path, []byte("two"), 0o600); err != nil {
-		t.Fatal(err)
-	}
-	check(t, path, "two", 0o600)
-	if es := entries(t, dir); len(es) != 1 {
-		t.Fatalf("directory holds %v, want only f", es)
-	}
-	if err := WriteFile(filepath.Join(dir, "missing", "f"), nil, 0o600); err == nil {
-		t.Fatal("write into a missing directory: no error")
+	for name, write := range map[string]func(string, []byte, os.FileMode) error{"WriteFile": WriteFile, "Replace": Replace} {
+		t.Run(name, func(t *testing.T) {
+			dir := t.TempDir()
+			path := filepath.Join(dir, "f")
+			if err := write(path, []byte("one"), 0o644); err != nil {
+				t.Fatal(err)
+			}
+			if err := write(path, []byte("two"), 0o600); err != nil {
+				t.Fatal(err)
+			}
+			check(t, path, "two", 0o600)
+			if es := entries(t, dir); len(es) != 1 {
+				t.Fatalf("directory holds %v, want only f", es)
+			}
+			if err := write(filepath.Join(dir, "missing", "f"), nil, 0o600); err == nil {
+				t.Fatal("write into a missing directory: no error")
+			}
+		})
 	}
 }
 

@@ -103,16 +103,17 @@ func (a *Applier) set(ctx context.Context, d Desired) error {
 
 	placed := d
 	var live Live
+	var workerPID int
 	var liveErr error = errors.New("haproxy not running")
 	if running {
-		live, liveErr = a.Runtime.Live(ctx)
+		workerPID, live, liveErr = a.Runtime.State(ctx)
 		if liveErr == nil {
 			placed = Place(d, live)
 		}
 	}
 	if running && liveErr == nil && StructureHash(d) == a.structure {
 		if changes, ok := Diff(placed, live); ok {
-			err := a.applyRuntime(ctx, placed, changes, procs)
+			err := a.applyRuntime(ctx, placed, changes, procs, workerPID)
 			if err == nil {
 				a.mu.Lock()
 				a.appliedHash, a.rejectedHash, a.rejectedErr = h, "", nil
@@ -126,16 +127,13 @@ func (a *Applier) set(ctx context.Context, d Desired) error {
 }
 
 // applyRuntime changes slots through the runtime API, then rewrites the
-// file so that the next reload starts from the same servers.
-func (a *Applier) applyRuntime(ctx context.Context, placed Desired, changes []SlotChange, procs Procs) error {
+// file so that the next reload starts from the same servers. pid is the
+// worker that answered on the stats socket when live was read.
+func (a *Applier) applyRuntime(ctx context.Context, placed Desired, changes []SlotChange, procs Procs, pid int) error {
 	if len(changes) > 0 {
 		// A change made on a draining worker would be lost: make sure the
 		// stats socket reaches the master's current worker.
 		cur, _ := procs.Current()
-		pid, err := a.Runtime.WorkerPID(ctx)
-		if err != nil {
-			return err
-		}
 		if pid != cur.PID {
 			return fmt.Errorf("stats socket answers from worker %d, the current worker is %d", pid, cur.PID)
 		}
@@ -146,7 +144,10 @@ func (a *Applier) applyRuntime(ctx context.Context, placed Desired, changes []Sl
 	}
 	content := Render(placed)
 	if !bytes.Equal(content, a.lastGood) {
-		if err := atomicfile.WriteFile(a.ConfigPath, content, 0o644); err != nil {
+		// Not flushed to disk: the file only has to be whole for the next
+		// reload, and meshd renders it again when it starts; HAProxy runs
+		// these servers already.
+		if err := atomicfile.Replace(a.ConfigPath, content, 0o644); err != nil {
 			return fmt.Errorf("rewrite config: %w", err)
 		}
 		a.lastGood = content

@@ -172,18 +172,53 @@ func parseHealth(s string) (map[string]Health, error) {
 	return h, nil
 }
 
-// WorkerPID returns the pid of the worker answering on the socket.
-func (r Runtime) WorkerPID(ctx context.Context) (int, error) {
-	out, err := socketCmd(ctx, r.Socket, "show info")
+// State reads, over one connection, the pid of the worker answering on
+// the socket and every meshd backend's slot occupancy in that worker: the
+// CLI runs `show info;show servers state` in turn and ends each answer
+// with an empty line. One connection is one wait for the worker fewer on
+// every instance change, and both answers are the same process's.
+func (r Runtime) State(ctx context.Context) (pid int, live Live, err error) {
+	out, err := socketCmd(ctx, r.Socket, "show info;show servers state")
 	if err != nil {
-		return 0, fmt.Errorf("runtime: %w", err)
+		return 0, nil, fmt.Errorf("runtime: %w", err)
 	}
-	for _, line := range strings.Split(out, "\n") {
+	return parseState(out)
+}
+
+// parseState splits the answer to `show info;show servers state` at the
+// first empty line (show info has none inside) and parses both parts.
+func parseState(out string) (int, Live, error) {
+	info, servers, ok := strings.Cut(out, "\n\n")
+	if !ok {
+		return 0, nil, fmt.Errorf("runtime: no end of show info in %q", firstLines(out, 3))
+	}
+	pid := 0
+	for _, line := range strings.Split(info, "\n") {
 		if v, ok := strings.CutPrefix(line, "Pid: "); ok {
-			return strconv.Atoi(strings.TrimSpace(v))
+			n, err := strconv.Atoi(strings.TrimSpace(v))
+			if err != nil || n <= 0 {
+				return 0, nil, fmt.Errorf("runtime: show info: bad %q", line)
+			}
+			pid = n
 		}
 	}
-	return 0, fmt.Errorf("runtime: no Pid in show info")
+	if pid == 0 {
+		return 0, nil, fmt.Errorf("runtime: no Pid in show info (answer begins %q)", firstLines(out, 3))
+	}
+	if first, _, _ := strings.Cut(strings.TrimLeft(servers, "\n"), "\n"); first != "1" {
+		return 0, nil, fmt.Errorf("runtime: show servers state: format %q, want 1", first)
+	}
+	live, err := parseServersState(servers)
+	if err != nil {
+		return 0, nil, fmt.Errorf("runtime: %w", err)
+	}
+	return pid, live, nil
+}
+
+// firstLines returns the first n lines of s.
+func firstLines(s string, n int) string {
+	lines := strings.SplitN(s, "\n", n+1)
+	return strings.Join(lines[:min(n, len(lines))], "\n")
 }
 
 // Apply makes the listed slot changes, one command per connection so that

@@ -2,6 +2,8 @@ package haproxycfg
 
 import (
 	"net/netip"
+	"os"
+	"strings"
 	"testing"
 
 	"github.com/google/go-cmp/cmp"
@@ -22,5 +24,36 @@ func TestParseServersState(t *testing.T) {
 	want := Live{"be_x": {ap("127.0.0.1:39101"), ap("127.0.0.1:39102"), {}}}
 	if diff := cmp.Diff(want, live, cmp.Comparer(func(a, b netip.AddrPort) bool { return a == b })); diff != "" {
 		t.Errorf("(-want +got):\n%s", diff)
+	}
+}
+
+// TestParseState reads HAProxy 2.6's answer to `show info;show servers
+// state` (testdata: captured from haproxy 2.6.12 with one slot set to
+// 127.0.0.2:8080 and made ready) and refuses answers that are not two
+// whole parts.
+func TestParseState(t *testing.T) {
+	b, err := os.ReadFile("testdata/show-info-servers-state.txt")
+	if err != nil {
+		t.Fatal(err)
+	}
+	pid, live, err := parseState(string(b))
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := Live{"be_x": {ap("127.0.0.2:8080"), {}}}
+	if diff := cmp.Diff(want, live, cmp.Comparer(func(a, b netip.AddrPort) bool { return a == b })); pid != 16419 || diff != "" {
+		t.Errorf("pid %d, want 16419; live (-want +got):\n%s", pid, diff)
+	}
+	info, servers, _ := strings.Cut(string(b), "\n\n")
+	for name, bad := range map[string]string{
+		"no end of show info":  info,
+		"no Pid":               strings.Replace(string(b), "Pid: ", "Pidx: ", 1),
+		"bad Pid":              strings.Replace(string(b), "Pid: 16419", "Pid: x", 1),
+		"servers state format": info + "\n\n" + strings.Replace(servers, "1\n", "2\n", 1),
+		"no servers state":     info + "\n\nUnknown command.\n",
+	} {
+		if _, _, err := parseState(bad); err == nil {
+			t.Errorf("%s: no error", name)
+		}
 	}
 }

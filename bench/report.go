@@ -97,9 +97,9 @@ func (r *Results) targets() []target {
 			continue
 		}
 		p99 := s.Added.Quantile(0.99)
-		ts = append(ts, target{fmt.Sprintf("p99 < 1 s at N=1000%s, scale (instance added, applied)", liveNote(s)), ms(p99), verdict(p99 < time.Second)})
+		ts = append(ts, target{fmt.Sprintf("p99 < 1 s at N=1000%s, scale (instance added, applied)", liveNote(s)+s.Label), ms(p99), verdict(p99 < time.Second)})
 		p99 = s.AddedStatus.Quantile(0.99)
-		ts = append(ts, target{fmt.Sprintf("p99 < 1 s at N=1000%s, scale (instance added, status published)", liveNote(s)), ms(p99), verdict(p99 < time.Second)})
+		ts = append(ts, target{fmt.Sprintf("p99 < 1 s at N=1000%s, scale (instance added, status published)", liveNote(s)+s.Label), ms(p99), verdict(p99 < time.Second)})
 	}
 	floors := map[string]Series{}
 	for _, f := range r.Floor {
@@ -230,7 +230,8 @@ func (r *Results) Markdown() string {
 		w("computations (`haproxycfg.Compute`, the overlay's incremental `desired.Computer`) and records the result: the overlay's\n")
 		w("per-peer deltas go to an in-memory WireGuard device (`overlay.FakeDevice`: a new peer handshakes at once, and again\n")
 		w("every 2m25s, as a live peer with a 25 s keepalive does), and the status each agent publishes is\n")
-		w("what a real node's is (`overlay.StatusOf` over that device, `haproxycfg.StatusOf` over the rendered config). etcd runs in\n")
+		w("what a real node's is (`overlay.StatusOf` over that device, which like the real component reads the device at most once\n")
+		w("a second unless the overlay changed it; `haproxycfg.StatusOf` over the rendered config). etcd runs in\n")
 		w("a separate process, and so do the harness's idle nodes (below), so the CPU below is the live agents' (and the harness's)\n")
 		w("alone. The change is one instance put, then its delete.\n")
 		w("Every agent of a row is live unless the row says \"(K live)\": then K nodes run a real agent here and the other N-K\n")
@@ -247,10 +248,19 @@ func (r *Results) Markdown() string {
 		}
 		w("\n### Cost per change\n\n")
 		w("| N | live agents | start-up (all registered) | CPU per change (all agents) | CPU per agent per change | heap per agent | RSS per agent | etcd writes per change | per node | watch events per change | per node |\n|---|---|---|---|---|---|---|---|---|---|---|\n")
+		rssFell := false
 		for _, s := range r.Scale {
-			w("| %d%s | %d | %s | %s | %s | %d KiB | %d KiB | %.1f | %.2f | %.1f | %.2f |\n", s.N, s.Label, s.Live, s.Startup.Round(time.Millisecond),
-				s.CPUPerChange.Round(time.Microsecond), s.CPUPerAgentChange.Round(time.Microsecond), s.HeapPerAgent>>10, s.RSSPerAgent>>10,
+			rssCell := fmt.Sprintf("%d KiB", s.RSSPerAgent>>10)
+			if s.RSSPerAgent < 0 {
+				rssCell, rssFell = "n/a", true
+			}
+			w("| %d%s | %d | %s | %s | %s | %d KiB | %s | %.1f | %.2f | %.1f | %.2f |\n", s.N, s.Label, s.Live, s.Startup.Round(time.Millisecond),
+				s.CPUPerChange.Round(time.Microsecond), s.CPUPerAgentChange.Round(time.Microsecond), s.HeapPerAgent>>10, rssCell,
 				s.WritesPerChange, s.WritesPerChange/float64(s.Live), s.EventsPerChange, s.EventsPerChange/float64(s.N))
+		}
+		if rssFell {
+			w("\nRSS per agent n/a: the process's RSS fell during that bring-up (memory of the run before it was returned to\n")
+			w("the OS meanwhile), so its growth says nothing about the agents.\n")
 		}
 		for _, s := range r.Scale {
 			if s.StatusResends+s.StatusLost > 0 {

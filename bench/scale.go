@@ -10,6 +10,7 @@ import (
 	"os"
 	"path/filepath"
 	"runtime"
+	"runtime/debug"
 	"sync"
 	"time"
 
@@ -277,7 +278,9 @@ func Scale(ctx context.Context, o ScaleOptions) (ScaleResult, error) {
 	tally := &statusTally{}
 	go watchStatuses(actx, ctl, published, tally)
 
-	runtime.GC()
+	// Return what the previous run freed to the OS first: otherwise the
+	// RSS growth below can be negative.
+	debug.FreeOSMemory()
 	var m0 runtime.MemStats
 	runtime.ReadMemStats(&m0)
 	rss0 := rss()
@@ -318,7 +321,7 @@ func Scale(ctx context.Context, o ScaleOptions) (ScaleResult, error) {
 		return res, err
 	}
 	res.Startup = time.Since(startAll)
-	runtime.GC()
+	debug.FreeOSMemory()
 	var m1 runtime.MemStats
 	runtime.ReadMemStats(&m1)
 	res.HeapPerAgent = int64(m1.HeapInuse-m0.HeapInuse) / int64(o.Live)

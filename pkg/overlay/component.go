@@ -20,6 +20,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net/netip"
+	"sync"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -87,6 +88,8 @@ type Component struct {
 	opts    Options
 	log     *slog.Logger
 	key     wgtypes.Key
+	pubOnce sync.Once
+	pub     string // PublicKey's value
 	metrics *metrics
 
 	track   *tracker
@@ -165,7 +168,12 @@ func (c *Component) Name() string { return "overlay" }
 
 // PublicKey returns the node's WireGuard public key (base64), the value
 // to publish in the member record and the node entry.
-func (c *Component) PublicKey() string { return c.key.PublicKey().String() }
+// It is derived once: a scalar multiplication, and the status asks on
+// every pass.
+func (c *Component) PublicKey() string {
+	c.pubOnce.Do(func() { c.pub = c.key.PublicKey().String() })
+	return c.pub
+}
 
 // Applier returns the component's applier, for callers (tests, an e2e
 // harness) that need the live device.

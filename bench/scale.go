@@ -140,7 +140,7 @@ type recorder struct {
 	hash       string
 	structure  string
 	counters   haproxycfg.Counters
-	overlayGen [2]uint64 // the snapshot's member and flannel generations
+	overlayGen overlay.InputGens
 }
 
 func (r *recorder) Name() string { return "haproxy" }
@@ -151,7 +151,7 @@ func (r *recorder) Apply(ctx context.Context, snap *registry.Snapshot) error {
 	r.mu.Lock()
 	// Like the real overlay component: recompute only when a part of the
 	// snapshot it reads (members, flannel leases) changed.
-	if gen := [2]uint64{snap.Gen.Members, snap.Gen.Flannel}; gen != r.overlayGen {
+	if gen := overlay.InputsOf(snap); gen != r.overlayGen {
 		if od, err := r.overlay.Compute(snap); err == nil {
 			plan, _ := r.dev.Set(od)
 			r.peers.Invalidate() // the component does so after every set

@@ -144,9 +144,10 @@ func (a *Applier) applyRuntime(ctx context.Context, placed Desired, changes []Sl
 	}
 	content := Render(placed)
 	if !bytes.Equal(content, a.lastGood) {
-		// Not flushed to disk: the file only has to be whole for the next
-		// reload, and meshd renders it again when it starts; HAProxy runs
-		// these servers already.
+		// Not flushed to disk: HAProxy runs these servers already, the file
+		// only has to be whole for the next reload, and after a crash of
+		// the machine HAProxy is not running and reload writes the file
+		// again, flushed, before it starts the master.
 		if err := atomicfile.Replace(a.ConfigPath, content, 0o644); err != nil {
 			return fmt.Errorf("rewrite config: %w", err)
 		}

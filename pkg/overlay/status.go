@@ -156,7 +156,6 @@ type PeerCache struct {
 	valid bool
 	at    time.Time
 	mode  string
-	addr  string
 	err   string
 	sum   PeerSummary
 }
@@ -168,21 +167,26 @@ func (pc *PeerCache) Invalidate() {
 	pc.mu.Unlock()
 }
 
-// read fills st's mode, address and peer summary from target and dev,
-// from the cache when it is fresh at now.
+// read fills st's address (from target), and its mode and peer summary
+// (from dev, or from the cache when it is fresh at now).
 func (pc *PeerCache) read(st *Status, target *desired.State, dev deviceReader, now time.Time) {
+	if target != nil {
+		if a := target.SelfAddress(); a.IsValid() {
+			st.Address = a.String()
+		}
+	}
 	pc.mu.Lock()
 	defer pc.mu.Unlock()
 	if age := now.Sub(pc.at); !pc.valid || age < 0 || age >= PeerSummaryMaxAge {
 		var d *wgtypes.Device
-		pc.mode, pc.addr, d, pc.err = readDevice(target, dev)
+		pc.mode, d, pc.err = readDevice(dev)
 		pc.sum = PeerSummary{}
 		if d != nil {
 			pc.sum = summarize(d.Peers, func() map[string]string { return peerNames(target) }, now)
 		}
 		pc.valid, pc.at = true, now
 	}
-	st.Mode, st.Address, st.Peers = pc.mode, pc.addr, pc.sum
+	st.Mode, st.Peers = pc.mode, pc.sum
 	if st.LastError == "" && pc.err != "" {
 		st.LastError = pc.err
 	}
@@ -205,7 +209,7 @@ func (c *Component) StatusNow(now time.Time) Status {
 // byte counters, sorted by name (then key), read now.
 func (c *Component) PeerDetails(now time.Time) []PeerDetail {
 	v := c.track.view()
-	_, _, d, _ := readDevice(v.target, c.reader)
+	_, d, _ := readDevice(c.reader)
 	if d == nil {
 		return nil
 	}
@@ -247,24 +251,19 @@ type deviceReader interface {
 	Device() (*wgtypes.Device, error)
 }
 
-// readDevice returns the device's mode, this node's overlay address (from
-// target) and the device as read now (nil with the reason in errText when
-// it cannot be read, or when there is no device yet: mode "").
-func readDevice(target *desired.State, dev deviceReader) (mode, address string, d *wgtypes.Device, errText string) {
-	if target != nil {
-		if a := target.SelfAddress(); a.IsValid() {
-			address = a.String()
-		}
-	}
+// readDevice returns the device's mode and the device as read now (nil
+// with the reason in errText when it cannot be read, or when there is no
+// device yet: mode "").
+func readDevice(dev deviceReader) (mode string, d *wgtypes.Device, errText string) {
 	mode = dev.Mode()
 	if mode == "" {
-		return mode, address, nil, ""
+		return mode, nil, ""
 	}
 	d, err := dev.Device()
 	if err != nil {
-		return mode, address, nil, registry.StatusText(err.Error())
+		return mode, nil, registry.StatusText(err.Error())
 	}
-	return mode, address, d, ""
+	return mode, d, ""
 }
 
 // peerNames maps the public keys of target's peers to their names.

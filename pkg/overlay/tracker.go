@@ -36,7 +36,7 @@ type tracker struct {
 	// a node's member record and its flannel lease reaches the store
 	// through two watches, so the lease's deletion can come in a pass of
 	// its own.
-	gens     overlayGens
+	gens     InputGens
 	problems []desired.Problem
 }
 
@@ -45,18 +45,20 @@ type tracker struct {
 func (t *tracker) upToDate(snap *registry.Snapshot) bool {
 	t.mu.Lock()
 	defer t.mu.Unlock()
-	if g := gensOf(snap); g.Members != 0 && g == t.gens && t.applied && t.lastErr == nil {
+	if g := InputsOf(snap); g.Members != 0 && g == t.gens && t.applied && t.lastErr == nil {
 		t.revision = snap.Revision
 		return true
 	}
 	return false
 }
 
-// overlayGens are the generations of the snapshot parts the overlay reads.
-type overlayGens struct{ Members, Flannel uint64 }
+// InputGens are the generations of the snapshot parts the overlay's
+// desired state is computed from: equal InputGens, equal input.
+type InputGens struct{ Members, Flannel uint64 }
 
-func gensOf(snap *registry.Snapshot) overlayGens {
-	return overlayGens{Members: snap.Gen.Members, Flannel: snap.Gen.Flannel}
+// InputsOf returns snap's InputGens.
+func InputsOf(snap *registry.Snapshot) InputGens {
+	return InputGens{Members: snap.Gen.Members, Flannel: snap.Gen.Flannel}
 }
 
 // compute makes the state computed from snap the target and returns it
@@ -69,7 +71,7 @@ func (t *tracker) compute(snap *registry.Snapshot) (st desired.State, gen uint64
 	t.cmu.Unlock()
 	t.mu.Lock()
 	defer t.mu.Unlock()
-	t.gens = gensOf(snap)
+	t.gens = InputsOf(snap)
 	if errors.Is(err, desired.ErrNoSelf) {
 		t.waiting = true
 		return desired.State{}, 0, false, false, nil

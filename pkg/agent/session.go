@@ -63,11 +63,17 @@ func (a *Agent) session(ctx context.Context) error {
 	return nil
 }
 
-// establish claims the member record, acquires the lease and registers the
-// node entry.
+// establish acquires the lease, claims the member record and registers
+// the node entry. The lease comes first so that the node entry follows the
+// member record by one round trip: peers see the node whole that much
+// sooner.
 func (a *Agent) establish(ctx context.Context) (clientv3.LeaseID, error) {
 	rctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 	defer cancel()
+	lease, err := a.acquireLease(rctx)
+	if err != nil {
+		return 0, err
+	}
 	if mo := a.o.Member; mo != nil {
 		m, err := registry.ClaimMember(rctx, a.o.Client, registry.Member{
 			Name: a.o.Node, PublicKey: mo.PublicKey, Endpoint: mo.Endpoint, Recipient: mo.Recipient,
@@ -85,10 +91,6 @@ func (a *Agent) establish(ctx context.Context) (clientv3.LeaseID, error) {
 			}
 		}
 		signal(a.flannelChg)
-	}
-	lease, err := a.acquireLease(rctx)
-	if err != nil {
-		return 0, err
 	}
 	if err := a.register(rctx, lease); err != nil {
 		return 0, err
@@ -117,8 +119,9 @@ func (a *Agent) acquireLease(ctx context.Context) (clientv3.LeaseID, error) {
 		return 0, fmt.Errorf("grant lease: %w", err)
 	}
 	if a.o.StateDir != "" {
-		// Not secret; losing it only costs a re-registration.
-		err := atomicfile.WriteFile(a.leaseFile(), []byte(strconv.FormatInt(int64(g.ID), 16)+"\n"), 0o600)
+		// Not secret, and not flushed to disk: it matters only while the
+		// lease lives (seconds), and losing it costs a re-registration.
+		err := atomicfile.Replace(a.leaseFile(), []byte(strconv.FormatInt(int64(g.ID), 16)+"\n"), 0o600)
 		if err != nil {
 			a.log.Warn("cannot record lease in state directory", "err", err)
 			err = fmt.Errorf("cannot record lease in state directory (a restart will re-register): %w", err)
@@ -152,37 +155,40 @@ func (a *Agent) nodeValue() []byte {
 
 // register writes the node entry on lease. It takes back an entry that
 // carries this node's ID (a previous process of ours) or that has no lease
-// (written by nix-infra), and refuses one held by another live meshd.
+// (written by nix-infra), and refuses one held by another live meshd. The
+// first attempt assumes no entry and reads the one there is in the same
+// transaction: a new node registers in one round trip.
 func (a *Agent) register(ctx context.Context, lease clientv3.LeaseID) error {
 	key := registry.NodeKey(a.o.Node)
 	val := string(a.nodeValue())
+	cmp := clientv3.Compare(clientv3.CreateRevision(key), "=", 0)
 	for range 16 {
-		resp, err := a.o.Client.Get(ctx, key)
-		if err != nil {
-			return fmt.Errorf("read node entry: %w", err)
-		}
-		cmp := clientv3.Compare(clientv3.CreateRevision(key), "=", 0)
-		if len(resp.Kvs) == 1 {
-			kv := resp.Kvs[0]
-			cmp = clientv3.Compare(clientv3.ModRevision(key), "=", kv.ModRevision)
-			n, err := registry.DecodeNode(a.o.Node, kv.Value)
-			if err == nil && n.Meshd != nil && n.Meshd.ID != a.o.ID && kv.Lease != 0 && clientv3.LeaseID(kv.Lease) != lease {
-				ttl, err := a.o.Client.TimeToLive(ctx, clientv3.LeaseID(kv.Lease))
-				if err != nil {
-					return fmt.Errorf("check owner of node entry: %w", err)
-				}
-				if ttl.TTL > 0 {
-					return fmt.Errorf("%w: %s is held by meshd id %s on lease %x (expires in %ds); stop that node or give this one another name",
-						ErrNodeOwned, key, n.Meshd.ID, kv.Lease, ttl.TTL)
-				}
-			}
-		}
-		tr, err := a.o.Client.Txn(ctx).If(cmp).Then(clientv3.OpPut(key, val, clientv3.WithLease(lease))).Commit()
+		tr, err := a.o.Client.Txn(ctx).If(cmp).
+			Then(clientv3.OpPut(key, val, clientv3.WithLease(lease))).
+			Else(clientv3.OpGet(key)).Commit()
 		if err != nil {
 			return fmt.Errorf("write node entry: %w", err)
 		}
 		if tr.Succeeded {
 			return nil
+		}
+		kvs := tr.Responses[0].GetResponseRange().Kvs
+		if len(kvs) != 1 {
+			cmp = clientv3.Compare(clientv3.CreateRevision(key), "=", 0)
+			continue
+		}
+		kv := kvs[0]
+		cmp = clientv3.Compare(clientv3.ModRevision(key), "=", kv.ModRevision)
+		n, err := registry.DecodeNode(a.o.Node, kv.Value)
+		if err == nil && n.Meshd != nil && n.Meshd.ID != a.o.ID && kv.Lease != 0 && clientv3.LeaseID(kv.Lease) != lease {
+			ttl, err := a.o.Client.TimeToLive(ctx, clientv3.LeaseID(kv.Lease))
+			if err != nil {
+				return fmt.Errorf("check owner of node entry: %w", err)
+			}
+			if ttl.TTL > 0 {
+				return fmt.Errorf("%w: %s is held by meshd id %s on lease %x (expires in %ds); stop that node or give this one another name",
+					ErrNodeOwned, key, n.Meshd.ID, kv.Lease, ttl.TTL)
+			}
 		}
 	}
 	return fmt.Errorf("write node entry: too much contention on %s", key)

@@ -124,6 +124,22 @@ func (a *Applier) Set(ctx context.Context, want desired.State) error {
 	return err
 }
 
+// prepare creates the device (not its address, peers or routes) if it
+// does not exist yet.
+func (a *Applier) prepare(ctx context.Context) error {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if err := ctx.Err(); err != nil {
+		return err
+	}
+	link, _, err := a.ensureDeviceLocked(a.uplinkMTU() - desired.MTUOverhead)
+	if err != nil {
+		return err
+	}
+	a.linkIndex.Store(int32(link.Attrs().Index))
+	return nil
+}
+
 // set is Set, also returning the plan that was applied.
 func (a *Applier) set(ctx context.Context, want desired.State) (desired.Plan, error) {
 	a.mu.Lock()
@@ -134,14 +150,15 @@ func (a *Applier) set(ctx context.Context, want desired.State) (desired.Plan, er
 	if want.MTU == 0 {
 		want.MTU = a.uplinkMTU() - desired.MTUOverhead
 	}
-	link, err := a.ensureDeviceLocked(want.MTU)
+	link, dev, err := a.ensureDeviceLocked(want.MTU)
 	if err != nil {
 		return desired.Plan{}, err
 	}
 	a.linkIndex.Store(int32(link.Attrs().Index))
-	dev, err := a.wg.Device(a.opts.Interface)
-	if err != nil {
-		return desired.Plan{}, fmt.Errorf("read device %s: %w", a.opts.Interface, err)
+	if dev == nil { // created just now
+		if dev, err = a.wg.Device(a.opts.Interface); err != nil {
+			return desired.Plan{}, fmt.Errorf("read device %s: %w", a.opts.Interface, err)
+		}
 	}
 	live, staleSrc, err := a.liveLocked(link, dev, want.RouteTable, want.SelfAddress())
 	if err != nil {

@@ -122,12 +122,15 @@ func TestApplierStatesFake(t *testing.T) {
 		if got, w := k.String(), wantKernel("h19-wg", pub, want); got != w {
 			t.Fatalf("step %d: kernel:\n%s\nwant:\n%s", step, got, w)
 		}
-		writes := k.writes
+		writes, reads := k.writes, k.deviceReads
 		if err := a.Set(ctx, want); err != nil {
 			t.Fatalf("step %d: second Set: %v", step, err)
 		}
 		if k.writes != writes {
 			t.Fatalf("step %d: applying the same state again made %d kernel writes", step, k.writes-writes)
+		}
+		if n := k.deviceReads - reads; n != 1 {
+			t.Fatalf("step %d: a Set on an existing device read it %d times, want once", step, n)
 		}
 		live, err := a.Live(want.RouteTable)
 		if err != nil {

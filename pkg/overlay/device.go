@@ -14,15 +14,18 @@ import (
 	"golang.zx2c4.com/wireguard/device"
 	"golang.zx2c4.com/wireguard/ipc"
 	"golang.zx2c4.com/wireguard/tun"
+	"golang.zx2c4.com/wireguard/wgctrl/wgtypes"
 )
 
-// ensureDeviceLocked returns the interface's link, creating the WireGuard
+// ensureDeviceLocked returns the interface's link and, when it found a
+// working device there, the device as read (nil when it created one),
+// creating the WireGuard
 // device when it is missing: a kernel link where the module exists (mode
 // auto or kernel), else a wireguard-go device hosted in this process
 // (mode auto or userspace), with its UAPI socket so wg(8) and wgctrl see
 // it. An existing working device, whoever created it, is adopted as is:
 // that is how a restarted meshd keeps the running data plane.
-func (a *Applier) ensureDeviceLocked(mtu int) (netlink.Link, error) {
+func (a *Applier) ensureDeviceLocked(mtu int) (netlink.Link, *wgtypes.Device, error) {
 	name := a.opts.Interface
 	link, err := a.nl.LinkByName(name)
 	if err != nil && a.user != nil {
@@ -33,11 +36,11 @@ func (a *Applier) ensureDeviceLocked(mtu int) (netlink.Link, error) {
 		a.user = nil
 	}
 	if err == nil {
-		if _, werr := a.wg.Device(name); werr == nil {
+		if dev, werr := a.wg.Device(name); werr == nil {
 			if a.mode == "" {
 				a.mode = modeOf(link)
 			}
-			return link, nil
+			return link, dev, nil
 		}
 		// A link with our name that WireGuard does not answer for: the TUN
 		// of a userspace device whose process died, or something else.
@@ -49,11 +52,11 @@ func (a *Applier) ensureDeviceLocked(mtu int) (netlink.Link, error) {
 				a.user = nil
 			}
 			if err := a.nl.LinkDel(link); err != nil && !errors.As(err, new(netlink.LinkNotFoundError)) {
-				return nil, fmt.Errorf("delete stale %s: %w", name, err)
+				return nil, nil, fmt.Errorf("delete stale %s: %w", name, err)
 			}
 			a.waitGone(name, time.Second)
 		default:
-			return nil, fmt.Errorf("interface %s exists and is a %s, not WireGuard: refusing to touch it", name, link.Type())
+			return nil, nil, fmt.Errorf("interface %s exists and is a %s, not WireGuard: refusing to touch it", name, link.Type())
 		}
 	}
 	if a.opts.Mode != ModeUserspace {
@@ -62,11 +65,12 @@ func (a *Applier) ensureDeviceLocked(mtu int) (netlink.Link, error) {
 		case err == nil:
 			a.mode = ModeKernel
 			a.log.Info("created kernel WireGuard interface", "interface", name)
-			return a.nl.LinkByName(name)
+			link, err := a.nl.LinkByName(name)
+			return link, nil, err
 		case a.opts.Mode == ModeKernel:
-			return nil, fmt.Errorf("create kernel WireGuard interface %s: %w", name, err)
+			return nil, nil, fmt.Errorf("create kernel WireGuard interface %s: %w", name, err)
 		case !noKernelWireGuard(err):
-			return nil, fmt.Errorf("create kernel WireGuard interface %s: %w", name, err)
+			return nil, nil, fmt.Errorf("create kernel WireGuard interface %s: %w", name, err)
 		}
 		a.log.Info("no kernel WireGuard, using the embedded userspace implementation", "interface", name)
 	}
@@ -74,21 +78,22 @@ func (a *Applier) ensureDeviceLocked(mtu int) (netlink.Link, error) {
 		err := spawnDevice(name, mtu, a.log)
 		if err == nil {
 			a.mode = ModeUserspace
-			return a.nl.LinkByName(name)
+			link, err := a.nl.LinkByName(name)
+			return link, nil, err
 		}
 		a.log.Warn("cannot run the userspace device in its own process, running it inside meshd (it will not survive a restart)", "err", err)
 	}
 	u, err := newUserspaceDevice(name, mtu, a.log)
 	if err != nil {
-		return nil, err
+		return nil, nil, err
 	}
 	a.user = u
 	a.mode = ModeUserspace
 	link, err = a.nl.LinkByName(name)
 	if err != nil {
-		return nil, fmt.Errorf("link %s after creating it: %w", name, err)
+		return nil, nil, fmt.Errorf("link %s after creating it: %w", name, err)
 	}
-	return link, nil
+	return link, nil, nil
 }
 
 // noKernelWireGuard reports whether a link-add error means the kernel has

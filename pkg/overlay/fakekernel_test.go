@@ -36,8 +36,9 @@ type fakeKernel struct {
 	routes    []netlink.Route
 	rules     []netlink.Rule
 	// writes counts the calls that change something (a converged Set
-	// must make none).
-	writes int
+	// must make none); deviceReads counts WireGuard device reads (with
+	// userspace WireGuard each is a round trip to the device's process).
+	writes, deviceReads int
 }
 
 type fakeLink struct {
@@ -68,6 +69,7 @@ func (fl *fakeLink) netlinkLink() netlink.Link {
 func (k *fakeKernel) Device(name string) (*wgtypes.Device, error) {
 	k.mu.Lock()
 	fl, ok := k.links[name]
+	k.deviceReads++
 	k.mu.Unlock()
 	if !ok {
 		return nil, fmt.Errorf("device %s: %w", name, unix.ENODEV)

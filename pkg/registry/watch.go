@@ -13,12 +13,17 @@ import (
 	"github.com/meshd/meshd/pkg/backoff"
 )
 
-// Watcher keeps the keys under one prefix of a Store current: one range
-// read, then one prefix watch resumed at the last revision + 1. When etcd
-// has compacted past that revision it re-lists the prefix and replaces what
-// the store holds (a deletion it missed is still seen); it never skips
-// ahead silently. When etcd is unreachable it backs off instead of
-// spinning.
+// Watcher keeps the keys under one prefix of a Store current: one prefix
+// watch, resumed at the last revision + 1 after an interruption. A list
+// (the first, and one after etcd compacted past the revision to resume at)
+// opens the watch at etcd's head first and reads the prefix after the
+// watch is confirmed, skipping the watch's events the read already holds:
+// a watch opened at an older revision would wait for etcd's catch-up
+// loop, which runs every 100 ms, and a node's own first writes (its member
+// claim, just after it starts) would reach its store that much later. A
+// re-list replaces what the store holds (a deletion it missed is still
+// seen); it never skips ahead silently. When etcd is unreachable it backs
+// off instead of spinning.
 type Watcher struct {
 	Client *clientv3.Client
 	Prefix string
@@ -50,31 +55,16 @@ func (w *Watcher) Run(ctx context.Context) error {
 		retry  = backoff.Backoff{Base: 100 * time.Millisecond, Max: maxBackoff, Jitter: true}
 	)
 	for ctx.Err() == nil {
-		if !listed {
-			lctx, cancel := context.WithTimeout(ctx, 5*time.Second)
-			resp, err := w.Client.Get(lctx, w.Prefix, clientv3.WithPrefix())
-			cancel()
-			if err != nil {
-				if ctx.Err() == nil {
-					log.Warn("list failed, retrying", "prefix", w.Prefix, "err", err)
-					retry.Wait(ctx)
-				}
-				continue
-			}
-			w.Store.Replace(w.Prefix, kvsOf(resp), resp.Header.Revision)
-			rev, listed = resp.Header.Revision, true
-			if w.Relisted != nil {
-				w.Relisted()
-			}
-			w.notify()
-		}
-		err := w.watch(ctx, &rev, &retry)
+		err := w.watch(ctx, &rev, &listed, &retry)
 		switch {
 		case ctx.Err() != nil:
 		case errors.Is(err, rpctypes.ErrCompacted):
 			log.Warn("watch revision compacted, re-listing", "prefix", w.Prefix, "rev", rev+1)
 			w.Store.Relisting(w.Prefix)
 			listed = false
+		case errors.Is(err, errList):
+			log.Warn("list failed, retrying", "prefix", w.Prefix, "err", err)
+			retry.Wait(ctx)
 		case err != nil:
 			log.Warn("watch interrupted, resuming", "prefix", w.Prefix, "rev", rev+1, "err", err)
 			retry.Wait(ctx)
@@ -83,12 +73,30 @@ func (w *Watcher) Run(ctx context.Context) error {
 	return ctx.Err()
 }
 
-// watch runs one watch stream from rev+1 until it fails. It advances *rev
-// only past events that reached the store.
-func (w *Watcher) watch(ctx context.Context, rev *int64, retry *backoff.Backoff) error {
+var errList = errors.New("list")
+
+// watch runs one watch stream until it fails: from rev+1 when the store is
+// listed, else from etcd's head, listing once the watch is confirmed. It
+// advances *rev only past events that reached the store.
+func (w *Watcher) watch(ctx context.Context, rev *int64, listed *bool, retry *backoff.Backoff) error {
 	wctx, cancel := context.WithCancel(clientv3.WithRequireLeader(ctx))
 	defer cancel()
-	ch := w.Client.Watch(wctx, w.Prefix, clientv3.WithPrefix(), clientv3.WithRev(*rev+1), clientv3.WithProgressNotify())
+	opts := []clientv3.OpOption{clientv3.WithPrefix(), clientv3.WithProgressNotify()}
+	if *listed {
+		opts = append(opts, clientv3.WithRev(*rev+1))
+	} else {
+		opts = append(opts, clientv3.WithCreatedNotify())
+	}
+	ch := w.Client.Watch(wctx, w.Prefix, opts...)
+	if !*listed {
+		if err := w.list(ctx, ch, rev); err != nil {
+			return err
+		}
+		*listed = true
+	}
+	// Events at or below the list's revision are in the store already; a
+	// transaction's events share one revision, so the bound stays fixed.
+	listedAt := *rev
 	for wr := range ch {
 		if wr.CompactRevision != 0 {
 			return fmt.Errorf("%w (compacted at %d)", rpctypes.ErrCompacted, wr.CompactRevision)
@@ -100,16 +108,21 @@ func (w *Watcher) watch(ctx context.Context, rev *int64, retry *backoff.Backoff)
 		if wr.IsProgressNotify() {
 			continue
 		}
+		applied := false
 		for _, ev := range wr.Events {
+			if ev.Kv.ModRevision <= listedAt {
+				continue
+			}
 			switch ev.Type {
 			case clientv3.EventTypePut:
 				w.Store.Put(KV{Key: string(ev.Kv.Key), Value: ev.Kv.Value, Lease: ev.Kv.Lease, Created: ev.Kv.CreateRevision}, ev.Kv.ModRevision)
 			case clientv3.EventTypeDelete:
 				w.Store.Delete(string(ev.Kv.Key), ev.Kv.ModRevision)
 			}
-			*rev = max(*rev, ev.Kv.ModRevision)
+			*rev = ev.Kv.ModRevision
+			applied = true
 		}
-		if len(wr.Events) > 0 {
+		if applied {
 			w.notify()
 		}
 	}
@@ -117,6 +130,43 @@ func (w *Watcher) watch(ctx context.Context, rev *int64, retry *backoff.Backoff)
 		return err
 	}
 	return errors.New("watch channel closed")
+}
+
+// list waits until etcd confirms the watch on ch (opened at its head, so
+// every later change comes on ch), then reads the prefix into the store:
+// the read's revision is at or past the watch's start, so nothing falls
+// between the two.
+func (w *Watcher) list(ctx context.Context, ch clientv3.WatchChan, rev *int64) error {
+	select {
+	case wr, ok := <-ch:
+		if !ok {
+			if err := ctx.Err(); err != nil {
+				return err
+			}
+			return errors.New("watch channel closed before it was created")
+		}
+		if err := wr.Err(); err != nil {
+			return err
+		}
+		if !wr.Created {
+			return fmt.Errorf("watch on %s: first answer is not its creation", w.Prefix)
+		}
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+	lctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	resp, err := w.Client.Get(lctx, w.Prefix, clientv3.WithPrefix())
+	cancel()
+	if err != nil {
+		return fmt.Errorf("%w %s: %w", errList, w.Prefix, err)
+	}
+	w.Store.Replace(w.Prefix, kvsOf(resp), resp.Header.Revision)
+	*rev = resp.Header.Revision
+	if w.Relisted != nil {
+		w.Relisted()
+	}
+	w.notify()
+	return nil
 }
 
 func (w *Watcher) notify() {

@@ -115,3 +115,96 @@ func TestWatchResumesAfterServerRestart(t *testing.T) {
 		return len(s.Apps) == 2 && s.Revision >= resp.Header.Revision
 	})
 }
+
+// TestWatchStartsWhileWriting starts watchers while another client keeps
+// changing the prefix, so writes fall before, between and after each
+// watcher's watch creation and its list: every store must end equal to
+// etcd, with no change lost or applied twice out of order, including
+// transactions whose events share one revision.
+func TestWatchStartsWhileWriting(t *testing.T) {
+	srv := etcdtest.New(t)
+	cli := etcdtest.NewClient(t, srv)
+	ctx := context.Background()
+	const apps = 8
+	stop := make(chan struct{})
+	writerDone := make(chan error, 1)
+	go func() {
+		for i := 0; ; i++ {
+			select {
+			case <-stop:
+				writerDone <- nil
+				return
+			default:
+			}
+			key := registry.MetaKey("backends", fmt.Sprintf("a%d", i%apps))
+			var err error
+			switch {
+			case i%7 == 6: // one revision, several events
+				other := registry.MetaKey("backends", fmt.Sprintf("a%d", (i+1)%apps))
+				_, err = cli.Txn(ctx).Then(clientv3.OpPut(key, meta(1000+i)), clientv3.OpPut(other, meta(1000+i))).Commit()
+			case i%11 == 10:
+				other := registry.MetaKey("backends", fmt.Sprintf("a%d", (i+3)%apps))
+				_, err = cli.Txn(ctx).Then(clientv3.OpDelete(key), clientv3.OpDelete(other)).Commit()
+			case i%5 == 4:
+				_, err = cli.Delete(ctx, key)
+			default:
+				_, err = cli.Put(ctx, key, meta(1000+i))
+			}
+			if err != nil {
+				writerDone <- err
+				return
+			}
+		}
+	}()
+	type started struct {
+		store *registry.Store
+		ch    <-chan struct{}
+	}
+	var ws []started
+	for range 12 {
+		s, ch, _ := startWatcher(t, srv.Endpoint())
+		ws = append(ws, started{s, ch})
+		time.Sleep(5 * time.Millisecond)
+	}
+	time.Sleep(50 * time.Millisecond)
+	close(stop)
+	if err := <-writerDone; err != nil {
+		t.Fatal(err)
+	}
+	// Last, one transaction changes every key.
+	var ops []clientv3.Op
+	for i := range apps {
+		ops = append(ops, clientv3.OpPut(registry.MetaKey("backends", fmt.Sprintf("a%d", i)), meta(5000+i)))
+	}
+	if _, err := cli.Txn(ctx).Then(ops...).Commit(); err != nil {
+		t.Fatal(err)
+	}
+	resp, err := cli.Get(ctx, registry.ClusterPrefix, clientv3.WithPrefix())
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := map[string]int{}
+	for _, kv := range resp.Kvs {
+		pk, err := registry.ParseKey(string(kv.Key))
+		if err != nil {
+			t.Fatal(err)
+		}
+		var port int
+		fmt.Sscanf(string(kv.Value), `{"publish":{"port":%d}}`, &port)
+		want[pk.App] = port
+	}
+	for i, w := range ws {
+		waitFor(t, w.ch, fmt.Sprintf("watcher %d at revision %d", i, resp.Header.Revision), func() bool {
+			return w.store.Revision() >= resp.Header.Revision
+		})
+		got := map[string]int{}
+		for id, app := range w.store.Snapshot().Apps {
+			if app.Meta.Publish.Port != 0 {
+				got[id.Name] = app.Meta.Publish.Port
+			}
+		}
+		if fmt.Sprint(got) != fmt.Sprint(want) {
+			t.Errorf("watcher %d: store %v, etcd %v", i, got, want)
+		}
+	}
+}

@@ -124,22 +124,6 @@ func (a *Applier) Set(ctx context.Context, want desired.State) error {
 	return err
 }
 
-// prepare creates the device (not its address, peers or routes) if it
-// does not exist yet.
-func (a *Applier) prepare(ctx context.Context) error {
-	a.mu.Lock()
-	defer a.mu.Unlock()
-	if err := ctx.Err(); err != nil {
-		return err
-	}
-	link, _, err := a.ensureDeviceLocked(a.uplinkMTU() - desired.MTUOverhead)
-	if err != nil {
-		return err
-	}
-	a.linkIndex.Store(int32(link.Attrs().Index))
-	return nil
-}
-
 // set is Set, also returning the plan that was applied.
 func (a *Applier) set(ctx context.Context, want desired.State) (desired.Plan, error) {
 	a.mu.Lock()

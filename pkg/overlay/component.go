@@ -295,23 +295,7 @@ func (c *Component) Run(ctx context.Context) error {
 	g, ctx := errgroup.WithContext(ctx)
 	g.Go(func() error { c.repairer.run(ctx); return nil })
 	g.Go(func() error { c.retry.run(ctx); return nil })
-	g.Go(func() error { c.prepare(ctx); return nil })
 	return g.Wait()
-}
-
-// prepare creates the WireGuard device while a new node (no boot cache)
-// registers, so that creating it (for a userspace device, starting its
-// process) overlaps with the registration instead of following the
-// node's claim. It leaves the device without address or peers: the
-// first Apply configures it. A failure is only logged; that Apply tries
-// again and reports.
-func (c *Component) prepare(ctx context.Context) {
-	if c.track.ready() {
-		return
-	}
-	if err := c.applier.prepare(ctx); err != nil && ctx.Err() == nil {
-		c.log.Warn("cannot create the overlay device ahead of the first apply", "err", err)
-	}
 }
 
 // Close releases the netlink and wgctrl handles; call it after Run has

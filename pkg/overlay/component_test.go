@@ -92,52 +92,6 @@ func TestRunStopsWithContext(t *testing.T) {
 	}
 }
 
-// TestRunPreparesDevice: a node with no boot cache creates its device
-// while it registers, without address, peers or routes, and the first
-// Apply configures that device; a node already up does not touch it.
-func TestRunPreparesDevice(t *testing.T) {
-	c, k := fakeComponent(t, nil)
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	go func() { done <- c.Run(ctx) }()
-	defer func() { cancel(); <-done }()
-	iface := c.applier.opts.Interface
-	deadline := time.Now().Add(10 * time.Second)
-	for {
-		k.mu.Lock()
-		fl := k.links[iface]
-		k.mu.Unlock()
-		if fl != nil {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatal("no device 10s after Run started")
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
-	k.mu.Lock()
-	fl, routes := k.links[iface], len(k.routes)
-	addrs, peers, index := len(fl.addrs), peerCount(fl.dev), fl.attrs.Index
-	k.mu.Unlock()
-	if addrs != 0 || peers != 0 || routes != 0 {
-		t.Fatalf("prepared device has %d addresses, %d peers, %d routes; want none before the claim", addrs, peers, routes)
-	}
-	if st := c.StatusNow(time.Now()); st.Applied || st.Address != "" {
-		t.Fatalf("status after prepare: %+v, want nothing applied", st)
-	}
-	ms := []registry.Member{memberOf(0, c.PublicKey()), memberOf(1, newPublicKey(t))}
-	if err := c.Apply(ctx, snapshotOf(ms, 1)); err != nil {
-		t.Fatal(err)
-	}
-	k.mu.Lock()
-	fl = k.links[iface]
-	k.mu.Unlock()
-	if fl.attrs.Index != index || len(fl.addrs) != 1 || peerCount(fl.dev) != 1 {
-		t.Fatalf("after Apply: link index %d (prepared %d), %d addresses, %d peers; want the prepared link configured:\n%s",
-			fl.attrs.Index, index, len(fl.addrs), peerCount(fl.dev), k)
-	}
-}
-
 func newPublicKey(t *testing.T) string {
 	t.Helper()
 	k, err := wgtypes.GeneratePrivateKey()
@@ -260,9 +214,4 @@ func TestFlannelLeaseChangeAlone(t *testing.T) {
 	if got := peers(); len(got) != 0 {
 		t.Fatalf("peers after the member record and the flannel lease are gone: %v, want none", got)
 	}
-}
-
-func peerCount(d *FakeDevice) int {
-	dev, _ := d.Device()
-	return len(dev.Peers)
 }

@@ -44,11 +44,10 @@ func testMesh(t *testing.T, detached bool) {
 		}
 	}
 
-	// Before its member record exists a node configures nothing (its
-	// device may exist already: Run creates it ahead).
+	// Before its member record exists a node configures nothing.
 	n[0].must(t, helperCmd{Op: "apply", Members: members[1:2], Revision: 1})
-	if st := n[0].must(t, helperCmd{Op: "status"}).Status; !st.Waiting || st.Address != "" || st.Peers.Count != 0 {
-		t.Fatalf("without a member record: status %+v, want waiting, no address and no peers", st)
+	if st := n[0].must(t, helperCmd{Op: "status"}).Status; !st.Waiting || st.Mode != "" {
+		t.Fatalf("without a member record: status %+v, want waiting and no device", st)
 	}
 
 	// Two nodes.

@@ -231,7 +231,7 @@ func (r *Results) Markdown() string {
 		w("per-peer deltas go to an in-memory WireGuard device (`overlay.FakeDevice`: a new peer handshakes at once, and again\n")
 		w("every 2m25s, as a live peer with a 25 s keepalive does), and the status each agent publishes is\n")
 		w("what a real node's is (`overlay.StatusOf` over that device, which like the real component reads the device at most once\n")
-		w("a second unless the overlay changed it; `haproxycfg.StatusOf` over the rendered config). etcd runs in\n")
+		w("every 5 s unless the overlay changed it; `haproxycfg.StatusOf` over the rendered config). etcd runs in\n")
 		w("a separate process, and so do the harness's idle nodes (below), so the CPU below is the live agents' (and the harness's)\n")
 		w("alone. The change is one instance put, then its delete.\n")
 		w("Every agent of a row is live unless the row says \"(K live)\": then K nodes run a real agent here and the other N-K\n")

@@ -30,7 +30,9 @@ const readyGrace = 15 * time.Second
 // statusRefresh is how often the loop rebuilds the status without a
 // registry change, so that what ages on its own (handshake buckets, a
 // component's health) reaches etcd; it is written only when it changed.
-const statusRefresh = 30 * time.Second
+// With the overlay's peer summary at most 5 s old
+// (overlay.PeerSummaryMaxAge), a peer going stale shows within 30 s.
+const statusRefresh = 25 * time.Second
 
 // loop is the reconcile loop: wait for a change, recompute every
 // component from the whole snapshot (one revision), record the result.

@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"net/netip"
 	"strings"
 	"sync"
 	"testing"
@@ -12,7 +13,10 @@ import (
 	"time"
 
 	clientv3 "go.etcd.io/etcd/client/v3"
+	"golang.zx2c4.com/wireguard/wgctrl/wgtypes"
 
+	"github.com/meshd/meshd/pkg/overlay"
+	"github.com/meshd/meshd/pkg/overlay/desired"
 	"github.com/meshd/meshd/pkg/registry"
 )
 
@@ -294,4 +298,74 @@ func TestStatusErrorBounded(t *testing.T) {
 	if got := len(st.Errors["failing"]); got == 0 || got > registry.MaxStatusText+len("…") {
 		t.Fatalf("error in status is %d bytes, want at most %d", got, registry.MaxStatusText+len("…"))
 	}
+}
+
+// peerStatusComponent publishes what the overlay component publishes: the
+// overlay status of one peer, its summary read through an overlay.PeerCache
+// off an overlay.FakeDevice whose handshake time the test sets.
+type peerStatusComponent struct {
+	dev  *overlay.FakeDevice
+	want desired.State
+	pc   overlay.PeerCache
+}
+
+func (c *peerStatusComponent) Name() string                                    { return "overlay" }
+func (c *peerStatusComponent) Apply(context.Context, *registry.Snapshot) error { return nil }
+func (c *peerStatusComponent) Status() any {
+	return overlay.StatusOf("wg0", c.want, 1, c.dev, &c.pc, time.Now())
+}
+
+// TestStalePeerShowsWithin30s: with no registry change to carry it, a peer
+// whose handshake grows older than overlay.RecentHandshake is in the
+// published status within 30 s, in the worst case: a status built just
+// before the peer turned stale leaves a summary that the next periodic
+// refresh, just under overlay.PeerSummaryMaxAge later, reuses.
+func TestStalePeerShowsWithin30s(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		key, _ := wgtypes.GeneratePrivateKey()
+		peer, _ := wgtypes.GeneratePrivateKey()
+		want := desired.State{Peers: []desired.Peer{{Name: "n2", PublicKey: peer.PublicKey().String(),
+			AllowedIPs: []netip.Prefix{netip.MustParsePrefix("10.10.2.0/24")}}}}
+		pc := &peerStatusComponent{dev: overlay.NewFakeDevice(key), want: want}
+		if _, err := pc.dev.Set(want); err != nil {
+			t.Fatal(err)
+		}
+		start := time.Now()
+		timed := &timedComponent{born: start}
+		r := startLoopRig(t, []Component{timed, pc}, timed, true)
+
+		// The refresh ticks at start + k*statusRefresh. Pick the tick T
+		// after three minutes; a registry change at E, just over the
+		// summary's maximum age before T, reads the summary, and the peer
+		// turns stale 1 s after E.
+		T := start.Add(statusRefresh * time.Duration(1+overlay.RecentHandshake/statusRefresh))
+		E := T.Add(-overlay.PeerSummaryMaxAge + 500*time.Millisecond)
+		S := E.Add(time.Second)
+		pc.dev.Traffic(peer.PublicKey().String(), S.Add(-overlay.RecentHandshake), 0, 0)
+
+		stale := func() bool {
+			w := r.writes()
+			var st struct {
+				Components struct {
+					Overlay overlay.Status `json:"overlay"`
+				} `json:"components"`
+			}
+			if err := json.Unmarshal([]byte(w[len(w)-1]), &st); err != nil {
+				t.Fatal(err)
+			}
+			return st.Components.Overlay.Peers.StaleCount > 0
+		}
+		time.Sleep(time.Until(E))
+		r.event()
+		synctest.Wait()
+		if stale() {
+			t.Fatal("peer published stale before its handshake aged")
+		}
+		time.Sleep(time.Until(S.Add(30 * time.Second)))
+		synctest.Wait()
+		if !stale() {
+			t.Fatalf("peer stale since %v not in the published status 30 s later (refresh %v, summary reused up to %v)",
+				S.Sub(start), statusRefresh, overlay.PeerSummaryMaxAge)
+		}
+	})
 }

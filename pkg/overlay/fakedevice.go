@@ -23,6 +23,7 @@ import (
 type FakeDevice struct {
 	mu      sync.Mutex
 	key     wgtypes.Key
+	pub     string // key's public half, derived once (a scalar multiplication)
 	port    int
 	peers   map[wgtypes.Key]*wgtypes.Peer
 	configs int
@@ -44,11 +45,11 @@ func (d *FakeDevice) RekeyEvery(every time.Duration) {
 
 // NewFakeDevice returns an empty device with private key key.
 func NewFakeDevice(key wgtypes.Key) *FakeDevice {
-	return &FakeDevice{key: key, peers: map[wgtypes.Key]*wgtypes.Peer{}}
+	return &FakeDevice{key: key, pub: key.PublicKey().String(), peers: map[wgtypes.Key]*wgtypes.Peer{}}
 }
 
 // PublicKey is the device's public key, base64.
-func (d *FakeDevice) PublicKey() string { return d.key.PublicKey().String() }
+func (d *FakeDevice) PublicKey() string { return d.pub }
 
 // Mode names the device kind, as Applier.Mode does.
 func (d *FakeDevice) Mode() string { return "fake" }

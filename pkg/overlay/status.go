@@ -145,8 +145,9 @@ func summarize(peers []wgtypes.Peer, names func() map[string]string, now time.Ti
 // reused while the overlay applies nothing. Reading a device is O(peers)
 // (a netlink dump of every peer); without the reuse, every reconcile
 // pass, however small its change, would pay it for the status. What the
-// summary reports moves on a scale of minutes (RecentHandshake).
-const PeerSummaryMaxAge = time.Second
+// summary reports moves on a scale of minutes (RecentHandshake); with the
+// agent's 25 s status refresh, a peer going stale shows within 30 s.
+const PeerSummaryMaxAge = 5 * time.Second
 
 // PeerCache keeps the last peer summary read off a device, for at most
 // PeerSummaryMaxAge and until Invalidate (the overlay changed the

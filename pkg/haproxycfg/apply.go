@@ -105,21 +105,15 @@ func (a *Applier) set(ctx context.Context, d Desired) error {
 	var live Live
 	var workerPID int
 	var liveErr error = errors.New("haproxy not running")
-	var sess *Session
 	if running {
-		// One connection for the pass: closed before any reload, so that
-		// it does not keep the old worker alive.
-		if sess, liveErr = a.Runtime.Open(ctx); liveErr == nil {
-			defer sess.Close()
-			workerPID, live, liveErr = sess.State()
-		}
+		workerPID, live, liveErr = a.Runtime.State(ctx)
 		if liveErr == nil {
 			placed = Place(d, live)
 		}
 	}
 	if running && liveErr == nil && StructureHash(d) == a.structure {
 		if changes, ok := Diff(placed, live); ok {
-			err := a.applyRuntime(sess, placed, changes, procs, workerPID)
+			err := a.applyRuntime(ctx, placed, changes, procs, workerPID)
 			if err == nil {
 				a.mu.Lock()
 				a.appliedHash, a.rejectedHash, a.rejectedErr = h, "", nil
@@ -129,16 +123,13 @@ func (a *Applier) set(ctx context.Context, d Desired) error {
 			a.Log.Warn("runtime update failed; reloading instead", "err", err)
 		}
 	}
-	if sess != nil {
-		sess.Close()
-	}
 	return a.reload(ctx, d, placed, h, running)
 }
 
-// applyRuntime changes slots through the runtime API session sess, then
-// rewrites the file so that the next reload starts from the same servers.
-// pid is the worker that answered on sess when live was read.
-func (a *Applier) applyRuntime(sess *Session, placed Desired, changes []SlotChange, procs Procs, pid int) error {
+// applyRuntime changes slots through the runtime API, then rewrites the
+// file so that the next reload starts from the same servers. pid is the
+// worker that answered on the stats socket when live was read.
+func (a *Applier) applyRuntime(ctx context.Context, placed Desired, changes []SlotChange, procs Procs, pid int) error {
 	if len(changes) > 0 {
 		// A change made on a draining worker would be lost: make sure the
 		// stats socket reaches the master's current worker.
@@ -146,7 +137,7 @@ func (a *Applier) applyRuntime(sess *Session, placed Desired, changes []SlotChan
 		if pid != cur.PID {
 			return fmt.Errorf("stats socket answers from worker %d, the current worker is %d", pid, cur.PID)
 		}
-		if err := sess.Apply(changes); err != nil {
+		if err := a.Runtime.Apply(ctx, changes); err != nil {
 			return err
 		}
 		a.Log.Info("applied instance changes at runtime", "slots", len(changes))

@@ -21,12 +21,25 @@ var ErrReloadFailed = errors.New("haproxy reload failed")
 // "ipv4@host:port") and returns the whole answer. It half-closes its side
 // after the command: HAProxy's master CLI answers only then.
 func socketCmd(ctx context.Context, addr, cmd string) (string, error) {
-	c, err := dialSocket(ctx, addr)
+	network, address := "unix", addr
+	if rest, ok := strings.CutPrefix(addr, "unix@"); ok {
+		address = rest
+	} else if rest, ok := strings.CutPrefix(addr, "ipv4@"); ok {
+		network, address = "tcp", rest
+	}
+	var d net.Dialer
+	dctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	defer cancel()
+	c, err := d.DialContext(dctx, network, address)
 	if err != nil {
-		return "", err
+		return "", fmt.Errorf("dial %s: %w", addr, err)
 	}
 	defer c.Close()
-	c.SetDeadline(socketDeadline(ctx))
+	deadline := time.Now().Add(10 * time.Second)
+	if dl, ok := ctx.Deadline(); ok && dl.Before(deadline) {
+		deadline = dl
+	}
+	c.SetDeadline(deadline)
 	if _, err := io.WriteString(c, cmd+"\n"); err != nil {
 		return "", fmt.Errorf("send %q: %w", firstWord(cmd), err)
 	}
@@ -40,35 +53,6 @@ func socketCmd(ctx context.Context, addr, cmd string) (string, error) {
 		return string(b), fmt.Errorf("read answer to %q: %w", firstWord(cmd), err)
 	}
 	return string(b), nil
-}
-
-// dialSocket connects to an HAProxy CLI socket: a unix path, "unix@path"
-// or "ipv4@host:port".
-func dialSocket(ctx context.Context, addr string) (net.Conn, error) {
-	network, address := "unix", addr
-	if rest, ok := strings.CutPrefix(addr, "unix@"); ok {
-		address = rest
-	} else if rest, ok := strings.CutPrefix(addr, "ipv4@"); ok {
-		network, address = "tcp", rest
-	}
-	var d net.Dialer
-	dctx, cancel := context.WithTimeout(ctx, 5*time.Second)
-	defer cancel()
-	c, err := d.DialContext(dctx, network, address)
-	if err != nil {
-		return nil, fmt.Errorf("dial %s: %w", addr, err)
-	}
-	return c, nil
-}
-
-// socketDeadline bounds one exchange on a CLI socket: ctx's deadline, or
-// 10 s from now if that is sooner.
-func socketDeadline(ctx context.Context) time.Time {
-	deadline := time.Now().Add(10 * time.Second)
-	if dl, ok := ctx.Deadline(); ok && dl.Before(deadline) {
-		deadline = dl
-	}
-	return deadline
 }
 
 func firstWord(s string) string {

@@ -2,12 +2,9 @@ package haproxycfg
 
 import (
 	"bufio"
-	"bytes"
 	"context"
 	"errors"
 	"fmt"
-	"io"
-	"net"
 	"net/netip"
 	"strconv"
 	"strings"
@@ -175,86 +172,26 @@ func parseHealth(s string) (map[string]Health, error) {
 	return h, nil
 }
 
-// Session is one connection to the stats socket in HAProxy's interactive
-// mode (`prompt`): the commands of one pass run in turn on it, each answer
-// read up to the prompt that follows it. A pass costs one connection
-// instead of one per command, and every answer (the slot occupancy read,
-// the changes made from it) comes from the same worker.
-type Session struct {
-	c   net.Conn
-	buf []byte
-	// skip is the number of answers still due to commands sent without
-	// waiting (`prompt`); the next run reads and drops them first.
-	skip int
-}
-
-// prompt ends every answer in interactive mode. No answer meshd reads
-// (show info, show servers state, set server) has a line that begins with
-// "> ".
-const prompt = "\n> "
-
-// Open connects to the stats socket and enters interactive mode. The
-// session ends at ctx's deadline, or 10 s from now if that is sooner.
-func (r Runtime) Open(ctx context.Context) (*Session, error) {
-	c, err := dialSocket(ctx, r.Socket)
+// State reads, over one connection, the pid of the worker answering on
+// the socket and every meshd backend's slot occupancy in that worker: the
+// CLI runs `show info;show servers state` in turn and ends each answer
+// with an empty line. One connection is one wait for the worker fewer on
+// every instance change, and both answers are the same process's.
+func (r Runtime) State(ctx context.Context) (pid int, live Live, err error) {
+	out, err := socketCmd(ctx, r.Socket, "show info;show servers state")
 	if err != nil {
-		return nil, fmt.Errorf("runtime: %w", err)
+		return 0, nil, fmt.Errorf("runtime: %w", err)
 	}
-	c.SetDeadline(socketDeadline(ctx))
-	// Its empty answer is read with the first command's: one round trip
-	// fewer.
-	if _, err := io.WriteString(c, "prompt\n"); err != nil {
-		c.Close()
-		return nil, fmt.Errorf("runtime: send prompt: %w", err)
-	}
-	return &Session{c: c, skip: 1}, nil
+	return parseState(out)
 }
 
-// Close ends the session.
-func (s *Session) Close() error { return s.c.Close() }
-
-// run sends one line of n commands (HAProxy runs `a;b` in turn, each
-// whatever the one before answered) and returns their n answers.
-func (s *Session) run(line string, n int) ([]string, error) {
-	if _, err := io.WriteString(s.c, line+"\n"); err != nil {
-		return nil, fmt.Errorf("runtime: send %q: %w", firstWord(line), err)
+// parseState splits the answer to `show info;show servers state` at the
+// first empty line (show info has none inside) and parses both parts.
+func parseState(out string) (int, Live, error) {
+	info, servers, ok := strings.Cut(out, "\n\n")
+	if !ok {
+		return 0, nil, fmt.Errorf("runtime: no end of show info in %q", firstLines(out, 3))
 	}
-	var chunk [64 << 10]byte
-	for bytes.Count(s.buf, []byte(prompt)) < s.skip+n {
-		k, err := s.c.Read(chunk[:])
-		s.buf = append(s.buf, chunk[:k]...)
-		if err != nil {
-			return nil, fmt.Errorf("runtime: read answer to %q: %w", firstWord(line), err)
-		}
-	}
-	a := splitAnswers(&s.buf, s.skip+n)[s.skip:]
-	s.skip = 0
-	return a, nil
-}
-
-// splitAnswers takes the first n prompt-terminated answers off *buf.
-func splitAnswers(buf *[]byte, n int) []string {
-	out := make([]string, 0, n)
-	for range n {
-		i := bytes.Index(*buf, []byte(prompt))
-		out = append(out, string((*buf)[:i]))
-		*buf = (*buf)[i+len(prompt):]
-	}
-	return out
-}
-
-// State reads the pid of the worker answering and every meshd backend's
-// slot occupancy in that worker, in one round trip.
-func (s *Session) State() (pid int, live Live, err error) {
-	a, err := s.run("show info;show servers state", 2)
-	if err != nil {
-		return 0, nil, err
-	}
-	return parseState(a[0], a[1])
-}
-
-// parseState parses the answers to `show info` and `show servers state`.
-func parseState(info, servers string) (int, Live, error) {
 	pid := 0
 	for _, line := range strings.Split(info, "\n") {
 		if v, ok := strings.CutPrefix(line, "Pid: "); ok {
@@ -266,7 +203,7 @@ func parseState(info, servers string) (int, Live, error) {
 		}
 	}
 	if pid == 0 {
-		return 0, nil, fmt.Errorf("runtime: no Pid in show info (answer begins %q)", firstLines(info, 3))
+		return 0, nil, fmt.Errorf("runtime: no Pid in show info (answer begins %q)", firstLines(out, 3))
 	}
 	if first, _, _ := strings.Cut(strings.TrimLeft(servers, "\n"), "\n"); first != "1" {
 		return 0, nil, fmt.Errorf("runtime: show servers state: format %q, want 1", first)
@@ -284,44 +221,40 @@ func firstLines(s string, n int) string {
 	return strings.Join(lines[:min(n, len(lines))], "\n")
 }
 
-// Apply makes the listed slot changes in up to three round trips, each a
-// line of commands whose every answer is checked before the next line is
-// sent: the filled slots' new addresses, then their `state ready`, then
-// the freed slots' `state maint`. A slot whose address change failed is
-// never made ready (it would send traffic to its previous occupant), and
-// no slot is freed before the new ones serve: a backend never drops below
-// the servers it is about to have.
-func (s *Session) Apply(changes []SlotChange) error {
-	var addrs, ready, maint []string
+// Apply makes the listed slot changes, one command per connection so that
+// each answer can be checked.
+func (r Runtime) Apply(ctx context.Context, changes []SlotChange) error {
 	for _, c := range changes {
 		id := c.Backend + "/" + c.Slot
 		if c.To.Empty() {
-			maint = append(maint, "set server "+id+" state maint")
+			if err := r.expectEmpty(ctx, "set server "+id+" state maint"); err != nil {
+				return err
+			}
 			continue
 		}
-		addrs = append(addrs, fmt.Sprintf("set server %s addr %s port %d", id, c.To.Addr.Addr(), c.To.Addr.Port()))
-		ready = append(ready, "set server "+id+" state ready")
-	}
-	addrChanged := func(out string) bool {
-		return strings.Contains(out, "changed") || strings.Contains(out, "no need to change")
-	}
-	empty := func(out string) bool { return out == "" }
-	for _, step := range []struct {
-		cmds []string
-		ok   func(string) bool
-	}{{addrs, addrChanged}, {ready, empty}, {maint, empty}} {
-		if len(step.cmds) == 0 {
-			continue
-		}
-		answers, err := s.run(strings.Join(step.cmds, ";"), len(step.cmds))
+		cmd := fmt.Sprintf("set server %s addr %s port %d", id, c.To.Addr.Addr(), c.To.Addr.Port())
+		out, err := socketCmd(ctx, r.Socket, cmd)
 		if err != nil {
+			return fmt.Errorf("runtime: %w", err)
+		}
+		if !strings.Contains(out, "changed") && !strings.Contains(out, "no need to change") {
+			return fmt.Errorf("runtime: %s: %s", cmd, strings.TrimSpace(out))
+		}
+		if err := r.expectEmpty(ctx, "set server "+id+" state ready"); err != nil {
 			return err
 		}
-		for i, cmd := range step.cmds {
-			if out := strings.TrimSpace(answers[i]); !step.ok(out) {
-				return fmt.Errorf("runtime: %s: %s", cmd, out)
-			}
-		}
+	}
+	return nil
+}
+
+// expectEmpty runs a command that answers nothing on success.
+func (r Runtime) expectEmpty(ctx context.Context, cmd string) error {
+	out, err := socketCmd(ctx, r.Socket, cmd)
+	if err != nil {
+		return fmt.Errorf("runtime: %w", err)
+	}
+	if s := strings.TrimSpace(out); s != "" {
+		return fmt.Errorf("runtime: %s: %s", cmd, s)
 	}
 	return nil
 }

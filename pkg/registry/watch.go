@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"sync"
 	"time"
 
 	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
@@ -41,10 +42,7 @@ type Watcher struct {
 
 // Run lists and watches until ctx ends.
 func (w *Watcher) Run(ctx context.Context) error {
-	log := w.Log
-	if log == nil {
-		log = slog.New(slog.DiscardHandler)
-	}
+	log := w.logger()
 	maxBackoff := w.MaxBackoff
 	if maxBackoff == 0 {
 		maxBackoff = 250 * time.Millisecond
@@ -75,6 +73,46 @@ func (w *Watcher) Run(ctx context.Context) error {
 
 var errList = errors.New("list")
 
+// listTimeout bounds a list's read, and is how often a watcher waiting
+// for etcd to confirm its watch says so.
+const listTimeout = 5 * time.Second
+
+// warnWhileWaiting logs a warning every listTimeout until the returned
+// function is called.
+func (w *Watcher) warnWhileWaiting() (stop func()) {
+	var (
+		mu      sync.Mutex
+		stopped bool
+		waited  time.Duration
+		t       *time.Timer
+	)
+	mu.Lock()
+	defer mu.Unlock()
+	t = time.AfterFunc(listTimeout, func() {
+		mu.Lock()
+		defer mu.Unlock()
+		if stopped {
+			return
+		}
+		waited += listTimeout
+		w.logger().Warn("list waiting for etcd to confirm the watch", "prefix", w.Prefix, "waited", waited)
+		t.Reset(listTimeout)
+	})
+	return func() {
+		mu.Lock()
+		defer mu.Unlock()
+		stopped = true
+		t.Stop()
+	}
+}
+
+func (w *Watcher) logger() *slog.Logger {
+	if w.Log == nil {
+		return slog.New(slog.DiscardHandler)
+	}
+	return w.Log
+}
+
 // watch runs one watch stream until it fails: from rev+1 when the store is
 // listed, else from etcd's head, listing once the watch is confirmed. It
 // advances *rev only past events that reached the store.
@@ -87,9 +125,16 @@ func (w *Watcher) watch(ctx context.Context, rev *int64, listed *bool, retry *ba
 	} else {
 		opts = append(opts, clientv3.WithCreatedNotify())
 	}
+	var stopWarn func()
+	if !*listed {
+		// Until etcd answers, the client keeps trying in silence (Watch
+		// itself blocks until its stream connects): say so meanwhile.
+		stopWarn = w.warnWhileWaiting()
+	}
 	ch := w.Client.Watch(wctx, w.Prefix, opts...)
 	if !*listed {
-		if err := w.list(ctx, ch, rev); err != nil {
+		err := w.list(ctx, ch, rev, stopWarn)
+		if err != nil {
 			return err
 		}
 		*listed = true
@@ -136,7 +181,8 @@ func (w *Watcher) watch(ctx context.Context, rev *int64, listed *bool, retry *ba
 // every later change comes on ch), then reads the prefix into the store:
 // the read's revision is at or past the watch's start, so nothing falls
 // between the two.
-func (w *Watcher) list(ctx context.Context, ch clientv3.WatchChan, rev *int64) error {
+func (w *Watcher) list(ctx context.Context, ch clientv3.WatchChan, rev *int64, stopWarn func()) error {
+	defer stopWarn()
 	select {
 	case wr, ok := <-ch:
 		if !ok {
@@ -154,7 +200,7 @@ func (w *Watcher) list(ctx context.Context, ch clientv3.WatchChan, rev *int64) e
 	case <-ctx.Done():
 		return ctx.Err()
 	}
-	lctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	lctx, cancel := context.WithTimeout(ctx, listTimeout)
 	resp, err := w.Client.Get(lctx, w.Prefix, clientv3.WithPrefix())
 	cancel()
 	if err != nil {

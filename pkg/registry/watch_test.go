@@ -1,8 +1,12 @@
 package registry_test
 
 import (
+	"bytes"
 	"context"
 	"fmt"
+	"log/slog"
+	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -206,5 +210,67 @@ func TestWatchStartsWhileWriting(t *testing.T) {
 		if fmt.Sprint(got) != fmt.Sprint(want) {
 			t.Errorf("watcher %d: store %v, etcd %v", i, got, want)
 		}
+	}
+}
+
+// lockedBuffer is a log sink the test reads while the watcher writes.
+type lockedBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (l *lockedBuffer) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.Write(p)
+}
+
+func (l *lockedBuffer) String() string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.String()
+}
+
+// TestWatchStartWithoutEtcdSaysSo: a watcher started while etcd is
+// unreachable logs that it waits for etcd (the client alone would retry in
+// silence), and lists once etcd is back.
+func TestWatchStartWithoutEtcdSaysSo(t *testing.T) {
+	srv := etcdtest.New(t)
+	cli := etcdtest.NewClient(t, srv)
+	ctx := context.Background()
+	cli.Put(ctx, registry.MetaKey("backends", "a"), meta(1000))
+	proxy := etcdtest.NewProxy(t, srv.Addr())
+	proxy.Cut()
+	wcli, err := clientv3.New(clientv3.Config{Endpoints: []string{proxy.Endpoint()}, DialTimeout: time.Second, Logger: zap.NewNop()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { wcli.Close() })
+	var logs lockedBuffer
+	store := registry.NewStore()
+	wctx, cancel := context.WithCancel(ctx)
+	done := make(chan struct{})
+	w := &registry.Watcher{Client: wcli, Prefix: registry.ClusterPrefix, Store: store, MaxBackoff: 200 * time.Millisecond,
+		Log: slog.New(slog.NewTextHandler(&logs, nil))}
+	go func() { w.Run(wctx); close(done) }()
+	t.Cleanup(func() { cancel(); <-done })
+
+	deadline := time.Now().Add(20 * time.Second)
+	for !strings.Contains(logs.String(), `msg="list waiting for etcd to confirm the watch" prefix=/cluster/`) {
+		if time.Now().After(deadline) {
+			t.Fatalf("no wait for etcd logged within 20 s of starting without it; log:\n%s", logs.String())
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	if n := len(store.Snapshot().Apps); n != 0 {
+		t.Fatalf("store holds %d apps without etcd", n)
+	}
+	proxy.Restore()
+	deadline = time.Now().Add(20 * time.Second)
+	for len(store.Snapshot().Apps) != 1 {
+		if time.Now().After(deadline) {
+			t.Fatalf("not listed within 20 s of etcd's return; log:\n%s", logs.String())
+		}
+		time.Sleep(50 * time.Millisecond)
 	}
 }

@@ -21,6 +21,7 @@ import (
 	clientv3 "go.etcd.io/etcd/client/v3"
 
 	"github.com/meshd/meshd/pkg/registry"
+	"github.com/meshd/meshd/pkg/testlog"
 )
 
 // needSystemdCreds skips a test when the real systemd-creds is missing.
@@ -83,26 +84,8 @@ func (m *fakeManager) take() []string {
 	return c
 }
 
-// syncBuffer is a log sink safe for concurrent writes.
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
-}
-
 // newTestLogger logs JSON at debug level into w.
-func newTestLogger(w *syncBuffer) *slog.Logger {
+func newTestLogger(w *testlog.Buffer) *slog.Logger {
 	return slog.New(slog.NewJSONHandler(w, &slog.HandlerOptions{Level: slog.LevelDebug}))
 }
 
@@ -113,7 +96,7 @@ type testNode struct {
 	credstore string
 	env       []string
 	mgr       *fakeManager
-	logs      *syncBuffer
+	logs      *testlog.Buffer
 	reg       *prometheus.Registry
 	comp      *Component
 }
@@ -127,7 +110,7 @@ func newTestNode(t *testing.T, name string, units map[string]SecretUse) *testNod
 		credstore: filepath.Join(root, "credstore.encrypted"),
 		env:       hostKeyEnv(t),
 		mgr:       &fakeManager{},
-		logs:      &syncBuffer{},
+		logs:      &testlog.Buffer{},
 		reg:       prometheus.NewRegistry(),
 	}
 	var err error

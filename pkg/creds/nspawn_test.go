@@ -15,6 +15,7 @@ import (
 	"time"
 
 	"github.com/meshd/meshd/pkg/etcdtest"
+	"github.com/meshd/meshd/pkg/testlog"
 )
 
 // nspawnRoot is a throwaway OS tree that borrows the host's /usr
@@ -152,7 +153,7 @@ func TestNspawnUnitReadsDeliveredCredential(t *testing.T) {
 	stateDir := t.TempDir()
 	credstore := filepath.Join(root.dir, "etc/credstore.encrypted")
 	env := []string{"SYSTEMD_CREDENTIAL_SECRET=" + filepath.Join(root.dir, "var/lib/systemd/credential.secret")}
-	logs := &syncBuffer{}
+	logs := &testlog.Buffer{}
 	mgr := &fakeManager{}
 	comp, err := New(Options{
 		Self: "node-a", StateDir: stateDir, CredstoreDir: credstore,
@@ -212,7 +213,7 @@ func TestNspawnRotationRestartsUnitOverDBus(t *testing.T) {
 	env := []string{"SYSTEMD_CREDENTIAL_SECRET=" + filepath.Join(root.dir, "var/lib/systemd/credential.secret")}
 
 	// Version 1 is delivered before boot, as a meshd that ran earlier would.
-	logs := &syncBuffer{}
+	logs := &testlog.Buffer{}
 	comp, err := New(Options{Self: "node-a", StateDir: stateDir, CredstoreDir: credstore,
 		Creds: SystemdCreds{WithKey: "host", Env: env}, Manager: &fakeManager{}}, newTestLogger(logs), nil)
 	if err != nil {

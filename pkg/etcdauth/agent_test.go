@@ -1,36 +1,17 @@
 package etcdauth
 
 import (
-	"bytes"
 	"context"
 	"log/slog"
 	"net/netip"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
 	"github.com/meshd/meshd/pkg/agent"
 	"github.com/meshd/meshd/pkg/registry"
+	"github.com/meshd/meshd/pkg/testlog"
 )
-
-// syncBuffer is a log sink safe for the agent's goroutines.
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
-}
 
 // TestMeshdAgentUnderNodeRole runs meshd's real agent (subnet claim,
 // member record, leased entry, instance, status, watches of /cluster/ and
@@ -40,7 +21,7 @@ func (s *syncBuffer) String() string {
 func TestMeshdAgentUnderNodeRole(t *testing.T) {
 	f, _ := setup(t)
 	a := f.client(t, nodeA)
-	var logs syncBuffer
+	var logs testlog.Buffer
 	ag, err := agent.New(agent.Options{
 		Client: a, Node: nodeA, ID: "test-id-a", PublicIPv4: "192.0.2.1",
 		Consume:  []registry.Group{registry.GroupBackends},

@@ -1,12 +1,10 @@
 package registry_test
 
 import (
-	"bytes"
 	"context"
 	"fmt"
 	"log/slog"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -15,6 +13,7 @@ import (
 
 	"github.com/meshd/meshd/pkg/etcdtest"
 	"github.com/meshd/meshd/pkg/registry"
+	"github.com/meshd/meshd/pkg/testlog"
 )
 
 // startWatcher runs a watcher on /cluster/ through endpoint and returns its
@@ -213,24 +212,6 @@ func TestWatchStartsWhileWriting(t *testing.T) {
 	}
 }
 
-// lockedBuffer is a log sink the test reads while the watcher writes.
-type lockedBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (l *lockedBuffer) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.Write(p)
-}
-
-func (l *lockedBuffer) String() string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.String()
-}
-
 // TestWatchStartWithoutEtcdSaysSo: a watcher started while etcd is
 // unreachable logs that it waits for etcd (the client alone would retry in
 // silence), and lists once etcd is back.
@@ -246,7 +227,7 @@ func TestWatchStartWithoutEtcdSaysSo(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { wcli.Close() })
-	var logs lockedBuffer
+	var logs testlog.Buffer
 	store := registry.NewStore()
 	wctx, cancel := context.WithCancel(ctx)
 	done := make(chan struct{})

@@ -43,17 +43,11 @@ test: vet
 	$(GO) test -p 1 -count=1 -timeout 45m ./...
 	$(MAKE) fuzz
 
-# fuzz runs every fuzz target in the repository (each `func Fuzz...` in a
-# _test.go file) for FUZZTIME: the short run kept in CI; fuzz-long is for
-# a developer's afternoon (FUZZTIME=30m make fuzz-long).
+# fuzz runs every fuzz target in the repository for FUZZTIME (hack/fuzz.sh):
+# the short run kept in CI; fuzz-long is for a developer's afternoon
+# (FUZZTIME=30m make fuzz-long).
 fuzz:
-	@for f in $$(grep -rl --include='*_test.go' '^func Fuzz' . | sort); do \
-		dir=$$(dirname $$f); \
-		for t in $$(grep -ho '^func Fuzz[A-Za-z0-9_]*' $$f | sed 's/func //'); do \
-			echo "fuzz $$dir $$t"; \
-			$(GO) test -run '^$$' -fuzz "^$$t$$" -fuzztime $(FUZZTIME) ./$$dir || exit 1; \
-		done; \
-	done
+	@GO=$(GO) FUZZTIME=$(FUZZTIME) hack/fuzz.sh
 
 fuzz-long:
 	$(MAKE) fuzz FUZZTIME=$(FUZZTIME)

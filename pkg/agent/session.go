@@ -161,7 +161,8 @@ func (a *Agent) nodeValue() []byte {
 func (a *Agent) register(ctx context.Context, lease clientv3.LeaseID) error {
 	key := registry.NodeKey(a.o.Node)
 	val := string(a.nodeValue())
-	cmp := clientv3.Compare(clientv3.CreateRevision(key), "=", 0)
+	absent := clientv3.Compare(clientv3.CreateRevision(key), "=", 0)
+	cmp := absent
 	for range 16 {
 		tr, err := a.o.Client.Txn(ctx).If(cmp).
 			Then(clientv3.OpPut(key, val, clientv3.WithLease(lease))).
@@ -174,7 +175,7 @@ func (a *Agent) register(ctx context.Context, lease clientv3.LeaseID) error {
 		}
 		kvs := tr.Responses[0].GetResponseRange().Kvs
 		if len(kvs) != 1 {
-			cmp = clientv3.Compare(clientv3.CreateRevision(key), "=", 0)
+			cmp = absent
 			continue
 		}
 		kv := kvs[0]

@@ -17,14 +17,14 @@ import (
 	"golang.zx2c4.com/wireguard/wgctrl/wgtypes"
 )
 
-// ensureDeviceLocked returns the interface's link and, when it found a
-// working device there, the device as read (nil when it created one),
-// creating the WireGuard
+// ensureDeviceLocked returns the interface's link, creating the WireGuard
 // device when it is missing: a kernel link where the module exists (mode
 // auto or kernel), else a wireguard-go device hosted in this process
 // (mode auto or userspace), with its UAPI socket so wg(8) and wgctrl see
 // it. An existing working device, whoever created it, is adopted as is:
-// that is how a restarted meshd keeps the running data plane.
+// that is how a restarted meshd keeps the running data plane. When it
+// found such a device it also returns it as read (nil when it created
+// one), so the caller need not read it again.
 func (a *Applier) ensureDeviceLocked(mtu int) (netlink.Link, *wgtypes.Device, error) {
 	name := a.opts.Interface
 	link, err := a.nl.LinkByName(name)

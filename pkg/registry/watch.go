@@ -5,7 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"sync"
 	"time"
 
 	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
@@ -80,30 +79,20 @@ const listTimeout = 5 * time.Second
 // warnWhileWaiting logs a warning every listTimeout until the returned
 // function is called.
 func (w *Watcher) warnWhileWaiting() (stop func()) {
-	var (
-		mu      sync.Mutex
-		stopped bool
-		waited  time.Duration
-		t       *time.Timer
-	)
-	mu.Lock()
-	defer mu.Unlock()
-	t = time.AfterFunc(listTimeout, func() {
-		mu.Lock()
-		defer mu.Unlock()
-		if stopped {
-			return
+	done := make(chan struct{})
+	go func() {
+		t := time.NewTicker(listTimeout)
+		defer t.Stop()
+		for waited := listTimeout; ; waited += listTimeout {
+			select {
+			case <-done:
+				return
+			case <-t.C:
+				w.logger().Warn("list waiting for etcd to confirm the watch", "prefix", w.Prefix, "waited", waited)
+			}
 		}
-		waited += listTimeout
-		w.logger().Warn("list waiting for etcd to confirm the watch", "prefix", w.Prefix, "waited", waited)
-		t.Reset(listTimeout)
-	})
-	return func() {
-		mu.Lock()
-		defer mu.Unlock()
-		stopped = true
-		t.Stop()
-	}
+	}()
+	return func() { close(done) }
 }
 
 func (w *Watcher) logger() *slog.Logger {
@@ -120,21 +109,12 @@ func (w *Watcher) watch(ctx context.Context, rev *int64, listed *bool, retry *ba
 	wctx, cancel := context.WithCancel(clientv3.WithRequireLeader(ctx))
 	defer cancel()
 	opts := []clientv3.OpOption{clientv3.WithPrefix(), clientv3.WithProgressNotify()}
+	var ch clientv3.WatchChan
 	if *listed {
-		opts = append(opts, clientv3.WithRev(*rev+1))
+		ch = w.Client.Watch(wctx, w.Prefix, append(opts, clientv3.WithRev(*rev+1))...)
 	} else {
-		opts = append(opts, clientv3.WithCreatedNotify())
-	}
-	var stopWarn func()
-	if !*listed {
-		// Until etcd answers, the client keeps trying in silence (Watch
-		// itself blocks until its stream connects): say so meanwhile.
-		stopWarn = w.warnWhileWaiting()
-	}
-	ch := w.Client.Watch(wctx, w.Prefix, opts...)
-	if !*listed {
-		err := w.list(ctx, ch, rev, stopWarn)
-		if err != nil {
+		var err error
+		if ch, err = w.list(ctx, wctx, opts, rev); err != nil {
 			return err
 		}
 		*listed = true
@@ -177,34 +157,38 @@ func (w *Watcher) watch(ctx context.Context, rev *int64, listed *bool, retry *ba
 	return errors.New("watch channel closed")
 }
 
-// list waits until etcd confirms the watch on ch (opened at its head, so
-// every later change comes on ch), then reads the prefix into the store:
-// the read's revision is at or past the watch's start, so nothing falls
-// between the two.
-func (w *Watcher) list(ctx context.Context, ch clientv3.WatchChan, rev *int64, stopWarn func()) error {
+// list opens the watch at etcd's head (under wctx, with opts), waits
+// until etcd confirms it, so that every later change comes on it, then
+// reads the prefix into the store: the read's revision is at or past the
+// watch's start, so nothing falls between the two. It returns the watch.
+func (w *Watcher) list(ctx, wctx context.Context, opts []clientv3.OpOption, rev *int64) (clientv3.WatchChan, error) {
+	// Until etcd answers, the client keeps trying in silence (Watch itself
+	// blocks until its stream connects): say so meanwhile.
+	stopWarn := w.warnWhileWaiting()
 	defer stopWarn()
+	ch := w.Client.Watch(wctx, w.Prefix, append(opts, clientv3.WithCreatedNotify())...)
 	select {
 	case wr, ok := <-ch:
 		if !ok {
 			if err := ctx.Err(); err != nil {
-				return err
+				return nil, err
 			}
-			return errors.New("watch channel closed before it was created")
+			return nil, errors.New("watch channel closed before it was created")
 		}
 		if err := wr.Err(); err != nil {
-			return err
+			return nil, err
 		}
 		if !wr.Created {
-			return fmt.Errorf("watch on %s: first answer is not its creation", w.Prefix)
+			return nil, fmt.Errorf("watch on %s: first answer is not its creation", w.Prefix)
 		}
 	case <-ctx.Done():
-		return ctx.Err()
+		return nil, ctx.Err()
 	}
 	lctx, cancel := context.WithTimeout(ctx, listTimeout)
 	resp, err := w.Client.Get(lctx, w.Prefix, clientv3.WithPrefix())
 	cancel()
 	if err != nil {
-		return fmt.Errorf("%w %s: %w", errList, w.Prefix, err)
+		return nil, fmt.Errorf("%w %s: %w", errList, w.Prefix, err)
 	}
 	w.Store.Replace(w.Prefix, kvsOf(resp), resp.Header.Revision)
 	*rev = resp.Header.Revision
@@ -212,7 +196,7 @@ func (w *Watcher) list(ctx context.Context, ch clientv3.WatchChan, rev *int64, s
 		w.Relisted()
 	}
 	w.notify()
-	return nil
+	return ch, nil
 }
 
 func (w *Watcher) notify() {

@@ -20,6 +20,12 @@ import (
 // store and a channel that receives after every batch.
 func startWatcher(t *testing.T, endpoint string) (*registry.Store, <-chan struct{}, *int) {
 	t.Helper()
+	return startWatcherLog(t, endpoint, nil)
+}
+
+// startWatcherLog is startWatcher with the watcher logging to log.
+func startWatcherLog(t *testing.T, endpoint string, log *slog.Logger) (*registry.Store, <-chan struct{}, *int) {
+	t.Helper()
 	cli, err := clientv3.New(clientv3.Config{Endpoints: []string{endpoint}, DialTimeout: time.Second, Logger: zap.NewNop()})
 	if err != nil {
 		t.Fatal(err)
@@ -30,7 +36,7 @@ func startWatcher(t *testing.T, endpoint string) (*registry.Store, <-chan struct
 	relists := new(int)
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan struct{})
-	w := &registry.Watcher{Client: cli, Prefix: registry.ClusterPrefix, Store: store, MaxBackoff: 200 * time.Millisecond,
+	w := &registry.Watcher{Client: cli, Prefix: registry.ClusterPrefix, Store: store, MaxBackoff: 200 * time.Millisecond, Log: log,
 		Notify: func() {
 			select {
 			case ch <- struct{}{}:
@@ -222,19 +228,8 @@ func TestWatchStartWithoutEtcdSaysSo(t *testing.T) {
 	cli.Put(ctx, registry.MetaKey("backends", "a"), meta(1000))
 	proxy := etcdtest.NewProxy(t, srv.Addr())
 	proxy.Cut()
-	wcli, err := clientv3.New(clientv3.Config{Endpoints: []string{proxy.Endpoint()}, DialTimeout: time.Second, Logger: zap.NewNop()})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { wcli.Close() })
 	var logs testlog.Buffer
-	store := registry.NewStore()
-	wctx, cancel := context.WithCancel(ctx)
-	done := make(chan struct{})
-	w := &registry.Watcher{Client: wcli, Prefix: registry.ClusterPrefix, Store: store, MaxBackoff: 200 * time.Millisecond,
-		Log: slog.New(slog.NewTextHandler(&logs, nil))}
-	go func() { w.Run(wctx); close(done) }()
-	t.Cleanup(func() { cancel(); <-done })
+	store, _, _ := startWatcherLog(t, proxy.Endpoint(), slog.New(slog.NewTextHandler(&logs, nil)))
 
 	deadline := time.Now().Add(20 * time.Second)
 	for !strings.Contains(logs.String(), `msg="list waiting for etcd to confirm the watch" prefix=/cluster/`) {

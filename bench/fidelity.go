@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"net/netip"
+	"strings"
 	"sync"
 	"time"
 
@@ -148,12 +149,12 @@ func Fidelity(ctx context.Context, o FidelityOptions) (FidelityResult, error) {
 			cv, err := c.WaitApplied(tctx, rev, at, c.NodeNames())
 			if err != nil {
 				cancel()
-				return res, fmt.Errorf("trial %d: %w", t, err)
+				return res, fmt.Errorf("trial %d: %w%s", t, err, exited(c))
 			}
 			served, err := probe(at)
 			cancel()
 			if err != nil {
-				return res, fmt.Errorf("trial %d: %w", t, err)
+				return res, fmt.Errorf("trial %d: %w%s", t, err, exited(c))
 			}
 			if add {
 				res.Added.Add(cv.Max())
@@ -366,33 +367,21 @@ func measureJoin(ctx context.Context, c *sandbox.Cluster, n *sandbox.Node, res *
 	return nil
 }
 
-// startProbes polls url on every node (every 2 ms) until it answers
-// (want=true) or stops answering (want=false). The returned function waits
-// and returns the slowest node's time from the write at `at`.
+// startProbes polls url on every node (every 2 ms, each node on one OS
+// thread that stays in its namespace: sandbox.Node.PollHTTP) until it
+// answers (want=true) or stops answering (want=false). The returned
+// function waits and returns the slowest node's time from the write at
+// `at`.
 func startProbes(ctx context.Context, nodes []*sandbox.Node, url string, want bool) func(at time.Time) (time.Duration, error) {
 	type result struct {
-		node string
-		t    time.Time
-		err  error
+		t   time.Time
+		err error
 	}
 	out := make(chan result, len(nodes))
 	for _, n := range nodes {
 		go func() {
-			for {
-				rctx, cancel := context.WithTimeout(ctx, 200*time.Millisecond)
-				_, _, err := n.HTTPGet(rctx, url)
-				cancel()
-				if (err == nil) == want {
-					out <- result{n.Name, time.Now(), nil}
-					return
-				}
-				select {
-				case <-ctx.Done():
-					out <- result{n.Name, time.Time{}, fmt.Errorf("%s: %s still %v: %w", n.Name, url, map[bool]string{true: "not served", false: "served"}[want], ctx.Err())}
-					return
-				case <-time.After(2 * time.Millisecond):
-				}
-			}
+			t, err := n.PollHTTP(ctx, url, 2*time.Millisecond, 200*time.Millisecond, func(_ string, err error) bool { return (err == nil) == want })
+			out <- result{t, err}
 		}()
 	}
 	return func(at time.Time) (time.Duration, error) {
@@ -408,6 +397,18 @@ func startProbes(ctx context.Context, nodes []*sandbox.Node, url string, want bo
 		}
 		return slowest, errors.Join(errs...)
 	}
+}
+
+// exited names the nodes whose meshd is no longer running, with the end
+// of its log: a trial that waits for every node fails on one that died.
+func exited(c *sandbox.Cluster) string {
+	var b strings.Builder
+	for _, n := range c.Nodes() {
+		if n.Pid() == 0 {
+			fmt.Fprintf(&b, "\nmeshd on %s is not running; its log ends:\n%s", n.Name, n.LogTail(1500))
+		}
+	}
+	return b.String()
 }
 
 // haproxyCounters sums the HAProxy counters every node publishes.

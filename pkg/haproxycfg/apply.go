@@ -91,7 +91,33 @@ func (a *Applier) set(ctx context.Context, d Desired) error {
 	if h == rejected {
 		return rejectedErr // validating the same bytes again cannot help
 	}
+	// Right after a reload the old worker may still answer on the stats
+	// socket (ErrNotCurrentWorker) until the master stops it: read the
+	// slots again, from the current worker, rather than reload again.
+	deadline := time.Now().Add(notCurrentWait)
+	for {
+		err := a.setOnce(ctx, d, h)
+		if !errors.Is(err, ErrNotCurrentWorker) || time.Now().After(deadline) {
+			return err
+		}
+		select {
+		case <-ctx.Done():
+			return err
+		case <-time.After(notCurrentRetry):
+		}
+	}
+}
 
+// How long a pass reads the slots again while the stats socket answers
+// from another worker than the current one, and how often.
+const (
+	notCurrentWait  = 2 * time.Second
+	notCurrentRetry = 10 * time.Millisecond
+)
+
+// setOnce is one attempt of set: it reads the master's workers and the
+// current worker's slots, then changes the slots at runtime or reloads.
+func (a *Applier) setOnce(ctx context.Context, d Desired, h string) error {
 	procs, procErr := a.Master.ProcsWait(ctx, time.Second)
 	running := procErr == nil
 	if running && a.Supervisor != nil {
@@ -108,17 +134,26 @@ func (a *Applier) set(ctx context.Context, d Desired) error {
 	if running {
 		workerPID, live, liveErr = a.Runtime.State(ctx)
 		if liveErr == nil {
+			// The slots of any other worker than the current one are not
+			// what the next connection is served by: even "nothing to
+			// change" would be a wrong answer.
+			if cur, ok := procs.Current(); !ok || cur.PID != workerPID {
+				return fmt.Errorf("%w: worker %d answered, the current worker is %d", ErrNotCurrentWorker, workerPID, cur.PID)
+			}
 			placed = Place(d, live)
 		}
 	}
 	if running && liveErr == nil && StructureHash(d) == a.structure {
 		if changes, ok := Diff(placed, live); ok {
-			err := a.applyRuntime(ctx, placed, changes, procs, workerPID)
+			err := a.applyRuntime(ctx, placed, changes, workerPID)
 			if err == nil {
 				a.mu.Lock()
 				a.appliedHash, a.rejectedHash, a.rejectedErr = h, "", nil
 				a.mu.Unlock()
 				return nil
+			}
+			if errors.Is(err, ErrNotCurrentWorker) {
+				return err
 			}
 			a.Log.Warn("runtime update failed; reloading instead", "err", err)
 		}
@@ -128,16 +163,10 @@ func (a *Applier) set(ctx context.Context, d Desired) error {
 
 // applyRuntime changes slots through the runtime API, then rewrites the
 // file so that the next reload starts from the same servers. pid is the
-// worker that answered on the stats socket when live was read.
-func (a *Applier) applyRuntime(ctx context.Context, placed Desired, changes []SlotChange, procs Procs, pid int) error {
+// master's current worker, which answered when the slots were read.
+func (a *Applier) applyRuntime(ctx context.Context, placed Desired, changes []SlotChange, pid int) error {
 	if len(changes) > 0 {
-		// A change made on a draining worker would be lost: make sure the
-		// stats socket reaches the master's current worker.
-		cur, _ := procs.Current()
-		if pid != cur.PID {
-			return fmt.Errorf("stats socket answers from worker %d, the current worker is %d", pid, cur.PID)
-		}
-		if err := a.Runtime.Apply(ctx, changes); err != nil {
+		if err := a.Runtime.Apply(ctx, pid, changes); err != nil {
 			return err
 		}
 		a.Log.Info("applied instance changes at runtime", "slots", len(changes))

@@ -192,18 +192,9 @@ func parseState(out string) (int, Live, error) {
 	if !ok {
 		return 0, nil, fmt.Errorf("runtime: no end of show info in %q", firstLines(out, 3))
 	}
-	pid := 0
-	for _, line := range strings.Split(info, "\n") {
-		if v, ok := strings.CutPrefix(line, "Pid: "); ok {
-			n, err := strconv.Atoi(strings.TrimSpace(v))
-			if err != nil || n <= 0 {
-				return 0, nil, fmt.Errorf("runtime: show info: bad %q", line)
-			}
-			pid = n
-		}
-	}
-	if pid == 0 {
-		return 0, nil, fmt.Errorf("runtime: no Pid in show info (answer begins %q)", firstLines(out, 3))
+	pid, err := parsePid(info, out)
+	if err != nil {
+		return 0, nil, err
 	}
 	if first, _, _ := strings.Cut(strings.TrimLeft(servers, "\n"), "\n"); first != "1" {
 		return 0, nil, fmt.Errorf("runtime: show servers state: format %q, want 1", first)
@@ -215,45 +206,137 @@ func parseState(out string) (int, Live, error) {
 	return pid, live, nil
 }
 
+// parsePid reads the Pid line of a `show info` answer (info; out is the
+// whole answer, quoted in errors).
+func parsePid(info, out string) (int, error) {
+	for _, line := range strings.Split(info, "\n") {
+		if v, ok := strings.CutPrefix(line, "Pid: "); ok {
+			n, err := strconv.Atoi(strings.TrimSpace(v))
+			if err != nil || n <= 0 {
+				return 0, fmt.Errorf("runtime: show info: bad %q", line)
+			}
+			return n, nil
+		}
+	}
+	return 0, fmt.Errorf("runtime: no Pid in show info (answer begins %q)", firstLines(out, 3))
+}
+
 // firstLines returns the first n lines of s.
 func firstLines(s string, n int) string {
 	lines := strings.SplitN(s, "\n", n+1)
 	return strings.Join(lines[:min(n, len(lines))], "\n")
 }
 
-// Apply makes the listed slot changes, one command per connection so that
-// each answer can be checked.
-func (r Runtime) Apply(ctx context.Context, changes []SlotChange) error {
+// ErrNotCurrentWorker is returned (wrapped) when the stats socket was
+// answered by another worker than the master's current one. Right after a
+// reload both the old and the new worker hold the socket's listener (the
+// new one inherits it: "expose-fd listeners") until the master stops the
+// old one, so a connection may reach either: what the old worker says or
+// is told is lost with it.
+var ErrNotCurrentWorker = errors.New("stats socket answered by a worker that is not the current one")
+
+// applyBatch bounds the commands sent over one connection: HAProxy reads
+// a CLI line in chunks of its buffer size and runs the commands as they
+// come, but one answer per command has to come back whole.
+const applyBatch = 8 << 10
+
+// Apply makes the listed slot changes in worker pid (the master's current
+// worker). The commands go over as few connections as can carry them,
+// each connection beginning with `show info`, so that its answers are
+// known to come from one process and that process is known: if it is not
+// pid, Apply stops and returns ErrNotCurrentWorker. The changes are
+// idempotent, so the caller reads the slots again and retries.
+func (r Runtime) Apply(ctx context.Context, pid int, changes []SlotChange) error {
+	var cmds []string
 	for _, c := range changes {
 		id := c.Backend + "/" + c.Slot
 		if c.To.Empty() {
-			if err := r.expectEmpty(ctx, "set server "+id+" state maint"); err != nil {
-				return err
-			}
+			cmds = append(cmds, "set server "+id+" state maint")
 			continue
 		}
-		cmd := fmt.Sprintf("set server %s addr %s port %d", id, c.To.Addr.Addr(), c.To.Addr.Port())
-		out, err := socketCmd(ctx, r.Socket, cmd)
-		if err != nil {
-			return fmt.Errorf("runtime: %w", err)
+		cmds = append(cmds,
+			fmt.Sprintf("set server %s addr %s port %d", id, c.To.Addr.Addr(), c.To.Addr.Port()),
+			"set server "+id+" state ready")
+	}
+	for len(cmds) > 0 {
+		n, size := 0, 0
+		for n < len(cmds) && (n == 0 || size+len(cmds[n])+1 <= applyBatch) {
+			size += len(cmds[n]) + 1
+			n++
 		}
-		if !strings.Contains(out, "changed") && !strings.Contains(out, "no need to change") {
-			return fmt.Errorf("runtime: %s: %s", cmd, strings.TrimSpace(out))
+		if err := r.applyBatch(ctx, pid, cmds[:n]); err != nil {
+			return err
 		}
-		if err := r.expectEmpty(ctx, "set server "+id+" state ready"); err != nil {
+		cmds = cmds[n:]
+	}
+	return nil
+}
+
+func (r Runtime) applyBatch(ctx context.Context, pid int, cmds []string) error {
+	out, err := socketCmd(ctx, r.Socket, "show info;"+strings.Join(cmds, ";"))
+	if err != nil {
+		return fmt.Errorf("runtime: %w", err)
+	}
+	got, answers, err := parseBatch(out)
+	if err != nil {
+		return err
+	}
+	if got != pid {
+		return fmt.Errorf("%w: worker %d answered, the current worker is %d", ErrNotCurrentWorker, got, pid)
+	}
+	if len(answers) != len(cmds) {
+		return fmt.Errorf("runtime: %d answers to %d commands (answer begins %q)", len(answers), len(cmds), firstLines(out, 3))
+	}
+	for i, cmd := range cmds {
+		if err := checkAnswer(cmd, answers[i]); err != nil {
 			return err
 		}
 	}
 	return nil
 }
 
-// expectEmpty runs a command that answers nothing on success.
-func (r Runtime) expectEmpty(ctx context.Context, cmd string) error {
-	out, err := socketCmd(ctx, r.Socket, cmd)
-	if err != nil {
-		return fmt.Errorf("runtime: %w", err)
+// parseBatch splits the answer to `show info;cmd1;cmd2…`: in
+// non-interactive mode the CLI ends every command's answer with an empty
+// line, so a command that answers nothing answers just that line.
+func parseBatch(out string) (pid int, answers []string, err error) {
+	info, rest, ok := strings.Cut(out, "\n\n")
+	if !ok {
+		return 0, nil, fmt.Errorf("runtime: no end of show info in %q", firstLines(out, 3))
 	}
-	if s := strings.TrimSpace(out); s != "" {
+	if pid, err = parsePid(info, out); err != nil {
+		return 0, nil, err
+	}
+	var cur []string
+	for _, line := range strings.SplitAfter(rest, "\n") {
+		if !strings.HasSuffix(line, "\n") {
+			if line != "" {
+				return 0, nil, fmt.Errorf("runtime: answer cut short: %q", line)
+			}
+			break
+		}
+		if line = strings.TrimSuffix(line, "\n"); line == "" {
+			answers = append(answers, strings.Join(cur, "\n"))
+			cur = nil
+			continue
+		}
+		cur = append(cur, line)
+	}
+	if len(cur) > 0 {
+		return 0, nil, fmt.Errorf("runtime: answer cut short: %q", strings.Join(cur, "\n"))
+	}
+	return pid, answers, nil
+}
+
+// checkAnswer checks one command's answer: `set server … addr` says what
+// changed (or that nothing needed to), `set server … state` says nothing.
+func checkAnswer(cmd, answer string) error {
+	if strings.Contains(cmd, " addr ") {
+		if !strings.Contains(answer, "changed") && !strings.Contains(answer, "no need to change") {
+			return fmt.Errorf("runtime: %s: %s", cmd, strings.TrimSpace(answer))
+		}
+		return nil
+	}
+	if s := strings.TrimSpace(answer); s != "" {
 		return fmt.Errorf("runtime: %s: %s", cmd, s)
 	}
 	return nil

@@ -57,3 +57,42 @@ func TestParseState(t *testing.T) {
 		}
 	}
 }
+
+// TestParseBatch reads HAProxy 2.6's answer to `show info` followed by
+// four slot commands on one connection (testdata: captured from haproxy
+// 2.6.12; the fourth names a slot that does not exist) and refuses
+// answers that end inside one.
+func TestParseBatch(t *testing.T) {
+	b, err := os.ReadFile("testdata/show-info-set-server.txt")
+	if err != nil {
+		t.Fatal(err)
+	}
+	pid, answers, err := parseBatch(string(b))
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := []string{
+		"IP changed from '0.0.0.0' to '127.0.0.2', port changed from '+0' to '8080' by 'stats socket command'",
+		"", "", "No such server.",
+	}
+	if diff := cmp.Diff(want, answers); pid != 21141 || diff != "" {
+		t.Errorf("pid %d, want 21141; answers (-want +got):\n%s", pid, diff)
+	}
+	cmds := []string{"set server be_x/s1 addr 127.0.0.2 port 8080", "set server be_x/s1 state ready", "set server be_x/s2 state maint", "set server be_x/s9 state ready"}
+	for i, cmd := range cmds {
+		if err := checkAnswer(cmd, answers[i]); (err != nil) != (i == 3) {
+			t.Errorf("%s: %q: error %v", cmd, answers[i], err)
+		}
+	}
+	info, _, _ := strings.Cut(string(b), "\n\n")
+	for name, bad := range map[string]string{
+		"no end of show info": info,
+		"no Pid":              strings.Replace(string(b), "Pid: ", "Pidx: ", 1),
+		"cut in a line":       strings.TrimSuffix(string(b), "\n\n") + "\nNo such",
+		"cut before its end":  strings.TrimSuffix(string(b), "\n"),
+	} {
+		if _, _, err := parseBatch(bad); err == nil {
+			t.Errorf("%s: no error", name)
+		}
+	}
+}

@@ -25,40 +25,60 @@ const netnsDir = "/run/netns"
 // namespace. Sockets fn creates belong to that namespace for their whole
 // life, whichever thread later uses them: that is how the sandbox puts its
 // in-process etcd, its demo servers and its probes inside namespaces
-// without a helper process. fn runs on its own goroutine; if the thread
-// cannot be switched back it is discarded rather than returned to the
-// scheduler in the wrong namespace.
+// without a helper process. fn runs on its own goroutine.
 func inNetns(name string, fn func() error) error {
-	target, err := os.Open(netnsDir + "/" + name)
-	if err != nil {
-		return fmt.Errorf("open netns %s: %w", name, err)
-	}
-	defer target.Close()
 	done := make(chan error, 1)
 	go func() {
-		runtime.LockOSThread()
-		orig, err := os.Open(fmt.Sprintf("/proc/self/task/%d/ns/net", syscall.Gettid()))
+		leave, err := enterNetns(name)
 		if err != nil {
-			runtime.UnlockOSThread()
-			done <- fmt.Errorf("open own netns: %w", err)
-			return
-		}
-		defer orig.Close()
-		if err := setns(target.Fd()); err != nil {
-			runtime.UnlockOSThread()
-			done <- fmt.Errorf("enter netns %s: %w", name, err)
+			done <- err
 			return
 		}
 		ferr := fn()
-		if err := setns(orig.Fd()); err != nil {
-			// Leave the thread locked: it dies with this goroutine.
-			done <- errors.Join(ferr, fmt.Errorf("leave netns %s: %w", name, err))
-			return
+		if err := leave(); err != nil {
+			done <- errors.Join(ferr, err)
+			select {} // keep the thread out of use (enterNetns)
 		}
-		runtime.UnlockOSThread()
 		done <- ferr
 	}()
 	return <-done
+}
+
+// enterNetns locks the calling goroutine to its OS thread and switches
+// the thread into the named namespace; leave switches it back and unlocks
+// it. Sockets the goroutine opens in between are the namespace's, without
+// a switch per socket.
+//
+// A thread must never end while the sandbox runs: the processes it starts
+// (meshd) have Pdeathsig set, which the kernel sends when the *thread*
+// that forked them exits, and a goroutine that returns still locked ends
+// its thread. So when leave fails, the caller keeps the goroutine (and the
+// thread, in the wrong namespace) parked for good instead of returning.
+func enterNetns(name string) (leave func() error, err error) {
+	target, err := os.Open(netnsDir + "/" + name)
+	if err != nil {
+		return nil, fmt.Errorf("open netns %s: %w", name, err)
+	}
+	defer target.Close()
+	runtime.LockOSThread()
+	orig, err := os.Open(fmt.Sprintf("/proc/self/task/%d/ns/net", syscall.Gettid()))
+	if err != nil {
+		runtime.UnlockOSThread()
+		return nil, fmt.Errorf("open own netns: %w", err)
+	}
+	if err := setns(target.Fd()); err != nil {
+		orig.Close()
+		runtime.UnlockOSThread()
+		return nil, fmt.Errorf("enter netns %s: %w", name, err)
+	}
+	return func() error {
+		defer orig.Close()
+		if err := setns(orig.Fd()); err != nil {
+			return fmt.Errorf("leave netns %s: %w", name, err)
+		}
+		runtime.UnlockOSThread()
+		return nil
+	}, nil
 }
 
 func setns(fd uintptr) error {

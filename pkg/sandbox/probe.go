@@ -86,6 +86,99 @@ func (n *Node) Fetch(ctx context.Context, url string, limit int64) ([]byte, erro
 	return b, nil
 }
 
+// PollHTTP GETs url from inside the node's namespace every interval (a
+// fresh connection each time, as a client of 127.0.0.1:<port> makes one)
+// until done says the answer is the one awaited, and returns when that
+// answer arrived. done gets the body and nil for a 200, else the error.
+// Each GET is bounded by timeout. The whole poll runs on one OS thread
+// that stays in the namespace, and each request is written and parsed
+// over the bare connection: a probe costs a connection and a request,
+// not a namespace switch and an HTTP transport, so polling several nodes
+// every few milliseconds loads the machine it measures as little as it
+// can. The thread leaves the namespace when the poll ends (enterNetns
+// says why it must not end with it).
+func (n *Node) PollHTTP(ctx context.Context, url string, interval, timeout time.Duration, done func(body string, err error) bool) (time.Time, error) {
+	req, err := http.NewRequest(http.MethodGet, url, nil)
+	if err != nil {
+		return time.Time{}, err
+	}
+	req.Close = true
+	host := req.URL.Host
+	if req.URL.Port() == "" {
+		host = net.JoinHostPort(req.URL.Hostname(), "80")
+	}
+	res := make(chan pollResult, 1)
+	go func() {
+		leave, err := enterNetns(n.NS)
+		if err != nil {
+			res <- pollResult{err: err}
+			return
+		}
+		r := n.poll(ctx, req, host, interval, timeout, done)
+		if err := leave(); err != nil {
+			res <- pollResult{err: errors.Join(r.err, err)}
+			select {} // keep the thread out of use (enterNetns)
+		}
+		res <- r
+	}()
+	r := <-res
+	return r.t, r.err
+}
+
+type pollResult struct {
+	t   time.Time
+	err error
+}
+
+// poll is PollHTTP's loop, on a thread already in the namespace.
+func (n *Node) poll(ctx context.Context, req *http.Request, host string, interval, timeout time.Duration, done func(string, error) bool) pollResult {
+	var last error
+	for {
+		body, err := getOnce(ctx, req, host, timeout)
+		if done(body, err) {
+			return pollResult{t: time.Now()}
+		}
+		last = err
+		select {
+		case <-ctx.Done():
+			return pollResult{err: fmt.Errorf("%s: %s: still not as awaited (last answer: %v): %w", n.Name, req.URL, last, ctx.Err())}
+		case <-time.After(interval):
+		}
+	}
+}
+
+// getOnce sends req over a new connection to host and reads the answer
+// (at most 4 KiB of body); a status other than 200 is an error.
+func getOnce(ctx context.Context, req *http.Request, host string, timeout time.Duration) (string, error) {
+	ctx, cancel := context.WithTimeout(ctx, timeout)
+	defer cancel()
+	var d net.Dialer
+	conn, err := d.DialContext(ctx, "tcp", host)
+	if err != nil {
+		return "", err
+	}
+	defer conn.Close()
+	if dl, ok := ctx.Deadline(); ok {
+		_ = conn.SetDeadline(dl)
+	}
+	if err := req.Write(conn); err != nil {
+		return "", err
+	}
+	resp, err := http.ReadResponse(bufio.NewReader(conn), req)
+	if err != nil {
+		return "", err
+	}
+	defer resp.Body.Close()
+	b, err := io.ReadAll(io.LimitReader(resp.Body, 4096))
+	if err != nil {
+		return string(b), err
+	}
+	if resp.StatusCode != http.StatusOK {
+		return string(b), fmt.Errorf("GET %s: %s", req.URL, resp.Status)
+	}
+	return string(b), nil
+}
+
 // Ping sends one ICMP echo from inside the node's namespace and waits for
 // the reply until ctx ends (or 1 s).
 func (n *Node) Ping(ctx context.Context, dst netip.Addr) (time.Duration, error) {

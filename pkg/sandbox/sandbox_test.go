@@ -7,6 +7,7 @@ import (
 	"path/filepath"
 	"slices"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -132,6 +133,49 @@ func TestHarness(t *testing.T) {
 	}
 	if diff := cmp.Diff([]string{"n1", "n2"}, sortedKeys(cv.PerNode)); diff != "" {
 		t.Errorf("converged nodes (-want +got):\n%s", diff)
+	}
+
+	// PollHTTP asks from inside its node's namespace, and many polls do
+	// not end the threads the nodes' meshd were started from (their
+	// Pdeathsig would kill them).
+	const probePort = 19900
+	if err := nodes[0].ServeDemo(probePort); err != nil {
+		t.Fatal(err)
+	}
+	url := fmt.Sprintf("http://127.0.0.1:%d/", probePort)
+	var body string
+	if _, err := nodes[0].PollHTTP(ctx, url, time.Millisecond, time.Second, func(b string, err error) bool {
+		body = b
+		return err == nil
+	}); err != nil || body != DemoBody(nodes[0].Name) {
+		t.Errorf("poll on %s: %q, %v", nodes[0].Name, body, err)
+	}
+	var wg sync.WaitGroup
+	for i := range 200 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			n := nodes[i%2]
+			pctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+			defer cancel()
+			var last error
+			if _, err := n.PollHTTP(pctx, url, time.Millisecond, time.Second, func(_ string, err error) bool {
+				last = err
+				return true
+			}); err != nil {
+				t.Errorf("poll on %s: %v", n.Name, err)
+			}
+			if n == nodes[1] && last == nil {
+				t.Errorf("%s reached %s's demo app on its own loopback", n.Name, nodes[0].Name)
+			}
+		}()
+	}
+	wg.Wait()
+	time.Sleep(100 * time.Millisecond) // a killed meshd is reaped
+	for _, n := range nodes {
+		if n.Pid() == 0 {
+			t.Errorf("meshd on %s stopped while the harness polled: %s", n.Name, n.LogTail(500))
+		}
 	}
 
 	// A killed node's entry vanishes with its lease; a restarted one returns.

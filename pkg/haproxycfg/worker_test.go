@@ -1,0 +1,187 @@
+package haproxycfg
+
+import (
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"os/exec"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/meshd/meshd/pkg/registry"
+)
+
+// TestOldWorkerOnStatsSocket: right after a reload, the old and the new
+// worker both hold the stats socket's listener (the new one inherits it,
+// "expose-fd listeners") until the master stops the old one, and the
+// kernel hands each connection to either. meshd must neither trust the
+// old worker's slots (they may already look as desired, and the pass
+// would change nothing in the worker that serves) nor count commands the
+// old worker took as applied.
+//
+// The old worker is a real HAProxy started from the same file with its
+// own stats socket; splitSocket stands in for the kernel's choice, routing
+// chosen connections to it.
+func TestOldWorkerOnStatsSocket(t *testing.T) {
+	dir := testDir(t)
+	opts := testOptions(dir)
+	c := newComponent(t, opts)
+	ctx := t.Context()
+	port := freePort(t)
+	a, b := startBackend(t, "a"), startBackend(t, "b")
+	if err := c.Apply(ctx, snapshot(map[string]appSpec{"web": {port, []*backend{a}}})); err != nil { // reload
+		t.Fatal(err)
+	}
+	old := startOldWorker(t, opts, port, dir)
+	// The old worker already has what the next change asks for.
+	oldPID, _, err := old.State(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	web := BackendName(registry.AppID{Group: registry.GroupServices, Name: "web"})
+	if err := old.Apply(ctx, oldPID, []SlotChange{{Backend: web, Slot: SlotName(0), To: Server{Addr: b.instance().Addr()}}}); err != nil {
+		t.Fatal(err)
+	}
+
+	split := startSplitSocket(t, opts.StatsSocket, old.Socket)
+
+	// The slots are read from the old worker, three times.
+	split.toOld(0, 1, 2)
+	if err := c.Apply(ctx, snapshot(map[string]appSpec{"web": {port, []*backend{b}}})); err != nil {
+		t.Fatal(err)
+	}
+	if got, err := ask(port); err != nil || got != "b" {
+		t.Fatalf("after the slots were read from the old worker: %q, %v; want b", got, err)
+	}
+	// The commands reach the old worker: the read before them came from
+	// the current one.
+	n := split.count()
+	split.toOld(n + 1)
+	if err := c.Apply(ctx, snapshot(map[string]appSpec{"web": {port, []*backend{a}}})); err != nil {
+		t.Fatal(err)
+	}
+	if got, err := ask(port); err != nil || got != "a" {
+		t.Fatalf("after the commands went to the old worker: %q, %v; want a", got, err)
+	}
+	if got := split.oldServed(); got != 4 {
+		t.Errorf("old worker answered %d connections, want 4 (the test did not exercise what it names)", got)
+	}
+	if st := status(c); st.RuntimeUpdates != 2 || st.Reloads != 1 {
+		t.Errorf("counters %+v, want 2 runtime updates and 1 reload", st.Counters)
+	}
+}
+
+// startOldWorker runs a second, real HAProxy from the component's file,
+// with its own stats socket and its frontend moved off port: it plays a
+// worker the master replaced but that still answers on the stats socket.
+func startOldWorker(t *testing.T, opts Options, port int, dir string) Runtime {
+	t.Helper()
+	cfg, err := os.ReadFile(opts.ConfigPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	sock := dir + "/old.sock"
+	s := strings.ReplaceAll(string(cfg), opts.StatsSocket, sock)
+	s = strings.ReplaceAll(s, fmt.Sprintf("127.0.0.1:%d\n", port), fmt.Sprintf("127.0.0.1:%d\n", freePort(t)))
+	path := dir + "/old.cfg"
+	if err := os.WriteFile(path, []byte(s), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	cmd := exec.Command(requireHAProxy(t), "-f", path)
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
+	r := Runtime{Socket: sock}
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		if _, _, err := r.State(t.Context()); err == nil {
+			return r
+		} else if time.Now().After(deadline) {
+			t.Fatalf("stand-in old worker: %v", err)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// splitSocket stands in for the kernel handing connections on a
+// listener two processes share: it takes the stats socket's path (the
+// current worker keeps listening on its socket, moved aside) and relays
+// each connection to the current worker, or to the old one for the
+// connection numbers toOld named (counting from 0).
+type splitSocket struct {
+	mu        sync.Mutex
+	n, served int
+	old       map[int]bool
+}
+
+func startSplitSocket(t *testing.T, path, oldPath string) *splitSocket {
+	t.Helper()
+	cur := path + ".cur"
+	if err := os.Rename(path, cur); err != nil {
+		t.Fatal(err)
+	}
+	ln, err := net.Listen("unix", path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	s := &splitSocket{old: map[int]bool{}}
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			s.mu.Lock()
+			to := cur
+			if s.old[s.n] {
+				to = oldPath
+				s.served++
+			}
+			s.n++
+			s.mu.Unlock()
+			go relay(c, to)
+		}
+	}()
+	return s
+}
+
+func (s *splitSocket) toOld(conns ...int) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for _, i := range conns {
+		s.old[i] = true
+	}
+}
+
+func (s *splitSocket) count() int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.n
+}
+
+func (s *splitSocket) oldServed() int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.served
+}
+
+// relay copies c to the unix socket at path and back, passing on the
+// half-close after the command that HAProxy's CLI answers.
+func relay(c net.Conn, path string) {
+	defer c.Close()
+	u, err := net.Dial("unix", path)
+	if err != nil {
+		return
+	}
+	defer u.Close()
+	go func() {
+		io.Copy(u, c)
+		u.(*net.UnixConn).CloseWrite()
+	}()
+	io.Copy(c, u)
+}

@@ -57,9 +57,10 @@ type Applier struct {
 	setMu sync.Mutex // serializes Set
 	// Fields below are written under setMu and mu, read under mu.
 	mu           sync.Mutex
-	appliedHash  string // Hash of the Desired HAProxy runs
-	structure    string // StructureHash of the config HAProxy runs
-	lastGood     []byte // the file content HAProxy runs
+	appliedHash  string  // Hash of the Desired HAProxy runs
+	applied      Desired // that Desired, for Verify
+	structure    string  // StructureHash of the config HAProxy runs
+	lastGood     []byte  // the file content HAProxy runs
 	rejectedHash string
 	rejectedErr  error
 	lastErr      error
@@ -80,6 +81,34 @@ func (a *Applier) Set(ctx context.Context, d Desired) error {
 	return err
 }
 
+// Verify compares the running HAProxy with what was last applied and
+// puts back what differs: slots someone changed on the stats socket, a
+// master the supervisor restarted from an older file, a reload of
+// another file. It changes nothing (and writes nothing) when HAProxy runs
+// what meshd applied; corrected reports whether it changed anything.
+// Set skips a Desired equal to the applied one, so without Verify such a
+// difference would last until the next registry change.
+func (a *Applier) Verify(ctx context.Context) (corrected bool, err error) {
+	a.setMu.Lock()
+	defer a.setMu.Unlock()
+	a.mu.Lock()
+	d, h, before := a.applied, a.appliedHash, a.counters
+	a.mu.Unlock()
+	if h == "" {
+		return false, nil // nothing applied yet: the next Set does it all
+	}
+	if _, err := a.Master.Procs(ctx); err != nil {
+		// No master answers: the supervisor (or the service manager)
+		// starts it again, and the next Set reports what is wrong.
+		return false, nil
+	}
+	err = a.setRetrying(ctx, d, h)
+	a.mu.Lock()
+	after := a.counters
+	a.mu.Unlock()
+	return after.RuntimeUpdates != before.RuntimeUpdates || after.Reloads != before.Reloads, err
+}
+
 func (a *Applier) set(ctx context.Context, d Desired) error {
 	h := Hash(d)
 	a.mu.Lock()
@@ -91,9 +120,15 @@ func (a *Applier) set(ctx context.Context, d Desired) error {
 	if h == rejected {
 		return rejectedErr // validating the same bytes again cannot help
 	}
-	// Right after a reload the old worker may still answer on the stats
-	// socket (ErrNotCurrentWorker) until the master stops it: read the
-	// slots again, from the current worker, rather than reload again.
+	return a.setRetrying(ctx, d, h)
+}
+
+// setRetrying is setOnce, repeated while the stats socket answers from
+// another worker than the current one (ErrNotCurrentWorker): right after
+// a reload the old worker may still answer until the master stops it, so
+// the slots are read again, from the current worker, rather than HAProxy
+// reloaded again.
+func (a *Applier) setRetrying(ctx context.Context, d Desired, h string) error {
 	deadline := time.Now().Add(notCurrentWait)
 	for {
 		err := a.setOnce(ctx, d, h)
@@ -148,7 +183,7 @@ func (a *Applier) setOnce(ctx context.Context, d Desired, h string) error {
 			err := a.applyRuntime(ctx, placed, changes, workerPID)
 			if err == nil {
 				a.mu.Lock()
-				a.appliedHash, a.rejectedHash, a.rejectedErr = h, "", nil
+				a.appliedHash, a.applied, a.rejectedHash, a.rejectedErr = h, d, "", nil
 				a.mu.Unlock()
 				return nil
 			}
@@ -263,7 +298,7 @@ func (a *Applier) reload(ctx context.Context, d, placed Desired, h string, runni
 	a.Log.Info("reloaded haproxy", "hash", h[:12], "listeners", len(d.Listeners),
 		"validate", validated.Sub(start).Round(time.Millisecond), "reload", time.Since(validated).Round(time.Millisecond))
 	a.mu.Lock()
-	a.appliedHash, a.structure, a.lastGood = h, StructureHash(d), content
+	a.appliedHash, a.applied, a.structure, a.lastGood = h, d, StructureHash(d), content
 	a.rejectedHash, a.rejectedErr = "", nil // the operator fixed it
 	a.mu.Unlock()
 	return nil

@@ -60,7 +60,15 @@ type Options struct {
 	// SuperviseEvery is how often a supervisor checks an adopted master
 	// (default 1s; a master this process started is noticed at once).
 	SuperviseEvery time.Duration
+	// VerifyEvery is how often Run compares the running HAProxy with what
+	// was applied and puts back what differs (Applier.Verify; default
+	// DefaultVerifyEvery).
+	VerifyEvery time.Duration
 }
+
+// DefaultVerifyEvery is how often HAProxy's running servers are compared
+// with what meshd applied, when Options.VerifyEvery is not set.
+const DefaultVerifyEvery = 10 * time.Second
 
 // Component renders HAProxy's configuration from registry snapshots and
 // applies it. It implements the agent's Component interface.
@@ -70,6 +78,7 @@ type Component struct {
 	log     *slog.Logger
 	applier *Applier
 	sup     *Supervisor
+	metrics *metrics
 
 	mu   sync.Mutex
 	last Desired
@@ -185,6 +194,9 @@ func New(opts Options, log *slog.Logger, reg prometheus.Registerer) (*Component,
 	if opts.SuperviseEvery <= 0 {
 		opts.SuperviseEvery = time.Second
 	}
+	if opts.VerifyEvery <= 0 {
+		opts.VerifyEvery = DefaultVerifyEvery
+	}
 	if err := os.MkdirAll(filepath.Dir(opts.ConfigPath), 0o755); err != nil {
 		return nil, fmt.Errorf("haproxy: %w", err)
 	}
@@ -193,8 +205,9 @@ func New(opts Options, log *slog.Logger, reg prometheus.Registerer) (*Component,
 		return nil, err
 	}
 	c := &Component{
-		opts: opts,
-		log:  log,
+		opts:    opts,
+		log:     log,
+		metrics: m,
 		params: Params{
 			Self: opts.Self, Consume: opts.Consume, ReservedPorts: opts.ReservedPorts, AllowLowPorts: opts.AllowLowPorts,
 			ServerSlots: opts.ServerSlots, StatsSocket: opts.StatsSocket, MasterSocket: opts.MasterSocket,
@@ -304,10 +317,34 @@ func StatusOf(d Desired, configPath string, counters Counters) Status {
 // the agent runs it in its errgroup. It never stops HAProxy: a meshd
 // restart must not interrupt the mesh; the next meshd adopts the master.
 func (c *Component) Run(ctx context.Context) error {
+	var wg sync.WaitGroup
 	if c.sup != nil {
-		c.sup.Run(ctx, c.opts.SuperviseEvery)
+		wg.Go(func() { c.sup.Run(ctx, c.opts.SuperviseEvery) })
 	}
+	c.verifyLoop(ctx)
+	wg.Wait()
 	return nil
+}
+
+// verifyLoop runs Applier.Verify every VerifyEvery until ctx ends.
+func (c *Component) verifyLoop(ctx context.Context) {
+	t := time.NewTicker(c.opts.VerifyEvery)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		corrected, err := c.applier.Verify(ctx)
+		switch {
+		case err != nil && ctx.Err() == nil:
+			c.log.Warn("could not compare haproxy with what meshd applied", "err", err)
+		case corrected:
+			c.metrics.driftCorrections.Inc()
+			c.log.Warn("haproxy's servers differed from what meshd applied (changed on the stats socket, or restarted from an older file); put back")
+		}
+	}
 }
 
 // Close releases nothing today (Run owns the supervisor); it is kept so

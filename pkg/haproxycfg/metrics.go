@@ -15,6 +15,7 @@ type metrics struct {
 	runtimeSlots       prometheus.Counter
 	validationFailures prometheus.Counter
 	masterStarts       prometheus.Counter
+	driftCorrections   prometheus.Counter
 }
 
 // newMetrics registers the counters on reg (a private registry if nil).
@@ -43,8 +44,12 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 			Name: "meshd_haproxy_master_starts_total",
 			Help: "HAProxy masters started by the supervisor.",
 		}),
+		driftCorrections: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "meshd_haproxy_drift_corrections_total",
+			Help: "Times HAProxy was found running other servers than meshd applied (changed on the stats socket, restarted from an older file) and was put back.",
+		}),
 	}
-	for _, c := range []prometheus.Collector{m.reloads, m.runtimeUpdates, m.runtimeSlots, m.validationFailures, m.masterStarts} {
+	for _, c := range []prometheus.Collector{m.reloads, m.runtimeUpdates, m.runtimeSlots, m.validationFailures, m.masterStarts, m.driftCorrections} {
 		if err := reg.Register(c); err != nil {
 			return nil, fmt.Errorf("haproxy metrics: %w", err)
 		}

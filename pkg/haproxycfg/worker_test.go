@@ -11,6 +11,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
+
 	"github.com/meshd/meshd/pkg/registry"
 )
 
@@ -184,4 +186,65 @@ func relay(c net.Conn, path string) {
 		u.(*net.UnixConn).CloseWrite()
 	}()
 	io.Copy(c, u)
+}
+
+// TestVerifyPutsBackDrift: servers changed behind meshd's back on the
+// stats socket are put back within VerifyEvery, with no registry change;
+// while HAProxy runs what meshd applied, Verify changes and writes
+// nothing.
+func TestVerifyPutsBackDrift(t *testing.T) {
+	opts := testOptions(testDir(t))
+	opts.VerifyEvery = 50 * time.Millisecond
+	reg := prometheus.NewRegistry()
+	c := newComponentReg(t, opts, reg)
+	ctx := t.Context()
+	port := freePort(t)
+	a, b := startBackend(t, "a"), startBackend(t, "b")
+	if err := c.Apply(ctx, snapshot(map[string]appSpec{"web": {port, []*backend{a}}})); err != nil {
+		t.Fatal(err)
+	}
+	before, err := os.Stat(opts.ConfigPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(10 * opts.VerifyEvery)
+	after, err := os.Stat(opts.ConfigPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if st := status(c); st.RuntimeUpdates != 0 || st.Reloads != 1 || !after.ModTime().Equal(before.ModTime()) {
+		t.Fatalf("with nothing to put back: counters %+v, file modified %v → %v", st.Counters, before.ModTime(), after.ModTime())
+	}
+
+	rt := Runtime{Socket: opts.StatsSocket}
+	web := BackendName(registry.AppID{Group: registry.GroupServices, Name: "web"})
+	for i, change := range []SlotChange{
+		{Backend: web, Slot: SlotName(0), To: Server{Addr: b.instance().Addr()}}, // another server
+		{Backend: web, Slot: SlotName(0)},                                        // none
+	} {
+		pid, _, err := rt.State(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := rt.Apply(ctx, pid, []SlotChange{change}); err != nil {
+			t.Fatal(err)
+		}
+		deadline := time.Now().Add(5 * time.Second)
+		for status(c).RuntimeUpdates < int64(i+1) && time.Now().Before(deadline) {
+			time.Sleep(10 * time.Millisecond)
+		}
+		if st := status(c); st.RuntimeUpdates != int64(i+1) || st.Reloads != 1 {
+			t.Fatalf("change %d not put back: counters %+v, want %d runtime updates and no reload", i, st.Counters, i+1)
+		}
+		if got, err := ask(port); err != nil || got != "a" {
+			t.Errorf("change %d put back: %q, %v; want a", i, got, err)
+		}
+	}
+	deadline := time.Now().Add(5 * time.Second)
+	for counter(t, reg, "meshd_haproxy_drift_corrections_total", "", "") < 2 && time.Now().Before(deadline) {
+		time.Sleep(10 * time.Millisecond)
+	}
+	if got := counter(t, reg, "meshd_haproxy_drift_corrections_total", "", ""); got != 2 {
+		t.Errorf("meshd_haproxy_drift_corrections_total %v, want 2", got)
+	}
 }

@@ -37,7 +37,20 @@ type Watcher struct {
 	// MaxBackoff bounds the retry delay (default 250 ms: a node must see
 	// etcd again within a fraction of a second of its return).
 	MaxBackoff time.Duration
+	// ListTimeout bounds a list's read (default 5 s). A read that runs
+	// out of it is retried with twice the time, up to MaxListTimeout, and
+	// the next list after a success starts from ListTimeout again: a
+	// fixed bound would fail forever once a large prefix takes longer to
+	// read than it (a busy etcd, thousands of nodes restarting at once),
+	// and every retry would load etcd with the same read again.
+	ListTimeout time.Duration
+
+	// The first list's bound and the next one's; Run's goroutine only.
+	listFirst, listWait time.Duration
 }
+
+// MaxListTimeout is the longest a list's read is given.
+const MaxListTimeout = 2 * time.Minute
 
 // Run lists and watches until ctx ends.
 func (w *Watcher) Run(ctx context.Context) error {
@@ -51,6 +64,11 @@ func (w *Watcher) Run(ctx context.Context) error {
 		listed bool
 		retry  = backoff.Backoff{Base: 100 * time.Millisecond, Max: maxBackoff, Jitter: true}
 	)
+	w.listFirst = w.ListTimeout
+	if w.listFirst <= 0 {
+		w.listFirst = listTimeout
+	}
+	w.listWait = w.listFirst
 	for ctx.Err() == nil {
 		err := w.watch(ctx, &rev, &listed, &retry)
 		switch {
@@ -60,7 +78,10 @@ func (w *Watcher) Run(ctx context.Context) error {
 			w.Store.Relisting(w.Prefix)
 			listed = false
 		case errors.Is(err, errList):
-			log.Warn("list failed, retrying", "prefix", w.Prefix, "err", err)
+			if errors.Is(err, context.DeadlineExceeded) {
+				w.listWait = min(2*w.listWait, MaxListTimeout)
+			}
+			log.Warn("list failed, retrying", "prefix", w.Prefix, "err", err, "timeout", w.listWait)
 			retry.Wait(ctx)
 		case err != nil:
 			log.Warn("watch interrupted, resuming", "prefix", w.Prefix, "rev", rev+1, "err", err)
@@ -72,7 +93,7 @@ func (w *Watcher) Run(ctx context.Context) error {
 
 var errList = errors.New("list")
 
-// listTimeout bounds a list's read, and is how often a watcher waiting
+// listTimeout is ListTimeout's default, and how often a watcher waiting
 // for etcd to confirm its watch says so.
 const listTimeout = 5 * time.Second
 
@@ -184,12 +205,16 @@ func (w *Watcher) list(ctx, wctx context.Context, opts []clientv3.OpOption, rev 
 	case <-ctx.Done():
 		return nil, ctx.Err()
 	}
-	lctx, cancel := context.WithTimeout(ctx, listTimeout)
+	lctx, cancel := context.WithTimeout(ctx, w.listWait)
 	resp, err := w.Client.Get(lctx, w.Prefix, clientv3.WithPrefix())
 	cancel()
 	if err != nil {
+		if lctx.Err() != nil && ctx.Err() == nil {
+			err = fmt.Errorf("not read within %v: %w", w.listWait, context.DeadlineExceeded)
+		}
 		return nil, fmt.Errorf("%w %s: %w", errList, w.Prefix, err)
 	}
+	w.listWait = w.listFirst
 	w.Store.Replace(w.Prefix, kvsOf(resp), resp.Header.Revision)
 	*rev = resp.Header.Revision
 	if w.Relisted != nil {

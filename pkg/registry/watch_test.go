@@ -250,3 +250,43 @@ func TestWatchStartWithoutEtcdSaysSo(t *testing.T) {
 		time.Sleep(50 * time.Millisecond)
 	}
 }
+
+// TestSlowListGetsMoreTime: a list whose read cannot finish within its
+// timeout (a large prefix on a busy etcd) is retried with twice the time
+// until it finishes, instead of failing at the same bound forever.
+func TestSlowListGetsMoreTime(t *testing.T) {
+	srv := etcdtest.New(t)
+	cli := etcdtest.NewClient(t, srv)
+	ctx := context.Background()
+	val := strings.Repeat("x", 1000)
+	for i := range 1000 {
+		if _, err := cli.Put(ctx, fmt.Sprintf("%sbig/k%04d", registry.ClusterPrefix, i), val); err != nil {
+			t.Fatal(err)
+		}
+	}
+	cli.Put(ctx, registry.MetaKey("backends", "a"), meta(1000))
+	var logs testlog.Buffer
+	wcli, err := clientv3.New(clientv3.Config{Endpoints: []string{srv.Endpoint()}, DialTimeout: time.Second, Logger: zap.NewNop()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { wcli.Close() })
+	store := registry.NewStore()
+	w := &registry.Watcher{Client: wcli, Prefix: registry.ClusterPrefix, Store: store, MaxBackoff: 50 * time.Millisecond,
+		ListTimeout: 50 * time.Microsecond, Log: slog.New(slog.NewTextHandler(&logs, nil))}
+	wctx, cancel := context.WithCancel(ctx)
+	done := make(chan struct{})
+	go func() { w.Run(wctx); close(done) }()
+	t.Cleanup(func() { cancel(); <-done })
+
+	deadline := time.Now().Add(30 * time.Second)
+	for len(store.Snapshot().Apps) != 1 {
+		if time.Now().After(deadline) {
+			t.Fatalf("not listed within 30 s; log:\n%s", logs.String())
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	if !strings.Contains(logs.String(), `msg="list failed, retrying" prefix=/cluster/`) || !strings.Contains(logs.String(), "timeout=100µs") {
+		t.Errorf("no list ran out of its 50 µs and was retried with 100 µs (the test read nothing slow); log:\n%s", logs.String())
+	}
+}

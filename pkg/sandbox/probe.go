@@ -75,13 +75,19 @@ func (n *Node) Fetch(ctx context.Context, url string, limit int64) ([]byte, erro
 	if err != nil {
 		return nil, err
 	}
+	return readAnswer(resp, limit)
+}
+
+// readAnswer reads at most limit bytes of resp's body and closes it; a
+// status other than 200 is an error (with the body).
+func readAnswer(resp *http.Response, limit int64) ([]byte, error) {
 	defer resp.Body.Close()
 	b, err := io.ReadAll(io.LimitReader(resp.Body, limit))
 	if err != nil {
 		return b, err
 	}
 	if resp.StatusCode != http.StatusOK {
-		return b, fmt.Errorf("GET %s: %s", url, resp.Status)
+		return b, fmt.Errorf("GET %s: %s", resp.Request.URL, resp.Status)
 	}
 	return b, nil
 }
@@ -168,15 +174,8 @@ func getOnce(ctx context.Context, req *http.Request, host string, timeout time.D
 	if err != nil {
 		return "", err
 	}
-	defer resp.Body.Close()
-	b, err := io.ReadAll(io.LimitReader(resp.Body, 4096))
-	if err != nil {
-		return string(b), err
-	}
-	if resp.StatusCode != http.StatusOK {
-		return string(b), fmt.Errorf("GET %s: %s", req.URL, resp.Status)
-	}
-	return string(b), nil
+	b, err := readAnswer(resp, 4096)
+	return string(b), err
 }
 
 // Ping sends one ICMP echo from inside the node's namespace and waits for

@@ -1,9 +1,11 @@
 package bench
 
 import (
-	"github.com/meshd/meshd/pkg/registry"
+	"net/netip"
 	"testing"
 	"time"
+
+	"github.com/meshd/meshd/pkg/registry"
 )
 
 // TestScrapeHistograms reads sums and counts of plain and labelled
@@ -55,5 +57,21 @@ func TestPoolSubnet(t *testing.T) {
 	}
 	if p, err := poolSubnet(registry.DefaultPool, 90*256); err == nil {
 		t.Errorf("subnet beyond the pool: %v, want an error", p)
+	}
+}
+
+// TestBenchInstanceIsValid: the scale bench's instance passes meshd's
+// check at every size the bench runs (it lies in the pool and in no
+// subnet the bench's 10,000 nodes claim), so its change is one agents
+// apply, not one they drop.
+func TestBenchInstanceIsValid(t *testing.T) {
+	addr := netip.MustParseAddr(benchInstanceNet + ".1")
+	last, err := poolSubnet(registry.DefaultPool, 9999)
+	if err != nil {
+		t.Fatal(err)
+	}
+	in := netip.PrefixFrom(addr, 24).Masked()
+	if !registry.DefaultPool.Contains(in) || in.Addr().Less(last.Addr()) || in == last {
+		t.Errorf("instance %v: in pool %v, claimed subnets end at %v", addr, registry.DefaultPool.Contains(in), last)
 	}
 }

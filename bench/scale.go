@@ -347,7 +347,7 @@ func Scale(ctx context.Context, o ScaleOptions) (ScaleResult, error) {
 			start := time.Now()
 			var rev int64
 			if add {
-				v := fmt.Sprintf(`{"ipv4":"10.10.200.%d","node":"worker-x","port":8080}`, t%250+1)
+				v := fmt.Sprintf(`{"ipv4":"%s.%d","node":"worker-x","port":8080}`, benchInstanceNet, t%250+1)
 				r, err := ctl.Put(ctx, key, v)
 				if err != nil {
 					return res, err
@@ -541,6 +541,13 @@ func registerNode(ctx context.Context, cli *clientv3.Client, lease clientv3.Leas
 	}
 	return nil
 }
+
+// benchInstanceNet holds the addresses of the scale bench's instance: the
+// overlay pool's last /24. An instance of a node without a member record
+// (worker-x) must point into the pool and into no subnet another node
+// claimed, or every agent drops it as invalid and the change measured
+// changes nothing; the bench's nodes claim the pool's first subnets.
+const benchInstanceNet = "10.98.255"
 
 // poolSubnet is the pool's i-th subnet.
 func poolSubnet(pool registry.Pool, i int) (netip.Prefix, error) {

@@ -188,11 +188,7 @@ func (r Runtime) State(ctx context.Context) (pid int, live Live, err error) {
 // parseState splits the answer to `show info;show servers state` at the
 // first empty line (show info has none inside) and parses both parts.
 func parseState(out string) (int, Live, error) {
-	info, servers, ok := strings.Cut(out, "\n\n")
-	if !ok {
-		return 0, nil, fmt.Errorf("runtime: no end of show info in %q", firstLines(out, 3))
-	}
-	pid, err := parsePid(info, out)
+	pid, servers, err := cutInfo(out)
 	if err != nil {
 		return 0, nil, err
 	}
@@ -206,19 +202,24 @@ func parseState(out string) (int, Live, error) {
 	return pid, live, nil
 }
 
-// parsePid reads the Pid line of a `show info` answer (info; out is the
-// whole answer, quoted in errors).
-func parsePid(info, out string) (int, error) {
+// cutInfo takes the answer to `show info` off the front of out (it ends
+// at the first empty line and has none inside) and returns its Pid and
+// the answers after it.
+func cutInfo(out string) (pid int, rest string, err error) {
+	info, rest, ok := strings.Cut(out, "\n\n")
+	if !ok {
+		return 0, "", fmt.Errorf("runtime: no end of show info in %q", firstLines(out, 3))
+	}
 	for _, line := range strings.Split(info, "\n") {
 		if v, ok := strings.CutPrefix(line, "Pid: "); ok {
 			n, err := strconv.Atoi(strings.TrimSpace(v))
 			if err != nil || n <= 0 {
-				return 0, fmt.Errorf("runtime: show info: bad %q", line)
+				return 0, "", fmt.Errorf("runtime: show info: bad %q", line)
 			}
-			return n, nil
+			return n, rest, nil
 		}
 	}
-	return 0, fmt.Errorf("runtime: no Pid in show info (answer begins %q)", firstLines(out, 3))
+	return 0, "", fmt.Errorf("runtime: no Pid in show info (answer begins %q)", firstLines(out, 3))
 }
 
 // firstLines returns the first n lines of s.
@@ -235,10 +236,10 @@ func firstLines(s string, n int) string {
 // is told is lost with it.
 var ErrNotCurrentWorker = errors.New("stats socket answered by a worker that is not the current one")
 
-// applyBatch bounds the commands sent over one connection: HAProxy reads
+// batchBytes bounds the commands sent over one connection: HAProxy reads
 // a CLI line in chunks of its buffer size and runs the commands as they
 // come, but one answer per command has to come back whole.
-const applyBatch = 8 << 10
+const batchBytes = 8 << 10
 
 // Apply makes the listed slot changes in worker pid (the master's current
 // worker). The commands go over as few connections as can carry them,
@@ -260,7 +261,7 @@ func (r Runtime) Apply(ctx context.Context, pid int, changes []SlotChange) error
 	}
 	for len(cmds) > 0 {
 		n, size := 0, 0
-		for n < len(cmds) && (n == 0 || size+len(cmds[n])+1 <= applyBatch) {
+		for n < len(cmds) && (n == 0 || size+len(cmds[n])+1 <= batchBytes) {
 			size += len(cmds[n]) + 1
 			n++
 		}
@@ -299,11 +300,8 @@ func (r Runtime) applyBatch(ctx context.Context, pid int, cmds []string) error {
 // non-interactive mode the CLI ends every command's answer with an empty
 // line, so a command that answers nothing answers just that line.
 func parseBatch(out string) (pid int, answers []string, err error) {
-	info, rest, ok := strings.Cut(out, "\n\n")
-	if !ok {
-		return 0, nil, fmt.Errorf("runtime: no end of show info in %q", firstLines(out, 3))
-	}
-	if pid, err = parsePid(info, out); err != nil {
+	pid, rest, err := cutInfo(out)
+	if err != nil {
 		return 0, nil, err
 	}
 	var cur []string

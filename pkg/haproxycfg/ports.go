@@ -3,14 +3,10 @@ package haproxycfg
 import (
 	"bufio"
 	"bytes"
-	"cmp"
-	"context"
 	"fmt"
-	"net"
 	"os"
 	"strconv"
 	"strings"
-	"syscall"
 
 	"golang.org/x/sys/unix"
 )
@@ -25,29 +21,36 @@ const MinUnprivilegedPort = 1024
 type PortProbe func(port int) error
 
 // ProbeLoopback binds 127.0.0.1:port the way HAProxy does (SO_REUSEADDR
-// and SO_REUSEPORT) and closes it at once: a port some other process
-// listens on (etcd's 2379, sshd's 22 on 0.0.0.0, meshd's own metrics)
-// fails with "address already in use", while a port another HAProxy
-// holds (the legacy one a migrating node is handing over from) binds, as
-// it would for HAProxy. `haproxy -c` does not bind, so without this check
-// a busy port passes validation and fails the reload, and every later
-// change of the node fails with it.
+// and SO_REUSEPORT) and closes the socket at once: a port some other
+// process listens on (etcd's 2379, sshd's 22 on 0.0.0.0, meshd's own
+// metrics) fails with "address already in use", while a port another
+// HAProxy holds (the legacy one a migrating node is handing over from)
+// binds, as it would for HAProxy. `haproxy -c` does not bind, so without
+// this check a busy port passes validation and fails the reload, and
+// every later change of the node fails with it.
+//
+// The socket is bound, never listened on: a listening socket would join
+// the other HAProxy's reuseport group, be handed some of its incoming
+// connections, and reset them on close.
 func ProbeLoopback(port int) error {
-	lc := net.ListenConfig{Control: func(_, _ string, c syscall.RawConn) error {
-		var serr error
-		err := c.Control(func(fd uintptr) {
-			serr = syscall.SetsockoptInt(int(fd), syscall.SOL_SOCKET, syscall.SO_REUSEADDR, 1)
-			if serr == nil {
-				serr = syscall.SetsockoptInt(int(fd), syscall.SOL_SOCKET, unix.SO_REUSEPORT, 1)
-			}
-		})
-		return cmp.Or(err, serr)
-	}}
-	ln, err := lc.Listen(context.Background(), "tcp4", "127.0.0.1:"+strconv.Itoa(port))
-	if err != nil {
-		return err
+	if port < 0 || port > 65535 {
+		return fmt.Errorf("port %d out of range", port)
 	}
-	return ln.Close()
+	fd, err := unix.Socket(unix.AF_INET, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		return fmt.Errorf("probe port %d: %w", port, err)
+	}
+	defer unix.Close(fd)
+	if err := unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_REUSEADDR, 1); err != nil {
+		return fmt.Errorf("probe port %d: %w", port, err)
+	}
+	if err := unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_REUSEPORT, 1); err != nil {
+		return fmt.Errorf("probe port %d: %w", port, err)
+	}
+	if err := unix.Bind(fd, &unix.SockaddrInet4{Port: port, Addr: [4]byte{127, 0, 0, 1}}); err != nil {
+		return fmt.Errorf("bind 127.0.0.1:%d: %w", port, err)
+	}
+	return nil
 }
 
 // LeaveOutBusy removes from d every listener whose port is neither held

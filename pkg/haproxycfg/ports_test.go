@@ -1,10 +1,16 @@
 package haproxycfg
 
 import (
+	"io"
 	"net"
 	"strings"
+	"sync"
+	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/meshd/meshd/pkg/registry"
 )
@@ -89,5 +95,78 @@ func TestLowPortsRefusedUnlessAllowed(t *testing.T) {
 	d = Compute(snap, p)
 	if len(d.Listeners) != 2 || hasProblem(d.Problems, "services/web", "") || !hasProblem(d.Problems, "services/ssh", "below 1024") {
 		t.Errorf("80 allowed: listeners %v, problems %v", d.Listeners, d.Problems)
+	}
+}
+
+// TestProbeTakesNoConnection: probing a port that another HAProxy holds
+// (the legacy one on a migrating node: SO_REUSEPORT, listening and
+// serving) must not touch its clients. A probe that listened would join
+// the port's reuseport group for a moment, be handed some of the
+// incoming connections, and reset them when it closed.
+func TestProbeTakesNoConnection(t *testing.T) {
+	lc := net.ListenConfig{Control: func(_, _ string, c syscall.RawConn) error {
+		return c.Control(func(fd uintptr) {
+			syscall.SetsockoptInt(int(fd), syscall.SOL_SOCKET, syscall.SO_REUSEADDR, 1)
+			syscall.SetsockoptInt(int(fd), syscall.SOL_SOCKET, unix.SO_REUSEPORT, 1)
+		})
+	}}
+	ln, err := lc.Listen(t.Context(), "tcp4", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			c.Write([]byte("x"))
+			c.Close()
+		}
+	}()
+	port := ln.Addr().(*net.TCPAddr).Port
+	var ok, failed atomic.Int64
+	var firstErr atomic.Value
+	done := make(chan struct{})
+	var wg sync.WaitGroup
+	for range 2 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			buf := make([]byte, 1)
+			for {
+				select {
+				case <-done:
+					return
+				default:
+				}
+				c, err := net.Dial("tcp4", ln.Addr().String())
+				if err == nil {
+					c.SetReadDeadline(time.Now().Add(10 * time.Second))
+					_, err = io.ReadFull(c, buf)
+					c.Close()
+				}
+				if err != nil {
+					failed.Add(1)
+					firstErr.CompareAndSwap(nil, err)
+				} else {
+					ok.Add(1)
+				}
+			}
+		}()
+	}
+	for i := 0; i < 3000 && failed.Load() == 0; i++ {
+		if err := ProbeLoopback(port); err != nil {
+			t.Fatalf("probe of a port held with SO_REUSEPORT: %v", err)
+		}
+	}
+	close(done)
+	wg.Wait()
+	if n := failed.Load(); n != 0 {
+		t.Fatalf("%d of %d connections failed while the port was probed, first: %v", n, n+ok.Load(), firstErr.Load())
+	}
+	if ok.Load() == 0 {
+		t.Fatal("no connection got through")
 	}
 }

@@ -36,6 +36,14 @@ type Options struct {
 	// gathered into the next pass; an event after a quiet period is
 	// applied at once (see loop).
 	Coalesce time.Duration
+	// RegisterTimeout bounds one registration attempt (lease, member
+	// claim, node entry; default DefaultRegisterTimeout). An attempt that
+	// runs out of it is retried with twice the time, up to
+	// MaxRegisterTimeout, and a success starts from RegisterTimeout again:
+	// an overloaded etcd (thousands of nodes starting together) may need
+	// longer than any fixed bound, and retrying at the same bound would
+	// fail every time while etcd still does the abandoned work.
+	RegisterTimeout time.Duration
 	// StateDir keeps the lease ID so that a restarted meshd resumes its
 	// lease instead of churning its keys.
 	StateDir string

@@ -3,6 +3,7 @@ package agent_test
 import (
 	"context"
 	"errors"
+	"fmt"
 	"log/slog"
 	"net/netip"
 	"os"
@@ -16,6 +17,7 @@ import (
 	"github.com/meshd/meshd/pkg/agent"
 	"github.com/meshd/meshd/pkg/etcdtest"
 	"github.com/meshd/meshd/pkg/registry"
+	"github.com/meshd/meshd/pkg/testlog"
 )
 
 // recorder is a Component that records the revisions it was given and
@@ -270,4 +272,47 @@ func TestFailingCheckWithdrawsInstance(t *testing.T) {
 	healthy = true
 	mu.Unlock()
 	eventually(t, 2*time.Second, "advertised again", present)
+}
+
+// TestSlowRegistrationGetsMoreTime: a registration that needs longer than
+// its bound (here 1 ms, against a registry of 2,000 subnet claims the
+// claim reads whole) is retried with twice the time until it fits, not
+// at the same bound forever.
+func TestSlowRegistrationGetsMoreTime(t *testing.T) {
+	srv := etcdtest.New(t)
+	cli := etcdtest.NewClient(t, srv)
+	ctx := t.Context()
+	pool := registry.Pool{Min: mustAddr("10.16.0.0"), Max: mustAddr("10.31.255.0"), Bits: 24}
+	ops := make([]clientv3.Op, 0, 100)
+	for i := range 2000 {
+		p := netip.PrefixFrom(netip.AddrFrom4([4]byte{10, byte(16 + i/256), byte(i % 256), 0}), 24)
+		ops = append(ops, clientv3.OpPut(registry.SubnetKey(p), fmt.Sprintf(`{"node":"other%04d"}`, i)))
+		if len(ops) == cap(ops) {
+			if _, err := cli.Txn(ctx).Then(ops...).Commit(); err != nil {
+				t.Fatal(err)
+			}
+			ops = ops[:0]
+		}
+	}
+	var logs testlog.Buffer
+	startNode(t, srv, "n1", id1, t.TempDir(), func(o *agent.Options) {
+		o.RegisterTimeout = time.Millisecond
+		o.Member = &agent.MemberOptions{PublicKey: flannelKey, Endpoint: "192.0.2.1:51820", Pool: pool}
+		o.Log = slog.New(slog.NewTextHandler(&logs, nil))
+	})
+	eventually(t, 30*time.Second, "n1 registered", func() bool {
+		r, err := cli.Get(ctx, registry.NodeKey("n1"))
+		return err == nil && len(r.Kvs) == 1
+	})
+	if !strings.Contains(logs.String(), `msg="registration failed, retrying"`) || !strings.Contains(logs.String(), "timeout=2ms") {
+		t.Errorf("no registration ran out of its 1 ms and was retried with 2 ms (the test registered nothing slow); log:\n%s", logs.String())
+	}
+	r, err := cli.Get(ctx, registry.MemberKey("n1"))
+	if err != nil || len(r.Kvs) != 1 {
+		t.Fatalf("n1's member record: %v, %v", r, err)
+	}
+	m, err := registry.DecodeMember("n1", r.Kvs[0].Value)
+	if b := m.Subnet.Addr().As4(); err != nil || !pool.Contains(m.Subnet) || int(b[1]-16)*256+int(b[2]) < 2000 {
+		t.Errorf("n1's member record %+v, %v: want a subnet of the pool no other node claimed", m, err)
+	}
 }

@@ -1,6 +1,7 @@
 package agent
 
 import (
+	"cmp"
 	"context"
 	"encoding/json"
 	"errors"
@@ -20,6 +21,14 @@ import (
 	"github.com/meshd/meshd/pkg/registry"
 )
 
+// DefaultRegisterTimeout bounds a registration attempt unless
+// Options.RegisterTimeout says otherwise; MaxRegisterTimeout is the
+// longest an attempt is given after attempts ran out of time.
+const (
+	DefaultRegisterTimeout = 10 * time.Second
+	MaxRegisterTimeout     = 2 * time.Minute
+)
+
 // session holds the node's presence: it claims the member record, acquires
 // a lease (resuming the previous process's lease when it is still alive, so
 // a restart changes nothing that others see), registers the node entry,
@@ -27,20 +36,26 @@ import (
 // over when the lease is lost.
 func (a *Agent) session(ctx context.Context) error {
 	retry := backoff.Backoff{Base: 100 * time.Millisecond, Max: etcdclient.RetryMax, Jitter: true}
+	first := cmp.Or(a.o.RegisterTimeout, DefaultRegisterTimeout)
+	timeout := first
 	for ctx.Err() == nil {
-		lease, err := a.establish(ctx)
+		lease, err := a.establish(ctx, timeout)
 		if errors.Is(err, ErrNodeOwned) {
 			a.log.Error("refusing to take over the node entry", "err", err)
 			return err
 		}
 		if err != nil {
 			if ctx.Err() == nil {
-				a.log.Warn("registration failed, retrying", "err", err)
+				a.log.Warn("registration failed, retrying", "err", err, "timeout", timeout)
+				if errors.Is(err, context.DeadlineExceeded) {
+					timeout = min(2*timeout, MaxRegisterTimeout)
+				}
 				retry.Wait(ctx)
 			}
 			continue
 		}
 		retry.Reset()
+		timeout = first
 		a.log.Info("registered", "lease", fmt.Sprintf("%x", int64(lease)))
 		a.metrics.registered.Set(1)
 		a.mu.Lock()
@@ -67,8 +82,8 @@ func (a *Agent) session(ctx context.Context) error {
 // the node entry. The lease comes first so that the node entry follows the
 // member record by one round trip: peers see the node whole that much
 // sooner.
-func (a *Agent) establish(ctx context.Context) (clientv3.LeaseID, error) {
-	rctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+func (a *Agent) establish(ctx context.Context, timeout time.Duration) (clientv3.LeaseID, error) {
+	rctx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()
 	lease, err := a.acquireLease(rctx)
 	if err != nil {

@@ -50,34 +50,77 @@ type retryState struct {
 	peer   desired.Peer
 	added  time.Time
 	delays []time.Duration
-	next   int // index into delays of the next check
+	next   int // index into delays of the next scheduled check
 
 	// What the previous check saw of a completed handshake: its time and
 	// the byte counters then (see needsRetry).
 	handshake time.Time
 	rx, tx    int64
+	// suspect: a check saw this node send over that handshake and receive
+	// nothing; confirmAt, when set, is an extra check soon after it.
+	suspect   bool
+	confirmAt time.Time
 }
 
-// needsRetry decides, from the live peer, whether k should be re-added,
-// and records what it saw for the next check. A peer is re-added when
-// it has completed no handshake since it was added, or when, since the
-// previous check, the same handshake is in place and this node sent it
-// data but received nothing at all: the two sides hold keys that do not
-// match (seen after crossing initiations, wireguard-go), which WireGuard
-// itself only notices after 15 s without a reply. A peer that only
+// noReplyConfirm is how soon after a check that saw this node send and
+// receive nothing a second look is taken.
+const noReplyConfirm = 100 * time.Millisecond
+
+// nextCheck returns when k is to be checked next; false once its
+// schedule is over and nothing is left to confirm.
+func (k *retryState) nextCheck() (time.Time, bool) {
+	if !k.confirmAt.IsZero() {
+		return k.confirmAt, true
+	}
+	if k.next < len(k.delays) {
+		return k.added.Add(k.delays[k.next]), true
+	}
+	return time.Time{}, false
+}
+
+// advance moves k past the check that is due now.
+func (k *retryState) advance() {
+	if !k.confirmAt.IsZero() {
+		k.confirmAt = time.Time{}
+		return
+	}
+	k.next++
+}
+
+// needsRetry decides at now, from the live peer, whether k should be
+// re-added, and records what it saw for the next check. A peer is
+// re-added when it has completed no handshake since it was added, or
+// when, over the same handshake, this node received nothing at all while
+// it kept sending: data sent at two checks in a row, nothing received
+// since the one before. That is the state of two sides holding keys that
+// do not match (seen after crossing initiations, wireguard-go), which
+// WireGuard itself only notices after 15 s without a reply. One packet
+// that gets no answer (a keepalive, an ICMP error, a reply still on its
+// way) is not enough: the first such check only makes the peer a suspect
+// and asks for a second look noReplyConfirm later. A peer that only
 // receives, or is silent, or got a new handshake since, is left alone.
 // The reason is "no handshake" or "no reply" ("" when no retry).
-func (k *retryState) needsRetry(p wgtypes.Peer) (bool, string) {
+func (k *retryState) needsRetry(p wgtypes.Peer, now time.Time) (bool, string) {
 	if !p.LastHandshakeTime.After(k.added) {
-		k.handshake = time.Time{}
+		k.handshake, k.suspect, k.confirmAt = time.Time{}, false, time.Time{}
 		return true, "no handshake"
 	}
-	broken := p.LastHandshakeTime.Equal(k.handshake) && p.TransmitBytes > k.tx && p.ReceiveBytes == k.rx
-	k.handshake, k.rx, k.tx = p.LastHandshakeTime, p.ReceiveBytes, p.TransmitBytes
-	if broken {
-		k.handshake = time.Time{} // the re-added peer starts afresh
+	silent := p.LastHandshakeTime.Equal(k.handshake) && p.TransmitBytes > k.tx && p.ReceiveBytes == k.rx
+	switch {
+	case silent && k.suspect:
+		k.handshake, k.suspect, k.confirmAt = time.Time{}, false, time.Time{} // the re-added peer starts afresh
 		return true, "no reply"
+	case silent:
+		// rx and the handshake stay the baseline: the second look asks
+		// whether anything at all came back since before the sending.
+		k.tx, k.suspect, k.confirmAt = p.TransmitBytes, true, now.Add(noReplyConfirm)
+		return false, ""
+	case k.suspect && p.LastHandshakeTime.Equal(k.handshake) && p.ReceiveBytes == k.rx:
+		// Still nothing received, but nothing sent since either: wait for
+		// the next scheduled check.
+		return false, ""
 	}
+	k.handshake, k.rx, k.tx, k.suspect, k.confirmAt = p.LastHandshakeTime, p.ReceiveBytes, p.TransmitBytes, false, time.Time{}
 	return false, ""
 }
 
@@ -137,13 +180,14 @@ func (h *handshakeRetry) run(ctx context.Context) {
 	defer timer.Stop()
 	for {
 		h.mu.Lock()
-		next, due := h.dueLocked(time.Now())
+		now := time.Now()
+		next, due := h.dueLocked(now)
 		h.mu.Unlock()
 		if len(due) > 0 {
 			var names []string
 			err := h.applier.reconfigure(func(dev *wgtypes.Device) wgtypes.Config {
 				var cfg wgtypes.Config
-				cfg, names = retryConfig(due, dev.Peers)
+				cfg, names = retryConfig(due, dev.Peers, now)
 				return cfg
 			})
 			if err != nil && ctx.Err() == nil {
@@ -176,22 +220,24 @@ func (h *handshakeRetry) run(ctx context.Context) {
 }
 
 // dueLocked returns the peers whose next check is due at now (advancing
-// their schedule, forgetting those past the last delay) and the time of
+// them past it, forgetting those whose schedule is over) and the time of
 // the earliest check still pending. h.mu is held.
 func (h *handshakeRetry) dueLocked(now time.Time) (next time.Time, due []*retryState) {
 	for key, k := range h.pending {
-		at := k.added.Add(k.delays[k.next])
+		at, ok := k.nextCheck()
+		if !ok {
+			delete(h.pending, key)
+			continue
+		}
 		if at.After(now) {
 			next = earliest(next, at)
 			continue
 		}
 		due = append(due, k)
-		k.next++
-		if k.next == len(k.delays) {
-			delete(h.pending, key)
-			continue
+		k.advance()
+		if at, ok := k.nextCheck(); ok {
+			next = earliest(next, at)
 		}
-		next = earliest(next, k.added.Add(k.delays[k.next]))
 	}
 	return next, due
 }
@@ -209,7 +255,7 @@ func earliest(a, b time.Time) time.Time {
 // device has it (the endpoint WireGuard may have learned, the allowed IPs
 // of the newest Set). It returns the configuration and the re-added
 // peers as "name (reason)".
-func retryConfig(due []*retryState, live []wgtypes.Peer) (wgtypes.Config, []string) {
+func retryConfig(due []*retryState, live []wgtypes.Peer, now time.Time) (wgtypes.Config, []string) {
 	byKey := make(map[wgtypes.Key]wgtypes.Peer, len(live))
 	for _, p := range live {
 		byKey[p.PublicKey] = p
@@ -225,7 +271,7 @@ func retryConfig(due []*retryState, live []wgtypes.Peer) (wgtypes.Config, []stri
 		if !ok {
 			continue
 		}
-		retry, why := k.needsRetry(p)
+		retry, why := k.needsRetry(p, now)
 		if !retry || p.Endpoint == nil {
 			continue
 		}

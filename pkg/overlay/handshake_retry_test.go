@@ -67,16 +67,62 @@ func TestNeedsRetry(t *testing.T) {
 		{"healthy: both directions", []wgtypes.Peer{peer(hs, 180, 124), peer(hs, 400, 300)}, []bool{false, false}},
 		{"silent session", []wgtypes.Peer{peer(hs, 180, 124), peer(hs, 180, 124)}, []bool{false, false}},
 		{"only receiving", []wgtypes.Peer{peer(hs, 180, 124), peer(hs, 900, 124)}, []bool{false, false}},
-		{"sending into the void", []wgtypes.Peer{peer(hs, 180, 124), peer(hs, 180, 700)}, []bool{false, true}},
-		{"new handshake since", []wgtypes.Peer{peer(hs, 180, 124), peer(hs.Add(time.Second), 180, 700)}, []bool{false, false}},
-		{"after a retry the baseline starts again", []wgtypes.Peer{peer(hs, 180, 124), peer(hs, 180, 700), peer(hs, 180, 900)}, []bool{false, true, false}},
+		{"sending into the void", []wgtypes.Peer{peer(hs, 180, 124), peer(hs, 180, 700), peer(hs, 180, 900)}, []bool{false, false, true}},
+		{"one packet that gets no answer", []wgtypes.Peer{peer(hs, 180, 124), peer(hs, 180, 156), peer(hs, 180, 156), peer(hs, 180, 156)}, []bool{false, false, false, false}},
+		{"a second send after a quiet look", []wgtypes.Peer{peer(hs, 180, 124), peer(hs, 180, 156), peer(hs, 180, 156), peer(hs, 180, 400)}, []bool{false, false, false, true}},
+		{"the answer comes at the second look", []wgtypes.Peer{peer(hs, 180, 124), peer(hs, 180, 700), peer(hs, 260, 800), peer(hs, 260, 900)}, []bool{false, false, false, false}},
+		{"new handshake since", []wgtypes.Peer{peer(hs, 180, 124), peer(hs, 180, 700), peer(hs.Add(time.Second), 180, 900)}, []bool{false, false, false}},
+		{"after a retry the baseline starts again", []wgtypes.Peer{peer(hs, 180, 124), peer(hs, 180, 700), peer(hs, 180, 900), peer(hs, 180, 1000)}, []bool{false, false, true, false}},
 	} {
-		k := &retryState{added: added}
+		k := &retryState{added: added, delays: []time.Duration{time.Second}}
+		now := added.Add(100 * time.Millisecond)
 		for i, p := range c.steps {
-			if got, _ := k.needsRetry(p); got != c.want[i] {
+			if got, _ := k.needsRetry(p, now); got != c.want[i] {
 				t.Errorf("%s: check %d: needsRetry = %v, want %v", c.name, i, got, c.want[i])
 			}
+			// A suspect is looked at again soon, not at the next delay.
+			if at, ok := k.nextCheck(); k.suspect && !k.confirmAt.IsZero() && (!ok || !at.Equal(now.Add(noReplyConfirm))) {
+				t.Errorf("%s: check %d: suspect checked next at %v (%v), want %v", c.name, i, at, ok, now.Add(noReplyConfirm))
+			}
+			k.advance()
+			now = now.Add(noReplyConfirm)
 		}
+	}
+}
+
+// TestRetryScheduleConfirms: the check that makes a peer a suspect adds a
+// second look noReplyConfirm later, even after the schedule's last delay,
+// and a peer is forgotten only once its schedule is over and nothing is
+// left to confirm.
+func TestRetryScheduleConfirms(t *testing.T) {
+	added := time.Date(2026, 11, 22, 1, 0, 0, 0, time.UTC)
+	h := &handshakeRetry{pending: map[string]*retryState{}}
+	k := &retryState{added: added, delays: []time.Duration{time.Second}}
+	h.pending["k"] = k
+	hs := added.Add(20 * time.Millisecond)
+	k.handshake, k.rx, k.tx = hs, 180, 124
+	if next, due := h.dueLocked(added.Add(500 * time.Millisecond)); len(due) != 0 || !next.Equal(added.Add(time.Second)) {
+		t.Fatalf("before the delay: due %d, next %v", len(due), next)
+	}
+	at := added.Add(time.Second)
+	if _, due := h.dueLocked(at); len(due) != 1 {
+		t.Fatalf("at the delay: due %d", len(due))
+	}
+	if retry, _ := k.needsRetry(wgtypes.Peer{LastHandshakeTime: hs, ReceiveBytes: 180, TransmitBytes: 700}, at); retry {
+		t.Fatal("re-added on the first look")
+	}
+	next, due := h.dueLocked(at)
+	if len(due) != 0 || !next.Equal(at.Add(noReplyConfirm)) {
+		t.Fatalf("after the suspicion: due %d, next %v, want the second look at %v", len(due), next, at.Add(noReplyConfirm))
+	}
+	if _, due := h.dueLocked(at.Add(noReplyConfirm)); len(due) != 1 {
+		t.Fatalf("second look not due")
+	}
+	if retry, why := k.needsRetry(wgtypes.Peer{LastHandshakeTime: hs, ReceiveBytes: 180, TransmitBytes: 900}, at.Add(noReplyConfirm)); !retry || why != "no reply" {
+		t.Fatalf("second look: retry %v (%s), want a re-add for no reply", retry, why)
+	}
+	if _, due := h.dueLocked(at.Add(time.Second)); len(due) != 0 || len(h.pending) != 0 {
+		t.Errorf("after its schedule: due %d, pending %d, want the peer forgotten", len(due), len(h.pending))
 	}
 }
 
@@ -129,7 +175,7 @@ func TestRetryConfig(t *testing.T) {
 		{PublicKey: kb, Endpoint: ep, LastHandshakeTime: added.Add(time.Second)},
 		{PublicKey: kd}, // no endpoint to initiate to
 	}
-	cfg, names := retryConfig(due, live)
+	cfg, names := retryConfig(due, live, time.Now())
 	if !slices.Equal(names, []string{"a (no handshake)"}) {
 		t.Fatalf("re-added %v, want only a (no handshake)", names)
 	}

@@ -145,7 +145,10 @@ func TestRestartResumesLease(t *testing.T) {
 	srv := etcdtest.New(t)
 	cli := etcdtest.NewClient(t, srv)
 	dir := t.TempDir()
-	a := startNode(t, srv, "node-a", id1, dir, withInstance)
+	// A killed node's lease lives for its TTL from the last keep-alive:
+	// 6 s leaves a busy machine time to start the second process.
+	mod := func(o *agent.Options) { withInstance(o); o.LeaseTTL = 6 * time.Second }
+	a := startNode(t, srv, "node-a", id1, dir, mod)
 	var lease int64
 	eventually(t, 10*time.Second, "registered", func() bool {
 		r, err := cli.Get(context.Background(), registry.NodeKey("node-a"))
@@ -157,7 +160,7 @@ func TestRestartResumesLease(t *testing.T) {
 	resp, _ := cli.Get(context.Background(), registry.InstanceKey("backends", "web", "node-a"))
 	w := cli.Watch(context.Background(), "/cluster/", clientv3.WithPrefix(), clientv3.WithRev(resp.Header.Revision+1))
 	a.kill() // like SIGKILL: the lease stays alive for its TTL
-	startNode(t, srv, "node-a", id1, dir, withInstance)
+	startNode(t, srv, "node-a", id1, dir, mod)
 	time.Sleep(time.Second)
 	r, _ := cli.Get(context.Background(), registry.NodeKey("node-a"))
 	if len(r.Kvs) != 1 || r.Kvs[0].Lease != lease {

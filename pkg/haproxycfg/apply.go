@@ -153,20 +153,7 @@ const (
 // setOnce is one attempt of set: it reads the master's workers and the
 // current worker's slots, then changes the slots at runtime or reloads.
 func (a *Applier) setOnce(ctx context.Context, d Desired, h string) error {
-	// The slots are read while the master is asked for its workers: two
-	// sockets, two processes, one wait instead of two on every change.
-	type state struct {
-		pid  int
-		live Live
-		err  error
-	}
-	read := make(chan state, 1)
-	go func() {
-		pid, live, err := a.Runtime.State(ctx)
-		read <- state{pid, live, err}
-	}()
 	procs, procErr := a.Master.ProcsWait(ctx, time.Second)
-	st := <-read
 	running := procErr == nil
 	if running && a.Supervisor != nil {
 		a.Supervisor.observe(procs.Master.PID)
@@ -180,11 +167,7 @@ func (a *Applier) setOnce(ctx context.Context, d Desired, h string) error {
 	var workerPID int
 	var liveErr error = errors.New("haproxy not running")
 	if running {
-		workerPID, live, liveErr = st.pid, st.live, st.err
-		if liveErr != nil {
-			// The master was still coming up when the slots were read.
-			workerPID, live, liveErr = a.Runtime.State(ctx)
-		}
+		workerPID, live, liveErr = a.Runtime.State(ctx)
 		if liveErr == nil {
 			// The slots of any other worker than the current one are not
 			// what the next connection is served by: even "nothing to

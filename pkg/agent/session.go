@@ -37,8 +37,9 @@ const (
 func (a *Agent) session(ctx context.Context) error {
 	retry := backoff.Backoff{Base: 100 * time.Millisecond, Max: etcdclient.RetryMax, Jitter: true}
 	first := cmp.Or(a.o.RegisterTimeout, DefaultRegisterTimeout)
-	timeout := first
+	bound := backoff.Backoff{Base: first, Max: max(first, MaxRegisterTimeout)}
 	for ctx.Err() == nil {
+		timeout := bound.Next()
 		lease, err := a.establish(ctx, timeout)
 		if errors.Is(err, ErrNodeOwned) {
 			a.log.Error("refusing to take over the node entry", "err", err)
@@ -48,14 +49,14 @@ func (a *Agent) session(ctx context.Context) error {
 			if ctx.Err() == nil {
 				a.log.Warn("registration failed, retrying", "err", err, "timeout", timeout)
 				if errors.Is(err, context.DeadlineExceeded) {
-					timeout = min(2*timeout, MaxRegisterTimeout)
+					bound.Fail()
 				}
 				retry.Wait(ctx)
 			}
 			continue
 		}
 		retry.Reset()
-		timeout = first
+		bound.Reset()
 		a.log.Info("registered", "lease", fmt.Sprintf("%x", int64(lease)))
 		a.metrics.registered.Set(1)
 		a.mu.Lock()

@@ -1,6 +1,8 @@
 // Package backoff is the one exponential retry delay that meshd's retry
 // loops share (the agent's reconcile loop and registration, the registry's
-// watcher): each has its own base and cap, and the same doubling.
+// watcher): each has its own base and cap, and the same doubling. The
+// same doubling bounds attempts that can run out of time (Next): the
+// registry's list and the agent's registration.
 package backoff
 
 import (
@@ -59,6 +61,12 @@ func (b *Backoff) Wait(ctx context.Context) {
 	case <-t.C:
 	}
 }
+
+// Next is the delay the next failure would return, before jitter. A
+// loop whose attempts can run out of time uses it as the attempt's bound:
+// Fail after an attempt that timed out, Reset after one that succeeded,
+// so the bound doubles from Base up to Max and starts over.
+func (b *Backoff) Next() time.Duration { return b.Delay(b.failures + 1) }
 
 // Reset forgets the failures after a success.
 func (b *Backoff) Reset() { b.failures = 0 }

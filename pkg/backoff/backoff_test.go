@@ -103,3 +103,25 @@ func TestWait(t *testing.T) {
 		}
 	})
 }
+
+// TestNextAsBound: used as an attempt's bound, Next starts at Base,
+// doubles with each attempt that ran out of it, stops at Max and starts
+// over after a success.
+func TestNextAsBound(t *testing.T) {
+	b := Backoff{Base: 10 * time.Second, Max: 2 * time.Minute}
+	var got []time.Duration
+	for range 6 {
+		got = append(got, b.Next())
+		b.Fail()
+	}
+	want := []time.Duration{10 * time.Second, 20 * time.Second, 40 * time.Second, 80 * time.Second, 2 * time.Minute, 2 * time.Minute}
+	for i := range want {
+		if got[i] != want[i] {
+			t.Fatalf("bounds %v, want %v", got, want)
+		}
+	}
+	b.Reset()
+	if n := b.Next(); n != 10*time.Second {
+		t.Errorf("after a success the bound is %v, want 10s", n)
+	}
+}

@@ -45,8 +45,9 @@ type Watcher struct {
 	// and every retry would load etcd with the same read again.
 	ListTimeout time.Duration
 
-	// The first list's bound and the next one's; Run's goroutine only.
-	listFirst, listWait time.Duration
+	// listBound is the next list's bound (Next), doubled after a list ran
+	// out of it; Run's goroutine only.
+	listBound backoff.Backoff
 }
 
 // MaxListTimeout is the longest a list's read is given.
@@ -64,11 +65,11 @@ func (w *Watcher) Run(ctx context.Context) error {
 		listed bool
 		retry  = backoff.Backoff{Base: 100 * time.Millisecond, Max: maxBackoff, Jitter: true}
 	)
-	w.listFirst = w.ListTimeout
-	if w.listFirst <= 0 {
-		w.listFirst = listTimeout
+	first := w.ListTimeout
+	if first <= 0 {
+		first = listTimeout
 	}
-	w.listWait = w.listFirst
+	w.listBound = backoff.Backoff{Base: first, Max: max(first, MaxListTimeout)}
 	for ctx.Err() == nil {
 		err := w.watch(ctx, &rev, &listed, &retry)
 		switch {
@@ -79,9 +80,9 @@ func (w *Watcher) Run(ctx context.Context) error {
 			listed = false
 		case errors.Is(err, errList):
 			if errors.Is(err, context.DeadlineExceeded) {
-				w.listWait = min(2*w.listWait, MaxListTimeout)
+				w.listBound.Fail()
 			}
-			log.Warn("list failed, retrying", "prefix", w.Prefix, "err", err, "timeout", w.listWait)
+			log.Warn("list failed, retrying", "prefix", w.Prefix, "err", err, "timeout", w.listBound.Next())
 			retry.Wait(ctx)
 		case err != nil:
 			log.Warn("watch interrupted, resuming", "prefix", w.Prefix, "rev", rev+1, "err", err)
@@ -205,16 +206,17 @@ func (w *Watcher) list(ctx, wctx context.Context, opts []clientv3.OpOption, rev 
 	case <-ctx.Done():
 		return nil, ctx.Err()
 	}
-	lctx, cancel := context.WithTimeout(ctx, w.listWait)
+	bound := w.listBound.Next()
+	lctx, cancel := context.WithTimeout(ctx, bound)
 	resp, err := w.Client.Get(lctx, w.Prefix, clientv3.WithPrefix())
 	cancel()
 	if err != nil {
 		if lctx.Err() != nil && ctx.Err() == nil {
-			err = fmt.Errorf("not read within %v: %w", w.listWait, context.DeadlineExceeded)
+			err = fmt.Errorf("not read within %v: %w", bound, context.DeadlineExceeded)
 		}
 		return nil, fmt.Errorf("%w %s: %w", errList, w.Prefix, err)
 	}
-	w.listWait = w.listFirst
+	w.listBound.Reset()
 	w.Store.Replace(w.Prefix, kvsOf(resp), resp.Header.Revision)
 	*rev = resp.Header.Revision
 	if w.Relisted != nil {

@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"net/netip"
 	"os"
 	"os/exec"
 	"strings"
@@ -65,6 +66,18 @@ type Applier struct {
 	rejectedErr  error
 	lastErr      error
 	counters     Counters
+
+	// view is the current worker's slots as this Applier's last runtime
+	// update left them, so that the next update can skip reading them;
+	// nil after a reload, a failure or Verify: the next pass reads them.
+	// Under setMu.
+	view *slotView
+}
+
+// slotView is what one worker runs: its pid and its slots.
+type slotView struct {
+	pid  int
+	live Live
 }
 
 // RejectedPath is where a configuration haproxy -c refused is kept.
@@ -94,6 +107,7 @@ func (a *Applier) Verify(ctx context.Context) (corrected bool, err error) {
 	a.mu.Lock()
 	d, h, before := a.applied, a.appliedHash, a.counters
 	a.mu.Unlock()
+	a.view = nil // compare with what the worker says, not with the memory of it
 	if h == "" {
 		return false, nil // nothing applied yet: the next Set does it all
 	}
@@ -150,9 +164,22 @@ const (
 	notCurrentRetry = 10 * time.Millisecond
 )
 
-// setOnce is one attempt of set: it reads the master's workers and the
-// current worker's slots, then changes the slots at runtime or reloads.
+// setOnce is one attempt of set. When the last pass left the slots known
+// (a.view) and the structure is the same, it changes them from that
+// memory (setFromView); otherwise, or when that fails, it reads the
+// master's workers and the current worker's slots, then changes the
+// slots at runtime or reloads.
 func (a *Applier) setOnce(ctx context.Context, d Desired, h string) error {
+	if v := a.view; v != nil {
+		a.view = nil // kept only by a pass that works
+		if StructureHash(d) == a.structure {
+			err := a.setFromView(ctx, d, h, v)
+			if err == nil {
+				return nil
+			}
+			a.Log.Debug("runtime update from the known slots did not hold; reading them", "err", err)
+		}
+	}
 	procs, procErr := a.Master.ProcsWait(ctx, time.Second)
 	running := procErr == nil
 	if running && a.Supervisor != nil {
@@ -180,12 +207,9 @@ func (a *Applier) setOnce(ctx context.Context, d Desired, h string) error {
 	}
 	if running && liveErr == nil && StructureHash(d) == a.structure {
 		if changes, ok := Diff(placed, live); ok {
-			err := a.applyRuntime(ctx, placed, changes, workerPID)
+			err := a.Runtime.Apply(ctx, workerPID, changes)
 			if err == nil {
-				a.mu.Lock()
-				a.appliedHash, a.applied, a.rejectedHash, a.rejectedErr = h, d, "", nil
-				a.mu.Unlock()
-				return nil
+				return a.ranRuntime(d, h, placed, changes, workerPID)
 			}
 			if errors.Is(err, ErrNotCurrentWorker) {
 				return err
@@ -196,14 +220,51 @@ func (a *Applier) setOnce(ctx context.Context, d Desired, h string) error {
 	return a.reload(ctx, d, placed, h, running)
 }
 
-// applyRuntime changes slots through the runtime API, then rewrites the
-// file so that the next reload starts from the same servers. pid is the
-// master's current worker, which answered when the slots were read.
-func (a *Applier) applyRuntime(ctx context.Context, placed Desired, changes []SlotChange, pid int) error {
+// setFromView changes the slots from the view the last pass left, over
+// one connection to the worker instead of three (master, slots, changes):
+// the worker's own answer (Runtime.Apply) says whether it is still the
+// process the view is of, and the master, asked at the same time, says
+// whether that process is still its current worker. Right after a reload
+// someone else started, the old worker may take the changes while the new
+// one runs the file: then the master names another worker and the caller
+// reads the slots again and applies them there.
+func (a *Applier) setFromView(ctx context.Context, d Desired, h string, v *slotView) error {
+	placed := Place(d, v.live)
+	changes, ok := Diff(placed, v.live)
+	if !ok {
+		return errors.New("the known slots do not fit the desired backends")
+	}
+	if len(changes) == 0 {
+		return a.ranRuntime(d, h, placed, nil, v.pid)
+	}
+	type answer struct {
+		procs Procs
+		err   error
+	}
+	master := make(chan answer, 1)
+	go func() {
+		p, err := a.Master.Procs(ctx)
+		master <- answer{p, err}
+	}()
+	err := a.Runtime.Apply(ctx, v.pid, changes)
+	m := <-master
+	if err != nil {
+		return err
+	}
+	if m.err != nil {
+		return m.err
+	}
+	if cur, ok := m.procs.Current(); !ok || cur.PID != v.pid {
+		return fmt.Errorf("%w: the changes went to worker %d, the current worker is %d", ErrNotCurrentWorker, v.pid, cur.PID)
+	}
+	return a.ranRuntime(d, h, placed, changes, v.pid)
+}
+
+// ranRuntime records that worker pid runs placed after the slot changes
+// (none, if HAProxy already did), and rewrites the file so that the next
+// reload starts from the same servers.
+func (a *Applier) ranRuntime(d Desired, h string, placed Desired, changes []SlotChange, pid int) error {
 	if len(changes) > 0 {
-		if err := a.Runtime.Apply(ctx, pid, changes); err != nil {
-			return err
-		}
 		a.Log.Info("applied instance changes at runtime", "slots", len(changes))
 	}
 	content := Render(placed)
@@ -221,11 +282,26 @@ func (a *Applier) applyRuntime(ctx context.Context, placed Desired, changes []Sl
 	if len(changes) > 0 {
 		a.counters.RuntimeUpdates++
 	}
+	a.appliedHash, a.applied, a.rejectedHash, a.rejectedErr = h, d, "", nil
 	a.mu.Unlock()
 	if len(changes) > 0 && a.Hooks.RuntimeUpdate != nil {
 		a.Hooks.RuntimeUpdate(len(changes))
 	}
+	a.view = &slotView{pid: pid, live: liveOf(placed)}
 	return nil
+}
+
+// liveOf is the slot occupancy a worker reports once it runs placed.
+func liveOf(placed Desired) Live {
+	live := make(Live, len(placed.Listeners))
+	for _, l := range placed.Listeners {
+		addrs := make([]netip.AddrPort, len(l.Slots))
+		for i, s := range l.Slots {
+			addrs[i] = s.Addr
+		}
+		live[BackendName(l.App)] = addrs
+	}
+	return live
 }
 
 // reload validates the new file, puts it in place and reloads (or starts)

@@ -58,21 +58,80 @@ func TestOldWorkerOnStatsSocket(t *testing.T) {
 	if got, err := ask(port); err != nil || got != "b" {
 		t.Fatalf("after the slots were read from the old worker: %q, %v; want b", got, err)
 	}
-	// The commands reach the old worker: the read before them came from
-	// the current one.
+	// The commands reach the old worker: the pass before left the slots
+	// known, so the pass's first connection carries the commands, and its
+	// `show info` names the old worker.
 	n := split.count()
-	split.toOld(n + 1)
+	split.toOld(n)
 	if err := c.Apply(ctx, snapshot(map[string]appSpec{"web": {port, []*backend{a}}})); err != nil {
 		t.Fatal(err)
 	}
 	if got, err := ask(port); err != nil || got != "a" {
 		t.Fatalf("after the commands went to the old worker: %q, %v; want a", got, err)
 	}
-	if got := split.oldServed(); got != 4 {
-		t.Errorf("old worker answered %d connections, want 4 (the test did not exercise what it names)", got)
+	if got := split.count() - n; got != 3 {
+		t.Errorf("the pass opened %d connections, want 3 (commands to the old worker, then slots and commands from the current one)", got)
 	}
-	if st := status(c); st.RuntimeUpdates != 2 || st.Reloads != 1 {
-		t.Errorf("counters %+v, want 2 runtime updates and 1 reload", st.Counters)
+	// Someone else reloaded since meshd's last update: the worker meshd
+	// knows the slots of is the old one now, and still answers. It takes
+	// the commands under its own pid; the master, asked at the same time,
+	// names another worker, so the slots are read again from the current
+	// one and the change made there.
+	a2 := c.Applier()
+	a2.setMu.Lock()
+	oldPID, oldLive, err := old.State(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	a2.view = &slotView{pid: oldPID, live: oldLive}
+	a2.setMu.Unlock()
+	n = split.count()
+	split.toOld(n)
+	if err := c.Apply(ctx, snapshot(map[string]appSpec{"web": {port, []*backend{b}}})); err != nil {
+		t.Fatal(err)
+	}
+	if got, err := ask(port); err != nil || got != "b" {
+		t.Fatalf("after the known worker was replaced: %q, %v; want b", got, err)
+	}
+	if got := split.oldServed(); got != 5 {
+		t.Errorf("old worker answered %d connections, want 5 (the test did not exercise what it names)", got)
+	}
+	if st := status(c); st.RuntimeUpdates != 3 || st.Reloads != 1 {
+		t.Errorf("counters %+v, want 3 runtime updates and 1 reload", st.Counters)
+	}
+}
+
+// TestRuntimeChangesFromKnownSlots: once a pass has read the slots, the
+// next instance changes go over one connection to the worker each (the
+// commands, opened by `show info`), the slots are not read again, and
+// every change is served.
+func TestRuntimeChangesFromKnownSlots(t *testing.T) {
+	dir := testDir(t)
+	opts := testOptions(dir)
+	c := newComponent(t, opts)
+	ctx := t.Context()
+	port := freePort(t)
+	a, b := startBackend(t, "a"), startBackend(t, "b")
+	if err := c.Apply(ctx, snapshot(map[string]appSpec{"web": {port, []*backend{a}}})); err != nil { // reload
+		t.Fatal(err)
+	}
+	split := startSplitSocket(t, opts.StatsSocket, opts.StatsSocket+".unused")
+	for i := 0; i < 10; i++ {
+		to := []*backend{a, b}[(i+1)%2]
+		if err := c.Apply(ctx, snapshot(map[string]appSpec{"web": {port, []*backend{to}}})); err != nil {
+			t.Fatal(err)
+		}
+		if got, err := ask(port); err != nil || got != to.name {
+			t.Fatalf("change %d: got %q, %v; want %s", i, got, err, to.name)
+		}
+	}
+	// The first change reads the slots (the reload left them unknown),
+	// the other nine only send their commands.
+	if got := split.count(); got != 2+9 {
+		t.Errorf("%d connections to the stats socket for 10 changes, want 11", got)
+	}
+	if st := status(c); st.RuntimeUpdates != 10 || st.Reloads != 1 {
+		t.Errorf("counters %+v, want 10 runtime updates and 1 reload", st.Counters)
 	}
 }
 

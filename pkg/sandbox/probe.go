@@ -13,6 +13,7 @@ import (
 	"os"
 	"strconv"
 	"strings"
+	"sync"
 	"time"
 )
 
@@ -181,43 +182,124 @@ func getOnce(ctx context.Context, req *http.Request, host string, timeout time.D
 // Ping sends one ICMP echo from inside the node's namespace and waits for
 // the reply until ctx ends (or 1 s).
 func (n *Node) Ping(ctx context.Context, dst netip.Addr) (time.Duration, error) {
-	var conn net.PacketConn
-	if err := inNetns(n.NS, func() error {
-		var err error
-		conn, err = net.ListenPacket("ip4:icmp", "0.0.0.0")
-		return err
-	}); err != nil {
-		return 0, fmt.Errorf("icmp socket in %s: %w", n.NS, err)
+	conn, err := n.icmpConn()
+	if err != nil {
+		return 0, err
 	}
 	defer conn.Close()
-	id := uint16(os.Getpid())
-	seq := uint16(n.c.pingSeq.Add(1))
-	msg := make([]byte, 16)
-	msg[0] = 8 // echo request
-	binary.BigEndian.PutUint16(msg[4:], id)
-	binary.BigEndian.PutUint16(msg[6:], seq)
-	copy(msg[8:], "meshdsbx")
-	binary.BigEndian.PutUint16(msg[2:], icmpChecksum(msg))
+	id, seq := uint16(os.Getpid()), uint16(n.c.pingSeq.Add(1))
 	deadline := time.Now().Add(time.Second)
 	if d, ok := ctx.Deadline(); ok && d.Before(deadline) {
 		deadline = d
 	}
 	_ = conn.SetDeadline(deadline)
 	start := time.Now()
-	if _, err := conn.WriteTo(msg, &net.IPAddr{IP: dst.AsSlice()}); err != nil {
+	if _, err := conn.WriteTo(echoRequest(id, seq), &net.IPAddr{IP: dst.AsSlice()}); err != nil {
 		return 0, fmt.Errorf("ping %s from %s: %w", dst, n.Name, err)
 	}
+	if err := readEchoReply(conn, dst, id, func(s uint16) bool { return s == seq }); err != nil {
+		return 0, fmt.Errorf("ping %s from %s: %w", dst, n.Name, err)
+	}
+	return time.Since(start), nil
+}
+
+// PingUntilReply sends an ICMP echo to dst from inside the node's
+// namespace every interval, all over one socket, until a reply to any of
+// them arrives, and returns when it arrived. No echo is waited for before
+// the next is sent, and the reply to an early one (queued by WireGuard
+// until its handshake completed) counts: the moment dst first answers is
+// measured, to within interval, rather than to within a per-echo timeout.
+// An echo the node cannot send yet (no route) is tried again with the next.
+func (n *Node) PingUntilReply(ctx context.Context, dst netip.Addr, interval time.Duration) (time.Time, error) {
+	conn, err := n.icmpConn()
+	if err != nil {
+		return time.Time{}, err
+	}
+	defer conn.Close()
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	stop := context.AfterFunc(ctx, func() { _ = conn.SetReadDeadline(time.Now()) })
+	defer stop()
+	id := uint16(os.Getpid())
+	var (
+		mu      sync.Mutex
+		sent    = map[uint16]bool{}
+		sendErr error
+	)
+	go func() {
+		t := time.NewTicker(interval)
+		defer t.Stop()
+		for {
+			seq := uint16(n.c.pingSeq.Add(1))
+			mu.Lock()
+			sent[seq] = true
+			mu.Unlock()
+			_, err := conn.WriteTo(echoRequest(id, seq), &net.IPAddr{IP: dst.AsSlice()})
+			mu.Lock()
+			sendErr = err
+			mu.Unlock()
+			select {
+			case <-ctx.Done():
+				return
+			case <-t.C:
+			}
+		}
+	}()
+	err = readEchoReply(conn, dst, id, func(s uint16) bool {
+		mu.Lock()
+		defer mu.Unlock()
+		return sent[s]
+	})
+	if err != nil {
+		mu.Lock()
+		defer mu.Unlock()
+		if ctx.Err() != nil {
+			err = ctx.Err()
+		}
+		return time.Time{}, fmt.Errorf("ping %s from %s: no reply (last send error: %v): %w", dst, n.Name, sendErr, err)
+	}
+	return time.Now(), nil
+}
+
+// icmpConn opens an ICMP socket in the node's namespace (the socket stays
+// there whichever thread uses it).
+func (n *Node) icmpConn() (net.PacketConn, error) {
+	var conn net.PacketConn
+	if err := inNetns(n.NS, func() error {
+		var err error
+		conn, err = net.ListenPacket("ip4:icmp", "0.0.0.0")
+		return err
+	}); err != nil {
+		return nil, fmt.Errorf("icmp socket in %s: %w", n.NS, err)
+	}
+	return conn, nil
+}
+
+// echoRequest is an ICMP echo request with id and seq.
+func echoRequest(id, seq uint16) []byte {
+	msg := make([]byte, 16)
+	msg[0] = 8 // echo request
+	binary.BigEndian.PutUint16(msg[4:], id)
+	binary.BigEndian.PutUint16(msg[6:], seq)
+	copy(msg[8:], "meshdsbx")
+	binary.BigEndian.PutUint16(msg[2:], icmpChecksum(msg))
+	return msg
+}
+
+// readEchoReply reads conn until an echo reply from dst with id and a
+// sequence number ours accepts arrives, or the read fails (deadline).
+func readEchoReply(conn net.PacketConn, dst netip.Addr, id uint16, ours func(seq uint16) bool) error {
 	buf := make([]byte, 1500)
 	for {
 		m, from, err := conn.ReadFrom(buf)
 		if err != nil {
-			return 0, fmt.Errorf("ping %s from %s: %w", dst, n.Name, err)
+			return err
 		}
-		if m < 8 || buf[0] != 0 || binary.BigEndian.Uint16(buf[4:]) != id || binary.BigEndian.Uint16(buf[6:]) != seq {
+		if m < 8 || buf[0] != 0 || binary.BigEndian.Uint16(buf[4:]) != id || !ours(binary.BigEndian.Uint16(buf[6:])) {
 			continue
 		}
 		if a, ok := from.(*net.IPAddr); ok && a.IP.Equal(dst.AsSlice()) {
-			return time.Since(start), nil
+			return nil
 		}
 	}
 }

@@ -2,6 +2,7 @@ package sandbox
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -177,6 +178,18 @@ func TestHarness(t *testing.T) {
 			t.Errorf("meshd on %s stopped while the harness polled: %s", n.Name, n.LogTail(500))
 		}
 	}
+
+	// PingUntilReply keeps sending until an answer comes, and reports
+	// when none does.
+	if at, err := nodes[0].PingUntilReply(ctx, nodes[1].Addr, 10*time.Millisecond); err != nil || at.IsZero() {
+		t.Errorf("ping %s from %s: %v, %v", nodes[1].Addr, nodes[0].Name, at, err)
+	}
+	nobody := nodeAddr(200) // on the bridge, held by no node
+	pctx, pcancel := context.WithTimeout(ctx, 100*time.Millisecond)
+	if at, err := nodes[0].PingUntilReply(pctx, nobody, 10*time.Millisecond); err == nil || !errors.Is(err, context.DeadlineExceeded) {
+		t.Errorf("ping %s, which nobody holds: %v, %v; want no reply before the deadline", nobody, at, err)
+	}
+	pcancel()
 
 	// A killed node's entry vanishes with its lease; a restarted one returns.
 	n2 := nodes[1]

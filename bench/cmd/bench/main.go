@@ -50,6 +50,10 @@ func run(ctx context.Context) error {
 		}
 		return write(&res, o.out)
 	}
+	// The profile is written into it during the run.
+	if err := os.MkdirAll(o.out, 0o755); err != nil {
+		return err
+	}
 	res := &bench.Results{
 		Started: time.Now(), Machine: bench.Machine(), Trials: o.trials,
 		Command:  "go run ./bench/cmd/bench " + strings.Join(os.Args[1:], " "),
@@ -99,9 +103,6 @@ func run(ctx context.Context) error {
 		logf("note: %s", n)
 	}
 	raw, _ := json.MarshalIndent(res, "", "  ")
-	if err := os.MkdirAll(o.out, 0o755); err != nil {
-		return err
-	}
 	if err := os.WriteFile(filepath.Join(o.out, "results.json"), raw, 0o644); err != nil {
 		return err
 	}

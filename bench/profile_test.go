@@ -75,3 +75,21 @@ func TestBenchInstanceIsValid(t *testing.T) {
 		t.Errorf("instance %v: in pool %v, claimed subnets end at %v", addr, registry.DefaultPool.Contains(in), last)
 	}
 }
+
+func TestNetPerChange(t *testing.T) {
+	for _, c := range []struct {
+		cpu, wall time.Duration
+		idle      float64
+		n         int
+		want      time.Duration
+	}{
+		{cpu: 10 * time.Second, wall: 20 * time.Second, idle: 0.25, n: 100, want: 50 * time.Millisecond},
+		{cpu: 10 * time.Second, wall: 20 * time.Second, idle: 0, n: 100, want: 100 * time.Millisecond},
+		{cpu: time.Second, wall: 20 * time.Second, idle: 0.25, n: 100, want: 0}, // idle noise above the trials' CPU
+		{cpu: time.Second, wall: time.Second, idle: 0.1, n: 0, want: 0},
+	} {
+		if got := netPerChange(c.cpu, c.wall, c.idle, c.n); got != c.want {
+			t.Errorf("netPerChange(%v, %v, %v, %d) = %v, want %v", c.cpu, c.wall, c.idle, c.n, got, c.want)
+		}
+	}
+}

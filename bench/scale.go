@@ -86,6 +86,15 @@ type ScaleResult struct {
 	// harness; etcd runs elsewhere when MetricsURL names a separate
 	// process) per change, and per agent per change.
 	CPUPerChange, CPUPerAgentChange time.Duration
+	// IdleCPU is this process's CPU per second over the idle period after
+	// the trials (-idle; zero when skipped): what runs on time, not on
+	// changes (lease keep-alives, status refreshes, device reads, GC).
+	// NetCPUPerAgentChange is CPUPerAgentChange less that rate over the
+	// trials' wall time: the cost a change itself adds. At N=10,000 a
+	// change takes seconds, so the time-driven part would otherwise be
+	// counted as per-change cost.
+	IdleCPU              float64
+	NetCPUPerAgentChange time.Duration
 	// HeapPerAgent is the Go heap in use per running agent (client
 	// included), and RSSPerAgent the process's RSS growth per agent.
 	HeapPerAgent, RSSPerAgent int64
@@ -328,7 +337,7 @@ func Scale(ctx context.Context, o ScaleOptions) (ScaleResult, error) {
 	res.RSSPerAgent = (rss() - rss0) / int64(o.Live)
 	o.Log("scale N=%d: %d agents up in %s, heap %d KiB/agent", o.N, o.Live, res.Startup.Round(time.Millisecond), res.HeapPerAgent>>10)
 
-	cpu0 := cpuTime()
+	cpu0, wall0 := cpuTime(), time.Now()
 	ev0, _ := etcdCounter(ctx, o.MetricsURL, "etcd_debugging_mvcc_events_total")
 	rev0 := int64(0)
 	changes := 0
@@ -402,7 +411,7 @@ func Scale(ctx context.Context, o ScaleOptions) (ScaleResult, error) {
 		return res, err
 	}
 	settles := 1 + res.StatusResends - before
-	cpu := cpuTime() - cpu0
+	cpu, wall := cpuTime()-cpu0, time.Since(wall0)
 	res.CPUPerChange = cpu / time.Duration(changes)
 	res.CPUPerAgentChange = res.CPUPerChange / time.Duration(o.Live)
 	if r, err := ctl.Get(ctx, "/", clientv3.WithCountOnly()); err == nil {
@@ -423,6 +432,7 @@ func Scale(ctx context.Context, o ScaleOptions) (ScaleResult, error) {
 	}
 	if o.Idle > 0 {
 		w0, _ := tally.read()
+		icpu0, iwall0 := cpuTime(), time.Now()
 		select {
 		case <-ctx.Done():
 			return res, ctx.Err()
@@ -430,11 +440,22 @@ func Scale(ctx context.Context, o ScaleOptions) (ScaleResult, error) {
 		}
 		w1, _ := tally.read()
 		res.IdleStatusWrites, res.Idle = w1-w0, o.Idle
+		res.IdleCPU = float64(cpuTime()-icpu0) / float64(time.Since(iwall0))
+		res.NetCPUPerAgentChange = netPerChange(cpu, wall, res.IdleCPU, changes*o.Live)
 	}
 	o.Log("%s\n%s\n%s\nstatus: %.0f bytes/change (%.0f per node, %.0f per value), etcd db +%d bytes per 100 changes, %d status writes idle for %v",
 		res.Added.Summary(), res.AddedStatus.Summary(), res.Removed.Summary(),
 		res.StatusBytesPerChange, res.StatusBytesPerNode, res.StatusValueBytes, res.DBGrowthPer100, res.IdleStatusWrites, res.Idle)
 	return res, nil
+}
+
+// netPerChange is cpu, less idleRate (CPU seconds per second) over wall,
+// divided over n; never below zero.
+func netPerChange(cpu, wall time.Duration, idleRate float64, n int) time.Duration {
+	if n <= 0 {
+		return 0
+	}
+	return max(cpu-time.Duration(idleRate*float64(wall)), 0) / time.Duration(n)
 }
 
 // dbSize is the etcd database's size as its first endpoint reports it

@@ -65,6 +65,10 @@ type FidelityResult struct {
 	OverlayModes []string
 	// Profile is n2's reconcile passes profiled (FidelityOptions.Profile).
 	Profile *PassProfile `json:",omitempty"`
+	// AddedCPU and RemovedCPU are where the machine's CPU went during the
+	// instance trials, each kind's trials apart (from just before the write
+	// until the probes ended).
+	AddedCPU, RemovedCPU *MachineCPU `json:",omitempty"`
 }
 
 // Fidelity runs the full-fidelity benchmark: a real sandbox of N nodes.
@@ -130,9 +134,19 @@ func Fidelity(ctx context.Context, o FidelityOptions) (FidelityResult, error) {
 	key := registry.InstanceKey(registry.GroupBackends, benchApp, n1.Name)
 	val, _ := json.Marshal(registry.Instance{IPv4: target.String(), Node: n1.Name, Port: benchPort})
 	url := fmt.Sprintf("http://127.0.0.1:%d/", benchPublish)
+	namespaces := map[uint64]bool{}
+	for _, n := range c.Nodes() {
+		ino, err := n.NetnsInode()
+		if err != nil {
+			return res, err
+		}
+		namespaces[ino] = true
+	}
+	var addedCPU, removedCPU cpuAccount
 	for t := range o.Trials {
 		for _, add := range []bool{true, false} {
 			tctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+			cpu0, cerr := readCPU(namespaces)
 			probe := startProbes(tctx, consumers, url, add)
 			var rev int64
 			var at time.Time
@@ -155,6 +169,13 @@ func Fidelity(ctx context.Context, o FidelityOptions) (FidelityResult, error) {
 			if err != nil {
 				return res, fmt.Errorf("trial %d: %w%s", t, err, exited(c))
 			}
+			if cpu1, err := readCPU(namespaces); err == nil && cerr == nil {
+				if add {
+					addedCPU.add(cpu0, cpu1, 1)
+				} else {
+					removedCPU.add(cpu0, cpu1, 1)
+				}
+			}
 			if add {
 				res.Added.Add(cv.Max())
 				res.AddedServes.Add(served)
@@ -163,6 +184,10 @@ func Fidelity(ctx context.Context, o FidelityOptions) (FidelityResult, error) {
 				res.RemovedServes.Add(served)
 			}
 		}
+	}
+	if addedCPU.changes > 0 && removedCPU.changes > 0 {
+		a, r := addedCPU.result(), removedCPU.result()
+		res.AddedCPU, res.RemovedCPU = &a, &r
 	}
 	c1, err := haproxyCounters(ctx, c)
 	if err != nil {

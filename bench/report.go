@@ -225,6 +225,36 @@ func (r *Results) Markdown() string {
 			}
 			w("\nN=%d: overlay member records present: %v; WireGuard mode: %s; HAProxy reloads during the instance trials: %d; runtime-API updates: %d.\n",
 				f.N, f.Overlay, modes, f.Reloads, f.RuntimeUpdates)
+			if f.AddedCPU != nil && f.RemovedCPU != nil {
+				w("Where the machine's CPU went during these trials, from just before each write until its probes ended (every node's\n")
+				w("processes together, found by their network namespace; \"harness\" is the benchmark's own process: etcd, the probes, the\n")
+				w("demo servers):\n\n")
+				w("| trials | wall | cores busy | CPU per change | meshd | WireGuard devices | HAProxy | other | harness |\n|---|---|---|---|---|---|---|---|---|\n")
+				for _, row := range []struct {
+					name string
+					c    *MachineCPU
+				}{{"instance added", f.AddedCPU}, {"instance removed", f.RemovedCPU}} {
+					c := row.c
+					var sum time.Duration
+					for _, d := range c.PerChange {
+						sum += d
+					}
+					cell := func(k string) string { return us(c.PerChange[k]) }
+					w("| %s (%d) | %s | %.0f %% of %d | %s | %s | %s | %s | %s | %s |\n", row.name, c.Changes, c.Wall.Round(10*time.Millisecond),
+						100*c.Busy, c.Cores, us(sum), cell("meshd"), cell("WireGuard devices"), cell("HAProxy"), cell("other processes in the nodes"), cell("harness"))
+				}
+				if c := f.AddedCPU; c.Cores > 0 && len(f.AddedServes.Samples) > 0 {
+					var sum time.Duration
+					for _, d := range c.PerChange {
+						sum += d
+					}
+					w("\nAn added instance's trial used %s of CPU, %s of each of the %d cores, in a window of %s on average with the\n",
+						us(sum), ms(sum/time.Duration(c.Cores)), c.Cores, ms(c.Wall/time.Duration(c.Changes)))
+					w("cores %.0f %% busy: the change's own work (and its measurement) fills the machine. \"Served by all\" took %s at the\n",
+						100*c.Busy, ms(f.AddedServes.Quantile(0.5)))
+					w("median. meshd's %d processes used %s of that CPU (%s each).\n", f.N, us(c.PerChange["meshd"]), us(c.PerChange["meshd"]/time.Duration(f.N)))
+				}
+			}
 		}
 		w("\n")
 		for _, f := range r.Fidelity {

@@ -262,3 +262,13 @@ func removeOwner(tag string) {
 		os.Remove(ownerFile(tag))
 	}
 }
+
+// NetnsInode is the inode of the node's network namespace, which
+// /proc/PID/ns/net of every process in it names.
+func (n *Node) NetnsInode() (uint64, error) {
+	var st syscall.Stat_t
+	if err := syscall.Stat(netnsDir+"/"+n.NS, &st); err != nil {
+		return 0, fmt.Errorf("network namespace of %s: %w", n.Name, err)
+	}
+	return st.Ino, nil
+}

@@ -44,6 +44,10 @@ type Options struct {
 	// longer than any fixed bound, and retrying at the same bound would
 	// fail every time while etcd still does the abandoned work.
 	RegisterTimeout time.Duration
+	// RemovalGrace is how long after registering again, once the lease
+	// was lost, instance removals wait (default DefaultRemovalGrace; see
+	// removalGraceUntil).
+	RemovalGrace time.Duration
 	// StateDir keeps the lease ID so that a restarted meshd resumes its
 	// lease instead of churning its keys.
 	StateDir string

@@ -1,34 +1,37 @@
 package agent
 
 import (
+	"cmp"
 	"maps"
 	"time"
 
 	"github.com/meshd/meshd/pkg/registry"
 )
 
-// removalGrace is how long after (re-)registering the loop keeps
-// instances it had applied but no longer sees. (Not to be confused with
-// keeping the lease: session.go's hold.)
-const removalGrace = 2 * time.Second
+// DefaultRemovalGrace is how long after (re-)registering the loop keeps
+// instances it had applied but no longer sees, unless
+// Options.RemovalGrace says otherwise. (Not to be confused with keeping
+// the lease: session.go's hold.)
+const DefaultRemovalGrace = 2 * time.Second
 
 // removalGraceUntil returns when the removal grace ends and instance
 // removals may be applied again, or zero when they may be applied now.
 // There is a grace only after this node lost a lease: while it has no
-// lease (it is cut off from etcd, its view is stale) and for removalGrace
-// after it registers again. A node's first registration
+// lease (it is cut off from etcd, its view is stale) and for the removal
+// grace after it registers again. A node's first registration
 // has no grace: there is no outage whose skew to ride out, and a grace
 // would delay every removal just after a start.
 func (a *Agent) removalGraceUntil() time.Time {
+	grace := cmp.Or(a.o.RemovalGrace, DefaultRemovalGrace)
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	if !a.leaseLost {
 		return time.Time{}
 	}
 	if a.registeredAt.IsZero() {
-		return time.Now().Add(removalGrace)
+		return time.Now().Add(grace)
 	}
-	if until := a.registeredAt.Add(removalGrace); time.Now().Before(until) {
+	if until := a.registeredAt.Add(grace); time.Now().Before(until) {
 		return until
 	}
 	return time.Time{}

@@ -57,15 +57,18 @@ func TestRemovalAfterFirstRegistrationHasNoGrace(t *testing.T) {
 	srv := etcdtest.New(t)
 	cli := etcdtest.NewClient(t, srv)
 	seer := &instanceSeer{id: webApp, node: "elsewhere"}
-	b := startNode(t, srv, "node-b", id2, t.TempDir(), func(o *agent.Options) { o.Components = []agent.Component{seer} })
+	b := startNode(t, srv, "node-b", id2, t.TempDir(), func(o *agent.Options) {
+		o.Components = []agent.Component{seer}
+		o.RemovalGrace = time.Minute
+	})
 	putWebInstance(t, cli)
 	eventually(t, 10*time.Second, "instance applied", seer.has)
 	del, err := cli.Delete(context.Background(), registry.InstanceKey("backends", "web", "elsewhere"))
 	if err != nil {
 		t.Fatal(err)
 	}
-	// Well under removalGrace (2 s): the removal has no grace.
-	eventually(t, time.Second, "removal applied right after the first registration", func() bool {
+	// Well under the removal grace (a minute): the removal has no grace.
+	eventually(t, 10*time.Second, "removal applied right after the first registration", func() bool {
 		return !seer.has() && b.a.Status().Revision >= del.Header.Revision
 	})
 }
@@ -83,9 +86,11 @@ func TestRemovalGraceAfterLeaseLoss(t *testing.T) {
 	}
 	t.Cleanup(func() { pcli.Close() })
 	seer := &instanceSeer{id: webApp, node: "elsewhere"}
+	const grace = 8 * time.Second // outlasts seeing the deletion after the reconnect, on a busy machine too
 	b := startNode(t, srv, "node-b", id2, t.TempDir(), func(o *agent.Options) {
 		o.Client = pcli
 		o.Components = []agent.Component{seer}
+		o.RemovalGrace = grace
 	})
 	putWebInstance(t, cli)
 	eventually(t, 10*time.Second, "instance applied", seer.has)
@@ -110,7 +115,7 @@ func TestRemovalGraceAfterLeaseLoss(t *testing.T) {
 	if rev := b.a.Status().Revision; rev >= del.Header.Revision {
 		t.Fatalf("status claims revision %d (the deletion is %d) while the removal grace runs", rev, del.Header.Revision)
 	}
-	eventually(t, 5*time.Second, "removal applied after the grace", func() bool {
+	eventually(t, grace+5*time.Second, "removal applied after the grace", func() bool {
 		return !seer.has() && b.a.Status().Revision >= del.Header.Revision
 	})
 }

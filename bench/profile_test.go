@@ -1,7 +1,9 @@
 package bench
 
 import (
-	"net/netip"
+	"encoding/json"
+	"fmt"
+	"slices"
 	"testing"
 	"time"
 
@@ -64,15 +66,40 @@ func TestPoolSubnet(t *testing.T) {
 // check at every size the bench runs (it lies in the pool and in no
 // subnet the bench's 10,000 nodes claim), so its change is one agents
 // apply, not one they drop.
+// TestBenchInstanceIsValid runs meshd's own instance check (a registry
+// snapshot of an overlay store, as every agent keeps) over what the scale
+// bench writes: its instance, in the name of a node without a member
+// record, beside 10,000 subnet claims. meshd must keep it, or every agent
+// drops it and the change measured changes nothing.
 func TestBenchInstanceIsValid(t *testing.T) {
-	addr := netip.MustParseAddr(benchInstanceNet + ".1")
-	last, err := poolSubnet(registry.DefaultPool, 9999)
-	if err != nil {
-		t.Fatal(err)
+	const nodes = 10000
+	kvs := []registry.KV{{Key: registry.MetaKey(registry.GroupBackends, "benchapp"), Value: []byte(`{"publish":{"port":19999}}`)}}
+	for i := range nodes {
+		p, err := poolSubnet(registry.DefaultPool, i)
+		if err != nil {
+			t.Fatal(err)
+		}
+		claim, _ := json.Marshal(registry.SubnetClaim{Node: fmt.Sprintf("node-%d", i)})
+		kvs = append(kvs, registry.KV{Key: registry.SubnetKey(p), Value: claim, Created: int64(i + 1)})
 	}
-	in := netip.PrefixFrom(addr, 24).Masked()
-	if !registry.DefaultPool.Contains(in) || in.Addr().Less(last.Addr()) || in == last {
-		t.Errorf("instance %v: in pool %v, claimed subnets end at %v", addr, registry.DefaultPool.Contains(in), last)
+	for _, k := range []int{1, 250} { // the trials' first and last address
+		value := fmt.Sprintf(`{"ipv4":"%s.%d","node":"worker-x","port":8080}`, benchInstanceNet, k)
+		store := registry.NewOverlayStore(registry.DefaultPool)
+		key := registry.InstanceKey(registry.GroupBackends, "benchapp", "worker-x")
+		store.Replace("/", append(slices.Clone(kvs), registry.KV{Key: key, Value: []byte(value)}), 1)
+		snap := store.Snapshot()
+		app := snap.Apps[registry.AppID{Group: registry.GroupBackends, Name: "benchapp"}]
+		if app == nil || len(app.Instances) != 1 {
+			t.Errorf("instance %s: meshd dropped it (problems: %v)", value, snap.Problems)
+		}
+	}
+	// The check is on: an address in a claimed subnet is dropped.
+	p0, _ := poolSubnet(registry.DefaultPool, 0)
+	store := registry.NewOverlayStore(registry.DefaultPool)
+	bad := fmt.Sprintf(`{"ipv4":"%s","node":"worker-x","port":8080}`, p0.Addr().Next())
+	store.Replace("/", append(slices.Clone(kvs), registry.KV{Key: registry.InstanceKey(registry.GroupBackends, "benchapp", "worker-x"), Value: []byte(bad)}), 1)
+	if app := store.Snapshot().Apps[registry.AppID{Group: registry.GroupBackends, Name: "benchapp"}]; app == nil || len(app.Instances) != 0 {
+		t.Errorf("instance %s in node-0's subnet was kept: the check this test relies on is not running", bad)
 	}
 }
 

@@ -18,6 +18,7 @@ import (
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"golang.zx2c4.com/wireguard/wgctrl/wgtypes"
 
+	"github.com/meshd/meshd/pkg/haproxycfg"
 	"github.com/meshd/meshd/pkg/registry"
 	"github.com/meshd/meshd/pkg/sandbox"
 )
@@ -304,9 +305,18 @@ func (l *legacyFlannelNode) startHAProxy(ctx context.Context, groups []registry.
 	}
 	l.hap = exec.Command("ip", "netns", "exec", l.n.NS, "haproxy", "-W", "-S", sock, "-f", cfgPath)
 	l.hap.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
-	if err := l.hap.Start(); err != nil {
+	// HAProxy's alerts and warnings (a listener it could not bind or take
+	// over on a reload), for a failing test to show: ConfdHAProxyLog.
+	logf, err := os.OpenFile(l.ConfdHAProxyLog(), os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o600)
+	if err != nil {
 		return err
 	}
+	l.hap.Stdout, l.hap.Stderr = logf, logf
+	if err := l.hap.Start(); err != nil {
+		logf.Close()
+		return err
+	}
+	logf.Close()    // the child holds its own copy
 	go l.hap.Wait() // reaped
 	if _, err := eventually(10*time.Second, 50*time.Millisecond, func() error {
 		c, err := net.Dial("unix", sock)
@@ -324,14 +334,13 @@ func (l *legacyFlannelNode) startHAProxy(ctx context.Context, groups []registry.
 		w := l.cli.Watch(hctx, registry.ClusterPrefix, clientv3.WithPrefix())
 		for range w {
 			if changed, err := render(); err == nil && changed {
-				if c, err := net.Dial("unix", sock); err == nil {
-					c.Write([]byte("reload\n")) // the next change retries
-					c.(*net.UnixConn).CloseWrite()
-					buf := make([]byte, 512)
-					c.SetReadDeadline(time.Now().Add(5 * time.Second))
-					c.Read(buf) // 2.6 prints nothing
-					c.Close()
-				}
+				// One reload at a time, each until HAProxy has its new
+				// worker, as a reload command that waits for the service
+				// to be ready again does (systemd's for HAProxy's notify
+				// unit); a failed one is retried by the next change.
+				rctx, rcancel := context.WithTimeout(hctx, 10*time.Second)
+				haproxycfg.Master{Socket: sock}.Reload(rctx)
+				rcancel()
 			}
 		}
 	}()
@@ -343,6 +352,11 @@ func (l *legacyFlannelNode) startHAProxy(ctx context.Context, groups []registry.
 		}
 	}
 	return nil
+}
+
+// ConfdHAProxyLog is where the confd HAProxy's own output goes.
+func (l *legacyFlannelNode) ConfdHAProxyLog() string {
+	return filepath.Join(l.n.Dir, "confd-haproxy.log")
 }
 
 // stopHAProxy soft-stops the confd HAProxy (SIGUSR1 to the master: the

@@ -82,6 +82,9 @@ func TestMigration(t *testing.T) {
 	}
 	t.Cleanup(func() {
 		for _, l := range legacy {
+			if b, err := os.ReadFile(l.ConfdHAProxyLog()); t.Failed() && err == nil && len(b) > 0 {
+				t.Logf("%s confd HAProxy's log (last 3000 bytes):\n%s", l.n.Name, b[max(0, len(b)-3000):])
+			}
 			l.stopOverlay(context.Background())
 			l.stopHAProxy()
 		}

@@ -147,27 +147,11 @@ func summarize(peers []wgtypes.Peer, names func() map[string]string, now time.Ti
 // pass, however small its change, would pay it for the status. What the
 // summary reports moves on a scale of minutes (RecentHandshake); with the
 // agent's 25 s status refresh, a peer going stale shows within 30 s.
-//
-// A device with more than PeersPerMaxAge peers keeps its summary longer,
-// in proportion (at most MaxPeerSummaryAge): one read then costs the same
-// per second however large the mesh, instead of growing with it on every
-// change. At 10,000 peers a read is reused for 50 s, and a peer going
-// stale shows within about a minute and a quarter.
-const (
-	PeerSummaryMaxAge = 5 * time.Second
-	PeersPerMaxAge    = 1000
-	MaxPeerSummaryAge = time.Minute
-)
-
-// peerSummaryMaxAge is how long a summary of n peers is reused.
-func peerSummaryMaxAge(n int) time.Duration {
-	return min(PeerSummaryMaxAge*time.Duration(max(1, n/PeersPerMaxAge)), MaxPeerSummaryAge)
-}
+const PeerSummaryMaxAge = 5 * time.Second
 
 // PeerCache keeps the last peer summary read off a device, for at most
-// PeerSummaryMaxAge (longer for a large device: peerSummaryMaxAge) and
-// until Invalidate (the overlay changed the device). The zero value is
-// ready to use.
+// PeerSummaryMaxAge and until Invalidate (the overlay changed the
+// device). The zero value is ready to use.
 type PeerCache struct {
 	mu    sync.Mutex
 	valid bool
@@ -194,7 +178,7 @@ func (pc *PeerCache) read(st *Status, target *desired.State, dev deviceReader, n
 	}
 	pc.mu.Lock()
 	defer pc.mu.Unlock()
-	if age := now.Sub(pc.at); !pc.valid || age < 0 || age >= peerSummaryMaxAge(pc.sum.Count) {
+	if age := now.Sub(pc.at); !pc.valid || age < 0 || age >= PeerSummaryMaxAge {
 		var d *wgtypes.Device
 		pc.mode, d, pc.err = readDevice(dev)
 		pc.sum = PeerSummary{}

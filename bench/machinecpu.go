@@ -8,6 +8,8 @@ import (
 	"strings"
 	"syscall"
 	"time"
+
+	"github.com/meshd/meshd/pkg/overlay"
 )
 
 // MachineCPU is where a sandbox's CPU went over a stretch of its trials:
@@ -26,15 +28,14 @@ type MachineCPU struct {
 
 // cpuSample is one reading of the machine's and the sandbox's CPU.
 type cpuSample struct {
-	at         time.Time
-	busy, all  uint64 // /proc/stat ticks, all cores
-	byPid      map[int]procTicks
-	self       time.Duration
-	cores      int
-	namespaces map[uint64]bool
+	at        time.Time
+	busy, all uint64 // /proc/stat ticks, all cores
+	byPid     map[int]procTime
+	self      time.Duration
+	cores     int
 }
 
-type procTicks struct {
+type procTime struct {
 	kind string
 	cpu  time.Duration
 }
@@ -42,7 +43,7 @@ type procTicks struct {
 // readCPU reads /proc/stat, this process's CPU time, and the CPU time of
 // every process in one of the network namespaces (by their inode).
 func readCPU(namespaces map[uint64]bool) (cpuSample, error) {
-	s := cpuSample{at: time.Now(), byPid: map[int]procTicks{}, self: cpuTime(), namespaces: namespaces}
+	s := cpuSample{at: time.Now(), byPid: map[int]procTime{}, self: cpuTime()}
 	stat, err := os.ReadFile("/proc/stat")
 	if err != nil {
 		return s, err
@@ -84,7 +85,7 @@ func readCPU(namespaces map[uint64]bool) (cpuSample, error) {
 		if err != nil {
 			continue
 		}
-		s.byPid[pid] = procTicks{processKind(cmd), procCPU(pid)}
+		s.byPid[pid] = procTime{processKind(cmd), procCPU(pid)}
 	}
 	return s, nil
 }
@@ -95,13 +96,22 @@ func processKind(cmdline []byte) string {
 	switch base := filepath.Base(args[0]); {
 	case base == "haproxy":
 		return "HAProxy"
-	case base == "meshd" && len(args) > 1 && strings.HasPrefix(args[1], "--meshd-wireguard-device"):
+	case base == "meshd" && len(args) > 1 && strings.HasPrefix(args[1], overlay.DeviceFlag):
 		return "WireGuard devices"
 	case base == "meshd":
 		return "meshd"
 	default:
 		return "other processes in the nodes"
 	}
+}
+
+// Total is the CPU per change of every kind together.
+func (m MachineCPU) Total() time.Duration {
+	var sum time.Duration
+	for _, d := range m.PerChange {
+		sum += d
+	}
+	return sum
 }
 
 // cpuAccount sums the CPU of several stretches (samples taken around each

@@ -21,12 +21,12 @@ func TestProcessKind(t *testing.T) {
 
 func TestCPUAccount(t *testing.T) {
 	t0 := time.Unix(1000, 0)
-	s0 := cpuSample{at: t0, busy: 100, all: 400, self: time.Second, cores: 2, byPid: map[int]procTicks{
+	s0 := cpuSample{at: t0, busy: 100, all: 400, self: time.Second, cores: 2, byPid: map[int]procTime{
 		1: {"meshd", 100 * time.Millisecond},
 		2: {"HAProxy", 50 * time.Millisecond},
 		3: {"meshd", time.Second}, // exits before the second sample
 	}}
-	s1 := cpuSample{at: t0.Add(2 * time.Second), busy: 400, all: 800, self: 3 * time.Second, cores: 2, byPid: map[int]procTicks{
+	s1 := cpuSample{at: t0.Add(2 * time.Second), busy: 400, all: 800, self: 3 * time.Second, cores: 2, byPid: map[int]procTime{
 		1: {"meshd", 300 * time.Millisecond},
 		2: {"HAProxy", 150 * time.Millisecond},
 		4: {"meshd", 200 * time.Millisecond}, // started in between

@@ -121,15 +121,13 @@ func (r *Results) targets() []target {
 	}
 	if len(plain) >= 2 {
 		a, b := plain[0], plain[len(plain)-1]
+		what, from, to := "CPU per agent per change", a.CPUPerAgentChange, b.CPUPerAgentChange
 		if a.IdleCPU > 0 && b.IdleCPU > 0 {
-			ratio := float64(b.NetCPUPerAgentChange) / float64(max(a.NetCPUPerAgentChange, 1))
-			ts = append(ts, target{fmt.Sprintf("meshd's own cost per change stays flat (CPU per agent per change less the idle rate, N=%d → N=%d)", a.N, b.N),
-				fmt.Sprintf("%s → %s (×%.2f)", a.NetCPUPerAgentChange.Round(time.Microsecond), b.NetCPUPerAgentChange.Round(time.Microsecond), ratio), verdict(ratio < 2)})
-		} else {
-			ratio := float64(b.CPUPerAgentChange) / float64(max(a.CPUPerAgentChange, 1))
-			ts = append(ts, target{fmt.Sprintf("meshd's own cost per change stays flat (CPU per agent per change, N=%d → N=%d)", a.N, b.N),
-				fmt.Sprintf("%s → %s (×%.2f)", a.CPUPerAgentChange.Round(time.Microsecond), b.CPUPerAgentChange.Round(time.Microsecond), ratio), verdict(ratio < 2)})
+			what, from, to = "CPU per agent per change less the idle rate", a.NetCPUPerAgentChange, b.NetCPUPerAgentChange
 		}
+		ratio := float64(to) / float64(max(from, 1))
+		ts = append(ts, target{fmt.Sprintf("meshd's own cost per change stays flat (%s, N=%d → N=%d)", what, a.N, b.N),
+			fmt.Sprintf("%s → %s (×%.2f)", from.Round(time.Microsecond), to.Round(time.Microsecond), ratio), verdict(ratio < 2)})
 		if a.StatusBytesPerNode > 0 && b.StatusBytesPerNode > 0 {
 			ts = append(ts, target{fmt.Sprintf("status bytes per cluster-wide change O(N): bytes per node flat (N=%d → N=%d)", a.N, b.N),
 				fmt.Sprintf("%.0f → %.0f", a.StatusBytesPerNode, b.StatusBytesPerNode), verdict(b.StatusBytesPerNode < 1.5*a.StatusBytesPerNode)})
@@ -235,19 +233,12 @@ func (r *Results) Markdown() string {
 					c    *MachineCPU
 				}{{"instance added", f.AddedCPU}, {"instance removed", f.RemovedCPU}} {
 					c := row.c
-					var sum time.Duration
-					for _, d := range c.PerChange {
-						sum += d
-					}
 					cell := func(k string) string { return us(c.PerChange[k]) }
 					w("| %s (%d) | %s | %.0f %% of %d | %s | %s | %s | %s | %s | %s |\n", row.name, c.Changes, c.Wall.Round(10*time.Millisecond),
-						100*c.Busy, c.Cores, us(sum), cell("meshd"), cell("WireGuard devices"), cell("HAProxy"), cell("other processes in the nodes"), cell("harness"))
+						100*c.Busy, c.Cores, us(c.Total()), cell("meshd"), cell("WireGuard devices"), cell("HAProxy"), cell("other processes in the nodes"), cell("harness"))
 				}
 				if c := f.AddedCPU; c.Cores > 0 && len(f.AddedServes.Samples) > 0 {
-					var sum time.Duration
-					for _, d := range c.PerChange {
-						sum += d
-					}
+					sum := c.Total()
 					w("\nAn added instance's trial used %s of CPU, %s of each of the %d cores, in a window of %s on average with the\n",
 						us(sum), ms(sum/time.Duration(c.Cores)), c.Cores, ms(c.Wall/time.Duration(c.Changes)))
 					w("cores %.0f %% busy: the change's own work (and its measurement) fills the machine. \"Served by all\" took %s at the\n",

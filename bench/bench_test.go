@@ -133,13 +133,16 @@ func TestFidelitySmoke(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	for _, s := range []Series{res.Added, res.AddedServes, res.Removed, res.RemovedServes, res.Join} {
+	for _, s := range []Series{res.Added, res.AddedServes, res.ServedFloor, res.Removed, res.RemovedServes, res.Join} {
 		if len(s.Samples) != 2 {
 			t.Errorf("%s: want 2 samples", s.Summary())
 		}
 	}
 	if len(res.Killed.Samples) != 1 || res.Killed.Max() > 30*time.Second {
 		t.Errorf("%s", res.Killed.Summary())
+	}
+	if res.ServedFloorCPU == nil || res.ServedFloorCPU.Changes != 2 {
+		t.Errorf("served floor CPU: %+v", res.ServedFloorCPU)
 	}
 	if res.Overlay && len(res.JoinPing.Samples) != 2 {
 		t.Errorf("%s: want 2 samples", res.JoinPing.Summary())

@@ -53,6 +53,12 @@ type FidelityResult struct {
 	// AddedServes/RemovedServes: until every consumer's 127.0.0.1 listener
 	// answers from it / no longer does, through HAProxy (and WireGuard).
 	Added, AddedServes, Removed, RemovedServes Series
+	// ServedFloor is the data path alone, the floor under AddedServes:
+	// the instance already served everywhere, every consumer sends one
+	// request at the same moment (as the probes do), until the slowest
+	// answer. It is what the last step of "served by all" costs in this
+	// sandbox with nothing left to converge.
+	ServedFloor Series
 	// Killed: a SIGKILL of a serving node until its instance was gone
 	// and every node applied that (bounded by the lease TTL).
 	Killed Series
@@ -69,6 +75,8 @@ type FidelityResult struct {
 	// instance trials, each kind's trials apart (from just before the write
 	// until the probes ended).
 	AddedCPU, RemovedCPU *MachineCPU `json:",omitempty"`
+	// ServedFloorCPU is the same accounting for the ServedFloor rounds.
+	ServedFloorCPU *MachineCPU `json:",omitempty"`
 }
 
 // Fidelity runs the full-fidelity benchmark: a real sandbox of N nodes.
@@ -79,6 +87,7 @@ func Fidelity(ctx context.Context, o FidelityOptions) (FidelityResult, error) {
 	res.Added, res.AddedServes = name("instance added (applied)"), name("instance added (served by all)")
 	res.Removed, res.RemovedServes = name("instance removed (applied)"), name("instance removed (gone from all)")
 	res.Killed = name("node killed (instance gone everywhere)")
+	res.ServedFloor = name("served floor (instance already served; every consumer's request at once)")
 	if o.Log == nil {
 		o.Log = func(string, ...any) {}
 	}
@@ -194,6 +203,10 @@ func Fidelity(ctx context.Context, o FidelityOptions) (FidelityResult, error) {
 		return res, err
 	}
 	res.Reloads, res.RuntimeUpdates = c1.Reloads-c0.Reloads, c1.RuntimeUpdates-c0.RuntimeUpdates
+	if err := measureServedFloor(ctx, c, consumers, key, string(val), url, namespaces, o.Trials, &res); err != nil {
+		return res, err
+	}
+	o.Log("%s", res.ServedFloor.Summary())
 	o.Log("%s\n%s\n%s\n%s\nhaproxy reloads during instance trials: %d, runtime updates: %d",
 		res.Added.Summary(), res.AddedServes.Summary(), res.Removed.Summary(), res.RemovedServes.Summary(), res.Reloads, res.RuntimeUpdates)
 
@@ -388,6 +401,60 @@ func measureJoin(ctx context.Context, c *sandbox.Cluster, n *sandbox.Node, res *
 		return errors.Join(errs...)
 	}
 	res.JoinPing.Add(slowest)
+	return nil
+}
+
+// servedFloorPause is the quiet time before each served-floor round: the
+// devices and HAProxy idle first, as they do while a change is awaited.
+const servedFloorPause = 100 * time.Millisecond
+
+// measureServedFloor puts the instance, waits until every consumer serves
+// it, then runs trials rounds of one request from every consumer at the
+// same moment (the probes of the instance trials, which end with such a
+// request on each consumer), and deletes the instance again.
+func measureServedFloor(ctx context.Context, c *sandbox.Cluster, consumers []*sandbox.Node, key, val, url string,
+	namespaces map[uint64]bool, trials int, res *FidelityResult) error {
+	tctx, cancel := context.WithTimeout(ctx, time.Minute)
+	defer cancel()
+	rev, at, err := c.Put(tctx, key, val)
+	if err != nil {
+		return err
+	}
+	if _, err := c.WaitApplied(tctx, rev, at, c.NodeNames()); err != nil {
+		return fmt.Errorf("served floor: %w%s", err, exited(c))
+	}
+	if _, err := startProbes(tctx, consumers, url, true)(at); err != nil {
+		return fmt.Errorf("served floor: %w%s", err, exited(c))
+	}
+	var acct cpuAccount
+	for t := range trials {
+		select {
+		case <-tctx.Done():
+			return fmt.Errorf("served floor round %d: %w", t, tctx.Err())
+		case <-time.After(servedFloorPause):
+		}
+		cpu0, cerr := readCPU(namespaces)
+		at := time.Now()
+		d, err := startProbes(tctx, consumers, url, true)(at)
+		if err != nil {
+			return fmt.Errorf("served floor round %d: %w%s", t, err, exited(c))
+		}
+		if cpu1, err := readCPU(namespaces); err == nil && cerr == nil {
+			acct.add(cpu0, cpu1, 1)
+		}
+		res.ServedFloor.Add(d)
+	}
+	if acct.changes > 0 {
+		r := acct.result()
+		res.ServedFloorCPU = &r
+	}
+	rev, at, err = c.Delete(tctx, key)
+	if err != nil {
+		return err
+	}
+	if _, err := c.WaitApplied(tctx, rev, at, c.NodeNames()); err != nil {
+		return fmt.Errorf("served floor: %w%s", err, exited(c))
+	}
 	return nil
 }
 

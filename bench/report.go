@@ -148,8 +148,12 @@ func (r *Results) targets() []target {
 				continue
 			}
 			fp, sp := f.AddedServes.Quantile(0.99), sc.Added.Quantile(0.99)
+			measured := fmt.Sprintf("%s vs %s (×%.2f)", ms(fp), ms(sp), float64(fp)/float64(max(sp, 1)))
+			if len(f.ServedFloor.Samples) > 0 {
+				measured += fmt.Sprintf("; the sandbox's served floor alone: %s (×%.2f)", ms(f.ServedFloor.Quantile(0.99)), float64(f.ServedFloor.Quantile(0.99))/float64(max(sp, 1)))
+			}
 			ts = append(ts, target{"full fidelity N=8 instance added (served by all) p99 ≤ 2.5 × the scale run's N=8 p99",
-				fmt.Sprintf("%s vs %s (×%.2f)", ms(fp), ms(sp), float64(fp)/float64(max(sp, 1))), verdict(float64(fp) <= 2.5*float64(sp))})
+				measured, verdict(float64(fp) <= 2.5*float64(sp))})
 		}
 	}
 	for _, x := range r.OneNode {
@@ -207,10 +211,14 @@ func (r *Results) Markdown() string {
 		w("entry, its first pass (its watches are open at etcd's head, so its own claim reaches it at once), then its userspace\n")
 		w("device process starts, while the others add it as a peer to theirs, all on the same cores. When both sides' first\n")
 		w("handshake initiations are lost or cross, the joining side re-adds the peer from about 100 ms on (docs/overlay.md,\n")
-		w("\"First handshakes\"); WireGuard alone would wait 5 s.\n\n")
+		w("\"First handshakes\"); WireGuard alone would wait 5 s.\n")
+		w("\"Served floor\": after the instance trials, with the instance served everywhere and nothing left to converge, every\n")
+		w("consumer sends one request at the same moment (the probes' own request, which ends each \"served by all\" trial), after\n")
+		w("%s of quiet, until the slowest answer: the data path alone in this sandbox (HAProxy, two userspace WireGuard devices,\n", servedFloorPause)
+		w("the demo server, all on the same cores). None of meshd's work is in it.\n\n")
 		w("| scenario | trials | p50 | p99 | max |\n|---|---|---|---|---|\n")
 		for _, f := range r.Fidelity {
-			for _, s := range []Series{f.Join, f.JoinPing, f.Added, f.AddedServes, f.Removed, f.RemovedServes, f.Killed} {
+			for _, s := range []Series{f.Join, f.JoinPing, f.Added, f.AddedServes, f.ServedFloor, f.Removed, f.RemovedServes, f.Killed} {
 				if len(s.Samples) > 0 {
 					w("| %s | %d | %s | %s | %s |\n", s.Name, len(s.Samples), ms(s.Quantile(0.5)), ms(s.Quantile(0.99)), ms(s.Max()))
 				}
@@ -231,8 +239,11 @@ func (r *Results) Markdown() string {
 				for _, row := range []struct {
 					name string
 					c    *MachineCPU
-				}{{"instance added", f.AddedCPU}, {"instance removed", f.RemovedCPU}} {
+				}{{"instance added", f.AddedCPU}, {"instance removed", f.RemovedCPU}, {"served floor", f.ServedFloorCPU}} {
 					c := row.c
+					if c == nil {
+						continue
+					}
 					cell := func(k string) string { return us(c.PerChange[k]) }
 					w("| %s (%d) | %s | %.0f %% of %d | %s | %s | %s | %s | %s | %s |\n", row.name, c.Changes, c.Wall.Round(10*time.Millisecond),
 						100*c.Busy, c.Cores, us(c.Total()), cell("meshd"), cell("WireGuard devices"), cell("HAProxy"), cell("other processes in the nodes"), cell("harness"))
@@ -244,6 +255,11 @@ func (r *Results) Markdown() string {
 					w("cores %.0f %% busy: the change's own work (and its measurement) fills the machine. \"Served by all\" took %s at the\n",
 						100*c.Busy, ms(f.AddedServes.Quantile(0.5)))
 					w("median. meshd's %d processes used %s of that CPU (%s each).\n", f.N, us(c.PerChange["meshd"]), us(c.PerChange["meshd"]/time.Duration(f.N)))
+					if fc := f.ServedFloorCPU; fc != nil && len(f.ServedFloor.Samples) > 0 {
+						w("A served-floor round (one request from each of the %d consumers, nothing to converge) used %s of CPU (%s in\n",
+							f.N-1, us(fc.Total()), us(fc.PerChange["WireGuard devices"]))
+						w("the WireGuard devices) and took %s at the median.\n", ms(f.ServedFloor.Quantile(0.5)))
+					}
 				}
 			}
 		}
@@ -547,7 +563,7 @@ func (r *Results) Table() string {
 		add(t.Removed)
 	}
 	for _, f := range r.Fidelity {
-		for _, s := range []Series{f.Join, f.JoinPing, f.Added, f.AddedServes, f.Removed, f.RemovedServes, f.Killed} {
+		for _, s := range []Series{f.Join, f.JoinPing, f.Added, f.AddedServes, f.ServedFloor, f.Removed, f.RemovedServes, f.Killed} {
 			add(s)
 		}
 	}

@@ -39,6 +39,10 @@ func run(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
+	// The profile is written into it during a run.
+	if err := os.MkdirAll(o.out, 0o755); err != nil {
+		return err
+	}
 	if o.from != "" {
 		b, err := os.ReadFile(o.from)
 		if err != nil {
@@ -49,10 +53,6 @@ func run(ctx context.Context) error {
 			return fmt.Errorf("%s: %w", o.from, err)
 		}
 		return write(&res, o.out)
-	}
-	// The profile is written into it during the run.
-	if err := os.MkdirAll(o.out, 0o755); err != nil {
-		return err
 	}
 	res := &bench.Results{
 		Started: time.Now(), Machine: bench.Machine(), Trials: o.trials,

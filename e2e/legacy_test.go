@@ -83,7 +83,7 @@ func (l *legacyFlannelNode) startOverlay(ctx context.Context) error {
 	// userspace device in the node's namespace, with the node's private
 	// /run/wireguard), MTU = uplink MTU - 80; then ConfigureDevice with
 	// the private key and ListenPort 51820.
-	wgDir := filepath.Join(l.n.Dir, "wireguard")
+	wgDir := filepath.Join(l.n.RunDir, "wireguard")
 	if err := os.MkdirAll(wgDir, 0o700); err != nil {
 		return err
 	}

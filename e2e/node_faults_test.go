@@ -235,7 +235,7 @@ func normalizedConfig(t *testing.T, n *sandbox.Node) string {
 		servers = nil
 	}
 	for _, line := range strings.Split(string(b), "\n") {
-		if strings.HasPrefix(strings.TrimSpace(line), "#") || strings.Contains(line, n.Dir) {
+		if strings.HasPrefix(strings.TrimSpace(line), "#") || strings.Contains(line, n.Dir) || strings.Contains(line, n.RunDir) {
 			continue
 		}
 		if strings.HasPrefix(strings.TrimSpace(line), "server ") {

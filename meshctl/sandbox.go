@@ -31,7 +31,7 @@ func cmdSandbox(ctx context.Context, e *env, args []string) error {
 		haproxy = fs.String("haproxy", "haproxy", "haproxy binary")
 		forward = fs.String("etcd-addr", "127.0.0.1:23790", "host loopback address forwarded to the sandbox's etcd (port 0: any free port)")
 		timeout = fs.Duration("timeout", 60*time.Second, "how long each step and the final check may take")
-		keep    = fs.Bool("keep-workdir", false, "keep the work directory (configs, logs) after teardown")
+		keep    = fs.Bool("keep-workdir", false, "keep the work and run directories (configs, logs, HAProxy files) after teardown")
 		verbose = fs.Bool("verbose", false, "log the harness's own steps")
 		logLvl  = fs.String("meshd-log-level", "", "meshd --log-level for every node")
 	)
@@ -45,7 +45,7 @@ func cmdSandbox(ctx context.Context, e *env, args []string) error {
 		removed, err := sandbox.Clean(context.WithoutCancel(ctx), *name)
 		for _, r := range removed {
 			if strings.Contains(r, "/") {
-				fmt.Fprintf(e.Stdout, "removed work directory %s\n", r)
+				fmt.Fprintf(e.Stdout, "removed directory %s\n", r)
 			} else {
 				fmt.Fprintf(e.Stdout, "removed namespace %s\n", r)
 			}
@@ -87,11 +87,11 @@ func cmdSandbox(ctx context.Context, e *env, args []string) error {
 			fmt.Fprintln(e.Stdout, "removed every namespace, link, process and temporary file")
 		}
 		if *keep {
-			fmt.Fprintf(e.Stdout, "work directory kept: %s\n", c.WorkDir())
+			fmt.Fprintf(e.Stdout, "work directory kept: %s (run directory: %s)\n", c.WorkDir(), c.RunDir())
 		}
 	}()
-	fmt.Fprintf(e.Stdout, "sandbox %s: hub namespace %s, etcd %s inside, forwarded to %s; work dir %s\n",
-		*name, c.HubNS(), c.EtcdEndpoint(), c.Endpoint(), c.WorkDir())
+	fmt.Fprintf(e.Stdout, "sandbox %s: hub namespace %s, etcd %s inside, forwarded to %s; work dir %s, run dir %s\n",
+		*name, c.HubNS(), c.EtcdEndpoint(), c.Endpoint(), c.WorkDir(), c.RunDir())
 	if _, err := c.BringUp(ctx, sandbox.DemoOptions{Nodes: *nodes, Servers: *servers, Out: e.Stdout, StepTimeout: *timeout}); err != nil {
 		return err
 	}

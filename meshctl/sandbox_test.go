@@ -135,7 +135,7 @@ func TestSandboxCrashLeftovers(t *testing.T) {
 	if code != exitOK || !strings.Contains(out, "removed namespace "+tag+"-hub") {
 		t.Errorf("--clean: exit %d, out %q, err %q", code, out, stderr)
 	}
-	if !strings.Contains(out, "removed work directory") {
+	if !strings.Contains(out, "removed directory") {
 		t.Errorf("--clean did not remove the crashed run's work directory: %q", out)
 	}
 	ents, _ := os.ReadDir("/run/netns")
@@ -144,8 +144,10 @@ func TestSandboxCrashLeftovers(t *testing.T) {
 			t.Errorf("namespace %s left after --clean", e.Name())
 		}
 	}
-	if dirs, _ := filepath.Glob(filepath.Join(os.TempDir(), "meshd-sandbox-"+tag+"-*")); len(dirs) > 0 {
-		t.Errorf("work directories left after --clean: %v", dirs)
+	for _, parent := range []string{os.TempDir(), "/dev/shm"} {
+		if dirs, _ := filepath.Glob(filepath.Join(parent, "meshd-sandbox-"+tag+"-*")); len(dirs) > 0 {
+			t.Errorf("work or run directories left after --clean: %v", dirs)
+		}
 	}
 	for _, p := range left {
 		for syscall.Kill(p, 0) == nil && time.Now().Before(deadline.Add(5*time.Second)) {

@@ -195,9 +195,9 @@ func CleanCommand(tag string) string {
 }
 
 // Clean removes every namespace (and so every link and process) and every
-// temporary work directory of a sandbox named tag that an earlier run left
-// behind. It returns what it removed: namespace names, then work directory
-// paths. It refuses while a live process runs that sandbox.
+// temporary work and run directory of a sandbox named tag that an earlier
+// run left behind. It returns what it removed: namespace names, then
+// directory paths. It refuses while a live process runs that sandbox.
 func Clean(ctx context.Context, tag string) ([]string, error) {
 	if err := validTag(tag); err != nil {
 		return nil, err
@@ -216,6 +216,8 @@ func Clean(ctx context.Context, tag string) ([]string, error) {
 		}
 	}
 	dirs, _ := filepath.Glob(filepath.Join(os.TempDir(), "meshd-sandbox-"+tag+"-*"))
+	runDirs, _ := filepath.Glob(filepath.Join(runParent, "meshd-sandbox-"+tag+"-*"))
+	dirs = append(dirs, runDirs...)
 	for _, d := range dirs {
 		if err := os.RemoveAll(d); err != nil {
 			errs = append(errs, err)

@@ -47,8 +47,14 @@ type Node struct {
 	NS string
 	// Addr is the node's address on the sandbox bridge (its "public" IP).
 	Addr netip.Addr
-	// Dir holds the node's config, state, haproxy files and meshd.log.
+	// Dir holds the node's config, state and meshd.log.
 	Dir string
+	// RunDir holds what a real node keeps in /run (a tmpfs): HAProxy's
+	// rendered config, pid file and sockets, and the node's private
+	// /run/wireguard. It is on a tmpfs where the host has one (/dev/shm),
+	// as on a real node: meshd rewrites the HAProxy config on every
+	// instance change.
+	RunDir string
 	// Config is the meshd configuration the node runs with.
 	Config config.Config
 
@@ -75,7 +81,7 @@ func (c *Cluster) AddNode(ctx context.Context, o NodeOptions) (*Node, error) {
 	c.nextIdx++
 	n := &Node{
 		Name: nodeName(idx), Index: idx, NS: fmt.Sprintf("%s-n%d", c.tag, idx),
-		Addr: nodeAddr(idx), Dir: filepath.Join(c.workDir, nodeName(idx)), c: c,
+		Addr: nodeAddr(idx), Dir: filepath.Join(c.workDir, nodeName(idx)), RunDir: filepath.Join(c.runDir, nodeName(idx)), c: c,
 	}
 	c.nodes[n.Name] = n
 	c.mu.Unlock()
@@ -102,8 +108,10 @@ func (n *Node) hostVeth() string { return fmt.Sprintf("%sh%d", n.c.tag, n.Index)
 func (n *Node) Veth() string { return fmt.Sprintf("%se%d", n.c.tag, n.Index) }
 
 func (n *Node) setup(ctx context.Context, o NodeOptions) error {
-	if err := os.MkdirAll(filepath.Join(n.Dir, "state"), 0o700); err != nil {
-		return err
+	for _, d := range []string{filepath.Join(n.Dir, "state"), n.RunDir} {
+		if err := os.MkdirAll(d, 0o700); err != nil {
+			return err
+		}
 	}
 	hub := n.c.HubNS()
 	for _, args := range [][]string{
@@ -135,7 +143,7 @@ func (n *Node) setup(ctx context.Context, o NodeOptions) error {
 }
 
 // nodeConfig is the meshd configuration of a sandbox node: WireGuard in
-// mode auto (kernel if the module exists, else userspace), a supervised haproxy with every file in the node's directory,
+// mode auto (kernel if the module exists, else userspace), a supervised haproxy with its files in the node's run directory,
 // no secrets.
 func (c *Cluster) nodeConfig(n *Node, o NodeOptions) config.Config {
 	cfg := config.Default()
@@ -155,9 +163,9 @@ func (c *Cluster) nodeConfig(n *Node, o NodeOptions) config.Config {
 		cfg.HAProxy.Binary = p
 	}
 	cfg.HAProxy.Supervise = true
-	cfg.HAProxy.ConfigPath = filepath.Join(n.Dir, "haproxy.cfg")
-	cfg.HAProxy.MasterSocket = filepath.Join(n.Dir, "haproxy-master.sock")
-	cfg.HAProxy.StatsSocket = filepath.Join(n.Dir, "haproxy-stats.sock")
+	cfg.HAProxy.ConfigPath = filepath.Join(n.RunDir, "haproxy.cfg")
+	cfg.HAProxy.MasterSocket = filepath.Join(n.RunDir, "haproxy-master.sock")
+	cfg.HAProxy.StatsSocket = filepath.Join(n.RunDir, "haproxy-stats.sock")
 	cfg.Secrets.Enable = false
 	if o.Edit != nil {
 		o.Edit(&cfg)
@@ -178,11 +186,11 @@ func (n *Node) Start(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	// The node's own directory is bind-mounted on /run/wireguard in a
+	// A directory of the node's own is bind-mounted on /run/wireguard in a
 	// fresh mount namespace: the WireGuard UAPI socket is private to the
 	// node, yet the same across meshd restarts (a detached userspace
 	// device outlives the meshd that started it).
-	wgDir := filepath.Join(n.Dir, "wireguard")
+	wgDir := filepath.Join(n.RunDir, "wireguard")
 	if err := os.MkdirAll(wgDir, 0o700); err != nil {
 		logf.Close()
 		return err
@@ -348,7 +356,7 @@ func (n *Node) Exec(ctx context.Context, name string, args ...string) ([]byte, e
 	} else {
 		cmd = exec.CommandContext(ctx, "ip", append([]string{"netns", "exec", n.NS, "sh", "-c",
 			`mount --bind "$MESHD_SANDBOX_WGDIR" /run/wireguard && exec "$0" "$@"`, name}, args...)...)
-		cmd.Env = append(os.Environ(), "MESHD_SANDBOX_WGDIR="+filepath.Join(n.Dir, "wireguard"))
+		cmd.Env = append(os.Environ(), "MESHD_SANDBOX_WGDIR="+filepath.Join(n.RunDir, "wireguard"))
 	}
 	var out bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &out, &out

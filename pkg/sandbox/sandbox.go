@@ -25,6 +25,7 @@ import (
 	"strconv"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	clientv3 "go.etcd.io/etcd/client/v3"
@@ -78,6 +79,11 @@ type Cluster struct {
 	tag     string
 	workDir string
 	ownDir  bool
+	// runDir holds the nodes' run directories (Node.RunDir): on a tmpfs
+	// when the host has one, else the work directory; ownRun says Close
+	// removes it.
+	runDir string
+	ownRun bool
 
 	mu      sync.Mutex
 	etcd    *etcdembed.Server
@@ -110,6 +116,11 @@ func (c *Cluster) Name() string { return c.tag }
 
 // WorkDir is the directory holding node configs, state and logs.
 func (c *Cluster) WorkDir() string { return c.workDir }
+
+// RunDir is the directory holding the nodes' run directories (HAProxy's
+// files, /run/wireguard): on a tmpfs (/dev/shm) when the host has one,
+// else the work directory.
+func (c *Cluster) RunDir() string { return c.runDir }
 
 // Client is the harness's etcd client (dialing into the hub namespace).
 func (c *Cluster) Client() *clientv3.Client { return c.cli }
@@ -178,6 +189,9 @@ func Start(ctx context.Context, o Options) (_ *Cluster, err error) {
 		}
 		c.workDir = o.WorkDir
 	}
+	if c.runDir, c.ownRun, err = makeRunDir(o.Name, c.workDir, !o.KeepWorkDir); err != nil {
+		return nil, err
+	}
 	// /run/wireguard must exist on the host for each node's private mount.
 	if err := os.MkdirAll("/run/wireguard", 0o755); err != nil {
 		return nil, fmt.Errorf("create /run/wireguard: %w", err)
@@ -226,6 +240,30 @@ func Start(ctx context.Context, o Options) (_ *Cluster, err error) {
 	c.fwd = fwd
 	log.Info("etcd up", "in", hub, "endpoint", c.EtcdEndpoint(), "host", c.Endpoint())
 	return c, nil
+}
+
+// runParent is where the sandbox's run directories go when it is a tmpfs,
+// as /run is on a real node.
+const runParent = "/dev/shm"
+
+// makeRunDir creates the directory for the nodes' run directories: a new
+// one in runParent when that is a tmpfs (own says whether Close removes
+// it), else workDir itself.
+func makeRunDir(tag, workDir string, own bool) (dir string, owned bool, err error) {
+	if !onTmpfs(runParent) {
+		return workDir, false, nil
+	}
+	d, err := os.MkdirTemp(runParent, "meshd-sandbox-"+tag+"-")
+	if err != nil {
+		return "", false, fmt.Errorf("run directory: %w", err)
+	}
+	return d, own, nil
+}
+
+// onTmpfs says whether path is on a tmpfs (statfs(2)'s TMPFS_MAGIC).
+func onTmpfs(path string) bool {
+	var st syscall.Statfs_t
+	return syscall.Statfs(path, &st) == nil && st.Type == 0x01021994
 }
 
 // ErrLeftover is returned by Start when namespaces of the same sandbox name
@@ -279,6 +317,11 @@ func (c *Cluster) Close() error {
 	removeOwner(c.tag)
 	if c.ownDir && c.workDir != "" {
 		if err := os.RemoveAll(c.workDir); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	if c.ownRun && c.runDir != "" {
+		if err := os.RemoveAll(c.runDir); err != nil {
 			errs = append(errs, err)
 		}
 	}

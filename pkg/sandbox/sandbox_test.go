@@ -39,7 +39,7 @@ func startTest(t *testing.T, tag string) *Cluster {
 				pids[p] = true
 			}
 		}
-		dir := c.WorkDir()
+		dir, runDir := c.WorkDir(), c.runDir
 		if err := c.Close(); err != nil {
 			t.Errorf("close: %v", err)
 		}
@@ -54,8 +54,10 @@ func startTest(t *testing.T, tag string) *Cluster {
 				}
 			}
 		}
-		if _, err := os.Stat(dir); err == nil {
-			t.Errorf("work dir %s left after teardown", dir)
+		for _, d := range []string{dir, runDir} {
+			if _, err := os.Stat(d); err == nil {
+				t.Errorf("directory %s left after teardown", d)
+			}
 		}
 	})
 	return c
@@ -92,6 +94,15 @@ func TestCheck(t *testing.T) {
 		}
 		if len(r.Peers) != 2 {
 			t.Errorf("node %s has %d WireGuard peers, want 2", r.Node, len(r.Peers))
+		}
+	}
+	// HAProxy's files are on a tmpfs, as in a real node's /run, where the
+	// host has one.
+	if onTmpfs(runParent) {
+		for _, n := range c.Nodes() {
+			if !onTmpfs(n.Config.HAProxy.ConfigPath) || !strings.HasPrefix(n.Config.HAProxy.ConfigPath, runParent+"/") {
+				t.Errorf("%s's HAProxy config %s is not on the tmpfs %s", n.Name, n.Config.HAProxy.ConfigPath, runParent)
+			}
 		}
 	}
 }

@@ -1,6 +1,7 @@
 package overlay
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -130,10 +131,16 @@ func newUserspaceDevice(name string, mtu int, log *slog.Logger) (*userspaceDevic
 		return nil, fmt.Errorf("userspace WireGuard %s: create tun: %w", name, err)
 	}
 	l := log.With("interface", name)
+	// wireguard-go's verbose log is a line per keepalive, handshake and
+	// timer event of every peer; it goes to debug, and is not even
+	// formatted unless debug is on (at a thousand peers it is thousands of
+	// lines a minute). It logs peers by abbreviated public key only.
+	verbose := device.DiscardLogf
+	if l.Enabled(context.Background(), slog.LevelDebug) {
+		verbose = func(format string, args ...any) { l.Debug("wireguard-go: " + fmt.Sprintf(format, args...)) }
+	}
 	dev := device.NewDevice(tdev, conn.NewDefaultBind(), &device.Logger{
-		// wireguard-go's verbose log is a line per packet batch event; keep
-		// it at debug. It logs peers by abbreviated public key only.
-		Verbosef: func(format string, args ...any) { l.Debug("wireguard-go: " + fmt.Sprintf(format, args...)) },
+		Verbosef: verbose,
 		Errorf:   func(format string, args ...any) { l.Warn("wireguard-go: " + fmt.Sprintf(format, args...)) },
 	})
 	uapi, err := ipc.UAPIListen(name, uapiFile)

@@ -144,6 +144,9 @@ func TestFidelitySmoke(t *testing.T) {
 	if res.ServedFloorCPU == nil || res.ServedFloorCPU.Changes != 2 {
 		t.Errorf("served floor CPU: %+v", res.ServedFloorCPU)
 	}
+	if res.JoinCPU == nil || res.JoinCPU.Changes != 2 || sum(res.JoinCPU.Apart) > res.JoinCPU.Total() {
+		t.Errorf("join CPU: %+v", res.JoinCPU)
+	}
 	if res.Overlay && len(res.JoinPing.Samples) != 2 {
 		t.Errorf("%s: want 2 samples", res.JoinPing.Summary())
 	}

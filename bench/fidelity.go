@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"maps"
 	"net/netip"
 	"strings"
 	"time"
@@ -75,8 +76,10 @@ type FidelityResult struct {
 	// instance trials, each kind's trials apart (from just before the write
 	// until the probes ended).
 	AddedCPU, RemovedCPU *MachineCPU `json:",omitempty"`
-	// ServedFloorCPU is the same accounting for the ServedFloor rounds.
-	ServedFloorCPU *MachineCPU `json:",omitempty"`
+	// ServedFloorCPU is the same accounting for the ServedFloor rounds,
+	// JoinCPU for the join trials (from just before the node's start until
+	// every other node pinged it; Apart is the joining node's processes).
+	ServedFloorCPU, JoinCPU *MachineCPU `json:",omitempty"`
 }
 
 // Fidelity runs the full-fidelity benchmark: a real sandbox of N nodes.
@@ -240,8 +243,11 @@ func Fidelity(ctx context.Context, o FidelityOptions) (FidelityResult, error) {
 			pp.Node, pp.Changes, pp.Applied, pp.Wait, pp.Pass, pp.CPUPerChange)
 	}
 
-	// Node join.
+	// Node join, and the machine's CPU from just before the node's start
+	// until every other node pinged it, the joining node's apart.
+	var joinCPU cpuAccount
 	for t := range o.Trials {
+		cpu0, cerr := readCPU(namespaces)
 		n, err := c.AddNode(ctx, sandbox.NodeOptions{Consume: []registry.Group{registry.GroupBackends}})
 		if err != nil {
 			return res, err
@@ -249,9 +255,21 @@ func Fidelity(ctx context.Context, o FidelityOptions) (FidelityResult, error) {
 		if err := measureJoin(ctx, c, n, &res); err != nil {
 			return res, fmt.Errorf("join trial %d: %w\n%s", t, err, n.LogTail(1500))
 		}
+		if ino, err := n.NetnsInode(); err == nil && cerr == nil {
+			withNew := maps.Clone(namespaces)
+			withNew[ino] = true
+			if cpu1, err := readCPU(withNew); err == nil {
+				joinCPU.apart = ino
+				joinCPU.add(cpu0, cpu1, 1)
+			}
+		}
 		if err := removeNode(ctx, c, n.Name); err != nil {
 			return res, err
 		}
+	}
+	if joinCPU.changes > 0 {
+		r := joinCPU.result()
+		res.JoinCPU = &r
 	}
 	o.Log("%s\n%s", res.Join.Summary(), res.JoinPing.Summary())
 

@@ -24,6 +24,9 @@ type MachineCPU struct {
 	// "HAProxy" (the nodes' processes, found by network namespace) and
 	// "harness" (this process: etcd, the probes, the demo servers).
 	PerChange map[string]time.Duration
+	// Apart is the part of PerChange, by kind, spent by the processes of
+	// one network namespace set apart (a joining node's).
+	Apart map[string]time.Duration `json:",omitempty"`
 }
 
 // cpuSample is one reading of the machine's and the sandbox's CPU.
@@ -38,6 +41,7 @@ type cpuSample struct {
 type procTime struct {
 	kind string
 	cpu  time.Duration
+	ns   uint64 // network namespace inode
 }
 
 // readCPU reads /proc/stat, this process's CPU time, and the CPU time of
@@ -85,7 +89,7 @@ func readCPU(namespaces map[uint64]bool) (cpuSample, error) {
 		if err != nil {
 			continue
 		}
-		s.byPid[pid] = procTime{processKind(cmd), procCPU(pid)}
+		s.byPid[pid] = procTime{processKind(cmd), procCPU(pid), st.Ino}
 	}
 	return s, nil
 }
@@ -106,12 +110,14 @@ func processKind(cmdline []byte) string {
 }
 
 // Total is the CPU per change of every kind together.
-func (m MachineCPU) Total() time.Duration {
-	var sum time.Duration
-	for _, d := range m.PerChange {
-		sum += d
+func (m MachineCPU) Total() time.Duration { return sum(m.PerChange) }
+
+func sum(byKind map[string]time.Duration) time.Duration {
+	var s time.Duration
+	for _, d := range byKind {
+		s += d
 	}
-	return sum
+	return s
 }
 
 // cpuAccount sums the CPU of several stretches (samples taken around each
@@ -121,6 +127,10 @@ type cpuAccount struct {
 	busy, all      uint64
 	cores, changes int
 	byKind         map[string]time.Duration
+	// apart is a network namespace whose processes are also summed, by
+	// kind, in apartCPU (MachineCPU.Apart).
+	apart    uint64
+	apartCPU map[string]time.Duration
 }
 
 // add counts the stretch from s0 to s1, in which changes changes ran. A
@@ -135,7 +145,14 @@ func (a *cpuAccount) add(s0, s1 cpuSample, changes int) {
 	a.all += s1.all - s0.all
 	a.cores, a.changes = s1.cores, a.changes+changes
 	for pid, p := range s1.byPid {
-		a.byKind[p.kind] += p.cpu - s0.byPid[pid].cpu
+		d := p.cpu - s0.byPid[pid].cpu
+		a.byKind[p.kind] += d
+		if a.apart != 0 && p.ns == a.apart {
+			if a.apartCPU == nil {
+				a.apartCPU = map[string]time.Duration{}
+			}
+			a.apartCPU[p.kind] += d
+		}
 	}
 	a.byKind["harness"] += s1.self - s0.self
 }
@@ -151,6 +168,12 @@ func (a *cpuAccount) result() MachineCPU {
 	}
 	for k, d := range a.byKind {
 		m.PerChange[k] = d / time.Duration(a.changes)
+	}
+	for k, d := range a.apartCPU {
+		if m.Apart == nil {
+			m.Apart = map[string]time.Duration{}
+		}
+		m.Apart[k] = d / time.Duration(a.changes)
 	}
 	return m
 }

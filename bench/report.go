@@ -239,7 +239,7 @@ func (r *Results) Markdown() string {
 				for _, row := range []struct {
 					name string
 					c    *MachineCPU
-				}{{"instance added", f.AddedCPU}, {"instance removed", f.RemovedCPU}, {"served floor", f.ServedFloorCPU}} {
+				}{{"instance added", f.AddedCPU}, {"instance removed", f.RemovedCPU}, {"served floor", f.ServedFloorCPU}, {"node join, from its start", f.JoinCPU}} {
 					c := row.c
 					if c == nil {
 						continue
@@ -247,11 +247,16 @@ func (r *Results) Markdown() string {
 					cell := func(k string) string { return us(c.PerChange[k]) }
 					w("| %s (%d) | %s | %.0f %% of %d | %s | %s | %s | %s | %s | %s |\n", row.name, c.Changes, c.Wall.Round(10*time.Millisecond),
 						100*c.Busy, c.Cores, us(c.Total()), cell("meshd"), cell("WireGuard devices"), cell("HAProxy"), cell("other processes in the nodes"), cell("harness"))
+					if len(c.Apart) > 0 {
+						part := func(k string) string { return us(c.Apart[k]) }
+						w("| … of which the joining node's | | | %s | %s | %s | %s | %s | |\n",
+							us(sum(c.Apart)), part("meshd"), part("WireGuard devices"), part("HAProxy"), part("other processes in the nodes"))
+					}
 				}
 				if c := f.AddedCPU; c.Cores > 0 && len(f.AddedServes.Samples) > 0 {
-					sum := c.Total()
+					total := c.Total()
 					w("\nAn added instance's trial used %s of CPU, %s of each of the %d cores, in a window of %s on average with the\n",
-						us(sum), ms(sum/time.Duration(c.Cores)), c.Cores, ms(c.Wall/time.Duration(c.Changes)))
+						us(total), ms(total/time.Duration(c.Cores)), c.Cores, ms(c.Wall/time.Duration(c.Changes)))
 					w("cores %.0f %% busy: the change's own work (and its measurement) fills the machine. \"Served by all\" took %s at the\n",
 						100*c.Busy, ms(f.AddedServes.Quantile(0.5)))
 					w("median. meshd's %d processes used %s of that CPU (%s each).\n", f.N, us(c.PerChange["meshd"]), us(c.PerChange["meshd"]/time.Duration(f.N)))
@@ -259,6 +264,13 @@ func (r *Results) Markdown() string {
 						w("A served-floor round (one request from each of the %d consumers, nothing to converge) used %s of CPU (%s in\n",
 							f.N-1, us(fc.Total()), us(fc.PerChange["WireGuard devices"]))
 						w("the WireGuard devices) and took %s at the median.\n", ms(f.ServedFloor.Quantile(0.5)))
+					}
+					if jc := f.JoinCPU; jc != nil && jc.Changes > 0 && len(f.JoinPing.Samples) > 0 {
+						w("A join, from just before the new node's start until every other node had an echo answered, used %s of CPU\n", us(jc.Total()))
+						w("in a window of %s on average (the cores %.0f %% busy); the joining node's own processes used %s of it, the %d other\n",
+							ms(jc.Wall/time.Duration(jc.Changes)), 100*jc.Busy, us(sum(jc.Apart)), f.N)
+						w("nodes' processes %s (adding the peer, its route, answering the echoes) and the harness %s.\n",
+							us(jc.Total()-sum(jc.Apart)-jc.PerChange["harness"]), us(jc.PerChange["harness"]))
 					}
 				}
 			}

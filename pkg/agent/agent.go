@@ -149,6 +149,8 @@ type Agent struct {
 	checkNow  []chan struct{}
 	instChg   chan struct{}
 	statusChg chan struct{}
+	// statusPoke asks the loop to rebuild the status (StatusNotifier).
+	statusPoke chan struct{}
 	// flannelChg wakes the flannel lease keeper (member record known,
 	// flannel keys changed).
 	flannelChg chan struct{}
@@ -184,7 +186,7 @@ func New(o Options) (*Agent, error) {
 	if o.Member != nil && o.Member.Pool.Bits != 0 {
 		store = registry.NewOverlayStore(o.Member.Pool)
 	}
-	return &Agent{
+	a := &Agent{
 		o:         o,
 		checkNow:  checkNow,
 		log:       o.Log.With("component", "agent", "node", o.Node),
@@ -195,8 +197,15 @@ func New(o Options) (*Agent, error) {
 		instChg:   make(chan struct{}, 1),
 		statusChg: make(chan struct{}, 1),
 
+		statusPoke: make(chan struct{}, 1),
 		flannelChg: make(chan struct{}, 1),
-	}, nil
+	}
+	for _, c := range o.Components {
+		if n, ok := c.(StatusNotifier); ok {
+			n.NotifyStatus(func() { signal(a.statusPoke) })
+		}
+	}
+	return a, nil
 }
 
 // Snapshot returns the agent's current view (for tests and debugging).

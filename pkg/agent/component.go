@@ -34,6 +34,14 @@ type Runner interface {
 	Run(ctx context.Context) error
 }
 
+// StatusNotifier is implemented by a component whose status can change
+// outside a pass (a write it finished in the background): New hands it a
+// function to call then, and the loop rebuilds the node's status at once
+// instead of at its next refresh.
+type StatusNotifier interface {
+	NotifyStatus(changed func())
+}
+
 // Gate is implemented by a component that the components after it depend
 // on: while Ready is false after an Apply, the rest of the pass waits (and
 // is retried shortly). The overlay is one: HAProxy health checks sent

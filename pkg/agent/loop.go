@@ -100,6 +100,11 @@ func (a *Agent) loop(ctx context.Context) {
 				a.setStatus(a.buildStatus(lastSnap, applied, states))
 			}
 			continue
+		case <-a.statusPoke:
+			if lastSnap != nil {
+				a.setStatus(a.buildStatus(lastSnap, applied, states))
+			}
+			continue
 		case <-a.notify:
 		case <-retry.C:
 		}

@@ -369,3 +369,47 @@ func TestStalePeerShowsWithin30s(t *testing.T) {
 		}
 	})
 }
+
+// notifying is a component whose status changes outside a pass, and says
+// so through the function the agent gave it (StatusNotifier).
+type notifying struct {
+	mu      sync.Mutex
+	state   string
+	changed func()
+}
+
+func (c *notifying) Name() string                                    { return "notifying" }
+func (c *notifying) Apply(context.Context, *registry.Snapshot) error { return nil }
+func (c *notifying) NotifyStatus(f func())                           { c.changed = f }
+func (c *notifying) Status() any {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.state
+}
+
+// TestStatusNotifierRepublishesAtOnce: a component's status that changes
+// between passes is published when the component says so, not at the
+// next periodic refresh.
+func TestStatusNotifierRepublishesAtOnce(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		n := &notifying{state: "before"}
+		timed := &timedComponent{born: time.Now()}
+		r := startLoopRig(t, []Component{timed, n}, timed, true)
+		if n.changed == nil {
+			t.Fatal("the agent did not hand the component a notify function")
+		}
+		last := func() string { w := r.writes(); return w[len(w)-1] }
+		if !strings.Contains(last(), `"before"`) {
+			t.Fatalf("first status %s", last())
+		}
+		time.Sleep(time.Second) // no pass, no refresh: statusRefresh is 25 s
+		n.mu.Lock()
+		n.state = "after"
+		n.mu.Unlock()
+		n.changed()
+		synctest.Wait()
+		if !strings.Contains(last(), `"after"`) {
+			t.Errorf("status after the notification: %s", last())
+		}
+	})
+}

@@ -2,10 +2,12 @@ package overlay
 
 import (
 	"bytes"
+	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"io/fs"
+	"log/slog"
 	"os"
 	"path/filepath"
 	"sync"
@@ -18,13 +20,85 @@ import (
 // from which Boot brings the overlay up before etcd is reachable. It is
 // rewritten only when the applied state changed, not on every registry
 // revision.
+//
+// While run runs (the component's Run), offer hands the state to it and
+// returns: the write, flushed to disk twice, stays out of the reconcile
+// pass, and a burst of changes during a write costs one more write, of
+// the newest state. Without run, offer writes at once.
 type bootCache struct {
 	dir, iface string
+	// write is saveCache; tests replace it.
+	write func(stateDir string, c cacheFile) error
+	// changed, when set, is called after a write whose outcome (failed or
+	// not) differs from the one before: the status shows cacheError.
+	changed func()
 
-	mu     sync.Mutex
-	cached []byte // JSON of the state last written (or read)
-	gen    uint64 // target generation the file is known to hold
-	err    error  // last failure to write, nil once it works
+	wmu     sync.Mutex // held by save, across the write
+	mu      sync.Mutex // the fields below
+	cached  []byte     // JSON of the state last written (or read)
+	gen     uint64     // target generation the file is known to hold
+	err     error      // last failure to write, nil once it works
+	pending *cacheEntry
+	running bool          // run is writing offers
+	wake    chan struct{} // run's: an offer is pending
+}
+
+// cacheEntry is a state offered for writing.
+type cacheEntry struct {
+	st  desired.State
+	gen uint64
+	rev int64
+}
+
+// offer has st (target generation gen, registry revision rev) written:
+// by run when it runs, else now (the error is save's).
+func (b *bootCache) offer(st desired.State, gen uint64, rev int64) error {
+	b.mu.Lock()
+	if b.running {
+		b.pending = &cacheEntry{st, gen, rev}
+		b.mu.Unlock()
+		select {
+		case b.wake <- struct{}{}:
+		default: // a wake-up is pending already
+		}
+		return nil
+	}
+	b.mu.Unlock()
+	return b.save(st, gen, rev)
+}
+
+// run writes offered states until ctx ends, then the last one pending,
+// logging a failure (the status shows it too: lastErr).
+func (b *bootCache) run(ctx context.Context, log *slog.Logger) {
+	b.mu.Lock()
+	b.wake = make(chan struct{}, 1)
+	b.running = true
+	b.mu.Unlock()
+	flush := func() {
+		b.mu.Lock()
+		e := b.pending
+		b.pending = nil
+		b.mu.Unlock()
+		if e == nil {
+			return
+		}
+		if err := b.save(e.st, e.gen, e.rev); err != nil {
+			// The overlay is up; only the next boot without etcd suffers.
+			log.Warn("cannot write overlay cache", "err", err)
+		}
+	}
+	for {
+		select {
+		case <-b.wake:
+			flush()
+		case <-ctx.Done():
+			b.mu.Lock()
+			b.running = false
+			b.mu.Unlock()
+			flush()
+			return
+		}
+	}
 }
 
 // load reads the file (ErrNoCache when there is none).
@@ -38,25 +112,43 @@ func (b *bootCache) loaded(st desired.State, gen uint64) {
 }
 
 // save writes st (target generation gen, registry revision rev) unless
-// the file already holds it. A failure is kept for the status: the
-// overlay is up, only the next boot without etcd suffers.
+// the file already holds it or a newer generation (generations only
+// grow). A failure is kept for the status: the overlay is up, only the
+// next boot without etcd suffers.
 func (b *bootCache) save(st desired.State, gen uint64, rev int64) error {
+	b.wmu.Lock() // one write at a time, in generation order
+	defer b.wmu.Unlock()
 	b.mu.Lock()
-	defer b.mu.Unlock()
-	if b.gen == gen {
+	if gen <= b.gen { // the file holds this generation or a newer one
+		b.mu.Unlock()
 		return nil
 	}
 	enc := stateJSON(st)
 	if bytes.Equal(enc, b.cached) {
 		b.gen = gen
+		b.mu.Unlock()
 		return nil
 	}
-	if err := saveCache(b.dir, cacheFile{Interface: b.iface, Revision: rev, State: st}); err != nil {
-		b.err = err
-		return err
+	write := b.write
+	b.mu.Unlock()
+	if write == nil {
+		write = saveCache
 	}
-	b.cached, b.gen, b.err = enc, gen, nil
-	return nil
+	// Not under mu: an offer must not wait for the disk.
+	err := write(b.dir, cacheFile{Interface: b.iface, Revision: rev, State: st})
+	b.mu.Lock()
+	flipped := (err != nil) != (b.err != nil)
+	if err != nil {
+		b.err = err
+	} else {
+		b.cached, b.gen, b.err = enc, gen, nil
+	}
+	changed := b.changed
+	b.mu.Unlock()
+	if flipped && changed != nil {
+		changed()
+	}
+	return err
 }
 
 // lastErr is the last write failure (nil once a write worked).

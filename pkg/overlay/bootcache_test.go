@@ -1,11 +1,14 @@
 package overlay
 
 import (
+	"context"
 	"errors"
 	"log/slog"
 	"net/netip"
 	"os"
 	"path/filepath"
+	"slices"
+	"sync"
 	"testing"
 	"time"
 
@@ -85,3 +88,93 @@ func TestCacheRejectsBadFiles(t *testing.T) {
 }
 
 func discard() *slog.Logger { return slog.New(slog.DiscardHandler) }
+
+// TestCacheWriterCoalesces: while the writer runs, offer returns without
+// writing; offers made during a write end in one more write, of the
+// newest state; and the writer writes what is pending when it stops.
+func TestCacheWriterCoalesces(t *testing.T) {
+	dir := t.TempDir()
+	var mu sync.Mutex
+	var written []int64 // revisions, in write order
+	started, release := make(chan struct{}, 16), make(chan struct{})
+	b := &bootCache{dir: dir, iface: "wg0", write: func(d string, c cacheFile) error {
+		started <- struct{}{}
+		<-release
+		err := saveCache(d, c)
+		mu.Lock()
+		written = append(written, c.Revision)
+		mu.Unlock()
+		return err
+	}}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() { b.run(ctx, slog.New(slog.DiscardHandler)); close(done) }()
+	waitFor(t, 10*time.Second, "writer running", func() bool { b.mu.Lock(); defer b.mu.Unlock(); return b.running })
+	st := sampleState()
+	if err := b.offer(st, 1, 10); err != nil {
+		t.Fatal(err)
+	}
+	<-started // the first write is under way, and blocked
+	for i := range 5 {
+		st.Peers[0].Keepalive = time.Duration(i+1) * time.Second // a different state each time
+		if err := b.offer(st, uint64(2+i), int64(11+i)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	release <- struct{}{} // the first write ends
+	<-started             // the second starts: the newest offer
+	release <- struct{}{}
+	waitFor(t, 10*time.Second, "two writes", func() bool { mu.Lock(); defer mu.Unlock(); return len(written) == 2 })
+	mu.Lock()
+	if want := []int64{10, 15}; !slices.Equal(written, want) {
+		t.Errorf("written revisions %v, want %v", written, want)
+	}
+	mu.Unlock()
+	if got, err := loadCache(dir); err != nil || got.Revision != 15 {
+		t.Errorf("cache holds revision %d (%v), want 15", got.Revision, err)
+	}
+
+	// An offer pending when the writer stops is written before it returns.
+	b.mu.Lock()
+	b.pending = &cacheEntry{st: sampleState(), gen: 20, rev: 30}
+	b.mu.Unlock()
+	close(release) // every further write goes through
+	cancel()
+	<-done
+	if got, err := loadCache(dir); err != nil || got.Revision != 30 {
+		t.Errorf("after stop the cache holds revision %d (%v), want 30", got.Revision, err)
+	}
+	// Stopped, offer writes at once; an older generation never replaces a
+	// newer one.
+	if err := b.offer(sampleState(), 19, 29); err != nil {
+		t.Fatal(err)
+	}
+	if got, _ := loadCache(dir); got.Revision != 30 {
+		t.Errorf("an older generation replaced the cache: revision %d, want 30", got.Revision)
+	}
+}
+
+// TestCacheWriteOutcomeNotifies: the status hears of a write that fails,
+// and of the next that works, and of nothing in between.
+func TestCacheWriteOutcomeNotifies(t *testing.T) {
+	fail := errors.New("read-only file system")
+	var werr error
+	calls := 0
+	b := &bootCache{dir: t.TempDir(), iface: "wg0",
+		write:   func(d string, c cacheFile) error { return errors.Join(werr, saveCache(d, c)) },
+		changed: func() { calls++ }}
+	st := sampleState()
+	for i, step := range []struct {
+		err   error
+		calls int
+	}{{nil, 0}, {fail, 1}, {fail, 1}, {nil, 2}, {nil, 2}} {
+		werr = step.err
+		st.Peers[0].Keepalive = time.Duration(i+1) * time.Second
+		if err := b.offer(st, uint64(i+1), int64(i+1)); (err != nil) != (step.err != nil) {
+			t.Errorf("write %d: err %v, want %v", i, err, step.err)
+		}
+		if calls != step.calls || (b.lastErr() != nil) != (step.err != nil) {
+			t.Errorf("write %d: %d notifications, lastErr %v; want %d, failing %v", i, calls, b.lastErr(), step.calls, step.err != nil)
+		}
+	}
+}

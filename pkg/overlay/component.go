@@ -166,6 +166,15 @@ func assemble(opts Options, log *slog.Logger, key wgtypes.Key, m *metrics, compu
 // Name implements agent.Component.
 func (c *Component) Name() string { return "overlay" }
 
+// NotifyStatus implements agent.StatusNotifier: the boot cache is written
+// in the background (Run), and a write that fails, or works again, changes
+// the status (cacheError). Call it before Run.
+func (c *Component) NotifyStatus(changed func()) {
+	c.cache.mu.Lock()
+	c.cache.changed = changed
+	c.cache.mu.Unlock()
+}
+
 // PublicKey returns the node's WireGuard public key (base64), the value
 // to publish in the member record and the node entry.
 // It is derived once: a scalar multiplication, and the status asks on
@@ -255,7 +264,7 @@ func (c *Component) set(ctx context.Context, st desired.State, gen uint64, why s
 	}
 	c.metrics.peers.Set(float64(len(st.Peers)))
 	if current {
-		if err := c.cache.save(st, gen, revision); err != nil {
+		if err := c.cache.offer(st, gen, revision); err != nil {
 			// The overlay is up; only the next boot without etcd suffers.
 			c.log.Warn("cannot write overlay cache", "err", err)
 		}
@@ -289,12 +298,14 @@ func (c *Component) repair(ctx context.Context, why string) {
 	}
 }
 
-// Run runs the route repairer and the handshake retry until ctx ends (the
-// agent runs it next to its loop). It returns nil when ctx ends.
+// Run runs the route repairer, the handshake retry and the boot cache's
+// writer until ctx ends (the agent runs it next to its loop). It returns
+// nil when ctx ends, the newest applied state written.
 func (c *Component) Run(ctx context.Context) error {
 	g, ctx := errgroup.WithContext(ctx)
 	g.Go(func() error { c.repairer.run(ctx); return nil })
 	g.Go(func() error { c.retry.run(ctx); return nil })
+	g.Go(func() error { c.cache.run(ctx, c.log); return nil })
 	return g.Wait()
 }
 

@@ -162,8 +162,11 @@ func (r *recorder) Apply(ctx context.Context, snap *registry.Snapshot) error {
 	// snapshot it reads (members, flannel leases) changed.
 	if gen := overlay.InputsOf(snap); gen != r.overlayGen {
 		if od, err := r.overlay.Compute(snap); err == nil {
+			// As the component: the summary follows from the device as
+			// read before the set, and the set's plan.
+			before, _ := r.dev.Device()
 			plan, _ := r.dev.Set(od)
-			r.peers.Invalidate() // the component does so after every set
+			r.peers.Applied(r.dev.Mode(), before, plan, &od, time.Now())
 			now := time.Now()
 			for _, c := range plan.Peers {
 				if c.Op == desired.OpAdd {

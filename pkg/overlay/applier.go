@@ -120,33 +120,34 @@ func (a *Applier) Mode() string {
 // applied and the next Set retries the rest. Calling Set again with the
 // same state changes nothing.
 func (a *Applier) Set(ctx context.Context, want desired.State) error {
-	_, err := a.set(ctx, want)
+	_, _, err := a.set(ctx, want)
 	return err
 }
 
-// set is Set, also returning the plan that was applied.
-func (a *Applier) set(ctx context.Context, want desired.State) (desired.Plan, error) {
+// set is Set, also returning the plan that was applied and the device as
+// read before it was (nil when set failed before reading it).
+func (a *Applier) set(ctx context.Context, want desired.State) (desired.Plan, *wgtypes.Device, error) {
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	if err := ctx.Err(); err != nil {
-		return desired.Plan{}, err
+		return desired.Plan{}, nil, err
 	}
 	if want.MTU == 0 {
 		want.MTU = a.uplinkMTU() - desired.MTUOverhead
 	}
 	link, dev, err := a.ensureDeviceLocked(want.MTU)
 	if err != nil {
-		return desired.Plan{}, err
+		return desired.Plan{}, nil, err
 	}
 	a.linkIndex.Store(int32(link.Attrs().Index))
 	if dev == nil { // created just now
 		if dev, err = a.wg.Device(a.opts.Interface); err != nil {
-			return desired.Plan{}, fmt.Errorf("read device %s: %w", a.opts.Interface, err)
+			return desired.Plan{}, nil, fmt.Errorf("read device %s: %w", a.opts.Interface, err)
 		}
 	}
 	live, staleSrc, err := a.liveLocked(link, dev, want.RouteTable, want.SelfAddress())
 	if err != nil {
-		return desired.Plan{}, err
+		return desired.Plan{}, dev, err
 	}
 	// A wanted route with a stale source counts as missing, so it is
 	// replaced; an unwanted one is deleted like any other.
@@ -177,7 +178,7 @@ func (a *Applier) set(ctx context.Context, want desired.State) (desired.Plan, er
 	if !plan.Empty() {
 		a.log.Debug("overlay applied", "changes", len(plan.Peers), "plan", plan.String())
 	}
-	return plan, errors.Join(errs...)
+	return plan, dev, errors.Join(errs...)
 }
 
 // configureLocked sends the peer deltas, the listen port and (if the

@@ -249,8 +249,14 @@ func (c *Component) Ready() bool { return c.track.ready() }
 // and, on success, notes the new peers for the handshake retry and
 // caches st.
 func (c *Component) set(ctx context.Context, st desired.State, gen uint64, why string) error {
-	plan, err := c.applier.set(ctx, st)
-	c.peerCache.Invalidate() // a new target, a changed device or an error
+	plan, before, err := c.applier.set(ctx, st)
+	if err != nil {
+		c.peerCache.Invalidate() // the device may be anything: read it
+	} else {
+		// The status's peer summary follows from the device as read for
+		// this apply and what the apply changed: no second read.
+		c.peerCache.Applied(c.applier.Mode(), before, plan, &st, time.Now())
+	}
 	c.metrics.observe(plan, err)
 	current, revision := c.track.record(gen, err)
 	if err != nil {
@@ -280,7 +286,7 @@ func (c *Component) repair(ctx context.Context, why string) {
 	if t == nil {
 		return
 	}
-	plan, err := c.applier.set(ctx, *t)
+	plan, _, err := c.applier.set(ctx, *t)
 	if ctx.Err() != nil {
 		return // stopping: not a failure of the overlay
 	}

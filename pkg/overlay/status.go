@@ -168,6 +168,46 @@ func (pc *PeerCache) Invalidate() {
 	pc.mu.Unlock()
 }
 
+// Applied sets the summary to that of the device after an apply that
+// worked: before is the device as the apply read it, plan what it
+// changed. Removed peers go, added ones come without a handshake (as
+// WireGuard adds them), updated ones keep theirs. It spares the status a
+// second read of the device (O(peers)) on every change of the overlay.
+func (pc *PeerCache) Applied(mode string, before *wgtypes.Device, plan desired.Plan, target *desired.State, now time.Time) {
+	if before == nil {
+		pc.Invalidate()
+		return
+	}
+	gone := map[wgtypes.Key]bool{}
+	var added []wgtypes.Peer
+	for _, c := range plan.Peers {
+		if c.Op != desired.OpRemove && c.Op != desired.OpAdd {
+			continue // updated in place: its handshake stays
+		}
+		k, err := wgtypes.ParseKey(c.Peer.PublicKey)
+		if err != nil { // the apply would have failed
+			pc.Invalidate()
+			return
+		}
+		gone[k] = true // an added peer's earlier state, if any, goes too
+		if c.Op == desired.OpAdd {
+			added = append(added, wgtypes.Peer{PublicKey: k})
+		}
+	}
+	peers := make([]wgtypes.Peer, 0, len(before.Peers)+len(added))
+	for _, p := range before.Peers {
+		if !gone[p.PublicKey] {
+			peers = append(peers, p)
+		}
+	}
+	peers = append(peers, added...)
+	pc.mu.Lock()
+	defer pc.mu.Unlock()
+	pc.mode, pc.err = mode, ""
+	pc.sum = summarize(peers, func() map[string]string { return peerNames(target) }, now)
+	pc.valid, pc.at = true, now
+}
+
 // read fills st's address (from target), and its mode and peer summary
 // (from dev, or from the cache when it is fresh at now).
 func (pc *PeerCache) read(st *Status, target *desired.State, dev deviceReader, now time.Time) {

@@ -2,12 +2,14 @@ package overlay
 
 import (
 	"encoding/json"
+	"errors"
 	"fmt"
 	"net/netip"
 	"strings"
 	"testing"
 	"time"
 
+	"github.com/google/go-cmp/cmp"
 	"github.com/prometheus/client_golang/prometheus"
 	"golang.zx2c4.com/wireguard/wgctrl/wgtypes"
 
@@ -310,4 +312,51 @@ func TestFakeDeviceRekey(t *testing.T) {
 	if hs := got[want.Peers[1].PublicKey]; !hs.IsZero() {
 		t.Errorf("a peer without a handshake got one at %v", hs)
 	}
+}
+
+// TestPeerSummaryAfterApply: the summary PeerCache.Applied derives from
+// the device as read before an apply, and the apply's plan, is the one a
+// read of the device after the apply gives.
+func TestPeerSummaryAfterApply(t *testing.T) {
+	now := time.Date(2026, 12, 3, 12, 0, 0, 0, time.UTC)
+	_, dev, want := fakeCluster(t, 6)
+	for i, p := range want.Peers {
+		dev.Traffic(p.PublicKey, now.Add(-time.Duration(i)*time.Minute), 10, 20) // peers 4, 5 stale
+	}
+	next := want
+	next.Peers = append([]desired.Peer(nil), want.Peers[1:]...)          // peer 0 removed
+	next.Peers[0].Endpoint = netip.MustParseAddrPort("192.0.2.99:51820") // peer 1 updated
+	k, _ := wgtypes.GeneratePrivateKey()
+	next.Peers = append(next.Peers, desired.Peer{Name: "new", PublicKey: k.PublicKey().String(), // added
+		AllowedIPs: []netip.Prefix{netip.MustParsePrefix("10.10.99.0/24")}, Keepalive: 25 * time.Second})
+
+	before, err := dev.Device()
+	if err != nil {
+		t.Fatal(err)
+	}
+	plan, err := dev.Set(next)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var pc PeerCache
+	pc.Applied(dev.Mode(), before, plan, &next, now)
+	var got Status
+	pc.read(&got, &next, failingReader{t}, now) // fresh: must not read
+	after, _ := dev.Device()
+	want2 := summarize(after.Peers, func() map[string]string { return peerNames(&next) }, now)
+	if diff := cmp.Diff(want2, got.Peers); diff != "" {
+		t.Errorf("summary after the apply (-read +derived):\n%s", diff)
+	}
+	if got.Peers.Count != 6 || got.Peers.Oldest != "never" || got.Peers.StaleCount != 3 {
+		t.Errorf("derived %+v, want 6 peers, the new one never handshaken, 3 not recent", got.Peers)
+	}
+}
+
+// failingReader is a device that fails the test when read.
+type failingReader struct{ t *testing.T }
+
+func (f failingReader) Mode() string { return "fake" }
+func (f failingReader) Device() (*wgtypes.Device, error) {
+	f.t.Error("device read although the summary was fresh")
+	return nil, errors.New("not to be read")
 }

@@ -325,7 +325,9 @@ func (r *Results) Markdown() string {
 		w("\n\"Idle CPU\" is the process's CPU per second over the idle period after the trials (what runs on time rather than\n")
 		w("on changes: lease keep-alives, status refreshes, device reads, GC); \"less idle\" is the CPU per agent per change after\n")
 		w("taking that rate over the trials' wall time off. At N=10,000 a change takes a second or more, so the gross figure counts\n")
-		w("seconds of time-driven work per change.\n")
+		w("seconds of time-driven work per change. The idle period (its status writes are counted too) starts no sooner than %s\n", idleAfterJoin)
+		w("after the last agent joined: a second after an apply that added peers, a node reads its device again for their first\n")
+		w("handshakes, and the status write that may follow belongs to the join.\n")
 		if rssFell {
 			w("\nRSS per agent n/a: the process's RSS fell during that bring-up (memory of the run before it was returned to\n")
 			w("the OS meanwhile), so its growth says nothing about the agents.\n")

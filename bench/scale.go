@@ -65,7 +65,8 @@ type ScaleOptions struct {
 	// Label is added to the series names and the result (" via grpc-proxy").
 	Label string
 	// Idle is how long the cluster is left alone after the trials while
-	// status writes are counted (0: not measured).
+	// status writes are counted (0: not measured); it starts at least
+	// overlay.FirstHandshakeRead after the last agent joined.
 	Idle time.Duration
 }
 
@@ -123,6 +124,11 @@ type ScaleResult struct {
 	SamplePeers int
 }
 
+// idleAfterJoin is how long after the last join the idle period starts at
+// the soonest: the agents' re-read of their devices for the new peers'
+// first handshakes (overlay.FirstHandshakeRead), with a margin.
+const idleAfterJoin = overlay.FirstHandshakeRead + 500*time.Millisecond
+
 // recorder is the scale benchmark's component: it computes the real
 // desired state of HAProxy and the overlay (the pure functions meshd
 // uses), applies the overlay's per-peer deltas to a FakeDevice instead
@@ -150,7 +156,15 @@ type recorder struct {
 	structure  string
 	counters   haproxycfg.Counters
 	overlayGen overlay.InputGens
+	// changed is the agent's (agent.StatusNotifier); reread re-reads the
+	// device overlay.FirstHandshakeRead after peers were added, as the
+	// overlay component's Run does.
+	changed func()
+	reread  *time.Timer
 }
+
+// NotifyStatus implements agent.StatusNotifier.
+func (r *recorder) NotifyStatus(changed func()) { r.changed = changed }
 
 func (r *recorder) Name() string { return "haproxy" }
 
@@ -168,9 +182,21 @@ func (r *recorder) Apply(ctx context.Context, snap *registry.Snapshot) error {
 			plan, _ := r.dev.Set(od)
 			r.peers.Applied(r.dev.Mode(), before, plan, &od, time.Now())
 			now := time.Now()
+			added := false
 			for _, c := range plan.Peers {
 				if c.Op == desired.OpAdd {
 					r.dev.Traffic(c.Peer.PublicKey, now, 0, 0)
+					added = true
+				}
+			}
+			if added && r.changed != nil {
+				if r.reread == nil {
+					r.reread = time.AfterFunc(overlay.FirstHandshakeRead, func() {
+						r.peers.Invalidate()
+						r.changed()
+					})
+				} else {
+					r.reread.Reset(overlay.FirstHandshakeRead)
 				}
 			}
 			r.ov = od
@@ -333,6 +359,7 @@ func Scale(ctx context.Context, o ScaleOptions) (ScaleResult, error) {
 		return res, err
 	}
 	res.Startup = time.Since(startAll)
+	settled := time.Now()
 	debug.FreeOSMemory()
 	var m1 runtime.MemStats
 	runtime.ReadMemStats(&m1)
@@ -434,6 +461,17 @@ func Scale(ctx context.Context, o ScaleOptions) (ScaleResult, error) {
 		}
 	}
 	if o.Idle > 0 {
+		// The idle period starts no sooner than the agents' re-read of
+		// their devices after the last join's peers were added
+		// (overlay.FirstHandshakeRead): the status write it may cause
+		// belongs to the join.
+		if wait := time.Until(settled.Add(idleAfterJoin)); wait > 0 {
+			select {
+			case <-ctx.Done():
+				return res, ctx.Err()
+			case <-time.After(wait):
+			}
+		}
 		w0, _ := tally.read()
 		icpu0, iwall0 := cpuTime(), time.Now()
 		select {

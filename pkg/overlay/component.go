@@ -20,6 +20,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net/netip"
+	"slices"
 	"sync"
 	"time"
 
@@ -102,6 +103,11 @@ type Component struct {
 	cache     *bootCache
 	retry     *handshakeRetry
 	repairer  *routeRepairer
+	// added wakes Run's re-read of the device after peers were added;
+	// statusMu guards statusChanged (NotifyStatus).
+	added         chan struct{}
+	statusMu      sync.Mutex
+	statusChanged func()
 }
 
 // New loads (or creates) the node's WireGuard key and opens the applier.
@@ -158,6 +164,7 @@ func assemble(opts Options, log *slog.Logger, key wgtypes.Key, m *metrics, compu
 		track: &tracker{computer: computer},
 		cache: &bootCache{dir: opts.StateDir, iface: opts.Interface},
 		retry: newHandshakeRetry(app, log, func(n int) { m.retries.Add(float64(n)) }),
+		added: make(chan struct{}, 1),
 	}
 	c.repairer = &routeRepairer{iface: opts.Interface, linkIndex: app.linkIndex.Load, repair: c.repair, log: log}
 	return c
@@ -168,11 +175,51 @@ func (c *Component) Name() string { return "overlay" }
 
 // NotifyStatus implements agent.StatusNotifier: the boot cache is written
 // in the background (Run), and a write that fails, or works again, changes
-// the status (cacheError). Call it before Run.
+// the status (cacheError); and Run reads the device again a second after
+// peers were added (their first handshakes). Call it before Run.
 func (c *Component) NotifyStatus(changed func()) {
 	c.cache.mu.Lock()
 	c.cache.changed = changed
 	c.cache.mu.Unlock()
+	c.statusMu.Lock()
+	c.statusChanged = changed
+	c.statusMu.Unlock()
+}
+
+// FirstHandshakeRead is how long after an apply that added peers Run has
+// the status read the device again. The summary right after the apply
+// shows the new peers without a handshake (none has completed yet); a
+// second later their first handshakes have (or the handshake retry is at
+// them), and the status shows it then instead of at the agent's next 25 s
+// refresh, so that the write it causes belongs to the change, not to the
+// idle time after it.
+const FirstHandshakeRead = time.Second
+
+// rereadAfterAdd waits for applies that added peers and, FirstHandshakeRead
+// after one, drops the peer summary and has the status rebuilt. Adds
+// during the wait are covered by one more wait.
+func (c *Component) rereadAfterAdd(ctx context.Context) {
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-c.added:
+		}
+		t := time.NewTimer(FirstHandshakeRead)
+		select {
+		case <-ctx.Done():
+			t.Stop()
+			return
+		case <-t.C:
+		}
+		c.peerCache.Invalidate()
+		c.statusMu.Lock()
+		changed := c.statusChanged
+		c.statusMu.Unlock()
+		if changed != nil {
+			changed()
+		}
+	}
 }
 
 // PublicKey returns the node's WireGuard public key (base64), the value
@@ -256,6 +303,12 @@ func (c *Component) set(ctx context.Context, st desired.State, gen uint64, why s
 		// The status's peer summary follows from the device as read for
 		// this apply and what the apply changed: no second read.
 		c.peerCache.Applied(c.applier.Mode(), before, plan, &st, time.Now())
+		if slices.ContainsFunc(plan.Peers, func(pc desired.PeerChange) bool { return pc.Op == desired.OpAdd }) {
+			select {
+			case c.added <- struct{}{}:
+			default: // Run has one pending already
+			}
+		}
 	}
 	c.metrics.observe(plan, err)
 	current, revision := c.track.record(gen, err)
@@ -304,14 +357,15 @@ func (c *Component) repair(ctx context.Context, why string) {
 	}
 }
 
-// Run runs the route repairer, the handshake retry and the boot cache's
-// writer until ctx ends (the agent runs it next to its loop). It returns
+// Run runs the route repairer, the handshake retry, the boot cache's
+// writer and the re-read after added peers until ctx ends (the agent runs it next to its loop). It returns
 // nil when ctx ends, the newest applied state written.
 func (c *Component) Run(ctx context.Context) error {
 	g, ctx := errgroup.WithContext(ctx)
 	g.Go(func() error { c.repairer.run(ctx); return nil })
 	g.Go(func() error { c.retry.run(ctx); return nil })
 	g.Go(func() error { c.cache.run(ctx, c.log); return nil })
+	g.Go(func() error { c.rereadAfterAdd(ctx); return nil })
 	return g.Wait()
 }
 

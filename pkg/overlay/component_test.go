@@ -215,3 +215,54 @@ func TestFlannelLeaseChangeAlone(t *testing.T) {
 		t.Fatalf("peers after the member record and the flannel lease are gone: %v, want none", got)
 	}
 }
+
+// TestStatusRereadAfterAddedPeers: an apply that adds a peer shows it
+// without a handshake; about a second later Run has the status rebuilt
+// from a fresh read, which shows the handshake that completed meanwhile.
+// An apply that adds none asks for nothing.
+func TestStatusRereadAfterAddedPeers(t *testing.T) {
+	c, k := fakeComponent(t, nil)
+	notified := make(chan time.Time, 4)
+	c.NotifyStatus(func() { notified <- time.Now() })
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	go c.Run(ctx)
+	peer := newPublicKey(t)
+	ms := []registry.Member{memberOf(0, c.PublicKey()), memberOf(1, peer)}
+	applied := time.Now()
+	if err := c.Apply(ctx, snapshotOf(ms, 1)); err != nil {
+		t.Fatal(err)
+	}
+	reads := func() int { k.mu.Lock(); defer k.mu.Unlock(); return k.deviceReads }
+	before := reads()
+	if st := c.StatusNow(time.Now()); st.Peers.Count != 1 || st.Peers.Oldest != "never" {
+		t.Fatalf("right after the apply: %+v, want 1 peer, never handshaken", st.Peers)
+	}
+	if r := reads(); r != before {
+		t.Errorf("the status after an apply read the device %d times; the apply's own read suffices", r-before)
+	}
+	k.mu.Lock()
+	dev := k.links[c.applier.Interface()].dev
+	k.mu.Unlock()
+	dev.Traffic(peer, time.Now(), 0, 0) // the first handshake completes
+	select {
+	case at := <-notified:
+		if d := at.Sub(applied); d < FirstHandshakeRead {
+			t.Errorf("status rebuilt %v after the apply, before %v", d, FirstHandshakeRead)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("no status rebuild after peers were added")
+	}
+	if st := c.StatusNow(time.Now()); st.Peers.Recent != 1 {
+		t.Errorf("after the re-read: %+v, want the peer's handshake", st.Peers)
+	}
+	// An apply that adds no peer (same members, a new revision).
+	if err := c.Apply(ctx, snapshotOf(ms, 2)); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case <-notified:
+		t.Error("status rebuild asked for after an apply that added no peer")
+	case <-time.After(FirstHandshakeRead + 500*time.Millisecond):
+	}
+}

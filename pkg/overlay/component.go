@@ -358,8 +358,9 @@ func (c *Component) repair(ctx context.Context, why string) {
 }
 
 // Run runs the route repairer, the handshake retry, the boot cache's
-// writer and the re-read after added peers until ctx ends (the agent runs it next to its loop). It returns
-// nil when ctx ends, the newest applied state written.
+// writer and the re-read after added peers until ctx ends (the agent runs
+// it next to its loop). It returns nil when ctx ends, the newest applied
+// state written.
 func (c *Component) Run(ctx context.Context) error {
 	g, ctx := errgroup.WithContext(ctx)
 	g.Go(func() error { c.repairer.run(ctx); return nil })

@@ -29,8 +29,9 @@ type bootCache struct {
 	dir, iface string
 	// write is saveCache; tests replace it.
 	write func(stateDir string, c cacheFile) error
-	// changed, when set, is called after a write whose outcome (failed or
-	// not) differs from the one before: the status shows cacheError.
+	// changed, when set (before use), is called after a write whose
+	// outcome (failed or not) differs from the one before: the status
+	// shows cacheError.
 	changed func()
 
 	wmu     sync.Mutex // held by save, across the write
@@ -143,10 +144,9 @@ func (b *bootCache) save(st desired.State, gen uint64, rev int64) error {
 	} else {
 		b.cached, b.gen, b.err = enc, gen, nil
 	}
-	changed := b.changed
 	b.mu.Unlock()
-	if flipped && changed != nil {
-		changed()
+	if flipped && b.changed != nil {
+		b.changed()
 	}
 	return err
 }

@@ -162,10 +162,10 @@ func assemble(opts Options, log *slog.Logger, key wgtypes.Key, m *metrics, compu
 	c := &Component{
 		opts: opts, log: log, key: key, metrics: m, applier: app, reader: app,
 		track: &tracker{computer: computer},
-		cache: &bootCache{dir: opts.StateDir, iface: opts.Interface},
 		retry: newHandshakeRetry(app, log, func(n int) { m.retries.Add(float64(n)) }),
 		added: make(chan struct{}, 1),
 	}
+	c.cache = &bootCache{dir: opts.StateDir, iface: opts.Interface, changed: c.statusChangedNow}
 	c.repairer = &routeRepairer{iface: opts.Interface, linkIndex: app.linkIndex.Load, repair: c.repair, log: log}
 	return c
 }
@@ -178,12 +178,20 @@ func (c *Component) Name() string { return "overlay" }
 // the status (cacheError); and Run reads the device again a second after
 // peers were added (their first handshakes). Call it before Run.
 func (c *Component) NotifyStatus(changed func()) {
-	c.cache.mu.Lock()
-	c.cache.changed = changed
-	c.cache.mu.Unlock()
 	c.statusMu.Lock()
 	c.statusChanged = changed
 	c.statusMu.Unlock()
+}
+
+// statusChangedNow tells the agent the status changed, if it asked to be
+// told (NotifyStatus).
+func (c *Component) statusChangedNow() {
+	c.statusMu.Lock()
+	changed := c.statusChanged
+	c.statusMu.Unlock()
+	if changed != nil {
+		changed()
+	}
 }
 
 // FirstHandshakeRead is how long after an apply that added peers Run has
@@ -213,12 +221,7 @@ func (c *Component) rereadAfterAdd(ctx context.Context) {
 		case <-t.C:
 		}
 		c.peerCache.Invalidate()
-		c.statusMu.Lock()
-		changed := c.statusChanged
-		c.statusMu.Unlock()
-		if changed != nil {
-			changed()
-		}
+		c.statusChangedNow()
 	}
 }
 

@@ -299,6 +299,10 @@ func (c *Component) Ready() bool { return c.track.ready() }
 // and, on success, notes the new peers for the handshake retry and
 // caches st.
 func (c *Component) set(ctx context.Context, st desired.State, gen uint64, why string) error {
+	// The peers the plan adds exist from inside the apply on: a handshake
+	// may complete while it still sets addresses and routes, and the
+	// handshake retry must count it (retryState.added).
+	started := time.Now()
 	plan, before, err := c.applier.set(ctx, st)
 	if err != nil {
 		c.peerCache.Invalidate() // the device may be anything: read it
@@ -319,7 +323,7 @@ func (c *Component) set(ctx context.Context, st desired.State, gen uint64, why s
 		c.log.Warn("overlay apply failed", "why", why, "err", err)
 		return fmt.Errorf("overlay: %w", err)
 	}
-	c.retry.note(plan, len(st.Peers), time.Now())
+	c.retry.note(plan, len(st.Peers), started)
 	if !plan.Empty() {
 		c.log.Info("overlay changed", "why", why, "peerChanges", len(plan.Peers),
 			"routesAdded", len(plan.AddRoutes), "routesDeleted", len(plan.DelRoutes))
@@ -342,6 +346,7 @@ func (c *Component) repair(ctx context.Context, why string) {
 	if t == nil {
 		return
 	}
+	started := time.Now()
 	plan, _, err := c.applier.set(ctx, *t)
 	if ctx.Err() != nil {
 		return // stopping: not a failure of the overlay
@@ -352,7 +357,7 @@ func (c *Component) repair(ctx context.Context, why string) {
 		c.log.Warn("overlay repair failed", "why", why, "err", err)
 		return
 	}
-	c.retry.note(plan, len(t.Peers), time.Now())
+	c.retry.note(plan, len(t.Peers), started)
 	if !plan.Empty() {
 		c.peerCache.Invalidate()
 		c.metrics.repairs.Inc()

@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"net/netip"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -264,5 +265,77 @@ func TestStatusRereadAfterAddedPeers(t *testing.T) {
 	case <-notified:
 		t.Error("status rebuild asked for after an apply that added no peer")
 	case <-time.After(FirstHandshakeRead + 500*time.Millisecond):
+	}
+}
+
+// routeHook runs hook (once) when the applier adds its first route: after
+// the device has the plan's peers, before the apply returns.
+type routeHook struct {
+	netlinkFake
+	once sync.Once
+	hook func()
+}
+
+func (h *routeHook) RouteReplace(r *netlink.Route) error {
+	h.once.Do(h.hook)
+	return h.netlinkFake.RouteReplace(r)
+}
+
+// TestRetryCountsHandshakeDuringApply: a new peer whose first handshake
+// completes while the apply is still adding routes has a working session;
+// the handshake retry leaves it alone (re-adding it would reset that
+// session), while a new peer with no handshake is re-added.
+func TestRetryCountsHandshakeDuringApply(t *testing.T) {
+	fast, slow := newPublicKey(t), newPublicKey(t)
+	var (
+		c        *Component
+		k        *fakeKernel
+		shookAt  time.Time
+		hookedOK bool
+	)
+	c, k = fakeComponent(t, func(nl netlinkHandle) netlinkHandle {
+		return &routeHook{netlinkFake: nl.(netlinkFake), hook: func() {
+			k.mu.Lock()
+			dev := k.links[c.applier.Interface()].dev
+			k.mu.Unlock()
+			shookAt = time.Now()
+			hookedOK = dev.Traffic(fast, shookAt, 148, 92)
+		}}
+	})
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	go c.Run(ctx)
+	ms := []registry.Member{memberOf(0, c.PublicKey()), memberOf(1, fast), memberOf(2, slow)}
+	if err := c.Apply(ctx, snapshotOf(ms, 1)); err != nil {
+		t.Fatal(err)
+	}
+	if !hookedOK {
+		t.Fatal("the device had no peer for the handshake when the first route was added")
+	}
+	peer := func(pub string) wgtypes.Peer {
+		dev, err := k.Device(c.applier.Interface())
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, p := range dev.Peers {
+			if p.PublicKey.String() == pub {
+				return p
+			}
+		}
+		t.Fatalf("peer %s gone from the device", pub)
+		return wgtypes.Peer{}
+	}
+	// The joiner checks at about 100 and 300 ms (each peer's schedule
+	// jittered by up to 20 %): the slow peer's re-add shows the retry ran;
+	// by 400 ms both peers had both checks.
+	applied := time.Now()
+	k.mu.Lock()
+	dev := k.links[c.applier.Interface()].dev
+	k.mu.Unlock()
+	configs := dev.Configs() // the apply's
+	waitFor(t, 10*time.Second, "the retry of the peer without a handshake", func() bool { return dev.Configs() > configs })
+	time.Sleep(time.Until(applied.Add(400 * time.Millisecond)))
+	if got := peer(fast).LastHandshakeTime; !got.Equal(shookAt) {
+		t.Errorf("the peer that handshook during the apply was re-added (handshake %v, was %v)", got, shookAt)
 	}
 }

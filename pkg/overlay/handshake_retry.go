@@ -145,7 +145,9 @@ func newHandshakeRetry(a *Applier, log *slog.Logger, retried func(int)) *handsha
 // note records the peers plan added (with an endpoint to initiate to) and
 // forgets those it removed. peers is the number of peers of the state the
 // plan was for: when the plan added all of them, the device had none and
-// this node is the joining side.
+// this node is the joining side. now is when the apply of plan started:
+// a handshake the device records after it belongs to the added peer (one
+// may complete before the apply returns, while it adds routes).
 func (h *handshakeRetry) note(plan desired.Plan, peers int, now time.Time) {
 	adds := 0
 	for _, pc := range plan.Peers {

@@ -149,6 +149,9 @@ type Agent struct {
 	checkNow  []chan struct{}
 	instChg   chan struct{}
 	statusChg chan struct{}
+	// preparedForClaim: the session waited for the ClaimPreparers once
+	// (waitPrepared; the session's goroutine only).
+	preparedForClaim bool
 	// statusPoke asks the loop to rebuild the status (StatusNotifier).
 	statusPoke chan struct{}
 	// flannelChg wakes the flannel lease keeper (member record known,

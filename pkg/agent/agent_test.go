@@ -319,3 +319,66 @@ func TestSlowRegistrationGetsMoreTime(t *testing.T) {
 		t.Errorf("n1's member record %+v, %v: want a subnet of the pool no other node claimed", m, err)
 	}
 }
+
+// preparer is a Component that is prepared to claim when the test says.
+type preparer struct {
+	recorder
+	ready     chan struct{}
+	firstSelf chan bool // whether the first snapshot held the node's member record
+	once      sync.Once
+}
+
+func (p *preparer) Apply(ctx context.Context, s *registry.Snapshot) error {
+	p.once.Do(func() { _, ok := s.Members["n1"]; p.firstSelf <- ok })
+	return p.recorder.Apply(ctx, s)
+}
+
+func (p *preparer) PreparedForClaim() <-chan struct{} { return p.ready }
+
+// TestClaimWaitsForPreparedComponents: the node claims its member record
+// only once its ClaimPreparer components are prepared (the overlay
+// configures its peers first), and their first pass sees no claim yet.
+func TestClaimWaitsForPreparedComponents(t *testing.T) {
+	srv := etcdtest.New(t)
+	cli := etcdtest.NewClient(t, srv)
+	ctx := t.Context()
+	p := &preparer{ready: make(chan struct{}), firstSelf: make(chan bool, 1)}
+	startNode(t, srv, "n1", id1, t.TempDir(), func(o *agent.Options) {
+		o.Member = &agent.MemberOptions{PublicKey: flannelKey, Endpoint: "192.0.2.1:51820", Pool: registry.DefaultPool}
+		o.Components = []agent.Component{p}
+	})
+	select {
+	case self := <-p.firstSelf:
+		if self {
+			t.Fatal("the first pass already saw the node's member record")
+		}
+	case <-time.After(30 * time.Second):
+		t.Fatal("no first pass")
+	}
+	time.Sleep(200 * time.Millisecond)
+	if r, err := cli.Get(ctx, registry.MemberKey("n1")); err != nil || len(r.Kvs) != 0 {
+		t.Fatalf("member record claimed before the component was prepared (%v)", err)
+	}
+	close(p.ready)
+	eventually(t, 30*time.Second, "n1's member record once prepared", func() bool {
+		r, err := cli.Get(ctx, registry.MemberKey("n1"))
+		return err == nil && len(r.Kvs) == 1
+	})
+
+	// A component that never gets prepared delays the claim by half the
+	// lease TTL (here 1 s), not for ever.
+	var logs testlog.Buffer
+	never := &preparer{ready: make(chan struct{}), firstSelf: make(chan bool, 1)}
+	startNode(t, srv, "n2", id2, t.TempDir(), func(o *agent.Options) {
+		o.Member = &agent.MemberOptions{PublicKey: flannelKey2, Endpoint: "192.0.2.2:51820", Pool: registry.DefaultPool}
+		o.Components = []agent.Component{never}
+		o.Log = slog.New(slog.NewTextHandler(&logs, nil))
+	})
+	eventually(t, 30*time.Second, "n2's member record without its component prepared", func() bool {
+		r, err := cli.Get(ctx, registry.MemberKey("n2"))
+		return err == nil && len(r.Kvs) == 1
+	})
+	if !strings.Contains(logs.String(), "claiming the member record before a component is prepared") {
+		t.Errorf("no warning about the unprepared component; log:\n%s", logs.String())
+	}
+}

@@ -2,6 +2,7 @@ package agent
 
 import (
 	"context"
+	"time"
 
 	"github.com/meshd/meshd/pkg/registry"
 )
@@ -41,6 +42,20 @@ type Runner interface {
 type StatusNotifier interface {
 	NotifyStatus(changed func())
 }
+
+// ClaimPreparer is implemented by a component with work to do before the
+// node first claims its member record: the overlay configures its device
+// and peers, so that the nodes that add the new node reach a device that
+// knows them. The agent claims once every such component's channel is
+// closed (they close it after their first Apply, whatever its outcome),
+// or after ClaimPrepareTimeout (or half the lease TTL, if shorter).
+type ClaimPreparer interface {
+	PreparedForClaim() <-chan struct{}
+}
+
+// ClaimPrepareTimeout bounds the wait for ClaimPreparers: a component
+// that cannot get ready must not keep the node from joining.
+const ClaimPrepareTimeout = 5 * time.Second
 
 // Gate is implemented by a component that the components after it depend
 // on: while Ready is false after an Apply, the rest of the pass waits (and

@@ -16,6 +16,9 @@ import (
 
 const flannelKey = "2Hn1xnfYqRRsbqbFkCMcE1Hh+Ru7zx8LRvJahO+BLkE="
 
+// flannelKey2 is a second node's key.
+const flannelKey2 = "YNsWiB0bYLvpcvxPI/PnHouFpu3+NYrCgjCwDLV6U3w="
+
 // TestFlannelLeaseKeptRenewedAndRemoved: a meshd node with an overlay
 // keeps a flannel-format lease for its subnet on an etcd lease of the
 // configured TTL, renews it RenewMargin before expiry (a fresh lease, as

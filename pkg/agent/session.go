@@ -79,18 +79,63 @@ func (a *Agent) session(ctx context.Context) error {
 	return nil
 }
 
+// waitPrepared waits, the first time the node claims its member record
+// in this process, until every ClaimPreparer component is prepared: at
+// most ClaimPrepareTimeout, and half the lease's TTL (the lease is
+// granted already and kept alive only once registered). It reports
+// whether it had to wait.
+func (a *Agent) waitPrepared(ctx context.Context) (waited bool) {
+	if a.preparedForClaim {
+		return false
+	}
+	a.preparedForClaim = true
+	bound := ClaimPrepareTimeout
+	if a.o.LeaseTTL > 0 {
+		bound = min(bound, a.o.LeaseTTL/2)
+	}
+	t := time.NewTimer(bound)
+	defer t.Stop()
+	for _, c := range a.o.Components {
+		p, ok := c.(ClaimPreparer)
+		if !ok {
+			continue
+		}
+		select {
+		case <-p.PreparedForClaim():
+			continue
+		default:
+		}
+		waited = true
+		select {
+		case <-p.PreparedForClaim():
+		case <-ctx.Done():
+			return true
+		case <-t.C:
+			a.log.Warn("claiming the member record before a component is prepared", "component", c.Name(), "waited", bound)
+			return true
+		}
+	}
+	return waited
+}
+
 // establish acquires the lease, claims the member record and registers
 // the node entry. The lease comes first so that the node entry follows the
 // member record by one round trip: peers see the node whole that much
 // sooner.
 func (a *Agent) establish(ctx context.Context, timeout time.Duration) (clientv3.LeaseID, error) {
 	rctx, cancel := context.WithTimeout(ctx, timeout)
-	defer cancel()
+	defer func() { cancel() }()
 	lease, err := a.acquireLease(rctx)
 	if err != nil {
 		return 0, err
 	}
 	if mo := a.o.Member; mo != nil {
+		// The lease first, while the components prepare; the wait is not
+		// the registration's time.
+		if a.waitPrepared(ctx) {
+			cancel()
+			rctx, cancel = context.WithTimeout(ctx, timeout)
+		}
 		m, err := registry.ClaimMember(rctx, a.o.Client, registry.Member{
 			Name: a.o.Node, PublicKey: mo.PublicKey, Endpoint: mo.Endpoint, Recipient: mo.Recipient,
 		}, mo.Pool, a.o.PublicIPv4)

@@ -129,6 +129,24 @@ func (a *Applier) Set(ctx context.Context, want desired.State) error {
 func (a *Applier) set(ctx context.Context, want desired.State) (desired.Plan, *wgtypes.Device, error) {
 	a.mu.Lock()
 	defer a.mu.Unlock()
+	return a.setLocked(ctx, want)
+}
+
+// setFresh is set, but only when the interface does not exist yet (it
+// creates it); fresh reports whether it did. It configures a node's
+// overlay before its claim (desired.BeforeClaim: peers, no address or
+// route), which must never take away what a running device has.
+func (a *Applier) setFresh(ctx context.Context, want desired.State) (plan desired.Plan, fresh bool, err error) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if _, err := a.nl.LinkByName(a.opts.Interface); err == nil || !errors.As(err, new(netlink.LinkNotFoundError)) {
+		return desired.Plan{}, false, nil
+	}
+	plan, _, err = a.setLocked(ctx, want)
+	return plan, true, err
+}
+
+func (a *Applier) setLocked(ctx context.Context, want desired.State) (desired.Plan, *wgtypes.Device, error) {
 	if err := ctx.Err(); err != nil {
 		return desired.Plan{}, nil, err
 	}

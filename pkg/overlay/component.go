@@ -108,6 +108,21 @@ type Component struct {
 	added         chan struct{}
 	statusMu      sync.Mutex
 	statusChanged func()
+	// prepared is closed once the node may claim (PreparedForClaim);
+	// triedPrepare is set by the first Apply without a member record
+	// (Apply runs on the agent's loop only).
+	prepared     chan struct{}
+	preparedOnce sync.Once
+	triedPrepare bool
+	preClaim     *preClaimApply // for the handshake retry, until the claim
+}
+
+// preClaimApply is what prepareBeforeClaim applied: the handshake retry
+// notes it at the first apply after the claim.
+type preClaimApply struct {
+	plan    desired.Plan
+	peers   int
+	started time.Time
 }
 
 // New loads (or creates) the node's WireGuard key and opens the applier.
@@ -161,9 +176,10 @@ func New(opts Options, log *slog.Logger, reg prometheus.Registerer) (*Component,
 func assemble(opts Options, log *slog.Logger, key wgtypes.Key, m *metrics, computer *desired.Computer, app *Applier) *Component {
 	c := &Component{
 		opts: opts, log: log, key: key, metrics: m, applier: app, reader: app,
-		track: &tracker{computer: computer},
-		retry: newHandshakeRetry(app, log, func(n int) { m.retries.Add(float64(n)) }),
-		added: make(chan struct{}, 1),
+		track:    &tracker{computer: computer},
+		retry:    newHandshakeRetry(app, log, func(n int) { m.retries.Add(float64(n)) }),
+		added:    make(chan struct{}, 1),
+		prepared: make(chan struct{}),
 	}
 	c.cache = &bootCache{dir: opts.StateDir, iface: opts.Interface, changed: c.statusChangedNow}
 	c.repairer = &routeRepairer{iface: opts.Interface, linkIndex: app.linkIndex.Load, repair: c.repair, log: log}
@@ -238,6 +254,50 @@ func (c *Component) PublicKey() string {
 // harness) that need the live device.
 func (c *Component) Applier() *Applier { return c.applier }
 
+// PreparedForClaim implements agent.ClaimPreparer: the channel is closed
+// once the first Apply, or a Boot that found a cache, is over, whatever
+// its outcome. A node
+// without a member record configures its peers in that Apply
+// (prepareBeforeClaim), so that when it claims, every node that adds it
+// reaches a device that already knows them.
+func (c *Component) PreparedForClaim() <-chan struct{} { return c.prepared }
+
+func (c *Component) markPrepared() { c.preparedOnce.Do(func() { close(c.prepared) }) }
+
+// prepareBeforeClaim configures a new node's device before it claims its
+// member record: its listen port and its peers (desired.BeforeClaim), no
+// address or route. It does so only onto a device it creates, never one
+// that runs already (a restarted meshd, the boot cache). Without it the
+// joiner's device would come up after the others added it (a userspace
+// device takes tens of milliseconds to start) or at the same moment (both
+// sides initiating at once: crossing handshakes that stall until the
+// handshake retry); with it, the others' first initiations complete at
+// once (docs/overlay.md, "First handshakes"). A failure is logged and left
+// to the Apply after the claim.
+func (c *Component) prepareBeforeClaim(ctx context.Context, snap *registry.Snapshot) {
+	if t, _ := c.track.newest(); t != nil {
+		return
+	}
+	st, err := desired.BeforeClaim(snap, c.opts.Self, c.PublicKey(), c.opts.params())
+	if err != nil {
+		c.log.Warn("cannot configure the overlay before the claim", "err", err)
+		return
+	}
+	started := time.Now()
+	plan, fresh, err := c.applier.setFresh(ctx, st)
+	if !fresh {
+		return
+	}
+	c.peerCache.Invalidate()
+	c.metrics.observe(plan, err)
+	if err != nil {
+		c.log.Warn("cannot configure the overlay before the claim", "err", err)
+		return
+	}
+	c.preClaim = &preClaimApply{plan: plan, peers: len(st.Peers), started: started}
+	c.log.Info("overlay configured before the claim", "peers", len(st.Peers))
+}
+
 // Boot brings the overlay up from the state cached by the last
 // successful Apply, without etcd: etcd itself may only be reachable over
 // the overlay. With no cache it does nothing and returns nil. An error
@@ -258,6 +318,7 @@ func (c *Component) Boot(ctx context.Context) error {
 		return nil
 	}
 	c.cache.loaded(st, gen)
+	defer c.markPrepared() // the device is up, from the cache, or failed
 	if err := c.set(ctx, st, gen, "boot"); err != nil {
 		return fmt.Errorf("overlay boot: %w", err)
 	}
@@ -271,6 +332,7 @@ func (c *Component) Boot(ctx context.Context) error {
 // the record disappears while the node runs, the overlay stays as it was
 // until the node claims a new one.
 func (c *Component) Apply(ctx context.Context, snap *registry.Snapshot) error {
+	defer c.markPrepared()
 	if c.track.upToDate(snap) {
 		return nil
 	}
@@ -279,6 +341,10 @@ func (c *Component) Apply(ctx context.Context, snap *registry.Snapshot) error {
 		return fmt.Errorf("overlay: %w", err)
 	}
 	if !ok {
+		if !c.triedPrepare {
+			c.triedPrepare = true
+			c.prepareBeforeClaim(ctx, snap)
+		}
 		return nil
 	}
 	if newProblems { // log changes, not every pass
@@ -323,7 +389,14 @@ func (c *Component) set(ctx context.Context, st desired.State, gen uint64, why s
 		c.log.Warn("overlay apply failed", "why", why, "err", err)
 		return fmt.Errorf("overlay: %w", err)
 	}
-	c.retry.note(plan, len(st.Peers), started)
+	c.retry.note(plan, len(st.Peers), started, started)
+	if pc := c.preClaim; pc != nil {
+		// The first apply after the claim: the others learn of this node
+		// now, and the peers configured before the claim are checked from
+		// here on.
+		c.preClaim = nil
+		c.retry.note(pc.plan, pc.peers, pc.started, started)
+	}
 	if !plan.Empty() {
 		c.log.Info("overlay changed", "why", why, "peerChanges", len(plan.Peers),
 			"routesAdded", len(plan.AddRoutes), "routesDeleted", len(plan.DelRoutes))
@@ -357,7 +430,7 @@ func (c *Component) repair(ctx context.Context, why string) {
 		c.log.Warn("overlay repair failed", "why", why, "err", err)
 		return
 	}
-	c.retry.note(plan, len(t.Peers), started)
+	c.retry.note(plan, len(t.Peers), started, started)
 	if !plan.Empty() {
 		c.peerCache.Invalidate()
 		c.metrics.repairs.Inc()

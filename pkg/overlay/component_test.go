@@ -26,15 +26,11 @@ func fakeComponent(t *testing.T, wrap func(netlinkHandle) netlinkHandle) (*Compo
 		a.nl = wrap(a.nl)
 	}
 	opts := Options{Self: "n0", StateDir: t.TempDir(), Interface: a.opts.Interface, Network: netip.MustParsePrefix("10.0.0.0/8")}
-	computer, err := desired.NewComputer(opts.Self, opts.params())
-	if err != nil {
-		t.Fatal(err)
-	}
 	m, err := newMetrics(nil)
 	if err != nil {
 		t.Fatal(err)
 	}
-	return assemble(opts, a.log, a.opts.PrivateKey, m, computer, a), k
+	return assemble(opts, a.log, a.opts.PrivateKey, m, mustComputer(t, opts), a), k
 }
 
 // TestRepairRecordsErrors: a repair that fails shows in the status (not
@@ -337,5 +333,129 @@ func TestRetryCountsHandshakeDuringApply(t *testing.T) {
 	time.Sleep(time.Until(applied.Add(400 * time.Millisecond)))
 	if got := peer(fast).LastHandshakeTime; !got.Equal(shookAt) {
 		t.Errorf("the peer that handshook during the apply was re-added (handshake %v, was %v)", got, shookAt)
+	}
+}
+
+// TestPrepareBeforeClaim: a new node without a member record configures
+// its device with its peers and listen port, and no address or route, and
+// is then prepared to claim; the Apply after the claim adds the address
+// and routes without touching the peers. A device that exists already
+// (a restarted meshd) is left as it is.
+func TestPrepareBeforeClaim(t *testing.T) {
+	c, k := fakeComponent(t, nil)
+	ctx := context.Background()
+	if err := c.Boot(ctx); err != nil { // no cache: nothing to boot
+		t.Fatal(err)
+	}
+	select {
+	case <-c.PreparedForClaim():
+		t.Fatal("prepared before any Apply (a Boot without a cache configures nothing)")
+	default:
+	}
+	others := []registry.Member{memberOf(1, newPublicKey(t)), memberOf(2, newPublicKey(t))}
+	if err := c.Apply(ctx, snapshotOf(others, 1)); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case <-c.PreparedForClaim():
+	default:
+		t.Fatal("not prepared after the first Apply")
+	}
+	k.mu.Lock()
+	fl := k.links[c.applier.Interface()]
+	k.mu.Unlock()
+	if fl == nil {
+		t.Fatal("no device before the claim")
+	}
+	dev, _ := fl.dev.Device()
+	if len(dev.Peers) != 2 || dev.ListenPort != desired.DefaultListenPort {
+		t.Fatalf("before the claim: %d peers, port %d; want 2 and %d", len(dev.Peers), dev.ListenPort, desired.DefaultListenPort)
+	}
+	if len(fl.addrs) != 0 || len(k.routes) != 0 {
+		t.Fatalf("before the claim: addresses %v, routes %v; want none", fl.addrs, k.routes)
+	}
+	if st := c.StatusNow(time.Now()); !st.Waiting || st.Applied {
+		t.Errorf("before the claim: waiting %v, applied %v; want waiting, not applied", st.Waiting, st.Applied)
+	}
+	configs := fl.dev.Configs()
+	ms := append([]registry.Member{memberOf(0, c.PublicKey())}, others...)
+	if err := c.Apply(ctx, snapshotOf(ms, 2)); err != nil {
+		t.Fatal(err)
+	}
+	if n := fl.dev.Configs(); n != configs {
+		t.Errorf("the Apply after the claim configured the device %d more times; its peers were there", n-configs)
+	}
+	if len(fl.addrs) != 1 || len(k.routes) != 2 {
+		t.Errorf("after the claim: addresses %v, routes %v; want the overlay IP and 2 routes", fl.addrs, k.routes)
+	}
+	if st := c.StatusNow(time.Now()); !st.Applied || st.Peers.Count != 2 {
+		t.Errorf("after the claim: applied %v, %d peers", st.Applied, st.Peers.Count)
+	}
+
+	// A restarted meshd over the running device, its member record gone
+	// (removed while it was down): it changes nothing before it claims.
+	again := assemble(c.opts, c.log, c.key, c.metrics, mustComputer(t, c.opts), c.applier)
+	k.mu.Lock()
+	writes := k.writes
+	k.mu.Unlock()
+	if err := again.Apply(ctx, snapshotOf(others, 3)); err != nil {
+		t.Fatal(err)
+	}
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	if k.writes != writes {
+		t.Errorf("a running device was changed %d times before the claim", k.writes-writes)
+	}
+	select {
+	case <-again.PreparedForClaim():
+	default:
+		t.Error("not prepared after the first Apply")
+	}
+}
+
+func mustComputer(t *testing.T, opts Options) *desired.Computer {
+	t.Helper()
+	c, err := desired.NewComputer(opts.Self, opts.params())
+	if err != nil {
+		t.Fatal(err)
+	}
+	return c
+}
+
+// TestPreClaimPeersCheckedFromClaim: the peers a node configured before
+// its claim are not re-added while no other node can know it; their
+// handshake retry starts with the apply after the claim, and a handshake
+// completed in between counts.
+func TestPreClaimPeersCheckedFromClaim(t *testing.T) {
+	c, k := fakeComponent(t, nil)
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	go c.Run(ctx)
+	early, silent := newPublicKey(t), newPublicKey(t)
+	others := []registry.Member{memberOf(1, early), memberOf(2, silent)}
+	if err := c.Apply(ctx, snapshotOf(others, 1)); err != nil {
+		t.Fatal(err)
+	}
+	k.mu.Lock()
+	dev := k.links[c.applier.Interface()].dev
+	k.mu.Unlock()
+	configs := dev.Configs()
+	// Past the joiner's first two checks (100 and 300 ms, +20 %).
+	time.Sleep(500 * time.Millisecond)
+	if n := dev.Configs(); n != configs {
+		t.Fatalf("peers re-added %d times before the claim", n-configs)
+	}
+	shook := time.Now()
+	dev.Traffic(early, shook, 92, 148) // an initiation of a node that learnt of this one
+	ms := append([]registry.Member{memberOf(0, c.PublicKey())}, others...)
+	if err := c.Apply(ctx, snapshotOf(ms, 2)); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, 10*time.Second, "the retry of the peer without a handshake, after the claim", func() bool { return dev.Configs() > configs })
+	d, _ := dev.Device()
+	for _, p := range d.Peers {
+		if p.PublicKey.String() == early && !p.LastHandshakeTime.Equal(shook) {
+			t.Errorf("the peer that handshook before the claim's apply was re-added")
+		}
 	}
 }

@@ -47,10 +47,12 @@ func retryDelays(joining bool) []time.Duration {
 
 // retryState is one newly added peer in its first seconds.
 type retryState struct {
-	peer   desired.Peer
-	added  time.Time
-	delays []time.Duration
-	next   int // index into delays of the next scheduled check
+	peer desired.Peer
+	// added: a handshake after it is the peer's; from: when its schedule
+	// starts (zero: at added).
+	added, from time.Time
+	delays      []time.Duration
+	next        int // index into delays of the next scheduled check
 
 	// What the previous check saw of a completed handshake: its time and
 	// the byte counters then (see needsRetry).
@@ -73,7 +75,11 @@ func (k *retryState) nextCheck() (time.Time, bool) {
 		return k.confirmAt, true
 	}
 	if k.next < len(k.delays) {
-		return k.added.Add(k.delays[k.next]), true
+		from := k.from
+		if from.IsZero() {
+			from = k.added
+		}
+		return from.Add(k.delays[k.next]), true
 	}
 	return time.Time{}, false
 }
@@ -145,10 +151,13 @@ func newHandshakeRetry(a *Applier, log *slog.Logger, retried func(int)) *handsha
 // note records the peers plan added (with an endpoint to initiate to) and
 // forgets those it removed. peers is the number of peers of the state the
 // plan was for: when the plan added all of them, the device had none and
-// this node is the joining side. now is when the apply of plan started:
-// a handshake the device records after it belongs to the added peer (one
-// may complete before the apply returns, while it adds routes).
-func (h *handshakeRetry) note(plan desired.Plan, peers int, now time.Time) {
+// this node is the joining side. since is when the apply of plan
+// started: a handshake the device records after it belongs to the added
+// peer (one may complete before the apply returns, while it adds routes).
+// The checks are scheduled from from: since, or, for the peers a node
+// configured before its claim, the apply after the claim (the others
+// cannot answer before they know the node).
+func (h *handshakeRetry) note(plan desired.Plan, peers int, since, from time.Time) {
 	adds := 0
 	for _, pc := range plan.Peers {
 		if pc.Op == desired.OpAdd {
@@ -161,7 +170,7 @@ func (h *handshakeRetry) note(plan desired.Plan, peers int, now time.Time) {
 	for _, pc := range plan.Peers {
 		switch {
 		case pc.Op == desired.OpAdd && pc.Peer.Endpoint.IsValid():
-			h.pending[pc.Peer.PublicKey] = &retryState{peer: pc.Peer, added: now, delays: retryDelays(joining)}
+			h.pending[pc.Peer.PublicKey] = &retryState{peer: pc.Peer, added: since, from: from, delays: retryDelays(joining)}
 			n++
 		case pc.Op == desired.OpRemove:
 			delete(h.pending, pc.Peer.PublicKey)

@@ -44,10 +44,17 @@ func testMesh(t *testing.T, detached bool) {
 		}
 	}
 
-	// Before its member record exists a node configures nothing.
+	// Before its member record exists a new node configures its device
+	// and peers, and no address or route (desired.BeforeClaim).
 	n[0].must(t, helperCmd{Op: "apply", Members: members[1:2], Revision: 1})
-	if st := n[0].must(t, helperCmd{Op: "status"}).Status; !st.Waiting || st.Mode != "" {
-		t.Fatalf("without a member record: status %+v, want waiting and no device", st)
+	if st := n[0].must(t, helperCmd{Op: "status"}).Status; !st.Waiting || st.Mode != "userspace" || st.Peers.Count != 1 {
+		t.Fatalf("without a member record: status %+v, want waiting, a userspace device and its one peer", st)
+	}
+	if addr := l.ip("-n", n[0].ns, "addr", "show", l.iface(0)); strings.Contains(addr, "10.10.") {
+		t.Errorf("an address before the claim:\n%s", addr)
+	}
+	if routes := l.ip("-n", n[0].ns, "route", "show", "table", "all", "dev", l.iface(0)); strings.Contains(routes, "10.10.") {
+		t.Errorf("routes before the claim:\n%s", routes)
 	}
 
 	// Two nodes.

@@ -149,7 +149,58 @@ func Compute(snap *registry.Snapshot, self string, p Params) (State, error) {
 		RouteTable: cmp.Or(p.RouteTable, DefaultRouteTable),
 		Network:    p.Network,
 	}
+	addPeers(&st, snap, self, me.PublicKey, me.Subnet, p)
+	addFlannelPeers(&st, snap, me, p)
+	if len(st.Peers) == 0 {
+		st.Peers = nil
+	}
+	if len(st.Routes) == 0 {
+		st.Routes = nil
+	}
+	if p.RouteNetwork {
+		st.Routes = []netip.Prefix{p.Network}
+	}
+	slices.SortFunc(st.Problems, func(a, b Problem) int { return cmp.Compare(a.Member, b.Member) })
+	return st, nil
+}
 
+// BeforeClaim returns the overlay of node self, whose WireGuard public
+// key is selfKey, before it has a member record: the listen port, MTU and
+// the peers Compute would give it, and no address or route (those need
+// the node's own subnet). Members whose subnet overlaps the one self will
+// claim cannot be known yet; the claim picks a free subnet, so there are
+// none unless a claim races. Flannel leases are left to Compute. A node
+// configures this before it claims, so that every peer that learns of the
+// new node reaches a device that knows it (docs/overlay.md, "First
+// handshakes").
+func BeforeClaim(snap *registry.Snapshot, self, selfKey string, p Params) (State, error) {
+	if err := checkParams(p); err != nil {
+		return State{}, err
+	}
+	if err := ValidKey(selfKey); err != nil {
+		return State{}, fmt.Errorf("own key: %w", err)
+	}
+	st := State{
+		MTU:        p.MTU,
+		ListenPort: cmp.Or(p.ListenPort, DefaultListenPort),
+		RouteTable: cmp.Or(p.RouteTable, DefaultRouteTable),
+		Network:    p.Network,
+	}
+	addPeers(&st, snap, self, selfKey, netip.Prefix{}, p)
+	st.Routes = nil
+	if len(st.Peers) == 0 {
+		st.Peers = nil
+	}
+	slices.SortFunc(st.Problems, func(a, b Problem) int { return cmp.Compare(a.Member, b.Member) })
+	return st, nil
+}
+
+// addPeers adds to st the members of snap other than self as peers (and
+// their subnets as routes, unless p.RouteNetwork), skipping and listing in
+// st.Problems those with an invalid record, self's key, a subnet
+// overlapping selfSubnet (when valid) or another member's, or a key
+// another member shares.
+func addPeers(st *State, snap *registry.Snapshot, self, selfKey string, selfSubnet netip.Prefix, p Params) {
 	// Every rule below skips all members involved in a conflict, so the
 	// result does not depend on map iteration order; Problems and Peers
 	// are sorted at the end. Sorting works on indexes: moving whole
@@ -158,6 +209,10 @@ func Compute(snap *registry.Snapshot, self string, p Params) (State, error) {
 	members := make([]registry.Member, 0, len(snap.Members))
 	endpoints := make([]netip.AddrPort, 0, len(snap.Members))
 	sameBits := true
+	bits := -1 // self's subnet length
+	if selfSubnet.IsValid() {
+		bits = selfSubnet.Bits()
+	}
 	for name, m := range snap.Members {
 		if name == self {
 			continue
@@ -167,15 +222,18 @@ func Compute(snap *registry.Snapshot, self string, p Params) (State, error) {
 			st.Problems = append(st.Problems, Problem{name, err.Error()})
 			continue
 		}
-		if m.PublicKey == me.PublicKey {
+		if m.PublicKey == selfKey {
 			st.Problems = append(st.Problems, Problem{name, msgOwnKey})
 			continue
 		}
-		if m.Subnet.Overlaps(me.Subnet) {
-			st.Problems = append(st.Problems, Problem{name, msgOverlapsSelf(m.Subnet, me.Subnet)})
+		if selfSubnet.IsValid() && m.Subnet.Overlaps(selfSubnet) {
+			st.Problems = append(st.Problems, Problem{name, msgOverlapsSelf(m.Subnet, selfSubnet)})
 			continue
 		}
-		sameBits = sameBits && m.Subnet.Bits() == me.Subnet.Bits()
+		if bits < 0 { // before the claim: the first member's length
+			bits = m.Subnet.Bits()
+		}
+		sameBits = sameBits && m.Subnet.Bits() == bits
 		members = append(members, m)
 		endpoints = append(endpoints, ep)
 	}
@@ -264,18 +322,6 @@ func Compute(snap *registry.Snapshot, self string, p Params) (State, error) {
 	for _, k := range routeKeys {
 		st.Routes = append(st.Routes, unpackPrefix4(k))
 	}
-	addFlannelPeers(&st, snap, me, p)
-	if len(st.Peers) == 0 {
-		st.Peers = nil
-	}
-	if len(st.Routes) == 0 {
-		st.Routes = nil
-	}
-	if p.RouteNetwork {
-		st.Routes = []netip.Prefix{p.Network}
-	}
-	slices.SortFunc(st.Problems, func(a, b Problem) int { return cmp.Compare(a.Member, b.Member) })
-	return st, nil
 }
 
 // checkParams describes the first unusable setting in p, or returns nil.

@@ -317,3 +317,51 @@ func (c cpuClock) report(b *testing.B) {
 		b.ReportMetric(float64(processCPU()-c.start)/float64(b.N), "cpu-ns/op")
 	}
 }
+
+// TestBeforeClaim: before its claim a node gets the peers Compute gives it
+// once it has claimed a free subnet, with its listen port, and neither an
+// address nor a route; members it must skip are skipped the same way.
+func TestBeforeClaim(t *testing.T) {
+	bad := member(5)
+	bad.PublicKey = "not a key"
+	ownKey := member(6)
+	ownKey.PublicKey = key(0) // claims self's key
+	overlapA, overlapB := member(7), member(8)
+	overlapB.Subnet, overlapB.OverlayIP = overlapA.Subnet, overlapA.OverlayIP
+	ms := []registry.Member{member(1), member(2), member(3), bad, ownKey, overlapA, overlapB}
+
+	before, err := BeforeClaim(snapOf(ms...), "n0", key(0), defaultParams)
+	if err != nil {
+		t.Fatal(err)
+	}
+	after, err := Compute(snapOf(append(ms, member(0))...), "n0", defaultParams)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if diff := cmp.Diff(after.Peers, before.Peers, cmpOpts...); diff != "" {
+		t.Errorf("peers before the claim differ from after it (-after +before):\n%s", diff)
+	}
+	if len(before.Peers) != 3 {
+		t.Errorf("%d peers, want n1..n3: %+v (problems %v)", len(before.Peers), before.Peers, before.Problems)
+	}
+	if diff := cmp.Diff(after.Problems, before.Problems, cmpOpts...); diff != "" {
+		t.Errorf("problems differ (-after +before):\n%s", diff)
+	}
+	if before.Addresses != nil || before.Routes != nil {
+		t.Errorf("before the claim: addresses %v, routes %v; want none", before.Addresses, before.Routes)
+	}
+	if before.ListenPort != after.ListenPort || before.ListenPort == 0 || before.MTU != after.MTU {
+		t.Errorf("listen port %d, MTU %d; want %d, %d", before.ListenPort, before.MTU, after.ListenPort, after.MTU)
+	}
+	rp := defaultParams
+	rp.RouteNetwork = true
+	if st, err := BeforeClaim(snapOf(ms...), "n0", key(0), rp); err != nil || st.Routes != nil {
+		t.Errorf("route-network mode: routes %v (%v); want none before the claim", st.Routes, err)
+	}
+	if _, err := BeforeClaim(snapOf(ms...), "n0", "not a key", defaultParams); err == nil {
+		t.Error("an invalid own key: no error")
+	}
+	if st, err := BeforeClaim(snapOf(), "n0", key(0), defaultParams); err != nil || st.Peers != nil {
+		t.Errorf("the first node: peers %v (%v); want none", st.Peers, err)
+	}
+}

@@ -124,7 +124,7 @@ func (a *Agent) waitPrepared(ctx context.Context) (waited bool) {
 // sooner.
 func (a *Agent) establish(ctx context.Context, timeout time.Duration) (clientv3.LeaseID, error) {
 	rctx, cancel := context.WithTimeout(ctx, timeout)
-	defer func() { cancel() }()
+	defer cancel()
 	lease, err := a.acquireLease(rctx)
 	if err != nil {
 		return 0, err
@@ -133,8 +133,9 @@ func (a *Agent) establish(ctx context.Context, timeout time.Duration) (clientv3.
 		// The lease first, while the components prepare; the wait is not
 		// the registration's time.
 		if a.waitPrepared(ctx) {
-			cancel()
-			rctx, cancel = context.WithTimeout(ctx, timeout)
+			var cancelRest context.CancelFunc
+			rctx, cancelRest = context.WithTimeout(ctx, timeout)
+			defer cancelRest()
 		}
 		m, err := registry.ClaimMember(rctx, a.o.Client, registry.Member{
 			Name: a.o.Node, PublicKey: mo.PublicKey, Endpoint: mo.Endpoint, Recipient: mo.Recipient,

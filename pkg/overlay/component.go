@@ -336,7 +336,7 @@ func (c *Component) Apply(ctx context.Context, snap *registry.Snapshot) error {
 	if c.track.upToDate(snap) {
 		return nil
 	}
-	st, gen, newProblems, ok, err := c.track.compute(snap)
+	st, gen, newProblems, unchanged, ok, err := c.track.compute(snap)
 	if err != nil {
 		return fmt.Errorf("overlay: %w", err)
 	}
@@ -351,6 +351,12 @@ func (c *Component) Apply(ctx context.Context, snap *registry.Snapshot) error {
 		for _, p := range st.Problems {
 			c.log.Warn("skipping member", "node", p.Member, "err", p.Err)
 		}
+	}
+	if unchanged {
+		// Nothing to do on the device: no read of it either (with a
+		// userspace device a round trip to its busy process).
+		c.track.record(gen, nil)
+		return nil
 	}
 	return c.set(ctx, st, gen, "apply")
 }

@@ -459,3 +459,39 @@ func TestPreClaimPeersCheckedFromClaim(t *testing.T) {
 		}
 	}
 }
+
+// TestUnchangedStateReadsNoDevice: a snapshot that changes what the
+// overlay reads but not its result (here a member it must skip) is
+// applied without a device read, and shows as applied at its revision;
+// a real change still reads and configures the device.
+func TestUnchangedStateReadsNoDevice(t *testing.T) {
+	c, k := fakeComponent(t, nil)
+	ctx := context.Background()
+	ms := []registry.Member{memberOf(0, c.PublicKey()), memberOf(1, newPublicKey(t))}
+	if err := c.Apply(ctx, snapshotOf(ms, 1)); err != nil {
+		t.Fatal(err)
+	}
+	reads := func() int { k.mu.Lock(); defer k.mu.Unlock(); return k.deviceReads }
+	before := reads()
+	bad := memberOf(2, "not a key")
+	if err := c.Apply(ctx, snapshotOf(append(ms, bad), 2)); err != nil {
+		t.Fatal(err)
+	}
+	if r := reads(); r != before {
+		t.Errorf("an apply that changes nothing read the device %d times", r-before)
+	}
+	st := c.StatusNow(time.Now())
+	if !st.Applied || st.Revision != 2 || st.ProblemCount != 1 {
+		t.Errorf("after the unchanged apply: applied %v, revision %d, problems %d; want applied at 2 with the skipped member", st.Applied, st.Revision, st.ProblemCount)
+	}
+	before = reads()
+	if err := c.Apply(ctx, snapshotOf(append(ms, bad, memberOf(3, newPublicKey(t))), 3)); err != nil {
+		t.Fatal(err)
+	}
+	if reads() == before {
+		t.Error("a new member was applied without reading the device")
+	}
+	if st := c.StatusNow(time.Now()); !st.Applied || st.Peers.Count != 2 {
+		t.Errorf("after a new member: applied %v, %d peers; want 2", st.Applied, st.Peers.Count)
+	}
+}

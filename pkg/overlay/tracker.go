@@ -65,7 +65,11 @@ func InputsOf(snap *registry.Snapshot) InputGens {
 // with its generation. ok is false while the node has no member record
 // (the target stays as it was). newProblems says whether the skipped
 // members differ from the previous computation's (worth logging).
-func (t *tracker) compute(snap *registry.Snapshot) (st desired.State, gen uint64, newProblems, ok bool, err error) {
+// unchanged says that the previous target is applied and st would change
+// nothing on the device (desired.Unchanged): a change of something the
+// overlay reads that leaves its result alone (a node's flannel lease next
+// to its member record, a skipped member's record).
+func (t *tracker) compute(snap *registry.Snapshot) (st desired.State, gen uint64, newProblems, unchanged, ok bool, err error) {
 	t.cmu.Lock()
 	st, err = t.computer.Compute(snap)
 	t.cmu.Unlock()
@@ -74,17 +78,18 @@ func (t *tracker) compute(snap *registry.Snapshot) (st desired.State, gen uint64
 	t.gens = InputsOf(snap)
 	if errors.Is(err, desired.ErrNoSelf) {
 		t.waiting = true
-		return desired.State{}, 0, false, false, nil
+		return desired.State{}, 0, false, false, false, nil
 	}
 	if err != nil {
 		t.lastErr = err
-		return desired.State{}, 0, false, false, err
+		return desired.State{}, 0, false, false, false, err
 	}
 	newProblems = !slices.Equal(st.Problems, t.problems)
+	unchanged = t.target != nil && t.applied && t.lastErr == nil && !t.waiting && desired.Unchanged(*t.target, st)
 	t.waiting, t.problems = false, st.Problems
 	t.gen++
 	t.target, t.revision = &st, snap.Revision
-	return st, t.gen, newProblems, true, nil
+	return st, t.gen, newProblems, unchanged, true, nil
 }
 
 // adopt makes st (read from the boot cache) the target unless the

@@ -166,6 +166,14 @@ func Diff(live, want State) Plan {
 	return p
 }
 
+// Unchanged reports whether applying want where applied is in place
+// changes nothing: the same interface settings and an empty Diff.
+func Unchanged(applied, want State) bool {
+	return applied.MTU == want.MTU && applied.ListenPort == want.ListenPort &&
+		applied.RouteTable == want.RouteTable && applied.Network == want.Network &&
+		Diff(applied, want).Empty()
+}
+
 func comparePeerKey(a, b Peer) int { return cmp.Compare(a.PublicKey, b.PublicKey) }
 
 // sortedCopy returns xs if it is sorted, else a sorted copy: the inputs

@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"math/rand/v2"
 	"net/netip"
+	"slices"
 	"testing"
 	"time"
 
@@ -251,5 +252,37 @@ func BenchmarkDiff(b *testing.B) {
 			}
 			cpu.report(b)
 		})
+	}
+}
+
+func TestUnchanged(t *testing.T) {
+	a, err := Compute(snapOf(member(0), member(1), member(2)), "n0", defaultParams)
+	if err != nil {
+		t.Fatal(err)
+	}
+	b := a
+	b.Problems = []Problem{{Member: "n9", Err: "skipped"}}
+	if !Unchanged(a, b) {
+		t.Error("a state that differs in its problems only: changed")
+	}
+	noEndpoint := a
+	noEndpoint.Peers = slices.Clone(a.Peers)
+	noEndpoint.Peers[0].Endpoint = netip.AddrPort{} // keeps what WireGuard learnt
+	if !Unchanged(a, noEndpoint) {
+		t.Error("a peer whose endpoint is no longer published: changed (the device keeps it)")
+	}
+	for name, edit := range map[string]func(*State){
+		"mtu":         func(s *State) { s.MTU = 1380 },
+		"port":        func(s *State) { s.ListenPort = 51821 },
+		"route table": func(s *State) { s.RouteTable = 7 },
+		"network":     func(s *State) { s.Network = netip.MustParsePrefix("10.0.0.0/9") },
+		"peer":        func(s *State) { s.Peers = s.Peers[1:] },
+		"address":     func(s *State) { s.Addresses = nil },
+	} {
+		c := a
+		edit(&c)
+		if Unchanged(a, c) {
+			t.Errorf("%s changed: unchanged", name)
+		}
 	}
 }

@@ -219,6 +219,14 @@ func (c *Component) statusChangedNow() {
 // idle time after it.
 const FirstHandshakeRead = time.Second
 
+// peersAdded wakes rereadAfterAdd.
+func (c *Component) peersAdded() {
+	select {
+	case c.added <- struct{}{}:
+	default: // Run has one pending already
+	}
+}
+
 // rereadAfterAdd waits for applies that added peers and, FirstHandshakeRead
 // after one, drops the peer summary and has the status rebuilt. Adds
 // during the wait are covered by one more wait.
@@ -256,10 +264,9 @@ func (c *Component) Applier() *Applier { return c.applier }
 
 // PreparedForClaim implements agent.ClaimPreparer: the channel is closed
 // once the first Apply, or a Boot that found a cache, is over, whatever
-// its outcome. A node
-// without a member record configures its peers in that Apply
-// (prepareBeforeClaim), so that when it claims, every node that adds it
-// reaches a device that already knows them.
+// its outcome. A node without a member record configures its peers in
+// that Apply (prepareBeforeClaim), so that when it claims, every node
+// that adds it reaches a device that already knows them.
 func (c *Component) PreparedForClaim() <-chan struct{} { return c.prepared }
 
 func (c *Component) markPrepared() { c.preparedOnce.Do(func() { close(c.prepared) }) }
@@ -383,10 +390,7 @@ func (c *Component) set(ctx context.Context, st desired.State, gen uint64, why s
 		// this apply and what the apply changed: no second read.
 		c.peerCache.Applied(c.applier.Mode(), before, plan, &st, time.Now())
 		if slices.ContainsFunc(plan.Peers, func(pc desired.PeerChange) bool { return pc.Op == desired.OpAdd }) {
-			select {
-			case c.added <- struct{}{}:
-			default: // Run has one pending already
-			}
+			c.peersAdded()
 		}
 	}
 	c.metrics.observe(plan, err)
@@ -395,14 +399,16 @@ func (c *Component) set(ctx context.Context, st desired.State, gen uint64, why s
 		c.log.Warn("overlay apply failed", "why", why, "err", err)
 		return fmt.Errorf("overlay: %w", err)
 	}
-	c.retry.note(plan, len(st.Peers), started, started)
 	if pc := c.preClaim; pc != nil {
 		// The first apply after the claim: the others learn of this node
-		// now, and the peers configured before the claim are checked from
-		// here on.
+		// now, so the peers configured before the claim are checked from
+		// here on, and their first handshakes read a second later (before
+		// this apply's own plan, whose removals win).
 		c.preClaim = nil
 		c.retry.note(pc.plan, pc.peers, pc.started, started)
+		c.peersAdded()
 	}
+	c.retry.note(plan, len(st.Peers), started, started)
 	if !plan.Empty() {
 		c.log.Info("overlay changed", "why", why, "peerChanges", len(plan.Peers),
 			"routesAdded", len(plan.AddRoutes), "routesDeleted", len(plan.DelRoutes))

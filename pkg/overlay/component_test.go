@@ -428,6 +428,8 @@ func mustComputer(t *testing.T, opts Options) *desired.Computer {
 // completed in between counts.
 func TestPreClaimPeersCheckedFromClaim(t *testing.T) {
 	c, k := fakeComponent(t, nil)
+	notified := make(chan time.Time, 4)
+	c.NotifyStatus(func() { notified <- time.Now() })
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
 	go c.Run(ctx)
@@ -447,11 +449,27 @@ func TestPreClaimPeersCheckedFromClaim(t *testing.T) {
 	}
 	shook := time.Now()
 	dev.Traffic(early, shook, 92, 148) // an initiation of a node that learnt of this one
+	select {
+	case <-notified:
+		t.Fatal("status re-read asked for before the claim")
+	default:
+	}
 	ms := append([]registry.Member{memberOf(0, c.PublicKey())}, others...)
+	claimed := time.Now()
 	if err := c.Apply(ctx, snapshotOf(ms, 2)); err != nil {
 		t.Fatal(err)
 	}
 	waitFor(t, 10*time.Second, "the retry of the peer without a handshake, after the claim", func() bool { return dev.Configs() > configs })
+	// The first handshakes with the peers of before the claim are read
+	// into the status a second after it, as after any added peers.
+	select {
+	case at := <-notified:
+		if d := at.Sub(claimed); d < FirstHandshakeRead {
+			t.Errorf("status re-read %v after the claim's apply, before %v", d, FirstHandshakeRead)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("no status re-read after the claim")
+	}
 	d, _ := dev.Device()
 	for _, p := range d.Peers {
 		if p.PublicKey.String() == early && !p.LastHandshakeTime.Equal(shook) {

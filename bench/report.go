@@ -475,6 +475,7 @@ func (r *Results) Markdown() string {
 	w("## Reproduce\n\n```sh\n")
 	w("make bench                      # = make deps build && go run ./bench/cmd/bench (root: the sandbox needs namespaces)\n")
 	w("go run ./bench/cmd/bench -h     # sizes, trials, -traefik\n")
+	w("go run ./bench/cmd/bench -scale 1000:200 -fidelity '' -grpc-proxy '' -one-node 0 -scale-profile /tmp  # where the agents' CPU goes\n")
 	w("go test -count=1 ./bench        # the smoke run that make test includes\n```\n\n")
 	w("The Traefik binary is built by hand, outside the repository (about 6 minutes here), and given to the harness:\n\n```sh\n")
 	w("dir=$(go mod download -json github.com/traefik/traefik/v3@v3.6.12 | sed -n 's/.*\"Dir\": \"\\(.*\\)\",/\\1/p')\n")

@@ -33,6 +33,29 @@ func fakeComponent(t *testing.T, wrap func(netlinkHandle) netlinkHandle) (*Compo
 	return assemble(opts, a.log, a.opts.PrivateKey, m, mustComputer(t, opts), a), k
 }
 
+// runningComponent is fakeComponent with Run going until the test ends and
+// the status rebuilds it asks for (NotifyStatus) sent on notified.
+func runningComponent(t *testing.T) (c *Component, k *fakeKernel, notified chan time.Time, ctx context.Context) {
+	t.Helper()
+	c, k = fakeComponent(t, nil)
+	notified = make(chan time.Time, 4)
+	c.NotifyStatus(func() { notified <- time.Now() })
+	ctx, cancel := context.WithCancel(context.Background())
+	t.Cleanup(cancel)
+	go c.Run(ctx)
+	return c, k, notified, ctx
+}
+
+// device returns the FakeDevice of c's interface (nil before it exists).
+func (k *fakeKernel) device(c *Component) *FakeDevice {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	if fl := k.links[c.applier.Interface()]; fl != nil {
+		return fl.dev
+	}
+	return nil
+}
+
 // TestRepairRecordsErrors: a repair that fails shows in the status (not
 // applied, with the error), and the next repair that works clears it.
 func TestRepairRecordsErrors(t *testing.T) {
@@ -218,12 +241,7 @@ func TestFlannelLeaseChangeAlone(t *testing.T) {
 // from a fresh read, which shows the handshake that completed meanwhile.
 // An apply that adds none asks for nothing.
 func TestStatusRereadAfterAddedPeers(t *testing.T) {
-	c, k := fakeComponent(t, nil)
-	notified := make(chan time.Time, 4)
-	c.NotifyStatus(func() { notified <- time.Now() })
-	ctx, cancel := context.WithCancel(context.Background())
-	defer cancel()
-	go c.Run(ctx)
+	c, k, notified, ctx := runningComponent(t)
 	peer := newPublicKey(t)
 	ms := []registry.Member{memberOf(0, c.PublicKey()), memberOf(1, peer)}
 	applied := time.Now()
@@ -238,9 +256,7 @@ func TestStatusRereadAfterAddedPeers(t *testing.T) {
 	if r := reads(); r != before {
 		t.Errorf("the status after an apply read the device %d times; the apply's own read suffices", r-before)
 	}
-	k.mu.Lock()
-	dev := k.links[c.applier.Interface()].dev
-	k.mu.Unlock()
+	dev := k.device(c)
 	dev.Traffic(peer, time.Now(), 0, 0) // the first handshake completes
 	select {
 	case at := <-notified:
@@ -291,11 +307,8 @@ func TestRetryCountsHandshakeDuringApply(t *testing.T) {
 	)
 	c, k = fakeComponent(t, func(nl netlinkHandle) netlinkHandle {
 		return &routeHook{netlinkFake: nl.(netlinkFake), hook: func() {
-			k.mu.Lock()
-			dev := k.links[c.applier.Interface()].dev
-			k.mu.Unlock()
 			shookAt = time.Now()
-			hookedOK = dev.Traffic(fast, shookAt, 148, 92)
+			hookedOK = k.device(c).Traffic(fast, shookAt, 148, 92)
 		}}
 	})
 	ctx, cancel := context.WithCancel(context.Background())
@@ -325,9 +338,7 @@ func TestRetryCountsHandshakeDuringApply(t *testing.T) {
 	// jittered by up to 20 %): the slow peer's re-add shows the retry ran;
 	// by 400 ms both peers had both checks.
 	applied := time.Now()
-	k.mu.Lock()
-	dev := k.links[c.applier.Interface()].dev
-	k.mu.Unlock()
+	dev := k.device(c)
 	configs := dev.Configs() // the apply's
 	waitFor(t, 10*time.Second, "the retry of the peer without a handshake", func() bool { return dev.Configs() > configs })
 	time.Sleep(time.Until(applied.Add(400 * time.Millisecond)))
@@ -427,20 +438,13 @@ func mustComputer(t *testing.T, opts Options) *desired.Computer {
 // handshake retry starts with the apply after the claim, and a handshake
 // completed in between counts.
 func TestPreClaimPeersCheckedFromClaim(t *testing.T) {
-	c, k := fakeComponent(t, nil)
-	notified := make(chan time.Time, 4)
-	c.NotifyStatus(func() { notified <- time.Now() })
-	ctx, cancel := context.WithCancel(context.Background())
-	defer cancel()
-	go c.Run(ctx)
+	c, k, notified, ctx := runningComponent(t)
 	early, silent := newPublicKey(t), newPublicKey(t)
 	others := []registry.Member{memberOf(1, early), memberOf(2, silent)}
 	if err := c.Apply(ctx, snapshotOf(others, 1)); err != nil {
 		t.Fatal(err)
 	}
-	k.mu.Lock()
-	dev := k.links[c.applier.Interface()].dev
-	k.mu.Unlock()
+	dev := k.device(c)
 	configs := dev.Configs()
 	// Past the joiner's first two checks (100 and 300 ms, +20 %).
 	time.Sleep(500 * time.Millisecond)

@@ -46,6 +46,20 @@ func runningComponent(t *testing.T) (c *Component, k *fakeKernel, notified chan 
 	return c, k, notified, ctx
 }
 
+// waitReread waits for the status rebuild a component asks for
+// FirstHandshakeRead after an apply (at applied) that added peers.
+func waitReread(t *testing.T, notified <-chan time.Time, applied time.Time) {
+	t.Helper()
+	select {
+	case at := <-notified:
+		if d := at.Sub(applied); d < FirstHandshakeRead {
+			t.Errorf("status rebuilt %v after the apply, before %v", d, FirstHandshakeRead)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("no status rebuild after peers were added")
+	}
+}
+
 // device returns the FakeDevice of c's interface (nil before it exists).
 func (k *fakeKernel) device(c *Component) *FakeDevice {
 	k.mu.Lock()
@@ -258,14 +272,7 @@ func TestStatusRereadAfterAddedPeers(t *testing.T) {
 	}
 	dev := k.device(c)
 	dev.Traffic(peer, time.Now(), 0, 0) // the first handshake completes
-	select {
-	case at := <-notified:
-		if d := at.Sub(applied); d < FirstHandshakeRead {
-			t.Errorf("status rebuilt %v after the apply, before %v", d, FirstHandshakeRead)
-		}
-	case <-time.After(10 * time.Second):
-		t.Fatal("no status rebuild after peers were added")
-	}
+	waitReread(t, notified, applied)
 	if st := c.StatusNow(time.Now()); st.Peers.Recent != 1 {
 		t.Errorf("after the re-read: %+v, want the peer's handshake", st.Peers)
 	}
@@ -466,14 +473,7 @@ func TestPreClaimPeersCheckedFromClaim(t *testing.T) {
 	waitFor(t, 10*time.Second, "the retry of the peer without a handshake, after the claim", func() bool { return dev.Configs() > configs })
 	// The first handshakes with the peers of before the claim are read
 	// into the status a second after it, as after any added peers.
-	select {
-	case at := <-notified:
-		if d := at.Sub(claimed); d < FirstHandshakeRead {
-			t.Errorf("status re-read %v after the claim's apply, before %v", d, FirstHandshakeRead)
-		}
-	case <-time.After(10 * time.Second):
-		t.Fatal("no status re-read after the claim")
-	}
+	waitReread(t, notified, claimed)
 	d, _ := dev.Device()
 	for _, p := range d.Peers {
 		if p.PublicKey.String() == early && !p.LastHandshakeTime.Equal(shook) {

@@ -110,12 +110,8 @@ func (a *Agent) loop(ctx context.Context) {
 		}
 		if wait := time.Until(lastPass.Add(a.o.Coalesce)); a.o.Coalesce > 0 && wait > 0 {
 			// Within the window after a pass: let the burst gather.
-			t := time.NewTimer(wait)
-			select {
-			case <-ctx.Done():
-				t.Stop()
+			if backoff.Sleep(ctx, wait) != nil {
 				return
-			case <-t.C:
 			}
 		}
 		select { // this pass's snapshot includes these

@@ -53,12 +53,17 @@ func (b *Backoff) Fail() time.Duration {
 
 // Wait records one more failure and sleeps for its delay, or until ctx
 // ends.
-func (b *Backoff) Wait(ctx context.Context) {
-	t := time.NewTimer(b.Fail())
+func (b *Backoff) Wait(ctx context.Context) { Sleep(ctx, b.Fail()) }
+
+// Sleep waits d, or until ctx ends: then it returns ctx's error.
+func Sleep(ctx context.Context, d time.Duration) error {
+	t := time.NewTimer(d)
 	defer t.Stop()
 	select {
 	case <-ctx.Done():
+		return ctx.Err()
 	case <-t.C:
+		return nil
 	}
 }
 

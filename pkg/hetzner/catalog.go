@@ -10,6 +10,8 @@ import (
 
 	"github.com/hetznercloud/hcloud-go/v2/hcloud"
 	"github.com/hetznercloud/hcloud-go/v2/hcloud/exp/deprecationutil"
+
+	"github.com/meshd/meshd/pkg/backoff"
 )
 
 // Defaults of a new server: a current shared x86 type that every location
@@ -124,7 +126,7 @@ func (p *Provisioner) ensureRunning(ctx context.Context, s *hcloud.Server, poll 
 			}
 			started = true
 		case hcloud.ServerStatusInitializing, hcloud.ServerStatusStarting, hcloud.ServerStatusStopping, hcloud.ServerStatusRebuilding, hcloud.ServerStatusMigrating:
-			if err := sleepCtx(ctx, poll); err != nil {
+			if err := backoff.Sleep(ctx, poll); err != nil {
 				return s, started, fmt.Errorf("server %d stays %s: %w", s.ID, s.Status, err)
 			}
 		default:

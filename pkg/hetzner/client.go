@@ -18,6 +18,8 @@ import (
 
 	"github.com/hetznercloud/hcloud-go/v2/hcloud"
 	"github.com/hetznercloud/hcloud-go/v2/hcloud/schema"
+
+	"github.com/meshd/meshd/pkg/backoff"
 )
 
 // ClientOptions configures the API client.
@@ -117,7 +119,7 @@ func NewRetryTransport(base http.RoundTripper, o RetryOptions) http.RoundTripper
 		o.MaxRetryAfter = 2 * time.Minute
 	}
 	if o.Sleep == nil {
-		o.Sleep = sleepCtx
+		o.Sleep = backoff.Sleep
 	}
 	if o.Rand == nil {
 		o.Rand = rand.Float64
@@ -131,17 +133,6 @@ func NewRetryTransport(base http.RoundTripper, o RetryOptions) http.RoundTripper
 type retryTransport struct {
 	base http.RoundTripper
 	o    RetryOptions
-}
-
-func sleepCtx(ctx context.Context, d time.Duration) error {
-	t := time.NewTimer(d)
-	defer t.Stop()
-	select {
-	case <-ctx.Done():
-		return ctx.Err()
-	case <-t.C:
-		return nil
-	}
 }
 
 func (t *retryTransport) RoundTrip(req *http.Request) (*http.Response, error) {

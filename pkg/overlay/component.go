@@ -28,6 +28,7 @@ import (
 	"golang.org/x/sync/errgroup"
 	"golang.zx2c4.com/wireguard/wgctrl/wgtypes"
 
+	"github.com/meshd/meshd/pkg/backoff"
 	"github.com/meshd/meshd/pkg/overlay/desired"
 	"github.com/meshd/meshd/pkg/registry"
 )
@@ -108,13 +109,12 @@ type Component struct {
 	added         chan struct{}
 	statusMu      sync.Mutex
 	statusChanged func()
-	// prepared is closed once the node may claim (PreparedForClaim);
-	// triedPrepare is set by the first Apply without a member record
-	// (Apply runs on the agent's loop only).
+	// prepared is closed once the node may claim (PreparedForClaim).
 	prepared     chan struct{}
 	preparedOnce sync.Once
-	triedPrepare bool
-	preClaim     *preClaimApply // for the handshake retry, until the claim
+	// preClaim is for the handshake retry, until the claim (Apply runs on
+	// the agent's loop only).
+	preClaim *preClaimApply
 }
 
 // preClaimApply is what prepareBeforeClaim applied: the handshake retry
@@ -237,12 +237,8 @@ func (c *Component) rereadAfterAdd(ctx context.Context) {
 			return
 		case <-c.added:
 		}
-		t := time.NewTimer(FirstHandshakeRead)
-		select {
-		case <-ctx.Done():
-			t.Stop()
+		if backoff.Sleep(ctx, FirstHandshakeRead) != nil {
 			return
-		case <-t.C:
 		}
 		c.peerCache.Invalidate()
 		c.statusChangedNow()
@@ -282,9 +278,6 @@ func (c *Component) markPrepared() { c.preparedOnce.Do(func() { close(c.prepared
 // once (docs/overlay.md, "First handshakes"). A failure is logged and left
 // to the Apply after the claim.
 func (c *Component) prepareBeforeClaim(ctx context.Context, snap *registry.Snapshot) {
-	if t, _ := c.track.newest(); t != nil {
-		return
-	}
 	st, err := desired.BeforeClaim(snap, c.opts.Self, c.PublicKey(), c.opts.params())
 	if err != nil {
 		c.log.Warn("cannot configure the overlay before the claim", "err", err)
@@ -348,8 +341,9 @@ func (c *Component) Apply(ctx context.Context, snap *registry.Snapshot) error {
 		return fmt.Errorf("overlay: %w", err)
 	}
 	if !ok {
-		if !c.triedPrepare {
-			c.triedPrepare = true
+		select {
+		case <-c.prepared: // not the first Apply, or booted from the cache
+		default:
 			c.prepareBeforeClaim(ctx, snap)
 		}
 		return nil

@@ -46,11 +46,25 @@ type StatusNotifier interface {
 // ClaimPreparer is implemented by a component with work to do before the
 // node first claims its member record: the overlay configures its device
 // and peers, so that the nodes that add the new node reach a device that
-// knows them. The agent claims once every such component's channel is
-// closed (they close it after their first Apply, whatever its outcome),
-// or after ClaimPrepareTimeout (or half the lease TTL, if shorter).
+// knows them; HAProxy starts (Preparer), so that its start does not
+// compete with theirs. The agent claims once every such component's
+// channel is closed (they close it after their first Apply or Prepare,
+// whatever its outcome), or after ClaimPrepareTimeout (or half the lease
+// TTL, if shorter).
 type ClaimPreparer interface {
 	PreparedForClaim() <-chan struct{}
+}
+
+// Preparer is implemented by a component with work it can do while a
+// Gate before it holds it back: HAProxy starts its master with every
+// server slot empty while the overlay of a new node is not ready, so that
+// its first apply after the gate opens changes servers at runtime instead
+// of validating a configuration and starting HAProxy. Prepare must not
+// take away anything that runs; the agent calls it at every pass the gate
+// holds, and logs its error only at debug level (the apply after the gate
+// does the work then).
+type Preparer interface {
+	Prepare(ctx context.Context, snap *registry.Snapshot) error
 }
 
 // ClaimPrepareTimeout bounds the wait for ClaimPreparers: a component

@@ -183,6 +183,7 @@ func (a *Agent) loop(ctx context.Context) {
 			if g, ok := c.(Gate); ok && !g.Ready() {
 				allOK = false
 				nextRetry = earliest(nextRetry, time.Now().Add(gateRetry))
+				a.prepare(ctx, snap, a.o.Components[i+1:])
 				break // the components after this one depend on it
 			}
 		}
@@ -209,6 +210,20 @@ func (a *Agent) loop(ctx context.Context) {
 		lastSnap, lastPass = snap, time.Now()
 		if allOK {
 			markReady()
+		}
+	}
+}
+
+// prepare lets the components a closed Gate holds back do what they can
+// meanwhile (Preparer).
+func (a *Agent) prepare(ctx context.Context, snap *registry.Snapshot, held []Component) {
+	for _, c := range held {
+		p, ok := c.(Preparer)
+		if !ok {
+			continue
+		}
+		if err := p.Prepare(ctx, snap); err != nil && ctx.Err() == nil {
+			a.log.Debug("prepare failed; the apply after the gate does the work", "part", c.Name(), "rev", snap.Revision, "err", err)
 		}
 	}
 }

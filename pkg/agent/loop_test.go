@@ -166,6 +166,64 @@ func TestGateHoldsLaterComponents(t *testing.T) {
 	})
 }
 
+// preparingComponent is a timedComponent that records the revisions it
+// was asked to prepare (Preparer).
+type preparingComponent struct {
+	timedComponent
+	prepMu   sync.Mutex
+	prepared []int64
+}
+
+func (c *preparingComponent) Prepare(_ context.Context, s *registry.Snapshot) error {
+	c.prepMu.Lock()
+	defer c.prepMu.Unlock()
+	c.prepared = append(c.prepared, s.Revision)
+	return nil
+}
+
+func (c *preparingComponent) preps() []int64 {
+	c.prepMu.Lock()
+	defer c.prepMu.Unlock()
+	return append([]int64(nil), c.prepared...)
+}
+
+// TestGateLetsHeldComponentsPrepare: a component a closed gate holds back
+// is asked to prepare at the held passes, with their snapshot, and is not
+// applied; once the gate opens it is applied and no longer prepared.
+func TestGateLetsHeldComponentsPrepare(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		g := &testGate{}
+		rec := &preparingComponent{timedComponent: timedComponent{born: time.Now()}}
+		r := startLoopRig(t, []Component{g, rec}, &rec.timedComponent, false)
+		if p := rec.preps(); len(p) != 1 || p[0] != 1 {
+			t.Fatalf("prepared at %v after the first held pass, want [1]", p)
+		}
+		time.Sleep(time.Second) // held passes retry every gateRetry
+		r.event()
+		time.Sleep(10 * time.Millisecond) // the coalesce window at most
+		if p := rec.preps(); len(p) < 2 || p[len(p)-1] != 2 || p[len(p)-2] != 1 {
+			t.Fatalf("prepared at %v after a change while held, want revision 1s then 2", p)
+		}
+		if p := rec.got(); len(p) != 0 {
+			t.Fatalf("held component applied %d times", len(p))
+		}
+		g.mu.Lock()
+		g.open = true
+		g.mu.Unlock()
+		time.Sleep(gateRetry)
+		synctest.Wait()
+		n := len(rec.preps())
+		if p := rec.got(); len(p) != 1 || p[0].rev != 2 {
+			t.Fatalf("passes after the gate opened: %v, want one at revision 2", p)
+		}
+		r.event()
+		synctest.Wait()
+		if got := len(rec.preps()); got != n {
+			t.Errorf("prepared %d more times with the gate open", got-n)
+		}
+	})
+}
+
 // TestIsolatedEventNoWait: a change after a quiet period is applied at
 // once, without waiting for the coalesce window.
 func TestIsolatedEventNoWait(t *testing.T) {

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io/fs"
 	"log/slog"
 	"os"
 	"os/exec"
@@ -82,6 +83,11 @@ type Component struct {
 
 	mu   sync.Mutex
 	last Desired
+
+	// prepared is closed after the first Prepare or Apply
+	// (PreparedForClaim); only the loop's goroutine closes it.
+	prepared     chan struct{}
+	preparedOnce sync.Once
 }
 
 // Status is the component's published status (meshctl status).
@@ -205,9 +211,10 @@ func New(opts Options, log *slog.Logger, reg prometheus.Registerer) (*Component,
 		return nil, err
 	}
 	c := &Component{
-		opts:    opts,
-		log:     log,
-		metrics: m,
+		opts:     opts,
+		log:      log,
+		metrics:  m,
+		prepared: make(chan struct{}),
 		params: Params{
 			Self: opts.Self, Consume: opts.Consume, ReservedPorts: opts.ReservedPorts, AllowLowPorts: opts.AllowLowPorts,
 			ServerSlots: opts.ServerSlots, StatsSocket: opts.StatsSocket, MasterSocket: opts.MasterSocket,
@@ -250,6 +257,7 @@ func (c *Component) Params() Params { return c.params }
 // listener whose port something else on the node holds is left out and
 // reported, so one busy port cannot stop every other change.
 func (c *Component) Apply(ctx context.Context, snap *registry.Snapshot) error {
+	defer c.markPrepared()
 	d := LeaveOutBusy(Compute(snap, c.params), c.applier.HeldPorts(), c.opts.Probe)
 	c.mu.Lock()
 	d = Hysteresis(d, c.last, c.params.withDefaults().ServerSlots)
@@ -260,6 +268,46 @@ func (c *Component) Apply(ctx context.Context, snap *registry.Snapshot) error {
 	}
 	return nil
 }
+
+// Prepare implements agent.Preparer. While the overlay holds HAProxy
+// back (a new node before its claim has no overlay address or routes), a
+// supervised HAProxy that has not run on this node yet is started on
+// snap's configuration with every server slot free (WithoutServers): its
+// validation and the master's start, HAProxy's slow steps (tens of
+// milliseconds of CPU each), happen before the node announces itself
+// rather than while the other nodes add it, and the pass after the claim
+// fills the slots over the runtime API. A free slot is a disabled server,
+// so no health check runs before the node has its routes. Only the first
+// call does anything, and only when meshd supervises HAProxy, nothing was
+// applied yet and no master socket exists: a master that runs, or ran and
+// left its socket, is the apply's to adopt or restart.
+func (c *Component) Prepare(ctx context.Context, snap *registry.Snapshot) error {
+	select {
+	case <-c.prepared:
+		return nil
+	default:
+	}
+	defer c.markPrepared()
+	if c.sup == nil || c.applier.AppliedHash() != "" {
+		return nil
+	}
+	if _, err := c.applier.Master.Procs(ctx); !errors.Is(err, fs.ErrNotExist) {
+		return nil
+	}
+	d := LeaveOutBusy(Compute(snap, c.params), c.applier.HeldPorts(), c.opts.Probe)
+	if err := c.applier.Set(ctx, WithoutServers(d)); err != nil {
+		return fmt.Errorf("haproxy: start without servers: %w", err)
+	}
+	c.log.Info("started haproxy before the overlay is ready, with no servers", "listeners", len(d.Listeners))
+	return nil
+}
+
+// PreparedForClaim implements agent.ClaimPreparer: the channel is closed
+// after the first Prepare or Apply, whatever its outcome, so that a new
+// node starts HAProxy before it claims its member record.
+func (c *Component) PreparedForClaim() <-chan struct{} { return c.prepared }
+
+func (c *Component) markPrepared() { c.preparedOnce.Do(func() { close(c.prepared) }) }
 
 // Status implements agent.Component.
 func (c *Component) Status() any {

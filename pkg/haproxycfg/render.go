@@ -173,11 +173,9 @@ func Hash(d Desired) string {
 // slot emptied. Two configurations with the same structure hash differ
 // only in slot occupants, which the runtime API can change.
 func StructureHash(d Desired) string {
-	s := d
+	s := WithoutServers(d)
 	s.Problems = nil
-	s.Listeners = make([]Listener, len(d.Listeners))
 	for i, l := range d.Listeners {
-		s.Listeners[i] = Listener{App: l.App, Port: l.Port, Slots: make([]Server, len(l.Slots))}
 		if !renderable(l) {
 			s.Listeners[i].Port = 0 // not rendered: must still differ from a rendered one
 		}
@@ -194,6 +192,17 @@ func StructureHash(d Desired) string {
 		fmt.Fprintf(&b, "l %q %q %d %d\n", l.App.Group, l.App.Name, l.Port, len(l.Slots))
 	}
 	return hashOf(b.Bytes())[:16]
+}
+
+// WithoutServers is d with every slot free: the same structure
+// (StructureHash), no server, so no health check.
+func WithoutServers(d Desired) Desired {
+	s := d
+	s.Listeners = make([]Listener, len(d.Listeners))
+	for i, l := range d.Listeners {
+		s.Listeners[i] = Listener{App: l.App, Port: l.Port, Slots: make([]Server, len(l.Slots))}
+	}
+	return s
 }
 
 func hashOf(b []byte) string {

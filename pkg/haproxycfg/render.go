@@ -24,6 +24,11 @@ import (
 // never quoted, escaped or echoed into a comment.
 func Render(d Desired) []byte {
 	var b bytes.Buffer
+	slots := 0
+	for _, l := range d.Listeners {
+		slots += len(l.Slots)
+	}
+	b.Grow(renderBase + renderPerListener*len(d.Listeners) + renderPerSlot*slots)
 	fmt.Fprintf(&b, "# Rendered by meshd")
 	if registry.ValidName(d.Self) == nil {
 		fmt.Fprintf(&b, " for node %s", d.Self)
@@ -84,15 +89,30 @@ func Render(d Desired) []byte {
 		fmt.Fprintf(&b, "\nbackend %s\n", be)
 		b.WriteString("    balance roundrobin\n")
 		for i, s := range l.Slots {
+			b.WriteString("    server ")
+			b.WriteString(SlotName(i))
 			if s.Empty() {
-				fmt.Fprintf(&b, "    server %s 0.0.0.0:0 check disabled\n", SlotName(i))
+				b.WriteString(" 0.0.0.0:0 check disabled\n")
 				continue
 			}
-			fmt.Fprintf(&b, "    server %s %s check # %s\n", SlotName(i), s.Addr, s.Node)
+			b.WriteByte(' ')
+			b.Write(s.Addr.AppendTo(b.AvailableBuffer()))
+			b.WriteString(" check # ")
+			b.WriteString(s.Node)
+			b.WriteByte('\n')
 		}
 	}
 	return b.Bytes()
 }
+
+// Render's buffer is sized from these, so that a pass renders into one
+// allocation: the global and defaults sections, and about what one
+// listener's frontend and backend and one server line take.
+const (
+	renderBase        = 1024
+	renderPerListener = 320
+	renderPerSlot     = 64
+)
 
 // renderable re-checks everything of a listener that reaches the file.
 func renderable(l Listener) bool {

@@ -175,8 +175,10 @@ func devicePid(iface string) int {
 	return 0
 }
 
-// procCPU is a process's user+system CPU time (/proc/PID/stat fields 14
-// and 15, in clock ticks of 1/100 s on Linux).
+// procCPU is a process's user+system CPU time with that of the children
+// it waited for (/proc/PID/stat fields 14 to 17, in clock ticks of 1/100 s
+// on Linux): meshd's `haproxy -c` lives for tens of milliseconds and no
+// reading would see it otherwise.
 func procCPU(pid int) time.Duration {
 	if pid == 0 {
 		return 0
@@ -188,12 +190,15 @@ func procCPU(pid int) time.Duration {
 	// The command name (field 2) may hold spaces: count from its ")".
 	s := string(b)
 	f := strings.Fields(s[strings.LastIndexByte(s, ')')+1:])
-	if len(f) < 13 {
+	if len(f) < 15 {
 		return 0
 	}
-	ut, _ := strconv.ParseInt(f[11], 10, 64)
-	st, _ := strconv.ParseInt(f[12], 10, 64)
-	return time.Duration(ut+st) * 10 * time.Millisecond
+	var ticks int64
+	for _, v := range f[11:15] { // utime, stime, cutime, cstime
+		n, _ := strconv.ParseInt(v, 10, 64)
+		ticks += n
+	}
+	return time.Duration(ticks) * 10 * time.Millisecond
 }
 
 // procRSS is a process's VmRSS in bytes.

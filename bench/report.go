@@ -236,8 +236,8 @@ func (r *Results) Markdown() string {
 				f.N, f.Overlay, modes, f.Reloads, f.RuntimeUpdates)
 			if f.AddedCPU != nil && f.RemovedCPU != nil {
 				w("Where the machine's CPU went during these trials, from just before each write until its probes ended (every node's\n")
-				w("processes together, found by their network namespace; \"harness\" is the benchmark's own process: etcd, the probes, the\n")
-				w("demo servers):\n\n")
+				w("processes together, found by their network namespace, each with the children it waited for: meshd's with its `haproxy -c`;\n")
+				w("\"harness\" is the benchmark's own process: etcd, the probes, the demo servers):\n\n")
 				w("| trials | wall | cores busy | CPU per change | meshd | WireGuard devices | HAProxy | other | harness |\n|---|---|---|---|---|---|---|---|---|\n")
 				for _, row := range []struct {
 					name string

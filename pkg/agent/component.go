@@ -43,6 +43,16 @@ type StatusNotifier interface {
 	NotifyStatus(changed func())
 }
 
+// StatusRefresher is implemented by a component whose status reuses what
+// it read of the system: the overlay's peer summary, whose device read is
+// O(peers). The loop's periodic status refresh calls RefreshStatus before
+// it builds the status, so that what ages on its own is read again there;
+// the status built after a reconcile pass reuses the last reading, so a
+// registry change costs no such read.
+type StatusRefresher interface {
+	RefreshStatus()
+}
+
 // ClaimPreparer is implemented by a component with work to do before the
 // node first claims its member record: the overlay configures its device
 // and peers, so that the nodes that add the new node reach a device that

@@ -30,8 +30,9 @@ const readyGrace = 15 * time.Second
 // statusRefresh is how often the loop rebuilds the status without a
 // registry change, so that what ages on its own (handshake buckets, a
 // component's health) reaches etcd; it is written only when it changed.
-// With the overlay's peer summary at most 5 s old
-// (overlay.PeerSummaryMaxAge), a peer going stale shows within 30 s.
+// The refresh has the overlay read its peer summary again unless it is
+// younger than overlay.PeerSummaryMaxAge (StatusRefresher), so a peer
+// going stale shows within 30 s.
 const statusRefresh = 25 * time.Second
 
 // loop is the reconcile loop: wait for a change, recompute every
@@ -97,6 +98,11 @@ func (a *Agent) loop(ctx context.Context) {
 			continue
 		case <-refresh.C:
 			if lastSnap != nil {
+				for _, c := range a.o.Components {
+					if r, ok := c.(StatusRefresher); ok {
+						r.RefreshStatus()
+					}
+				}
 				a.setStatus(a.buildStatus(lastSnap, applied, states))
 			}
 			continue

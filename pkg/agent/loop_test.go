@@ -369,15 +369,18 @@ type peerStatusComponent struct {
 
 func (c *peerStatusComponent) Name() string                                    { return "overlay" }
 func (c *peerStatusComponent) Apply(context.Context, *registry.Snapshot) error { return nil }
+func (c *peerStatusComponent) RefreshStatus() { c.pc.Refresh(time.Now()) }
 func (c *peerStatusComponent) Status() any {
 	return overlay.StatusOf("wg0", c.want, 1, c.dev, &c.pc, time.Now())
 }
 
 // TestStalePeerShowsWithin30s: with no registry change to carry it, a peer
 // whose handshake grows older than overlay.RecentHandshake is in the
-// published status within 30 s, in the worst case: a status built just
-// before the peer turned stale leaves a summary that the next periodic
-// refresh, just under overlay.PeerSummaryMaxAge later, reuses.
+// published status within 30 s, in the worst case: a summary read just
+// before the peer turned stale (the overlay had changed the device) that
+// the next periodic refresh, just under overlay.PeerSummaryMaxAge later,
+// reuses. A reconcile pass after that refresh reads no device either: its
+// status keeps the last summary, however old.
 func TestStalePeerShowsWithin30s(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
 		key, _ := wgtypes.GeneratePrivateKey()
@@ -393,9 +396,9 @@ func TestStalePeerShowsWithin30s(t *testing.T) {
 		r := startLoopRig(t, []Component{timed, pc}, timed, true)
 
 		// The refresh ticks at start + k*statusRefresh. Pick the tick T
-		// after three minutes; a registry change at E, just over the
-		// summary's maximum age before T, reads the summary, and the peer
-		// turns stale 1 s after E.
+		// after three minutes; a registry change at E, just under the
+		// summary's maximum age before T, reads the summary (the overlay
+		// changed the device), and the peer turns stale 1 s after E.
 		T := start.Add(statusRefresh * time.Duration(1+overlay.RecentHandshake/statusRefresh))
 		E := T.Add(-overlay.PeerSummaryMaxAge + 500*time.Millisecond)
 		S := E.Add(time.Second)
@@ -414,10 +417,21 @@ func TestStalePeerShowsWithin30s(t *testing.T) {
 			return st.Components.Overlay.Peers.StaleCount > 0
 		}
 		time.Sleep(time.Until(E))
+		pc.pc.Invalidate()
 		r.event()
 		synctest.Wait()
 		if stale() {
 			t.Fatal("peer published stale before its handshake aged")
+		}
+		time.Sleep(time.Until(T.Add(time.Second)))
+		n := len(r.writes())
+		r.event() // a pass after T: its status reuses the summary read at E, older than its max age
+		synctest.Wait()
+		if len(r.writes()) != n+1 {
+			t.Fatalf("the pass published %d statuses, want 1", len(r.writes())-n)
+		}
+		if stale() {
+			t.Fatal("a reconcile pass read the device for its status")
 		}
 		time.Sleep(time.Until(S.Add(30 * time.Second)))
 		synctest.Wait()

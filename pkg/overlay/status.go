@@ -141,16 +141,18 @@ func summarize(peers []wgtypes.Peer, names func() map[string]string, now time.Ti
 	return s
 }
 
-// PeerSummaryMaxAge is how long a peer summary read off the device is
-// reused while the overlay applies nothing. Reading a device is O(peers)
-// (a netlink dump of every peer); without the reuse, every reconcile
-// pass, however small its change, would pay it for the status. What the
-// summary reports moves on a scale of minutes (RecentHandshake); with the
-// agent's 25 s status refresh, a peer going stale shows within 30 s.
+// PeerSummaryMaxAge is the age from which the agent's periodic status
+// refresh (every 25 s) reads the peer summary off the device again
+// (PeerCache.Refresh); a status built after a reconcile pass reuses the
+// last summary, whatever its age. Reading a device is O(peers) (a netlink
+// dump of every peer); without the reuse, every pass, however small its
+// change, would pay it for the status. What the summary reports moves on
+// a scale of minutes (RecentHandshake); a peer going stale shows within
+// 30 s.
 const PeerSummaryMaxAge = 5 * time.Second
 
-// PeerCache keeps the last peer summary read off a device, for at most
-// PeerSummaryMaxAge and until Invalidate (the overlay changed the
+// PeerCache keeps the last peer summary read off a device until Refresh
+// finds it PeerSummaryMaxAge old or Invalidate (the overlay changed the
 // device). The zero value is ready to use.
 type PeerCache struct {
 	mu    sync.Mutex
@@ -166,6 +168,16 @@ func (pc *PeerCache) Invalidate() {
 	pc.mu.Lock()
 	pc.valid = false
 	pc.mu.Unlock()
+}
+
+// Refresh makes the next read go to the device if the summary is
+// PeerSummaryMaxAge old at now (or from a clock that stepped back).
+func (pc *PeerCache) Refresh(now time.Time) {
+	pc.mu.Lock()
+	defer pc.mu.Unlock()
+	if age := now.Sub(pc.at); age < 0 || age >= PeerSummaryMaxAge {
+		pc.valid = false
+	}
 }
 
 // Applied sets the summary to that of the device after an apply that
@@ -209,7 +221,8 @@ func (pc *PeerCache) Applied(mode string, before *wgtypes.Device, plan desired.P
 }
 
 // read fills st's address (from target), and its mode and peer summary
-// (from dev, or from the cache when it is fresh at now).
+// (from the cache, or from dev when the cache is not valid; now is the
+// time the summary's handshake ages count from).
 func (pc *PeerCache) read(st *Status, target *desired.State, dev deviceReader, now time.Time) {
 	if target != nil {
 		if a := target.SelfAddress(); a.IsValid() {
@@ -218,7 +231,7 @@ func (pc *PeerCache) read(st *Status, target *desired.State, dev deviceReader, n
 	}
 	pc.mu.Lock()
 	defer pc.mu.Unlock()
-	if age := now.Sub(pc.at); !pc.valid || age < 0 || age >= PeerSummaryMaxAge {
+	if !pc.valid {
 		var d *wgtypes.Device
 		pc.mode, d, pc.err = readDevice(dev)
 		pc.sum = PeerSummary{}
@@ -238,13 +251,18 @@ func (pc *PeerCache) read(st *Status, target *desired.State, dev deviceReader, n
 func (c *Component) Status() any { return c.StatusNow(time.Now()) }
 
 // StatusNow is Status with handshake ages measured from now. The peer
-// summary may be up to PeerSummaryMaxAge old (PeerCache).
+// summary is the last one read (PeerCache): RefreshStatus has it read
+// again.
 func (c *Component) StatusNow(now time.Time) Status {
 	v := c.track.view()
 	st := c.status(v)
 	c.peerCache.read(&st, v.target, c.reader, now)
 	return st
 }
+
+// RefreshStatus implements agent.StatusRefresher: the next status reads
+// the device if the last summary is PeerSummaryMaxAge old.
+func (c *Component) RefreshStatus() { c.peerCache.Refresh(time.Now()) }
 
 // PeerDetails returns every peer of the device with its handshake and
 // byte counters, sorted by name (then key), read now.

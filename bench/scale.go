@@ -240,6 +240,7 @@ type overlayStatus struct{ r *recorder }
 
 func (o overlayStatus) Name() string                                    { return "overlay" }
 func (o overlayStatus) Apply(context.Context, *registry.Snapshot) error { return nil }
+
 // RefreshStatus implements agent.StatusRefresher, as the overlay
 // component does.
 func (o overlayStatus) RefreshStatus() { o.r.peers.Refresh(time.Now()) }

@@ -369,7 +369,7 @@ type peerStatusComponent struct {
 
 func (c *peerStatusComponent) Name() string                                    { return "overlay" }
 func (c *peerStatusComponent) Apply(context.Context, *registry.Snapshot) error { return nil }
-func (c *peerStatusComponent) RefreshStatus() { c.pc.Refresh(time.Now()) }
+func (c *peerStatusComponent) RefreshStatus()                                  { c.pc.Refresh(time.Now()) }
 func (c *peerStatusComponent) Status() any {
 	return overlay.StatusOf("wg0", c.want, 1, c.dev, &c.pc, time.Now())
 }

@@ -4,6 +4,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"slices"
+	"strings"
 	"testing"
 	"time"
 
@@ -118,5 +119,31 @@ func TestNetPerChange(t *testing.T) {
 		if got := netPerChange(c.cpu, c.wall, c.idle, c.n); got != c.want {
 			t.Errorf("netPerChange(%v, %v, %v, %d) = %v, want %v", c.cpu, c.wall, c.idle, c.n, got, c.want)
 		}
+	}
+}
+
+// TestFlatCostNeverPassesOnZero: when the trials' CPU less the idle rate
+// is not above zero at one end, the flat-cost row judges the gross figure
+// and says so, instead of a ratio of zero that would read "met".
+func TestFlatCostNeverPassesOnZero(t *testing.T) {
+	row := func(r *Results) target {
+		t.Helper()
+		for _, tg := range r.targets() {
+			if strings.HasPrefix(tg.goal, "meshd's own cost per change stays flat") {
+				return tg
+			}
+		}
+		t.Fatal("no flat-cost row")
+		return target{}
+	}
+	small := ScaleResult{N: 8, Live: 8, CPUPerAgentChange: 600 * time.Microsecond, IdleCPU: 0.002, NetCPUPerAgentChange: 590 * time.Microsecond}
+	big := ScaleResult{N: 10000, Live: 100, CPUPerAgentChange: 2300 * time.Microsecond, IdleCPU: 0.25}
+	got := row(&Results{Scale: []ScaleResult{small, big}})
+	if got.verdict != "NOT met" || !strings.Contains(got.goal, "gross") || !strings.Contains(got.measured, "2.3ms") {
+		t.Errorf("net zero at N=10000: %+v, want the gross figures judged (not met)", got)
+	}
+	big.NetCPUPerAgentChange = 700 * time.Microsecond
+	if got := row(&Results{Scale: []ScaleResult{small, big}}); got.verdict != "met" || !strings.Contains(got.goal, "less the idle rate") {
+		t.Errorf("net figures at both ends: %+v, want them judged (met)", got)
 	}
 }

@@ -279,8 +279,11 @@ func (c *Component) Apply(ctx context.Context, snap *registry.Snapshot) error {
 // fills the slots over the runtime API. A free slot is a disabled server,
 // so no health check runs before the node has its routes. Only the first
 // call does anything, and only when meshd supervises HAProxy, nothing was
-// applied yet and no master socket exists: a master that runs, or ran and
-// left its socket, is the apply's to adopt or restart.
+// applied yet and no master socket exists (a master that runs, or ran and
+// left its socket, is the apply's to adopt or restart), and when nothing
+// listens on any of its ports: on a node migrating from confd, the legacy
+// HAProxy serves them, and an empty HAProxy bound next to it (SO_REUSEPORT)
+// would be handed some of its connections and close them.
 func (c *Component) Prepare(ctx context.Context, snap *registry.Snapshot) error {
 	select {
 	case <-c.prepared:
@@ -295,6 +298,12 @@ func (c *Component) Prepare(ctx context.Context, snap *registry.Snapshot) error 
 		return nil
 	}
 	d := LeaveOutBusy(Compute(snap, c.params), c.applier.HeldPorts(), c.opts.Probe)
+	for _, l := range d.Listeners {
+		if err := probeAlone(l.Port); err != nil {
+			c.log.Debug("not starting haproxy before the overlay is ready: a port is served already", "port", l.Port, "err", err)
+			return nil
+		}
+	}
 	if err := c.applier.Set(ctx, WithoutServers(d)); err != nil {
 		return fmt.Errorf("haproxy: start without servers: %w", err)
 	}

@@ -32,7 +32,13 @@ type PortProbe func(port int) error
 // The socket is bound, never listened on: a listening socket would join
 // the other HAProxy's reuseport group, be handed some of its incoming
 // connections, and reset them on close.
-func ProbeLoopback(port int) error {
+func ProbeLoopback(port int) error { return probeLoopback(port, true) }
+
+// probeAlone binds 127.0.0.1:port without SO_REUSEPORT: unlike
+// ProbeLoopback it fails when another HAProxy listens on the port too.
+func probeAlone(port int) error { return probeLoopback(port, false) }
+
+func probeLoopback(port int, reusePort bool) error {
 	if port < 0 || port > 65535 {
 		return fmt.Errorf("port %d out of range", port)
 	}
@@ -44,8 +50,10 @@ func ProbeLoopback(port int) error {
 	if err := unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_REUSEADDR, 1); err != nil {
 		return fmt.Errorf("probe port %d: %w", port, err)
 	}
-	if err := unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_REUSEPORT, 1); err != nil {
-		return fmt.Errorf("probe port %d: %w", port, err)
+	if reusePort {
+		if err := unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_REUSEPORT, 1); err != nil {
+			return fmt.Errorf("probe port %d: %w", port, err)
+		}
 	}
 	if err := unix.Bind(fd, &unix.SockaddrInet4{Port: port, Addr: [4]byte{127, 0, 0, 1}}); err != nil {
 		return fmt.Errorf("bind 127.0.0.1:%d: %w", port, err)

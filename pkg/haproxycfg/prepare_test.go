@@ -7,8 +7,11 @@ import (
 	"net"
 	"os"
 	"strconv"
+	"syscall"
 	"testing"
 	"time"
+
+	"golang.org/x/sys/unix"
 )
 
 // prepared reports whether c's PreparedForClaim channel is closed.
@@ -94,8 +97,9 @@ func TestPrepareStartsWithoutServers(t *testing.T) {
 
 // TestPrepareLeavesWhatRuns: a meshd restarted next to a running HAProxy
 // prepares nothing (the master keeps its servers until the apply adopts
-// it), and neither does one whose HAProxy a service manager runs (it
-// writes no file for the unit to start from).
+// it), and neither does one on a node where another HAProxy serves the
+// app's port (a node migrating from confd), nor one whose HAProxy a
+// service manager runs (it writes no file for the unit to start from).
 func TestPrepareLeavesWhatRuns(t *testing.T) {
 	opts := testOptions(testDir(t))
 	c := newComponent(t, opts)
@@ -127,6 +131,36 @@ func TestPrepareLeavesWhatRuns(t *testing.T) {
 	}
 	if st := status(c2); st.Reloads != 0 || st.RuntimeUpdates != 0 {
 		t.Errorf("Prepare next to a running HAProxy did something: %+v", st.Counters)
+	}
+
+	// A node migrating from confd: the legacy HAProxy listens on the
+	// app's port (SO_REUSEPORT, as HAProxy binds). An empty HAProxy next
+	// to it would take some of its connections and close them.
+	legacyPort := freePort(t)
+	lc := net.ListenConfig{Control: func(_, _ string, rc syscall.RawConn) error {
+		var serr error
+		if err := rc.Control(func(fd uintptr) {
+			serr = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_REUSEPORT, 1)
+		}); err != nil {
+			return err
+		}
+		return serr
+	}}
+	legacy, err := lc.Listen(ctx, "tcp", "127.0.0.1:"+strconv.Itoa(legacyPort))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer legacy.Close()
+	migrating := testOptions(testDir(t))
+	c4 := newComponent(t, migrating)
+	if err := c4.Prepare(ctx, snapshot(map[string]appSpec{"web": {legacyPort, []*backend{a}}})); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Stat(migrating.ConfigPath); !errors.Is(err, fs.ErrNotExist) {
+		t.Errorf("Prepare next to a legacy listener wrote %s (%v)", migrating.ConfigPath, err)
+	}
+	if !prepared(c4) {
+		t.Error("not prepared after a Prepare that had nothing to do")
 	}
 
 	unit := testOptions(testDir(t))

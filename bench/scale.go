@@ -71,8 +71,9 @@ type ScaleOptions struct {
 	// overlay.FirstHandshakeRead after the last agent joined.
 	Idle time.Duration
 	// CPUProfile, if set, receives a CPU profile of this process (the
-	// live agents and the harness) over the trials.
-	CPUProfile io.Writer
+	// live agents and the harness) over the trials, and IdleCPUProfile
+	// one over the idle period (Idle).
+	CPUProfile, IdleCPUProfile io.Writer
 }
 
 // ScaleResult is what the scale benchmark measured.
@@ -494,11 +495,22 @@ func Scale(ctx context.Context, o ScaleOptions) (ScaleResult, error) {
 			}
 		}
 		w0, _ := tally.read()
+		if o.IdleCPUProfile != nil {
+			if err := pprof.StartCPUProfile(o.IdleCPUProfile); err != nil {
+				return res, fmt.Errorf("idle cpu profile: %w", err)
+			}
+		}
 		icpu0, iwall0 := cpuTime(), time.Now()
 		select {
 		case <-ctx.Done():
+			if o.IdleCPUProfile != nil {
+				pprof.StopCPUProfile()
+			}
 			return res, ctx.Err()
 		case <-time.After(o.Idle):
+		}
+		if o.IdleCPUProfile != nil {
+			pprof.StopCPUProfile()
 		}
 		w1, _ := tally.read()
 		res.IdleStatusWrites, res.Idle = w1-w0, o.Idle

@@ -53,7 +53,7 @@ func parseFlags(args []string) (options, error) {
 	fs.StringVar(&o.traefikVer, "traefik-version", os.Getenv("TRAEFIK_VERSION"), "label for the Traefik binary (env TRAEFIK_VERSION; default: what `traefik version` says)")
 	fs.StringVar(&o.meshd, "meshd", "bin/meshd", "meshd binary for the sandbox")
 	fs.StringVar(&o.agentLog, "agent-log", "", "write the scale agents' warnings to this file")
-	fs.StringVar(&o.scaleProf, "scale-profile", "", "write a CPU profile of each scale run's trials (live agents and harness) to scale-N[-LABEL].pprof in this directory")
+	fs.StringVar(&o.scaleProf, "scale-profile", "", "write a CPU profile of each scale run's trials (live agents and harness) to scale-N[-LABEL].pprof in this directory, and of its idle period (-idle) to scale-N[-LABEL]-idle.pprof")
 	fs.StringVar(&o.from, "from", "", "measure nothing: render RESULTS.md and the plot again from a saved results.json")
 	if err := fs.Parse(args); err != nil {
 		return options{}, err

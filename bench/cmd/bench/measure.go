@@ -65,20 +65,25 @@ func (m *measurer) scale(ctx context.Context, n, live int, proxy bool) {
 		m.res.Floor = append(m.res.Floor, f)
 	}
 	logf("scale N=%d%s ...", n, label)
-	var prof io.Writer
+	var prof, idleProf io.Writer
 	if dir := m.o.scaleProf; dir != "" {
-		name := fmt.Sprintf("scale-%d%s.pprof", n, strings.ReplaceAll(strings.TrimSpace(label), " ", "-"))
-		f, err := os.Create(filepath.Join(dir, name))
-		if err != nil {
-			m.note("scale N=%d%s: %v", n, label, err)
-			return
+		base := fmt.Sprintf("scale-%d%s", n, strings.ReplaceAll(strings.TrimSpace(label), " ", "-"))
+		for _, p := range []struct {
+			w    *io.Writer
+			name string
+		}{{&prof, base + ".pprof"}, {&idleProf, base + "-idle.pprof"}} {
+			f, err := os.Create(filepath.Join(dir, p.name))
+			if err != nil {
+				m.note("scale N=%d%s: %v", n, label, err)
+				return
+			}
+			defer f.Close()
+			*p.w = f
 		}
-		defer f.Close()
-		prof = f
 	}
 	s, err := bench.Scale(ctx, bench.ScaleOptions{
-		CPUProfile: prof,
-		NewClient:  clientOf, Control: control, Label: label, MetricsURL: m.etcd.endpoint + "/metrics", N: n, Live: live, Trials: m.o.trials,
+		CPUProfile: prof, IdleCPUProfile: idleProf,
+		NewClient: clientOf, Control: control, Label: label, MetricsURL: m.etcd.endpoint + "/metrics", N: n, Live: live, Trials: m.o.trials,
 		Idle: m.o.idle,
 		Passive: func(ctx context.Context, n int) (func(), error) {
 			p, _, err := startChild("passive-nodes", endpoint, strconv.Itoa(n))

@@ -300,14 +300,8 @@ func TestReloadFailureKeepsServing(t *testing.T) {
 
 func TestMasterSurvivesMeshdRestart(t *testing.T) {
 	opts := testOptions(testDir(t))
-	c := newComponent(t, opts)
+	c, port, _, snap := runningApp(t, opts)
 	ctx := t.Context()
-	port := freePort(t)
-	a := startBackend(t, "a")
-	snap := snapshot(map[string]appSpec{"web": {port, []*backend{a}}})
-	if err := c.Apply(ctx, snap); err != nil {
-		t.Fatal(err)
-	}
 	before := procs(t, c)
 	stopMeshd(c) // meshd exits (or dies): haproxy stays
 

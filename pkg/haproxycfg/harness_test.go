@@ -236,6 +236,19 @@ func askUntil(tb testing.TB, port int, want string, timeout time.Duration) {
 	tb.Fatalf("port %d: want %q, last answer %q, err %v", port, want, got, err)
 }
 
+// runningApp builds a component with opts and applies one app to it: web
+// on a free port, served by backend a.
+func runningApp(tb testing.TB, opts Options) (c *Component, port int, a *backend, snap *registry.Snapshot) {
+	tb.Helper()
+	c = newComponent(tb, opts)
+	port, a = freePort(tb), startBackend(tb, "a")
+	snap = snapshot(map[string]appSpec{"web": {port, []*backend{a}}})
+	if err := c.Apply(context.Background(), snap); err != nil {
+		tb.Fatal(err)
+	}
+	return c, port, a, snap
+}
+
 func procs(tb testing.TB, c *Component) Procs {
 	tb.Helper()
 	p, err := c.applier.Master.Procs(context.Background())

@@ -102,14 +102,8 @@ func TestPrepareStartsWithoutServers(t *testing.T) {
 // service manager runs (it writes no file for the unit to start from).
 func TestPrepareLeavesWhatRuns(t *testing.T) {
 	opts := testOptions(testDir(t))
-	c := newComponent(t, opts)
+	c, port, a, snap := runningApp(t, opts)
 	ctx := t.Context()
-	port := freePort(t)
-	a := startBackend(t, "a")
-	snap := snapshot(map[string]appSpec{"web": {port, []*backend{a}}})
-	if err := c.Apply(ctx, snap); err != nil {
-		t.Fatal(err)
-	}
 	if !prepared(c) {
 		t.Error("not prepared after Apply")
 	}

@@ -20,6 +20,7 @@ import (
 	"golang.zx2c4.com/wireguard/wgctrl/wgtypes"
 
 	"github.com/meshd/meshd/pkg/agent"
+	"github.com/meshd/meshd/pkg/backoff"
 	"github.com/meshd/meshd/pkg/haproxycfg"
 	"github.com/meshd/meshd/pkg/overlay"
 	"github.com/meshd/meshd/pkg/overlay/desired"
@@ -380,12 +381,11 @@ func Scale(ctx context.Context, o ScaleOptions) (ScaleResult, error) {
 	res.RSSPerAgent = (rss() - rss0) / int64(o.Live)
 	o.Log("scale N=%d: %d agents up in %s, heap %d KiB/agent", o.N, o.Live, res.Startup.Round(time.Millisecond), res.HeapPerAgent>>10)
 
-	if o.CPUProfile != nil {
-		if err := pprof.StartCPUProfile(o.CPUProfile); err != nil {
-			return res, fmt.Errorf("cpu profile: %w", err)
-		}
-		defer pprof.StopCPUProfile() // on an error return; after the trials below
+	stopProfile, err := startProfile(o.CPUProfile)
+	if err != nil {
+		return res, err
 	}
+	defer stopProfile() // on an error return; after the trials below
 	cpu0, wall0 := cpuTime(), time.Now()
 	ev0, _ := etcdCounter(ctx, o.MetricsURL, "etcd_debugging_mvcc_events_total")
 	rev0 := int64(0)
@@ -461,9 +461,7 @@ func Scale(ctx context.Context, o ScaleOptions) (ScaleResult, error) {
 	}
 	settles := 1 + res.StatusResends - before
 	cpu, wall := cpuTime()-cpu0, time.Since(wall0)
-	if o.CPUProfile != nil {
-		pprof.StopCPUProfile()
-	}
+	stopProfile()
 	res.CPUPerChange = cpu / time.Duration(changes)
 	res.CPUPerAgentChange = res.CPUPerChange / time.Duration(o.Live)
 	if r, err := ctl.Get(ctx, "/", clientv3.WithCountOnly()); err == nil {
@@ -495,22 +493,15 @@ func Scale(ctx context.Context, o ScaleOptions) (ScaleResult, error) {
 			}
 		}
 		w0, _ := tally.read()
-		if o.IdleCPUProfile != nil {
-			if err := pprof.StartCPUProfile(o.IdleCPUProfile); err != nil {
-				return res, fmt.Errorf("idle cpu profile: %w", err)
-			}
+		stopIdle, err := startProfile(o.IdleCPUProfile)
+		if err != nil {
+			return res, err
 		}
 		icpu0, iwall0 := cpuTime(), time.Now()
-		select {
-		case <-ctx.Done():
-			if o.IdleCPUProfile != nil {
-				pprof.StopCPUProfile()
-			}
-			return res, ctx.Err()
-		case <-time.After(o.Idle):
-		}
-		if o.IdleCPUProfile != nil {
-			pprof.StopCPUProfile()
+		err = backoff.Sleep(ctx, o.Idle)
+		stopIdle()
+		if err != nil {
+			return res, err
 		}
 		w1, _ := tally.read()
 		res.IdleStatusWrites, res.Idle = w1-w0, o.Idle
@@ -521,6 +512,18 @@ func Scale(ctx context.Context, o ScaleOptions) (ScaleResult, error) {
 		res.Added.Summary(), res.AddedStatus.Summary(), res.Removed.Summary(),
 		res.StatusBytesPerChange, res.StatusBytesPerNode, res.StatusValueBytes, res.DBGrowthPer100, res.IdleStatusWrites, res.Idle)
 	return res, nil
+}
+
+// startProfile starts a CPU profile into w (none when w is nil) and
+// returns the function that stops it, which may be called more than once.
+func startProfile(w io.Writer) (stop func(), err error) {
+	if w == nil {
+		return func() {}, nil
+	}
+	if err := pprof.StartCPUProfile(w); err != nil {
+		return nil, fmt.Errorf("cpu profile: %w", err)
+	}
+	return sync.OnceFunc(pprof.StopCPUProfile), nil
 }
 
 // netPerChange is cpu, less idleRate (CPU seconds per second) over wall,

@@ -350,24 +350,23 @@ func removeNode(ctx context.Context, c *sandbox.Cluster, name string) error {
 
 // measureJoin times a new node's arrival: from its first registry write
 // (member record, else node entry) until every node applied it, and until
-// every other node pings its overlay address.
+// every other node pings its overlay address. The pings start as soon as
+// the harness sees the member record: a node claims its member record
+// before it writes its node entry, and the others add it as a peer from
+// the member record alone.
 func measureJoin(ctx context.Context, c *sandbox.Cluster, n *sandbox.Node, res *FidelityResult) error {
 	ctx, cancel := context.WithTimeout(ctx, 60*time.Second)
 	defer cancel()
-	rev, at, err := c.WaitKey(ctx, registry.NodeKey(n.Name), false)
-	if err != nil {
-		return err
-	}
-	var overlay netip.Addr
+	var (
+		overlay netip.Addr
+		rev     int64
+		at      time.Time
+	)
 	if res.Overlay {
-		mrev, mat, err := c.WaitKey(ctx, registry.MemberKey(n.Name), false)
-		if err != nil {
+		var err error
+		if rev, at, err = c.WaitKey(ctx, registry.MemberKey(n.Name), false); err != nil {
 			return err
 		}
-		if mat.Before(at) {
-			at = mat
-		}
-		rev = max(rev, mrev)
 		ms, err := c.Members(ctx)
 		if err != nil {
 			return err
@@ -395,6 +394,14 @@ func measureJoin(ctx context.Context, c *sandbox.Cluster, n *sandbox.Node, res *
 			}()
 		}
 	}
+	nrev, nat, err := c.WaitKey(ctx, registry.NodeKey(n.Name), false)
+	if err != nil {
+		return err
+	}
+	if at.IsZero() || nat.Before(at) {
+		at = nat
+	}
+	rev = max(rev, nrev)
 	cv, err := c.WaitApplied(ctx, rev, at, without(c.NodeNames(), n.Name))
 	if err != nil {
 		return err // the deferred cancel ends the pings

@@ -2,6 +2,7 @@ package sandbox
 
 import (
 	"bufio"
+	"bytes"
 	"context"
 	"encoding/binary"
 	"errors"
@@ -14,7 +15,10 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"syscall"
 	"time"
+
+	"golang.org/x/sys/unix"
 )
 
 // ServeDemo serves the demo app inside the node's namespace on
@@ -141,9 +145,12 @@ type pollResult struct {
 func (n *Node) poll(ctx context.Context, req *http.Request, host string, interval, timeout time.Duration, done func(string, error) bool) pollResult {
 	var last error
 	for {
-		body, err := getOnce(ctx, req, host, timeout)
+		body, at, err := getOnce(ctx, req, host, timeout)
 		if done(body, err) {
-			return pollResult{t: time.Now()}
+			if at.IsZero() {
+				at = time.Now()
+			}
+			return pollResult{t: at}
 		}
 		last = err
 		select {
@@ -155,28 +162,86 @@ func (n *Node) poll(ctx context.Context, req *http.Request, host string, interva
 }
 
 // getOnce sends req over a new connection to host and reads the answer
-// (at most 4 KiB of body); a status other than 200 is an error.
-func getOnce(ctx context.Context, req *http.Request, host string, timeout time.Duration) (string, error) {
+// (at most 4 KiB of body); a status other than 200 is an error. at is
+// when the answer's last bytes reached the socket, by the kernel's
+// receive timestamp (zero when there was no answer): the time a client
+// on the node had it, not when this process, on the same busy cores, got
+// to read it.
+func getOnce(ctx context.Context, req *http.Request, host string, timeout time.Duration) (body string, at time.Time, err error) {
 	ctx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()
 	var d net.Dialer
 	conn, err := d.DialContext(ctx, "tcp", host)
 	if err != nil {
-		return "", err
+		return "", time.Time{}, err
 	}
 	defer conn.Close()
 	if dl, ok := ctx.Deadline(); ok {
 		_ = conn.SetDeadline(dl)
 	}
-	if err := req.Write(conn); err != nil {
-		return "", err
+	tc, ok := conn.(*net.TCPConn)
+	if !ok {
+		return "", time.Time{}, fmt.Errorf("GET %s: not a TCP connection", req.URL)
 	}
-	resp, err := http.ReadResponse(bufio.NewReader(conn), req)
+	raw, err := tc.SyscallConn()
 	if err != nil {
-		return "", err
+		return "", time.Time{}, err
+	}
+	var serr error
+	if err := raw.Control(func(fd uintptr) { serr = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_TIMESTAMPNS, 1) }); err != nil || serr != nil {
+		return "", time.Time{}, fmt.Errorf("GET %s: receive timestamps: %w", req.URL, errors.Join(err, serr))
+	}
+	if err := req.Write(conn); err != nil {
+		return "", time.Time{}, err
+	}
+	// The request says "Connection: close": the answer ends where the
+	// connection does.
+	data, at, err := readStamped(raw, 64<<10)
+	if err != nil {
+		return "", time.Time{}, err
+	}
+	resp, err := http.ReadResponse(bufio.NewReader(bytes.NewReader(data)), req)
+	if err != nil {
+		return "", time.Time{}, err
 	}
 	b, err := readAnswer(resp, 4096)
-	return string(b), err
+	return string(b), at, err
+}
+
+// readStamped reads raw until EOF (at most limit bytes) and returns what
+// it read with the kernel's receive timestamp of the last read that
+// returned data (zero when none did).
+func readStamped(raw syscall.RawConn, limit int) ([]byte, time.Time, error) {
+	var (
+		out []byte
+		at  time.Time
+		buf = make([]byte, 4096)
+		oob = make([]byte, 128)
+	)
+	for {
+		var n, oobn int
+		var rerr error
+		err := raw.Read(func(fd uintptr) bool {
+			n, oobn, _, _, rerr = unix.Recvmsg(int(fd), buf, oob, 0)
+			return rerr != unix.EAGAIN
+		})
+		if err == nil {
+			err = rerr
+		}
+		if err != nil {
+			return out, at, err
+		}
+		if n == 0 {
+			return out, at, nil
+		}
+		out = append(out, buf[:n]...)
+		if t, ok := rxTimestamp(oob[:oobn]); ok {
+			at = t
+		}
+		if len(out) > limit {
+			return out, at, fmt.Errorf("answer longer than %d bytes", limit)
+		}
+	}
 }
 
 // Ping sends one ICMP echo from inside the node's namespace and waits for
@@ -197,10 +262,11 @@ func (n *Node) Ping(ctx context.Context, dst netip.Addr) (time.Duration, error) 
 	if _, err := conn.WriteTo(echoRequest(id, seq), &net.IPAddr{IP: dst.AsSlice()}); err != nil {
 		return 0, fmt.Errorf("ping %s from %s: %w", dst, n.Name, err)
 	}
-	if err := readEchoReply(conn, dst, id, func(s uint16) bool { return s == seq }); err != nil {
+	at, err := readEchoReply(conn, dst, id, func(s uint16) bool { return s == seq })
+	if err != nil {
 		return 0, fmt.Errorf("ping %s from %s: %w", dst, n.Name, err)
 	}
-	return time.Since(start), nil
+	return at.Sub(start), nil
 }
 
 // PingUntilReply sends an ICMP echo to dst from inside the node's
@@ -245,7 +311,7 @@ func (n *Node) PingUntilReply(ctx context.Context, dst netip.Addr, interval time
 			}
 		}
 	}()
-	err = readEchoReply(conn, dst, id, func(s uint16) bool {
+	at, err := readEchoReply(conn, dst, id, func(s uint16) bool {
 		mu.Lock()
 		defer mu.Unlock()
 		return sent[s]
@@ -258,12 +324,12 @@ func (n *Node) PingUntilReply(ctx context.Context, dst netip.Addr, interval time
 		}
 		return time.Time{}, fmt.Errorf("ping %s from %s: no reply (last send error: %v): %w", dst, n.Name, sendErr, err)
 	}
-	return time.Now(), nil
+	return at, nil
 }
 
 // icmpConn opens an ICMP socket in the node's namespace (the socket stays
-// there whichever thread uses it).
-func (n *Node) icmpConn() (net.PacketConn, error) {
+// there whichever thread uses it), with receive timestamps on.
+func (n *Node) icmpConn() (*net.IPConn, error) {
 	var conn net.PacketConn
 	if err := inNetns(n.NS, func() error {
 		var err error
@@ -272,7 +338,17 @@ func (n *Node) icmpConn() (net.PacketConn, error) {
 	}); err != nil {
 		return nil, fmt.Errorf("icmp socket in %s: %w", n.NS, err)
 	}
-	return conn, nil
+	ic := conn.(*net.IPConn)
+	raw, err := ic.SyscallConn()
+	if err == nil {
+		cerr := raw.Control(func(fd uintptr) { err = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_TIMESTAMPNS, 1) })
+		err = errors.Join(cerr, err)
+	}
+	if err != nil {
+		ic.Close()
+		return nil, fmt.Errorf("icmp socket in %s: receive timestamps: %w", n.NS, err)
+	}
+	return ic, nil
 }
 
 // echoRequest is an ICMP echo request with id and seq.
@@ -287,21 +363,51 @@ func echoRequest(id, seq uint16) []byte {
 }
 
 // readEchoReply reads conn until an echo reply from dst with id and a
-// sequence number ours accepts arrives, or the read fails (deadline).
-func readEchoReply(conn net.PacketConn, dst netip.Addr, id uint16, ours func(seq uint16) bool) error {
+// sequence number ours accepts arrives, or the read fails (deadline). It
+// returns when the reply reached the node: the kernel's receive time
+// (SO_TIMESTAMPNS, set by icmpConn), not when this process got to read
+// it, so a harness busy on the same cores does not add its own delay.
+func readEchoReply(conn *net.IPConn, dst netip.Addr, id uint16, ours func(seq uint16) bool) (time.Time, error) {
 	buf := make([]byte, 1500)
+	oob := make([]byte, 128)
 	for {
-		m, from, err := conn.ReadFrom(buf)
+		m, oobn, _, from, err := conn.ReadMsgIP(buf, oob)
 		if err != nil {
-			return err
+			return time.Time{}, err
 		}
-		if m < 8 || buf[0] != 0 || binary.BigEndian.Uint16(buf[4:]) != id || !ours(binary.BigEndian.Uint16(buf[6:])) {
+		// Unlike ReadFrom, ReadMsgIP leaves the IPv4 header on.
+		msg := buf[:m]
+		if m >= 20 && msg[0]>>4 == 4 {
+			if hl := int(msg[0]&0x0f) * 4; hl >= 20 && hl <= m {
+				msg = msg[hl:]
+			}
+		}
+		if m = len(msg); m < 8 || msg[0] != 0 || binary.BigEndian.Uint16(msg[4:]) != id || !ours(binary.BigEndian.Uint16(msg[6:])) {
 			continue
 		}
-		if a, ok := from.(*net.IPAddr); ok && a.IP.Equal(dst.AsSlice()) {
-			return nil
+		if from != nil && from.IP.Equal(dst.AsSlice()) {
+			if t, ok := rxTimestamp(oob[:oobn]); ok {
+				return t, nil
+			}
+			return time.Now(), nil
 		}
 	}
+}
+
+// rxTimestamp finds the SCM_TIMESTAMPNS control message in oob.
+func rxTimestamp(oob []byte) (time.Time, bool) {
+	msgs, err := unix.ParseSocketControlMessage(oob)
+	if err != nil {
+		return time.Time{}, false
+	}
+	for _, m := range msgs {
+		if m.Header.Level == unix.SOL_SOCKET && m.Header.Type == unix.SO_TIMESTAMPNS && len(m.Data) >= 16 {
+			sec := int64(binary.NativeEndian.Uint64(m.Data[0:8]))
+			nsec := int64(binary.NativeEndian.Uint64(m.Data[8:16]))
+			return time.Unix(sec, nsec), true
+		}
+	}
+	return time.Time{}, false
 }
 
 func icmpChecksum(b []byte) uint16 {

@@ -155,12 +155,18 @@ func TestHarness(t *testing.T) {
 		t.Fatal(err)
 	}
 	url := fmt.Sprintf("http://127.0.0.1:%d/", probePort)
+	// The answer's time is the kernel's receive time (wall clock, no
+	// monotonic reading), within the call.
 	var body string
-	if _, err := nodes[0].PollHTTP(ctx, url, time.Millisecond, time.Second, func(b string, err error) bool {
+	before := time.Now()
+	at, err = nodes[0].PollHTTP(ctx, url, time.Millisecond, time.Second, func(b string, err error) bool {
 		body = b
 		return err == nil
-	}); err != nil || body != DemoBody(nodes[0].Name) {
+	})
+	if after := time.Now(); err != nil || body != DemoBody(nodes[0].Name) {
 		t.Errorf("poll on %s: %q, %v", nodes[0].Name, body, err)
+	} else if at.Round(0) != at || at.Before(before.Round(0)) || at.After(after.Round(0)) {
+		t.Errorf("poll on %s: answered at %v, want a kernel receive time between %v and %v", nodes[0].Name, at, before, after)
 	}
 	var wg sync.WaitGroup
 	for i := range 200 {
@@ -191,9 +197,13 @@ func TestHarness(t *testing.T) {
 	}
 
 	// PingUntilReply keeps sending until an answer comes, and reports
-	// when none does.
+	// when none does. The reply's time is the kernel's (wall clock, no
+	// monotonic reading), within the call.
+	before = time.Now()
 	if at, err := nodes[0].PingUntilReply(ctx, nodes[1].Addr, 10*time.Millisecond); err != nil || at.IsZero() {
 		t.Errorf("ping %s from %s: %v, %v", nodes[1].Addr, nodes[0].Name, at, err)
+	} else if after := time.Now(); at.Round(0) != at || at.Before(before.Round(0)) || at.After(after.Round(0)) {
+		t.Errorf("ping %s from %s: reply at %v, want a kernel receive time between %v and %v", nodes[1].Addr, nodes[0].Name, at, before, after)
 	}
 	nobody := nodeAddr(200) // on the bridge, held by no node
 	pctx, pcancel := context.WithTimeout(ctx, 100*time.Millisecond)

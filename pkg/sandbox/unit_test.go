@@ -2,12 +2,15 @@ package sandbox
 
 import (
 	"context"
+	"encoding/binary"
 	"errors"
 	"strings"
 	"testing"
 	"time"
+	"unsafe"
 
 	"github.com/google/go-cmp/cmp"
+	"golang.org/x/sys/unix"
 )
 
 func TestParseWGDump(t *testing.T) {
@@ -60,6 +63,36 @@ func TestICMPChecksum(t *testing.T) {
 	msg[2], msg[3] = byte(c>>8), byte(c)
 	if got := icmpChecksum(msg); got != 0 {
 		t.Errorf("checksum over a checksummed message = %#x, want 0", got)
+	}
+}
+
+func TestRxTimestamp(t *testing.T) {
+	want := time.Unix(1796455092, 811723000)
+	data := make([]byte, 16)
+	binary.NativeEndian.PutUint64(data[0:], uint64(want.Unix()))
+	binary.NativeEndian.PutUint64(data[8:], uint64(want.Nanosecond()))
+	cmsg := func(level, typ int32, data []byte) []byte {
+		b := make([]byte, unix.CmsgSpace(len(data)))
+		h := (*unix.Cmsghdr)(unsafe.Pointer(&b[0]))
+		h.Level, h.Type = level, typ
+		h.SetLen(unix.CmsgLen(len(data)))
+		copy(b[unix.CmsgLen(0):], data)
+		return b
+	}
+	// Another control message first: the timestamp is found after it.
+	oob := append(cmsg(unix.SOL_SOCKET, unix.SCM_RIGHTS, []byte{1, 2, 3, 4}), cmsg(unix.SOL_SOCKET, unix.SO_TIMESTAMPNS, data)...)
+	if got, ok := rxTimestamp(oob); !ok || !got.Equal(want) {
+		t.Errorf("rxTimestamp = %v, %v; want %v", got, ok, want)
+	}
+	for name, oob := range map[string][]byte{
+		"none":      nil,
+		"other":     cmsg(unix.SOL_SOCKET, unix.SCM_RIGHTS, []byte{1, 2, 3, 4}),
+		"short":     cmsg(unix.SOL_SOCKET, unix.SO_TIMESTAMPNS, data[:8]),
+		"truncated": cmsg(unix.SOL_SOCKET, unix.SO_TIMESTAMPNS, data)[:10],
+	} {
+		if got, ok := rxTimestamp(oob); ok {
+			t.Errorf("%s: rxTimestamp = %v, true; want none", name, got)
+		}
 	}
 }
 

@@ -187,9 +187,8 @@ func getOnce(ctx context.Context, req *http.Request, host string, timeout time.D
 	if err != nil {
 		return "", time.Time{}, err
 	}
-	var serr error
-	if err := raw.Control(func(fd uintptr) { serr = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_TIMESTAMPNS, 1) }); err != nil || serr != nil {
-		return "", time.Time{}, fmt.Errorf("GET %s: receive timestamps: %w", req.URL, errors.Join(err, serr))
+	if err := rxTimestamps(raw); err != nil {
+		return "", time.Time{}, fmt.Errorf("GET %s: %w", req.URL, err)
 	}
 	if err := req.Write(conn); err != nil {
 		return "", time.Time{}, err
@@ -341,12 +340,11 @@ func (n *Node) icmpConn() (*net.IPConn, error) {
 	ic := conn.(*net.IPConn)
 	raw, err := ic.SyscallConn()
 	if err == nil {
-		cerr := raw.Control(func(fd uintptr) { err = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_TIMESTAMPNS, 1) })
-		err = errors.Join(cerr, err)
+		err = rxTimestamps(raw)
 	}
 	if err != nil {
 		ic.Close()
-		return nil, fmt.Errorf("icmp socket in %s: receive timestamps: %w", n.NS, err)
+		return nil, fmt.Errorf("icmp socket in %s: %w", n.NS, err)
 	}
 	return ic, nil
 }
@@ -392,6 +390,20 @@ func readEchoReply(conn *net.IPConn, dst netip.Addr, id uint16, ours func(seq ui
 			return time.Now(), nil
 		}
 	}
+}
+
+// rxTimestamps turns on the kernel's receive timestamps (SO_TIMESTAMPNS)
+// on a socket: each read's control message then carries when the data
+// reached it (rxTimestamp).
+func rxTimestamps(raw syscall.RawConn) error {
+	var serr error
+	if err := raw.Control(func(fd uintptr) { serr = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_TIMESTAMPNS, 1) }); err != nil {
+		return fmt.Errorf("receive timestamps: %w", err)
+	}
+	if serr != nil {
+		return fmt.Errorf("receive timestamps: %w", serr)
+	}
+	return nil
 }
 
 // rxTimestamp finds the SCM_TIMESTAMPNS control message in oob.

@@ -14,10 +14,12 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
+	"golang.org/x/sys/unix"
 
 	"github.com/meshd/meshd/pkg/registry"
 )
@@ -247,6 +249,28 @@ func runningApp(tb testing.TB, opts Options) (c *Component, port int, a *backend
 		tb.Fatal(err)
 	}
 	return c, port, a, snap
+}
+
+// listenReusePort listens on addr as HAProxy binds (SO_REUSEADDR and
+// SO_REUSEPORT): the legacy HAProxy of a node migrating from confd.
+func listenReusePort(tb testing.TB, addr string) net.Listener {
+	tb.Helper()
+	lc := net.ListenConfig{Control: func(_, _ string, rc syscall.RawConn) error {
+		var serr error
+		if err := rc.Control(func(fd uintptr) {
+			serr = errors.Join(unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_REUSEADDR, 1),
+				unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_REUSEPORT, 1))
+		}); err != nil {
+			return err
+		}
+		return serr
+	}}
+	ln, err := lc.Listen(context.Background(), "tcp4", addr)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	tb.Cleanup(func() { ln.Close() })
+	return ln
 }
 
 func procs(tb testing.TB, c *Component) Procs {

@@ -6,11 +6,8 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
-	"syscall"
 	"testing"
 	"time"
-
-	"golang.org/x/sys/unix"
 
 	"github.com/meshd/meshd/pkg/registry"
 )
@@ -104,17 +101,7 @@ func TestLowPortsRefusedUnlessAllowed(t *testing.T) {
 // the port's reuseport group for a moment, be handed some of the
 // incoming connections, and reset them when it closed.
 func TestProbeTakesNoConnection(t *testing.T) {
-	lc := net.ListenConfig{Control: func(_, _ string, c syscall.RawConn) error {
-		return c.Control(func(fd uintptr) {
-			syscall.SetsockoptInt(int(fd), syscall.SOL_SOCKET, syscall.SO_REUSEADDR, 1)
-			syscall.SetsockoptInt(int(fd), syscall.SOL_SOCKET, unix.SO_REUSEPORT, 1)
-		})
-	}}
-	ln, err := lc.Listen(t.Context(), "tcp4", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
+	ln := listenReusePort(t, "127.0.0.1:0")
 	go func() {
 		for {
 			c, err := ln.Accept()

@@ -7,11 +7,8 @@ import (
 	"net"
 	"os"
 	"strconv"
-	"syscall"
 	"testing"
 	"time"
-
-	"golang.org/x/sys/unix"
 )
 
 // prepared reports whether c's PreparedForClaim channel is closed.
@@ -131,20 +128,7 @@ func TestPrepareLeavesWhatRuns(t *testing.T) {
 	// app's port (SO_REUSEPORT, as HAProxy binds). An empty HAProxy next
 	// to it would take some of its connections and close them.
 	legacyPort := freePort(t)
-	lc := net.ListenConfig{Control: func(_, _ string, rc syscall.RawConn) error {
-		var serr error
-		if err := rc.Control(func(fd uintptr) {
-			serr = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_REUSEPORT, 1)
-		}); err != nil {
-			return err
-		}
-		return serr
-	}}
-	legacy, err := lc.Listen(ctx, "tcp", "127.0.0.1:"+strconv.Itoa(legacyPort))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer legacy.Close()
+	listenReusePort(t, "127.0.0.1:"+strconv.Itoa(legacyPort))
 	migrating := testOptions(testDir(t))
 	c4 := newComponent(t, migrating)
 	if err := c4.Prepare(ctx, snapshot(map[string]appSpec{"web": {legacyPort, []*backend{a}}})); err != nil {

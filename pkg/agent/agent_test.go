@@ -12,6 +12,7 @@ import (
 	"testing"
 	"time"
 
+	"go.etcd.io/etcd/api/v3/mvccpb"
 	clientv3 "go.etcd.io/etcd/client/v3"
 
 	"github.com/meshd/meshd/pkg/agent"
@@ -198,6 +199,60 @@ func TestNameOwnedByLiveNodeIsNotStolen(t *testing.T) {
 	n, err := registry.DecodeNode("node-a", r.Kvs[0].Value)
 	if err != nil || n.Meshd.ID != id1 {
 		t.Fatalf("entry now %s, %v", r.Kvs[0].Value, err)
+	}
+}
+
+// TestImpostorLeavesMemberRecord: a second meshd started under a live
+// node's name (a cloned machine, a restored backup) is refused before it
+// writes anything: the live node's member record (its WireGuard key and
+// endpoint, which every peer configures) and subnet claim stay as they
+// were, not overwritten with the impostor's key for as long as the live
+// node runs.
+func TestImpostorLeavesMemberRecord(t *testing.T) {
+	srv := etcdtest.New(t)
+	cli := etcdtest.NewClient(t, srv)
+	ctx := t.Context()
+	startNode(t, srv, "node-a", id1, t.TempDir(), func(o *agent.Options) {
+		o.Member = &agent.MemberOptions{PublicKey: flannelKey, Endpoint: "192.0.2.1:51820", Pool: registry.DefaultPool}
+	})
+	var before *mvccpb.KeyValue
+	eventually(t, 10*time.Second, "node-a registered", func() bool {
+		r, err := cli.Get(ctx, registry.NodeKey("node-a"))
+		if err != nil || len(r.Kvs) != 1 {
+			return false
+		}
+		m, err := cli.Get(ctx, registry.MemberKey("node-a"))
+		if err != nil || len(m.Kvs) != 1 {
+			return false
+		}
+		before = m.Kvs[0]
+		return true
+	})
+	claims, err := cli.Get(ctx, registry.SubnetsPrefix, clientv3.WithPrefix())
+	if err != nil {
+		t.Fatal(err)
+	}
+	impostor := startNode(t, srv, "node-a", id2, t.TempDir(), func(o *agent.Options) {
+		o.Member = &agent.MemberOptions{PublicKey: flannelKey2, Endpoint: "198.51.100.9:51820", Pool: registry.DefaultPool}
+	})
+	select {
+	case err := <-impostor.done:
+		if !errors.Is(err, agent.ErrNodeOwned) {
+			t.Fatalf("impostor returned %v, want ErrNodeOwned", err)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("impostor kept running")
+	}
+	m, err := cli.Get(ctx, registry.MemberKey("node-a"))
+	if err != nil || len(m.Kvs) != 1 {
+		t.Fatalf("member record: %v, %v", m, err)
+	}
+	if after := m.Kvs[0]; after.ModRevision != before.ModRevision {
+		t.Errorf("the impostor rewrote the live node's member record:\nbefore %s\nafter  %s", before.Value, after.Value)
+	}
+	after, err := cli.Get(ctx, registry.SubnetsPrefix, clientv3.WithPrefix())
+	if err != nil || len(after.Kvs) != len(claims.Kvs) {
+		t.Errorf("subnet claims: %d before the impostor, %d after (%v)", len(claims.Kvs), len(after.Kvs), err)
 	}
 }
 

@@ -13,6 +13,7 @@ import (
 	"strings"
 	"time"
 
+	"go.etcd.io/etcd/api/v3/mvccpb"
 	clientv3 "go.etcd.io/etcd/client/v3"
 
 	"github.com/meshd/meshd/pkg/atomicfile"
@@ -118,10 +119,9 @@ func (a *Agent) waitPrepared(ctx context.Context) (waited bool) {
 	return waited
 }
 
-// establish acquires the lease, claims the member record and registers
-// the node entry. The lease comes first so that the node entry follows the
-// member record by one round trip: peers see the node whole that much
-// sooner.
+// establish acquires the lease, then claims the member record and
+// registers the node entry, in one transaction when the node has a member
+// record.
 func (a *Agent) establish(ctx context.Context, timeout time.Duration) (clientv3.LeaseID, error) {
 	rctx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()
@@ -137,11 +137,18 @@ func (a *Agent) establish(ctx context.Context, timeout time.Duration) (clientv3.
 			rctx, cancelRest = context.WithTimeout(ctx, timeout)
 			defer cancelRest()
 		}
-		m, err := registry.ClaimMember(rctx, a.o.Client, registry.Member{
+		// The node entry is written in the claim's transaction: peers see
+		// the node whole at one revision, and a process refused the entry
+		// (another live meshd holds the name) rewrites no member record.
+		m, err := registry.ClaimMemberWith(rctx, a.o.Client, registry.Member{
 			Name: a.o.Node, PublicKey: mo.PublicKey, Endpoint: mo.Endpoint, Recipient: mo.Recipient,
-		}, mo.Pool, a.o.PublicIPv4)
+		}, mo.Pool, a.o.PublicIPv4, &registry.ClaimEntry{
+			Key: registry.NodeKey(a.o.Node), Lease: lease,
+			Value: func(m registry.Member) []byte { return a.nodeValue(&m) },
+			May:   func(ctx context.Context, cur *mvccpb.KeyValue) error { return a.mayTake(ctx, cur, lease) },
+		})
 		if err != nil {
-			return 0, err
+			return 0, fmt.Errorf("claim member record and node entry: %w", err)
 		}
 		a.mu.Lock()
 		moved := a.member == nil || a.member.OverlayIP != m.OverlayIP
@@ -153,8 +160,7 @@ func (a *Agent) establish(ctx context.Context, timeout time.Duration) (clientv3.
 			}
 		}
 		signal(a.flannelChg)
-	}
-	if err := a.register(rctx, lease); err != nil {
+	} else if err := a.register(rctx, lease); err != nil {
 		return 0, err
 	}
 	a.setLease(lease)
@@ -197,7 +203,8 @@ func (a *Agent) acquireLease(ctx context.Context) (clientv3.LeaseID, error) {
 
 // nodeValue is this node's entry: nix-infra's fields plus a "meshd" object
 // that older readers ignore.
-func (a *Agent) nodeValue() []byte {
+// m is the node's member record (nil: it has none).
+func (a *Agent) nodeValue(m *registry.Member) []byte {
 	n := registry.Node{
 		Name: a.o.Node, IPv4: a.o.PublicIPv4, Services: a.o.Consume,
 		Meshd: &registry.NodeMeshd{ID: a.o.ID, Version: a.o.Version},
@@ -205,24 +212,21 @@ func (a *Agent) nodeValue() []byte {
 	if n.Services == nil {
 		n.Services = []registry.Group{}
 	}
-	a.mu.Lock()
-	if a.member != nil {
-		n.Meshd.PublicKey = a.member.PublicKey
-		n.Meshd.OverlayIP = a.member.OverlayIP.String()
+	if m != nil {
+		n.Meshd.PublicKey = m.PublicKey
+		n.Meshd.OverlayIP = m.OverlayIP.String()
 	}
-	a.mu.Unlock()
 	b, _ := json.Marshal(n)
 	return b
 }
 
-// register writes the node entry on lease. It takes back an entry that
-// carries this node's ID (a previous process of ours) or that has no lease
-// (written by nix-infra), and refuses one held by another live meshd. The
-// first attempt assumes no entry and reads the one there is in the same
-// transaction: a new node registers in one round trip.
+// register writes the node entry on lease, for a node without a member
+// record (a node with one writes it in its claim). The first attempt
+// assumes no entry and reads the one there is in the same transaction: a
+// new node registers in one round trip.
 func (a *Agent) register(ctx context.Context, lease clientv3.LeaseID) error {
 	key := registry.NodeKey(a.o.Node)
-	val := string(a.nodeValue())
+	val := string(a.nodeValue(nil))
 	absent := clientv3.Compare(clientv3.CreateRevision(key), "=", 0)
 	cmp := absent
 	for range 16 {
@@ -240,21 +244,35 @@ func (a *Agent) register(ctx context.Context, lease clientv3.LeaseID) error {
 			cmp = absent
 			continue
 		}
-		kv := kvs[0]
-		cmp = clientv3.Compare(clientv3.ModRevision(key), "=", kv.ModRevision)
-		n, err := registry.DecodeNode(a.o.Node, kv.Value)
-		if err == nil && n.Meshd != nil && n.Meshd.ID != a.o.ID && kv.Lease != 0 && clientv3.LeaseID(kv.Lease) != lease {
-			ttl, err := a.o.Client.TimeToLive(ctx, clientv3.LeaseID(kv.Lease))
-			if err != nil {
-				return fmt.Errorf("check owner of node entry: %w", err)
-			}
-			if ttl.TTL > 0 {
-				return fmt.Errorf("%w: %s is held by meshd id %s on lease %x (expires in %ds); stop that node or give this one another name",
-					ErrNodeOwned, key, n.Meshd.ID, kv.Lease, ttl.TTL)
-			}
+		if err := a.mayTake(ctx, kvs[0], lease); err != nil {
+			return err
 		}
+		cmp = clientv3.Compare(clientv3.ModRevision(key), "=", kvs[0].ModRevision)
 	}
 	return fmt.Errorf("write node entry: too much contention on %s", key)
+}
+
+// mayTake reports whether this process may write its node entry over cur
+// (nil: there is none) on lease: it takes back an entry that carries this
+// node's ID (a previous process of ours) or that has no lease (written by
+// nix-infra), and refuses one held by another live meshd (ErrNodeOwned).
+func (a *Agent) mayTake(ctx context.Context, cur *mvccpb.KeyValue, lease clientv3.LeaseID) error {
+	if cur == nil || cur.Lease == 0 || clientv3.LeaseID(cur.Lease) == lease {
+		return nil
+	}
+	n, err := registry.DecodeNode(a.o.Node, cur.Value)
+	if err != nil || n.Meshd == nil || n.Meshd.ID == a.o.ID {
+		return nil
+	}
+	ttl, err := a.o.Client.TimeToLive(ctx, clientv3.LeaseID(cur.Lease))
+	if err != nil {
+		return fmt.Errorf("check owner of node entry: %w", err)
+	}
+	if ttl.TTL > 0 {
+		return fmt.Errorf("%w: %s is held by meshd id %s on lease %x (expires in %ds); stop that node or give this one another name",
+			ErrNodeOwned, cur.Key, n.Meshd.ID, cur.Lease, ttl.TTL)
+	}
+	return nil
 }
 
 // hold keeps the lease alive and the leased keys current until the lease is

@@ -1,6 +1,7 @@
 package registry
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
@@ -8,6 +9,7 @@ import (
 	"math/rand/v2"
 	"net/netip"
 
+	"go.etcd.io/etcd/api/v3/mvccpb"
 	clientv3 "go.etcd.io/etcd/client/v3"
 )
 
@@ -100,11 +102,33 @@ func addrOf(v uint32) netip.Addr {
 // want carries Name, PublicKey, Endpoint and Recipient; Subnet and
 // OverlayIP are filled in.
 func ClaimMember(ctx context.Context, cli *clientv3.Client, want Member, pool Pool, publicIPv4 string) (Member, error) {
+	return ClaimMemberWith(ctx, cli, want, pool, publicIPv4, nil)
+}
+
+// ClaimEntry is a leased key written in the claim's own transaction: the
+// node entry, which names the member's overlay address and key. Peers then
+// see the member record and the entry at one revision (one pass each, not
+// two), and a process that may not hold the entry (May refuses) changes
+// nothing, not even a member record it would have rewritten first.
+type ClaimEntry struct {
+	Key   string
+	Lease clientv3.LeaseID
+	// Value is the entry's value for the claimed member.
+	Value func(Member) []byte
+	// May reports whether the claim may replace the key's current value
+	// (nil: there is none). Its error stops the claim and is returned
+	// unchanged.
+	May func(ctx context.Context, cur *mvccpb.KeyValue) error
+}
+
+// ClaimMemberWith is ClaimMember that also writes entry (nil: none) in the
+// claim's transaction, unless it already holds that value on that lease.
+func ClaimMemberWith(ctx context.Context, cli *clientv3.Client, want Member, pool Pool, publicIPv4 string, entry *ClaimEntry) (Member, error) {
 	if err := ValidName(want.Name); err != nil {
 		return Member{}, err
 	}
 	for attempt := 0; attempt < 64; attempt++ {
-		m, done, err := claimOnce(ctx, cli, want, pool, publicIPv4, min(1<<(3*min(attempt, 4)), 1024))
+		m, done, err := claimOnce(ctx, cli, want, pool, publicIPv4, entry, min(1<<(3*min(attempt, 4)), 1024))
 		if err != nil || done {
 			return m, err
 		}
@@ -114,12 +138,16 @@ func ClaimMember(ctx context.Context, cli *clientv3.Client, want Member, pool Po
 
 // claimOnce makes one attempt; a new subnet is picked among the spread
 // lowest free ones.
-func claimOnce(ctx context.Context, cli *clientv3.Client, want Member, pool Pool, publicIPv4 string, spread int) (Member, bool, error) {
-	resp, err := cli.Txn(ctx).Then(
+func claimOnce(ctx context.Context, cli *clientv3.Client, want Member, pool Pool, publicIPv4 string, entry *ClaimEntry, spread int) (Member, bool, error) {
+	reads := []clientv3.Op{
 		clientv3.OpGet(MemberKey(want.Name)),
 		clientv3.OpGet(SubnetsPrefix, clientv3.WithPrefix()),
 		clientv3.OpGet(FlannelSubnetPrefix, clientv3.WithPrefix()),
-	).Commit()
+	}
+	if entry != nil {
+		reads = append(reads, clientv3.OpGet(entry.Key))
+	}
+	resp, err := cli.Txn(ctx).Then(reads...).Commit()
 	if err != nil {
 		return Member{}, false, fmt.Errorf("claim subnet: %w", err)
 	}
@@ -149,17 +177,26 @@ func claimOnce(ctx context.Context, cli *clientv3.Client, want Member, pool Pool
 		}
 		used[p] = true // a flannel node still running there
 	}
+	var put claimWrite
+	if entry != nil {
+		var cur *mvccpb.KeyValue
+		if kvs := resp.Responses[3].GetResponseRange().Kvs; len(kvs) == 1 {
+			cur = kvs[0]
+		}
+		if err := entry.May(ctx, cur); err != nil {
+			return Member{}, false, err
+		}
+		put.entry, put.cur = entry, cur
+	}
 
-	memberCmp := clientv3.Compare(clientv3.CreateRevision(MemberKey(want.Name)), "=", 0)
+	put.memberCmp = clientv3.Compare(clientv3.CreateRevision(MemberKey(want.Name)), "=", 0)
 	if len(memberKVs) == 1 {
-		memberCmp = clientv3.Compare(clientv3.ModRevision(MemberKey(want.Name)), "=", memberKVs[0].ModRevision)
+		put.memberCmp = clientv3.Compare(clientv3.ModRevision(MemberKey(want.Name)), "=", memberKVs[0].ModRevision)
 		if old, err := DecodeMember(want.Name, memberKVs[0].Value); err == nil && claims[old.Subnet] == want.Name {
 			// Keep the subnet we have; refresh key, endpoint, recipient.
 			want.Subnet, want.OverlayIP = old.Subnet, old.OverlayIP
-			if old == want {
-				return old, true, nil
-			}
-			ok, err := putMember(ctx, cli, want, memberCmp)
+			put.member = old != want
+			ok, err := put.commit(ctx, cli, want)
 			return want, ok, err
 		}
 	}
@@ -175,23 +212,71 @@ func claimOnce(ctx context.Context, cli *clientv3.Client, want Member, pool Pool
 		return Member{}, false, fmt.Errorf("claim subnet for %s: %w", want.Name, err)
 	}
 	want.Subnet, want.OverlayIP = p, p.Addr()
-	claimVal, _ := json.Marshal(SubnetClaim{Node: want.Name})
-	memberVal, err := json.Marshal(want)
-	if err != nil {
-		return Member{}, false, err
-	}
-	claimCmp := clientv3.Compare(clientv3.CreateRevision(SubnetKey(p)), "=", 0)
+	put.member = true
+	put.claim = true
+	put.claimCmp = clientv3.Compare(clientv3.CreateRevision(SubnetKey(p)), "=", 0)
 	if claims[p] == want.Name {
-		claimCmp = clientv3.Compare(clientv3.Value(SubnetKey(p)), "=", string(claimVal))
+		put.claimCmp = clientv3.Compare(clientv3.Value(SubnetKey(p)), "=", string(claimValue(want.Name)))
 	}
-	tr, err := cli.Txn(ctx).If(memberCmp, claimCmp).Then(
-		clientv3.OpPut(SubnetKey(p), string(claimVal)),
-		clientv3.OpPut(MemberKey(want.Name), string(memberVal)),
-	).Commit()
+	ok, err := put.commit(ctx, cli, want)
+	return want, ok, err
+}
+
+// claimWrite is what one claim attempt writes, each under the compare that
+// keeps it from overwriting what another process wrote since the read.
+type claimWrite struct {
+	member    bool // the member record changes
+	memberCmp clientv3.Cmp
+	claim     bool // the subnet claim is (re)written
+	claimCmp  clientv3.Cmp
+	entry     *ClaimEntry
+	cur       *mvccpb.KeyValue // the entry as read
+}
+
+func claimValue(node string) []byte {
+	b, _ := json.Marshal(SubnetClaim{Node: node})
+	return b
+}
+
+// commit writes m (its subnet claim and member record, as far as they
+// change) and the entry, in one transaction that holds only if none of
+// them changed since the attempt read them. Nothing to write is success.
+func (w claimWrite) commit(ctx context.Context, cli *clientv3.Client, m Member) (bool, error) {
+	var cmps []clientv3.Cmp
+	var ops []clientv3.Op
+	if w.claim {
+		cmps = append(cmps, w.claimCmp)
+		ops = append(ops, clientv3.OpPut(SubnetKey(m.Subnet), string(claimValue(m.Name))))
+	}
+	if w.member {
+		b, err := json.Marshal(m)
+		if err != nil {
+			return false, err
+		}
+		ops = append(ops, clientv3.OpPut(MemberKey(m.Name), string(b)))
+	}
+	// The member record's compare holds even when it is not written: the
+	// entry names its key and address.
+	cmps = append(cmps, w.memberCmp)
+	if e := w.entry; e != nil {
+		v := e.Value(m)
+		if w.cur == nil {
+			cmps = append(cmps, clientv3.Compare(clientv3.CreateRevision(e.Key), "=", 0))
+		} else {
+			cmps = append(cmps, clientv3.Compare(clientv3.ModRevision(e.Key), "=", w.cur.ModRevision))
+		}
+		if w.cur == nil || !bytes.Equal(w.cur.Value, v) || clientv3.LeaseID(w.cur.Lease) != e.Lease {
+			ops = append(ops, clientv3.OpPut(e.Key, string(v), clientv3.WithLease(e.Lease)))
+		}
+	}
+	if len(ops) == 0 {
+		return true, nil
+	}
+	tr, err := cli.Txn(ctx).If(cmps...).Then(ops...).Commit()
 	if err != nil {
-		return Member{}, false, fmt.Errorf("claim subnet %v for %s: %w", p, want.Name, err)
+		return false, fmt.Errorf("claim subnet %v for %s: %w", m.Subnet, m.Name, err)
 	}
-	return want, tr.Succeeded, nil
+	return tr.Succeeded, nil
 }
 
 // AdoptsFlannelLease reports whether the flannel lease for p (value b)
@@ -202,16 +287,4 @@ func claimOnce(ctx context.Context, cli *clientv3.Client, want Member, pool Pool
 func AdoptsFlannelLease(p netip.Prefix, b []byte, publicIPv4 string) bool {
 	l, err := decodeFlannelAttrs(p, b)
 	return err == nil && publicIPv4 != "" && l.PublicIP == publicIPv4
-}
-
-func putMember(ctx context.Context, cli *clientv3.Client, m Member, cmp clientv3.Cmp) (bool, error) {
-	b, err := json.Marshal(m)
-	if err != nil {
-		return false, err
-	}
-	tr, err := cli.Txn(ctx).If(cmp).Then(clientv3.OpPut(MemberKey(m.Name), string(b))).Commit()
-	if err != nil {
-		return false, fmt.Errorf("update member %s: %w", m.Name, err)
-	}
-	return tr.Succeeded, nil
 }

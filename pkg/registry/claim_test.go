@@ -2,11 +2,13 @@ package registry_test
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"net/netip"
 	"sync"
 	"testing"
 
+	"go.etcd.io/etcd/api/v3/mvccpb"
 	clientv3 "go.etcd.io/etcd/client/v3"
 
 	"github.com/meshd/meshd/pkg/etcdtest"
@@ -197,4 +199,110 @@ func claimHerd(t testing.TB, srv *etcdtest.Server, round, n int) ([]registry.Mem
 	close(start)
 	wg.Wait()
 	return got, errs
+}
+
+// TestClaimWritesEntryInItsTransaction: the entry (the node entry, in
+// meshd) is written in the claim's transaction, so peers see the member
+// record and the entry at one revision; a restart that changes nothing
+// writes nothing; a changed endpoint rewrites both, again at one revision;
+// an entry changed between the claim's read and its write makes the claim
+// read again rather than overwrite it; and an entry the claim may not take
+// stops it before anything is written.
+func TestClaimWritesEntryInItsTransaction(t *testing.T) {
+	srv := etcdtest.New(t)
+	cli := etcdtest.NewClient(t, srv)
+	ctx := t.Context()
+	g, err := cli.Grant(ctx, 60)
+	if err != nil {
+		t.Fatal(err)
+	}
+	const key = "/cluster/nodes/n1"
+	var interfere func() // run once inside May, after the claim's read
+	var reads int        // claim attempts that read the entry
+	entry := &registry.ClaimEntry{
+		Key: key, Lease: g.ID,
+		Value: func(m registry.Member) []byte { return []byte("entry " + m.OverlayIP.String() + " " + m.Endpoint) },
+		May: func(ctx context.Context, cur *mvccpb.KeyValue) error {
+			reads++
+			if f := interfere; f != nil {
+				interfere = nil
+				f()
+			}
+			return nil
+		},
+	}
+	want := registry.Member{Name: "n1", PublicKey: pubKey(1), Endpoint: "192.0.2.1:51820"}
+	revs := func() (member, entry, claim int64) {
+		t.Helper()
+		m, err1 := cli.Get(ctx, registry.MemberKey("n1"))
+		e, err2 := cli.Get(ctx, key)
+		c, err3 := cli.Get(ctx, registry.SubnetsPrefix, clientv3.WithPrefix())
+		if err := errors.Join(err1, err2, err3); err != nil || len(m.Kvs) != 1 || len(e.Kvs) != 1 || len(c.Kvs) != 1 {
+			t.Fatalf("after the claim: member %v, entry %v, claims %v (%v)", m.Kvs, e.Kvs, c.Kvs, err)
+		}
+		if e.Kvs[0].Lease != int64(g.ID) {
+			t.Errorf("entry on lease %x, want %x", e.Kvs[0].Lease, g.ID)
+		}
+		return m.Kvs[0].ModRevision, e.Kvs[0].ModRevision, c.Kvs[0].ModRevision
+	}
+
+	m, err := registry.ClaimMemberWith(ctx, cli, want, registry.DefaultPool, "", entry)
+	if err != nil {
+		t.Fatal(err)
+	}
+	mr, er, cr := revs()
+	if mr != er || mr != cr {
+		t.Errorf("a new node's claim, member record and entry at revisions %d, %d, %d; want one", cr, mr, er)
+	}
+	if got, _ := cli.Get(ctx, key); string(got.Kvs[0].Value) != "entry "+m.OverlayIP.String()+" 192.0.2.1:51820" {
+		t.Errorf("entry %q does not name the claimed member", got.Kvs[0].Value)
+	}
+
+	// A restart with the same member and entry on the same lease.
+	before, _ := cli.Get(ctx, "/", clientv3.WithPrefix())
+	if _, err := registry.ClaimMemberWith(ctx, cli, want, registry.DefaultPool, "", entry); err != nil {
+		t.Fatal(err)
+	}
+	if after, _ := cli.Get(ctx, "/", clientv3.WithPrefix()); after.Header.Revision != before.Header.Revision {
+		t.Errorf("a claim that changes nothing wrote (revision %d -> %d)", before.Header.Revision, after.Header.Revision)
+	}
+
+	// A new endpoint, and the entry changed by someone else after the
+	// claim read it: the claim reads again and writes both at one revision.
+	want.Endpoint = "192.0.2.7:51820"
+	interfere = func() {
+		if _, err := cli.Put(ctx, key, "someone else's"); err != nil {
+			t.Error(err)
+		}
+	}
+	reads = 0
+	if _, err := registry.ClaimMemberWith(ctx, cli, want, registry.DefaultPool, "", entry); err != nil {
+		t.Fatal(err)
+	}
+	if interfere != nil {
+		t.Fatal("the test's interference did not run")
+	}
+	if reads != 2 {
+		t.Errorf("the claim read the entry %d times; want 2: the write after the interference must fail and read again", reads)
+	}
+	mr2, er2, _ := revs()
+	if mr2 == mr || mr2 != er2 {
+		t.Errorf("new endpoint: member record at %d (was %d), entry at %d; want both rewritten at one revision", mr2, mr, er2)
+	}
+	if got, _ := cli.Get(ctx, key); string(got.Kvs[0].Value) != "entry "+m.OverlayIP.String()+" 192.0.2.7:51820" {
+		t.Errorf("entry %q after the retried claim", got.Kvs[0].Value)
+	}
+
+	// An entry the claim may not take: nothing is written, the error is
+	// returned as is.
+	refused := errors.New("held by another live process")
+	entry.May = func(context.Context, *mvccpb.KeyValue) error { return refused }
+	before, _ = cli.Get(ctx, "/", clientv3.WithPrefix())
+	other := registry.Member{Name: "n1", PublicKey: pubKey(9), Endpoint: "198.51.100.9:51820"}
+	if _, err := registry.ClaimMemberWith(ctx, cli, other, registry.DefaultPool, "", entry); !errors.Is(err, refused) {
+		t.Errorf("claim with a refused entry returned %v, want the refusal", err)
+	}
+	if after, _ := cli.Get(ctx, "/", clientv3.WithPrefix()); after.Header.Revision != before.Header.Revision {
+		t.Errorf("a refused claim wrote (revision %d -> %d)", before.Header.Revision, after.Header.Revision)
+	}
 }

@@ -351,9 +351,9 @@ func removeNode(ctx context.Context, c *sandbox.Cluster, name string) error {
 // measureJoin times a new node's arrival: from its first registry write
 // (member record, else node entry) until every node applied it, and until
 // every other node pings its overlay address. The pings start as soon as
-// the harness sees the member record: a node claims its member record
-// before it writes its node entry, and the others add it as a peer from
-// the member record alone.
+// the harness sees the member record, from which the others add it as a
+// peer (a node with an overlay writes its node entry in the same
+// transaction).
 func measureJoin(ctx context.Context, c *sandbox.Cluster, n *sandbox.Node, res *FidelityResult) error {
 	ctx, cancel := context.WithTimeout(ctx, 60*time.Second)
 	defer cancel()

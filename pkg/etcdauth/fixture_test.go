@@ -9,6 +9,7 @@ import (
 	"testing"
 	"time"
 
+	"go.etcd.io/etcd/api/v3/mvccpb"
 	clientv3 "go.etcd.io/etcd/client/v3"
 
 	"github.com/meshd/meshd/pkg/etcdtest"
@@ -132,19 +133,19 @@ func join(t *testing.T, f *fixture, node, ipv4 string) joined {
 	t.Helper()
 	ctx := ctxT(t)
 	c := f.client(t, node)
-	m, err := registry.ClaimMember(ctx, c, registry.Member{Name: node, PublicKey: wgKey(node[len(node)-1])}, registry.DefaultPool, ipv4)
-	if err != nil {
-		t.Fatalf("%s claims its member record: %v", node, err)
-	}
 	l, err := c.Grant(ctx, 30)
 	if err != nil {
 		t.Fatalf("%s grants a lease: %v", node, err)
 	}
-	key := registry.NodeKey(node)
-	tr, err := c.Txn(ctx).If(clientv3.Compare(clientv3.CreateRevision(key), "=", 0)).
-		Then(clientv3.OpPut(key, `{"name":"`+node+`","ipv4":"`+ipv4+`","services":["backends"]}`, clientv3.WithLease(l.ID))).Commit()
-	if err != nil || !tr.Succeeded {
-		t.Fatalf("%s registers its entry: %v (succeeded %v)", node, err, tr != nil && tr.Succeeded)
+	// As meshd: subnet claim, member record and node entry in one
+	// transaction, all under the node's role.
+	m, err := registry.ClaimMemberWith(ctx, c, registry.Member{Name: node, PublicKey: wgKey(node[len(node)-1])}, registry.DefaultPool, ipv4, &registry.ClaimEntry{
+		Key: registry.NodeKey(node), Lease: l.ID,
+		Value: func(registry.Member) []byte { return []byte(`{"name":"` + node + `","ipv4":"` + ipv4 + `","services":["backends"]}`) },
+		May:   func(context.Context, *mvccpb.KeyValue) error { return nil },
+	})
+	if err != nil {
+		t.Fatalf("%s claims its member record and registers its entry: %v", node, err)
 	}
 	put(t, c, registry.InstanceKey(testApp.Group, testApp.Name, node), `{"ipv4":"`+m.OverlayIP.String()+`","node":"`+node+`","port":8080}`, clientv3.WithLease(l.ID))
 	put(t, c, registry.StatusKey(node), `{"node":"`+node+`","revision":1}`, clientv3.WithLease(l.ID))

@@ -141,8 +141,10 @@ func join(t *testing.T, f *fixture, node, ipv4 string) joined {
 	// transaction, all under the node's role.
 	m, err := registry.ClaimMemberWith(ctx, c, registry.Member{Name: node, PublicKey: wgKey(node[len(node)-1])}, registry.DefaultPool, ipv4, &registry.ClaimEntry{
 		Key: registry.NodeKey(node), Lease: l.ID,
-		Value: func(registry.Member) []byte { return []byte(`{"name":"` + node + `","ipv4":"` + ipv4 + `","services":["backends"]}`) },
-		May:   func(context.Context, *mvccpb.KeyValue) error { return nil },
+		Value: func(registry.Member) []byte {
+			return []byte(`{"name":"` + node + `","ipv4":"` + ipv4 + `","services":["backends"]}`)
+		},
+		May: func(context.Context, *mvccpb.KeyValue) error { return nil },
 	})
 	if err != nil {
 		t.Fatalf("%s claims its member record and registers its entry: %v", node, err)

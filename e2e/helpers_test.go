@@ -306,13 +306,20 @@ func pingAll(ctx context.Context, from *sandbox.Node, to map[string]registry.Mem
 	return nil
 }
 
-// currentRev is etcd's current revision.
-func currentRev(ctx context.Context, c *sandbox.Cluster) (int64, error) {
-	resp, err := c.Client().Get(ctx, "/", clientv3.WithCountOnly())
+// clusterRev returns the revision of the newest write under /cluster/,
+// which every node watches and so reaches. etcd's head may be past it: a
+// status or presence write (/meshd/) reaches no other node, and a restart
+// that changes nothing writes nothing under /cluster/.
+func clusterRev(ctx context.Context, c *sandbox.Cluster) (int64, error) {
+	resp, err := c.Client().Get(ctx, registry.ClusterPrefix, clientv3.WithPrefix(), clientv3.WithKeysOnly(),
+		clientv3.WithSort(clientv3.SortByModRevision, clientv3.SortDescend), clientv3.WithLimit(1))
 	if err != nil {
 		return 0, err
 	}
-	return resp.Header.Revision, nil
+	if len(resp.Kvs) == 0 {
+		return 0, fmt.Errorf("nothing under %s", registry.ClusterPrefix)
+	}
+	return resp.Kvs[0].ModRevision, nil
 }
 
 // waitAll waits until every running node applied rev.

@@ -10,6 +10,8 @@ import (
 	"testing"
 	"time"
 
+	clientv3 "go.etcd.io/etcd/client/v3"
+
 	"github.com/meshd/meshd/pkg/registry"
 	"github.com/meshd/meshd/pkg/sandbox"
 )
@@ -264,6 +266,10 @@ func sigkillRestart(ctx context.Context, t *testing.T, c *sandbox.Cluster, victi
 		}
 	}()
 	time.Sleep(300 * time.Millisecond)
+	before, err := clusterRev(ctx, c)
+	if err != nil {
+		t.Fatal(err)
+	}
 	killed := time.Now()
 	if err := v.KillMeshd(ctx); err != nil {
 		t.Fatal(err)
@@ -271,8 +277,8 @@ func sigkillRestart(ctx context.Context, t *testing.T, c *sandbox.Cluster, victi
 	if err := v.Start(ctx); err != nil {
 		t.Fatal(err)
 	}
-	// Converged again: the restarted meshd applied the current revision.
-	rev, err := currentRev(ctx, c)
+	// Converged again: the restarted meshd applied the registry as it is.
+	rev, err := clusterRev(ctx, c)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -280,6 +286,17 @@ func sigkillRestart(ctx context.Context, t *testing.T, c *sandbox.Cluster, victi
 		t.Fatal(err)
 	}
 	reconverged := time.Since(killed)
+	// The restarted meshd resumed its lease and found its member record,
+	// node entry and flannel lease as it left them: it wrote none again,
+	// so no other node had anything to take in.
+	if rev != before {
+		r, _ := c.Client().Get(ctx, registry.ClusterPrefix, clientv3.WithPrefix(), clientv3.WithKeysOnly(), clientv3.WithMinModRev(before+1))
+		var keys []string
+		for _, kv := range r.Kvs {
+			keys = append(keys, string(kv.Key))
+		}
+		t.Errorf("%s's restart wrote under %s (revision %d -> %d): %v", victim, registry.ClusterPrefix, before, rev, keys)
+	}
 	time.Sleep(2 * time.Second) // traffic after the restart counts too
 	wcancel()
 	wg.Wait()

@@ -178,6 +178,79 @@ func TestRestartResumesLease(t *testing.T) {
 	}
 }
 
+// TestRestartTakesOverItsInstances: a meshd restarted on its previous
+// lease finds the instances the previous process advertised on it. What is
+// still healthy and unchanged it leaves as it is (no write: the other nodes
+// have nothing to take in); what now fails its check, or is no longer
+// configured, it withdraws, rather than leave it advertised for as long as
+// the resumed lease lives.
+func TestRestartTakesOverItsInstances(t *testing.T) {
+	srv := etcdtest.New(t)
+	cli := etcdtest.NewClient(t, srv)
+	ctx := t.Context()
+	dir := t.TempDir()
+	api := agent.Instance{Group: "backends", App: "api", Port: 9090}
+	mod := func(o *agent.Options) {
+		withInstance(o)
+		o.Instances = append(o.Instances, api)
+		o.LeaseTTL = 6 * time.Second
+	}
+	web, apiKey := registry.InstanceKey("backends", "web", "node-a"), registry.InstanceKey("backends", "api", "node-a")
+	a := startNode(t, srv, "node-a", id1, dir, mod)
+	var before *mvccpb.KeyValue
+	eventually(t, 10*time.Second, "both instances advertised", func() bool {
+		r, err := cli.Get(ctx, apiKey)
+		if err != nil || len(r.Kvs) != 1 {
+			return false
+		}
+		r, err = cli.Get(ctx, web)
+		if err == nil && len(r.Kvs) == 1 {
+			before = r.Kvs[0]
+		}
+		return before != nil
+	})
+	a.kill() // the lease and both keys stay for its TTL
+	// web's first check after the restart takes a while: until it
+	// reports, web stays advertised as it is (no withdrawal and re-put,
+	// which every node's HAProxy would follow).
+	w := cli.Watch(ctx, web, clientv3.WithRev(before.ModRevision+1))
+	var slow sync.Once
+	a = startNode(t, srv, "node-a", id1, dir, func(o *agent.Options) {
+		mod(o)
+		o.Instances = o.Instances[:1] // api is no longer configured
+		o.Instances[0].Check = func(context.Context, netip.AddrPort) error {
+			slow.Do(func() { time.Sleep(time.Second) })
+			return nil
+		}
+	})
+	eventually(t, 5*time.Second, "the instance no longer configured is withdrawn", func() bool {
+		r, err := cli.Get(ctx, apiKey)
+		return err == nil && len(r.Kvs) == 0
+	})
+	r, err := cli.Get(ctx, web)
+	if err != nil || len(r.Kvs) != 1 {
+		t.Fatalf("web after the restart: %v, %v", r, err)
+	}
+	time.Sleep(1500 * time.Millisecond) // past web's first check
+	select {
+	case wr := <-w:
+		t.Errorf("the restart changed web, which it should have left as it was: %v", wr.Events)
+	default:
+	}
+
+	// Killed again; after this restart web's check fails.
+	a.kill()
+	startNode(t, srv, "node-a", id1, dir, func(o *agent.Options) {
+		mod(o)
+		o.Instances = o.Instances[:1]
+		o.Instances[0].Check = func(context.Context, netip.AddrPort) error { return errors.New("connection refused") }
+	})
+	eventually(t, 5*time.Second, "the instance failing its check after the restart is withdrawn", func() bool {
+		r, err := cli.Get(ctx, web)
+		return err == nil && len(r.Kvs) == 0
+	})
+}
+
 func TestNameOwnedByLiveNodeIsNotStolen(t *testing.T) {
 	srv := etcdtest.New(t)
 	startNode(t, srv, "node-a", id1, t.TempDir(), nil)

@@ -285,7 +285,7 @@ func (a *Agent) hold(ctx context.Context, lease clientv3.LeaseID) {
 		a.log.Warn("keepalive", "err", err)
 		return
 	}
-	written := map[string]string{}
+	written := a.advertisedOn(ctx, lease)
 	a.syncInstances(ctx, lease, written)
 	done := make(chan struct{})
 	go func() {
@@ -363,14 +363,60 @@ func (a *Agent) advertiseIP() netip.Addr {
 
 // syncInstances writes the healthy instances and deletes the others, on
 // the lease. written is what this lease already carries.
+// advertisedOn returns this node's instance keys that lease already
+// holds, with their values: what a previous process of ours advertised,
+// when this one resumed its lease. syncInstances then leaves alone what is
+// unchanged (no write for every node to take in) and withdraws what is no
+// longer configured or healthy, which would otherwise stay advertised for
+// as long as the resumed lease lives. On error it returns none: everything
+// wanted is written again, and nothing else withdrawn, as on a new lease.
+func (a *Agent) advertisedOn(ctx context.Context, lease clientv3.LeaseID) map[string]string {
+	written := map[string]string{}
+	rctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	defer cancel()
+	ttl, err := a.o.Client.TimeToLive(rctx, lease, clientv3.WithAttachedKeys())
+	if err != nil {
+		a.log.Warn("cannot list the keys on the lease; advertising every instance again", "err", err)
+		return written
+	}
+	var ops []clientv3.Op
+	for _, k := range ttl.Keys {
+		if pk, err := registry.ParseKey(string(k)); err == nil && pk.Kind == registry.KindInstance && pk.Node == a.o.Node {
+			ops = append(ops, clientv3.OpGet(string(k)))
+		}
+	}
+	for len(ops) > 0 {
+		n := min(len(ops), 64) // under etcd's default limit of operations per transaction
+		resp, err := a.o.Client.Txn(rctx).Then(ops[:n]...).Commit()
+		if err != nil {
+			a.log.Warn("cannot read the instances on the lease; advertising every instance again", "err", err)
+			return map[string]string{}
+		}
+		for _, r := range resp.Responses {
+			for _, kv := range r.GetResponseRange().Kvs {
+				if clientv3.LeaseID(kv.Lease) == lease {
+					written[string(kv.Key)] = string(kv.Value)
+				}
+			}
+		}
+		ops = ops[n:]
+	}
+	return written
+}
+
 func (a *Agent) syncInstances(ctx context.Context, lease clientv3.LeaseID, written map[string]string) {
 	ip := a.advertiseIP()
 	want := map[string]string{}
+	unchecked := map[string]bool{} // no check result yet: keep what is advertised
 	a.mu.Lock()
 	for i, in := range a.o.Instances {
-		if a.healthy[i] && ip.IsValid() {
+		k := registry.InstanceKey(in.Group, in.App, a.o.Node)
+		healthy, checked := a.healthy[i]
+		if healthy && ip.IsValid() {
 			b, _ := json.Marshal(registry.Instance{IPv4: ip.String(), Node: a.o.Node, Port: in.Port})
-			want[registry.InstanceKey(in.Group, in.App, a.o.Node)] = string(b)
+			want[k] = string(b)
+		} else if !checked {
+			unchecked[k] = true
 		}
 	}
 	a.mu.Unlock()
@@ -390,7 +436,7 @@ func (a *Agent) syncInstances(ctx context.Context, lease clientv3.LeaseID, writt
 		a.log.Info("instance advertised", "key", k)
 	}
 	for k := range written {
-		if _, ok := want[k]; ok {
+		if _, ok := want[k]; ok || unchecked[k] {
 			continue
 		}
 		// Delete only what is still ours.

@@ -34,7 +34,7 @@ func TestSmoke(t *testing.T) {
 
 	res, err := Scale(ctx, ScaleOptions{
 		NewClient: newClient, MetricsURL: s.Endpoint() + "/metrics", N: 3, Trials: 3,
-		StateDir: t.TempDir(), Log: t.Logf, Idle: 2 * time.Second,
+		StateDir: t.TempDir(), Log: t.Logf, Idle: 2 * time.Second, Joins: 2,
 	})
 	if err != nil {
 		t.Fatal(err)
@@ -66,6 +66,15 @@ func TestSmoke(t *testing.T) {
 	}
 	if res.IdleStatusWrites != 0 {
 		t.Errorf("%d status writes in %v idle", res.IdleStatusWrites, res.Idle)
+	}
+	// Two agents joined after the trials: each applied by the others,
+	// and each join wrote the joiner's records and at least one status of
+	// every other agent, but O(N) in all, not a storm.
+	if len(res.Join.Samples) != 2 || res.Join.Quantile(0.5) <= 0 {
+		t.Errorf("joins: %s", res.Join.Summary())
+	}
+	if res.JoinStatusWrites < float64(res.N) || res.JoinWrites < res.JoinStatusWrites+2 || res.JoinWrites > float64(8*(res.N+2)) {
+		t.Errorf("a join wrote %.1f revisions, %.1f of them statuses, with N=%d", res.JoinWrites, res.JoinStatusWrites, res.N)
 	}
 	t.Logf("cpu/change %v, writes/change %.1f, events/change %.1f, heap/agent %d KiB",
 		res.CPUPerChange, res.WritesPerChange, res.EventsPerChange, res.HeapPerAgent>>10)

@@ -306,17 +306,20 @@ func (r *Results) Markdown() string {
 		w("at the 25 s status refresh or after the overlay changed it, a read that here is a copy of the peers in memory, not a\n")
 		w("kernel device's netlink dump, which this machine cannot measure; `haproxycfg.StatusOf` over the rendered config). etcd runs in\n")
 		w("a separate process, and so do the harness's idle nodes (below), so the CPU below is the live agents' (and the harness's)\n")
-		w("alone. The change is one instance put, then its delete.\n")
+		w("alone. Each agent keeps a flannel-format lease for its subnet, as every meshd node does. The change is one instance\n")
+		w("put, then its delete.\n")
 		w("Every agent of a row is live unless the row says \"(K live)\": then K nodes run a real agent here and the other N-K\n")
-		w("are registered by the harness exactly as agents register (subnet claim, member record, leased node entry), each\n")
+		w("are registered by the harness exactly as agents register (subnet claim, member record, leased node entry, flannel lease), each\n")
 		w("holding an idle watch on `/cluster/` in its own client, in a child process (`-scale N:K`).\n")
 		w("Bringing N live agents up on one machine costs O(N²) (every join makes every running agent recompute, and etcd\n")
 		w("fans it out to all of them): the start-up column below is that, on two cores, not what one node's start costs.\n")
 		w("Agents join in batches of 50, as a fleet boots; a claim that loses a race retries among more free subnets each time.\n\n")
 		w("| scenario | trials | p50 | p99 | max |\n|---|---|---|---|---|\n")
 		for _, s := range r.Scale {
-			for _, ser := range []Series{s.Added, s.AddedStatus, s.Removed} {
-				w("| %s | %d | %s | %s | %s |\n", ser.Name, len(ser.Samples), ms(ser.Quantile(0.5)), ms(ser.Quantile(0.99)), ms(ser.Max()))
+			for _, ser := range []Series{s.Added, s.AddedStatus, s.Removed, s.Join} {
+				if len(ser.Samples) > 0 {
+					w("| %s | %d | %s | %s | %s |\n", ser.Name, len(ser.Samples), ms(ser.Quantile(0.5)), ms(ser.Quantile(0.99)), ms(ser.Max()))
+				}
 			}
 		}
 		w("\n### Cost per change\n\n")
@@ -381,6 +384,7 @@ func (r *Results) Markdown() string {
 		w("\nWrites per change are the change itself plus one status write per live agent (the status revision is how\n")
 		w("`meshctl --wait` knows a change is applied), \"per node\" divides by the live agents; watch events are what etcd\n")
 		w("delivered for them (agents, idle watchers and the harness's status watch), \"per node\" divides by N.\n\n")
+		writeJoins(w, r.Scale)
 	}
 
 	if len(r.OneNode) > 0 {
@@ -590,6 +594,7 @@ func (r *Results) Table() string {
 		add(s.Added)
 		add(s.AddedStatus)
 		add(s.Removed)
+		add(s.Join)
 	}
 	for _, t := range r.Traefik {
 		add(t.Added)
@@ -602,6 +607,33 @@ func (r *Results) Table() string {
 	}
 	tw.Flush()
 	return b.String()
+}
+
+// writeJoins renders the scale runs' joins (ScaleOptions.Joins), if any.
+func writeJoins(w func(string, ...any), runs []ScaleResult) {
+	joined := false
+	for _, s := range runs {
+		joined = joined || len(s.Join.Samples) > 0
+	}
+	if !joined {
+		return
+	}
+	w("### A node joins\n\n")
+	w("After the trials, more live agents join one at a time, each once the cluster settled from the one before (`-joins`).\n")
+	w("\"Applied by the others\" is from when the harness saw the new member record (written with the node entry in the\n")
+	w("claim's transaction) until every other live agent applied it. The writes are every etcd revision from the agent's\n")
+	w("start until the cluster settled, %s after the join (the others re-read their devices for the new peer's first\n", idleAfterJoin)
+	w("handshake, which changes their status), less the settle's own: the joiner's (claim, member record and node entry in one\n")
+	w("transaction; its flannel lease; its presence record; its statuses) and every other live agent's status writes.\n\n")
+	w("| N | live agents | joins | applied by the others p50 | p99 | etcd writes per join | status writes per join | per live agent |\n|---|---|---|---|---|---|---|---|\n")
+	for _, s := range runs {
+		if len(s.Join.Samples) == 0 {
+			continue
+		}
+		w("| %d%s | %d | %d | %s | %s | %.1f | %.1f | %.2f |\n", s.N, s.Label, s.Live, len(s.Join.Samples), ms(s.Join.Quantile(0.5)), ms(s.Join.Quantile(0.99)),
+			s.JoinWrites, s.JoinStatusWrites, s.JoinStatusWrites/float64(s.Live))
+	}
+	w("\n")
 }
 
 // writeProfile renders one node's profiled reconcile passes.

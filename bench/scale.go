@@ -75,6 +75,9 @@ type ScaleOptions struct {
 	// live agents and the harness) over the trials, and IdleCPUProfile
 	// one over the idle period (Idle).
 	CPUProfile, IdleCPUProfile io.Writer
+	// Joins is how many more live agents join, one at a time, after the
+	// instance trials (0: none): measureJoins.
+	Joins int
 }
 
 // ScaleResult is what the scale benchmark measured.
@@ -129,6 +132,14 @@ type ScaleResult struct {
 	// SamplePeers is the peer count in the overlay status one agent
 	// published last (N-1 when the status carries the real overlay's).
 	SamplePeers int
+	// Join is, per joining agent (Joins), from when the harness saw its
+	// member record until every other live agent applied it.
+	Join Series
+	// JoinWrites is etcd revisions per join, from the agent's start until
+	// the cluster settled after the others' re-read of their devices for
+	// its handshake, and JoinStatusWrites the node statuses among them
+	// (the joiner's and the others').
+	JoinWrites, JoinStatusWrites float64
 }
 
 // idleAfterJoin is how long after the last join the idle period starts at
@@ -269,6 +280,7 @@ func Scale(ctx context.Context, o ScaleOptions) (ScaleResult, error) {
 		Added:       Series{Name: fmt.Sprintf("meshd scale N=%d%s instance added", o.N, liveTag(o))},
 		Removed:     Series{Name: fmt.Sprintf("meshd scale N=%d%s instance removed", o.N, liveTag(o))},
 		AddedStatus: Series{Name: fmt.Sprintf("meshd scale N=%d%s instance added (status published)", o.N, liveTag(o))},
+		Join:        Series{Name: fmt.Sprintf("meshd scale N=%d%s node join (applied by the others)", o.N, liveTag(o))},
 	}
 	if o.Log == nil {
 		o.Log = func(string, ...any) {}
@@ -290,14 +302,17 @@ func Scale(ctx context.Context, o ScaleOptions) (ScaleResult, error) {
 	defer ctl.Close()
 	applied := newProgress()
 	published := newProgress()
-	// A clean registry: the etcd may have served an earlier size.
-	for _, p := range []string{registry.ClusterPrefix, registry.MeshdPrefix} {
+	// A clean registry: the etcd may have served an earlier size. The
+	// flannel leases too: an earlier run's (on leases of 24 h) would be
+	// flannel-only peers here.
+	prefixes := []string{registry.ClusterPrefix, registry.MeshdPrefix, registry.FlannelSubnetPrefix}
+	for _, p := range prefixes {
 		if _, err := ctl.Delete(ctx, p, clientv3.WithPrefix()); err != nil {
 			return res, err
 		}
 	}
 	defer func() {
-		for _, p := range []string{registry.ClusterPrefix, registry.MeshdPrefix} {
+		for _, p := range prefixes {
 			_, _ = ctl.Delete(context.WithoutCancel(ctx), p, clientv3.WithPrefix())
 		}
 	}()
@@ -480,6 +495,15 @@ func Scale(ctx context.Context, o ScaleOptions) (ScaleResult, error) {
 			}
 		}
 	}
+	if o.Joins > 0 {
+		names, err = measureJoins(ctx, o, ctl, names, applied, published, tally, &res, func(name string, i int) error {
+			return startAgent(actx, o, name, i, applied, &clients, &wg, errs)
+		})
+		if err != nil {
+			return res, err
+		}
+		settled = time.Now()
+	}
 	if o.Idle > 0 {
 		// The idle period starts no sooner than the agents' re-read of
 		// their devices after the last join's peers were added
@@ -512,6 +536,81 @@ func Scale(ctx context.Context, o ScaleOptions) (ScaleResult, error) {
 		res.Added.Summary(), res.AddedStatus.Summary(), res.Removed.Summary(),
 		res.StatusBytesPerChange, res.StatusBytesPerNode, res.StatusValueBytes, res.DBGrowthPer100, res.IdleStatusWrites, res.Idle)
 	return res, nil
+}
+
+// measureJoins starts o.Joins more live agents, one at a time, each once
+// the cluster settled from the one before, as nodes join a running
+// cluster. It times each join from when the harness saw the new member
+// record (written with the node entry in the claim's transaction) until
+// every other live agent applied it, and counts what the join cost etcd:
+// every write (revision) from the agent's start until the cluster settled
+// after the others' re-read of their devices for the new peer's first
+// handshake (idleAfterJoin), less the settle's own, and the node statuses
+// among them. It returns names with the joined agents added.
+func measureJoins(ctx context.Context, o ScaleOptions, ctl *clientv3.Client, names []string, applied, published *progress, tally *statusTally, res *ScaleResult, start func(name string, i int) error) ([]string, error) {
+	var writes, statuses int64
+	for j := range o.Joins {
+		name := fmt.Sprintf("j%04d", j)
+		r0, err := ctl.Get(ctx, "/", clientv3.WithCountOnly())
+		if err != nil {
+			return names, err
+		}
+		s0, _ := tally.read()
+		jctx, cancel := context.WithTimeout(ctx, 2*time.Minute)
+		wch := ctl.Watch(jctx, registry.MemberKey(name), clientv3.WithRev(r0.Header.Revision+1))
+		if err := start(name, o.Live+j); err != nil {
+			cancel()
+			return names, err
+		}
+		rev, at, err := firstPut(jctx, wch)
+		if err != nil {
+			cancel()
+			return names, fmt.Errorf("join %d: member record: %w", j, err)
+		}
+		d, err := applied.wait(jctx, names, rev, at)
+		cancel()
+		if err != nil {
+			return names, fmt.Errorf("join %d: applied by the others: %w", j, err)
+		}
+		res.Join.Add(d)
+		names = append(names, name)
+		if err := backoff.Sleep(ctx, idleAfterJoin); err != nil {
+			return names, err
+		}
+		before := res.StatusResends
+		if err := settle(ctx, ctl, names, applied, published, &res.StatusResends); err != nil {
+			return names, fmt.Errorf("join %d: %w", j, err)
+		}
+		settles := int64(1 + res.StatusResends - before)
+		r1, err := ctl.Get(ctx, "/", clientv3.WithCountOnly())
+		if err != nil {
+			return names, err
+		}
+		s1, _ := tally.read()
+		// The settle's own: its put, and every agent's status of it.
+		writes += r1.Header.Revision - r0.Header.Revision - settles*int64(1+len(names))
+		statuses += s1 - s0 - settles*int64(len(names))
+	}
+	res.JoinWrites = float64(writes) / float64(o.Joins)
+	res.JoinStatusWrites = float64(statuses) / float64(o.Joins)
+	o.Log("%s\njoin: %.1f etcd writes, %.1f of them statuses", res.Join.Summary(), res.JoinWrites, res.JoinStatusWrites)
+	return names, nil
+}
+
+// firstPut returns the revision of the first put wch delivers and when
+// the harness received it.
+func firstPut(ctx context.Context, wch clientv3.WatchChan) (int64, time.Time, error) {
+	for wr := range wch {
+		if err := wr.Err(); err != nil {
+			return 0, time.Time{}, err
+		}
+		for _, ev := range wr.Events {
+			if ev.Type == clientv3.EventTypePut {
+				return ev.Kv.ModRevision, time.Now(), nil
+			}
+		}
+	}
+	return 0, time.Time{}, fmt.Errorf("watch ended: %w", context.Cause(ctx))
 }
 
 // startProfile starts a CPU profile into w (none when w is nil) and
@@ -599,7 +698,7 @@ func RegisterPassive(ctx context.Context, newClient func() (*clientv3.Client, er
 
 // registerNode registers harness node i (p0000, p0001, ...) with the keys
 // and values its agent would write (registry.ClaimMember's subnet claim
-// and member record, the node entry on lease), in one create-only
+// and member record, the node entry on lease, its flannel lease), in one create-only
 // transaction. Its subnet is the pool's i-th: ClaimMember would search
 // for a free one by listing every claim, O(N²) for N registrations. Without
 // endpoint its member record names no WireGuard endpoint (a peer others
@@ -623,6 +722,13 @@ func registerNode(ctx context.Context, cli *clientv3.Client, lease clientv3.Leas
 	}
 	node, _ := json.Marshal(registry.Node{Name: name, IPv4: ip, Services: []registry.Group{registry.GroupBackends},
 		Meshd: &registry.NodeMeshd{ID: randomHex(16), PublicKey: m.PublicKey, OverlayIP: m.OverlayIP.String(), Version: "bench-passive"}})
+	// The flannel-format lease every meshd node keeps for its subnet (here
+	// on the harness's lease, a node's own is on one of 24 h); the member
+	// record wins over it, so it gives no peer and no endpoint.
+	flannel, err := registry.EncodeFlannelLease(netip.MustParseAddr(ip), m.PublicKey, 51820)
+	if err != nil {
+		return err
+	}
 	tr, err := cli.Txn(ctx).If(
 		clientv3.Compare(clientv3.CreateRevision(registry.SubnetKey(subnet)), "=", 0),
 		clientv3.Compare(clientv3.CreateRevision(registry.MemberKey(name)), "=", 0),
@@ -630,6 +736,7 @@ func registerNode(ctx context.Context, cli *clientv3.Client, lease clientv3.Leas
 		clientv3.OpPut(registry.SubnetKey(subnet), string(claim)),
 		clientv3.OpPut(registry.MemberKey(name), string(member)),
 		clientv3.OpPut(registry.NodeKey(name), string(node), clientv3.WithLease(lease)),
+		clientv3.OpPut(registry.FlannelSubnetKey(subnet), string(flannel), clientv3.WithLease(lease)),
 	).Commit()
 	if err != nil {
 		return fmt.Errorf("register %s: %w", name, err)
@@ -688,8 +795,11 @@ func startAgent(actx context.Context, o ScaleOptions, name string, i int, applie
 	a, err := agent.New(agent.Options{
 		Client: cli, Node: name, ID: randomHex(16), PublicIPv4: ip,
 		Consume: rec.consume, LeaseTTL: o.LeaseTTL, Coalesce: o.Coalesce, StateDir: dir, Version: "bench",
-		Member:     &agent.MemberOptions{PublicKey: rec.dev.PublicKey(), Endpoint: ip + ":51820", Pool: registry.DefaultPool},
-		Components: []agent.Component{overlayStatus{rec}, rec}, Log: o.AgentLog,
+		Member: &agent.MemberOptions{PublicKey: rec.dev.PublicKey(), Endpoint: ip + ":51820", Pool: registry.DefaultPool},
+		// As every meshd node with an overlay (pkg/daemon): a flannel-format
+		// lease for its subnet, one more write when it joins.
+		FlannelLease: &agent.FlannelLeaseOptions{Port: 51820},
+		Components:   []agent.Component{overlayStatus{rec}, rec}, Log: o.AgentLog,
 	})
 	if err != nil {
 		return err

@@ -19,6 +19,7 @@ type options struct {
 	proxyScales []int // -grpc-proxy, as -scale
 	proxyLives  []int
 	oneNode     int
+	joins       int
 	idle        time.Duration
 	profile     time.Duration
 	fidelity    []int
@@ -48,6 +49,7 @@ func parseFlags(args []string) (options, error) {
 	fs.IntVar(&o.killTrials, "kill-trials", 5, "node-kill trials per sandbox size (each lasts about the 3 s lease TTL)")
 	fs.IntVar(&o.oneNode, "one-node", 1000, "run one real meshd (a sandbox node, needs root) with a view of this many nodes and measure its RSS and idle CPU over -idle (0: skip)")
 	fs.DurationVar(&o.profile, "profile", 30*time.Second, "at the largest -fidelity size, profile n2's reconcile passes (CPU profile and per-part times from its metrics) over this long of instance changes (0: skip)")
+	fs.IntVar(&o.joins, "joins", 10, "after each scale run's trials, this many more live agents join one at a time: the join's convergence and etcd writes (0: skip)")
 	fs.DurationVar(&o.idle, "idle", time.Minute, "after each scale run's trials, count the status writes of an idle cluster for this long (0: skip)")
 	fs.StringVar(&o.traefikBin, "traefik", os.Getenv("TRAEFIK_BIN"), "Traefik v3 binary for the peer comparison (env TRAEFIK_BIN); empty skips it")
 	fs.StringVar(&o.traefikVer, "traefik-version", os.Getenv("TRAEFIK_VERSION"), "label for the Traefik binary (env TRAEFIK_VERSION; default: what `traefik version` says)")
@@ -60,6 +62,9 @@ func parseFlags(args []string) (options, error) {
 	}
 	if o.from != "" {
 		return o, nil // nothing is measured
+	}
+	if o.joins < 0 {
+		return options{}, fmt.Errorf("-joins %d: want 0 or more", o.joins)
 	}
 	var err error
 	if o.scales, o.lives, err = sizes("-scale", *scaleN); err != nil {

@@ -84,7 +84,7 @@ func (m *measurer) scale(ctx context.Context, n, live int, proxy bool) {
 	s, err := bench.Scale(ctx, bench.ScaleOptions{
 		CPUProfile: prof, IdleCPUProfile: idleProf,
 		NewClient: clientOf, Control: control, Label: label, MetricsURL: m.etcd.endpoint + "/metrics", N: n, Live: live, Trials: m.o.trials,
-		Idle: m.o.idle,
+		Idle: m.o.idle, Joins: m.o.joins,
 		Passive: func(ctx context.Context, n int) (func(), error) {
 			p, _, err := startChild("passive-nodes", endpoint, strconv.Itoa(n))
 			if err != nil {

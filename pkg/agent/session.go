@@ -202,8 +202,8 @@ func (a *Agent) acquireLease(ctx context.Context) (clientv3.LeaseID, error) {
 }
 
 // nodeValue is this node's entry: nix-infra's fields plus a "meshd" object
-// that older readers ignore.
-// m is the node's member record (nil: it has none).
+// that older readers ignore, which names m, the node's member record (nil:
+// it has none).
 func (a *Agent) nodeValue(m *registry.Member) []byte {
 	n := registry.Node{
 		Name: a.o.Node, IPv4: a.o.PublicIPv4, Services: a.o.Consume,
@@ -361,8 +361,6 @@ func (a *Agent) advertiseIP() netip.Addr {
 	return a.o.AdvertiseIP
 }
 
-// syncInstances writes the healthy instances and deletes the others, on
-// the lease. written is what this lease already carries.
 // advertisedOn returns this node's instance keys that lease already
 // holds, with their values: what a previous process of ours advertised,
 // when this one resumed its lease. syncInstances then leaves alone what is
@@ -404,6 +402,8 @@ func (a *Agent) advertisedOn(ctx context.Context, lease clientv3.LeaseID) map[st
 	return written
 }
 
+// syncInstances writes the healthy instances and deletes the others, on
+// the lease. written is what this lease already carries.
 func (a *Agent) syncInstances(ctx context.Context, lease clientv3.LeaseID, written map[string]string) {
 	ip := a.advertiseIP()
 	want := map[string]string{}

@@ -620,8 +620,9 @@ func writeJoins(w func(string, ...any), runs []ScaleResult) {
 	}
 	w("### A node joins\n\n")
 	w("After the trials, more live agents join one at a time, each once the cluster settled from the one before (`-joins`).\n")
-	w("\"Applied by the others\" is from when the harness saw the new member record (written with the node entry in the\n")
-	w("claim's transaction) until every other live agent applied it. The writes are every etcd revision from the agent's\n")
+	w("\"Applied by the others\" is from just before the new agent's start until every other live agent applied its member\n")
+	w("record (written with the node entry in the claim's transaction): the joiner's own start is in it (its lease, its list\n")
+	w("of the whole registry, its first passes, its claim). The writes are every etcd revision from the agent's\n")
 	w("start until the cluster settled, %s after the join (the others re-read their devices for the new peer's first\n", idleAfterJoin)
 	w("handshake, which changes their status), less the settle's own: the joiner's (claim, member record and node entry in one\n")
 	w("transaction; its flannel lease; its presence record; its statuses) and every other live agent's status writes.\n")
@@ -632,7 +633,7 @@ func writeJoins(w func(string, ...any), runs []ScaleResult) {
 	w("whole registry, its first overlay computation over every member) runs while each of the others makes its passes\n")
 	w("for the new member, all on the same two cores: the times at N=1,000 and N=10,000 are not what a join costs one node\n")
 	w("on its own CPU; one such pass alone is in the table \"Where an agent's time per change goes\" below (a member change).\n\n")
-	w("| N | live agents | joins | applied by the others p50 | p99 | etcd writes per join | status writes per join | per agent |\n|---|---|---|---|---|---|---|---|\n")
+	w("| N | live agents | joins | from its start, applied by the others p50 | p99 | etcd writes per join | status writes per join | per agent |\n|---|---|---|---|---|---|---|---|\n")
 	for _, s := range runs {
 		if len(s.Join.Samples) == 0 {
 			continue

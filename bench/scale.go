@@ -540,9 +540,9 @@ func Scale(ctx context.Context, o ScaleOptions) (ScaleResult, error) {
 
 // measureJoins starts o.Joins more live agents, one at a time, each once
 // the cluster settled from the one before, as nodes join a running
-// cluster. It times each join from just before the agent's start until
-// every other live agent applied its member record (written with the node
-// entry in the claim's transaction), and counts what the join cost etcd:
+// cluster. It times each join (timeJoin: until every other live agent
+// applied the member record, written with the node entry in the claim's
+// transaction), and counts what the join cost etcd:
 // every write (revision) from the agent's start until the cluster settled
 // after the others' re-read of their devices for the new peer's first
 // handshake (idleAfterJoin), less the settle's own, and the node statuses
@@ -556,26 +556,9 @@ func measureJoins(ctx context.Context, o ScaleOptions, ctl *clientv3.Client, nam
 			return names, err
 		}
 		s0, _ := tally.read()
-		jctx, cancel := context.WithTimeout(ctx, 2*time.Minute)
-		wch := ctl.Watch(jctx, registry.MemberKey(name), clientv3.WithRev(r0.Header.Revision+1))
-		// From its start, the agent's own work included (lease, a list of
-		// the whole registry, its first passes, the claim): the harness
-		// sees the member record no sooner than the agents do, so the
-		// claim's commit is not a time it knows.
-		at := time.Now()
-		if err := start(name, o.Live+j); err != nil {
-			cancel()
-			return names, err
-		}
-		rev, err := firstPut(jctx, wch)
+		d, err := timeJoin(ctx, ctl, name, r0.Header.Revision, names, applied, func() error { return start(name, o.Live+j) })
 		if err != nil {
-			cancel()
-			return names, fmt.Errorf("join %d: member record: %w", j, err)
-		}
-		d, err := applied.wait(jctx, names, rev, at)
-		cancel()
-		if err != nil {
-			return names, fmt.Errorf("join %d: applied by the others: %w", j, err)
+			return names, fmt.Errorf("join %d: %w", j, err)
 		}
 		res.Join.Add(d)
 		names = append(names, name)
@@ -602,19 +585,36 @@ func measureJoins(ctx context.Context, o ScaleOptions, ctl *clientv3.Client, nam
 	return names, nil
 }
 
-// firstPut returns the revision of the first put wch delivers.
-func firstPut(ctx context.Context, wch clientv3.WatchChan) (int64, error) {
+// timeJoin starts agent name (start) and returns the time from just
+// before its start until every agent of others applied its member record,
+// watched from revision after on. The agent's own work is in it (lease, a
+// list of the whole registry, its first passes, the claim): the harness
+// sees the member record no sooner than the agents do, so the claim's
+// commit is not a time it knows.
+func timeJoin(ctx context.Context, ctl *clientv3.Client, name string, after int64, others []string, applied *progress, start func() error) (time.Duration, error) {
+	ctx, cancel := context.WithTimeout(ctx, 2*time.Minute)
+	defer cancel()
+	wch := ctl.Watch(ctx, registry.MemberKey(name), clientv3.WithRev(after+1))
+	at := time.Now()
+	if err := start(); err != nil {
+		return 0, err
+	}
 	for wr := range wch {
 		if err := wr.Err(); err != nil {
-			return 0, err
+			return 0, fmt.Errorf("member record: %w", err)
 		}
 		for _, ev := range wr.Events {
-			if ev.Type == clientv3.EventTypePut {
-				return ev.Kv.ModRevision, nil
+			if ev.Type != clientv3.EventTypePut {
+				continue
 			}
+			d, err := applied.wait(ctx, others, ev.Kv.ModRevision, at)
+			if err != nil {
+				return 0, fmt.Errorf("applied by the others: %w", err)
+			}
+			return d, nil
 		}
 	}
-	return 0, fmt.Errorf("watch ended: %w", context.Cause(ctx))
+	return 0, fmt.Errorf("member record: watch ended: %w", context.Cause(ctx))
 }
 
 // startProfile starts a CPU profile into w (none when w is nil) and

@@ -41,7 +41,7 @@ func (a *Agent) session(ctx context.Context) error {
 	bound := backoff.Backoff{Base: first, Max: max(first, MaxRegisterTimeout)}
 	for ctx.Err() == nil {
 		timeout := bound.Next()
-		lease, err := a.establish(ctx, timeout)
+		lease, resumed, err := a.establish(ctx, timeout)
 		if errors.Is(err, ErrNodeOwned) {
 			a.log.Error("refusing to take over the node entry", "err", err)
 			return err
@@ -64,7 +64,7 @@ func (a *Agent) session(ctx context.Context) error {
 		a.registeredAt = time.Now()
 		a.mu.Unlock()
 		a.kick() // the loop may be keeping removed instances (removal grace) until now
-		a.hold(ctx, lease)
+		a.hold(ctx, lease, resumed)
 		if ctx.Err() != nil {
 			return nil // Run revokes the lease on the way out
 		}
@@ -121,13 +121,13 @@ func (a *Agent) waitPrepared(ctx context.Context) (waited bool) {
 
 // establish acquires the lease, then claims the member record and
 // registers the node entry, in one transaction when the node has a member
-// record.
-func (a *Agent) establish(ctx context.Context, timeout time.Duration) (clientv3.LeaseID, error) {
+// record. resumed says whether the lease is a previous process's.
+func (a *Agent) establish(ctx context.Context, timeout time.Duration) (lease clientv3.LeaseID, resumed bool, err error) {
 	rctx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()
-	lease, err := a.acquireLease(rctx)
+	lease, resumed, err = a.acquireLease(rctx)
 	if err != nil {
-		return 0, err
+		return 0, false, err
 	}
 	if mo := a.o.Member; mo != nil {
 		// The lease first, while the components prepare; the wait is not
@@ -148,7 +148,7 @@ func (a *Agent) establish(ctx context.Context, timeout time.Duration) (clientv3.
 			May:   func(ctx context.Context, cur *mvccpb.KeyValue) error { return a.mayTake(ctx, cur, lease) },
 		})
 		if err != nil {
-			return 0, fmt.Errorf("claim member record and node entry: %w", err)
+			return 0, false, fmt.Errorf("claim member record and node entry: %w", err)
 		}
 		a.mu.Lock()
 		moved := a.member == nil || a.member.OverlayIP != m.OverlayIP
@@ -161,30 +161,30 @@ func (a *Agent) establish(ctx context.Context, timeout time.Duration) (clientv3.
 		}
 		signal(a.flannelChg)
 	} else if err := a.register(rctx, lease); err != nil {
-		return 0, err
+		return 0, false, err
 	}
 	a.setLease(lease)
-	return lease, nil
+	return lease, resumed, nil
 }
 
 func (a *Agent) leaseFile() string { return filepath.Join(a.o.StateDir, "lease") }
 
-// acquireLease resumes the lease a previous meshd process left alive, or
-// grants a new one.
-func (a *Agent) acquireLease(ctx context.Context) (clientv3.LeaseID, error) {
+// acquireLease resumes the lease a previous meshd process left alive
+// (resumed), or grants a new one.
+func (a *Agent) acquireLease(ctx context.Context) (lease clientv3.LeaseID, resumed bool, err error) {
 	if a.o.StateDir != "" {
 		if b, err := os.ReadFile(a.leaseFile()); err == nil {
 			if id, err := strconv.ParseInt(strings.TrimSpace(string(b)), 16, 64); err == nil && id != 0 {
 				ttl, err := a.o.Client.TimeToLive(ctx, clientv3.LeaseID(id))
 				if err == nil && ttl.TTL > 0 {
-					return clientv3.LeaseID(id), nil
+					return clientv3.LeaseID(id), true, nil
 				}
 			}
 		}
 	}
 	g, err := a.o.Client.Grant(ctx, int64((a.o.LeaseTTL+time.Second-1)/time.Second))
 	if err != nil {
-		return 0, fmt.Errorf("grant lease: %w", err)
+		return 0, false, fmt.Errorf("grant lease: %w", err)
 	}
 	if a.o.StateDir != "" {
 		// Not secret, and not flushed to disk: it matters only while the
@@ -198,7 +198,7 @@ func (a *Agent) acquireLease(ctx context.Context) (clientv3.LeaseID, error) {
 		a.stateErr = err
 		a.mu.Unlock()
 	}
-	return g.ID, nil
+	return g.ID, false, nil
 }
 
 // nodeValue is this node's entry: nix-infra's fields plus a "meshd" object
@@ -277,7 +277,9 @@ func (a *Agent) mayTake(ctx context.Context, cur *mvccpb.KeyValue, lease clientv
 
 // hold keeps the lease alive and the leased keys current until the lease is
 // lost or ctx ends.
-func (a *Agent) hold(ctx context.Context, lease clientv3.LeaseID) {
+// resumed says whether the lease is a previous process's: only such a
+// lease can carry instances already.
+func (a *Agent) hold(ctx context.Context, lease clientv3.LeaseID, resumed bool) {
 	kctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	ka, err := a.o.Client.KeepAlive(kctx, lease)
@@ -285,7 +287,10 @@ func (a *Agent) hold(ctx context.Context, lease clientv3.LeaseID) {
 		a.log.Warn("keepalive", "err", err)
 		return
 	}
-	written := a.advertisedOn(ctx, lease)
+	written := map[string]string{}
+	if resumed {
+		written = a.advertisedOn(ctx, lease)
+	}
 	a.syncInstances(ctx, lease, written)
 	done := make(chan struct{})
 	go func() {

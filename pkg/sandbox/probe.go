@@ -406,6 +406,29 @@ func rxTimestamps(raw syscall.RawConn) error {
 	return nil
 }
 
+// keepTimestamps opens a socket with receive timestamps on and returns it,
+// to be closed when no more timestamps are wanted. The kernel stamps
+// received packets only while some socket asks for timestamps, and turns
+// that on (and off, after the last such socket closed) from deferred
+// work: a probe's own short-lived socket could miss the stamps of its
+// first packets (seen once: a poll's answer without one). This one keeps
+// stamping on for every probe.
+func keepTimestamps() (io.Closer, error) {
+	conn, err := net.ListenPacket("udp4", "127.0.0.1:0")
+	if err != nil {
+		return nil, fmt.Errorf("timestamping socket: %w", err)
+	}
+	raw, err := conn.(*net.UDPConn).SyscallConn()
+	if err == nil {
+		err = rxTimestamps(raw)
+	}
+	if err != nil {
+		conn.Close()
+		return nil, fmt.Errorf("timestamping socket: %w", err)
+	}
+	return conn, nil
+}
+
 // rxTimestamp finds the SCM_TIMESTAMPNS control message in oob.
 func rxTimestamp(oob []byte) (time.Time, bool) {
 	msgs, err := unix.ParseSocketControlMessage(oob)

@@ -97,6 +97,9 @@ type Cluster struct {
 	// pingSeq numbers the harness's ICMP echoes, so concurrent probes on
 	// one raw socket family tell their replies apart.
 	pingSeq atomic.Uint32
+	// stamps keeps the kernel's receive timestamping on (keepTimestamps)
+	// for as long as the cluster lives.
+	stamps io.Closer
 }
 
 var tagRE = regexp.MustCompile(`^[a-z][a-z0-9]{0,9}$`)
@@ -172,6 +175,11 @@ func Start(ctx context.Context, o Options) (_ *Cluster, err error) {
 		return nil, fmt.Errorf("%w: %v exist from an earlier run; remove them with: %s", ErrLeftover, left, CleanCommand(o.Name))
 	}
 	c := &Cluster{opts: o, log: log, tag: o.Name, nodes: map[string]*Node{}, nextIdx: 1}
+	stamps, err := keepTimestamps()
+	if err != nil {
+		return nil, err
+	}
+	c.stamps = stamps
 	defer func() {
 		if err != nil {
 			c.Close()
@@ -308,6 +316,9 @@ func (c *Cluster) Close() error {
 	}
 	if c.etcd != nil {
 		c.etcd.Close()
+	}
+	if c.stamps != nil {
+		c.stamps.Close()
 	}
 	if _, err := os.Stat(filepath.Join(netnsDir, c.HubNS())); err == nil {
 		if err := killNetns(ctx, c.HubNS()); err != nil {

@@ -219,7 +219,7 @@ func (r *Results) Markdown() string {
 		w("harness, on the same busy cores, got to read it. The joining node starts its userspace device, configures its peers and starts its HAProxy\n")
 		w("(with no servers) before it writes its member record (docs/overlay.md, \"A new node configures its peers before it\n")
 		w("claims\"; docs/haproxy.md, \"A new node starts it before it claims\"); the window holds the rest of\n")
-		w("its start: its flannel lease, its pass after the claim (its address and routes; its watches are open at etcd's head, so\n")
+		w("its start: its pass after the claim (its address and routes; its watches are open at etcd's head, so\n")
 		w("its own claim reaches it at once), while the others add it as a peer and initiate, all on the same cores. The CPU\n")
 		w("table's join row counts from just before the node's start, device start included. When a first handshake has not\n")
 		w("completed, the joining side re-adds the peer from about 100 ms after its claim (\"First handshakes\"); WireGuard\n")

@@ -44,6 +44,13 @@ type Watcher struct {
 	// read than it (a busy etcd, thousands of nodes restarting at once),
 	// and every retry would load etcd with the same read again.
 	ListTimeout time.Duration
+	// ListPage is how many keys one read of a list returns (default
+	// 1,000); the reads after the first are at the first one's revision,
+	// so the list is one consistent view. etcd builds a read's whole
+	// answer in memory: at 10,000 nodes /cluster/ is megabytes, and a
+	// fleet restarting at once would have etcd hold one such answer per
+	// node.
+	ListPage int64
 
 	// listBound is the next list's bound (Next), doubled after a list ran
 	// out of it; Run's goroutine only.
@@ -208,7 +215,7 @@ func (w *Watcher) list(ctx, wctx context.Context, opts []clientv3.OpOption, rev 
 	}
 	bound := w.listBound.Next()
 	lctx, cancel := context.WithTimeout(ctx, bound)
-	resp, err := w.Client.Get(lctx, w.Prefix, clientv3.WithPrefix())
+	kvs, at, err := w.read(lctx)
 	cancel()
 	if err != nil {
 		if lctx.Err() != nil && ctx.Err() == nil {
@@ -217,14 +224,47 @@ func (w *Watcher) list(ctx, wctx context.Context, opts []clientv3.OpOption, rev 
 		return nil, fmt.Errorf("%w %s: %w", errList, w.Prefix, err)
 	}
 	w.listBound.Reset()
-	w.Store.Replace(w.Prefix, kvsOf(resp), resp.Header.Revision)
-	*rev = resp.Header.Revision
+	w.Store.Replace(w.Prefix, kvs, at)
+	*rev = at
 	if w.Relisted != nil {
 		w.Relisted()
 	}
 	w.notify()
 	return ch, nil
 }
+
+// read reads every key under the prefix, ListPage keys at a time, all at
+// the revision of the first read, which it returns.
+func (w *Watcher) read(ctx context.Context) ([]KV, int64, error) {
+	page := w.ListPage
+	if page <= 0 {
+		page = defaultListPage
+	}
+	end := clientv3.GetPrefixRangeEnd(w.Prefix)
+	var kvs []KV
+	var rev int64
+	for from := w.Prefix; ; {
+		opts := []clientv3.OpOption{clientv3.WithRange(end), clientv3.WithLimit(page)}
+		if rev != 0 {
+			opts = append(opts, clientv3.WithRev(rev))
+		}
+		resp, err := w.Client.Get(ctx, from, opts...)
+		if err != nil {
+			return nil, 0, err
+		}
+		if rev == 0 {
+			rev = resp.Header.Revision
+		}
+		kvs = append(kvs, kvsOf(resp)...)
+		if !resp.More || len(resp.Kvs) == 0 {
+			return kvs, rev, nil
+		}
+		from = string(resp.Kvs[len(resp.Kvs)-1].Key) + "\x00"
+	}
+}
+
+// defaultListPage is ListPage's default.
+const defaultListPage = 1000
 
 func (w *Watcher) notify() {
 	if w.Notify != nil {

@@ -46,8 +46,6 @@ func (o FlannelLeaseOptions) withDefaults() FlannelLeaseOptions {
 // RenewMargin before expiry and retries a failure a minute later), it
 // never revokes the lease: a stopped meshd stays a peer of the flannel
 // nodes until the lease expires or `meshctl node remove` deletes it.
-// The claim writes the first one in its transaction (FlannelLeaseOptions.claim)
-// and the keeper adopts it (resume): a join is one revision, not two.
 type flannelKeeper struct {
 	a *Agent
 	o FlannelLeaseOptions
@@ -60,8 +58,8 @@ type flannelKeeper struct {
 }
 
 // want returns the lease value for this node's current member record, or
-// none when there is nothing to write yet (no subnet claimed); an error
-// when the node has no public IPv4 to put in it.
+// ok false when there is nothing to write yet (no subnet claimed) or the
+// node has no public IPv4 to put in it.
 func (k *flannelKeeper) want() (netip.Prefix, []byte, error) {
 	a := k.a
 	a.mu.Lock()
@@ -70,32 +68,12 @@ func (k *flannelKeeper) want() (netip.Prefix, []byte, error) {
 	if m == nil {
 		return netip.Prefix{}, nil, nil
 	}
-	v, err := flannelValue(a.o.PublicIPv4, *m, k.o.Port)
-	return m.Subnet, v, err
-}
-
-// flannelValue is the flannel lease value of member m on a node with
-// public IPv4 publicIPv4.
-func flannelValue(publicIPv4 string, m registry.Member, port uint16) ([]byte, error) {
-	ip, err := netip.ParseAddr(publicIPv4)
+	ip, err := netip.ParseAddr(a.o.PublicIPv4)
 	if err != nil || !ip.Is4() {
-		return nil, fmt.Errorf("flannel lease: node has no public IPv4 (%q) to publish", publicIPv4)
+		return netip.Prefix{}, nil, fmt.Errorf("flannel lease: node has no public IPv4 (%q) to publish", a.o.PublicIPv4)
 	}
-	return registry.EncodeFlannelLease(ip, m.PublicKey, port)
-}
-
-// claim is the flannel lease written in the member claim's transaction
-// (registry.ClaimFlannel); the keeper adopts it at its next step. A node
-// without a public IPv4 writes none there, and the keeper reports why.
-func (o FlannelLeaseOptions) claim(publicIPv4 string) *registry.ClaimFlannel {
-	o = o.withDefaults()
-	return &registry.ClaimFlannel{TTL: o.TTL, Value: func(m registry.Member) []byte {
-		v, err := flannelValue(publicIPv4, m, o.Port)
-		if err != nil {
-			return nil
-		}
-		return v
-	}}
+	v, err := registry.EncodeFlannelLease(ip, m.PublicKey, k.o.Port)
+	return m.Subnet, v, err
 }
 
 // run keeps the lease until ctx ends.
@@ -154,14 +132,6 @@ func (k *flannelKeeper) step(ctx context.Context) (time.Duration, error) {
 				var err error
 				if stale, err = k.changed(ctx, subnet, value); err != nil {
 					return k.o.retry(), err
-				}
-				if stale {
-					// A claim after an outage puts the value back on a
-					// lease of its own (registry.ClaimFlannel): adopt it
-					// rather than write it once more.
-					if ok, err := k.resume(ctx, value); err == nil && ok {
-						return time.Until(k.expires.Add(-k.o.RenewMargin)), nil
-					}
 				}
 			}
 		}

@@ -2,7 +2,6 @@ package agent_test
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"net/netip"
 	"testing"
@@ -60,14 +59,18 @@ func TestFlannelLeaseKeptRenewedAndRemoved(t *testing.T) {
 	if err != nil || ttl.GrantedTTL != 8 {
 		t.Fatalf("lease TTL %+v, %v; want 8 s granted", ttl, err)
 	}
-	// Written in the claim's transaction, at the member record's revision.
+	// After the member record, never in its transaction: every node
+	// watches /cluster/ and flannel's prefix on two streams, and one that
+	// saw the lease first would take the node for a flannel node (a
+	// flannel-only peer, a full overlay computation) until the member
+	// record arrived (docs/overlay.md).
 	fl, err1 := cli.Get(ctx, key)
 	mem, err2 := cli.Get(ctx, registry.MemberKey("node-a"))
-	if err := errors.Join(err1, err2); err != nil || len(fl.Kvs) != 1 || len(mem.Kvs) != 1 {
-		t.Fatalf("flannel lease %v, member record %v (%v)", fl.Kvs, mem.Kvs, err)
+	if err1 != nil || err2 != nil || len(fl.Kvs) != 1 || len(mem.Kvs) != 1 {
+		t.Fatalf("flannel lease %v, member record %v (%v, %v)", fl.Kvs, mem.Kvs, err1, err2)
 	}
-	if fl.Kvs[0].ModRevision != mem.Kvs[0].ModRevision {
-		t.Errorf("flannel lease written at revision %d, the member record at %d; want one transaction", fl.Kvs[0].ModRevision, mem.Kvs[0].ModRevision)
+	if fl.Kvs[0].ModRevision <= mem.Kvs[0].ModRevision {
+		t.Errorf("flannel lease written at revision %d, the member record at %d; want it after", fl.Kvs[0].ModRevision, mem.Kvs[0].ModRevision)
 	}
 	// nix-infra's overlay-IP lookup: the lease whose PublicIP is the node's.
 	if got := lookupOverlayIP(t, cli, "198.51.100.1"); got != "10.10.42.0" {
@@ -82,12 +85,6 @@ func TestFlannelLeaseKeptRenewedAndRemoved(t *testing.T) {
 	after, _ := cli.Get(ctx, key)
 	if after.Kvs[0].Lease == before.Kvs[0].Lease && after.Kvs[0].ModRevision != before.Kvs[0].ModRevision {
 		t.Errorf("flannel lease rewritten on unrelated changes (mod revision %d -> %d)", before.Kvs[0].ModRevision, after.Kvs[0].ModRevision)
-	}
-	// The keeper adopted the claim's lease: it replaces it only to renew.
-	if _, l := get(); l != first {
-		if ttl, err := cli.TimeToLive(ctx, first); err == nil && ttl.TTL > 4 {
-			t.Errorf("the keeper replaced the claim's flannel lease %x with %x, %d s before renewal was due", first, l, ttl.TTL-4)
-		}
 	}
 	// Renewed before the 8 s lease runs out: a new lease, the key never gone.
 	deadline := time.Now().Add(20 * time.Second)

@@ -137,21 +137,16 @@ func (a *Agent) establish(ctx context.Context, timeout time.Duration) (lease cli
 			rctx, cancelRest = context.WithTimeout(ctx, timeout)
 			defer cancelRest()
 		}
-		// The node entry (and the flannel lease) is written in the claim's
-		// transaction: peers see the node whole at one revision, and a
-		// process refused the entry (another live meshd holds the name)
-		// rewrites no member record.
-		var flannel *registry.ClaimFlannel
-		if a.o.FlannelLease != nil {
-			flannel = a.o.FlannelLease.claim(a.o.PublicIPv4)
-		}
+		// The node entry is written in the claim's transaction: peers see
+		// the node whole at one revision, and a process refused the entry
+		// (another live meshd holds the name) rewrites no member record.
 		m, err := registry.ClaimMemberWith(rctx, a.o.Client, registry.Member{
 			Name: a.o.Node, PublicKey: mo.PublicKey, Endpoint: mo.Endpoint, Recipient: mo.Recipient,
 		}, mo.Pool, a.o.PublicIPv4, &registry.ClaimEntry{
 			Key: registry.NodeKey(a.o.Node), Lease: lease,
 			Value: func(m registry.Member) []byte { return a.nodeValue(&m) },
 			May:   func(ctx context.Context, cur *mvccpb.KeyValue) error { return a.mayTake(ctx, cur, lease) },
-		}, flannel)
+		})
 		if err != nil {
 			return 0, false, fmt.Errorf("claim member record and node entry: %w", err)
 		}

@@ -4,7 +4,6 @@ import (
 	"context"
 	"encoding/base64"
 	"net"
-	"net/netip"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -138,11 +137,17 @@ func join(t *testing.T, f *fixture, node, ipv4 string) joined {
 	if err != nil {
 		t.Fatalf("%s grants a lease: %v", node, err)
 	}
-	// As meshd: subnet claim, member record, node entry and flannel lease
-	// in one transaction, all under the node's role.
-	m, err := claimAs(ctx, t, c, node, ipv4, l.ID)
+	// As meshd: subnet claim, member record and node entry in one
+	// transaction, all under the node's role.
+	m, err := registry.ClaimMemberWith(ctx, c, registry.Member{Name: node, PublicKey: wgKey(node[len(node)-1])}, registry.DefaultPool, ipv4, &registry.ClaimEntry{
+		Key: registry.NodeKey(node), Lease: l.ID,
+		Value: func(registry.Member) []byte {
+			return []byte(`{"name":"` + node + `","ipv4":"` + ipv4 + `","services":["backends"]}`)
+		},
+		May: func(context.Context, *mvccpb.KeyValue) error { return nil },
+	})
 	if err != nil {
-		t.Fatalf("%s claims its member record and registers its entry and flannel lease: %v", node, err)
+		t.Fatalf("%s claims its member record and registers its entry: %v", node, err)
 	}
 	put(t, c, registry.InstanceKey(testApp.Group, testApp.Name, node), `{"ipv4":"`+m.OverlayIP.String()+`","node":"`+node+`","port":8080}`, clientv3.WithLease(l.ID))
 	put(t, c, registry.StatusKey(node), `{"node":"`+node+`","revision":1}`, clientv3.WithLease(l.ID))
@@ -150,37 +155,6 @@ func join(t *testing.T, f *fixture, node, ipv4 string) joined {
 		t.Fatalf("%s renews its lease: %v", node, err)
 	}
 	return joined{cli: c, lease: l.ID, member: m}
-}
-
-// claimAs claims node's member record as meshd does: subnet claim, member
-// record, node entry (on lease) and flannel lease in one transaction.
-func claimAs(ctx context.Context, t *testing.T, c *clientv3.Client, node, ipv4 string, lease clientv3.LeaseID) (registry.Member, error) {
-	return registry.ClaimMemberWith(ctx, c, registry.Member{Name: node, PublicKey: wgKey(node[len(node)-1])}, registry.DefaultPool, ipv4, &registry.ClaimEntry{
-		Key: registry.NodeKey(node), Lease: lease,
-		Value: func(registry.Member) []byte {
-			return []byte(`{"name":"` + node + `","ipv4":"` + ipv4 + `","services":["backends"]}`)
-		},
-		May: func(context.Context, *mvccpb.KeyValue) error { return nil },
-	}, &registry.ClaimFlannel{TTL: 30 * time.Second, Value: func(m registry.Member) []byte {
-		v, err := registry.EncodeFlannelLease(netip.MustParseAddr(ipv4), m.PublicKey, 51820)
-		if err != nil {
-			t.Error(err)
-		}
-		return v
-	}})
-}
-
-// flannelLeaseOf returns the value of the flannel lease for p ("" if none).
-func flannelLeaseOf(t *testing.T, cli *clientv3.Client, p netip.Prefix) string {
-	t.Helper()
-	r, err := cli.Get(ctxT(t), registry.FlannelSubnetKey(p))
-	if err != nil {
-		t.Fatal(err)
-	}
-	if len(r.Kvs) == 0 {
-		return ""
-	}
-	return string(r.Kvs[0].Value)
 }
 
 // setup registers an app and a secret for each node as the operator,
@@ -198,9 +172,5 @@ func setup(t *testing.T) (*fixture, joined) {
 	if !res.AuthEnabled {
 		t.Fatal("auth not enabled")
 	}
-	b := join(t, f, nodeB, "192.0.2.2")
-	if flannelLeaseOf(t, f.root, b.member.Subnet) == "" {
-		t.Fatalf("%s's claim under its role wrote no flannel lease for %v", nodeB, b.member.Subnet)
-	}
-	return f, b
+	return f, join(t, f, nodeB, "192.0.2.2")
 }

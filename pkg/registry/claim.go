@@ -8,10 +8,8 @@ import (
 	"fmt"
 	"math/rand/v2"
 	"net/netip"
-	"time"
 
 	"go.etcd.io/etcd/api/v3/mvccpb"
-	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
 	clientv3 "go.etcd.io/etcd/client/v3"
 )
 
@@ -104,7 +102,7 @@ func addrOf(v uint32) netip.Addr {
 // want carries Name, PublicKey, Endpoint and Recipient; Subnet and
 // OverlayIP are filled in.
 func ClaimMember(ctx context.Context, cli *clientv3.Client, want Member, pool Pool, publicIPv4 string) (Member, error) {
-	return ClaimMemberWith(ctx, cli, want, pool, publicIPv4, nil, nil)
+	return ClaimMemberWith(ctx, cli, want, pool, publicIPv4, nil)
 }
 
 // ClaimEntry is a leased key written in the claim's own transaction: the
@@ -123,32 +121,14 @@ type ClaimEntry struct {
 	May func(ctx context.Context, cur *mvccpb.KeyValue) error
 }
 
-// ClaimFlannel is the node's flannel-format lease for its subnet, written
-// in the claim's transaction unless the key holds Value already: nodes
-// still on flanneld and nix-infra's overlay-IP lookup see the node at the
-// revision of its member record, and every meshd node takes in the join
-// at one revision, not two. The agent's flannel keeper then adopts the key
-// (it resumes a key that holds its value on a live lease) and renews it.
-type ClaimFlannel struct {
-	// Value is the lease value for the claimed member; nil writes none.
-	Value func(Member) []byte
-	// TTL of the etcd lease the key is put on (0: flannel's 24 h), granted
-	// only when the key is written (and revoked when the claim ends
-	// without using it).
-	TTL time.Duration
-}
-
 // ClaimMemberWith is ClaimMember that also writes entry (nil: none) in the
-// claim's transaction, unless it already holds that value on that lease,
-// and flannel (nil: none), unless the key already holds its value.
-func ClaimMemberWith(ctx context.Context, cli *clientv3.Client, want Member, pool Pool, publicIPv4 string, entry *ClaimEntry, flannel *ClaimFlannel) (Member, error) {
+// claim's transaction, unless it already holds that value on that lease.
+func ClaimMemberWith(ctx context.Context, cli *clientv3.Client, want Member, pool Pool, publicIPv4 string, entry *ClaimEntry) (Member, error) {
 	if err := ValidName(want.Name); err != nil {
 		return Member{}, err
 	}
-	var grant flannelGrant
-	defer grant.revokeUnused(cli)
 	for attempt := 0; attempt < 64; attempt++ {
-		m, done, err := claimOnce(ctx, cli, want, pool, publicIPv4, claimExtras{entry, flannel, &grant}, min(1<<(3*min(attempt, 4)), 1024))
+		m, done, err := claimOnce(ctx, cli, want, pool, publicIPv4, entry, min(1<<(3*min(attempt, 4)), 1024))
 		if err != nil || done {
 			return m, err
 		}
@@ -156,36 +136,9 @@ func ClaimMemberWith(ctx context.Context, cli *clientv3.Client, want Member, poo
 	return Member{}, fmt.Errorf("claim subnet for %s: too much contention", want.Name)
 }
 
-// claimExtras is what a claim writes besides subnet claim and member record.
-type claimExtras struct {
-	entry   *ClaimEntry
-	flannel *ClaimFlannel
-	grant   *flannelGrant // the flannel key's lease, granted once per claim
-}
-
-// flannelGrant is the etcd lease a claim granted for the flannel key.
-type flannelGrant struct {
-	id     clientv3.LeaseID
-	used   bool // the successful transaction put the key on it
-	denied bool // the node may not write the key (yet): claim without it
-}
-
-// revokeUnused revokes a lease the claim granted and did not use (a
-// commit that lost a race, then a claim that needed no flannel write or
-// failed): best effort, it expires anyway.
-func (g *flannelGrant) revokeUnused(cli *clientv3.Client) {
-	if g.id == 0 || g.used {
-		return
-	}
-	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-	defer cancel()
-	cli.Revoke(ctx, g.id)
-}
-
 // claimOnce makes one attempt; a new subnet is picked among the spread
 // lowest free ones.
-func claimOnce(ctx context.Context, cli *clientv3.Client, want Member, pool Pool, publicIPv4 string, x claimExtras, spread int) (Member, bool, error) {
-	entry := x.entry
+func claimOnce(ctx context.Context, cli *clientv3.Client, want Member, pool Pool, publicIPv4 string, entry *ClaimEntry, spread int) (Member, bool, error) {
 	reads := []clientv3.Op{
 		clientv3.OpGet(MemberKey(want.Name)),
 		clientv3.OpGet(SubnetsPrefix, clientv3.WithPrefix()),
@@ -212,21 +165,19 @@ func claimOnce(ctx context.Context, cli *clientv3.Client, want Member, pool Pool
 		}
 	}
 	var prefer netip.Prefix
-	flannelKVs := map[netip.Prefix]*mvccpb.KeyValue{}
 	for _, kv := range resp.Responses[2].GetResponseRange().Kvs {
 		pk, err := ParseKey(string(kv.Key))
 		if err != nil || pk.Kind != KindFlannelLease {
 			continue
 		}
 		p := pk.Subnet
-		flannelKVs[p] = kv
 		if AdoptsFlannelLease(p, kv.Value, publicIPv4) && claims[p] == "" {
 			prefer = p
 			continue
 		}
 		used[p] = true // a flannel node still running there
 	}
-	put := claimWrite{flannel: x.flannel, flannelKVs: flannelKVs, grant: x.grant}
+	var put claimWrite
 	if entry != nil {
 		var cur *mvccpb.KeyValue
 		if kvs := resp.Responses[3].GetResponseRange().Kvs; len(kvs) == 1 {
@@ -280,10 +231,6 @@ type claimWrite struct {
 	claimCmp  clientv3.Cmp
 	entry     *ClaimEntry
 	cur       *mvccpb.KeyValue // the entry as read
-
-	flannel    *ClaimFlannel
-	flannelKVs map[netip.Prefix]*mvccpb.KeyValue // the flannel leases as read
-	grant      *flannelGrant
 }
 
 func claimValue(node string) []byte {
@@ -292,9 +239,8 @@ func claimValue(node string) []byte {
 }
 
 // commit writes m (its subnet claim and member record, as far as they
-// change), the entry and the flannel lease, in one transaction that holds
-// only if none of them changed since the attempt read them. Nothing to
-// write is success.
+// change) and the entry, in one transaction that holds only if none of
+// them changed since the attempt read them. Nothing to write is success.
 func (w claimWrite) commit(ctx context.Context, cli *clientv3.Client, m Member) (bool, error) {
 	var cmps []clientv3.Cmp
 	var ops []clientv3.Op
@@ -323,55 +269,12 @@ func (w claimWrite) commit(ctx context.Context, cli *clientv3.Client, m Member) 
 			ops = append(ops, clientv3.OpPut(e.Key, string(v), clientv3.WithLease(e.Lease)))
 		}
 	}
-	flannelPut := false
-	if f := w.flannel; f != nil && !w.grant.denied {
-		if v := f.Value(m); v != nil {
-			key := FlannelSubnetKey(m.Subnet)
-			cur := w.flannelKVs[m.Subnet]
-			if cur == nil || !bytes.Equal(cur.Value, v) {
-				if w.grant.id == 0 {
-					ttl := f.TTL
-					if ttl <= 0 {
-						ttl = FlannelLeaseTTL
-					}
-					g, err := cli.Grant(ctx, int64((ttl+time.Second-1)/time.Second))
-					if err != nil {
-						return false, fmt.Errorf("grant flannel lease for %v: %w", m.Subnet, err)
-					}
-					w.grant.id = g.ID
-				}
-				if cur == nil {
-					cmps = append(cmps, clientv3.Compare(clientv3.CreateRevision(key), "=", 0))
-				} else {
-					cmps = append(cmps, clientv3.Compare(clientv3.ModRevision(key), "=", cur.ModRevision))
-				}
-				ops = append(ops, clientv3.OpPut(key, string(v), clientv3.WithLease(w.grant.id)))
-				flannelPut = true
-			}
-		}
-	}
 	if len(ops) == 0 {
 		return true, nil
 	}
 	tr, err := cli.Txn(ctx).If(cmps...).Then(ops...).Commit()
-	if flannelPut && errors.Is(err, rpctypes.ErrPermissionDenied) {
-		// A node that claimed its subnet in `--open-subnets` mode may
-		// write its flannel lease only once the next `roles apply`
-		// narrowed its grant to that claim: claim without it, and let
-		// the keeper write it then.
-		w.grant.denied = true
-		cmps, ops = cmps[:len(cmps)-1], ops[:len(ops)-1]
-		flannelPut = false
-		if len(ops) == 0 {
-			return true, nil
-		}
-		tr, err = cli.Txn(ctx).If(cmps...).Then(ops...).Commit()
-	}
 	if err != nil {
 		return false, fmt.Errorf("claim subnet %v for %s: %w", m.Subnet, m.Name, err)
-	}
-	if tr.Succeeded && flannelPut {
-		w.grant.used = true
 	}
 	return tr.Succeeded, nil
 }

@@ -7,7 +7,6 @@ import (
 	"net/netip"
 	"sync"
 	"testing"
-	"time"
 
 	"go.etcd.io/etcd/api/v3/mvccpb"
 	clientv3 "go.etcd.io/etcd/client/v3"
@@ -202,11 +201,13 @@ func claimHerd(t testing.TB, srv *etcdtest.Server, round, n int) ([]registry.Mem
 	return got, errs
 }
 
-// TestClaimWritesEntryInItsTransaction: subnet claim, member record, node
-// entry and flannel lease of a new node land at one revision; a claim that
-// changes nothing writes nothing and leaves no lease behind; a change
-// another process made after the claim's read makes the claim read again;
-// a refused entry writes nothing.
+// TestClaimWritesEntryInItsTransaction: the entry (the node entry, in
+// meshd) is written in the claim's transaction, so peers see the member
+// record and the entry at one revision; a restart that changes nothing
+// writes nothing; a changed endpoint rewrites both, again at one revision;
+// an entry changed between the claim's read and its write makes the claim
+// read again rather than overwrite it; and an entry the claim may not take
+// stops it before anything is written.
 func TestClaimWritesEntryInItsTransaction(t *testing.T) {
 	srv := etcdtest.New(t)
 	cli := etcdtest.NewClient(t, srv)
@@ -230,56 +231,28 @@ func TestClaimWritesEntryInItsTransaction(t *testing.T) {
 			return nil
 		},
 	}
-	flannelOf := func(m registry.Member) []byte {
-		v, err := registry.EncodeFlannelLease(netip.MustParseAddr("192.0.2.1"), m.PublicKey, 51820)
-		if err != nil {
-			t.Fatal(err)
-		}
-		return v
-	}
-	flannel := &registry.ClaimFlannel{Value: flannelOf, TTL: 90 * time.Second}
 	want := registry.Member{Name: "n1", PublicKey: pubKey(1), Endpoint: "192.0.2.1:51820"}
-	var subnet netip.Prefix
-	revs := func() (member, entry, claim, flannel int64) {
+	revs := func() (member, entry, claim int64) {
 		t.Helper()
 		m, err1 := cli.Get(ctx, registry.MemberKey("n1"))
 		e, err2 := cli.Get(ctx, key)
 		c, err3 := cli.Get(ctx, registry.SubnetsPrefix, clientv3.WithPrefix())
-		f, err4 := cli.Get(ctx, registry.FlannelSubnetKey(subnet))
-		if err := errors.Join(err1, err2, err3, err4); err != nil || len(m.Kvs) != 1 || len(e.Kvs) != 1 || len(c.Kvs) != 1 || len(f.Kvs) != 1 {
-			t.Fatalf("after the claim: member %v, entry %v, claims %v, flannel lease %v (%v)", m.Kvs, e.Kvs, c.Kvs, f.Kvs, err)
+		if err := errors.Join(err1, err2, err3); err != nil || len(m.Kvs) != 1 || len(e.Kvs) != 1 || len(c.Kvs) != 1 {
+			t.Fatalf("after the claim: member %v, entry %v, claims %v (%v)", m.Kvs, e.Kvs, c.Kvs, err)
 		}
 		if e.Kvs[0].Lease != int64(g.ID) {
 			t.Errorf("entry on lease %x, want %x", e.Kvs[0].Lease, g.ID)
 		}
-		cur, _ := registry.DecodeMember("n1", m.Kvs[0].Value)
-		if string(f.Kvs[0].Value) != string(flannelOf(cur)) {
-			t.Errorf("flannel lease %s, want %s", f.Kvs[0].Value, flannelOf(cur))
-		}
-		if f.Kvs[0].Lease == 0 || f.Kvs[0].Lease == int64(g.ID) {
-			t.Errorf("flannel lease on etcd lease %x; want one of its own", f.Kvs[0].Lease)
-		} else if ttl, err := cli.TimeToLive(ctx, clientv3.LeaseID(f.Kvs[0].Lease)); err != nil || ttl.GrantedTTL != 90 {
-			t.Errorf("flannel lease's etcd lease: %+v, %v; want 90 s granted", ttl, err)
-		}
-		return m.Kvs[0].ModRevision, e.Kvs[0].ModRevision, c.Kvs[0].ModRevision, f.Kvs[0].ModRevision
-	}
-	leases := func() int {
-		t.Helper()
-		l, err := cli.Leases(ctx)
-		if err != nil {
-			t.Fatal(err)
-		}
-		return len(l.Leases)
+		return m.Kvs[0].ModRevision, e.Kvs[0].ModRevision, c.Kvs[0].ModRevision
 	}
 
-	m, err := registry.ClaimMemberWith(ctx, cli, want, registry.DefaultPool, "", entry, flannel)
+	m, err := registry.ClaimMemberWith(ctx, cli, want, registry.DefaultPool, "", entry)
 	if err != nil {
 		t.Fatal(err)
 	}
-	subnet = m.Subnet
-	mr, er, cr, fr := revs()
-	if mr != er || mr != cr || mr != fr {
-		t.Errorf("a new node's claim, member record, entry and flannel lease at revisions %d, %d, %d, %d; want one", cr, mr, er, fr)
+	mr, er, cr := revs()
+	if mr != er || mr != cr {
+		t.Errorf("a new node's claim, member record and entry at revisions %d, %d, %d; want one", cr, mr, er)
 	}
 	if got, _ := cli.Get(ctx, key); string(got.Kvs[0].Value) != "entry "+m.OverlayIP.String()+" 192.0.2.1:51820" {
 		t.Errorf("entry %q does not name the claimed member", got.Kvs[0].Value)
@@ -287,20 +260,15 @@ func TestClaimWritesEntryInItsTransaction(t *testing.T) {
 
 	// A restart with the same member and entry on the same lease.
 	before, _ := cli.Get(ctx, "/", clientv3.WithPrefix())
-	nLeases := leases()
-	if _, err := registry.ClaimMemberWith(ctx, cli, want, registry.DefaultPool, "", entry, flannel); err != nil {
+	if _, err := registry.ClaimMemberWith(ctx, cli, want, registry.DefaultPool, "", entry); err != nil {
 		t.Fatal(err)
 	}
 	if after, _ := cli.Get(ctx, "/", clientv3.WithPrefix()); after.Header.Revision != before.Header.Revision {
 		t.Errorf("a claim that changes nothing wrote (revision %d -> %d)", before.Header.Revision, after.Header.Revision)
 	}
-	if n := leases(); n != nLeases {
-		t.Errorf("a claim that changes nothing left %d etcd leases, there were %d", n, nLeases)
-	}
 
 	// A new endpoint, and the entry changed by someone else after the
 	// claim read it: the claim reads again and writes both at one revision.
-	// The flannel lease does not name the endpoint: not written.
 	want.Endpoint = "192.0.2.7:51820"
 	interfere = func() {
 		if _, err := cli.Put(ctx, key, "someone else's"); err != nil {
@@ -308,7 +276,7 @@ func TestClaimWritesEntryInItsTransaction(t *testing.T) {
 		}
 	}
 	reads = 0
-	if _, err := registry.ClaimMemberWith(ctx, cli, want, registry.DefaultPool, "", entry, flannel); err != nil {
+	if _, err := registry.ClaimMemberWith(ctx, cli, want, registry.DefaultPool, "", entry); err != nil {
 		t.Fatal(err)
 	}
 	if interfere != nil {
@@ -317,76 +285,24 @@ func TestClaimWritesEntryInItsTransaction(t *testing.T) {
 	if reads != 2 {
 		t.Errorf("the claim read the entry %d times; want 2: the write after the interference must fail and read again", reads)
 	}
-	mr2, er2, _, fr2 := revs()
+	mr2, er2, _ := revs()
 	if mr2 == mr || mr2 != er2 {
 		t.Errorf("new endpoint: member record at %d (was %d), entry at %d; want both rewritten at one revision", mr2, mr, er2)
-	}
-	if fr2 != fr {
-		t.Errorf("new endpoint: flannel lease rewritten (revision %d -> %d); it holds no endpoint", fr, fr2)
 	}
 	if got, _ := cli.Get(ctx, key); string(got.Kvs[0].Value) != "entry "+m.OverlayIP.String()+" 192.0.2.7:51820" {
 		t.Errorf("entry %q after the retried claim", got.Kvs[0].Value)
 	}
 
-	// A new WireGuard key, and the flannel lease changed by someone else
-	// after the read: read again, member record and flannel lease at one
-	// revision, and the lease granted for the failed attempt is the one
-	// used, not a second.
-	want.PublicKey = pubKey(2)
-	interfere = func() {
-		if _, err := cli.Put(ctx, registry.FlannelSubnetKey(subnet), "someone else's"); err != nil {
-			t.Error(err)
-		}
-	}
-	reads, nLeases = 0, leases()
-	if _, err := registry.ClaimMemberWith(ctx, cli, want, registry.DefaultPool, "", entry, flannel); err != nil {
-		t.Fatal(err)
-	}
-	if reads != 2 {
-		t.Errorf("the claim read %d times; want 2: the write after the flannel lease changed must fail and read again", reads)
-	}
-	mr3, _, _, fr3 := revs()
-	if mr3 == mr2 || fr3 != mr3 {
-		t.Errorf("new key: member record at %d (was %d), flannel lease at %d; want both rewritten at one revision", mr3, mr2, fr3)
-	}
-	if n := leases(); n != nLeases+1 {
-		t.Errorf("after a claim that wrote the flannel lease: %d etcd leases, want %d (one granted for it)", n, nLeases+1)
-	}
-
-	// Another key, and someone puts exactly the new flannel lease value
-	// after the read: the retry has no flannel lease to write, and the
-	// etcd lease granted for the failed attempt is revoked.
-	want.PublicKey = pubKey(3)
-	interfere = func() {
-		if _, err := cli.Put(ctx, registry.FlannelSubnetKey(subnet), string(flannelOf(want))); err != nil {
-			t.Error(err)
-		}
-	}
-	reads, nLeases = 0, leases()
-	if _, err := registry.ClaimMemberWith(ctx, cli, want, registry.DefaultPool, "", entry, flannel); err != nil {
-		t.Fatal(err)
-	}
-	if reads != 2 {
-		t.Errorf("the claim read %d times; want 2", reads)
-	}
-	if n := leases(); n != nLeases {
-		t.Errorf("a claim whose granted lease went unused left %d etcd leases, there were %d", n, nLeases)
-	}
-
 	// An entry the claim may not take: nothing is written, the error is
-	// returned as is, no lease is left.
+	// returned as is.
 	refused := errors.New("held by another live process")
 	entry.May = func(context.Context, *mvccpb.KeyValue) error { return refused }
 	before, _ = cli.Get(ctx, "/", clientv3.WithPrefix())
-	nLeases = leases()
 	other := registry.Member{Name: "n1", PublicKey: pubKey(9), Endpoint: "198.51.100.9:51820"}
-	if _, err := registry.ClaimMemberWith(ctx, cli, other, registry.DefaultPool, "", entry, flannel); !errors.Is(err, refused) {
+	if _, err := registry.ClaimMemberWith(ctx, cli, other, registry.DefaultPool, "", entry); !errors.Is(err, refused) {
 		t.Errorf("claim with a refused entry returned %v, want the refusal", err)
 	}
 	if after, _ := cli.Get(ctx, "/", clientv3.WithPrefix()); after.Header.Revision != before.Header.Revision {
 		t.Errorf("a refused claim wrote (revision %d -> %d)", before.Header.Revision, after.Header.Revision)
-	}
-	if n := leases(); n != nLeases {
-		t.Errorf("a refused claim left %d etcd leases, there were %d", n, nLeases)
 	}
 }

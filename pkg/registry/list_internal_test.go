@@ -80,3 +80,29 @@ func TestListReadsPagesAtOneRevision(t *testing.T) {
 		t.Errorf("list holds %q\nwant the keys at its revision %q", got, want)
 	}
 }
+
+// TestListDefaultPage: without ListPage a list reads 1,000 keys at a time
+// (docs/registry.md): 1,000 keys in one read, 1,001 in two.
+func TestListDefaultPage(t *testing.T) {
+	srv := etcdtest.New(t)
+	cli := etcdtest.NewClient(t, srv)
+	ctx := t.Context()
+	kv := &changingKV{KV: cli.KV}
+	cli.KV = kv
+	for _, c := range []struct{ n, want int }{{1000, 1}, {1001, 2}} { // in this order: the keys add up
+		n, want := c.n, c.want
+		for i := range n {
+			if _, err := cli.Put(ctx, fmt.Sprintf("%sbig/k%04d", ClusterPrefix, i), "x"); err != nil {
+				t.Fatal(err)
+			}
+		}
+		kv.gets = 0
+		kvs, _, err := (&Watcher{Client: cli, Prefix: ClusterPrefix}).read(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if len(kvs) != n || kv.gets != want {
+			t.Errorf("%d keys: read %d in %d reads; want all in %d", n, len(kvs), kv.gets, want)
+		}
+	}
+}

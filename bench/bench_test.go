@@ -102,7 +102,7 @@ func TestSmoke(t *testing.T) {
 
 	// The same through etcd's gRPC proxy: watchers and agents connect to
 	// it, the harness writes to etcd.
-	proxy, err := StartGRPCProxy(s.Endpoint())
+	proxy, err := StartGRPCProxy(s.Endpoint(), nil)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"strconv"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	clientv3 "go.etcd.io/etcd/client/v3"
@@ -25,6 +26,9 @@ type FloorOptions struct {
 	Label string
 	// Prefix is where the trial keys go (default "/cluster/backends/floor/").
 	Prefix string
+	// Note, if set, receives what a reader of the result should know
+	// (watch streams that ended and were resumed).
+	Note func(format string, a ...any)
 }
 
 // Floor measures how long etcd takes to deliver one put to N watchers of
@@ -66,24 +70,32 @@ func Floor(ctx context.Context, o FloorOptions) (Series, error) {
 	}
 	got := make(chan delivery, o.N*4)
 	var ready sync.WaitGroup
+	var resumes atomic.Int64
 	for _, c := range clients {
 		ready.Add(1)
 		go func() {
-			wch := c.Watch(clientv3.WithRequireLeader(wctx), o.Prefix, clientv3.WithPrefix(), clientv3.WithCreatedNotify())
 			created := false
-			for wr := range wch {
+			watchResuming(wctx, c, o.Prefix, true, func(wr clientv3.WatchResponse) {
 				now := time.Now()
 				if wr.Created && !created {
 					created = true
 					ready.Done()
-					continue
+					return
 				}
 				for _, ev := range wr.Events {
-					got <- delivery{ev.Kv.ModRevision, now}
+					select {
+					case got <- delivery{ev.Kv.ModRevision, now}:
+					case <-wctx.Done():
+					}
 				}
-			}
+			}, func() { resumes.Add(1) })
 		}()
 	}
+	defer func() {
+		if n := resumes.Load(); n > 0 && o.Note != nil {
+			o.Note("%s: %d watch streams ended and were resumed from their next revision (as meshd resumes; their deliveries count late)", s.Name, n)
+		}
+	}()
 	// Bounded: a watcher whose creation is never confirmed (seen through
 	// etcd's gRPC proxy at N=10,000) must end this scenario, not the run.
 	rctx, rcancel := context.WithTimeout(ctx, 2*time.Minute+time.Duration(o.N)*10*time.Millisecond)

@@ -654,7 +654,8 @@ func dbSize(ctx context.Context, cli *clientv3.Client) int64 {
 
 // RegisterPassive registers n nodes the way their agents would (subnet
 // claim, member record, node entry on a lease: registerNode), then gives
-// each an idle watch on /cluster/ in its own client. The watches start
+// each an idle watch on /cluster/ in its own client, resumed as meshd
+// resumes its own when a stream ends (watchResuming). The watches start
 // after the last registration: a watcher opened per registration would
 // receive every later one, O(n²) events before the benchmark begins. The
 // returned function stops the watches and revokes the nodes' lease.
@@ -691,11 +692,7 @@ func RegisterPassive(ctx context.Context, newClient func() (*clientv3.Client, er
 			return nil, err
 		}
 		clients = append(clients, wc)
-		wch := wc.Watch(clientv3.WithRequireLeader(wctx), registry.ClusterPrefix, clientv3.WithPrefix())
-		go func() {
-			for range wch {
-			}
-		}()
+		go watchResuming(wctx, wc, registry.ClusterPrefix, false, func(clientv3.WatchResponse) {}, nil)
 	}
 	return stop, nil
 }

@@ -109,7 +109,15 @@ func serveGRPCProxy(args []string) error {
 	if len(args) != 1 {
 		return errors.New("usage: bench grpc-proxy ENDPOINT")
 	}
-	p, err := bench.StartGRPCProxy(args[0])
+	// The proxy's warnings and errors (a client's watch stream it cancels,
+	// an upstream it cannot reach) go to stderr, as etcd's own would.
+	cfg := zap.NewProductionConfig()
+	cfg.Level = zap.NewAtomicLevelAt(zap.WarnLevel)
+	lg, err := cfg.Build()
+	if err != nil {
+		return err
+	}
+	p, err := bench.StartGRPCProxy(args[0], lg)
 	if err != nil {
 		return err
 	}
@@ -130,10 +138,7 @@ func servePassive(args []string) error {
 	if err != nil || n < 1 {
 		return fmt.Errorf("passive-nodes: bad count %q", args[1])
 	}
-	newClient := func() (*clientv3.Client, error) {
-		return clientv3.New(clientv3.Config{Endpoints: []string{args[0]}, DialTimeout: 5 * time.Second, Logger: zap.NewNop()})
-	}
-	stop, err := bench.RegisterPassive(context.Background(), newClient, n)
+	stop, err := bench.RegisterPassive(context.Background(), func() (*clientv3.Client, error) { return newClient(args[0]) }, n)
 	if err != nil {
 		return err
 	}

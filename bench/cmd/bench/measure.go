@@ -12,9 +12,9 @@ import (
 	"time"
 
 	clientv3 "go.etcd.io/etcd/client/v3"
-	"go.uber.org/zap"
 
 	"github.com/meshd/meshd/bench"
+	"github.com/meshd/meshd/pkg/etcdclient"
 	"github.com/meshd/meshd/pkg/sandbox"
 )
 
@@ -34,8 +34,11 @@ func (m *measurer) note(format string, a ...any) {
 	m.res.Notes = append(m.res.Notes, fmt.Sprintf(format, a...))
 }
 
+// newClient is a client of endpoint built as meshd builds its own
+// (keep-alive pings, reconnect backoff): the agents, the floor's watchers
+// and the passive nodes connect the way real nodes do.
 func newClient(endpoint string) (*clientv3.Client, error) {
-	return clientv3.New(clientv3.Config{Endpoints: []string{endpoint}, DialTimeout: 5 * time.Second, Logger: zap.NewNop()})
+	return etcdclient.New(etcdclient.Options{Endpoints: []string{endpoint}})
 }
 
 // scale runs the floor and the scale benchmark at n nodes (live of them
@@ -57,7 +60,7 @@ func (m *measurer) scale(ctx context.Context, n, live int, proxy bool) {
 	clientOf := func() (*clientv3.Client, error) { return newClient(endpoint) }
 	control := func() (*clientv3.Client, error) { return newClient(m.etcd.endpoint) }
 	logf("floor N=%d%s ...", n, label)
-	f, err := bench.Floor(ctx, bench.FloorOptions{NewClient: clientOf, Control: control, Label: label, N: n, Trials: m.o.trials})
+	f, err := bench.Floor(ctx, bench.FloorOptions{NewClient: clientOf, Control: control, Label: label, N: n, Trials: m.o.trials, Note: m.note})
 	if err != nil {
 		m.note("floor N=%d%s: %v", n, label, err)
 	} else {

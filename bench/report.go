@@ -310,7 +310,9 @@ func (r *Results) Markdown() string {
 		w("put, then its delete.\n")
 		w("Every agent of a row is live unless the row says \"(K live)\": then K nodes run a real agent here and the other N-K\n")
 		w("are registered by the harness exactly as agents register (subnet claim, member record, leased node entry, flannel lease), each\n")
-		w("holding an idle watch on `/cluster/` in its own client, in a child process (`-scale N:K`).\n")
+		w("holding an idle watch on `/cluster/` in its own client, in a child process (`-scale N:K`). Every client of the\n")
+		w("harness (agents, idle nodes, the floor's watchers) is built as meshd builds its own (`pkg/etcdclient`: keep-alive\n")
+		w("pings, reconnect backoff), and a watch stream that ends is resumed from its next revision, as meshd resumes.\n")
 		w("Bringing N live agents up on one machine costs O(N²) (every join makes every running agent recompute, and etcd\n")
 		w("fans it out to all of them): the start-up column below is that, on two cores, not what one node's start costs.\n")
 		w("Agents join in batches of 50, as a fleet boots; a claim that loses a race retries among more free subnets each time.\n\n")
@@ -421,7 +423,8 @@ func (r *Results) Markdown() string {
 
 	if len(r.Floor) > 0 {
 		w("## The physical floor: etcd delivering one put to N idle watchers\n\n")
-		w("Same etcd process, one client per watcher, each watching `/cluster/backends/floor/` and doing nothing.\n\n")
+		w("Same etcd process, one client per watcher (built as meshd's), each watching `/cluster/backends/floor/` and doing\n")
+		w("nothing. A watcher whose stream ends resumes from its next revision; its late delivery counts (a note says so).\n\n")
 		w("| N | trials | p50 | p99 | max |\n|---|---|---|---|---|\n")
 		for _, s := range r.Floor {
 			w("| %s | %d | %s | %s | %s |\n", s.Name, len(s.Samples), ms(s.Quantile(0.5)), ms(s.Quantile(0.99)), ms(s.Max()))

@@ -37,7 +37,8 @@ func watchResuming(ctx context.Context, cli clientv3.Watcher, prefix string, cre
 		case created:
 			opts = append(opts, clientv3.WithCreatedNotify())
 		}
-		for wr := range cli.Watch(clientv3.WithRequireLeader(ctx), prefix, opts...) {
+		sctx, cancel := context.WithCancel(clientv3.WithRequireLeader(ctx))
+		for wr := range cli.Watch(sctx, prefix, opts...) {
 			if wr.CompactRevision != 0 {
 				next = 0 // from the head again, as a relisting node would
 			}
@@ -50,5 +51,6 @@ func watchResuming(ctx context.Context, cli clientv3.Watcher, prefix string, cre
 			}
 			fn(wr)
 		}
+		cancel() // the stream, if it ended on an error and is still open
 	}
 }

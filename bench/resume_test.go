@@ -13,43 +13,6 @@ import (
 	"github.com/meshd/meshd/pkg/etcdtest"
 )
 
-// fakeEndingWatcher passes a real client's watches through, but ends the
-// first stream after `after` events the way a client sees etcd's gRPC
-// proxy cancel its stream: one last response carrying an error
-// (Canceled), then a closed channel, while the client stays connected.
-type fakeEndingWatcher struct {
-	clientv3.Watcher
-	after int
-	mu    sync.Mutex
-	opens []clientv3.Op // each Watch call's key and options, for the test
-}
-
-func (f *fakeEndingWatcher) Watch(ctx context.Context, key string, opts ...clientv3.OpOption) clientv3.WatchChan {
-	f.mu.Lock()
-	f.opens = append(f.opens, clientv3.OpGet(key, opts...))
-	first := len(f.opens) == 1
-	f.mu.Unlock()
-	if !first {
-		return f.Watcher.Watch(ctx, key, opts...)
-	}
-	ictx, cancel := context.WithCancel(ctx)
-	in := f.Watcher.Watch(ictx, key, opts...)
-	out := make(chan clientv3.WatchResponse)
-	go func() {
-		defer close(out)
-		defer cancel()
-		n := 0
-		for wr := range in {
-			out <- wr
-			if n += len(wr.Events); n >= f.after {
-				out <- clientv3.WatchResponse{Canceled: true}
-				return
-			}
-		}
-	}()
-	return out
-}
-
 // TestWatchResumingLosesNothing: a harness watcher whose stream ends
 // mid-way opens a new one from the revision after the last it saw, and
 // receives every event exactly once, in order.
@@ -58,7 +21,7 @@ func TestWatchResumingLosesNothing(t *testing.T) {
 	cli := etcdtest.NewClient(t, s)
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
-	fake := &fakeEndingWatcher{Watcher: cli.Watcher, after: 3}
+	fake := &etcdtest.FakeEndingWatcher{Watcher: cli.Watcher, After: 3}
 	var (
 		mu      sync.Mutex
 		got     []string
@@ -104,10 +67,11 @@ func TestWatchResumingLosesNothing(t *testing.T) {
 	if !slices.Equal(got, want) {
 		t.Errorf("events %v, want %v", got, want)
 	}
-	if resumes != 1 || len(fake.opens) != 2 {
-		t.Errorf("%d resumptions, %d streams opened; want 1 and 2", resumes, len(fake.opens))
+	opens := fake.Opens()
+	if resumes != 1 || len(opens) != 2 {
+		t.Fatalf("%d resumptions, %d streams opened; want 1 and 2", resumes, len(opens))
 	}
-	if rev := fake.opens[1].Rev(); rev == 0 {
+	if opens[1].Rev() == 0 {
 		t.Errorf("the second stream opened at etcd's head, not after the last revision seen")
 	}
 }

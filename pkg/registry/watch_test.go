@@ -290,3 +290,54 @@ func TestSlowListGetsMoreTime(t *testing.T) {
 		t.Errorf("no list ran out of its 50 µs and was retried with 100 µs (the test read nothing slow); log:\n%s", logs.String())
 	}
 }
+
+// TestWatchResumesWhenTheStreamEnds: etcd's gRPC proxy cancels a client's
+// watch stream when it cannot keep up with it (docs/grpc-proxy.md; the
+// fake stands in for the proxy at the client's interface). The watcher
+// opens a new stream from the revision after the last one it applied and
+// loses no change, without listing again.
+func TestWatchResumesWhenTheStreamEnds(t *testing.T) {
+	srv := etcdtest.New(t)
+	cli := etcdtest.NewClient(t, srv)
+	fake := &etcdtest.FakeEndingWatcher{Watcher: cli.Watcher, After: 1}
+	cli.Watcher = fake
+	writer := etcdtest.NewClient(t, srv)
+	store := registry.NewStore()
+	ch := make(chan struct{}, 1)
+	relists := 0
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	w := &registry.Watcher{Client: cli, Prefix: registry.ClusterPrefix, Store: store, MaxBackoff: 200 * time.Millisecond,
+		Notify: func() {
+			select {
+			case ch <- struct{}{}:
+			default:
+			}
+		},
+		Relisted: func() { relists++ },
+	}
+	go func() { w.Run(ctx); close(done) }()
+	defer func() { cancel(); <-done }()
+	waitFor(t, ch, "the first list", func() bool { return store.Snapshot().Revision > 0 })
+
+	first, err := writer.Put(ctx, registry.MetaKey("backends", "a"), meta(1000))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i, name := range []string{"b", "c", "d"} {
+		if _, err := writer.Put(ctx, registry.MetaKey("backends", name), meta(1001+i)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	waitFor(t, ch, "every change", func() bool { return len(store.Snapshot().Apps) == 4 })
+	opens := fake.Opens()
+	if len(opens) != 2 {
+		t.Fatalf("%d watch streams opened, want 2 (the first ended after one event)", len(opens))
+	}
+	if got, want := opens[1].Rev(), first.Header.Revision+1; got != want {
+		t.Errorf("the second stream started at revision %d, want %d (the one after the last applied)", got, want)
+	}
+	if relists != 1 {
+		t.Errorf("%d lists, want 1: resuming needs no list", relists)
+	}
+}

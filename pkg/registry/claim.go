@@ -97,7 +97,8 @@ func addrOf(v uint32) netip.Addr {
 // two nodes asking at once never get the same subnet: the loser re-reads
 // and picks again, at random among the lowest few free subnets (more each
 // time it loses), so that a fleet booting at once does not queue up for
-// one subnet after another.
+// one subnet after another. A node that holds its subnet already reads
+// only its own keys to take it back (keepOnce), not every claim.
 //
 // want carries Name, PublicKey, Endpoint and Recipient; Subnet and
 // OverlayIP are filled in.
@@ -127,6 +128,9 @@ func ClaimMemberWith(ctx context.Context, cli *clientv3.Client, want Member, poo
 	if err := ValidName(want.Name); err != nil {
 		return Member{}, err
 	}
+	if m, kept, err := keepOnce(ctx, cli, want, entry); err != nil || kept {
+		return m, err
+	}
 	for attempt := 0; attempt < 64; attempt++ {
 		m, done, err := claimOnce(ctx, cli, want, pool, publicIPv4, entry, min(1<<(3*min(attempt, 4)), 1024))
 		if err != nil || done {
@@ -134,6 +138,53 @@ func ClaimMemberWith(ctx context.Context, cli *clientv3.Client, want Member, poo
 		}
 	}
 	return Member{}, fmt.Errorf("claim subnet for %s: too much contention", want.Name)
+}
+
+// keepOnce is the claim of a node that holds a subnet already (a restart,
+// a re-registration after its lease was lost): it reads only the node's
+// own keys, its member record and entry, and writes (or, when nothing
+// changes, only checks) under a compare that the member record's subnet is
+// still claimed by this node. claimOnce reads every subnet claim and every
+// flannel lease, which it needs only to pick a subnet: megabytes at 10,000
+// nodes, and after an etcd outage longer than the lease TTL every node
+// registers again at once. kept is false, with nothing written, when the
+// node has no member record, its record does not decode, or a compare did
+// not hold: then claimOnce decides, from everything.
+func keepOnce(ctx context.Context, cli *clientv3.Client, want Member, entry *ClaimEntry) (m Member, kept bool, err error) {
+	reads := []clientv3.Op{clientv3.OpGet(MemberKey(want.Name))}
+	if entry != nil {
+		reads = append(reads, clientv3.OpGet(entry.Key))
+	}
+	resp, err := cli.Txn(ctx).Then(reads...).Commit()
+	if err != nil {
+		return Member{}, false, fmt.Errorf("claim subnet: %w", err)
+	}
+	kvs := resp.Responses[0].GetResponseRange().Kvs
+	if len(kvs) != 1 {
+		return Member{}, false, nil
+	}
+	old, err := DecodeMember(want.Name, kvs[0].Value)
+	if err != nil {
+		return Member{}, false, nil
+	}
+	put := claimWrite{
+		memberCmp: clientv3.Compare(clientv3.ModRevision(MemberKey(want.Name)), "=", kvs[0].ModRevision),
+		held:      true,
+	}
+	if entry != nil {
+		var cur *mvccpb.KeyValue
+		if kvs := resp.Responses[1].GetResponseRange().Kvs; len(kvs) == 1 {
+			cur = kvs[0]
+		}
+		if err := entry.May(ctx, cur); err != nil {
+			return Member{}, false, err
+		}
+		put.entry, put.cur = entry, cur
+	}
+	want.Subnet, want.OverlayIP = old.Subnet, old.OverlayIP
+	put.member = old != want
+	ok, err := put.commit(ctx, cli, want)
+	return want, ok, err
 }
 
 // claimOnce makes one attempt; a new subnet is picked among the spread
@@ -231,6 +282,10 @@ type claimWrite struct {
 	claimCmp  clientv3.Cmp
 	entry     *ClaimEntry
 	cur       *mvccpb.KeyValue // the entry as read
+	// held: m's subnet claim, which the attempt did not read, must name
+	// m's node; the transaction is sent (a compare only) even when there
+	// is nothing to write.
+	held bool
 }
 
 func claimValue(node string) []byte {
@@ -269,7 +324,9 @@ func (w claimWrite) commit(ctx context.Context, cli *clientv3.Client, m Member) 
 			ops = append(ops, clientv3.OpPut(e.Key, string(v), clientv3.WithLease(e.Lease)))
 		}
 	}
-	if len(ops) == 0 {
+	if w.held {
+		cmps = append(cmps, clientv3.Compare(clientv3.Value(SubnetKey(m.Subnet)), "=", string(claimValue(m.Name))))
+	} else if len(ops) == 0 {
 		return true, nil
 	}
 	tr, err := cli.Txn(ctx).If(cmps...).Then(ops...).Commit()

@@ -33,6 +33,10 @@ type Results struct {
 	// Notes are problems met during the run (a scenario that failed, a
 	// peer that was not given), reported verbatim.
 	Notes []string
+	// NetLoss is what the kernel dropped during each part of the run, and
+	// NetdevMaxBacklog the input backlog's size then (0: not recorded).
+	NetLoss          []PartLoss `json:",omitempty"`
+	NetdevMaxBacklog int        `json:",omitempty"`
 }
 
 // Machine describes this machine in one line.
@@ -485,6 +489,21 @@ func (r *Results) Markdown() string {
 		w("  than %s. 5 s is WireGuard's handshake retry interval (REKEY_TIMEOUT): consistent with a first handshake\n", ms(joinMax))
 		w("  initiation reaching the new node before it had configured the sender as a peer, and the next attempt waiting 5 s.\n")
 		w("  Not yet confirmed by a packet trace; a node could re-initiate handshakes once it has applied new peers.\n\n")
+	}
+
+	if len(r.NetLoss) > 0 {
+		w("## What the kernel dropped during each part\n\n")
+		w("Packets dropped because a CPU's input backlog was full (`/proc/net/softnet_stat`, machine-wide: loopback and the\n")
+		w("sandbox's veth pairs pass through it; `net.core.netdev_max_backlog` = %d during this run), and TCP connections the\n", r.NetdevMaxBacklog)
+		w("kernel aborted when their retransmissions outlasted the socket's timeout (TcpExt `TCPAbortOnTimeout`, in the\n")
+		w("benchmark process's network namespace: etcd, the agents, the floor's watchers, Traefik; gRPC sets that timeout to its\n")
+		w("keep-alive timeout). A part with drops measured the kernel's retransmissions too (200 ms and more each), not only the\n")
+		w("work of etcd and meshd. The bench does not change the host's settings.\n\n")
+		w("| part | input backlog drops | TCP aborts on timeout |\n|---|---|---|\n")
+		for _, x := range r.NetLoss {
+			w("| %s | %d | %d |\n", x.Part, x.BacklogDrops, x.AbortOnTimeout)
+		}
+		w("\n")
 	}
 
 	if len(r.Notes) > 0 {

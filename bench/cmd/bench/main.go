@@ -55,7 +55,7 @@ func run(ctx context.Context) error {
 		return write(&res, o.out)
 	}
 	res := &bench.Results{
-		Started: time.Now(), Machine: bench.Machine(), Trials: o.trials,
+		Started: time.Now(), Machine: bench.Machine(), Trials: o.trials, NetdevMaxBacklog: bench.NetdevMaxBacklog(),
 		Command:  "go run ./bench/cmd/bench " + strings.Join(os.Args[1:], " "),
 		Versions: []string{"etcd server/client v3.7.3 (embedded)", bench.HAProxyVersion(), "userspace wireguard-go (golang.zx2c4.com/wireguard, from go.mod)"},
 	}

@@ -34,6 +34,23 @@ func (m *measurer) note(format string, a ...any) {
 	m.res.Notes = append(m.res.Notes, fmt.Sprintf(format, a...))
 }
 
+// counted runs one part of the run and records what the kernel dropped
+// meanwhile.
+func (m *measurer) counted(part string, run func()) {
+	before, err := bench.ReadNetLoss()
+	run()
+	if err != nil {
+		m.note("%s: kernel drop counters not read: %v", part, err)
+		return
+	}
+	after, err := bench.ReadNetLoss()
+	if err != nil {
+		m.note("%s: kernel drop counters not read: %v", part, err)
+		return
+	}
+	m.res.NetLoss = append(m.res.NetLoss, bench.PartLoss{Part: part, NetLoss: after.Sub(before)})
+}
+
 // newClient is a client of endpoint built as meshd builds its own
 // (keep-alive pings, reconnect backoff): the agents, the floor's watchers
 // and the passive nodes connect the way real nodes do.
@@ -60,13 +77,15 @@ func (m *measurer) scale(ctx context.Context, n, live int, proxy bool) {
 	clientOf := func() (*clientv3.Client, error) { return newClient(endpoint) }
 	control := func() (*clientv3.Client, error) { return newClient(m.etcd.endpoint) }
 	logf("floor N=%d%s ...", n, label)
-	f, err := bench.Floor(ctx, bench.FloorOptions{NewClient: clientOf, Control: control, Label: label, N: n, Trials: m.o.trials, Note: m.note})
-	if err != nil {
-		m.note("floor N=%d%s: %v", n, label, err)
-	} else {
-		logf("%s", f.Summary())
-		m.res.Floor = append(m.res.Floor, f)
-	}
+	m.counted(fmt.Sprintf("etcd watch floor N=%d%s", n, label), func() {
+		f, err := bench.Floor(ctx, bench.FloorOptions{NewClient: clientOf, Control: control, Label: label, N: n, Trials: m.o.trials, Note: m.note})
+		if err != nil {
+			m.note("floor N=%d%s: %v", n, label, err)
+		} else {
+			logf("%s", f.Summary())
+			m.res.Floor = append(m.res.Floor, f)
+		}
+	})
 	logf("scale N=%d%s ...", n, label)
 	var prof, idleProf io.Writer
 	if dir := m.o.scaleProf; dir != "" {
@@ -84,18 +103,24 @@ func (m *measurer) scale(ctx context.Context, n, live int, proxy bool) {
 			*p.w = f
 		}
 	}
-	s, err := bench.Scale(ctx, bench.ScaleOptions{
-		CPUProfile: prof, IdleCPUProfile: idleProf,
-		NewClient: clientOf, Control: control, Label: label, MetricsURL: m.etcd.endpoint + "/metrics", N: n, Live: live, Trials: m.o.trials,
-		Idle: m.o.idle, Joins: m.o.joins,
-		Passive: func(ctx context.Context, n int) (func(), error) {
-			p, _, err := startChild("passive-nodes", endpoint, strconv.Itoa(n))
-			if err != nil {
-				return nil, fmt.Errorf("passive nodes: %w", err)
-			}
-			return p.stop, nil
-		},
-		StateDir: filepath.Join(m.work, fmt.Sprintf("scale-%d", n)), Log: logf, AgentLog: m.alog,
+	var (
+		s   bench.ScaleResult
+		err error
+	)
+	m.counted(fmt.Sprintf("scale N=%d%s", n, label), func() {
+		s, err = bench.Scale(ctx, bench.ScaleOptions{
+			CPUProfile: prof, IdleCPUProfile: idleProf,
+			NewClient: clientOf, Control: control, Label: label, MetricsURL: m.etcd.endpoint + "/metrics", N: n, Live: live, Trials: m.o.trials,
+			Idle: m.o.idle, Joins: m.o.joins,
+			Passive: func(ctx context.Context, n int) (func(), error) {
+				p, _, err := startChild("passive-nodes", endpoint, strconv.Itoa(n))
+				if err != nil {
+					return nil, fmt.Errorf("passive nodes: %w", err)
+				}
+				return p.stop, nil
+			},
+			StateDir: filepath.Join(m.work, fmt.Sprintf("scale-%d", n)), Log: logf, AgentLog: m.alog,
+		})
 	})
 	if err != nil {
 		m.note("scale N=%d%s: %v", n, label, err)
@@ -118,9 +143,15 @@ func (m *measurer) traefik(ctx context.Context) error {
 	for _, n := range m.o.traefikNs {
 		for _, throttle := range m.o.throttles {
 			logf("traefik N=%d throttle=%s ...", n, throttle)
-			t, err := bench.Traefik(ctx, bench.TraefikOptions{
-				Binary: m.o.traefikBin, EtcdAddr: strings.TrimPrefix(m.etcd.endpoint, "http://"), Client: cli,
-				N: n, Trials: m.o.trials, Throttle: throttle, Dir: m.work, Log: logf,
+			var (
+				t   bench.TraefikResult
+				err error
+			)
+			m.counted(fmt.Sprintf("Traefik N=%d throttle %s", n, throttle), func() {
+				t, err = bench.Traefik(ctx, bench.TraefikOptions{
+					Binary: m.o.traefikBin, EtcdAddr: strings.TrimPrefix(m.etcd.endpoint, "http://"), Client: cli,
+					N: n, Trials: m.o.trials, Throttle: throttle, Dir: m.work, Log: logf,
+				})
 			})
 			if err != nil {
 				m.note("traefik N=%d throttle=%s: %v", n, throttle, err)
@@ -143,9 +174,15 @@ func (m *measurer) traefik(ctx context.Context) error {
 func (m *measurer) sandboxes(ctx context.Context) error {
 	if n := m.o.oneNode; n > 0 {
 		logf("one node N=%d ...", n)
-		o, err := bench.OneNode(ctx, bench.OneNodeOptions{
-			Sandbox: sandbox.Options{Name: "mdbench1", MeshdBinary: m.o.meshd},
-			N:       n, Idle: max(m.o.idle, 10*time.Second), Log: logf,
+		var (
+			o   bench.OneNodeResult
+			err error
+		)
+		m.counted(fmt.Sprintf("one meshd with a %d-node view", n), func() {
+			o, err = bench.OneNode(ctx, bench.OneNodeOptions{
+				Sandbox: sandbox.Options{Name: "mdbench1", MeshdBinary: m.o.meshd},
+				N:       n, Idle: max(m.o.idle, 10*time.Second), Log: logf,
+			})
 		})
 		if err != nil {
 			m.note("one node N=%d: %v", n, err)
@@ -155,10 +192,16 @@ func (m *measurer) sandboxes(ctx context.Context) error {
 	}
 	for _, n := range m.o.fidelity {
 		logf("full fidelity N=%d ...", n)
-		f, err := bench.Fidelity(ctx, bench.FidelityOptions{
-			Sandbox: sandbox.Options{Name: "mdbench", MeshdBinary: m.o.meshd},
-			N:       n, Trials: m.o.trials, KillTrials: m.o.killTrials, Log: logf,
-			Profile: profileFor(n, m.o), ProfileDir: m.o.out,
+		var (
+			f   bench.FidelityResult
+			err error
+		)
+		m.counted(fmt.Sprintf("full fidelity sandbox N=%d", n), func() {
+			f, err = bench.Fidelity(ctx, bench.FidelityOptions{
+				Sandbox: sandbox.Options{Name: "mdbench", MeshdBinary: m.o.meshd},
+				N:       n, Trials: m.o.trials, KillTrials: m.o.killTrials, Log: logf,
+				Profile: profileFor(n, m.o), ProfileDir: m.o.out,
+			})
 		})
 		if err != nil {
 			m.note("full fidelity N=%d: %v", n, err)

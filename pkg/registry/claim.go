@@ -171,15 +171,8 @@ func keepOnce(ctx context.Context, cli *clientv3.Client, want Member, entry *Cla
 		memberCmp: clientv3.Compare(clientv3.ModRevision(MemberKey(want.Name)), "=", kvs[0].ModRevision),
 		held:      true,
 	}
-	if entry != nil {
-		var cur *mvccpb.KeyValue
-		if kvs := resp.Responses[1].GetResponseRange().Kvs; len(kvs) == 1 {
-			cur = kvs[0]
-		}
-		if err := entry.May(ctx, cur); err != nil {
-			return Member{}, false, err
-		}
-		put.entry, put.cur = entry, cur
+	if err := put.takeEntry(ctx, entry, resp, 1); err != nil {
+		return Member{}, false, err
 	}
 	want.Subnet, want.OverlayIP = old.Subnet, old.OverlayIP
 	put.member = old != want
@@ -229,15 +222,8 @@ func claimOnce(ctx context.Context, cli *clientv3.Client, want Member, pool Pool
 		used[p] = true // a flannel node still running there
 	}
 	var put claimWrite
-	if entry != nil {
-		var cur *mvccpb.KeyValue
-		if kvs := resp.Responses[3].GetResponseRange().Kvs; len(kvs) == 1 {
-			cur = kvs[0]
-		}
-		if err := entry.May(ctx, cur); err != nil {
-			return Member{}, false, err
-		}
-		put.entry, put.cur = entry, cur
+	if err := put.takeEntry(ctx, entry, resp, 3); err != nil {
+		return Member{}, false, err
 	}
 
 	put.memberCmp = clientv3.Compare(clientv3.CreateRevision(MemberKey(want.Name)), "=", 0)
@@ -286,6 +272,23 @@ type claimWrite struct {
 	// m's node; the transaction is sent (a compare only) even when there
 	// is nothing to write.
 	held bool
+}
+
+// takeEntry sets the entry (nil: none) the attempt writes, as read by
+// resp's i-th operation, once entry.May allows taking it.
+func (w *claimWrite) takeEntry(ctx context.Context, entry *ClaimEntry, resp *clientv3.TxnResponse, i int) error {
+	if entry == nil {
+		return nil
+	}
+	var cur *mvccpb.KeyValue
+	if kvs := resp.Responses[i].GetResponseRange().Kvs; len(kvs) == 1 {
+		cur = kvs[0]
+	}
+	if err := entry.May(ctx, cur); err != nil {
+		return err
+	}
+	w.entry, w.cur = entry, cur
+	return nil
 }
 
 func claimValue(node string) []byte {

@@ -64,9 +64,12 @@ func (r *readRecorder) intercept(ctx context.Context, method string, req, reply 
 	return err
 }
 
-// recordedClient is a client of srv whose reads rec records.
-func recordedClient(t testing.TB, srv *etcdtest.Server, rec *readRecorder) *clientv3.Client {
+// recordedCluster is a new etcd holding n other nodes (seedNodes), and a
+// client of it whose reads the recorder records.
+func recordedCluster(t testing.TB, n int) (*clientv3.Client, *readRecorder) {
 	t.Helper()
+	srv := etcdtest.New(t)
+	rec := &readRecorder{}
 	cli, err := clientv3.New(clientv3.Config{
 		Endpoints:   []string{srv.Endpoint()},
 		Logger:      zap.NewNop(),
@@ -76,7 +79,8 @@ func recordedClient(t testing.TB, srv *etcdtest.Server, rec *readRecorder) *clie
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { cli.Close() })
-	return cli
+	seedNodes(t, cli, n)
+	return cli, rec
 }
 
 // seedNodes writes n other nodes' subnet claims and the flannel leases
@@ -135,11 +139,8 @@ func nodeEntry(node string, lease clientv3.LeaseID) *ClaimEntry {
 // reading its own keys, not every subnet claim and flannel lease; and
 // it keeps the subnet only while the claim is still its own.
 func TestReclaimReadsOnlyItsOwnKeys(t *testing.T) {
-	srv := etcdtest.New(t)
-	rec := &readRecorder{}
-	cli := recordedClient(t, srv, rec)
+	cli, rec := recordedCluster(t, 300)
 	ctx := t.Context()
-	seedNodes(t, cli, 300)
 	grant := func() clientv3.LeaseID {
 		g, err := cli.Grant(ctx, 60)
 		if err != nil {
@@ -220,11 +221,8 @@ func TestReclaimReadsOnlyItsOwnKeys(t *testing.T) {
 // subnet, and which every registration ran before). Reported: bytes etcd
 // answered per registration.
 func BenchmarkReclaim(b *testing.B) {
-	srv := etcdtest.New(b)
-	rec := &readRecorder{}
-	cli := recordedClient(b, srv, rec)
+	cli, rec := recordedCluster(b, 10000)
 	ctx := context.Background()
-	seedNodes(b, cli, 10000)
 	g, err := cli.Grant(ctx, 600)
 	if err != nil {
 		b.Fatal(err)

@@ -34,21 +34,21 @@ func (m *measurer) note(format string, a ...any) {
 	m.res.Notes = append(m.res.Notes, fmt.Sprintf(format, a...))
 }
 
-// counted runs one part of the run and records what the kernel dropped
-// meanwhile.
-func (m *measurer) counted(part string, run func()) {
+// counted runs one part of the run, records what the kernel dropped
+// meanwhile, and returns what the part returned.
+func counted[T any](m *measurer, part string, run func() (T, error)) (T, error) {
 	before, err := bench.ReadNetLoss()
-	run()
+	v, runErr := run()
+	if err == nil {
+		var after bench.NetLoss
+		if after, err = bench.ReadNetLoss(); err == nil {
+			m.res.NetLoss = append(m.res.NetLoss, bench.PartLoss{Part: part, NetLoss: after.Sub(before)})
+		}
+	}
 	if err != nil {
 		m.note("%s: kernel drop counters not read: %v", part, err)
-		return
 	}
-	after, err := bench.ReadNetLoss()
-	if err != nil {
-		m.note("%s: kernel drop counters not read: %v", part, err)
-		return
-	}
-	m.res.NetLoss = append(m.res.NetLoss, bench.PartLoss{Part: part, NetLoss: after.Sub(before)})
+	return v, runErr
 }
 
 // newClient is a client of endpoint built as meshd builds its own
@@ -77,15 +77,15 @@ func (m *measurer) scale(ctx context.Context, n, live int, proxy bool) {
 	clientOf := func() (*clientv3.Client, error) { return newClient(endpoint) }
 	control := func() (*clientv3.Client, error) { return newClient(m.etcd.endpoint) }
 	logf("floor N=%d%s ...", n, label)
-	m.counted(fmt.Sprintf("etcd watch floor N=%d%s", n, label), func() {
-		f, err := bench.Floor(ctx, bench.FloorOptions{NewClient: clientOf, Control: control, Label: label, N: n, Trials: m.o.trials, Note: m.note})
-		if err != nil {
-			m.note("floor N=%d%s: %v", n, label, err)
-		} else {
-			logf("%s", f.Summary())
-			m.res.Floor = append(m.res.Floor, f)
-		}
+	f, err := counted(m, fmt.Sprintf("etcd watch floor N=%d%s", n, label), func() (bench.Series, error) {
+		return bench.Floor(ctx, bench.FloorOptions{NewClient: clientOf, Control: control, Label: label, N: n, Trials: m.o.trials, Note: m.note})
 	})
+	if err != nil {
+		m.note("floor N=%d%s: %v", n, label, err)
+	} else {
+		logf("%s", f.Summary())
+		m.res.Floor = append(m.res.Floor, f)
+	}
 	logf("scale N=%d%s ...", n, label)
 	var prof, idleProf io.Writer
 	if dir := m.o.scaleProf; dir != "" {
@@ -103,12 +103,8 @@ func (m *measurer) scale(ctx context.Context, n, live int, proxy bool) {
 			*p.w = f
 		}
 	}
-	var (
-		s   bench.ScaleResult
-		err error
-	)
-	m.counted(fmt.Sprintf("scale N=%d%s", n, label), func() {
-		s, err = bench.Scale(ctx, bench.ScaleOptions{
+	s, err := counted(m, fmt.Sprintf("scale N=%d%s", n, label), func() (bench.ScaleResult, error) {
+		return bench.Scale(ctx, bench.ScaleOptions{
 			CPUProfile: prof, IdleCPUProfile: idleProf,
 			NewClient: clientOf, Control: control, Label: label, MetricsURL: m.etcd.endpoint + "/metrics", N: n, Live: live, Trials: m.o.trials,
 			Idle: m.o.idle, Joins: m.o.joins,
@@ -143,12 +139,8 @@ func (m *measurer) traefik(ctx context.Context) error {
 	for _, n := range m.o.traefikNs {
 		for _, throttle := range m.o.throttles {
 			logf("traefik N=%d throttle=%s ...", n, throttle)
-			var (
-				t   bench.TraefikResult
-				err error
-			)
-			m.counted(fmt.Sprintf("Traefik N=%d throttle %s", n, throttle), func() {
-				t, err = bench.Traefik(ctx, bench.TraefikOptions{
+			t, err := counted(m, fmt.Sprintf("Traefik N=%d throttle %s", n, throttle), func() (bench.TraefikResult, error) {
+				return bench.Traefik(ctx, bench.TraefikOptions{
 					Binary: m.o.traefikBin, EtcdAddr: strings.TrimPrefix(m.etcd.endpoint, "http://"), Client: cli,
 					N: n, Trials: m.o.trials, Throttle: throttle, Dir: m.work, Log: logf,
 				})
@@ -174,12 +166,8 @@ func (m *measurer) traefik(ctx context.Context) error {
 func (m *measurer) sandboxes(ctx context.Context) error {
 	if n := m.o.oneNode; n > 0 {
 		logf("one node N=%d ...", n)
-		var (
-			o   bench.OneNodeResult
-			err error
-		)
-		m.counted(fmt.Sprintf("one meshd with a %d-node view", n), func() {
-			o, err = bench.OneNode(ctx, bench.OneNodeOptions{
+		o, err := counted(m, fmt.Sprintf("one meshd with a %d-node view", n), func() (bench.OneNodeResult, error) {
+			return bench.OneNode(ctx, bench.OneNodeOptions{
 				Sandbox: sandbox.Options{Name: "mdbench1", MeshdBinary: m.o.meshd},
 				N:       n, Idle: max(m.o.idle, 10*time.Second), Log: logf,
 			})
@@ -192,12 +180,8 @@ func (m *measurer) sandboxes(ctx context.Context) error {
 	}
 	for _, n := range m.o.fidelity {
 		logf("full fidelity N=%d ...", n)
-		var (
-			f   bench.FidelityResult
-			err error
-		)
-		m.counted(fmt.Sprintf("full fidelity sandbox N=%d", n), func() {
-			f, err = bench.Fidelity(ctx, bench.FidelityOptions{
+		f, err := counted(m, fmt.Sprintf("full fidelity sandbox N=%d", n), func() (bench.FidelityResult, error) {
+			return bench.Fidelity(ctx, bench.FidelityOptions{
 				Sandbox: sandbox.Options{Name: "mdbench", MeshdBinary: m.o.meshd},
 				N:       n, Trials: m.o.trials, KillTrials: m.o.killTrials, Log: logf,
 				Profile: profileFor(n, m.o), ProfileDir: m.o.out,

@@ -9,6 +9,7 @@ import (
 
 	clientv3 "go.etcd.io/etcd/client/v3"
 
+	"github.com/meshd/meshd/pkg/etcdclient"
 	"github.com/meshd/meshd/pkg/etcdtest"
 	"github.com/meshd/meshd/pkg/sandbox"
 	"github.com/meshd/meshd/pkg/sandbox/sandboxtest"
@@ -107,8 +108,8 @@ func TestSmoke(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer proxy.Close()
-	viaProxy := func() (*clientv3.Client, error) {
-		return clientv3.New(clientv3.Config{Endpoints: []string{proxy.Endpoint}, DialTimeout: 5 * time.Second})
+	viaProxy := func() (*clientv3.Client, error) { // as the bench builds them
+		return etcdclient.New(etcdclient.Options{Endpoints: []string{proxy.Endpoint}})
 	}
 	pf, err := Floor(ctx, FloorOptions{NewClient: viaProxy, Control: newClient, Label: " via grpc-proxy", N: 3, Trials: 3})
 	if err != nil {

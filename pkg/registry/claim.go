@@ -98,7 +98,7 @@ func addrOf(v uint32) netip.Addr {
 // and picks again, at random among the lowest few free subnets (more each
 // time it loses), so that a fleet booting at once does not queue up for
 // one subnet after another. A node that holds its subnet already reads
-// only its own keys to take it back (keepOnce), not every claim.
+// only its own keys to take it back, not every claim (ClaimMemberWith).
 //
 // want carries Name, PublicKey, Endpoint and Recipient; Subnet and
 // OverlayIP are filled in.
@@ -124,15 +124,48 @@ type ClaimEntry struct {
 
 // ClaimMemberWith is ClaimMember that also writes entry (nil: none) in the
 // claim's transaction, unless it already holds that value on that lease.
+//
+// A node that holds a subnet already (a restart, a re-registration after
+// its lease was lost) reads only its own keys, its member record and entry:
+// every subnet claim and flannel lease is needed only to pick a subnet,
+// and is megabytes at 10,000 nodes, while after an etcd outage longer than
+// the lease TTL every node registers again at once. Its first read is one
+// transaction that reads its own keys if its member record exists and
+// everything otherwise; the write that keeps the subnet holds only while
+// the subnet's claim names the node. When it does not, or the record does
+// not decode, the next attempt reads everything.
 func ClaimMemberWith(ctx context.Context, cli *clientv3.Client, want Member, pool Pool, publicIPv4 string, entry *ClaimEntry) (Member, error) {
 	if err := ValidName(want.Name); err != nil {
 		return Member{}, err
 	}
-	if m, kept, err := keepOnce(ctx, cli, want, entry); err != nil || kept {
-		return m, err
+	own := []clientv3.Op{clientv3.OpGet(MemberKey(want.Name))}
+	if entry != nil {
+		own = append(own, clientv3.OpGet(entry.Key))
+	}
+	resp, err := cli.Txn(ctx).If(clientv3.Compare(clientv3.CreateRevision(MemberKey(want.Name)), ">", 0)).
+		Then(own...).Else(readAll(want.Name, entry)...).Commit()
+	if err != nil {
+		return Member{}, fmt.Errorf("claim subnet: %w", err)
+	}
+	if resp.Succeeded {
+		m, kept, err := keep(ctx, cli, want, entry, resp)
+		if err != nil || kept {
+			return m, err
+		}
+		resp = nil // read everything
 	}
 	for attempt := 0; attempt < 64; attempt++ {
-		m, done, err := claimOnce(ctx, cli, want, pool, publicIPv4, entry, min(1<<(3*min(attempt, 4)), 1024))
+		spread := min(1<<(3*min(attempt, 4)), 1024)
+		var (
+			m    Member
+			done bool
+		)
+		if resp != nil {
+			m, done, err = claimFrom(ctx, cli, want, pool, publicIPv4, entry, spread, resp)
+			resp = nil
+		} else {
+			m, done, err = claimOnce(ctx, cli, want, pool, publicIPv4, entry, spread)
+		}
 		if err != nil || done {
 			return m, err
 		}
@@ -140,25 +173,12 @@ func ClaimMemberWith(ctx context.Context, cli *clientv3.Client, want Member, poo
 	return Member{}, fmt.Errorf("claim subnet for %s: too much contention", want.Name)
 }
 
-// keepOnce is the claim of a node that holds a subnet already (a restart,
-// a re-registration after its lease was lost): it reads only the node's
-// own keys, its member record and entry, and writes (or, when nothing
-// changes, only checks) under a compare that the member record's subnet is
-// still claimed by this node. claimOnce reads every subnet claim and every
-// flannel lease, which it needs only to pick a subnet: megabytes at 10,000
-// nodes, and after an etcd outage longer than the lease TTL every node
-// registers again at once. kept is false, with nothing written, when the
-// node has no member record, its record does not decode, or a compare did
-// not hold: then claimOnce decides, from everything.
-func keepOnce(ctx context.Context, cli *clientv3.Client, want Member, entry *ClaimEntry) (m Member, kept bool, err error) {
-	reads := []clientv3.Op{clientv3.OpGet(MemberKey(want.Name))}
-	if entry != nil {
-		reads = append(reads, clientv3.OpGet(entry.Key))
-	}
-	resp, err := cli.Txn(ctx).Then(reads...).Commit()
-	if err != nil {
-		return Member{}, false, fmt.Errorf("claim subnet: %w", err)
-	}
+// keep takes back the subnet of the member record resp read (with the
+// entry, if any), writing (or, when nothing changes, only checking) under
+// a compare that the subnet's claim still names the node. done is false,
+// with nothing written, when the record does not decode or a compare did
+// not hold.
+func keep(ctx context.Context, cli *clientv3.Client, want Member, entry *ClaimEntry, resp *clientv3.TxnResponse) (m Member, done bool, err error) {
 	kvs := resp.Responses[0].GetResponseRange().Kvs
 	if len(kvs) != 1 {
 		return Member{}, false, nil
@@ -180,21 +200,33 @@ func keepOnce(ctx context.Context, cli *clientv3.Client, want Member, entry *Cla
 	return want, ok, err
 }
 
-// claimOnce makes one attempt; a new subnet is picked among the spread
-// lowest free ones.
-func claimOnce(ctx context.Context, cli *clientv3.Client, want Member, pool Pool, publicIPv4 string, entry *ClaimEntry, spread int) (Member, bool, error) {
+// readAll reads what claimFrom needs: the member record, every subnet
+// claim and flannel lease, and the entry (if any).
+func readAll(name string, entry *ClaimEntry) []clientv3.Op {
 	reads := []clientv3.Op{
-		clientv3.OpGet(MemberKey(want.Name)),
+		clientv3.OpGet(MemberKey(name)),
 		clientv3.OpGet(SubnetsPrefix, clientv3.WithPrefix()),
 		clientv3.OpGet(FlannelSubnetPrefix, clientv3.WithPrefix()),
 	}
 	if entry != nil {
 		reads = append(reads, clientv3.OpGet(entry.Key))
 	}
-	resp, err := cli.Txn(ctx).Then(reads...).Commit()
+	return reads
+}
+
+// claimOnce reads everything (readAll) and makes one attempt from it
+// (claimFrom).
+func claimOnce(ctx context.Context, cli *clientv3.Client, want Member, pool Pool, publicIPv4 string, entry *ClaimEntry, spread int) (Member, bool, error) {
+	resp, err := cli.Txn(ctx).Then(readAll(want.Name, entry)...).Commit()
 	if err != nil {
 		return Member{}, false, fmt.Errorf("claim subnet: %w", err)
 	}
+	return claimFrom(ctx, cli, want, pool, publicIPv4, entry, spread, resp)
+}
+
+// claimFrom makes one attempt from resp, as readAll read it; a new subnet
+// is picked among the spread lowest free ones.
+func claimFrom(ctx context.Context, cli *clientv3.Client, want Member, pool Pool, publicIPv4 string, entry *ClaimEntry, spread int, resp *clientv3.TxnResponse) (Member, bool, error) {
 	memberKVs := resp.Responses[0].GetResponseRange().Kvs
 	claims := map[netip.Prefix]string{}
 	used := map[netip.Prefix]bool{}

@@ -25,12 +25,13 @@ type readRecorder struct {
 	prefixes []string // keys read with a range end
 	points   []string // keys read alone
 	answered int      // bytes of every answer
+	txns     int      // transactions sent
 }
 
 func (r *readRecorder) reset() {
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	r.prefixes, r.points, r.answered = nil, nil, 0
+	r.prefixes, r.points, r.answered, r.txns = nil, nil, 0, 0
 }
 
 func (r *readRecorder) range_(rr *etcdserverpb.RangeRequest) {
@@ -52,10 +53,13 @@ func (r *readRecorder) intercept(ctx context.Context, method string, req, reply 
 	case *etcdserverpb.RangeRequest:
 		r.range_(q)
 	case *etcdserverpb.TxnRequest:
-		for _, ops := range [][]*etcdserverpb.RequestOp{q.Success, q.Failure} {
-			for _, op := range ops {
-				r.range_(op.GetRequestRange())
-			}
+		r.txns++
+		ops := q.Failure // the branch etcd ran
+		if resp, ok := reply.(*etcdserverpb.TxnResponse); ok && resp.Succeeded {
+			ops = q.Success
+		}
+		for _, op := range ops {
+			r.range_(op.GetRequestRange())
 		}
 	}
 	if m, ok := reply.(proto.Message); ok && err == nil {
@@ -159,6 +163,9 @@ func TestReclaimReadsOnlyItsOwnKeys(t *testing.T) {
 	if !strings.Contains(strings.Join(rec.prefixes, " "), SubnetsPrefix) {
 		t.Fatalf("a new node's claim read no claims (prefix reads %q)", rec.prefixes)
 	}
+	if rec.txns != 2 {
+		t.Errorf("a new node's claim sent %d transactions; want 2 (its read, its write)", rec.txns)
+	}
 
 	// Its lease lost: the claim again, the entry on a new lease.
 	rec.reset()
@@ -170,8 +177,8 @@ func TestReclaimReadsOnlyItsOwnKeys(t *testing.T) {
 	if again != first {
 		t.Errorf("re-registration got %+v, want %+v", again, first)
 	}
-	if len(rec.prefixes) != 0 {
-		t.Errorf("re-registration read prefixes %q; want its own keys only (read %q)", rec.prefixes, rec.points)
+	if len(rec.prefixes) != 0 || rec.txns != 2 {
+		t.Errorf("re-registration sent %d transactions and read prefixes %q; want 2 (its read, its write) and its own keys only (read %q)", rec.txns, rec.prefixes, rec.points)
 	}
 	t.Logf("re-registration read %q, %d bytes answered", rec.points, rec.answered)
 	if e, err := cli.Get(ctx, NodeKey("n1")); err != nil || len(e.Kvs) != 1 || clientv3.LeaseID(e.Kvs[0].Lease) != lease {

@@ -10,7 +10,7 @@ import (
 // desired-state computations the scale benchmark's component runs. It
 // explains the growth of "CPU per agent per change" in RESULTS.md.
 func BenchmarkRecompute(b *testing.B) {
-	for _, n := range []int{8, 100, 1000} {
+	for _, n := range []int{8, 100, 1000, 10000} {
 		for name, f := range recomputeParts(clusterStore(n)) {
 			b.Run(fmt.Sprintf("%s/N=%d", name, n), func(b *testing.B) {
 				for b.Loop() {

@@ -35,15 +35,26 @@ func checkMembers(snap *Snapshot) []Problem {
 // claims' ages are unknown or equal, every member of the clash is
 // dropped, as nothing says which one is right.
 func checkKeyClash(snap *Snapshot, claimed map[netip.Prefix]int64) []Problem {
-	byKey := map[string][]string{}
+	// The first holder of each key, and every holder of a key held twice:
+	// no slice per member.
+	holder := make(map[string]string, len(snap.Members))
+	var byKey map[string][]string
 	for name, m := range snap.Members {
+		first, ok := holder[m.PublicKey]
+		if !ok {
+			holder[m.PublicKey] = name
+			continue
+		}
+		if byKey == nil {
+			byKey = map[string][]string{}
+		}
+		if byKey[m.PublicKey] == nil {
+			byKey[m.PublicKey] = []string{first}
+		}
 		byKey[m.PublicKey] = append(byKey[m.PublicKey], name)
 	}
 	var probs []Problem
 	for _, names := range byKey {
-		if len(names) < 2 {
-			continue
-		}
 		slices.SortFunc(names, func(a, b string) int {
 			return cmp.Or(cmp.Compare(claimed[snap.Members[a].Subnet], claimed[snap.Members[b].Subnet]), cmp.Compare(a, b))
 		})

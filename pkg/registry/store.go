@@ -273,7 +273,7 @@ func (s *Store) Snapshot() *Snapshot {
 // not decode is a problem, and the part's cross-check with the parts
 // before it runs last.
 func (s *Store) rebuildLocked(p part, snap *Snapshot) {
-	add, check := snap.resetPart(p, s.pool)
+	add, check := snap.resetPart(p, s.pool, len(s.entries[p]))
 	var probs []Problem
 	for k, e := range s.entries[p] {
 		if e.err != nil {
@@ -289,21 +289,23 @@ func (s *Store) rebuildLocked(p part, snap *Snapshot) {
 }
 
 // resetPart gives snap fresh, empty maps for part p (the previous ones
-// stay untouched: older snapshots share them) and returns how one of the
-// part's decoded entries goes into them and the part's cross-check, if it
-// has one (pool: see NewOverlayStore).
-func (snap *Snapshot) resetPart(p part, pool Pool) (add func(entry), check func() []Problem) {
+// stay untouched: older snapshots share them), sized for the part's n
+// entries, and returns how one of the part's decoded entries goes into
+// them and the part's cross-check, if it has one (pool: see
+// NewOverlayStore).
+func (snap *Snapshot) resetPart(p part, pool Pool, n int) (add func(entry), check func() []Problem) {
 	switch p {
 	case partNodes:
-		snap.Nodes = map[string]Node{}
+		snap.Nodes = make(map[string]Node, n)
 		return func(e entry) {
 			if v, ok := e.val.(Node); ok {
 				snap.Nodes[e.pk.Node] = v
 			}
 		}, nil
 	case partMembers:
-		snap.Members, snap.Subnets = map[string]Member{}, map[netip.Prefix]string{}
-		claimed := map[netip.Prefix]int64{} // each claim's create revision
+		// A member record and a subnet claim per node, mostly.
+		snap.Members, snap.Subnets = make(map[string]Member, n/2), make(map[netip.Prefix]string, n/2)
+		claimed := make(map[netip.Prefix]int64, n/2) // each claim's create revision
 		return func(e entry) {
 				switch v := e.val.(type) {
 				case Member:
@@ -334,7 +336,7 @@ func (snap *Snapshot) resetPart(p part, pool Pool) (add func(entry), check func(
 			}
 		}, func() []Problem { return checkInstances(snap, pool) }
 	case partStatus:
-		snap.Statuses = map[string]Status{}
+		snap.Statuses = make(map[string]Status, n)
 		return func(e entry) {
 			if v, ok := e.val.(Status); ok {
 				snap.Statuses[e.pk.Node] = v
@@ -348,7 +350,7 @@ func (snap *Snapshot) resetPart(p part, pool Pool) (add func(entry), check func(
 			}
 		}, nil
 	case partFlannel:
-		snap.FlannelLeases, snap.FlannelConfig = map[netip.Prefix]FlannelLease{}, nil
+		snap.FlannelLeases, snap.FlannelConfig = make(map[netip.Prefix]FlannelLease, n), nil
 		return func(e entry) {
 			switch v := e.val.(type) {
 			case FlannelLease:

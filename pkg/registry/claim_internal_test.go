@@ -34,7 +34,7 @@ func (r *readRecorder) reset() {
 	r.prefixes, r.points, r.answered, r.txns = nil, nil, 0, 0
 }
 
-func (r *readRecorder) range_(rr *etcdserverpb.RangeRequest) {
+func (r *readRecorder) addRange(rr *etcdserverpb.RangeRequest) {
 	if rr == nil {
 		return
 	}
@@ -51,7 +51,7 @@ func (r *readRecorder) intercept(ctx context.Context, method string, req, reply 
 	defer r.mu.Unlock()
 	switch q := req.(type) {
 	case *etcdserverpb.RangeRequest:
-		r.range_(q)
+		r.addRange(q)
 	case *etcdserverpb.TxnRequest:
 		r.txns++
 		ops := q.Failure // the branch etcd ran
@@ -59,7 +59,7 @@ func (r *readRecorder) intercept(ctx context.Context, method string, req, reply 
 			ops = q.Success
 		}
 		for _, op := range ops {
-			r.range_(op.GetRequestRange())
+			r.addRange(op.GetRequestRange())
 		}
 	}
 	if m, ok := reply.(proto.Message); ok && err == nil {
@@ -106,7 +106,7 @@ func seedNodes(t testing.TB, cli *clientv3.Client, n int) {
 	top := u32(DefaultPool.Max)
 	for i := range n {
 		p := netip.PrefixFrom(addrOf(top-uint32(i)<<8), DefaultPool.Bits)
-		lease, err := EncodeFlannelLease(netip.AddrFrom4([4]byte{203, 0, byte(i >> 8), byte(i)}), testKey(i), 51820)
+		lease, err := EncodeFlannelLease(netip.AddrFrom4([4]byte{203, 0, byte(i >> 8), byte(i)}), FakePublicKey(i), 51820)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -120,7 +120,10 @@ func seedNodes(t testing.TB, cli *clientv3.Client, n int) {
 	flush()
 }
 
-func testKey(i int) string {
+// FakePublicKey is a valid WireGuard public key (44 characters of
+// base64) that differs for each i; the package's external tests use it
+// too.
+func FakePublicKey(i int) string {
 	b := []byte("AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=")
 	copy(b, fmt.Sprintf("%05d", i))
 	return string(b)
@@ -152,7 +155,7 @@ func TestReclaimReadsOnlyItsOwnKeys(t *testing.T) {
 		}
 		return g.ID
 	}
-	want := Member{Name: "n1", PublicKey: testKey(99999), Endpoint: "192.0.2.1:51820"}
+	want := Member{Name: "n1", PublicKey: FakePublicKey(99999), Endpoint: "192.0.2.1:51820"}
 
 	// The first claim reads every claim and lease: it picks a subnet.
 	rec.reset()
@@ -234,7 +237,7 @@ func BenchmarkReclaim(b *testing.B) {
 	if err != nil {
 		b.Fatal(err)
 	}
-	want := Member{Name: "n1", PublicKey: testKey(99999), Endpoint: "192.0.2.1:51820"}
+	want := Member{Name: "n1", PublicKey: FakePublicKey(99999), Endpoint: "192.0.2.1:51820"}
 	entry := nodeEntry("n1", g.ID)
 	if _, err := ClaimMemberWith(ctx, cli, want, DefaultPool, "", entry); err != nil {
 		b.Fatal(err)

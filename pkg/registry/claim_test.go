@@ -66,7 +66,7 @@ func TestClaimMemberRaceAndStability(t *testing.T) {
 			defer wg.Done()
 			c := etcdtest.NewClient(t, srv) // separate clients: real concurrency
 			got[i], errs[i] = registry.ClaimMember(ctx, c, registry.Member{
-				Name: fmt.Sprintf("node%02d", i), PublicKey: pubKey(i),
+				Name: fmt.Sprintf("node%02d", i), PublicKey: registry.FakePublicKey(i),
 			}, registry.DefaultPool, "")
 		}()
 	}
@@ -85,7 +85,7 @@ func TestClaimMemberRaceAndStability(t *testing.T) {
 		}
 	}
 	// A restart (same name, new endpoint) keeps the subnet.
-	again, err := registry.ClaimMember(ctx, cli, registry.Member{Name: "node03", PublicKey: pubKey(3), Endpoint: "192.0.2.1:51820"}, registry.DefaultPool, "")
+	again, err := registry.ClaimMember(ctx, cli, registry.Member{Name: "node03", PublicKey: registry.FakePublicKey(3), Endpoint: "192.0.2.1:51820"}, registry.DefaultPool, "")
 	if err != nil || again.Subnet != got[3].Subnet || again.Endpoint != "192.0.2.1:51820" {
 		t.Fatalf("re-claim = %+v, %v; want subnet %v", again, err, got[3].Subnet)
 	}
@@ -118,7 +118,7 @@ func TestClaimAdoptsFlannelLease(t *testing.T) {
 	}
 	put("/coreos.com/network/subnets/10.10.93.0-24", `{"PublicIP":"65.108.1.2","BackendType":"wireguard","BackendData":{"PublicKey":"x"}}`)
 	put("/coreos.com/network/subnets/10.10.0.0-24", `{"PublicIP":"65.108.1.9","BackendType":"wireguard"}`)
-	m, err := registry.ClaimMember(ctx, cli, registry.Member{Name: "worker001", PublicKey: pubKey(1)}, registry.DefaultPool, "65.108.1.2")
+	m, err := registry.ClaimMember(ctx, cli, registry.Member{Name: "worker001", PublicKey: registry.FakePublicKey(1)}, registry.DefaultPool, "65.108.1.2")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -126,20 +126,13 @@ func TestClaimAdoptsFlannelLease(t *testing.T) {
 		t.Errorf("adopted %v / %v, want flannel's 10.10.93.0/24", m.Subnet, m.OverlayIP)
 	}
 	// Another new node must not take a subnet a flannel node still holds.
-	m2, err := registry.ClaimMember(ctx, cli, registry.Member{Name: "worker002", PublicKey: pubKey(2)}, registry.DefaultPool, "65.108.1.5")
+	m2, err := registry.ClaimMember(ctx, cli, registry.Member{Name: "worker002", PublicKey: registry.FakePublicKey(2)}, registry.DefaultPool, "65.108.1.5")
 	if err != nil {
 		t.Fatal(err)
 	}
 	if m2.Subnet == netip.MustParsePrefix("10.10.0.0/24") || m2.Subnet == m.Subnet {
 		t.Errorf("worker002 got %v, which flannel or worker001 holds", m2.Subnet)
 	}
-}
-
-func pubKey(i int) string {
-	b := []byte("AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=")
-	s := fmt.Sprintf("%02d", i)
-	copy(b[0:], s)
-	return string(b)
 }
 
 // TestClaimMemberHerd: a fleet booting at once. All 100 simultaneous
@@ -192,7 +185,7 @@ func claimHerd(t testing.TB, srv *etcdtest.Server, round, n int) ([]registry.Mem
 			defer wg.Done()
 			<-start
 			got[i], errs[i] = registry.ClaimMember(ctx, clients[i%len(clients)], registry.Member{
-				Name: fmt.Sprintf("h%d-%03d", round, i), PublicKey: pubKey(i),
+				Name: fmt.Sprintf("h%d-%03d", round, i), PublicKey: registry.FakePublicKey(i),
 			}, registry.DefaultPool, "")
 		}()
 	}
@@ -231,7 +224,7 @@ func TestClaimWritesEntryInItsTransaction(t *testing.T) {
 			return nil
 		},
 	}
-	want := registry.Member{Name: "n1", PublicKey: pubKey(1), Endpoint: "192.0.2.1:51820"}
+	want := registry.Member{Name: "n1", PublicKey: registry.FakePublicKey(1), Endpoint: "192.0.2.1:51820"}
 	revs := func() (member, entry, claim int64) {
 		t.Helper()
 		m, err1 := cli.Get(ctx, registry.MemberKey("n1"))
@@ -298,7 +291,7 @@ func TestClaimWritesEntryInItsTransaction(t *testing.T) {
 	refused := errors.New("held by another live process")
 	entry.May = func(context.Context, *mvccpb.KeyValue) error { return refused }
 	before, _ = cli.Get(ctx, "/", clientv3.WithPrefix())
-	other := registry.Member{Name: "n1", PublicKey: pubKey(9), Endpoint: "198.51.100.9:51820"}
+	other := registry.Member{Name: "n1", PublicKey: registry.FakePublicKey(9), Endpoint: "198.51.100.9:51820"}
 	if _, err := registry.ClaimMemberWith(ctx, cli, other, registry.DefaultPool, "", entry); !errors.Is(err, refused) {
 		t.Errorf("claim with a refused entry returned %v, want the refusal", err)
 	}
